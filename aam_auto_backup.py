@@ -1,0 +1,2382 @@
+#!/usr/bin/env python3
+"""AAM Auto Backup: daily mirror + encrypted Deep Archive backups, one-command restore.
+
+Every day the program mirrors the directories listed in an instruction file to a
+local or USB drive and sends encrypted, multi-volume ZIP archives of them to AWS S3
+Glacier Deep Archive: a full backup each calendar month (UTC), incrementals in
+between.  It e-mails a report through AWS SES and restores everything from Deep
+Archive with one command.  See README.md for the command lines.
+
+The module reads top to bottom in the order the data flows:
+
+    settings and errors      -> tunables (environment variables), exit codes
+    platform layer           -> the only place where Windows and POSIX differ
+    names and time stamps    -> S3 object names (SPEC section 5)
+    arguments                -> positional arguments of every operation (SPEC 3)
+    instruction file         -> parsing, mount directories, exclusions (SPEC 4)
+    selection                -> which files of a mount are backed up
+    log and report           -> the dated log file and the SES e-mail (SPEC 6)
+    S3 catalog               -> what complete backup sets the bucket holds
+    child run                -> the per-mount pass: mirror, 7-Zip, validation
+    upload                   -> volumes as DEEP_ARCHIVE, then the indicator
+    backup operations        -> regular-backup, incremental-only-backup
+    restore operations       -> one-step and multi-step restoration (SPEC 7)
+    Aam_Auto_Backup          -> dispatch on the operation argument
+"""
+
+import contextlib
+import dataclasses
+import datetime as dt
+import email.utils
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+VERSION = "1.0.0"
+PROGRAM_NAME = "AAM Auto Backup"
+
+# ============================================================================
+# Settings and errors
+# ============================================================================
+
+EXIT_OK = 0
+EXIT_FAILURE = 1          # the run finished, but something asked for failed
+EXIT_USAGE = 2            # wrong arguments: nothing was touched
+EXIT_INSTRUCTIONS = 3     # the instruction file is missing or invalid
+EXIT_LOCKED = 4           # another backup held the lock for the whole wait
+EXIT_NO_BACKUP_SET = 5    # no complete backup set to build on or restore from
+EXIT_REFUSED = 6          # incremental-only: a full backup is required first
+EXIT_INTERRUPTED = 130    # Ctrl-C or SIGTERM
+
+DEFAULT_VOLUME_SIZE = 4_000_000_000
+DEFAULT_COMPRESSION_LEVEL = 5
+DEFAULT_REGION = "us-east-1"
+MONTHS_SCANNED = 6          # the current UTC month and the previous five
+DEEP_ARCHIVE = "DEEP_ARCHIVE"
+
+
+class AamError(Exception):
+    """An error the user can act on; the message says what and where."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(AamError):
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message, operation=None):
+        super().__init__(message)
+        self.operation = operation
+
+
+class InstructionError(AamError):
+    exit_code = EXIT_INSTRUCTIONS
+
+
+class LockTimeout(AamError):
+    exit_code = EXIT_LOCKED
+
+
+class NoBackupSet(AamError):
+    exit_code = EXIT_NO_BACKUP_SET
+
+
+class Refused(AamError):
+    exit_code = EXIT_REFUSED
+
+
+class Interrupted(AamError):
+    exit_code = EXIT_INTERRUPTED
+
+
+def _env_int(name, default, minimum):
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={text!r} is not an integer")
+    if value < minimum:
+        raise UsageError(f"environment variable {name}={value} must be at least {minimum}")
+    return value
+
+
+@dataclasses.dataclass
+class Settings:
+    """Tunables the seed fixes; each can be overridden by an environment variable."""
+
+    volume_size: int
+    compression_level: int
+    temp_root: str
+    seven_zip: str
+    lock_file: str
+    region: str
+    ses_region: str
+    restore_tier: str
+    restore_poll_seconds: int
+
+    @classmethod
+    def from_environment(cls, platform):
+        temp_root = os.environ.get("AAM_TEMP_ROOT") or platform.default_temp_root()
+        region = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                  or DEFAULT_REGION)
+        tier = os.environ.get("AAM_RESTORE_TIER", "Bulk").strip().capitalize()
+        if tier not in ("Bulk", "Standard"):
+            raise UsageError(f"environment variable AAM_RESTORE_TIER={tier!r}: "
+                             "use Bulk or Standard")
+        level = _env_int("AAM_COMPRESSION_LEVEL", DEFAULT_COMPRESSION_LEVEL, 0)
+        if level > 9:
+            raise UsageError("environment variable AAM_COMPRESSION_LEVEL must be 0 to 9")
+        return cls(
+            volume_size=_env_int("AAM_VOLUME_SIZE", DEFAULT_VOLUME_SIZE, 65536),
+            compression_level=level,
+            temp_root=temp_root,
+            seven_zip=os.environ.get("AAM_7ZIP") or platform.find_seven_zip(),
+            lock_file=(os.environ.get("AAM_LOCK_FILE")
+                       or os.path.join(temp_root, "aam_auto_backup.lock")),
+            region=region,
+            ses_region=os.environ.get("AAM_SES_REGION") or region,
+            restore_tier=tier,
+            restore_poll_seconds=_env_int("AAM_RESTORE_POLL_SECONDS", 1800, 1),
+        )
+
+
+# ============================================================================
+# Platform layer: every Windows/POSIX difference lives here
+# ============================================================================
+
+# Success markers printed by the child's generated script and checked by the
+# parent (seed step 5.4.2).  Lines are matched exactly.
+MARK_PREFIX = "AAM Auto Backup: "
+MARK_NOTHING_TO_ARCHIVE = MARK_PREFIX + "no files to back up incrementally."
+MARK_VALIDATION_FAILURE = MARK_PREFIX + "validation failure: "
+MARK_RESULT = MARK_PREFIX + "result: "
+
+
+class PosixPlatform:
+    """Linux and macOS: no shadow copy; the child reads the live directory."""
+
+    name = "posix"
+    sep = "/"
+    case_insensitive = False
+    script_name = "backup_script.sh"
+    mirror_tool = "rsync"
+    script_kind = "backup script"
+
+    # -- paths ---------------------------------------------------------------
+    def default_temp_root(self):
+        return tempfile.gettempdir()
+
+    def find_seven_zip(self):
+        for name in ("7zz", "7z", "7za"):
+            found = shutil.which(name)
+            if found:
+                return found
+        return "7zz"
+
+    def is_absolute(self, path):
+        return path.startswith("/")
+
+    def normalize(self, path):
+        """Absolute path without a trailing separator (the root stays '/')."""
+        path = re.sub(r"/+", "/", path)
+        return path.rstrip("/") or "/"
+
+    def comparable(self, path):
+        return path
+
+    def split(self, path):
+        """'/home/ann' -> ['', 'home', 'ann']; the first element is the root."""
+        if path == "/":
+            return [""]
+        return path.split("/")
+
+    def join(self, elements):
+        return "/".join(elements) if len(elements) > 1 else "/"
+
+    def source_name(self, mount):
+        """SPEC 5: the mount path with ':' and separators replaced by '-'."""
+        return mount.replace(":", "-").replace("/", "-")
+
+    def mirror_directory(self, mirror_root, mount):
+        """<dest>/<absolute path without its leading />."""
+        return os.path.join(mirror_root, mount.lstrip("/"))
+
+    def long_path(self, path):
+        return path
+
+    def changed_time(self, st):
+        # The inode change time catches a file copied in with an old mtime.
+        return max(st.st_mtime, st.st_ctime)
+
+    def decode_output(self, data):
+        return data.decode("utf-8", errors="replace")
+
+    # -- the child (re-invocation) -----------------------------------------
+    def child_view_root(self, mount, drive_letter):
+        return mount
+
+    def child_command(self, python, script, child_args, mount, drive_letter):
+        return [python, script] + list(child_args)
+
+    # -- generated script --------------------------------------------------
+    def quote(self, text):
+        return shlex.quote(text)
+
+    def write_script(self, path, view_root, commands):
+        lines = ["#!/bin/sh",
+                 "# Generated by AAM Auto Backup for one source; deleted after the run.",
+                 f"cd -- {self.quote(view_root)} || exit 1"]
+        for command in commands:
+            lines.extend(command)
+        lines.append(f"echo {self.quote(MARK_PREFIX + self.script_kind + ' execution success.')}")
+        _write_private_text(path, "\n".join(lines) + "\n")
+
+    def script_argv(self, path):
+        return ["/bin/sh", path]
+
+    def mirror_commands(self, view_root, target, plan, keep, work_dir):
+        """rsync with the same inclusion/exclusion result as the selection."""
+        rules_file = os.path.join(work_dir, MIRROR_RULES)
+        # NUL-separated (--from0) so that any file name, even with a newline, fits.
+        _write_private_bytes(rules_file, b"".join(
+            rule.encode("utf-8", "surrogateescape") + b"\0" for rule in rsync_rules(plan)))
+        argv = ["rsync", "-a", "--from0", f"--filter=merge {rules_file}"]
+        if not keep:
+            argv.append("--delete")
+        argv += ["--", "./", target.rstrip("/") + "/"]
+        marker = MARK_PREFIX + "rsync execution success."
+        return [
+            " ".join(self.quote(a) for a in argv),
+            "status=$?",
+            # 24: source files vanished while copying; the next run copies the rest.
+            'if [ "$status" -eq 0 ] || [ "$status" -eq 24 ]; then',
+            f"  echo {self.quote(marker)}",
+            "else",
+            '  echo "AAM Auto Backup: rsync failed with exit code $status."',
+            "fi",
+        ]
+
+    def archive_commands(self, seven_zip_argv, key_variable):
+        """7-Zip reads the key from stdin, so it never appears in a process list."""
+        marker = MARK_PREFIX + "7-Zip execution success."
+        command = " ".join(self.quote(a) for a in seven_zip_argv)
+        return [
+            f'printf "%s\\n" "${key_variable}" | {command}',
+            "status=$?",
+            'if [ "$status" -eq 0 ]; then',
+            f"  echo {self.quote(marker)}",
+            "else",
+            '  echo "AAM Auto Backup: 7-Zip failed with exit code $status."',
+            "fi",
+        ]
+
+    def password_switch(self, key_variable):
+        return "-p"
+
+    def missing_marker_messages(self):
+        return {
+            "script": "No backup script execution success message. Aborting backup.",
+            "mirror": "No rsync execution success message. Aborting backup.",
+            "archive": "No 7-Zip execution success message. Aborting backup.",
+        }
+
+    def list_file_line(self, relative_path, is_dir):
+        return relative_path + ("/" if is_dir else "")
+
+
+class WindowsPlatform(PosixPlatform):
+    """Windows, faithful to the seed: ShadowSpawn (VSS), Robocopy, 7z.exe.
+
+    The Windows command generation is filled in by the Windows issue; the
+    structure (paths, names, comparisons) is shared with POSIX above.
+    """
+
+    name = "windows"
+    sep = "\\"
+    case_insensitive = True
+    script_name = "AAM_Auto_Backup_shadow_copy.bat"
+    mirror_tool = "Robocopy"
+    script_kind = "backup batch file"
+
+    def default_temp_root(self):
+        return "c:\\temp"
+
+    def find_seven_zip(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        local = os.path.join(here, "7z.exe")
+        return local if os.path.exists(local) else (shutil.which("7z") or "7z.exe")
+
+    def is_absolute(self, path):
+        return re.match(r"^[A-Za-z]:\\", path) is not None
+
+    def normalize(self, path):
+        path = re.sub(r"\\+", "\\\\", path.replace("/", "\\"))
+        path = path.rstrip("\\")
+        return path + "\\" if re.fullmatch(r"[A-Za-z]:", path) else path
+
+    def comparable(self, path):
+        return path.lower()
+
+    def split(self, path):
+        return path.rstrip("\\").split("\\")
+
+    def join(self, elements):
+        return "\\".join(elements) if len(elements) > 1 else elements[0] + "\\"
+
+    def source_name(self, mount):
+        return mount.lower().replace(":", "-").replace("\\", "-").rstrip("-")
+
+    def mirror_directory(self, mirror_root, mount):
+        drive, rest = mount[0], mount[2:].lstrip("\\")
+        return os.path.join(mirror_root, drive.lower(), rest) if rest else \
+            os.path.join(mirror_root, drive.lower())
+
+    def changed_time(self, st):
+        # Windows: the creation time catches a file copied in with an old mtime.
+        created = getattr(st, "st_birthtime", st.st_ctime)
+        return max(st.st_mtime, created)
+
+    def child_view_root(self, mount, drive_letter):
+        return drive_letter.lower() + ":\\"
+
+    def quote(self, text):
+        return '"' + text + '"'
+
+    def missing_marker_messages(self):
+        return {
+            "script": "No backup batch file execution success message. Aborting backup.",
+            "mirror": "No Robocopy execution success message. Aborting backup.",
+            "archive": "No 7z.exe execution success message. Aborting backup.",
+        }
+
+    def _not_yet(self, *args, **kwargs):
+        raise AamError("The Windows command generation (ShadowSpawn, Robocopy, 7z.exe) "
+                       "is not implemented yet.")
+
+    child_command = _not_yet
+    write_script = _not_yet
+    script_argv = _not_yet
+    mirror_commands = _not_yet
+    archive_commands = _not_yet
+
+
+def current_platform():
+    return WindowsPlatform() if os.name == "nt" else PosixPlatform()
+
+
+def _write_private_bytes(path, data):
+    """Create a file readable only by its owner (it may name private paths)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _write_private_text(path, text, encoding="utf-8"):
+    """Create a file readable only by its owner (it may name private paths)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding=encoding, errors="surrogateescape",
+                   newline="\n") as handle:
+        handle.write(text)
+
+
+# ============================================================================
+# Names and time stamps (SPEC 5)
+# ============================================================================
+
+STAMP_FORMAT = "%Y%m%d_%H%M%S.%f"        # in object names, UTC
+ARG_STAMP_FORMAT = "%Y%m%d %H%M%S.%f"    # in child arguments, UTC
+NO_STAMP_ARG = " "                        # the seed's "none" for child args 3-4
+
+OBJECT_NAME_RE = re.compile(
+    r"^(?P<location>[^_]+)_(?P<full>\d{8}_\d{6}\.\d{6})_"
+    r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_(?P<flag>no|yes)_(?P<rest>.+)$")
+VOLUME_SUFFIX_RE = re.compile(r"^(?P<source>.+)\.zip\.(?P<number>\d{3,})$")
+
+
+def utc_now():
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def format_stamp(moment):
+    return moment.astimezone(dt.timezone.utc).strftime(STAMP_FORMAT)
+
+
+def parse_stamp(text):
+    return dt.datetime.strptime(text, STAMP_FORMAT).replace(tzinfo=dt.timezone.utc)
+
+
+def format_arg_stamp(moment):
+    return NO_STAMP_ARG if moment is None else \
+        moment.astimezone(dt.timezone.utc).strftime(ARG_STAMP_FORMAT)
+
+
+def parse_arg_stamp(text):
+    if not text.strip():
+        return None
+    return dt.datetime.strptime(text, ARG_STAMP_FORMAT).replace(tzinfo=dt.timezone.utc)
+
+
+def describe_stamp(moment):
+    """For people: the UTC stamp as in object names, or 'none'."""
+    return "none" if moment is None else moment.strftime("%Y%m%d %H%M%S.%f UTC")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectName:
+    """One S3 object of a backup: a volume or a completion indicator."""
+
+    location: str
+    full: dt.datetime
+    incremental: object          # datetime, or None for a full backup
+    indicator: bool
+    source: str
+    volume: object = None        # int for volumes, None for indicators
+
+    @property
+    def key(self):
+        incr = "0_0.0" if self.incremental is None else format_stamp(self.incremental)
+        key = (f"{self.location}_{format_stamp(self.full)}_{incr}_"
+               f"{'yes' if self.indicator else 'no'}_{self.source}")
+        if not self.indicator:
+            key += f".zip.{self.volume:03d}"
+        return key
+
+    @property
+    def backup_time(self):
+        return self.full if self.incremental is None else self.incremental
+
+    @classmethod
+    def parse(cls, key):
+        """The ObjectName for a key, or None if the key is not ours."""
+        match = OBJECT_NAME_RE.match(key)
+        if not match:
+            return None
+        full = parse_stamp(match["full"])
+        incr = None if match["incr"] == "0_0.0" else parse_stamp(match["incr"])
+        if match["flag"] == "yes":
+            return cls(match["location"], full, incr, True, match["rest"])
+        volume = VOLUME_SUFFIX_RE.match(match["rest"])
+        if not volume:
+            return None
+        return cls(match["location"], full, incr, False, volume["source"],
+                   int(volume["number"]))
+
+
+def month_prefixes(location, now, months=MONTHS_SCANNED):
+    """Key prefixes of the current UTC month and the previous months, newest first."""
+    year, month = now.year, now.month
+    prefixes = []
+    for _ in range(months):
+        prefixes.append(f"{location}_{year:04d}{month:02d}")
+        year, month = (year, month - 1) if month > 1 else (year - 1, 12)
+    return prefixes
+
+
+# ============================================================================
+# Arguments (SPEC 3)
+# ============================================================================
+
+BACKUP_OPERATIONS = ("regular-backup", "incremental-only-backup")
+RESTORE_OPERATIONS = (
+    "one-step-aws-data-restoration",
+    "restore-to-aws-s3-from-aws-s3-glacier-deep-archive",
+    "check-aws-s3-restoration-status",
+    "download-to-local-computer-from-aws-s3",
+    "decompress-all-downloaded-backup-files",
+)
+CHILD_AGENT = "ShadowSpawn"
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+LOCATION_RE = re.compile(r"^[^_/\\\s:*?\"<>|]+$")
+
+
+class Secret(str):
+    """A string that prints as a mask, so a secret cannot leak by formatting."""
+
+    def __repr__(self):
+        return "Secret('********')"
+
+
+def _choice(*values, case_sensitive=False):
+    def check(text):
+        for value in values:
+            if text == value or (not case_sensitive and text.lower() == value.lower()):
+                return value
+        raise ValueError("must be " + " or ".join(repr(v) for v in values))
+    return check
+
+
+def _integer(minimum, maximum=None):
+    def check(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("must be a whole number")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum else f"at least {minimum}"
+            raise ValueError(f"must be {bound}")
+        return value
+    return check
+
+
+def _text(text):
+    return text
+
+
+def _path(text):
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _optional_path(text):
+    return _path(text) if text.strip() else ""
+
+
+def _executable(text):
+    """An existing program file; a bare name is looked up on PATH."""
+    found = text if os.sep in text or "/" in text else shutil.which(text)
+    path = _path(found or text)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not an existing file")
+    return path
+
+
+def _destination_types(text):
+    flags = [part.strip() for part in text.split("|")]
+    result = []
+    for flag in flags:
+        if flag.lower() == "local":
+            result.append("local")
+        elif flag.lower() == "aws":
+            result.append("AWS")
+        else:
+            raise ValueError("must be 'local', 'AWS' or 'local|AWS'")
+    if len(set(result)) != len(result):
+        raise ValueError("names a destination type twice")
+    return frozenset(result)
+
+
+def _drive_letter(text):
+    if os.name == "nt" and not re.fullmatch(r"[A-Za-z]:?", text):
+        raise ValueError("must be one drive letter, such as q")
+    return text.rstrip(":").lower()
+
+
+def _location(text):
+    if not LOCATION_RE.match(text):
+        raise ValueError("must be a non-empty name without '_', '/', '\\', ':' or spaces")
+    return text
+
+
+def _bucket(text):
+    if not BUCKET_RE.match(text) or ".." in text:
+        raise ValueError("is not a valid S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')")
+    return text
+
+
+def _secret(text):
+    return text
+
+
+def _stamp_or_none(text):
+    try:
+        return parse_arg_stamp(text)
+    except ValueError:
+        raise ValueError("must be 'YYYYMMDD HHMMSS.ffffff' or a single space")
+
+
+def _stamp(text):
+    value = _stamp_or_none(text)
+    if value is None:
+        raise ValueError("must be 'YYYYMMDD HHMMSS.ffffff'")
+    return value
+
+
+_BOOL = _choice("True", "False")
+_YES_NO = _choice("yes", "no")
+
+# (name, check, is_secret) for every position, argument 1 first.
+BACKUP_ARGS = [
+    ("operation", _choice(*BACKUP_OPERATIONS, case_sensitive=True), False),
+    ("execution agent", _choice("user", case_sensitive=True), False),
+    ("python executable", _executable, False),
+    ("lock polling period (seconds)", _integer(1), False),
+    ("lock total wait (seconds)", _integer(0), False),
+    ("log directory", _path, False),
+    ("send e-mail report (True/False)", _BOOL, False),
+    ("e-mail sender name", _text, False),
+    ("e-mail sender address", _text, False),
+    ("e-mail recipient address", _text, False),
+    ("instruction file", _path, False),
+    ("shadow-copy drive letter", _drive_letter, False),
+    ("destination types (local, AWS, local|AWS)", _destination_types, False),
+    ("local mirror directory", _optional_path, False),
+    ("keep files gone from the source (True/False)", _BOOL, False),
+    ("archive encryption key", _secret, True),
+    ("S3 bucket", _text, False),
+    ("location name", _location, False),
+    ("AWS access key ID", _secret, True),
+    ("AWS secret access key", _secret, True),
+    ("force full backup (yes/no)", _YES_NO, False),
+    ("automatic force full backup (yes/no)", _YES_NO, False),
+]
+
+CHILD_ARGS = [
+    ("operation", _choice(*BACKUP_OPERATIONS, case_sensitive=True), False),
+    ("execution agent", _choice(CHILD_AGENT, case_sensitive=True), False),
+    ("latest complete full backup (UTC)", _stamp_or_none, False),
+    ("latest complete incremental backup (UTC)", _stamp_or_none, False),
+    ("backup start (UTC)", _stamp, False),
+    ("backup source (mount) directory", _path, False),
+    ("shadow-copy drive letter", _drive_letter, False),
+    ("destination types", _destination_types, False),
+    ("local mirror directory", _optional_path, False),
+    ("keep files gone from the source (True/False)", _BOOL, False),
+    ("archive encryption key", _secret, True),
+    ("location name", _location, False),
+    ("archive work directory", _path, False),
+    ("force full backup (yes/no)", _YES_NO, False),
+    ("backup scope", _choice("full-backup", "incremental-backup", case_sensitive=True),
+     False),
+]
+
+RESTORE_ARGS = [
+    ("operation", _choice(*RESTORE_OPERATIONS, case_sensitive=True), False),
+    ("log directory", _path, False),
+    ("send e-mail report (True/False)", _BOOL, False),
+    ("e-mail sender name", _text, False),
+    ("e-mail sender address", _text, False),
+    ("e-mail recipient address", _text, False),
+    ("restoration period (days)", _integer(1, 36500), False),
+    ("archive decryption key", _secret, True),
+    ("S3 bucket", _bucket, False),
+    ("location name", _location, False),
+    ("AWS access key ID", _secret, True),
+    ("AWS secret access key", _secret, True),
+    ("restoration destination directory", _path, False),
+]
+
+
+def usage_text(operation):
+    """A short usage text for one operation (or for all of them)."""
+    if operation in BACKUP_OPERATIONS:
+        specs, title = BACKUP_ARGS, operation
+    elif operation in RESTORE_OPERATIONS:
+        specs, title = RESTORE_ARGS, operation
+    else:
+        lines = ["usage: aam_auto_backup.py <operation> <arguments...>",
+                 "operations (all arguments are positional and all must be present):"]
+        lines += [f"  {op}  (22 arguments)" for op in BACKUP_OPERATIONS]
+        lines += [f"  {op}  (13 arguments)" for op in RESTORE_OPERATIONS]
+        lines.append("Run 'aam_auto_backup.py <operation>' to see its arguments; "
+                     "README.md has the details.")
+        return "\n".join(lines)
+    lines = [f"usage: aam_auto_backup.py {title} (all {len(specs)} arguments, "
+             "positional; write empty values as \"\"):"]
+    for number, (name, _check, is_secret) in enumerate(specs, 1):
+        note = "  (accepts env:NAME)" if is_secret else ""
+        lines.append(f"  {number:2d}. {name}{note}")
+    return "\n".join(lines)
+
+
+def resolve_secret(text, number, operation):
+    """'env:NAME' reads the secret from environment variable NAME (SPEC 8)."""
+    if text.startswith("env:"):
+        name = text[4:]
+        if name not in os.environ:
+            raise UsageError(f"argument {number}: environment variable {name} is not set",
+                             operation)
+        return Secret(os.environ[name])
+    return Secret(text)
+
+
+def check_arguments(args, specs, operation):
+    """Validate positional arguments; return (values, raw) or raise UsageError."""
+    if len(args) != len(specs):
+        raise UsageError(f"{operation} takes {len(specs)} arguments, "
+                         f"{len(args)} were given", operation)
+    values = []
+    for number, (text, (name, check, is_secret)) in enumerate(zip(args, specs), 1):
+        if is_secret:
+            values.append(resolve_secret(text, number, operation))
+            continue
+        try:
+            values.append(check(text))
+        except ValueError as problem:
+            raise UsageError(f"argument {number} ({name}) {problem}: {text!r}", operation)
+    return values
+
+
+@dataclasses.dataclass
+class BackupArgs:
+    operation: str
+    python: str
+    lock_poll: int
+    lock_wait: int
+    log_dir: str
+    send_email: bool
+    sender_name: str
+    sender_address: str
+    recipient: str
+    instruction_file: str
+    drive_letter: str
+    destinations: frozenset
+    mirror_root: str
+    keep: bool
+    key: Secret
+    bucket: str
+    location: str
+    access_key_id: Secret
+    secret_access_key: Secret
+    force_full: bool
+    auto_force_full: bool
+    raw: list
+
+    @classmethod
+    def parse(cls, args):
+        operation = args[0] if args else ""
+        v = check_arguments(args, BACKUP_ARGS, operation)
+        parsed = cls(operation=v[0], python=v[2], lock_poll=v[3], lock_wait=v[4],
+                     log_dir=v[5], send_email=v[6] == "True", sender_name=v[7],
+                     sender_address=v[8], recipient=v[9], instruction_file=v[10],
+                     drive_letter=v[11], destinations=v[12], mirror_root=v[13],
+                     keep=v[14] == "True", key=v[15], bucket=v[16], location=v[17],
+                     access_key_id=v[18], secret_access_key=v[19],
+                     force_full=v[20] == "yes", auto_force_full=v[21] == "yes",
+                     raw=list(args))
+        parsed._check_combinations()
+        return parsed
+
+    def _check_combinations(self):
+        op = self.operation
+        if self.send_email:
+            for number, value in ((9, self.sender_address), (10, self.recipient)):
+                if "@" not in value:
+                    raise UsageError(f"argument {number} must be an e-mail address when "
+                                     f"argument 7 is True: {value!r}", op)
+        if "local" in self.destinations and not self.mirror_root:
+            raise UsageError("argument 14 (local mirror directory) is required when "
+                             "argument 13 includes local", op)
+        if "AWS" in self.destinations:
+            try:
+                _bucket(self.bucket)
+            except ValueError as problem:
+                raise UsageError(f"argument 17 (S3 bucket) {problem}: {self.bucket!r}", op)
+            if not self.key:
+                raise UsageError("argument 16 (archive encryption key) must not be empty "
+                                 "when argument 13 includes AWS", op)
+        if bool(self.access_key_id) != bool(self.secret_access_key):
+            raise UsageError("arguments 19 and 20 must both be given, or both be \"\" "
+                             "to use the default AWS credential chain", op)
+
+    @property
+    def secrets(self):
+        return [self.key, self.secret_access_key, self.access_key_id]
+
+    def masked(self):
+        """The command arguments with every secret masked, for the log."""
+        lines = []
+        for number, (text, (name, _check, is_secret)) in enumerate(
+                zip(self.raw, BACKUP_ARGS), 1):
+            lines.append(f"{number:2d}. {name}: {mask_argument(text, is_secret)}")
+        return lines
+
+
+def mask_argument(text, is_secret):
+    if not is_secret:
+        return text
+    if text.startswith("env:"):
+        return text                      # a reference, not the secret itself
+    return "(empty)" if not text else "********"
+
+
+@dataclasses.dataclass
+class ChildArgs:
+    operation: str
+    latest_full: object
+    latest_incremental: object
+    start: dt.datetime
+    mount: str
+    drive_letter: str
+    destinations: frozenset
+    mirror_root: str
+    keep: bool
+    key: Secret
+    location: str
+    work_dir: str
+    force_full: bool
+    scope: str
+
+    @classmethod
+    def parse(cls, args):
+        v = check_arguments(args, CHILD_ARGS, args[0] if args else "")
+        return cls(operation=v[0], latest_full=v[2], latest_incremental=v[3], start=v[4],
+                   mount=v[5], drive_letter=v[6], destinations=v[7], mirror_root=v[8],
+                   keep=v[9] == "True", key=v[10], location=v[11], work_dir=v[12],
+                   force_full=v[13] == "yes", scope=v[14])
+
+    def to_argv(self, key_reference):
+        """The 15 child arguments; the key travels as an env:NAME reference."""
+        return [self.operation, CHILD_AGENT, format_arg_stamp(self.latest_full),
+                format_arg_stamp(self.latest_incremental), format_arg_stamp(self.start),
+                self.mount, self.drive_letter, "|".join(sorted(self.destinations)),
+                self.mirror_root, "True" if self.keep else "False", key_reference,
+                self.location, self.work_dir, "yes" if self.force_full else "no",
+                self.scope]
+
+
+@dataclasses.dataclass
+class RestoreArgs:
+    operation: str
+    log_dir: str
+    send_email: bool
+    sender_name: str
+    sender_address: str
+    recipient: str
+    days: int
+    key: Secret
+    bucket: str
+    location: str
+    access_key_id: Secret
+    secret_access_key: Secret
+    destination: str
+    raw: list
+
+    @classmethod
+    def parse(cls, args):
+        operation = args[0] if args else ""
+        v = check_arguments(args, RESTORE_ARGS, operation)
+        parsed = cls(operation=v[0], log_dir=v[1], send_email=v[2] == "True",
+                     sender_name=v[3], sender_address=v[4], recipient=v[5], days=v[6],
+                     key=v[7], bucket=v[8], location=v[9], access_key_id=v[10],
+                     secret_access_key=v[11], destination=v[12], raw=list(args))
+        if parsed.send_email and operation == RESTORE_OPERATIONS[0]:
+            for number, value in ((5, parsed.sender_address), (6, parsed.recipient)):
+                if "@" not in value:
+                    raise UsageError(f"argument {number} must be an e-mail address when "
+                                     f"argument 3 is True: {value!r}", operation)
+        if bool(parsed.access_key_id) != bool(parsed.secret_access_key):
+            raise UsageError("arguments 11 and 12 must both be given, or both be \"\"",
+                             operation)
+        return parsed
+
+    @property
+    def secrets(self):
+        return [self.key, self.secret_access_key, self.access_key_id]
+
+    def masked(self):
+        return [f"{n:2d}. {name}: {mask_argument(text, is_secret)}"
+                for n, (text, (name, _c, is_secret)) in enumerate(
+                    zip(self.raw, RESTORE_ARGS), 1)]
+
+
+# ============================================================================
+# Instruction file (SPEC 4)
+# ============================================================================
+
+WILDCARD_CHARS = "*?"
+
+
+@dataclasses.dataclass
+class Exclusion:
+    text: str          # as written, without the trailing separator
+    line: int
+    is_path: bool      # an absolute path (else a name, wildcards allowed)
+
+
+@dataclasses.dataclass
+class Instructions:
+    backup_dirs: list          # (path, line), normalized absolute paths
+    excluded_dirs: list        # Exclusion
+    excluded_files: list       # Exclusion
+
+
+def read_instruction_file(path):
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise InstructionError(f"argument 11: the instruction file {path} does not exist")
+    except OSError as problem:
+        raise InstructionError(f"argument 11: the instruction file {path} cannot be read: "
+                               f"{problem.strerror}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as problem:
+        line = data[:problem.start].count(b"\n") + 1
+        raise InstructionError(f"{path}, line {line}: the file is not UTF-8 text")
+
+
+def _is_comment(line):
+    # '# ...' is a comment; '#*#' (a name pattern) is not.
+    return line.startswith("#") and (len(line) == 1 or line[1] in " \t")
+
+
+def _blocks(text, path):
+    """Split the text into its three blocks: [(line number, entry), ...] each.
+
+    One empty line separates blocks; an empty exclusion block is one more empty
+    line, so three empty lines in a row skip the excluded-directories block.
+    """
+    groups, gaps, run, run_start = [], [], 0, None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.rstrip()
+        if _is_comment(line.lstrip()):
+            continue
+        if not line.strip():
+            if groups:                      # blank lines before block 1 are ignored
+                run += 1
+                run_start = run_start or number
+            continue
+        if groups and run == 0:
+            groups[-1].append((number, line))
+        else:
+            if groups:
+                gaps.append((run, run_start))
+            groups.append([(number, line)])
+        run, run_start = 0, None
+    if not groups:
+        raise InstructionError(f"{path}: no directory to back up is listed "
+                               "(block 1 is empty)")
+    blocks, position = [groups[0], [], []], 1
+    for group, (run, start) in zip(groups[1:], gaps):
+        if run == 1:
+            position += 1
+        elif run == 3 and position == 1:
+            position += 2
+        else:
+            raise InstructionError(
+                f"{path}, line {start}: {run} empty lines in a row; separate the blocks "
+                "with one empty line (an empty excluded-directories block is one more "
+                "empty line, so three in a row)")
+        if position > 3:
+            raise InstructionError(f"{path}, line {group[0][0]}: a fourth block; the "
+                                   "instruction file has three blocks")
+        blocks[position - 1] = group
+    return blocks
+
+
+def parse_instructions(text, path, platform):
+    """Parse and check the instruction file; errors name the line."""
+    listed, excluded_dirs, excluded_files = _blocks(text, path)
+    backup_dirs = []
+    for number, entry in listed:
+        where = f"{path}, line {number}"
+        if not platform.is_absolute(entry):
+            raise InstructionError(f"{where}: {entry!r} is a relative path; directories "
+                                   "to back up must be absolute paths")
+        if any(c in entry for c in WILDCARD_CHARS):
+            raise InstructionError(f"{where}: {entry!r} has a wildcard; directories to "
+                                   "back up must be full paths without wildcards")
+        backup_dirs.append((platform.normalize(entry), number))
+    dirs = [_parse_exclusion(n, e, path, platform, True) for n, e in excluded_dirs]
+    files = [_parse_exclusion(n, e, path, platform, False) for n, e in excluded_files]
+    return Instructions(backup_dirs, dirs, files)
+
+
+def _parse_exclusion(number, entry, path, platform, is_dir):
+    where = f"{path}, line {number}"
+    sep = platform.sep
+    kind = "directory" if is_dir else "file"
+    if is_dir:
+        if not entry.endswith(sep):
+            raise InstructionError(f"{where}: excluded directory {entry!r} must end with "
+                                   f"{sep!r}")
+        entry = entry.rstrip(sep)
+        if not entry:
+            raise InstructionError(f"{where}: an excluded directory cannot be the root")
+    elif entry.endswith(sep):
+        raise InstructionError(f"{where}: excluded file {entry!r} must not end with {sep!r} "
+                               "(directories go in block 2)")
+    is_path = platform.is_absolute(entry + (sep if is_dir else ""))
+    has_wildcard = any(c in entry for c in WILDCARD_CHARS)
+    if is_path:
+        if has_wildcard:
+            raise InstructionError(f"{where}: {entry!r} has a wildcard in a full path; "
+                                   f"wildcards are allowed only in {kind} names")
+        return Exclusion(platform.normalize(entry), number, True)
+    if sep in entry or (platform.name == "windows" and "/" in entry):
+        raise InstructionError(f"{where}: {entry!r} is a relative path; give a {kind} "
+                               "name or an absolute path")
+    return Exclusion(entry, number, False)
+
+
+def compute_mounts(directories, platform):
+    """Shortest shared parent directories other than the root (seed 7.3).
+
+    One pass over the sorted element lists, comparing each with the last mount.
+    """
+    mounts = []
+    for elements in sorted(platform.split(platform.comparable(d)) for d in directories):
+        if not mounts:
+            mounts.append(elements)
+            continue
+        last = mounts[-1]
+        shared = 0
+        while shared < min(len(last), len(elements)) and last[shared] == elements[shared]:
+            shared += 1
+        if shared == len(last):
+            continue                       # already inside the last mount
+        if shared >= 2:
+            mounts[-1] = last[:shared]     # share more than the root: shorten
+        else:
+            mounts.append(elements)
+    return [platform.join(m) for m in mounts]
+
+
+@dataclasses.dataclass
+class SourcePlan:
+    """One mount directory and what is backed up inside it (paths relative to it)."""
+
+    mount: str
+    listed: list                  # relative directories; "" = the whole mount
+    excluded_dir_paths: list      # relative
+    excluded_file_paths: list     # relative
+    dir_patterns: list
+    file_patterns: list
+
+    @property
+    def all_excluded_paths(self):
+        return self.excluded_dir_paths + self.excluded_file_paths
+
+
+@dataclasses.dataclass
+class BackupPlan:
+    sources: list                 # SourcePlan, in mount order
+    notes: list                   # lines for the log (ignored, covered, excluded)
+    listed: list                  # the existing directories to back up
+
+
+def _relative(path, mount, platform):
+    """path relative to mount ('' if equal), or None if it is not inside."""
+    sep = platform.sep
+    p, m = platform.comparable(path), platform.comparable(mount)
+    if p == m:
+        return ""
+    prefix = m if m.endswith(sep) else m + sep
+    if p.startswith(prefix):
+        return path[len(prefix):]
+    return None
+
+
+def wildcard_regex(pattern, case_insensitive):
+    """A compiled regex for a '*'/'?' name pattern; every other character is literal."""
+    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern]
+    return re.compile("".join(parts), re.DOTALL | (re.IGNORECASE if case_insensitive else 0))
+
+
+def plan_backup(instructions, platform, extra_excluded=()):
+    """Existing listed directories -> mounts with their relative selections.
+
+    extra_excluded: absolute paths the program excludes itself (the mirror
+    destination and the work directory when they lie inside a source).
+    """
+    notes = []
+    existing, seen = [], set()
+    for path, number in instructions.backup_dirs:
+        key = platform.comparable(path)
+        if key in seen:
+            notes.append(f"line {number}: {path} is listed twice; it is backed up once")
+            continue
+        seen.add(key)
+        if not os.path.isdir(platform.long_path(path)):
+            notes.append(f"line {number}: ignored, the directory {path} does not exist")
+            continue
+        existing.append((path, number))
+    dir_paths = [e.text for e in instructions.excluded_dirs if e.is_path]
+    file_paths = [e.text for e in instructions.excluded_files if e.is_path]
+    dir_patterns = [e.text for e in instructions.excluded_dirs if not e.is_path]
+    file_patterns = [e.text for e in instructions.excluded_files if not e.is_path]
+    for entry in instructions.excluded_dirs + instructions.excluded_files:
+        if entry.is_path and not os.path.lexists(platform.long_path(entry.text)):
+            notes.append(f"line {entry.line}: ignored, {entry.text} does not exist")
+    dir_regexes = [wildcard_regex(p, platform.case_insensitive) for p in dir_patterns]
+
+    # A listed directory that is also excluded is not backed up: exclusion wins.
+    kept = []
+    for path, number in existing:
+        basename = platform.split(path)[-1]
+        excluded_by = next((d for d in dir_paths
+                            if _relative(path, d, platform) is not None), None)
+        if excluded_by is None and any(r.fullmatch(basename) for r in dir_regexes):
+            excluded_by = "a directory-name exclusion"
+        if excluded_by:
+            notes.append(f"line {number}: {path} is listed and excluded "
+                         f"({excluded_by}); exclusion wins, it is not backed up")
+            continue
+        kept.append(path)
+    # A directory inside another listed directory is covered by its parent.
+    covered = []
+    for path in kept:
+        parent = next((o for o in kept if o != path
+                       and _relative(path, o, platform) is not None), None)
+        if parent:
+            notes.append(f"{path} is inside {parent} and is backed up with it")
+        else:
+            covered.append(path)
+    sources = []
+    for mount in compute_mounts(covered, platform):
+        listed = sorted(r for r in (_relative(p, mount, platform) for p in covered)
+                        if r is not None)
+        extra = [r for r in (_relative(x, mount, platform) for x in extra_excluded)
+                 if r]
+        sources.append(SourcePlan(
+            mount=_original_case(mount, covered, platform),
+            listed=listed,
+            excluded_dir_paths=[r for r in (_relative(p, mount, platform)
+                                             for p in dir_paths) if r] + extra,
+            excluded_file_paths=[r for r in (_relative(p, mount, platform)
+                                              for p in file_paths) if r],
+            dir_patterns=dir_patterns,
+            file_patterns=file_patterns))
+    return BackupPlan(sources, notes, covered)
+
+
+def _original_case(mount, paths, platform):
+    """The mount as the user wrote it (mounts are computed on comparable paths)."""
+    for path in paths:
+        if platform.comparable(path[:len(mount)]) == mount and (
+                len(path) == len(mount) or path[len(mount)] == platform.sep
+                or mount.endswith(platform.sep)):
+            return path[:len(mount)]
+    return mount
+
+
+def write_source_plan(path, plan, view_root, platform):
+    """The per-mount instruction copy handed to the child (seed: shadow_copy_instruction.txt).
+
+    Same three-block format as the instruction file, with the paths on the
+    child's view of the mount (the shadow drive on Windows).
+    """
+    sep = platform.sep
+
+    def absolute(rel):
+        return view_root.rstrip(sep) + sep + rel if rel else view_root
+
+    block1 = [absolute(r) for r in plan.listed]
+    block2 = [absolute(r) + sep for r in plan.excluded_dir_paths] + \
+        [p + sep for p in plan.dir_patterns]
+    block3 = [absolute(r) for r in plan.excluded_file_paths] + list(plan.file_patterns)
+    text = "\n".join(block1) + "\n\n" + ("\n".join(block2) if block2 else "") + \
+        "\n\n" + "\n".join(block3) + "\n"
+    _write_private_text(path, text)
+
+
+def read_source_plan(path, view_root, platform):
+    """The child's side of write_source_plan: back to a SourcePlan relative to view_root."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    instructions = parse_instructions(text, path, platform)
+
+    def rel(p):
+        return _relative(p, platform.normalize(view_root), platform)
+
+    return SourcePlan(
+        mount=view_root,
+        listed=[rel(p) for p, _n in instructions.backup_dirs],
+        excluded_dir_paths=[rel(e.text) for e in instructions.excluded_dirs if e.is_path],
+        excluded_file_paths=[rel(e.text) for e in instructions.excluded_files if e.is_path],
+        dir_patterns=[e.text for e in instructions.excluded_dirs if not e.is_path],
+        file_patterns=[e.text for e in instructions.excluded_files if not e.is_path])
+
+
+# ============================================================================
+# Selection: which files of a mount the backup holds
+# ============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    path: str          # relative to the mount, platform separators
+    size: int
+    mtime: float
+    changed: float     # platform.changed_time: what an incremental compares
+    is_link: bool
+
+
+@dataclasses.dataclass
+class Selection:
+    files: list        # FileEntry for regular files and symbolic links
+    empty_dirs: list   # relative paths of empty directories
+    problems: list     # unreadable directories and files
+    specials: list     # sockets, FIFOs, devices: never archived
+
+
+class Selector:
+    """The single definition of 'excluded' for the walk, validation and tests."""
+
+    def __init__(self, plan, platform):
+        comparable, ci = platform.comparable, platform.case_insensitive
+        self.comparable = comparable
+        self.dir_paths = {comparable(p) for p in plan.excluded_dir_paths}
+        self.file_paths = {comparable(p) for p in plan.excluded_file_paths}
+        self.dir_regexes = [wildcard_regex(p, ci) for p in plan.dir_patterns]
+        self.file_regexes = [wildcard_regex(p, ci) for p in plan.file_patterns]
+
+    def dir_excluded(self, relative, name):
+        return (self.comparable(relative) in self.dir_paths
+                or any(r.fullmatch(name) for r in self.dir_regexes))
+
+    def file_excluded(self, relative, name):
+        return (self.comparable(relative) in self.file_paths
+                or any(r.fullmatch(name) for r in self.file_regexes))
+
+
+def walk_selection(root, plan, platform, since=None):
+    """Walk the listed directories of a mount, skipping exclusions.
+
+    Symbolic links are recorded as links and never followed.  since: keep only
+    files whose modification or creation/inode-change time is at or after it.
+    """
+    selector, sep = Selector(plan, platform), platform.sep
+    since_ts = None if since is None else since.timestamp()
+    selection = Selection([], [], [], [])
+    pending = sorted(plan.listed, reverse=True)
+    while pending:
+        rel_dir = pending.pop()
+        abs_dir = root.rstrip(sep) + sep + rel_dir if rel_dir else root
+        try:
+            with os.scandir(platform.long_path(abs_dir)) as iterator:
+                entries = sorted(iterator, key=lambda e: e.name)
+        except OSError as problem:
+            selection.problems.append(f"cannot read directory {abs_dir}: "
+                                      f"{problem.strerror or problem}")
+            continue
+        if not entries and _changed_since(abs_dir, since_ts, platform):
+            selection.empty_dirs.append(rel_dir)
+        subdirs = []
+        for entry in entries:
+            rel = rel_dir + sep + entry.name if rel_dir else entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as problem:
+                selection.problems.append(f"cannot read {abs_dir}{sep}{entry.name}: "
+                                          f"{problem.strerror or problem}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if not selector.dir_excluded(rel, entry.name):
+                    subdirs.append(rel)
+            elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                if selector.file_excluded(rel, entry.name):
+                    continue
+                changed = platform.changed_time(st)
+                if since_ts is None or changed >= since_ts:
+                    selection.files.append(FileEntry(rel, st.st_size, st.st_mtime, changed,
+                                                     stat.S_ISLNK(st.st_mode)))
+            else:
+                selection.specials.append(rel)
+        pending.extend(reversed(subdirs))
+    return selection
+
+
+def _changed_since(path, since_ts, platform):
+    if since_ts is None:
+        return True
+    try:
+        return platform.changed_time(os.lstat(platform.long_path(path))) >= since_ts
+    except OSError:
+        return False
+
+
+# ============================================================================
+# Log and report (SPEC 6 steps 1 and 8)
+# ============================================================================
+
+# Section headings in the seed's order (spec-notes/part1.md section 5).
+SECTION_ARGUMENTS = "user-executed AAM Auto Backup command parameters."
+SECTION_LOCK_FAILURE = "(if applicable) file lock acquisition failure."
+SECTION_START = "Backup execution starting time and date."
+SECTION_LATEST = ("the latest completed-upload AWS S3 full and incremental backup dates "
+                  "and times.")
+SECTION_DIRECTORIES = ("the directories to backup, the directories to shadow mount, and "
+                       "folders and files to exclude.")
+SECTION_IGNORED = ("(if applicable) the ignored the directories and non-wildcard files "
+                   "that do not exist.")
+SECTION_INSTRUCTION_ERROR = ("(if applicable) AAM Auto Backup instruction plain text file "
+                             "reading error.")
+SECTION_WORK_DIR_ERROR = "(if applicable) AWS S3 backup files directory creation error."
+SECTION_TEMP_FILE_ERROR = "(if applicable) a temporary plain text file creation error."
+SECTION_CHILD_ERROR = "(if applicable) ShadowSpawn execution error."
+SECTION_OUTPUT_READ_ERROR = "(if applicable) a temporary plain text file reading error."
+SECTION_CHILD_OUTPUT = "ShadowSpawn outputs."
+SECTION_UPLOAD = "AWS upload."
+SECTION_UPLOAD_ERROR = "(if applicable) AWS upload error."
+SECTION_WORK_DIR_DELETE_ERROR = ("(if applicable) AWS S3 backup files directory deletion "
+                                 "error.")
+SECTION_TEMP_DELETE_ERROR = "(if applicable) temporary output files deletion error."
+SECTION_EMAIL_ERROR = "(if applicable) email report sending error."
+SECTION_SUMMARY = "Summary."
+
+
+class RunLog:
+    """The dated log file of one run; every line is scrubbed of secrets.
+
+    Lines also go to the terminal unless terminal=False (tool output goes to
+    the log only).  The log is written as the run goes, so a crash keeps it.
+    """
+
+    def __init__(self, directory, operation, secrets, platform, started=None):
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len,
+                              reverse=True)
+        self.platform = platform
+        os.makedirs(directory, exist_ok=True)
+        stamp = (started or dt.datetime.now()).strftime("%Y%m%d_%H%M%S")
+        base = os.path.join(directory, f"{stamp}_{operation}")
+        counter = 1
+        while True:
+            self.path = base + (".log" if counter == 1 else f"_{counter}.log")
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                break
+            except FileExistsError:
+                counter += 1
+        self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+
+    def scrub(self, text):
+        for secret in self.secrets:
+            text = text.replace(secret, "********")
+        return text
+
+    def section(self, heading):
+        self.handle.write(f"\n===== {heading} =====\n")
+        self.handle.flush()
+
+    def line(self, text="", terminal=True):
+        text = self.scrub(str(text))
+        self.handle.write(text + "\n")
+        self.handle.flush()
+        if terminal:
+            print(text, flush=True)
+
+    def append_output(self, path):
+        """Copy a child's output file into the log, decoded without ever failing."""
+        with open(path, "rb") as handle:
+            for raw in handle:
+                self.handle.write(self.scrub(self.platform.decode_output(raw).rstrip("\r\n"))
+                                  + "\n")
+        self.handle.flush()
+
+    def close(self):
+        if not self.handle.closed:
+            self.handle.close()
+
+
+def local_time_text(moment):
+    """'YYYYMMDD HH:MM:SS.ffffff ZONE' in the computer's local time (e-mail titles)."""
+    local = moment.astimezone()
+    return f"{local:%Y%m%d %H:%M:%S.%f} {local.tzname() or local.strftime('%z')}"
+
+
+def send_email_report(session, settings, sender_name, sender, recipient, title, body, log):
+    """Send the report through SES; a failure is logged and never fatal."""
+    try:
+        ses = aws_client(session, "ses", settings.ses_region)
+        ses.send_email(
+            Source=email.utils.formataddr((sender_name, sender)),
+            Destination={"ToAddresses": [recipient]},
+            Message={"Subject": {"Data": title, "Charset": "UTF-8"},
+                     "Body": {"Text": {"Data": body, "Charset": "UTF-8"}}})
+        log.line(f"E-mail report sent to {recipient}: {title}")
+        return True
+    except Exception as problem:    # noqa: BLE001 - any failure is only logged
+        log.section(SECTION_EMAIL_ERROR)
+        log.line(f"The e-mail report could not be sent: {describe_aws_error(problem)}")
+        return False
+
+
+# ============================================================================
+# S3 catalog: what complete backup sets the bucket holds (SPEC 5)
+# ============================================================================
+
+class AwsUnavailable(AamError):
+    """S3 could not be reached or refused the request."""
+
+
+def aws_session(access_key_id, secret_access_key):
+    import boto3
+    if access_key_id:
+        return boto3.session.Session(aws_access_key_id=str(access_key_id),
+                                     aws_secret_access_key=str(secret_access_key))
+    return boto3.session.Session()
+
+
+def aws_client(session, service, region):
+    """Every client gets an explicit region; the endpoint comes from AWS_ENDPOINT_URL."""
+    from botocore.config import Config
+    config = Config(retries={"mode": "standard", "max_attempts": 4},
+                    connect_timeout=15, read_timeout=120)
+    return session.client(service, region_name=region, config=config)
+
+
+def describe_aws_error(problem):
+    """A one-line description of a boto3/botocore error, naming the refused action."""
+    response = getattr(problem, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        error = response["Error"]
+        operation = getattr(problem, "operation_name", "")
+        text = f"{error.get('Code', 'Error')}: {error.get('Message', '')}".strip()
+        return f"{operation} failed, {text}" if operation else text
+    return f"{type(problem).__name__}: {problem}"
+
+
+@dataclasses.dataclass
+class StoredObject:
+    name: ObjectName
+    size: int
+
+
+class Catalog:
+    """The backup objects of one location, grouped by backup set."""
+
+    def __init__(self):
+        self.indicators = {}     # (full, incremental) -> {source: StoredObject}
+        self.volumes = {}        # (full, incremental, source) -> [StoredObject]
+
+    @classmethod
+    def load(cls, s3, bucket, prefixes):
+        catalog = cls()
+        paginator = s3.get_paginator("list_objects_v2")
+        for prefix in prefixes:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    catalog.add(item["Key"], item.get("Size", 0))
+        return catalog
+
+    def add(self, key, size):
+        name = ObjectName.parse(key)
+        if name is None:
+            return
+        stored = StoredObject(name, size)
+        if name.indicator:
+            self.indicators.setdefault((name.full, name.incremental), {})[name.source] = stored
+        else:
+            self.volumes.setdefault((name.full, name.incremental, name.source),
+                                    []).append(stored)
+
+    def fulls(self):
+        return sorted({full for full, incr in self.indicators if incr is None}, reverse=True)
+
+    def is_complete(self, full, incremental, sources):
+        present = self.indicators.get((full, incremental), {})
+        return all(source in present for source in sources)
+
+    def latest_complete_full(self, sources, month=None):
+        for full in self.fulls():
+            if month and (full.year, full.month) != month:
+                continue
+            if self.is_complete(full, None, sources):
+                return full
+        return None
+
+    def complete_incrementals(self, full, sources):
+        found = [incr for (f, incr) in self.indicators
+                 if f == full and incr is not None and self.is_complete(f, incr, sources)]
+        return sorted(found)
+
+
+# ============================================================================
+# Child run: the per-mount pass (mirror, 7-Zip, validation)
+# ============================================================================
+
+PLAN_FILE = "shadow_copy_instruction.txt"
+OUTPUT_FILE = "shadow_copy_command_output.txt"
+INCLUSION_LIST = "inclusion_7z_list_file.txt"
+NON_RECURSIVE_LIST = "non-recursive_exclusion_7z_list_file.txt"
+RECURSIVE_LIST = "recursive_exclusion_7z_list_file.txt"
+MIRROR_RULES = "mirror_filter_rules.txt"
+ARCHIVE_DIR = "archives"
+WORK_MARKER = ".aam_auto_backup_work"
+CHILD_KEY_VARIABLE = "AAM_CHILD_ENCRYPTION_KEY"
+MTIME_TOLERANCE = 2.0     # seconds: FAT/exFAT USB drives store times to 2 s
+
+
+def child_say(text):
+    print(text, flush=True)
+
+
+def seven_zip_add_argv(settings, archive_path, list_files, password_switch):
+    """7-Zip 'add' with the seed's switches: ZIP, AES-256, UTF-8 names, volumes."""
+    argv = [settings.seven_zip, "a", "-tzip", f"-mx={settings.compression_level}",
+            "-mem=AES256", "-mcu=on", password_switch, f"-v{settings.volume_size}b",
+            "-bb1", "-bd", "-snl", "-scsUTF-8", "-sccUTF-8", "-y", archive_path]
+    inclusion, non_recursive, recursive = list_files
+    argv.append("@" + inclusion)
+    if non_recursive:
+        argv.append("-xr-@" + non_recursive)
+    if recursive:
+        argv.append("-xr@" + recursive)
+    return argv
+
+
+def write_full_lists(work_dir, plan, platform):
+    """The seed's three 7-Zip list files (inclusion, non-recursive, recursive)."""
+    def path(name):
+        return os.path.join(work_dir, name)
+
+    listed = [platform.list_file_line(r, True) if r else "*" for r in plan.listed]
+    non_recursive = [platform.list_file_line(r, True) for r in plan.excluded_dir_paths] + \
+        [platform.list_file_line(r, False) for r in plan.excluded_file_paths]
+    recursive = [platform.list_file_line(p, True) for p in plan.dir_patterns] + \
+        list(plan.file_patterns)
+    _write_private_text(path(INCLUSION_LIST), "\n".join(listed) + "\n")
+    lists = [path(INCLUSION_LIST), None, None]
+    if non_recursive:
+        _write_private_text(path(NON_RECURSIVE_LIST), "\n".join(non_recursive) + "\n")
+        lists[1] = path(NON_RECURSIVE_LIST)
+    if recursive:
+        _write_private_text(path(RECURSIVE_LIST), "\n".join(recursive) + "\n")
+        lists[2] = path(RECURSIVE_LIST)
+    return lists
+
+
+def write_incremental_list(work_dir, selection, platform):
+    """One inclusion list naming every changed file (and new empty directory)."""
+    path = os.path.join(work_dir, INCLUSION_LIST)
+    lines = [f.path for f in selection.files] + \
+        [platform.list_file_line(d, True) for d in selection.empty_dirs if d]
+    _write_private_text(path, "\n".join(lines) + "\n")
+    return [path, None, None]
+
+
+def rsync_pattern(parts):
+    """Join literal and wildcard parts into one rsync pattern.
+
+    rsync treats '\\' as an escape only when the pattern has wildcards, so
+    literal parts are escaped exactly when the result is a wildcard pattern.
+    """
+    wild = any(not literal or any(c in text for c in "*?[")
+               for text, literal in parts)
+    out = []
+    for text, literal in parts:
+        if literal and wild:
+            text = re.sub(r"([\\*?\[])", r"\\\1", text)
+        out.append(text)
+    return "".join(out)
+
+
+def rsync_rules(plan):
+    """rsync filter rules giving the same result as the selection (first match wins)."""
+    def lit(text):
+        return (text, True)
+
+    def wild(pattern):
+        # our wildcards are only '*' and '?'; any other rsync-special character is literal
+        return ("".join("\\" + c if c in "[\\" else c for c in pattern), False)
+
+    rules = []
+    for rel in plan.excluded_dir_paths:
+        rules.append("- " + rsync_pattern([lit("/" + rel + "/")]))
+    for rel in plan.excluded_file_paths:
+        rules.append("- " + rsync_pattern([lit("/" + rel)]))
+    for listed in plan.listed:
+        base = "/" + listed + "/" if listed else "/"
+        for pattern in plan.dir_patterns:
+            for middle in ("", "**/"):
+                rules.append("- " + rsync_pattern([lit(base), (middle, False),
+                                                   wild(pattern), lit("/")]))
+        for pattern in plan.file_patterns:
+            # a directory that merely looks like an excluded file name is kept
+            for middle in ("", "**/"):
+                rules.append("+ " + rsync_pattern([lit(base), (middle, False),
+                                                   wild(pattern), lit("/")]))
+            for middle in ("", "**/"):
+                rules.append("- " + rsync_pattern([lit(base), (middle, False),
+                                                   wild(pattern)]))
+    # Only the listed directories and the directories leading to them.
+    ancestors = set()
+    for listed in plan.listed:
+        if not listed:
+            continue
+        parts = listed.split("/")
+        for depth in range(1, len(parts)):
+            ancestors.add("/".join(parts[:depth]))
+        rules.append("+ " + rsync_pattern([lit("/" + listed + "/")]))
+    for ancestor in sorted(ancestors):
+        rules.append("+ " + rsync_pattern([lit("/" + ancestor + "/")]))
+    if "" not in plan.listed:
+        for ancestor in [""] + sorted(ancestors):
+            base = "/" + ancestor + "/" if ancestor else "/"
+            rules.append("- " + rsync_pattern([lit(base), ("*", False)]))
+    return rules
+
+
+def validate_mirror(view_root, target, plan, platform, start):
+    """Seed rule (bug 7): compare the mirror with the source after the copy.
+
+    A missing file or a differing modification time is a failure only for a
+    file that was last changed before the backup started; sizes are compared
+    only then.
+    """
+    failures = []
+    start_ts = start.timestamp()
+    selection = walk_selection(view_root, plan, platform)
+    for entry in selection.files:
+        destination = os.path.join(target, entry.path)
+        try:
+            copied = os.lstat(platform.long_path(destination))
+        except OSError:
+            if entry.changed < start_ts:
+                failures.append(f"{entry.path}: missing in the mirror {target}")
+            continue
+        if entry.is_link:
+            continue
+        if abs(copied.st_mtime - entry.mtime) > MTIME_TOLERANCE:
+            if entry.mtime < start_ts:
+                failures.append(
+                    f"{entry.path}: mismatching modification time (source "
+                    f"{_iso(entry.mtime)}, mirror {_iso(copied.st_mtime)})")
+        elif entry.mtime <= start_ts and copied.st_size != entry.size:
+            failures.append(f"{entry.path}: mismatching size (source {entry.size}, "
+                            f"mirror {copied.st_size})")
+    return failures
+
+
+def _iso(timestamp):
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S.%f UTC")
+
+
+def run_script(argv, env, on_line):
+    """Run the generated script, passing each output line to on_line.
+
+    The script runs in its own process group so that it can be stopped as a
+    whole; if our parent dies (the user-mode pass was killed), stop it too.
+    """
+    parent = os.getppid()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    def stop(*_ignored):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(EXIT_INTERRUPTED)))
+    try:
+        import threading
+        watcher_stop = threading.Event()
+
+        def watch_parent():
+            while not watcher_stop.wait(1.0):
+                if os.getppid() != parent:
+                    stop()
+                    return
+
+        threading.Thread(target=watch_parent, daemon=True).start()
+        for raw in process.stdout:
+            on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+        status = process.wait()
+        watcher_stop.set()
+        return status
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_child(child, platform, settings):
+    """The ShadowSpawn-executed pass (seed V.1.3) for one mount directory.
+
+    Everything is printed: the parent appends this output to the log and
+    checks the success markers.  Exit status 0 means the pass ran to its end.
+    """
+    view_root = platform.child_view_root(child.mount, child.drive_letter)
+    work_dir = child.work_dir
+    plan = read_source_plan(os.path.join(work_dir, PLAN_FILE), view_root, platform)
+    full = child.scope == "full-backup"
+    since = None if full else (child.latest_incremental or child.latest_full)
+    if not full and since is None:
+        child_say("AAM Auto Backup: an incremental backup needs the latest complete "
+                  "backup time (arguments 3 and 4).")
+        return EXIT_FAILURE
+    child_say(f"Source {child.mount}: {'full' if full else 'incremental'} backup"
+              + ("" if full else f" of files changed since {describe_stamp(since)}"))
+    selection = walk_selection(view_root, plan, platform, since)
+    for problem in selection.problems:
+        child_say(MARK_VALIDATION_FAILURE + problem)
+    for special in selection.specials:
+        child_say(f"Not backed up (not a regular file, directory or link): {special}")
+
+    commands = []
+    target = None
+    if "local" in child.destinations:
+        target = platform.mirror_directory(child.mirror_root, child.mount)
+        os.makedirs(platform.long_path(target), exist_ok=True)
+        commands.append(platform.mirror_commands(view_root, target, plan, child.keep,
+                                                 work_dir))
+    to_archive = "AWS" in child.destinations and (
+        full or selection.files or any(selection.empty_dirs))
+    archive_dir = os.path.join(work_dir, ARCHIVE_DIR)
+    if to_archive:
+        os.makedirs(archive_dir, mode=0o700, exist_ok=True)
+        lists = (write_full_lists(work_dir, plan, platform) if full
+                 else write_incremental_list(work_dir, selection, platform))
+        argv = seven_zip_add_argv(settings, os.path.join(archive_dir, "backup.zip"), lists,
+                                  platform.password_switch(CHILD_KEY_VARIABLE))
+        commands.append(platform.archive_commands(argv, CHILD_KEY_VARIABLE))
+    elif "AWS" in child.destinations:
+        child_say(MARK_NOTHING_TO_ARCHIVE)
+
+    script = os.path.join(work_dir, platform.script_name)
+    platform.write_script(script, view_root, commands)
+    archived = set()
+
+    def on_line(line):
+        if line.startswith("+ "):
+            archived.add(line[2:].replace("/", platform.sep))
+        child_say(line)
+
+    env = dict(os.environ, **{CHILD_KEY_VARIABLE: child.key})
+    status = run_script(platform.script_argv(script), env, on_line)
+    if status != 0:
+        child_say(f"AAM Auto Backup: the backup script ended with exit code {status}.")
+
+    failures = list(selection.problems)
+    if to_archive:
+        failures += verify_archived(view_root, selection, archived, platform)
+    if target is not None:
+        failures += validate_mirror(view_root, target, plan, platform, child.start)
+    for failure in failures[len(selection.problems):]:
+        child_say(MARK_VALIDATION_FAILURE + failure)
+    child_say(MARK_RESULT + json.dumps({
+        "files": len(archived) if to_archive else 0,
+        "failures": len(failures),
+    }))
+    return EXIT_OK
+
+
+def verify_archived(view_root, selection, archived, platform):
+    """Every selected file must be in the archive, unless it vanished meanwhile.
+
+    This catches any difference between 7-Zip's list-file semantics and the
+    selection, and files 7-Zip could not read (exit code 1 = warnings).
+    """
+    failures = []
+    compare = platform.comparable
+    names = {compare(p) for p in archived}
+    for entry in selection.files:
+        if compare(entry.path) in names:
+            continue
+        full_path = view_root.rstrip(platform.sep) + platform.sep + entry.path
+        if os.path.lexists(platform.long_path(full_path)):
+            failures.append(f"{entry.path}: not in the archive (7-Zip could not read it)")
+    return failures
+
+
+# ============================================================================
+# Upload: volumes as DEEP_ARCHIVE, then the indicator (SPEC 5, 6 step 6)
+# ============================================================================
+
+MIB = 1024 * 1024
+INDICATOR_FORMAT = "aam-auto-backup-indicator"
+
+
+def transfer_config():
+    """Multipart uploads with a few parallel parts; memory stays small."""
+    from boto3.s3.transfer import TransferConfig
+    return TransferConfig(multipart_threshold=64 * MIB, multipart_chunksize=16 * MIB,
+                          max_concurrency=4, use_threads=True)
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(MIB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def volume_files(archive_dir):
+    """7-Zip's volumes backup.zip.001, .002, ... in order."""
+    if not os.path.isdir(archive_dir):
+        return []
+    found = []
+    for name in os.listdir(archive_dir):
+        match = re.fullmatch(r"backup\.zip\.(\d{3,})", name)
+        if match:
+            found.append((int(match[1]), os.path.join(archive_dir, name)))
+    return [path for _number, path in sorted(found)]
+
+
+def upload_volumes(s3, bucket, paths, names, log):
+    """Upload each volume (announced first), delete it once uploaded."""
+    records = []
+    config = transfer_config()
+    for path, name in zip(paths, names):
+        size = os.path.getsize(path)
+        digest = sha256_of(path)
+        log.line(f"Uploading {name.key} ({size:,} bytes, DEEP_ARCHIVE)")
+        s3.upload_file(path, bucket, name.key, Config=config,
+                       ExtraArgs={"StorageClass": DEEP_ARCHIVE, "ChecksumAlgorithm": "SHA256"})
+        records.append({"name": name.key, "size": size, "sha256": digest})
+        os.remove(path)
+    return records
+
+
+def indicator_body(run_sources, source_name, source_path, files, volumes, full, backup,
+                   since, platform):
+    """The indicator's JSON manifest: what a restore needs to trust this source."""
+    return json.dumps({
+        "format": INDICATOR_FORMAT,
+        "format_version": 1,
+        "program_version": VERSION,
+        "platform": platform.name,
+        "scope": "full" if backup == full else "incremental",
+        "full_backup": format_stamp(full),
+        "backup": format_stamp(backup),
+        "changed_since": format_stamp(since) if since else None,
+        "sources": sorted(run_sources),
+        "source": source_name,
+        "source_path": source_path,
+        "files": files,
+        "volumes": volumes,
+    }, indent=1).encode("utf-8")
+
+
+# ============================================================================
+# Backup operations: regular-backup and incremental-only-backup (SPEC 6)
+# ============================================================================
+
+def is_interactive():
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+class BackupRun:
+    """The user-mode pass of one backup: lock, plan, S3 query, children, upload, report."""
+
+    def __init__(self, args, platform, settings, program_path):
+        self.args, self.platform, self.settings = args, platform, settings
+        self.program_path = program_path
+        self.regular = args.operation == "regular-backup"
+        self.local = "local" in args.destinations
+        self.aws = "AWS" in args.destinations      # False once S3 has failed
+        self.aws_asked = self.aws
+        self.failures = []
+        self.scope = None            # "full" or "incremental"
+        self.base_full = None        # the full backup an incremental builds on
+        self.since = None            # incremental: files changed at or after this
+        self.latest_full = None      # latest complete sets, for log and report
+        self.latest_incremental = None
+        self.session = self.s3 = None
+        self.work_dir = None
+        self.start = None
+        self.log = None
+        self.completed_sources = 0
+
+    # -- the whole run -------------------------------------------------------
+    def execute(self):
+        args = self.args
+        try:
+            self.log = RunLog(args.log_dir, args.operation, args.secrets, self.platform)
+        except OSError as problem:
+            print(f"The log file cannot be created in {args.log_dir}: {problem.strerror}",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        self.log.section(SECTION_ARGUMENTS)
+        self.log.line(f"{PROGRAM_NAME} {VERSION}, {args.operation}", terminal=False)
+        for line in args.masked():
+            self.log.line(line, terminal=False)
+        try:
+            lock = self.acquire_lock()
+        except (LockTimeout, Interrupted) as problem:
+            self.log.section(SECTION_LOCK_FAILURE)
+            self.log.line(f"ERROR: {problem}")
+            self.failures.append(str(problem))
+            if self.regular:
+                self.send_report()
+            self.finish()
+            return problem.exit_code
+        try:
+            code = self.run()
+        except (NoBackupSet, Refused, InstructionError, Interrupted) as problem:
+            self.log.line(f"ERROR: {problem}")
+            self.failures.append(str(problem))
+            code = problem.exit_code
+            if self.regular:
+                self.send_report()
+        except Exception as problem:     # noqa: BLE001 - logged, then re-raised
+            self.log.line(f"ERROR: unexpected {type(problem).__name__}: {problem}")
+            raise
+        finally:
+            self.remove_work_dir()
+            lock.release()
+            self.finish()
+        return code
+
+    def run(self):
+        self.start = utc_now()
+        self.log.section(SECTION_START)
+        self.log.line(f"Backup started {describe_stamp(self.start)} "
+                      f"({local_time_text(self.start)})")
+        self.work_dir = os.path.join(self.settings.temp_root,
+                                     f"{self.args.location}{format_stamp(self.start)}")
+        self.remove_leftovers()
+        plan, instruction_problem = self.read_plan()
+        if self.aws and plan is not None:
+            self.query_s3(plan)
+        self.log_plan(plan)
+        if instruction_problem:
+            self.log.section(SECTION_INSTRUCTION_ERROR)
+            raise instruction_problem
+        if not self.local and not self.aws:
+            self.send_report()
+            return EXIT_FAILURE
+        if not self.create_work_dir():
+            self.send_report()
+            return EXIT_FAILURE
+        run_sources = [self.platform.source_name(s.mount) for s in plan.sources]
+        for index, source in enumerate(plan.sources, 1):
+            if not self.back_up_source(index, source, plan, run_sources):
+                break
+        if self.aws and self.completed_sources == len(plan.sources):
+            if self.scope == "full":
+                self.latest_full, self.latest_incremental = self.start, None
+            else:
+                self.latest_incremental = self.start
+        self.log_summary()
+        if self.regular:
+            self.send_report()
+        return EXIT_FAILURE if self.failures else EXIT_OK
+
+    def finish(self):
+        if self.log:
+            self.log.line(f"Log file: {self.log.path}")
+            self.log.close()
+        if not self.regular and is_interactive():
+            with contextlib.suppress(EOFError):
+                input("Press Enter to close...")
+
+    # -- lock (SPEC 6 step 2) ---------------------------------------------
+    def acquire_lock(self):
+        import filelock
+        path, poll, wait = self.settings.lock_file, self.args.lock_poll, self.args.lock_wait
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # A kernel lock (flock/LockFileEx): a killed process never leaves it held.
+        lock = filelock.FileLock(path, fallback_to_soft=False, preserve_lock_file=True)
+        deadline = time.monotonic() + wait
+        asked = False
+        while True:
+            try:
+                lock.acquire(timeout=0)
+                return lock
+            except filelock.Timeout:
+                pass
+            if not self.regular and is_interactive() and not asked:
+                asked = True
+                answer = input("Another backup is running. Run this incremental-only "
+                               "backup when it has finished? [y/n] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    raise LockTimeout("Another backup is running; the user chose not to "
+                                      "wait for it.")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeout(f"Another backup held the lock {path} for the whole "
+                                  f"wait of {wait} seconds (argument 5); giving up.")
+            pause = min(poll, remaining)
+            self.log.line(f"Another backup is running (lock {path}); waiting "
+                          f"{pause:.0f} s before the next check, at most "
+                          f"{remaining:.0f} s more.")
+            time.sleep(pause)
+
+    # -- instruction file (SPEC 4) -----------------------------------------
+    def read_plan(self):
+        """(BackupPlan or None, InstructionError or None); nothing is logged yet."""
+        try:
+            text = read_instruction_file(self.args.instruction_file)
+            instructions = parse_instructions(text, self.args.instruction_file,
+                                              self.platform)
+            own = [self.work_dir] + ([self.args.mirror_root] if self.local else [])
+            plan = plan_backup(instructions, self.platform, own)
+            if not plan.sources:
+                return plan, InstructionError(
+                    f"{self.args.instruction_file}: none of the directories to back up "
+                    "exists (see the ignored directories above)")
+            self.check_key_lengths(plan)
+            return plan, None
+        except InstructionError as problem:
+            return None, problem
+
+    def check_key_lengths(self, plan):
+        for source in plan.sources:
+            name = ObjectName(self.args.location, self.start, self.start, False,
+                              self.platform.source_name(source.mount), 999)
+            if len(name.key.encode("utf-8")) > 1024:
+                raise InstructionError(f"{source.mount}: the S3 object names for this "
+                                       "source would exceed 1024 bytes; back up a "
+                                       "shorter path")
+
+    def log_plan(self, plan):
+        self.log.section(SECTION_DIRECTORIES)
+        if plan is None:
+            self.log.line("(the instruction file could not be used)", terminal=False)
+            return
+        self.log.line(f"Instruction file: {self.args.instruction_file}", terminal=False)
+        for source in plan.sources:
+            self.log.line(f"Source (mount directory) {source.mount} -> "
+                          f"{self.platform.source_name(source.mount)}", terminal=False)
+            for listed in source.listed:
+                self.log.line(f"  back up: {listed or '(the whole directory)'}",
+                              terminal=False)
+            for rel in source.excluded_dir_paths:
+                self.log.line(f"  exclude directory: {rel}", terminal=False)
+            for rel in source.excluded_file_paths:
+                self.log.line(f"  exclude file: {rel}", terminal=False)
+        for source in plan.sources[:1]:
+            for pattern in source.dir_patterns:
+                self.log.line(f"Exclude directories named: {pattern}", terminal=False)
+            for pattern in source.file_patterns:
+                self.log.line(f"Exclude files named: {pattern}", terminal=False)
+        if plan.notes:
+            self.log.section(SECTION_IGNORED)
+            for note in plan.notes:
+                self.log.line(note, terminal=False)
+
+    # -- S3 query and the full/incremental decision (SPEC 6 step 4) ------
+    def query_s3(self, plan):
+        self.log.section(SECTION_LATEST)
+        sources = [self.platform.source_name(s.mount) for s in plan.sources]
+        months = 1 if self.regular else MONTHS_SCANNED
+        try:
+            self.session = aws_session(self.args.access_key_id, self.args.secret_access_key)
+            self.s3 = aws_client(self.session, "s3", self.settings.region)
+            prefixes = month_prefixes(self.args.location, self.start, months)
+            catalog = Catalog.load(self.s3, self.args.bucket, prefixes)
+        except Exception as problem:     # noqa: BLE001 - any S3 failure: skip the AWS part
+            message = (f"AWS S3 cannot be queried ({describe_aws_error(problem)}); the AWS "
+                       "part of this backup is skipped"
+                       + (", the local mirror is still made." if self.local else "."))
+            self.log.line(f"ERROR: {message}")
+            self.failures.append(message)
+            self.aws = False
+            return
+        month = (self.start.year, self.start.month)
+        full = catalog.latest_complete_full(sources, month if self.regular else None)
+        incrementals = catalog.complete_incrementals(full, sources) if full else []
+        self.latest_full = full
+        self.latest_incremental = incrementals[-1] if incrementals else None
+        where = (f"in {self.start:%Y-%m} (UTC)" if self.regular
+                 else f"in the last {MONTHS_SCANNED} months")
+        self.log.line(f"Latest complete full backup {where}: {describe_stamp(full)}")
+        self.log.line(f"Latest complete incremental backup of it: "
+                      f"{describe_stamp(self.latest_incremental)}")
+        self.decide_scope(full, sources, where)
+
+    def decide_scope(self, full, sources, where):
+        changed = self.instruction_file_changed()
+        if self.regular:
+            if self.args.force_full:
+                reason = "forced by argument 21"
+            elif full is None:
+                reason = f"no complete full backup of the {len(sources)} current sources {where}"
+            elif self.args.auto_force_full and changed > full:
+                reason = (f"the instruction file changed ({describe_stamp(changed)}) after "
+                          "the latest complete full backup (argument 22)")
+            else:
+                reason = None
+            if reason:
+                self.scope, self.base_full = "full", self.start
+                self.log.line(f"Backup scope: full ({reason}).")
+                return
+        else:
+            if full is None:
+                raise NoBackupSet(f"No complete full backup of the current sources {where}; "
+                                  "an incremental-only backup needs one. Run a regular "
+                                  "backup first.")
+            if self.args.auto_force_full and changed > full:
+                raise Refused(f"The instruction file changed ({describe_stamp(changed)}) "
+                              "after the latest complete full backup, so a full backup is "
+                              "required (argument 22); run a regular backup instead.")
+        self.scope, self.base_full = "incremental", full
+        self.since = self.latest_incremental or full
+        self.log.line(f"Backup scope: incremental, based on the full backup "
+                      f"{describe_stamp(full)}; files changed since "
+                      f"{describe_stamp(self.since)}.")
+
+    def instruction_file_changed(self):
+        st = os.stat(self.args.instruction_file)
+        return dt.datetime.fromtimestamp(self.platform.changed_time(st), dt.timezone.utc)
+
+    # -- work directory --------------------------------------------------
+    def create_work_dir(self):
+        try:
+            os.makedirs(self.settings.temp_root, exist_ok=True)
+            os.mkdir(self.work_dir, 0o700)
+            _write_private_text(os.path.join(self.work_dir, WORK_MARKER), f"{os.getpid()}\n")
+            return True
+        except OSError as problem:
+            self.log.section(SECTION_WORK_DIR_ERROR)
+            message = f"The work directory {self.work_dir} cannot be created: {problem}"
+            self.log.line(f"ERROR: {message}")
+            self.failures.append(message)
+            return False
+
+    def remove_work_dir(self):
+        if not self.work_dir or not os.path.exists(self.work_dir):
+            return
+        try:
+            shutil.rmtree(self.work_dir)
+        except OSError as problem:
+            self.log.section(SECTION_WORK_DIR_DELETE_ERROR)
+            message = f"The work directory {self.work_dir} cannot be deleted: {problem}"
+            self.log.line(f"ERROR: {message}")
+            self.failures.append(message)
+
+    def remove_leftovers(self):
+        """Delete work directories of earlier runs that were killed (we hold the lock)."""
+        root = self.settings.temp_root
+        pattern = re.compile(re.escape(self.args.location) + r"\d{8}_\d{6}\.\d{6}")
+        try:
+            names = os.listdir(root)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(root, name)
+            marker = os.path.join(path, WORK_MARKER)
+            if not pattern.fullmatch(name) or not os.path.isfile(marker):
+                continue
+            try:
+                shutil.rmtree(path)
+                self.log.line(f"Removed the work directory of an interrupted run: {path}",
+                              terminal=False)
+            except OSError as problem:
+                self.log.line(f"Cannot remove the leftover work directory {path}: {problem}")
+
+    # -- one source: child run, markers, upload ---------------------------
+    def back_up_source(self, index, source, plan, run_sources):
+        """Run the child for one mount and upload its archive; False stops the run."""
+        platform, args = self.platform, self.args
+        name = platform.source_name(source.mount)
+        self.log.section(SECTION_CHILD_OUTPUT)
+        self.log.line(f"Source {index} of {len(plan.sources)}: {source.mount}")
+        view_root = platform.child_view_root(source.mount, args.drive_letter)
+        output = os.path.join(self.work_dir, OUTPUT_FILE)
+        try:
+            write_source_plan(os.path.join(self.work_dir, PLAN_FILE), source, view_root,
+                              platform)
+            if os.path.exists(output):
+                os.remove(output)
+        except OSError as problem:
+            return self.stop(SECTION_TEMP_FILE_ERROR,
+                             f"A temporary file cannot be written: {problem}")
+        destinations = {"local"} if self.local else set()
+        if self.aws:
+            destinations.add("AWS")
+        child = ChildArgs(
+            operation=args.operation, latest_full=self.latest_full,
+            latest_incremental=self.since if self.scope == "incremental" else None,
+            start=self.start, mount=source.mount, drive_letter=args.drive_letter or "q",
+            destinations=frozenset(destinations), mirror_root=args.mirror_root,
+            keep=args.keep, key=args.key, location=args.location, work_dir=self.work_dir,
+            force_full=self.scope == "full", scope=("full-backup" if self.scope != "incremental"
+                                                    else "incremental-backup"))
+        argv = platform.child_command(args.python, self.program_path,
+                                      child.to_argv("env:" + CHILD_KEY_VARIABLE),
+                                      source.mount, args.drive_letter)
+        try:
+            status = self.run_child_process(argv, output)
+        except OSError as problem:
+            return self.stop(SECTION_CHILD_ERROR, "Critical error. ShadowSpawn.exe execution "
+                             f"failure Aborting {args.operation} operation. ({problem})")
+        try:
+            self.log.append_output(output)
+            with open(output, "rb") as handle:
+                lines = [platform.decode_output(raw).rstrip("\r\n") for raw in handle]
+        except OSError:
+            return self.stop(SECTION_OUTPUT_READ_ERROR, "File I/O error. ShadowSpawn.exe "
+                             "command output file reading error.")
+        result = self.check_child_output(lines, status, "AWS" in destinations)
+        if result is None:
+            return False
+        if result["failures"]:
+            self.failures.append(f"{source.mount}: {result['failures']} validation or "
+                                 "read failure(s); see the lines marked 'validation "
+                                 "failure' in this log")
+        if self.aws:
+            return self.upload_source(source, name, result["files"], run_sources)
+        return True
+
+    def run_child_process(self, argv, output):
+        env = dict(os.environ, **{CHILD_KEY_VARIABLE: self.args.key})
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=env,
+                                       start_new_session=True)
+            try:
+                return process.wait()
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=30)
+                raise
+
+    def check_child_output(self, lines, status, archive_expected):
+        """The seed's marker checks, in order: script, mirror, archive (seed 5.4.2)."""
+        messages = self.platform.missing_marker_messages()
+        present = set(lines)
+        required = [("script", MARK_PREFIX + self.platform.script_kind + " execution success.")]
+        if self.local:
+            required.append(("mirror", MARK_PREFIX + self.platform.mirror_tool.replace(
+                "Robocopy", "Robocopy") + " execution success."))
+        if archive_expected and MARK_NOTHING_TO_ARCHIVE not in present:
+            required.append(("archive", MARK_PREFIX + "7-Zip execution success."))
+        for kind, marker in required:
+            if marker not in present:
+                return self.stop(SECTION_CHILD_ERROR, messages[kind])
+        results = [line[len(MARK_RESULT):] for line in lines if line.startswith(MARK_RESULT)]
+        if status != 0 or not results:
+            return self.stop(SECTION_CHILD_ERROR, "Critical error. ShadowSpawn.exe execution "
+                             f"failure Aborting {self.args.operation} operation. "
+                             f"(exit code {status})")
+        return json.loads(results[-1])
+
+    def stop(self, section, message):
+        self.log.section(section)
+        self.log.line(f"ERROR: {message}")
+        self.failures.append(message)
+        return None if section == SECTION_CHILD_ERROR else False
+
+    def upload_source(self, source, name, files, run_sources):
+        """Volumes first, the indicator strictly after them (SPEC 5)."""
+        self.log.section(SECTION_UPLOAD)
+        full = self.start if self.scope == "full" else self.base_full
+        incremental = None if self.scope == "full" else self.start
+        paths = volume_files(os.path.join(self.work_dir, ARCHIVE_DIR))
+        names = [ObjectName(self.args.location, full, incremental, False, name, number)
+                 for number in range(1, len(paths) + 1)]
+        indicator = ObjectName(self.args.location, full, incremental, True, name)
+        try:
+            records = upload_volumes(self.s3, self.args.bucket, paths, names, self.log)
+            body = indicator_body(run_sources, name, source.mount, files, records, full,
+                                  self.start, self.since, self.platform)
+            self.s3.put_object(Bucket=self.args.bucket, Key=indicator.key, Body=body,
+                               ContentType="application/json")
+            self.log.line(f"Uploaded the completion indicator {indicator.key} "
+                          f"({files} files in {len(records)} volumes)")
+            self.completed_sources += 1
+            return True
+        except Exception as problem:     # noqa: BLE001 - any upload failure
+            self.log.section(SECTION_UPLOAD_ERROR)
+            message = (f"Upload to s3://{self.args.bucket} failed for {source.mount} "
+                       f"({describe_aws_error(problem)}); no completion indicator was "
+                       "written, so this backup set is not used; no further uploads.")
+            self.log.line(f"ERROR: {message}")
+            self.failures.append(message)
+            self.aws = False
+            shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
+            return True          # the local mirror of the next sources is still made
+
+    # -- summary and report (SPEC 6 step 8) -------------------------------
+    def log_summary(self):
+        self.log.section(SECTION_SUMMARY)
+        if self.failures:
+            self.log.line(f"FAILURE: {len(self.failures)} problem(s):")
+            for failure in self.failures:
+                self.log.line(f"  - {failure}")
+        else:
+            self.log.line("SUCCESS: everything asked for was done.")
+
+    def send_report(self):
+        if not self.args.send_email:
+            return
+        args = self.args
+        status = "FAILURE" if self.failures else "SUCCESS"
+        scope = f" {self.scope}" if self.scope and self.aws_asked else ""
+        title = f"{status}, {local_time_text(self.start or utc_now())}{scope} backup!"
+        types = " and ".join(t for t, on in (("local", self.local), ("AWS S3", self.aws_asked))
+                             if on)
+        body = [f"Backup destination types: {types}"]
+        if self.aws_asked:
+            body.append(f"Latest complete AWS S3 full backup: {describe_stamp(self.latest_full)}")
+            body.append("Latest complete AWS S3 incremental backup: "
+                        f"{describe_stamp(self.latest_incremental)}")
+        body.append("For more info, refer to the local backup log.")
+        session = self.session or aws_session(args.access_key_id, args.secret_access_key)
+        send_email_report(session, self.settings, args.sender_name, args.sender_address,
+                          args.recipient, title, "\n".join(body) + "\n", self.log)
+
+
+# ============================================================================
+# Restore operations (SPEC 7)
+# ============================================================================
+
+def run_restore(args, platform, settings):
+    """Restoration is built by its own issue; the arguments are checked already."""
+    print(f"{args.operation}: not implemented yet (the arguments are valid).",
+          file=sys.stderr)
+    return EXIT_FAILURE
+
+
+# ============================================================================
+# Aam_Auto_Backup: dispatch on the operation argument
+# ============================================================================
+
+class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
+    """Dispatch on argument 1 (and argument 2 for the child pass)."""
+
+    def __init__(self, argv, platform=None):
+        self.argv = list(argv)
+        self.platform = platform or current_platform()
+        self.program_path = os.path.abspath(__file__)
+
+    def run(self):
+        argv = self.argv
+        operation = argv[0] if argv else ""
+        try:
+            if len(argv) > 1 and argv[1] == CHILD_AGENT:
+                return self.child_pass(ChildArgs.parse(argv))
+            if operation in BACKUP_OPERATIONS:
+                args = BackupArgs.parse(argv)
+                return self.with_signals(BackupRun(args, self.platform, self.settings(),
+                                                   self.program_path).execute)
+            if operation in RESTORE_OPERATIONS:
+                args = RestoreArgs.parse(argv)
+                return run_restore(args, self.platform, self.settings())
+            raise UsageError(f"unknown operation {operation!r}" if operation
+                             else "no operation given")
+        except UsageError as problem:
+            print(f"error: {problem}", file=sys.stderr)
+            print(usage_text(problem.operation), file=sys.stderr)
+            return EXIT_USAGE
+        except AamError as problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return problem.exit_code
+
+    def settings(self):
+        return Settings.from_environment(self.platform)
+
+    def child_pass(self, child):
+        return run_child(child, self.platform, self.settings())
+
+    @staticmethod
+    def with_signals(function):
+        """SIGTERM (a scheduler stopping us) unwinds like Ctrl-C: cleanup still runs."""
+        def interrupt(*_ignored):
+            raise Interrupted("interrupted by a signal")
+        previous = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            return function()
+        except KeyboardInterrupt:
+            print("Interrupted.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv=None):
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="replace")
+    return Aam_Auto_Backup(sys.argv[1:] if argv is None else argv).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

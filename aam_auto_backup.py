@@ -930,7 +930,7 @@ def _blocks(text, path):
     line, so three empty lines in a row skip the excluded-directories block.
     """
     groups, gaps, run, run_start = [], [], 0, None
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         line = raw.rstrip()
         if _is_comment(line.lstrip()):
             continue

@@ -1,0 +1,143 @@
+"""Shared fixtures: a real moto server over HTTP, sandboxes, and the CLI as a subprocess."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+sys.path.insert(0, REPO)
+
+from local_aws import FaultProxy, LocalAws  # noqa: E402
+from sample_tree import build_sample  # noqa: E402
+
+PROGRAM = os.path.join(REPO, "aam_auto_backup.py")
+KEY = "Correct horse battery staple 7!"
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+ACCESS_KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+SENDER = "backup-report@example.com"
+
+
+@pytest.fixture(scope="session")
+def aws():
+    with LocalAws() as local:
+        yield local
+
+
+@pytest.fixture
+def proxy(aws):
+    with FaultProxy(aws.endpoint_url) as fault_proxy:
+        yield fault_proxy
+
+
+class Sandbox:
+    """Directories of one test and the 22 backup arguments that use them."""
+
+    def __init__(self, root, aws, second_root):
+        self.root = root
+        self.aws = aws
+        self.second_root = second_root
+        self.logs = os.path.join(root, "logs")
+        self.mirror = os.path.join(root, "mirror")
+        self.temp = os.path.join(root, "temp")
+        self.lock = os.path.join(root, "lock", "aam.lock")
+        self.instructions = os.path.join(root, "instructions.txt")
+        self.bucket = f"aam-test-{uuid.uuid4().hex[:12]}"
+        self.location = f"pc{uuid.uuid4().hex[:6]}"
+        self.recipient = f"owner-{uuid.uuid4().hex[:8]}@example.com"
+        self.endpoint_url = aws.endpoint_url
+        aws.create_bucket(self.bucket)
+        aws.verify_ses_identity(SENDER)
+        self.tree = None
+
+    def sample(self, **kwargs):
+        self.tree = build_sample(os.path.join(self.root, "first"), self.second_root, **kwargs)
+        self.write_instructions(self.tree.instruction_text)
+        return self.tree
+
+    def write_instructions(self, text):
+        with open(self.instructions, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    def backup_args(self, operation="regular-backup", changes=None):
+        values = {
+            1: operation, 2: "user", 3: sys.executable, 4: "1", 5: "0", 6: self.logs,
+            7: "True", 8: "AAM Backup Report", 9: SENDER, 10: self.recipient,
+            11: self.instructions, 12: "q", 13: "local|AWS", 14: self.mirror, 15: "False",
+            16: KEY, 17: self.bucket, 18: self.location, 19: ACCESS_KEY_ID, 20: SECRET,
+            21: "no", 22: "yes",
+        }
+        values.update(changes or {})
+        return [values[n] for n in range(1, 23)]
+
+    def env(self, **extra):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AAM_"))}
+        env.update({
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_REGION": "us-east-1",
+            "AAM_TEMP_ROOT": self.temp,
+            "AAM_LOCK_FILE": self.lock,
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(extra)
+        return env
+
+    def run(self, args, env=None, timeout=300, **popen):
+        return subprocess.run([sys.executable, PROGRAM] + list(args), env=env or self.env(),
+                              capture_output=True, text=True, timeout=timeout, **popen)
+
+    def backup(self, changes=None, operation="regular-backup", env=None):
+        return self.run(self.backup_args(operation, changes), env=env)
+
+    # -- looking at the results ----------------------------------------------
+    def s3(self):
+        return self.aws.client("s3")
+
+    def objects(self):
+        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+        return [item for page in pages for item in page.get("Contents", [])]
+
+    def indicator(self, key):
+        return json.loads(self.s3().get_object(Bucket=self.bucket, Key=key)["Body"].read())
+
+    def fetch_volume(self, key, directory):
+        """Thaw (immediately, in moto) and download one Deep Archive volume."""
+        s3 = self.s3()
+        s3.restore_object(Bucket=self.bucket, Key=key,
+                          RestoreRequest={"Days": 1, "GlacierJobParameters": {"Tier": "Bulk"}})
+        path = os.path.join(directory, key)
+        s3.download_file(self.bucket, key, path)
+        return path
+
+    def emails(self):
+        return [m for m in self.aws.sent_emails() if self.recipient in m["destinations"]]
+
+    def log_files(self):
+        if not os.path.isdir(self.logs):
+            return []
+        return sorted(os.path.join(self.logs, n) for n in os.listdir(self.logs))
+
+
+@pytest.fixture
+def sandbox(tmp_path, aws):
+    # The second source must share nothing but '/' with the first, so that it
+    # becomes a mount directory of its own.
+    second_root = tempfile.mkdtemp(prefix="aam-test-", dir="/var/tmp")
+    try:
+        yield Sandbox(str(tmp_path), aws, second_root)
+    finally:
+        shutil.rmtree(second_root, ignore_errors=True)
+
+
+def extract(archive_first_volume, destination, key=KEY):
+    """Open a backup with plain 7-Zip and the key, as a user would."""
+    result = subprocess.run(["7zz", "x", f"-p{key}", "-aoa", "-snl", f"-o{destination}",
+                             archive_first_volume], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return destination

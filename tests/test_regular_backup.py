@@ -1,0 +1,287 @@
+"""regular-backup end to end: the CLI as a subprocess, moto over HTTP, real 7-Zip and rsync."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import ACCESS_KEY_ID, KEY, SECRET, extract
+from sample_tree import read_tree
+
+STAMP = r"\d{8}_\d{6}\.\d{6}"
+VOLUME_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})_no_"
+                       r"(?P<source>.+)\.zip\.(?P<n>\d{3})$")
+INDICATOR_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})_yes_"
+                          r"(?P<source>.+)$")
+
+
+def source_name(mount):
+    return mount.replace("/", "-")
+
+
+def volumes_by_source(sandbox, objects, full=None, incremental="0_0.0"):
+    """{source name: [keys in volume order]} of one backup."""
+    found = {}
+    for item in objects:
+        match = VOLUME_RE.match(item["Key"])
+        if match and match["incr"] == incremental and (full is None or match["full"] == full):
+            found.setdefault(match["source"], []).append(item["Key"])
+    return {source: sorted(keys) for source, keys in found.items()}
+
+
+def restore_source(sandbox, keys, destination, tmp_path):
+    """Download one source's volumes and extract them with plain 7-Zip."""
+    download = tmp_path / f"download-{len(os.listdir(tmp_path))}"
+    download.mkdir()
+    paths = [sandbox.fetch_volume(key, str(download)) for key in keys]
+    extract(paths[0], str(destination))
+    return read_tree(str(destination))
+
+
+def test_full_backup_of_a_multi_directory_tree(sandbox, tmp_path):
+    tree = sandbox.sample()
+    result = sandbox.backup()
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    objects = sandbox.objects()
+    keys = [item["Key"] for item in objects]
+    for key in keys:      # every object name matches the format of SPEC 5
+        assert VOLUME_RE.match(key) or INDICATOR_RE.match(key), key
+    classes = {item["Key"]: item.get("StorageClass", "STANDARD") for item in objects}
+    assert {classes[k] for k in keys if VOLUME_RE.match(k)} == {"DEEP_ARCHIVE"}
+    assert {classes[k] for k in keys if INDICATOR_RE.match(k)} == {"STANDARD"}
+
+    sources = {source_name(m): m for m in tree.mounts}
+    indicators = [INDICATOR_RE.match(k) for k in keys if INDICATOR_RE.match(k)]
+    assert sorted(m["source"] for m in indicators) == sorted(sources)
+    assert {m["loc"] for m in indicators} == {sandbox.location}
+    assert {m["incr"] for m in indicators} == {"0_0.0"}
+    assert len({m["full"] for m in indicators}) == 1
+
+    volumes = volumes_by_source(sandbox, objects)
+    for name, mount in sources.items():
+        restored = restore_source(sandbox, volumes[name], tmp_path / f"restored{name}", tmp_path)
+        assert restored == tree.expected[mount]           # exactly the included files
+        manifest = sandbox.indicator(next(k for k in keys if INDICATOR_RE.match(k)
+                                          and INDICATOR_RE.match(k)["source"] == name))
+        assert manifest["sources"] == sorted(sources)
+        assert manifest["source_path"] == mount
+        assert [v["name"] for v in manifest["volumes"]] == volumes[name]
+        assert manifest["files"] == sum(1 for v in tree.expected[mount].values()
+                                        if v is not None)
+        # the mirror holds the same files under the full-path layout
+        mirrored = read_tree(os.path.join(sandbox.mirror, mount.lstrip("/")))
+        assert mirrored == tree.expected[mount]
+
+
+def test_indicator_hashes_match_the_uploaded_volumes(sandbox, tmp_path):
+    import hashlib
+    import json
+    sandbox.sample()
+    assert sandbox.backup().returncode == 0
+    s3 = sandbox.s3()
+    for item in sandbox.objects():
+        if not INDICATOR_RE.match(item["Key"]):
+            continue
+        manifest = json.loads(s3.get_object(Bucket=sandbox.bucket, Key=item["Key"])["Body"].read())
+        for volume in manifest["volumes"]:
+            path = sandbox.fetch_volume(volume["name"], str(tmp_path))
+            data = open(path, "rb").read()
+            assert len(data) == volume["size"]
+            assert hashlib.sha256(data).hexdigest() == volume["sha256"]
+
+
+def test_second_run_in_the_month_is_an_incremental_of_new_and_changed_files(sandbox, tmp_path):
+    tree = sandbox.sample()
+    first = sandbox.backup()
+    assert first.returncode == 0, first.stdout + first.stderr
+    full_stamp = INDICATOR_RE.match(next(
+        k["Key"] for k in sandbox.objects() if INDICATOR_RE.match(k["Key"])))["full"]
+    time.sleep(0.05)
+    mount = tree.first_mount
+    docs = os.path.join(mount, "Documents")
+    with open(os.path.join(docs, "report.txt"), "ab") as handle:        # changed
+        handle.write(b"one more line\n")
+    with open(os.path.join(docs, "new file.txt"), "wb") as handle:      # new
+        handle.write(b"new\n")
+    # copied in with an old modification time: only the inode change time shows it
+    shutil.copy2("/etc/hostname", os.path.join(docs, "copied-old.txt"))
+    os.utime(os.path.join(docs, "copied-old.txt"), (978307200, 978307200))   # 2001-01-01
+    with open(os.path.join(docs, "~WRL777.tmp"), "wb") as handle:       # new but excluded
+        handle.write(b"temp\n")
+
+    second = sandbox.backup()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "incremental" in second.stdout
+    objects = sandbox.objects()
+    increments = [INDICATOR_RE.match(k["Key"]) for k in objects if INDICATOR_RE.match(k["Key"])
+                  and INDICATOR_RE.match(k["Key"])["incr"] != "0_0.0"]
+    assert {m["full"] for m in increments} == {full_stamp}      # the full's stamp comes first
+    assert sorted(m["source"] for m in increments) == sorted(source_name(m) for m in tree.mounts)
+    incremental_stamp = increments[0]["incr"]
+    volumes = volumes_by_source(sandbox, objects, full_stamp, incremental_stamp)
+    # the second source did not change: an indicator but no volume
+    assert list(volumes) == [source_name(mount)]
+    restored = restore_source(sandbox, volumes[source_name(mount)], tmp_path / "incr", tmp_path)
+    assert set(restored) == {"Documents/report.txt", "Documents/new file.txt",
+                             "Documents/copied-old.txt"}
+    assert restored["Documents/report.txt"] == open(os.path.join(docs, "report.txt"), "rb").read()
+    # the mirror follows too
+    mirrored = read_tree(os.path.join(sandbox.mirror, mount.lstrip("/")))
+    assert mirrored["Documents/new file.txt"] == b"new\n"
+    assert "Documents/~WRL777.tmp" not in mirrored
+
+
+def test_small_volume_size_spans_three_volumes_and_restores_intact(sandbox, tmp_path):
+    tree = sandbox.sample(picture_size=200_000)     # random bytes do not compress
+    env = sandbox.env(AAM_VOLUME_SIZE="65536")
+    result = sandbox.run(sandbox.backup_args(), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    volumes = volumes_by_source(sandbox, sandbox.objects())
+    name = source_name(tree.first_mount)
+    assert len(volumes[name]) >= 3
+    restored = restore_source(sandbox, volumes[name], tmp_path / "multi", tmp_path)
+    assert restored == tree.expected[tree.first_mount]
+
+
+def test_email_report_and_no_secret_anywhere(sandbox, tmp_path):
+    tree = sandbox.sample()
+    result = sandbox.backup()
+    assert result.returncode == 0, result.stdout + result.stderr
+    (message,) = sandbox.emails()
+    assert re.fullmatch(r"SUCCESS, \d{8} \d\d:\d\d:\d\d\.\d{6} \S+ full backup!",
+                        message["subject"]), message["subject"]
+    assert "AAM Backup Report" in message["source"]
+    body = message["body"]
+    assert body.splitlines()[0] == "Backup destination types: local and AWS S3"
+    assert "For more info, refer to the local backup log." in body
+    assert "7-Zip" not in body and "rsync" not in body and tree.first_mount not in body
+
+    for secret in (KEY, SECRET, ACCESS_KEY_ID):
+        assert secret not in result.stdout and secret not in result.stderr
+        assert secret not in message["subject"] + body
+        for directory in (sandbox.logs, sandbox.mirror, sandbox.temp):
+            for folder, _dirs, files in os.walk(directory):
+                for name in files:
+                    data = open(os.path.join(folder, name), "rb").read()
+                    assert secret.encode() not in data, os.path.join(folder, name)
+    # no intermediate file is left in the temp root
+    assert os.listdir(sandbox.temp) == []
+
+
+def test_log_sections_follow_the_seed_order(sandbox):
+    sandbox.sample()
+    assert sandbox.backup().returncode == 0
+    (log,) = sandbox.log_files()
+    assert re.search(r"\d{8}_\d{6}_regular-backup\.log$", log)
+    headings = re.findall(r"^===== (.*) =====$", open(log, encoding="utf-8").read(), re.M)
+    order = ["user-executed AAM Auto Backup command parameters.",
+             "Backup execution starting time and date.",
+             "the latest completed-upload AWS S3 full and incremental backup dates and times.",
+             "the directories to backup, the directories to shadow mount, and folders and "
+             "files to exclude.",
+             "ShadowSpawn outputs."]
+    positions = [headings.index(h) for h in order]
+    assert positions == sorted(positions)
+    assert "Summary." in headings
+
+
+def test_local_only_backup_makes_no_s3_request(sandbox, proxy):
+    tree = sandbox.sample()
+    sandbox.endpoint_url = proxy.endpoint_url
+    result = sandbox.backup({13: "local", 7: "False"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert proxy.counters()["requests"] == 0
+    for mount in tree.mounts:
+        assert read_tree(os.path.join(sandbox.mirror, mount.lstrip("/"))) == tree.expected[mount]
+
+
+def test_unreachable_s3_still_makes_the_mirror_and_fails(sandbox):
+    tree = sandbox.sample()
+    sandbox.endpoint_url = "http://127.0.0.1:9"        # nothing listens there
+    result = sandbox.backup()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "AWS S3 cannot be queried" in result.stdout
+    assert "the local mirror is still made" in result.stdout
+    for mount in tree.mounts:
+        assert read_tree(os.path.join(sandbox.mirror, mount.lstrip("/"))) == tree.expected[mount]
+    log = open(sandbox.log_files()[0], encoding="utf-8").read()
+    assert "FAILURE" in log and "e-mail report could not be sent" in log
+
+
+def test_keep_true_keeps_and_keep_false_removes_deleted_files(sandbox):
+    tree = sandbox.sample()
+    assert sandbox.backup({13: "local", 7: "False"}).returncode == 0
+    gone = os.path.join(tree.first_mount, "Documents", "report.txt")
+    mirrored = os.path.join(sandbox.mirror, gone.lstrip("/"))
+    assert os.path.exists(mirrored)
+    os.remove(gone)
+    assert sandbox.backup({13: "local", 7: "False", 15: "True"}).returncode == 0
+    assert os.path.exists(mirrored)
+    assert sandbox.backup({13: "local", 7: "False", 15: "False"}).returncode == 0
+    assert not os.path.exists(mirrored)
+
+
+def test_the_archive_opens_only_with_the_key(sandbox, tmp_path):
+    tree = sandbox.sample()
+    assert sandbox.backup().returncode == 0
+    volumes = volumes_by_source(sandbox, sandbox.objects())[source_name(tree.second_mount)]
+    path = sandbox.fetch_volume(volumes[0], str(tmp_path))
+    wrong = subprocess.run(["7zz", "x", "-pnot the key", f"-o{tmp_path / 'x'}", path],
+                           capture_output=True, text=True)
+    assert wrong.returncode != 0
+    assert "Wrong password" in wrong.stdout + wrong.stderr
+
+
+@pytest.mark.parametrize("changes, argument", [
+    ({7: "maybe"}, 7), ({4: "0"}, 4), ({5: "-1"}, 5), ({13: "local|S3"}, 13),
+    ({15: "keep"}, 15), ({17: "Bad_Bucket"}, 17), ({18: "my_pc"}, 18), ({21: "y"}, 21),
+    ({22: "true"}, 22), ({3: "/no/such/python"}, 3), ({2: "admin"}, 2),
+    ({16: "env:AAM_TEST_UNSET_VARIABLE"}, 16), ({9: "not-an-address"}, 9),
+])
+def test_bad_arguments_touch_nothing(sandbox, proxy, changes, argument):
+    sandbox.sample()
+    sandbox.endpoint_url = proxy.endpoint_url
+    result = sandbox.backup(changes)
+    assert result.returncode == 2
+    assert f"argument {argument}" in result.stderr
+    assert "usage: aam_auto_backup.py regular-backup" in result.stderr
+    assert proxy.counters()["requests"] == 0
+    for path in (sandbox.logs, sandbox.mirror, sandbox.temp, os.path.dirname(sandbox.lock)):
+        assert not os.path.exists(path), path
+
+
+def test_wrong_argument_count_prints_the_usage(sandbox):
+    result = sandbox.run(sandbox.backup_args()[:21])
+    assert result.returncode == 2
+    assert "regular-backup takes 22 arguments, 21 were given" in result.stderr
+    assert "22. automatic force full backup (yes/no)" in result.stderr
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("{root}/docs/\nrelative/dir/\n", "line 2: 'relative/dir/' is a relative path"),
+    ("{root}/do*s/\n", "line 1: '{root}/do*s/' has a wildcard"),
+    ("{root}/docs/\n\n{root}/docs/private\n", "line 3: excluded directory"),
+])
+def test_instruction_errors_name_the_line_and_make_no_s3_request(sandbox, proxy, text,
+                                                                 fragment):
+    root = sandbox.root
+    os.makedirs(os.path.join(root, "docs", "private"))
+    sandbox.write_instructions(text.format(root=root))
+    sandbox.endpoint_url = proxy.endpoint_url
+    result = sandbox.backup({7: "False"})
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"{sandbox.instructions}, {fragment.format(root=root)}" in result.stdout
+    assert proxy.counters()["requests"] == 0
+    assert not os.path.exists(sandbox.mirror)
+
+
+def test_missing_instruction_file_names_argument_11(sandbox, proxy):
+    sandbox.endpoint_url = proxy.endpoint_url
+    result = sandbox.backup({7: "False", 11: os.path.join(sandbox.root, "nope.txt")})
+    assert result.returncode == 3
+    assert "argument 11: the instruction file" in result.stdout
+    assert proxy.counters()["requests"] == 0

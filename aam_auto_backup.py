@@ -169,6 +169,8 @@ class PosixPlatform:
     name = "posix"
     sep = "/"
     case_insensitive = False
+    # List files hold file names as raw bytes (names need not be valid UTF-8).
+    list_charset_switch = "-scsWIN"
     script_name = "backup_script.sh"
     mirror_tool = "rsync"
     script_kind = "backup script"
@@ -272,7 +274,7 @@ class PosixPlatform:
         marker = MARK_PREFIX + "7-Zip execution success."
         command = " ".join(self.quote(a) for a in seven_zip_argv)
         return [
-            f'printf "%s\\n" "${key_variable}" | {command}',
+            f'printf "%s\\n" "${key_variable}" | LC_ALL=C.UTF-8 {command}',
             "status=$?",
             'if [ "$status" -eq 0 ]; then',
             f"  echo {self.quote(marker)}",
@@ -305,6 +307,7 @@ class WindowsPlatform(PosixPlatform):
     name = "windows"
     sep = "\\"
     case_insensitive = True
+    list_charset_switch = "-scsUTF-8"
     script_name = "AAM_Auto_Backup_shadow_copy.bat"
     mirror_tool = "Robocopy"
     script_kind = "backup batch file"
@@ -589,6 +592,11 @@ def _secret(text):
     return text
 
 
+KEY_RE = re.compile(r"^[\x20-\x7e]{1,99}$")
+KEY_RULE = ("must be 1 to 99 printable ASCII characters (7-Zip's limit for ZIP AES "
+            "passwords)")
+
+
 def _stamp_or_none(text):
     try:
         return parse_arg_stamp(text)
@@ -773,8 +781,8 @@ class BackupArgs:
                 _bucket(self.bucket)
             except ValueError as problem:
                 raise UsageError(f"argument 17 (S3 bucket) {problem}: {self.bucket!r}", op)
-            if not self.key:
-                raise UsageError("argument 16 (archive encryption key) must not be empty "
+            if not KEY_RE.match(self.key):
+                raise UsageError(f"argument 16 (archive encryption key) {KEY_RULE} "
                                  "when argument 13 includes AWS", op)
         if bool(self.access_key_id) != bool(self.secret_access_key):
             raise UsageError("arguments 19 and 20 must both be given, or both be \"\" "
@@ -869,6 +877,8 @@ class RestoreArgs:
         if bool(parsed.access_key_id) != bool(parsed.secret_access_key):
             raise UsageError("arguments 11 and 12 must both be given, or both be \"\"",
                              operation)
+        if not KEY_RE.match(parsed.key):
+            raise UsageError(f"argument 8 (archive decryption key) {KEY_RULE}", operation)
         return parsed
 
     @property
@@ -1210,6 +1220,8 @@ class Selection:
     empty_dirs: list   # relative paths of empty directories
     problems: list     # unreadable directories and files
     specials: list     # sockets, FIFOs, devices: never archived
+    excluded: list = dataclasses.field(default_factory=list)   # (relative path, is_dir)
+    dir_names: set = dataclasses.field(default_factory=set)    # every directory name seen
 
 
 class Selector:
@@ -1264,10 +1276,14 @@ def walk_selection(root, plan, platform, since=None):
                                           f"{problem.strerror or problem}")
                 continue
             if stat.S_ISDIR(st.st_mode):
-                if not selector.dir_excluded(rel, entry.name):
+                selection.dir_names.add(entry.name)
+                if selector.dir_excluded(rel, entry.name):
+                    selection.excluded.append((rel, True))
+                else:
                     subdirs.append(rel)
             elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 if selector.file_excluded(rel, entry.name):
+                    selection.excluded.append((rel, False))
                     continue
                 changed = platform.changed_time(st)
                 if since_ts is None or changed >= since_ts:
@@ -1504,11 +1520,12 @@ def child_say(text):
     print(text, flush=True)
 
 
-def seven_zip_add_argv(settings, archive_path, list_files, password_switch):
+def seven_zip_add_argv(settings, archive_path, list_files, password_switch, platform):
     """7-Zip 'add' with the seed's switches: ZIP, AES-256, UTF-8 names, volumes."""
     argv = [settings.seven_zip, "a", "-tzip", f"-mx={settings.compression_level}",
             "-mem=AES256", "-mcu=on", password_switch, f"-v{settings.volume_size}b",
-            "-bb1", "-bd", "-snl", "-scsUTF-8", "-sccUTF-8", "-y", archive_path]
+            "-bb1", "-bd", "-snl", platform.list_charset_switch, "-sccUTF-8", "-y",
+            archive_path]
     inclusion, non_recursive, recursive = list_files
     argv.append("@" + inclusion)
     if non_recursive:
@@ -1518,32 +1535,73 @@ def seven_zip_add_argv(settings, archive_path, list_files, password_switch):
     return argv
 
 
-def write_full_lists(work_dir, plan, platform):
-    """The seed's three 7-Zip list files (inclusion, non-recursive, recursive)."""
-    def path(name):
-        return os.path.join(work_dir, name)
+def write_full_lists(work_dir, plan, selection, platform):
+    """The seed's three 7-Zip list files: inclusion, non-recursive and recursive exclusion.
 
-    listed = [platform.list_file_line(r, True) if r else "*" for r in plan.listed]
-    non_recursive = [platform.list_file_line(r, True) for r in plan.excluded_dir_paths] + \
-        [platform.list_file_line(r, False) for r in plan.excluded_file_paths]
-    recursive = [platform.list_file_line(p, True) for p in plan.dir_patterns] + \
-        list(plan.file_patterns)
-    _write_private_text(path(INCLUSION_LIST), "\n".join(listed) + "\n")
-    lists = [path(INCLUSION_LIST), None, None]
+    7-Zip matches a recursive pattern against every path component, ancestors
+    of the listed directories included, and a pattern without a trailing
+    separator matches directories too.  Where that would differ from the
+    selection (a listed directory's parent named like a directory pattern, a
+    directory named like a file pattern), the pattern is replaced by the exact
+    paths the walk excluded, in the non-recursive list.
+    """
+    ci = platform.case_insensitive
+    ancestors = {part for listed in plan.listed if listed
+                 for part in listed.split(platform.sep)[:-1]}
+    non_recursive = [list_file_entry(r, True, platform) for r in plan.excluded_dir_paths] + \
+        [list_file_entry(r, False, platform) for r in plan.excluded_file_paths]
+    recursive, exact = [], []
+    for pattern in plan.dir_patterns:
+        regex = wildcard_regex(pattern, ci)
+        if any(regex.fullmatch(a) for a in ancestors):
+            exact.append(lambda rel, is_dir, r=regex: is_dir and r.fullmatch(_name(rel, platform)))
+        else:
+            recursive.append(platform.list_file_line(pattern, True))
+    for pattern in plan.file_patterns:
+        regex = wildcard_regex(pattern, ci)
+        if any(regex.fullmatch(d) for d in selection.dir_names | ancestors):
+            exact.append(lambda rel, is_dir, r=regex: not is_dir and r.fullmatch(_name(rel, platform)))
+        else:
+            recursive.append(pattern)
+    for rel, is_dir in selection.excluded:
+        if any(rule(rel, is_dir) for rule in exact):
+            non_recursive.append(list_file_entry(rel, is_dir, platform))
+    lists = [os.path.join(work_dir, INCLUSION_LIST), None, None]
+    included = [list_file_entry(r, True, platform) if r else "*" for r in plan.listed]
+    _write_private_text(lists[0], "\n".join(included) + "\n")
     if non_recursive:
-        _write_private_text(path(NON_RECURSIVE_LIST), "\n".join(non_recursive) + "\n")
-        lists[1] = path(NON_RECURSIVE_LIST)
+        lists[1] = os.path.join(work_dir, NON_RECURSIVE_LIST)
+        _write_private_text(lists[1], "\n".join(non_recursive) + "\n")
     if recursive:
-        _write_private_text(path(RECURSIVE_LIST), "\n".join(recursive) + "\n")
-        lists[2] = path(RECURSIVE_LIST)
+        lists[2] = os.path.join(work_dir, RECURSIVE_LIST)
+        _write_private_text(lists[2], "\n".join(recursive) + "\n")
     return lists
+
+
+def _name(relative, platform):
+    return relative.rsplit(platform.sep, 1)[-1]
+
+
+def list_file_entry(relative, is_dir, platform):
+    """One line of a 7-Zip list file naming exactly this path.
+
+    7-Zip trims blanks at both ends of a line, drops enclosing double quotes
+    and cannot hold a line break; each such character becomes the wildcard '?'
+    (which also matches it), so the file is still archived.
+    """
+    line = re.sub(r"[\r\n]", "?", relative)
+    if line[:1].isspace() or line[:1] == '"':
+        line = "?" + line[1:]
+    if not is_dir and (line[-1:].isspace() or line[-1:] == '"'):
+        line = line[:-1] + "?"
+    return platform.list_file_line(line, is_dir)
 
 
 def write_incremental_list(work_dir, selection, platform):
     """One inclusion list naming every changed file (and new empty directory)."""
     path = os.path.join(work_dir, INCLUSION_LIST)
-    lines = [f.path for f in selection.files] + \
-        [platform.list_file_line(d, True) for d in selection.empty_dirs if d]
+    lines = [list_file_entry(f.path, False, platform) for f in selection.files] + \
+        [list_file_entry(d, True, platform) for d in selection.empty_dirs if d]
     _write_private_text(path, "\n".join(lines) + "\n")
     return [path, None, None]
 
@@ -1716,10 +1774,10 @@ def run_child(child, platform, settings):
     archive_dir = os.path.join(work_dir, ARCHIVE_DIR)
     if to_archive:
         os.makedirs(archive_dir, mode=0o700, exist_ok=True)
-        lists = (write_full_lists(work_dir, plan, platform) if full
+        lists = (write_full_lists(work_dir, plan, selection, platform) if full
                  else write_incremental_list(work_dir, selection, platform))
         argv = seven_zip_add_argv(settings, os.path.join(archive_dir, "backup.zip"), lists,
-                                  platform.password_switch(CHILD_KEY_VARIABLE))
+                                  platform.password_switch(CHILD_KEY_VARIABLE), platform)
         commands.append(platform.archive_commands(argv, CHILD_KEY_VARIABLE))
     elif "AWS" in child.destinations:
         child_say(MARK_NOTHING_TO_ARCHIVE)
@@ -1759,10 +1817,15 @@ def verify_archived(view_root, selection, archived, platform):
     selection, and files 7-Zip could not read (exit code 1 = warnings).
     """
     failures = []
-    compare = platform.comparable
-    names = {compare(p) for p in archived}
+
+    def console_form(name):
+        # 7-Zip prints control characters as '_'; undecodable bytes come out replaced.
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return platform.comparable(re.sub(r"[\x00-\x1f\x7f]", "_", name))
+
+    names = {console_form(p) for p in archived}
     for entry in selection.files:
-        if compare(entry.path) in names:
+        if console_form(entry.path) in names:
             continue
         full_path = view_root.rstrip(platform.sep) + platform.sep + entry.path
         if os.path.lexists(platform.long_path(full_path)):

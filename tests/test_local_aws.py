@@ -1,0 +1,615 @@
+"""Tests for tools/local_aws.py, all over real HTTP against moto's server.
+
+They double as a record of how moto 5.2.1 behaves where the backup and
+restore code depends on it (IAM actions, Deep Archive restores, SES).
+"""
+
+import base64
+import hashlib
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError, ReadTimeoutError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import local_aws  # noqa: E402
+from local_aws import (  # noqa: E402
+    FaultProxy, LocalAws, backup_policy, classify, restore_policy)
+
+BUCKET = "backup-bucket"
+SENDER = "backup@example.com"
+MIB = 1024 * 1024
+FIVE_MIB_PARTS = TransferConfig(multipart_threshold=5 * MIB,
+                                multipart_chunksize=5 * MIB)
+NO_RETRIES = Config(retries={"total_max_attempts": 1, "mode": "standard"})
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LocalAws() as aws:
+        yield aws
+
+
+@pytest.fixture
+def aws(server):
+    server.reset()
+    server.create_bucket(BUCKET)
+    server.verify_ses_identity(SENDER)
+    return server
+
+
+@pytest.fixture
+def proxy(aws):
+    with FaultProxy(aws.endpoint_url) as fault_proxy:
+        yield fault_proxy
+
+
+def error_code(excinfo):
+    return excinfo.value.response["Error"]["Code"]
+
+
+def http_status(excinfo):
+    return excinfo.value.response["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def send_text_email(ses, subject="Backup OK", text="all good"):
+    ses.send_email(Source=SENDER,
+                   Destination={"ToAddresses": ["admin@example.com"]},
+                   Message={"Subject": {"Data": subject},
+                            "Body": {"Text": {"Data": text}}})
+
+
+# ---------------------------------------------------------------- server
+
+def test_server_runs_as_child_process_and_stops():
+    aws = LocalAws()
+    with aws:
+        process = aws._process
+        assert process.pid != os.getpid()
+        assert aws.endpoint_url.startswith("http://127.0.0.1:")
+        assert aws.region == "us-east-1"
+        assert aws.client("s3").list_buckets()["Buckets"] == []
+    assert process.poll() is not None
+    assert not LocalAws._answers(aws.port)
+
+
+def test_clients_ignore_the_users_aws_configuration(aws, tmp_path,
+                                                    monkeypatch):
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = eu-west-3\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREALLOOKING")
+    s3 = aws.client("s3")
+    assert s3.meta.region_name == "us-east-1"
+    assert s3.meta.endpoint_url == aws.endpoint_url
+    assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == [BUCKET]
+
+
+def test_env_points_sdks_at_the_server(aws):
+    env = aws.env()
+    assert env["AWS_ENDPOINT_URL"] == aws.endpoint_url
+    assert env["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert env["AWS_CONFIG_FILE"] == os.devnull
+
+
+def test_reset_forgets_everything(aws):
+    aws.client("s3").put_object(Bucket=BUCKET, Key="k", Body=b"x")
+    send_text_email(aws.client("ses"))
+    aws.reset()
+    assert aws.client("s3").list_buckets()["Buckets"] == []
+    assert aws.sent_emails() == []
+
+
+# ---------------------------------------------------------------- SES
+
+def test_sent_emails_reads_what_ses_accepted(aws):
+    ses = aws.client("ses")
+    send_text_email(ses, "Backup OK", "3 volumes uploaded")
+    ses.send_email(
+        Source=SENDER,
+        Destination={"ToAddresses": ["a@example.com"],
+                     "CcAddresses": ["b@example.com"]},
+        Message={"Subject": {"Data": "Both bodies"},
+                 "Body": {"Text": {"Data": "plain text"},
+                          "Html": {"Data": "<p>html</p>"}}})
+    mails = aws.sent_emails()
+    assert mails[0] == {
+        "source": SENDER, "destinations": ["admin@example.com"],
+        "to": ["admin@example.com"], "subject": "Backup OK",
+        "body": "3 volumes uploaded", "raw": None}
+    # moto keeps only the Html body when both are sent.
+    assert mails[1]["body"] == "<p>html</p>"
+    assert mails[1]["destinations"] == ["a@example.com", "b@example.com"]
+
+
+def test_sent_emails_includes_raw_and_sesv2_messages(aws):
+    raw = (f"From: {SENDER}\r\nTo: admin@example.com\r\n"
+           "Subject: Raw report\r\nContent-Type: text/plain\r\n\r\nhello\r\n")
+    aws.client("ses").send_raw_email(Source=SENDER,
+                                     Destinations=["admin@example.com"],
+                                     RawMessage={"Data": raw.encode()})
+    aws.client("sesv2").send_email(
+        FromEmailAddress=SENDER,
+        Destination={"ToAddresses": ["admin@example.com"]},
+        Content={"Simple": {"Subject": {"Data": "v2"},
+                            "Body": {"Text": {"Data": "v2 body"}}}})
+    simple, raw_mail = aws.sent_emails()  # SendEmail ones come first
+    assert (simple["subject"], simple["body"]) == ("v2", "v2 body")
+    assert raw_mail["subject"] == "Raw report"
+    assert raw_mail["body"].strip() == "hello"
+    assert raw_mail["destinations"] == ["admin@example.com"]
+    assert raw_mail["raw"] == raw
+
+
+def test_unverified_sender_is_rejected(aws):
+    with pytest.raises(ClientError) as excinfo:
+        aws.client("ses").send_email(
+            Source="nobody@example.com",
+            Destination={"ToAddresses": ["admin@example.com"]},
+            Message={"Subject": {"Data": "x"},
+                     "Body": {"Text": {"Data": "x"}}})
+    assert error_code(excinfo) == "MessageRejected"
+    assert aws.sent_emails() == []
+
+
+def test_sent_emails_works_while_a_multipart_upload_is_open(aws):
+    # Plain moto 5.2.1 answers data.json with HTTP 500 in this state.
+    s3 = aws.client("s3")
+    upload = s3.create_multipart_upload(Bucket=BUCKET, Key="v.7z.001")
+    s3.upload_part(Bucket=BUCKET, Key="v.7z.001", PartNumber=1,
+                   UploadId=upload["UploadId"], Body=b"x" * 1000)
+    send_text_email(aws.client("ses"), "Backup FAILED")
+    assert [m["subject"] for m in aws.sent_emails()] == ["Backup FAILED"]
+
+
+# ---------------------------------------------------------------- IAM
+
+@pytest.fixture
+def users(aws):
+    """(backup client, restore client, backup ses) with IAM enforced."""
+    s3 = aws.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="old.7z.001", Body=b"old",
+                  StorageClass="DEEP_ARCHIVE")
+    backup = aws.create_user_with_policy("backup", backup_policy(BUCKET))
+    restore = aws.create_user_with_policy("restore", restore_policy(BUCKET),
+                                          managed=True)
+    aws.enable_iam_enforcement()
+    return (aws.client("s3", *backup), aws.client("s3", *restore),
+            aws.client("ses", *backup))
+
+
+def test_backup_user_can_upload_list_and_mail(users, aws, tmp_path):
+    backup, _, ses = users
+    backup.put_object(Bucket=BUCKET, Key="new.7z.001", Body=b"new",
+                      StorageClass="DEEP_ARCHIVE")
+    volume = tmp_path / "new.7z.002"
+    volume.write_bytes(os.urandom(11 * MIB))
+    backup.upload_file(str(volume), BUCKET, "new.7z.002",
+                       ExtraArgs={"StorageClass": "DEEP_ARCHIVE"},
+                       Config=FIVE_MIB_PARTS)
+    listed = backup.list_objects_v2(Bucket=BUCKET)["Contents"]
+    keys = {o["Key"] for o in listed}
+    assert keys == {"old.7z.001", "new.7z.001", "new.7z.002"}
+    assert backup.list_objects(Bucket=BUCKET)["Contents"]  # v1 too
+    send_text_email(ses)
+    assert aws.sent_emails()[0]["subject"] == "Backup OK"
+
+
+@pytest.mark.parametrize("call", [
+    lambda s3: s3.get_object(Bucket=BUCKET, Key="old.7z.001"),
+    lambda s3: s3.restore_object(Bucket=BUCKET, Key="old.7z.001",
+                                 RestoreRequest={"Days": 1}),
+    lambda s3: s3.delete_object(Bucket=BUCKET, Key="old.7z.001"),
+    lambda s3: s3.list_buckets(),
+    lambda s3: s3.get_bucket_location(Bucket=BUCKET),
+], ids=["get", "restore", "delete", "list_buckets", "location"])
+def test_backup_user_cannot_read_restore_or_delete(users, call):
+    backup, _, _ = users
+    with pytest.raises(ClientError) as excinfo:
+        call(backup)
+    assert error_code(excinfo) == "AccessDenied"
+
+
+def test_backup_user_head_requests_get_bare_403(users):
+    backup, _, _ = users
+    # HEAD has no body: botocore reports code "403".  moto maps HeadObject
+    # to s3:GetObject and HeadBucket to the made-up action s3:HeadBucket.
+    for call in (lambda: backup.head_object(Bucket=BUCKET, Key="old.7z.001"),
+                 lambda: backup.head_bucket(Bucket=BUCKET)):
+        with pytest.raises(ClientError) as excinfo:
+            call()
+        assert error_code(excinfo) == "403"
+
+
+def test_backup_user_delete_objects_is_refused_per_key(users, aws):
+    backup, _, _ = users
+    answer = backup.delete_objects(
+        Bucket=BUCKET, Delete={"Objects": [{"Key": "old.7z.001"}]})
+    # No exception: DeleteObjects answers 200 with per-key errors.
+    assert answer["Errors"][0]["Code"] == "AccessDenied"
+    assert "Deleted" not in answer
+
+
+def test_backup_user_multipart_needs_put_object_and_abort(aws):
+    write_only = backup_policy(BUCKET, allow_abort=False)
+    backup = aws.client("s3", *aws.create_user_with_policy("w", write_only))
+    aws.enable_iam_enforcement()
+    upload_id = backup.create_multipart_upload(
+        Bucket=BUCKET, Key="v", StorageClass="DEEP_ARCHIVE")["UploadId"]
+    part = backup.upload_part(Bucket=BUCKET, Key="v", UploadId=upload_id,
+                              PartNumber=1, Body=b"last part may be small")
+    backup.complete_multipart_upload(
+        Bucket=BUCKET, Key="v", UploadId=upload_id,
+        MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]})
+    upload_id = backup.create_multipart_upload(Bucket=BUCKET,
+                                               Key="w")["UploadId"]
+    for call in (
+            lambda: backup.abort_multipart_upload(Bucket=BUCKET, Key="w",
+                                                  UploadId=upload_id),
+            lambda: backup.list_parts(Bucket=BUCKET, Key="w",
+                                      UploadId=upload_id),
+            lambda: backup.list_multipart_uploads(Bucket=BUCKET)):
+        with pytest.raises(ClientError) as excinfo:
+            call()
+        assert error_code(excinfo) == "AccessDenied"
+
+
+def test_default_backup_policy_may_abort_multipart_uploads(users):
+    backup, _, _ = users
+    upload_id = backup.create_multipart_upload(Bucket=BUCKET,
+                                               Key="v")["UploadId"]
+    backup.abort_multipart_upload(Bucket=BUCKET, Key="v", UploadId=upload_id)
+
+
+def test_restore_user_can_restore_and_read_but_not_write(users):
+    _, restore, _ = users
+    assert restore.restore_object(
+        Bucket=BUCKET, Key="old.7z.001",
+        RestoreRequest={"Days": 1, "GlacierJobParameters": {"Tier": "Bulk"}},
+    )["ResponseMetadata"]["HTTPStatusCode"] == 202
+    assert "ongoing-request" in restore.head_object(
+        Bucket=BUCKET, Key="old.7z.001")["Restore"]
+    assert restore.get_object(Bucket=BUCKET,
+                              Key="old.7z.001")["Body"].read() == b"old"
+    assert restore.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 1
+    for call in (lambda: restore.put_object(Bucket=BUCKET, Key="x", Body=b""),
+                 lambda: restore.delete_object(Bucket=BUCKET,
+                                               Key="old.7z.001")):
+        with pytest.raises(ClientError) as excinfo:
+            call()
+        assert error_code(excinfo) == "AccessDenied"
+
+
+def test_enforcement_rejects_dummy_keys_and_bad_secrets(users, aws):
+    with pytest.raises(ClientError) as excinfo:
+        aws.client("s3").list_objects_v2(Bucket=BUCKET)
+    assert error_code(excinfo) == "InvalidAccessKeyId"
+    key_id = users[0]._request_signer._credentials.access_key
+    with pytest.raises(ClientError) as excinfo:
+        aws.client("s3", key_id, "wrong").list_objects_v2(Bucket=BUCKET)
+    assert error_code(excinfo) == "SignatureDoesNotMatch"
+
+
+def test_policy_for_another_bucket_grants_nothing(aws):
+    other = aws.create_user_with_policy("o", backup_policy("other-bucket"))
+    aws.enable_iam_enforcement()
+    with pytest.raises(ClientError) as excinfo:
+        aws.client("s3", *other).put_object(Bucket=BUCKET, Key="x", Body=b"")
+    assert error_code(excinfo) == "AccessDenied"
+
+
+# ---------------------------------------------------------------- restore
+
+def restore(s3, key, days=2):
+    return s3.restore_object(
+        Bucket=BUCKET, Key=key,
+        RestoreRequest={"Days": days,
+                        "GlacierJobParameters": {"Tier": "Bulk"}})
+
+
+def head_restore(s3, key):
+    return s3.head_object(Bucket=BUCKET, Key=key)["Restore"]
+
+
+def test_deep_archive_restore_progression(aws):
+    s3 = aws.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="v.7z.001", Body=b"secret",
+                  StorageClass="DEEP_ARCHIVE")
+    head = s3.head_object(Bucket=BUCKET, Key="v.7z.001")
+    assert head["StorageClass"] == "DEEP_ARCHIVE" and "Restore" not in head
+    listed = s3.list_objects_v2(Bucket=BUCKET)["Contents"][0]
+    assert listed["StorageClass"] == "DEEP_ARCHIVE"
+    with pytest.raises(ClientError) as excinfo:
+        s3.get_object(Bucket=BUCKET, Key="v.7z.001")
+    assert (error_code(excinfo), http_status(excinfo)) == (
+        "InvalidObjectState", 403)
+
+    aws.set_restore_progression(3)
+    answer = restore(s3, "v.7z.001")
+    assert answer["ResponseMetadata"]["HTTPStatusCode"] == 202
+    assert head_restore(s3, "v.7z.001") == 'ongoing-request="true"'
+    with pytest.raises(ClientError) as excinfo:  # look-up 2 of 3
+        s3.get_object(Bucket=BUCKET, Key="v.7z.001")
+    assert error_code(excinfo) == "InvalidObjectState"
+    with pytest.raises(ClientError) as excinfo:
+        restore(s3, "v.7z.001")
+    assert (error_code(excinfo), http_status(excinfo)) == (
+        "RestoreAlreadyInProgress", 409)
+    assert head_restore(s3, "v.7z.001") == 'ongoing-request="true"'
+
+    done = head_restore(s3, "v.7z.001")
+    assert done.startswith('ongoing-request="false", expiry-date="')
+    assert done.endswith(' GMT"')
+    assert s3.get_object(Bucket=BUCKET,
+                         Key="v.7z.001")["Body"].read() == b"secret"
+
+    # Restoring a restored object again: 200, and the expiry moves.
+    assert restore(s3, "v.7z.001", days=9)[
+        "ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert head_restore(s3, "v.7z.001") != done
+
+
+def test_earlier_look_ups_do_not_shorten_a_restore(aws):
+    s3 = aws.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="v", Body=b"x",
+                  StorageClass="DEEP_ARCHIVE")
+    aws.set_restore_progression(2)
+    for _ in range(5):
+        s3.head_object(Bucket=BUCKET, Key="v")
+    aws.sent_emails()  # data.json evaluates every key's state too
+    restore(s3, "v")
+    states = [s3.head_object(Bucket=BUCKET, Key="v")["Restore"][:21]
+              for _ in range(3)]
+    assert states == ['ongoing-request="true'] * 2 + ['ongoing-request="fals']
+
+
+def test_restores_are_immediate_by_default(aws):
+    s3 = aws.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="v", Body=b"x",
+                  StorageClass="DEEP_ARCHIVE")
+    assert restore(s3, "v")["ResponseMetadata"]["HTTPStatusCode"] == 202
+    assert s3.head_object(Bucket=BUCKET, Key="v")["Restore"].startswith(
+        'ongoing-request="false"')
+    assert s3.get_object(Bucket=BUCKET, Key="v")["Body"].read() == b"x"
+
+
+def test_restoring_a_standard_or_missing_object_fails(aws):
+    s3 = aws.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="std", Body=b"x")
+    with pytest.raises(ClientError) as excinfo:
+        restore(s3, "std")
+    assert error_code(excinfo) == "InvalidObjectState"
+    with pytest.raises(ClientError) as excinfo:
+        restore(s3, "missing")
+    assert error_code(excinfo) == "NoSuchKey"
+
+
+# ---------------------------------------------------------------- proxy
+
+def test_proxy_is_transparent_for_puts_multipart_lists_and_ses(
+        aws, proxy, tmp_path):
+    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url)
+    s3.put_object(Bucket=BUCKET, Key="small", Body=b"hello")
+    data = os.urandom(20 * MIB)
+    volume = tmp_path / "big.7z.001"
+    volume.write_bytes(data)
+    s3.upload_file(str(volume), BUCKET, "big", Config=FIVE_MIB_PARTS,
+                   ExtraArgs={"StorageClass": "DEEP_ARCHIVE"})
+    listed = s3.list_objects_v2(Bucket=BUCKET)["Contents"]
+    assert {o["Key"]: o["Size"] for o in listed} == {"small": 5,
+                                                     "big": 20 * MIB}
+    send_text_email(aws.client("ses", endpoint_url=proxy.endpoint_url))
+
+    counts = proxy.counters()
+    assert counts["by_kind"] == {
+        "PutObject": 1, "CreateMultipartUpload": 1, "UploadPart": 4,
+        "CompleteMultipartUpload": 1, "LIST": 1, "ses": 1}
+    assert counts["by_method"] == {"PUT": 5, "POST": 3, "GET": 1}
+    assert counts["requests"] == 9
+    assert counts["bytes_received_by_kind"]["UploadPart"] == 20 * MIB
+    assert counts["bytes_received_by_kind"]["PutObject"] == 5
+    assert counts["bytes_received"] > 20 * MIB
+    assert aws.sent_emails()[0]["subject"] == "Backup OK"
+
+    aws.set_restore_immediate()
+    restore(aws.client("s3"), "big")
+    proxy.reset_counters()
+    got = s3.get_object(Bucket=BUCKET, Key="big")["Body"].read()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    assert proxy.counters()["bytes_sent"] == 20 * MIB
+    assert proxy.counters()["by_kind"] == {"GetObject": 1}
+
+
+def test_signatures_made_for_the_proxy_still_verify(aws, proxy):
+    backup = aws.create_user_with_policy("backup", backup_policy(BUCKET))
+    aws.enable_iam_enforcement()
+    s3 = aws.client("s3", *backup, endpoint_url=proxy.endpoint_url)
+    s3.put_object(Bucket=BUCKET, Key="signed", Body=b"x" * (2 * MIB))
+    assert s3.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 1
+    bad = aws.client("s3", backup[0], "wrong", endpoint_url=proxy.endpoint_url)
+    with pytest.raises(ClientError) as excinfo:
+        bad.put_object(Bucket=BUCKET, Key="x", Body=b"x")
+    assert error_code(excinfo) == "SignatureDoesNotMatch"
+
+
+def raw_put(port, path, headers, body_parts):
+    """Send a hand-framed PUT; moto checks no signature unless enforced."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.putrequest("PUT", path, skip_accept_encoding=True)
+    headers = dict(headers, Authorization=(
+        "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/"
+        "aws4_request, SignedHeaders=host, Signature=0"))
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    for part in body_parts:
+        conn.send(part)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_proxy_forwards_http_chunked_bodies(aws, proxy):
+    parts = [b"5\r\nhello\r\n", b"6\r\n world\r\n", b"0\r\n\r\n"]
+    assert raw_put(proxy.port, f"/{BUCKET}/chunked",
+                   {"Transfer-Encoding": "chunked",
+                    "x-amz-content-sha256": "UNSIGNED-PAYLOAD"}, parts) == 200
+    body = aws.client("s3").get_object(Bucket=BUCKET, Key="chunked")["Body"]
+    assert body.read() == b"hello world"
+    assert proxy.counters()["bytes_received"] == sum(map(len, parts))
+
+
+def test_proxy_forwards_aws_chunked_bodies(aws, proxy):
+    data = os.urandom(300_000)
+    crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big"))
+    body = b"%x\r\n%s\r\n0\r\nx-amz-checksum-crc32:%s\r\n\r\n" % (
+        len(data), data, crc)
+    assert raw_put(proxy.port, f"/{BUCKET}/aws-chunked", {
+        "Content-Length": str(len(body)),
+        "Content-Encoding": "aws-chunked",
+        "x-amz-decoded-content-length": str(len(data)),
+        "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+        "x-amz-trailer": "x-amz-checksum-crc32"}, [body]) == 200
+    stored = aws.client("s3").get_object(Bucket=BUCKET, Key="aws-chunked")
+    assert stored["Body"].read() == data
+    assert proxy.counters()["bytes_received"] == len(body)
+
+
+def test_fail_after_breaks_an_upload_midway(aws, proxy, tmp_path):
+    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url, config=NO_RETRIES)
+    volume = tmp_path / "v.7z.001"
+    volume.write_bytes(os.urandom(20 * MIB))
+    proxy.fail_after(3)  # create + 2 parts pass, the rest get HTTP 500
+    with pytest.raises(Exception, match="InternalError|500"):
+        s3.upload_file(str(volume), BUCKET, "v.7z.001",
+                       Config=TransferConfig(multipart_threshold=5 * MIB,
+                                             multipart_chunksize=5 * MIB,
+                                             max_concurrency=1))
+    counts = proxy.counters()
+    assert counts["injected_failures"] >= 1
+    assert counts["by_kind"]["UploadPart"] >= 3
+    direct = aws.client("s3")
+    assert "Contents" not in direct.list_objects_v2(Bucket=BUCKET)
+    # s3transfer's abort went through the broken proxy too, so it is left.
+    assert len(direct.list_multipart_uploads(Bucket=BUCKET)["Uploads"]) == 1
+
+    with pytest.raises(ClientError) as excinfo:
+        s3.head_bucket(Bucket=BUCKET)
+    assert http_status(excinfo) == 500
+    with pytest.raises(ClientError) as excinfo:
+        s3.list_objects_v2(Bucket=BUCKET)
+    assert error_code(excinfo) == "InternalError"
+    proxy.clear_faults()
+    assert s3.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 0
+
+
+def test_fail_after_other_status(aws, proxy):
+    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url, config=NO_RETRIES)
+    proxy.fail_after(0, status=503)
+    with pytest.raises(ClientError) as excinfo:
+        s3.put_object(Bucket=BUCKET, Key="x", Body=b"x" * MIB)
+    assert (error_code(excinfo), http_status(excinfo)) == (
+        "ServiceUnavailable", 503)
+    assert proxy.counters()["bytes_received"] == MIB
+
+
+def test_stop_responding_and_resume(aws, proxy):
+    quick = Config(connect_timeout=1, read_timeout=0.5,
+                   retries={"total_max_attempts": 1, "mode": "standard"})
+    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url, config=quick)
+    proxy.stop_responding()
+    started = time.monotonic()
+    with pytest.raises(ReadTimeoutError):
+        s3.list_objects_v2(Bucket=BUCKET)
+    assert time.monotonic() - started < 5
+    proxy.resume()
+    assert s3.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 0
+    assert proxy.counters()["stalled"] == 1
+
+
+def test_faults_can_spare_ses(aws, proxy):
+    # One local endpoint serves S3 and SES; in AWS they fail separately.
+    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url, config=NO_RETRIES)
+    ses = aws.client("ses", endpoint_url=proxy.endpoint_url,
+                     config=NO_RETRIES)
+    proxy.fail_after(0, services={"s3"})
+    with pytest.raises(ClientError):
+        s3.list_objects_v2(Bucket=BUCKET)
+    send_text_email(ses, "S3 broken")
+    proxy.clear_faults()
+    proxy.stop_responding(services="s3")
+    send_text_email(ses, "S3 gone")
+    proxy.resume()
+    assert [m["subject"] for m in aws.sent_emails()] == ["S3 broken",
+                                                         "S3 gone"]
+    assert proxy.counters()["stalled"] == 0
+
+
+def test_reset_counters(aws, proxy):
+    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url)
+    s3.list_objects_v2(Bucket=BUCKET)
+    proxy.reset_counters()
+    assert proxy.counters() == {
+        "requests": 0, "by_method": {}, "by_kind": {}, "bytes_received": 0,
+        "bytes_sent": 0, "bytes_received_by_kind": {},
+        "injected_failures": 0, "stalled": 0}
+
+
+@pytest.mark.parametrize("method, path, headers, kind", [
+    ("PUT", "/b/k", {}, "PutObject"),
+    ("PUT", "/b/k?partNumber=2&uploadId=u", {}, "UploadPart"),
+    ("PUT", "/b/k", {"x-amz-copy-source": "/b/j"}, "CopyObject"),
+    ("PUT", "/b", {}, "CreateBucket"),
+    ("POST", "/b/k?uploads", {}, "CreateMultipartUpload"),
+    ("POST", "/b/k?uploadId=u", {}, "CompleteMultipartUpload"),
+    ("POST", "/b/k?restore", {}, "RestoreObject"),
+    ("POST", "/b?delete", {}, "DeleteObjects"),
+    ("DELETE", "/b/k?uploadId=u", {}, "AbortMultipartUpload"),
+    ("DELETE", "/b/k", {}, "DeleteObject"),
+    ("GET", "/b?list-type=2&prefix=x", {}, "LIST"),
+    ("GET", "/b/", {}, "LIST"),
+    ("GET", "/b?delimiter=%2F&max-keys=1000&marker=a", {}, "LIST"),
+    ("GET", "/b?location", {}, "GET bucket?location"),
+    ("GET", "/b?uploads", {}, "ListMultipartUploads"),
+    ("GET", "/b/dir/k", {}, "GetObject"),
+    ("GET", "/b/k?uploadId=u", {}, "ListParts"),
+    ("HEAD", "/b/k", {}, "HeadObject"),
+    ("HEAD", "/b", {}, "HeadBucket"),
+    ("GET", "/", {}, "ListBuckets"),
+    ("POST", "/", {"Authorization": "AWS4-HMAC-SHA256 Credential=K/20260101/"
+                   "us-east-1/ses/aws4_request, SignedHeaders=host"}, "ses"),
+])
+def test_classify(method, path, headers, kind):
+    assert classify(method, path, headers) == kind
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_serve_prints_endpoint_and_stops_on_ctrl_c():
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "local_aws.py"), "serve",
+         "--bucket", BUCKET, "--sender", SENDER],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline().strip()
+        assert line.startswith("AWS_ENDPOINT_URL=http://127.0.0.1:")
+        endpoint = line.partition("=")[2]
+        s3 = local_aws.isolated_client("s3", endpoint)
+        assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == [BUCKET]
+        ses = local_aws.isolated_client("ses", endpoint)
+        assert ses.list_identities()["Identities"] == [SENDER]
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+        process.stdout.close()

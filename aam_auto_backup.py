@@ -94,8 +94,25 @@ class Refused(AamError):
     exit_code = EXIT_REFUSED
 
 
-class Interrupted(AamError):
+class Interrupted(BaseException):
+    """SIGTERM; like KeyboardInterrupt it passes 'except Exception' on its way out,
+    so that cleanup (aborting multipart uploads, deleting the work directory) runs."""
+
     exit_code = EXIT_INTERRUPTED
+
+
+_checkpoint_passes = {}
+
+
+def checkpoint(name):
+    """Crash tests: AAM_TEST_CRASH_AT=<name>[:<n>] kills this process (SIGKILL) the
+    n-th time it passes checkpoint <name>, to prove that a crash there loses nothing."""
+    spec = os.environ.get("AAM_TEST_CRASH_AT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _checkpoint_passes[name] = _checkpoint_passes.get(name, 0) + 1
+    if _checkpoint_passes[name] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _env_int(name, default, minimum):
@@ -224,6 +241,26 @@ class PosixPlatform:
     def decode_output(self, data):
         return data.decode("utf-8", errors="replace")
 
+    # -- processes ---------------------------------------------------------
+    def process_alive(self, pid):
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True          # it exists, owned by someone else
+        return True
+
+    def group_popen_options(self):
+        """Start a child in its own process group, so it can be stopped as a whole."""
+        return {"start_new_session": True}
+
+    def stop_group(self, process):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+
     # -- the child (re-invocation) -----------------------------------------
     def child_view_root(self, mount, drive_letter):
         return mount
@@ -344,6 +381,27 @@ class WindowsPlatform(PosixPlatform):
         drive, rest = mount[0], mount[2:].lstrip("\\")
         return os.path.join(mirror_root, drive.lower(), rest) if rest else \
             os.path.join(mirror_root, drive.lower())
+
+    def process_alive(self, pid):
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)   # QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.GetLastError() == 5                 # access denied: it exists
+        try:
+            code = ctypes.c_ulong()
+            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+            return code.value == 259                          # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+
+    def group_popen_options(self):
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+
+    def stop_group(self, process):
+        # taskkill /T ends the whole tree (ShadowSpawn, python, robocopy, 7z.exe).
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def changed_time(self, st):
         # Windows: the creation time catches a file copied in with an old mtime.
@@ -1704,7 +1762,7 @@ def _iso(timestamp):
         "%Y-%m-%d %H:%M:%S.%f UTC")
 
 
-def run_script(argv, env, on_line):
+def run_script(argv, env, on_line, platform):
     """Run the generated script, passing each output line to on_line.
 
     The script runs in its own process group so that it can be stopped as a
@@ -1712,11 +1770,11 @@ def run_script(argv, env, on_line):
     """
     parent = os.getppid()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                               stdin=subprocess.DEVNULL, env=env,
+                               **platform.group_popen_options())
 
     def stop(*_ignored):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        platform.stop_group(process)
 
     previous = signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(EXIT_INTERRUPTED)))
     try:
@@ -1792,7 +1850,7 @@ def run_child(child, platform, settings):
         child_say(line)
 
     env = dict(os.environ, **{CHILD_KEY_VARIABLE: child.key})
-    status = run_script(platform.script_argv(script), env, on_line)
+    status = run_script(platform.script_argv(script), env, on_line, platform)
     if status != 0:
         child_say(f"AAM Auto Backup: the backup script ended with exit code {status}.")
 
@@ -1880,6 +1938,7 @@ def upload_volumes(s3, bucket, paths, names, log):
                        ExtraArgs={"StorageClass": DEEP_ARCHIVE, "ChecksumAlgorithm": "SHA256"})
         records.append({"name": name.key, "size": size, "sha256": digest})
         os.remove(path)
+        checkpoint("volume-uploaded")
     return records
 
 
@@ -1906,6 +1965,14 @@ def indicator_body(run_sources, source_name, source_path, files, volumes, full, 
 # ============================================================================
 # Backup operations: regular-backup and incremental-only-backup (SPEC 6)
 # ============================================================================
+
+def _read_pid(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return int(handle.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
 
 def is_interactive():
     return sys.stdin is not None and sys.stdin.isatty()
@@ -1948,7 +2015,9 @@ class BackupRun:
             self.log.line(line, terminal=False)
         try:
             lock = self.acquire_lock()
-        except (LockTimeout, Interrupted) as problem:
+        except (KeyboardInterrupt, Interrupted):
+            return self.interrupted(None)
+        except LockTimeout as problem:
             self.log.section(SECTION_LOCK_FAILURE)
             self.log.line(f"ERROR: {problem}")
             self.failures.append(str(problem))
@@ -1958,7 +2027,9 @@ class BackupRun:
             return problem.exit_code
         try:
             code = self.run()
-        except (NoBackupSet, Refused, InstructionError, Interrupted) as problem:
+        except (KeyboardInterrupt, Interrupted):
+            code = self.interrupted(lock)
+        except (NoBackupSet, Refused, InstructionError) as problem:
             self.log.line(f"ERROR: {problem}")
             self.failures.append(str(problem))
             code = problem.exit_code
@@ -1998,6 +2069,7 @@ class BackupRun:
         for index, source in enumerate(plan.sources, 1):
             if not self.back_up_source(index, source, plan, run_sources):
                 break
+            checkpoint("source-done")
         if self.aws and self.completed_sources == len(plan.sources):
             if self.scope == "full":
                 self.latest_full, self.latest_incremental = self.start, None
@@ -2007,6 +2079,13 @@ class BackupRun:
         if self.regular:
             self.send_report()
         return EXIT_FAILURE if self.failures else EXIT_OK
+
+    def interrupted(self, lock):
+        """Ctrl-C or SIGTERM: say so; the caller's cleanup still runs."""
+        self.log.line("ERROR: interrupted; nothing of this run counts as a complete backup.")
+        if lock is None:
+            self.finish()
+        return EXIT_INTERRUPTED
 
     def finish(self):
         if self.log:
@@ -2204,6 +2283,9 @@ class BackupRun:
             marker = os.path.join(path, WORK_MARKER)
             if not pattern.fullmatch(name) or not os.path.isfile(marker):
                 continue
+            pid = _read_pid(marker)
+            if pid != os.getpid() and self.platform.process_alive(pid):
+                continue
             try:
                 shutil.rmtree(path)
                 self.log.line(f"Removed the work directory of an interrupted run: {path}",
@@ -2257,6 +2339,7 @@ class BackupRun:
         result = self.check_child_output(lines, status, "AWS" in destinations)
         if result is None:
             return False
+        checkpoint("child-done")
         if result["failures"]:
             self.failures.append(f"{source.mount}: {result['failures']} validation or "
                                  "read failure(s); see the lines marked 'validation "
@@ -2271,12 +2354,11 @@ class BackupRun:
         with os.fdopen(fd, "wb") as out:
             process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env=env,
-                                       start_new_session=True)
+                                       **self.platform.group_popen_options())
             try:
                 return process.wait()
             except BaseException:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
+                self.platform.stop_group(process)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=30)
                 raise
@@ -2320,6 +2402,7 @@ class BackupRun:
             records = upload_volumes(self.s3, self.args.bucket, paths, names, self.log)
             body = indicator_body(run_sources, name, source.mount, files, records, full,
                                   self.start, self.since, self.platform)
+            checkpoint("before-indicator")
             self.s3.put_object(Bucket=self.args.bucket, Key=indicator.key, Body=body,
                                ContentType="application/json")
             self.log.line(f"Uploaded the completion indicator {indicator.key} "

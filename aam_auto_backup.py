@@ -736,7 +736,9 @@ RESTORE_ARGS = [
 
 def usage_text(operation):
     """A short usage text for one operation (or for all of them)."""
-    if operation in BACKUP_OPERATIONS:
+    if operation == CHILD_AGENT:
+        specs, title = CHILD_ARGS, "<operation> ShadowSpawn ... (the child pass; never typed)"
+    elif operation in BACKUP_OPERATIONS:
         specs, title = BACKUP_ARGS, operation
     elif operation in RESTORE_OPERATIONS:
         specs, title = RESTORE_ARGS, operation
@@ -768,7 +770,7 @@ def resolve_secret(text, number, operation):
 
 
 def check_arguments(args, specs, operation):
-    """Validate positional arguments; return (values, raw) or raise UsageError."""
+    """Validate positional arguments; return the checked values or raise UsageError."""
     if len(args) != len(specs):
         raise UsageError(f"{operation} takes {len(specs)} arguments, "
                          f"{len(args)} were given", operation)
@@ -886,7 +888,7 @@ class ChildArgs:
 
     @classmethod
     def parse(cls, args):
-        v = check_arguments(args, CHILD_ARGS, args[0] if args else "")
+        v = check_arguments(args, CHILD_ARGS, CHILD_AGENT)
         return cls(operation=v[0], latest_full=v[2], latest_incremental=v[3], start=v[4],
                    mount=v[5], drive_letter=v[6], destinations=v[7], mirror_root=v[8],
                    keep=v[9] == "True", key=v[10], location=v[11], work_dir=v[12],

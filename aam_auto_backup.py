@@ -298,8 +298,9 @@ class PosixPlatform:
         return [
             " ".join(self.quote(a) for a in argv),
             "status=$?",
-            # 24: source files vanished while copying; the next run copies the rest.
-            'if [ "$status" -eq 0 ] || [ "$status" -eq 24 ]; then',
+            # 23: some files could not be copied; 24: some vanished while copying.  The
+            # mirror is made; the validation that follows reports each file missing.
+            'if [ "$status" -eq 0 ] || [ "$status" -eq 23 ] || [ "$status" -eq 24 ]; then',
             f"  echo {self.quote(marker)}",
             "else",
             '  echo "AAM Auto Backup: rsync failed with exit code $status."',
@@ -313,7 +314,9 @@ class PosixPlatform:
         return [
             f'printf "%s\\n" "${key_variable}" | LC_ALL=C.UTF-8 {command}',
             "status=$?",
-            'if [ "$status" -eq 0 ]; then',
+            # 1: warnings (a file could not be read or vanished); the archive is valid
+            # and the archive check that follows reports each file that is missing.
+            'if [ "$status" -eq 0 ] || [ "$status" -eq 1 ]; then',
             f"  echo {self.quote(marker)}",
             "else",
             '  echo "AAM Auto Backup: 7-Zip failed with exit code $status."',
@@ -1844,11 +1847,19 @@ def run_child(child, platform, settings):
 
     script = os.path.join(work_dir, platform.script_name)
     platform.write_script(script, view_root, commands)
-    archived = set()
+    archived, unread, in_warnings = set(), set(), [False]
 
     def on_line(line):
+        # '+ path' is printed before 7-Zip opens a file; the files it then could not
+        # read are listed under 'WARNINGS for files:' as 'path : errno=N : reason'.
         if line.startswith("+ "):
             archived.add(line[2:].replace("/", platform.sep))
+        elif line == "WARNINGS for files:":
+            in_warnings[0] = True
+        elif in_warnings[0] and line.startswith("----"):
+            in_warnings[0] = False
+        elif in_warnings[0] and " : errno=" in line:
+            unread.add(line.rsplit(" : errno=", 1)[0].replace("/", platform.sep))
         child_say(line)
 
     env = dict(os.environ, **{CHILD_KEY_VARIABLE: child.key})
@@ -1858,13 +1869,13 @@ def run_child(child, platform, settings):
 
     failures = list(selection.problems)
     if to_archive:
-        failures += verify_archived(view_root, selection, archived, platform)
+        failures += verify_archived(view_root, selection, archived - unread, platform)
     if target is not None:
         failures += validate_mirror(view_root, target, plan, platform, child.start)
     for failure in failures[len(selection.problems):]:
         child_say(MARK_VALIDATION_FAILURE + failure)
     child_say(MARK_RESULT + json.dumps({
-        "files": len(archived) if to_archive else 0,
+        "files": len(archived - unread) if to_archive else 0,
         "failures": len(failures),
     }))
     return EXIT_OK

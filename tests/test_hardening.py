@@ -172,3 +172,205 @@ def test_hostile_file_names_are_backed_up_mirrored_and_restored(sandbox, tmp_pat
     (volume,) = incremental
     extract(sandbox.fetch_volume(volume, str(tmp_path)), str(tmp_path / "restored"))
     assert read_tree(str(tmp_path / "restored")) == expected
+
+
+# -- links, unreadable and changing files, odd destinations -----------------------
+
+def read_links_tree(root):
+    """Like read_tree, but a symbolic link is ('link', target) and is not followed."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                found[rel] = ("link", os.readlink(path))
+            elif os.path.isfile(path):
+                found[rel] = open(path, "rb").read()
+    return found
+
+
+def test_symbolic_links_are_stored_as_links_and_never_followed(sandbox, tmp_path):
+    source = os.path.join(sandbox.root, "data", "docs")
+    os.makedirs(os.path.join(source, "real-dir"))
+    with open(os.path.join(source, "real-dir", "file.txt"), "w") as handle:
+        handle.write("real\n")
+    outside = os.path.join(sandbox.root, "outside-secret.txt")
+    with open(outside, "w") as handle:
+        handle.write("must not be pulled in\n")
+    os.symlink("real-dir/file.txt", os.path.join(source, "link-to-file"))
+    os.symlink("real-dir", os.path.join(source, "link-to-dir"))
+    os.symlink(outside, os.path.join(source, "link-outside"))
+    os.symlink("loop-b", os.path.join(source, "loop-a"))
+    os.symlink("loop-a", os.path.join(source, "loop-b"))
+    os.symlink("missing-target", os.path.join(source, "dangling"))
+    sandbox.write_instructions(f"{source}/\n")
+    expected = read_links_tree(source)
+
+    result = sandbox.backup({7: "False"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert read_links_tree(os.path.join(sandbox.mirror, source.lstrip("/"))) == expected
+    (volume,) = [i["Key"] for i in sandbox.objects() if "_no_" in i["Key"]]
+    path = sandbox.fetch_volume(volume, str(tmp_path))
+    restored = tmp_path / "restored"
+    subprocess.run(["7zz", "x", f"-p{KEY}", "-aoa", "-snld20", f"-o{restored}", path],
+                   check=True, capture_output=True)
+    # 7-Zip stores the link text exactly, but on extraction it puts an absolute
+    # target under the output directory (a safety rule of 7-Zip's).
+    expected["link-outside"] = ("link", str(restored) + outside)
+    assert read_links_tree(str(restored)) == expected
+    listing = subprocess.run(["7zz", "l", "-slt", path], capture_output=True, text=True).stdout
+    assert "must not be pulled in" not in listing and "outside-secret" not in listing
+
+
+def run_without_root_file_access(sandbox, args):
+    """Run the CLI as root minus the capabilities that let root read any file."""
+    return subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                           sys.executable, PROGRAM] + args, env=sandbox.env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_unreadable_file_and_directory_are_reported_and_the_rest_is_kept(sandbox, tmp_path):
+    source = os.path.join(sandbox.root, "data", "docs")
+    os.makedirs(os.path.join(source, "locked-dir"))
+    for name, text in (("fine.txt", "fine\n"), ("locked.txt", "locked\n"),
+                       ("locked-dir/inner.txt", "inner\n")):
+        with open(os.path.join(source, name), "w") as handle:
+            handle.write(text)
+    os.chmod(os.path.join(source, "locked.txt"), 0)
+    os.chmod(os.path.join(source, "locked-dir"), 0)
+    sandbox.write_instructions(f"{source}/\n")
+    try:
+        result = run_without_root_file_access(sandbox, sandbox.backup_args())
+    finally:
+        os.chmod(os.path.join(source, "locked-dir"), 0o755)
+        os.chmod(os.path.join(source, "locked.txt"), 0o644)
+    assert result.returncode == 1, result.stdout + result.stderr
+    log = open(sandbox.log_files()[0], encoding="utf-8").read()
+    assert "validation failure: cannot read directory" in log and "locked-dir" in log
+    assert "locked.txt: not in the archive (7-Zip could not read it)" in log
+    assert sandbox.emails()[0]["subject"].startswith("FAILURE, ")
+    # the readable part is a complete backup, in the archive and in the mirror
+    indicator = [i["Key"] for i in sandbox.objects() if "_yes_" in i["Key"]]
+    assert len(indicator) == 1 and sandbox.indicator(indicator[0])["files"] == 1
+    (volume,) = [i["Key"] for i in sandbox.objects() if "_no_" in i["Key"]]
+    restored = tmp_path / "restored"
+    extract(sandbox.fetch_volume(volume, str(tmp_path)), str(restored))
+    assert read_tree(str(restored))["fine.txt"] == b"fine\n"
+    assert "locked.txt" not in read_tree(str(restored))
+    assert os.path.exists(os.path.join(sandbox.mirror, source.lstrip("/"), "fine.txt"))
+
+
+def seven_zip_stand_in(tmp_path, action):
+    """A wrapper that does `action` (shell) and then runs the real 7zz: it emulates a
+    file changing or vanishing between the selection and 7-Zip reading it."""
+    wrapper = tmp_path / "7zz-stand-in.sh"
+    wrapper.write_text(f"#!/bin/sh\n# emulates: {action}\n{action}\nexec 7zz \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_a_file_that_vanishes_or_grows_before_7zip_reads_it(sandbox, tmp_path):
+    tree = sandbox.sample()
+    assert sandbox.backup({7: "False"}).returncode == 0
+    docs = os.path.join(tree.first_mount, "Documents")
+    time.sleep(0.05)
+    for name in ("report.txt", "sub/deep/keep.txt"):
+        with open(os.path.join(docs, name), "ab") as handle:
+            handle.write(b"changed\n")
+    action = (f"rm '{docs}/report.txt'; "
+              f"printf 'grown\\n' >> '{docs}/sub/deep/keep.txt'")
+    env = sandbox.env(AAM_7ZIP=seven_zip_stand_in(tmp_path, action))
+    result = sandbox.run(sandbox.backup_args(changes={7: "False"}), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr     # vanished is fine
+    log = open(sandbox.log_files()[-1], encoding="utf-8").read()
+    assert "No such file or directory" in log                         # 7-Zip's warning
+    increments = [i["Key"] for i in sandbox.objects()
+                  if "_no_" in i["Key"] and "_0_0.0_" not in i["Key"]]
+    (volume,) = increments
+    restored = tmp_path / "restored"
+    extract(sandbox.fetch_volume(volume, str(tmp_path)), str(restored))
+    assert read_tree(str(restored)) == {
+        "Documents/sub/deep/keep.txt": b"deep file\nchanged\ngrown\n"}   # as 7-Zip read it
+    # the grown file changed after this backup started: the next one holds it again
+    result = sandbox.backup({7: "False"})
+    assert "Documents/sub/deep/keep.txt" in open(sandbox.log_files()[-1]).read()
+
+
+def test_a_mirror_inside_a_source_is_not_copied_into_itself(sandbox, tmp_path):
+    source = os.path.join(sandbox.root, "data")
+    os.makedirs(os.path.join(source, "docs"))
+    with open(os.path.join(source, "docs", "a.txt"), "w") as handle:
+        handle.write("a\n")
+    mirror = os.path.join(source, "docs", "mirror")
+    sandbox.write_instructions(f"{source}/docs/\n")
+    for _run in range(2):
+        result = sandbox.backup({7: "False", 14: mirror})
+        assert result.returncode == 0, result.stdout + result.stderr
+    copied = read_tree(mirror)
+    assert copied == {os.path.join(source.lstrip("/"), "docs", "a.txt"): b"a\n"}
+    for item in sandbox.objects():
+        if "_no_" in item["Key"]:
+            path = sandbox.fetch_volume(item["Key"], str(tmp_path))
+            listing = subprocess.run(["7zz", "l", "-ba", path], capture_output=True,
+                                     text=True).stdout
+            assert "mirror" not in listing
+
+
+def test_instruction_file_with_bom_and_crlf(sandbox):
+    tree = sandbox.sample()
+    with open(sandbox.instructions, "wb") as handle:
+        handle.write(b"\xef\xbb\xbf" + tree.instruction_text.replace("\n", "\r\n").encode())
+    result = sandbox.backup({7: "False"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    for mount in tree.mounts:
+        assert read_tree(os.path.join(sandbox.mirror, mount.lstrip("/"))) == tree.expected[mount]
+
+
+def test_a_path_longer_than_4096_bytes_is_reported_not_silently_skipped(sandbox):
+    source = os.path.join(sandbox.root, "data")
+    os.makedirs(source)
+    with open(os.path.join(source, "normal.txt"), "w") as handle:
+        handle.write("normal\n")
+    descriptor = os.open(source, os.O_RDONLY)
+    for level in range(20):                       # about 4,900 bytes of path in total
+        name = f"{level:02d}" + "d" * 240
+        os.mkdir(name, dir_fd=descriptor)
+        inner = os.open(name, os.O_RDONLY, dir_fd=descriptor)
+        os.close(descriptor)
+        descriptor = inner
+    with open(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, dir_fd=descriptor), "w") as f:
+        f.write("deep\n")
+    os.close(descriptor)
+    sandbox.write_instructions(f"{source}/\n")
+    result = sandbox.backup({7: "False"})
+    assert result.returncode == 1
+    log = open(sandbox.log_files()[0], encoding="utf-8").read()
+    assert "File name too long" in log and "validation failure: cannot read" in log
+    assert os.path.exists(os.path.join(sandbox.mirror, source.lstrip("/"), "normal.txt"))
+
+
+@pytest.fixture
+def tiny_temp_root(tmp_path):
+    path = tmp_path / "tiny"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_full_temp_root_is_a_clear_error_and_nothing_counts_as_complete(sandbox,
+                                                                         tiny_temp_root):
+    sandbox.sample(picture_size=3_000_000)
+    result = sandbox.run(sandbox.backup_args(), env=sandbox.env(AAM_TEMP_ROOT=tiny_temp_root))
+    assert result.returncode == 1
+    assert "No 7-Zip execution success message. Aborting backup." in result.stdout
+    log = open(sandbox.log_files()[0], encoding="utf-8").read()
+    assert "No space left on device" in log
+    assert not [i for i in sandbox.objects() if "_yes_" in i["Key"]]
+    assert os.listdir(tiny_temp_root) == []
+    assert sandbox.emails()[0]["subject"].startswith("FAILURE, ")

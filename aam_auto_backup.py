@@ -269,6 +269,13 @@ class PosixPlatform:
         return [python, script] + list(child_args)
 
     # -- generated script --------------------------------------------------
+    def marker(self, kind):
+        """The line the generated script prints when 'script', 'mirror' or 'archive'
+        succeeded; the parent checks for exactly these lines (seed step 5.4.2)."""
+        tool = {"script": self.script_kind, "mirror": self.mirror_tool,
+                "archive": "7-Zip"}[kind]
+        return f"{MARK_PREFIX}{tool} execution success."
+
     def quote(self, text):
         return shlex.quote(text)
 
@@ -278,7 +285,7 @@ class PosixPlatform:
                  f"cd -- {self.quote(view_root)} || exit 1"]
         for command in commands:
             lines.extend(command)
-        lines.append(f"echo {self.quote(MARK_PREFIX + self.script_kind + ' execution success.')}")
+        lines.append(f"echo {self.quote(self.marker('script'))}")
         _write_private_text(path, "\n".join(lines) + "\n")
 
     def script_argv(self, path):
@@ -294,7 +301,7 @@ class PosixPlatform:
         if not keep:
             argv.append("--delete")
         argv += ["--", "./", target.rstrip("/") + "/"]
-        marker = MARK_PREFIX + "rsync execution success."
+        marker = self.marker("mirror")
         return [
             " ".join(self.quote(a) for a in argv),
             "status=$?",
@@ -309,7 +316,7 @@ class PosixPlatform:
 
     def archive_commands(self, seven_zip_argv, key_variable):
         """7-Zip reads the key from stdin, so it never appears in a process list."""
-        marker = MARK_PREFIX + "7-Zip execution success."
+        marker = self.marker("archive")
         command = " ".join(self.quote(a) for a in seven_zip_argv)
         return [
             f'printf "%s\\n" "${key_variable}" | LC_ALL=C.UTF-8 {command}',
@@ -2380,14 +2387,11 @@ class BackupRun:
         """The seed's marker checks, in order: script, mirror, archive (seed 5.4.2)."""
         messages = self.platform.missing_marker_messages()
         present = set(lines)
-        required = [("script", MARK_PREFIX + self.platform.script_kind + " execution success.")]
-        if self.local:
-            required.append(("mirror", MARK_PREFIX + self.platform.mirror_tool.replace(
-                "Robocopy", "Robocopy") + " execution success."))
+        required = ["script"] + (["mirror"] if self.local else [])
         if archive_expected and MARK_NOTHING_TO_ARCHIVE not in present:
-            required.append(("archive", MARK_PREFIX + "7-Zip execution success."))
-        for kind, marker in required:
-            if marker not in present:
+            required.append("archive")
+        for kind in required:
+            if self.platform.marker(kind) not in present:
                 return self.stop(SECTION_CHILD_ERROR, messages[kind])
         results = [line[len(MARK_RESULT):] for line in lines if line.startswith(MARK_RESULT)]
         if status != 0 or not results:

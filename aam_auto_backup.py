@@ -1504,6 +1504,13 @@ def aws_client(session, service, region):
     return session.client(service, region_name=region, config=config)
 
 
+def aws_errors():
+    """The exceptions that mean 'AWS could not be reached or refused' (not our bugs)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from boto3.exceptions import Boto3Error
+    return (BotoCoreError, ClientError, Boto3Error)
+
+
 def describe_aws_error(problem):
     """A one-line description of a boto3/botocore error, naming the refused action."""
     response = getattr(problem, "response", None)
@@ -2210,7 +2217,7 @@ class BackupRun:
             self.s3 = aws_client(self.session, "s3", self.settings.region)
             prefixes = month_prefixes(self.args.location, self.start, months)
             catalog = Catalog.load(self.s3, self.args.bucket, prefixes)
-        except Exception as problem:     # noqa: BLE001 - any S3 failure: skip the AWS part
+        except aws_errors() as problem:
             message = (f"AWS S3 cannot be queried ({describe_aws_error(problem)}); the AWS "
                        "part of this backup is skipped"
                        + (", the local mirror is still made." if self.local else "."))
@@ -2426,7 +2433,7 @@ class BackupRun:
                           f"({files} files in {len(records)} volumes)")
             self.completed_sources += 1
             return True
-        except Exception as problem:     # noqa: BLE001 - any upload failure
+        except aws_errors() + (OSError,) as problem:
             self.log.section(SECTION_UPLOAD_ERROR)
             message = (f"Upload to s3://{self.args.bucket} failed for {source.mount} "
                        f"({describe_aws_error(problem)}); no completion indicator was "

@@ -30,6 +30,7 @@ import datetime as dt
 import email.utils
 import hashlib
 import json
+import ntpath
 import os
 import re
 import shlex
@@ -347,8 +348,10 @@ class PosixPlatform:
 class WindowsPlatform(PosixPlatform):
     """Windows, faithful to the seed: ShadowSpawn (VSS), Robocopy, 7z.exe.
 
-    The Windows command generation is filled in by the Windows issue; the
-    structure (paths, names, comparisons) is shared with POSIX above.
+    The command lines are the ones the seed's author tested by hand
+    (spec-notes/part6.md sections 1-3, part7.md 1.1); every deviation from
+    them is explained where it is made.  Windows command lines are built as
+    strings, not lists: ShadowSpawn and cmd.exe parse their own command lines.
     """
 
     name = "windows"
@@ -358,6 +361,19 @@ class WindowsPlatform(PosixPlatform):
     script_name = "AAM_Auto_Backup_shadow_copy.bat"
     mirror_tool = "Robocopy"
     script_kind = "backup batch file"
+    shadow_spawn_name = "ShadowSpawn.exe"
+    # The seed's machine (US English): the console code page when none can be read.
+    fallback_code_page = 437
+    # MAX_PATH (260) minus the 12 characters CreateDirectory keeps for a file name.
+    long_path_threshold = 248
+    # cmd.exe's longest command line; a longer batch-file line does not run.
+    cmd_line_limit = 8191
+    # Robocopy exit codes below 8 are success (files copied, extras, mismatches).
+    robocopy_failure_code = 8
+    # Robocopy's defaults (1,000,000 retries, 30 s apart) would hold the lock for
+    # months on one unwritable destination file.
+    robocopy_retry_switches = ("/r:2", "/w:5")
+    robocopy_log_name = "robocopy_log.txt"
 
     def default_temp_root(self):
         return "c:\\temp"
@@ -388,9 +404,25 @@ class WindowsPlatform(PosixPlatform):
         return mount.lower().replace(":", "-").replace("\\", "-").rstrip("-")
 
     def mirror_directory(self, mirror_root, mount):
+        """<dest>\\<drive letter>\\<rest of the path> (seed bug 7: F:\\backup\\main\\c\\users)."""
         drive, rest = mount[0], mount[2:].lstrip("\\")
-        return os.path.join(mirror_root, drive.lower(), rest) if rest else \
-            os.path.join(mirror_root, drive.lower())
+        return ntpath.join(mirror_root, drive.lower(), rest) if rest else \
+            ntpath.join(mirror_root, drive.lower())
+
+    def long_path(self, path):
+        """The extended-length form (\\\\?\\C:\\...) of a path long enough to hit MAX_PATH.
+
+        Seed bugs 2 and 5: a 265-character path on the shadow drive could be
+        neither checked nor listed until it carried the \\\\?\\ prefix.
+        """
+        if len(path) < self.long_path_threshold or path.startswith("\\\\?\\"):
+            return path
+        path = path.replace("/", "\\")
+        if path.startswith("\\\\"):
+            return "\\\\?\\UNC\\" + ntpath.normpath(path)[2:]
+        if self.is_absolute(path):
+            return "\\\\?\\" + ntpath.normpath(path)
+        return path
 
     def process_alive(self, pid):
         import ctypes
@@ -418,11 +450,292 @@ class WindowsPlatform(PosixPlatform):
         created = getattr(st, "st_birthtime", st.st_ctime)
         return max(st.st_mtime, created)
 
+    def list_file_line(self, relative_path, is_dir):
+        # 7-Zip list files name directories with a trailing '\' (seed TEST 1 and 2).
+        return relative_path + ("\\" if is_dir else "")
+
+    def view_path(self, view_root, relative):
+        """A path on the shadow drive: 'q:\\' + 'documents\\folder2'."""
+        return view_root.rstrip("\\") + "\\" + relative if relative else view_root
+
+    # -- the child's output file (seed bug 1) ---------------------------------
+    def console_code_page(self):
+        """The console's code page (what chcp shows): console programs write in it."""
+        try:
+            import ctypes
+            kernel32 = ctypes.windll.kernel32
+            number = kernel32.GetConsoleOutputCP() or kernel32.GetOEMCP()
+        except (ImportError, AttributeError, OSError):
+            number = 0
+        return number or self.fallback_code_page
+
+    def output_encoding(self):
+        name = f"cp{self.console_code_page()}"
+        try:
+            "".encode(name)
+        except LookupError:
+            name = f"cp{self.fallback_code_page}"
+        return name
+
+    def decode_output(self, data):
+        """One line of the ShadowSpawn output file, decoded without ever failing.
+
+        The child writes UTF-8 (it runs with -X utf8), 7-Zip too (-sccUTF-8);
+        any other line (ShadowSpawn's own) is in the console code page, cp437
+        on the seed's machine.  Bytes the code page lacks become U+FFFD.
+        """
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode(self.output_encoding(), errors="replace")
+
+    # -- the child (re-invocation through ShadowSpawn) -------------------------
     def child_view_root(self, mount, drive_letter):
+        """ShadowSpawn shows the mount directory at the drive letter: q:\\."""
         return drive_letter.lower() + ":\\"
 
     def quote(self, text):
-        return '"' + text + '"'
+        """"text" for a Windows command line parsed by the MSVCRT rules.
+
+        A trailing backslash is doubled, or '\\"' would be read as a literal
+        quote (seed: "no \\ at the end of source and target Robocopy
+        directories!").  Windows paths and names cannot hold '"'.
+        """
+        if '"' in text:
+            raise AamError(f"{text!r}: a double quote cannot be passed on a Windows "
+                           "command line")
+        return '"' + re.sub(r"(\\+)$", r"\1\1", text) + '"'
+
+    def child_command(self, python, script, child_args, mount, drive_letter):
+        """ShadowSpawn.exe "<mount>" q: "<python>" "-X" "utf8" "<script>" <15 child args>.
+
+        The seed ran this through os.system with '> shadow_copy_command_output.txt';
+        here the parent hands the output file to ShadowSpawn as its standard
+        output handle (what cmd.exe's '>' does), so no cmd.exe parses paths.
+        ShadowSpawn splits its command line itself (quotes kept, no backslash
+        escapes) and takes any word starting with '-' for one of its own
+        switches, so every word after the drive letter is quoted; python then
+        parses the rest by the MSVCRT rules.  Deviations from the seed: full
+        paths for ShadowSpawn.exe and the script (the working directory is not
+        always the program directory), and -X utf8 so that the child writes its
+        output in UTF-8 (seed bug 1).
+        """
+        shadow_spawn = ntpath.join(ntpath.dirname(script), self.shadow_spawn_name)
+        operation, agent = child_args[:2]
+        words = [self.quote(shadow_spawn), self.quote(mount),
+                 f"{(drive_letter or 'q').lower()}:", self.quote(python),
+                 self.quote("-X"), self.quote("utf8"), self.quote(script), operation, agent]
+        words += [self.quote(arg) for arg in child_args[2:]]
+        return " ".join(words)
+
+    # -- the generated batch file --------------------------------------------
+    def bat_quote(self, text):
+        """quote() for a batch-file line: '%' doubled so cmd.exe keeps it."""
+        return self.quote(text).replace("%", "%%")
+
+    def write_script(self, path, view_root, commands):
+        """The seed's batch file: cd /D to the shadow drive, robocopy, 7z (seed 1.5).
+
+        UTF-8 after 'chcp 65001' so that any path can be written (cmd.exe reads
+        a batch file line by line in the console code page), which is set back
+        at the end.  Programs are named by full path: the current directory is
+        the shadow drive, which cmd.exe would search first.
+        """
+        code_page = self.console_code_page()
+        chcp = '"%SystemRoot%\\System32\\chcp.com"'
+        lines = ["@echo off",
+                 "rem Generated by AAM Auto Backup for one source; deleted after the run."]
+        if code_page != 65001:
+            lines.append(f"{chcp} 65001 >nul")
+        lines.append(f"cd /D {view_root.rstrip(self.sep)}\\ || goto end")
+        for command in commands:
+            lines.extend(command)
+        lines += [f"echo {MARK_PREFIX}{self.script_kind} execution success.", ":end"]
+        if code_page != 65001:
+            lines.append(f"{chcp} {code_page} >nul")
+        try:
+            data = ("\r\n".join(lines) + "\r\n").encode("utf-8")
+        except UnicodeEncodeError as problem:
+            raise AamError(f"The batch file {path} cannot hold a name with an unpaired "
+                           f"surrogate: {problem.object[problem.start:problem.end]!r}")
+        _write_private_bytes(path, data)
+
+    def script_argv(self, path):
+        """cmd.exe running the batch file: no AutoRun (/d), extensions on, no '!' expansion."""
+        comspec = os.environ.get("ComSpec") or "cmd.exe"
+        return f'{self.quote(comspec)} /d /e:on /v:off /s /c "{self.quote(path)}"'
+
+    def mirror_commands(self, view_root, target, plan, keep, work_dir):
+        """robocopy "q:" "<target>" /e [/purge] /unilog:"..." /xd ... /xf ... (seed 2.2).
+
+        Robocopy can only exclude, so /xd names every directory of the mount that
+        is neither listed nor on the way to a listed one (seed 7.4) and /xf every
+        file lying outside the listed directories, both as absolute paths on the
+        shadow drive; then the user's exclusions.  Added to the seed's command:
+        /xjd (a junction on the shadow drive leads back to the live disk, and the
+        profile's legacy junctions deny listing), bounded retries, /np and /tee
+        (the report also goes to the log, without progress counters).
+        """
+        dirs, files, problems = self.robocopy_exclusions(view_root, plan)
+        words = [r'"%SystemRoot%\System32\robocopy.exe"',
+                 self.bat_quote(view_root.rstrip(self.sep)), self.bat_quote(target), "/e"]
+        if not keep:
+            words.append("/purge")
+        words.append("/unilog:" + self.bat_quote(ntpath.join(work_dir, self.robocopy_log_name)))
+        if dirs:
+            words += ["/xd"] + [self.bat_quote(d) for d in dirs]
+        if files:
+            words += ["/xf"] + [self.bat_quote(f) for f in files]
+        words += ["/xjd", *self.robocopy_retry_switches, "/np", "/tee"]
+        command = " ".join(words)
+        if len(command) > self.cmd_line_limit:
+            raise AamError(
+                f"The Robocopy command for {view_root} would be {len(command)} characters, "
+                f"over cmd.exe's limit of {self.cmd_line_limit}: too many directories and "
+                "files lie beside the listed directories. List their parent directory "
+                "instead, or move the loose files into a directory.")
+        lines = [self.echo_line(MARK_VALIDATION_FAILURE + p) for p in problems]
+        return lines + [command, self.status_line(
+            self.robocopy_failure_code, "Robocopy")]
+
+    def archive_commands(self, seven_zip_argv, key_variable):
+        """7z.exe with the seed's list files; the key goes to its standard input.
+
+        As on POSIX, the key is on no command line: a second cmd.exe with
+        delayed expansion echoes the environment variable into the pipe ('!'
+        expansion happens after parsing, so no character of the key is special;
+        '&rem ' keeps a trailing blank out of the echo).  7-Zip reads stdin in
+        text mode, so the CR of echo's CRLF is not part of the password.
+        """
+        if self.delayed_expansion_by_default():
+            raise AamError(
+                "cmd.exe expands '!' by default on this computer (registry value "
+                "DelayedExpansion under Software\\Microsoft\\Command Processor), so the "
+                "archive key would appear on a command line; set it to 0.")
+        feed = f'"%ComSpec%" /d /v:on /c "echo(!{key_variable}!&rem "'
+        command = " ".join(self.seven_zip_word(index, arg)
+                           for index, arg in enumerate(seven_zip_argv))
+        return [f"{feed}| {command}", self.status_line(1, "7-Zip")]
+
+    def delayed_expansion_by_default(self):
+        """cmd.exe's registry default for '!' expansion (the user's value wins).
+
+        When on, the cmd.exe that runs the left side of a pipe would expand the
+        key itself and pass it on the next command line.
+        """
+        try:
+            import winreg
+        except ImportError:
+            return False
+        for hive in (winreg.HKEY_CURRENT_USER, winreg.HKEY_LOCAL_MACHINE):
+            try:
+                with winreg.OpenKey(hive, r"Software\Microsoft\Command Processor") as key:
+                    return winreg.QueryValueEx(key, "DelayedExpansion")[0] == 1
+            except OSError:
+                continue
+        return False
+
+    def seven_zip_word(self, index, arg):
+        """One 7z.exe argument in the seed's form: "<exe>", switches bare, @"<list>"."""
+        list_switch = re.fullmatch(r"((?:-[ix]r?-?)?@)(.+)", arg)
+        if index and list_switch:
+            return list_switch[1] + self.bat_quote(list_switch[2])
+        if index and re.fullmatch(r"[A-Za-z]|-[A-Za-z0-9=.+:-]+", arg):
+            return arg
+        return self.bat_quote(arg)
+
+    def status_line(self, failure_code, tool):
+        """Echo the tool's success marker, or its exit code (errorlevel >= failure_code)."""
+        return (f"if errorlevel {failure_code} (echo {MARK_PREFIX}{tool} failed with exit "
+                f"code %ERRORLEVEL%.) else (echo {MARK_PREFIX}{tool} execution success.)")
+
+    def echo_line(self, text):
+        """A batch line printing text as it is (cmd.exe's special characters escaped)."""
+        escaped = re.sub(r"([\^&|<>()])", r"^\1", text).replace("%", "%%")
+        return "echo(" + escaped
+
+    # -- what Robocopy must skip ----------------------------------------------
+    def robocopy_exclusions(self, view_root, plan):
+        """(/xd entries, /xf entries, problems) for one mount on the shadow drive.
+
+        Name patterns stay names (Robocopy matches them at any depth), except a
+        pattern starting with '-', which Robocopy takes for a switch (seed 7.2:
+        "not worth bothering with"), and a directory pattern that matches a
+        directory leading to a listed one, which would drop the listed one: those
+        are replaced by the exact paths the selection excludes.
+        """
+        outside_dirs, outside_files, problems = self.scan_outside_listed(view_root, plan)
+        dirs = [self.view_path(view_root, rel)
+                for rel in outside_dirs + plan.excluded_dir_paths]
+        files = [self.view_path(view_root, rel)
+                 for rel in outside_files + plan.excluded_file_paths]
+        ancestors = {part for listed in plan.listed if listed
+                     for part in listed.split(self.sep)[:-1]}
+        exact_dirs, exact_files = [], []
+        for pattern in plan.dir_patterns:
+            regex = wildcard_regex(pattern, True)
+            if pattern.startswith("-") or any(regex.fullmatch(a) for a in ancestors):
+                exact_dirs.append(regex)
+            else:
+                dirs.append(pattern)
+        for pattern in plan.file_patterns:
+            if pattern.startswith("-"):
+                exact_files.append(wildcard_regex(pattern, True))
+            else:
+                files.append(pattern)
+        if exact_dirs or exact_files:
+            # Unreadable directories are reported by the child's own walk.
+            selection = walk_selection(view_root, plan, self)
+            for rel, is_dir in selection.excluded:
+                name = rel.rsplit(self.sep, 1)[-1]
+                if any(r.fullmatch(name) for r in (exact_dirs if is_dir else exact_files)):
+                    (dirs if is_dir else files).append(self.view_path(view_root, rel))
+        return self.unique(dirs), self.unique(files), problems
+
+    def unique(self, paths):
+        """paths without repeats, compared case-insensitively, first spelling kept."""
+        seen, kept = set(), []
+        for path in paths:
+            if self.comparable(path) not in seen:
+                seen.add(self.comparable(path))
+                kept.append(path)
+        return kept
+
+    def scan_outside_listed(self, view_root, plan):
+        """Seed 7.4: what lies in the mount outside the listed directories.
+
+        Breadth first from the shadow drive's root: a directory equal to a listed
+        one is kept whole, one leading to a listed one is descended into, any
+        other is returned (for /xd); every file met on the way lies outside the
+        listed directories (for /xf).  With the fixes of spec-notes part6 Q9: the
+        name is joined to its parent, and 'leads to' means a prefix up to a
+        separator ('test' does not lead to 'test2\\x').
+        """
+        listed = {self.comparable(rel) for rel in plan.listed}
+        dirs, files, problems = [], [], []
+        level = [] if "" in listed else [""]
+        while level:
+            next_level = []
+            for parent in level:
+                where = self.view_path(view_root, parent)
+                try:
+                    with os.scandir(self.long_path(where)) as iterator:
+                        entries = sorted(iterator, key=lambda e: (e.name.lower(), e.name))
+                except OSError as problem:
+                    problems.append(f"cannot read directory {where}: "
+                                    f"{problem.strerror or problem}")
+                    continue
+                for entry in entries:
+                    rel = parent + self.sep + entry.name if parent else entry.name
+                    key = self.comparable(rel)
+                    if not entry.is_dir(follow_symlinks=False):
+                        files.append(rel)
+                    elif any(item.startswith(key + self.sep) for item in listed):
+                        next_level.append(rel)
+                    elif key not in listed:
+                        dirs.append(rel)
+            level = next_level
+        return dirs, files, problems
 
     def missing_marker_messages(self):
         return {
@@ -430,16 +743,6 @@ class WindowsPlatform(PosixPlatform):
             "mirror": "No Robocopy execution success message. Aborting backup.",
             "archive": "No 7z.exe execution success message. Aborting backup.",
         }
-
-    def _not_yet(self, *args, **kwargs):
-        raise AamError("The Windows command generation (ShadowSpawn, Robocopy, 7z.exe) "
-                       "is not implemented yet.")
-
-    child_command = _not_yet
-    write_script = _not_yet
-    script_argv = _not_yet
-    mirror_commands = _not_yet
-    archive_commands = _not_yet
 
 
 def current_platform():

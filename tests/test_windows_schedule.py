@@ -1,0 +1,173 @@
+"""tools/windows_schedule.py: the Task Scheduler job and the two desktop batch files.
+
+The expected text is the seed's (spec-notes/part1.md 13 and 14, Part II 4.1.1 and
+5.1), filled in by hand with the seed's own example values.
+"""
+
+import datetime as dt
+import os
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+
+import windows_schedule as ws
+
+PROGRAM_DIR = "C:\\Users\\Allen\\Documents\\AAM Auto Backup"
+PYTHON = "C:\\Users\\Allen\\AppData\\Local\\Programs\\Python\\Python39\\python.exe"
+
+
+def seed_settings(**changes):
+    values = dict(
+        program_dir=PROGRAM_DIR, python=PYTHON, log_dir=PROGRAM_DIR + "\\logs",
+        sender="autoreporter@allenyoung.dev", recipient="allenyoung@allenyoung.dev",
+        instruction_file=PROGRAM_DIR + "\\instructions\\main_computer_backup_instructions.txt",
+        mirror_dir="F:\\backup\\main", bucket="aam-data-backup", location="main-work-computer",
+        user="ALLEN-PC\\Allen")
+    values.update(changes)
+    return ws.ScheduleSettings(**values)
+
+
+# Seed L1174 (Task Scheduler "Add arguments"), with the seed's placeholders filled in and
+# env:NAME references for the three secrets.
+TASK_ARGUMENTS = (
+    '"C:\\Users\\Allen\\Documents\\AAM Auto Backup\\aam_auto_backup.py" regular-backup user '
+    '"C:\\Users\\Allen\\AppData\\Local\\Programs\\Python\\Python39\\python.exe" 600 7200 '
+    '"C:\\Users\\Allen\\Documents\\AAM Auto Backup\\logs" True "AAM Backup Report" '
+    '"autoreporter@allenyoung.dev" "allenyoung@allenyoung.dev" '
+    '"C:\\Users\\Allen\\Documents\\AAM Auto Backup\\instructions\\'
+    'main_computer_backup_instructions.txt" "q" "local|AWS" "F:\\backup\\main" False '
+    '"env:AAM_BACKUP_ENCRYPTION_KEY" "aam-data-backup" "main-work-computer" '
+    '"env:AAM_BACKUP_ACCESS_KEY_ID" "env:AAM_BACKUP_SECRET_ACCESS_KEY" "no" "yes"')
+
+EXPECTED_TASK_XML = """<?xml version="1.0" encoding="UTF-16"?>
+<Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
+  <RegistrationInfo>
+    <Description>AAM Auto Backup: daily regular backup (force full no, auto yes).</Description>
+  </RegistrationInfo>
+  <Triggers>
+    <CalendarTrigger>
+      <StartBoundary>2021-03-29T00:30:00</StartBoundary>
+      <Enabled>true</Enabled>
+      <ScheduleByDay>
+        <DaysInterval>1</DaysInterval>
+      </ScheduleByDay>
+    </CalendarTrigger>
+  </Triggers>
+  <Principals>
+    <Principal id="Author">
+      <UserId>ALLEN-PC\\Allen</UserId>
+      <LogonType>Password</LogonType>
+      <RunLevel>HighestAvailable</RunLevel>
+    </Principal>
+  </Principals>
+  <Settings>
+    <MultipleInstancesPolicy>IgnoreNew</MultipleInstancesPolicy>
+    <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>
+    <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>
+    <AllowHardTerminate>true</AllowHardTerminate>
+    <StartWhenAvailable>false</StartWhenAvailable>
+    <RunOnlyIfNetworkAvailable>false</RunOnlyIfNetworkAvailable>
+    <IdleSettings>
+      <StopOnIdleEnd>false</StopOnIdleEnd>
+      <RestartOnIdle>false</RestartOnIdle>
+    </IdleSettings>
+    <AllowStartOnDemand>true</AllowStartOnDemand>
+    <Enabled>true</Enabled>
+    <Hidden>false</Hidden>
+    <RunOnlyIfIdle>false</RunOnlyIfIdle>
+    <WakeToRun>false</WakeToRun>
+    <ExecutionTimeLimit>PT72H</ExecutionTimeLimit>
+    <Priority>7</Priority>
+  </Settings>
+  <Actions Context="Author">
+    <Exec>
+      <Command>"C:\\Users\\Allen\\AppData\\Local\\Programs\\Python\\Python39\\python.exe"</Command>
+      <Arguments>""" + TASK_ARGUMENTS + """</Arguments>
+      <WorkingDirectory>C:\\Users\\Allen\\Documents\\AAM Auto Backup</WorkingDirectory>
+    </Exec>
+  </Actions>
+</Task>
+"""
+
+
+def test_task_xml_is_the_seeds_task():
+    assert ws.task_xml(seed_settings(), dt.date(2021, 3, 29)) == EXPECTED_TASK_XML
+
+
+def test_task_xml_is_well_formed_and_says_what_the_seed_asks():
+    xml = ws.task_xml(seed_settings(), dt.date(2021, 3, 29))
+    task = ElementTree.fromstring(xml.split("\n", 1)[1])
+    ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+    assert task.find("t:Triggers/t:CalendarTrigger/t:StartBoundary", ns).text.endswith(
+        "T00:30:00")
+    assert task.find("t:Principals/t:Principal/t:LogonType", ns).text == "Password"
+    assert task.find("t:Principals/t:Principal/t:RunLevel", ns).text == "HighestAvailable"
+    assert task.find("t:Actions/t:Exec/t:Arguments", ns).text.endswith(' "no" "yes"')
+
+
+def test_schtasks_command_registers_from_xml_and_asks_for_the_password():
+    assert ws.schtasks_command(seed_settings(), PROGRAM_DIR + "\\Daily AAM Auto Backup.xml") == (
+        'schtasks /Create /TN "Daily AAM Auto Backup" /XML '
+        '"C:\\Users\\Allen\\Documents\\AAM Auto Backup\\Daily AAM Auto Backup.xml" '
+        '/RU "ALLEN-PC\\Allen" /RP * /F')
+
+
+# Seed L1225-1242: two lines, cd /D to the program directory, then the program through
+# the .py file association (the seed's AAM_auto_backup.py is aam_auto_backup.py here).
+ARGUMENTS_2_TO_22 = TASK_ARGUMENTS.split(" regular-backup ", 1)[1]
+
+
+def test_regular_backup_batch_file():
+    assert ws.batch_file_text(seed_settings(), "regular-backup") == (
+        'cd /D "C:\\Users\\Allen\\Documents\\AAM Auto Backup"\r\n'
+        "aam_auto_backup.py regular-backup " + ARGUMENTS_2_TO_22 + "\r\n")
+
+
+def test_incremental_only_backup_batch_file():
+    assert ws.batch_file_text(seed_settings(), "incremental-only-backup") == (
+        'cd /D "C:\\Users\\Allen\\Documents\\AAM Auto Backup"\r\n'
+        "aam_auto_backup.py incremental-only-backup " + ARGUMENTS_2_TO_22 + "\r\n")
+
+
+def test_inline_secrets_are_not_echoed_and_percent_survives_cmd():
+    text = ws.batch_file_text(seed_settings(key="100%secret", access_key_id="AKIA",
+                                            secret_access_key="s^&|<>"), "regular-backup")
+    second = text.split("\r\n")[1]
+    assert second.startswith("@aam_auto_backup.py regular-backup ")
+    assert '"100%%secret" "aam-data-backup" "main-work-computer" "AKIA" "s^&|<>"' in second
+
+
+def test_a_secret_with_a_double_quote_must_be_an_env_reference():
+    with pytest.raises(ws.SettingsError, match="argument 16 .* env:NAME"):
+        ws.batch_file_text(seed_settings(key='say "hi"'), "regular-backup")
+
+
+def test_non_ascii_paths_switch_the_batch_file_to_utf8():
+    text = ws.batch_file_text(seed_settings(mirror_dir="F:\\Sicherung\\J\u00fcrgen"),
+                              "regular-backup")
+    assert text.startswith("@chcp 65001 >nul\r\ncd /D ")
+
+
+def test_files_are_written_where_the_seed_puts_them(tmp_path):
+    paths = ws.write_files(seed_settings(), str(tmp_path), dt.date(2021, 3, 29))
+    assert [os.path.relpath(p, tmp_path) for p in paths] == [
+        "Daily AAM Auto Backup.xml",
+        os.path.join("backup batch files", "Regular backup.bat"),
+        os.path.join("backup batch files", "Incremental-only backup.bat")]
+    with open(paths[0], "rb") as handle:
+        data = handle.read()
+    assert data.startswith(b"\xff\xfe")                 # UTF-16 with its byte-order mark
+    assert data.decode("utf-16") == EXPECTED_TASK_XML.replace("\n", "\r\n")
+
+
+def test_the_command_line_writes_env_references_by_default(tmp_path, capsys):
+    code = ws.main([
+        "--program-dir", PROGRAM_DIR, "--python", PYTHON, "--log-dir", "C:\\logs",
+        "--sender", "a@example.com", "--recipient", "b@example.com",
+        "--instructions", "C:\\i.txt", "--mirror-dir", "F:\\m", "--bucket", "aam-data-backup",
+        "--location", "pc", "--user", "PC\\me", "--output", str(tmp_path)])
+    assert code == 0
+    with open(tmp_path / "backup batch files" / "Regular backup.bat", encoding="utf-8") as f:
+        bat = f.read()
+    assert '"env:AAM_BACKUP_ENCRYPTION_KEY"' in bat and "@aam" not in bat
+    assert 'schtasks /Create /TN "Daily AAM Auto Backup" /XML' in capsys.readouterr().out

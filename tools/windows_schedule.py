@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Windows set-up helper: the daily Task Scheduler job and the two desktop batch files.
+
+From your settings it writes (seed Part II sections 4 and 5, spec-notes/part1.md 13-14):
+
+  Daily AAM Auto Backup.xml               the task: daily at 00:30, run whether you
+                                          are logged on or not, highest privileges,
+                                          regular-backup with force full "no" and
+                                          automatic force full "yes"
+  backup batch files\\Regular backup.bat
+  backup batch files\\Incremental-only backup.bat
+
+and prints the schtasks command that registers the task (or runs it: --register).
+schtasks /TR cannot hold the 22 arguments (it stops at 261 characters) and has no
+"Start in", so the task is registered from XML; /RP * makes schtasks ask for your
+Windows password, so it is on no command line and in no file.
+
+Secrets: by default arguments 16, 19 and 20 are env:NAME references, so neither
+the task nor the batch files contain a secret; set those user environment
+variables once (README, "Windows").  --inline-secrets asks for the values
+(never on the command line) and writes them into the files, if you prefer that.
+
+    python tools\\windows_schedule.py --python C:\\...\\python.exe --log-dir ... (see --help)
+"""
+
+import argparse
+import datetime as dt
+import getpass
+import os
+import subprocess
+import sys
+from xml.sax.saxutils import escape
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+import aam_auto_backup as aab  # noqa: E402
+
+TASK_NAME = "Daily AAM Auto Backup"
+TASK_TIME = "00:30:00"                   # 12:30 am local time (seed 4.1.1)
+BATCH_DIRECTORY = "backup batch files"
+REGULAR_BAT = "Regular backup.bat"
+INCREMENTAL_BAT = "Incremental-only backup.bat"
+PROGRAM = "aam_auto_backup.py"
+SECRET_ENV_DEFAULTS = {
+    "key": "AAM_BACKUP_ENCRYPTION_KEY",
+    "access_key_id": "AAM_BACKUP_ACCESS_KEY_ID",
+    "secret_access_key": "AAM_BACKUP_SECRET_ACCESS_KEY",
+}
+# Positions (1-based) the seed writes without quotes; every other one is quoted.
+BARE_POSITIONS = {1, 2, 4, 5, 7, 15}
+WINDOWS = aab.WindowsPlatform()
+
+
+class SettingsError(Exception):
+    """A setting that cannot be written into the task or a batch file."""
+
+
+class ScheduleSettings:
+    """The user's values for the 22 backup arguments (SPEC section 3)."""
+
+    def __init__(self, program_dir, python, log_dir, sender, recipient, instruction_file,
+                 mirror_dir, bucket, location, user, *, lock_poll=600, lock_wait=7200,
+                 send_email=True, sender_name="AAM Backup Report", drive_letter="q",
+                 destinations="local|AWS", keep=False, key=None, access_key_id=None,
+                 secret_access_key=None):
+        self.program_dir = program_dir.rstrip("\\") or program_dir
+        self.python, self.log_dir = python, log_dir
+        self.sender, self.recipient = sender, recipient
+        self.instruction_file, self.mirror_dir = instruction_file, mirror_dir
+        self.bucket, self.location, self.user = bucket, location, user
+        self.lock_poll, self.lock_wait = lock_poll, lock_wait
+        self.send_email, self.sender_name = send_email, sender_name
+        self.drive_letter, self.destinations, self.keep = drive_letter, destinations, keep
+        self.key = key or "env:" + SECRET_ENV_DEFAULTS["key"]
+        self.access_key_id = access_key_id or "env:" + SECRET_ENV_DEFAULTS["access_key_id"]
+        self.secret_access_key = (secret_access_key
+                                  or "env:" + SECRET_ENV_DEFAULTS["secret_access_key"])
+
+    @property
+    def inline_secrets(self):
+        return not all(s.startswith("env:") for s in
+                       (self.key, self.access_key_id, self.secret_access_key))
+
+    @property
+    def program(self):
+        return self.program_dir + "\\" + PROGRAM
+
+
+def backup_arguments(settings, operation):
+    """The 22 positional arguments; 21 (force full) "no", 22 (automatic) "yes" (seed 4.1.1)."""
+    s = settings
+    return [operation, "user", s.python, str(s.lock_poll), str(s.lock_wait), s.log_dir,
+            str(s.send_email), s.sender_name, s.sender, s.recipient, s.instruction_file,
+            s.drive_letter, s.destinations, s.mirror_dir, str(s.keep), s.key, s.bucket,
+            s.location, s.access_key_id, s.secret_access_key, "no", "yes"]
+
+
+def argument_words(arguments):
+    """The arguments as the seed wrote them: a few bare, the rest in double quotes."""
+    words = []
+    for position, value in enumerate(arguments, 1):
+        if '"' in value:
+            raise SettingsError(f"argument {position} contains a double quote, which a "
+                                "Windows command line cannot pass here; use env:NAME")
+        words.append(value if position in BARE_POSITIONS else WINDOWS.quote(value))
+    return " ".join(words)
+
+
+def batch_file_text(settings, operation):
+    """The seed's two lines: cd /D to the program directory, then the program.
+
+    The program starts through the .py file association (seed 5.1).  cmd.exe
+    would expand %...% in the line, so '%' is doubled.  A line that echoes an
+    inline secret is not shown ('@'); non-ASCII paths need chcp 65001, as
+    cmd.exe reads a batch file in the console code page.
+    """
+    command = f"{PROGRAM} " + argument_words(backup_arguments(settings, operation))
+    lines = [f"cd /D {WINDOWS.quote(settings.program_dir)}",
+             ("@" if settings.inline_secrets else "") + command]
+    text = "\r\n".join(line.replace("%", "%%") for line in lines) + "\r\n"
+    if not text.isascii():
+        text = "@chcp 65001 >nul\r\n" + text
+    return text
+
+
+def task_arguments(settings):
+    """The task's "Add arguments" field: the program path, then the 22 arguments."""
+    return (WINDOWS.quote(settings.program) + " "
+            + argument_words(backup_arguments(settings, "regular-backup")))
+
+
+def task_xml(settings, start_date):
+    """The Task Scheduler definition (schema 1.2, Windows Vista and later).
+
+    General: run whether the user is logged on or not (password stored), with
+    highest privileges, not hidden.  Trigger: daily at 00:30.  Action: python.exe
+    in double quotes, the arguments, "Start in" the program directory without
+    quotes.  Conditions: all unchecked.  Settings: the defaults (runs on demand).
+    """
+    start = f"{start_date.isoformat()}T{TASK_TIME}"
+    return f"""<?xml version="1.0" encoding="UTF-16"?>
+<Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
+  <RegistrationInfo>
+    <Description>AAM Auto Backup: daily regular backup (force full no, auto yes).</Description>
+  </RegistrationInfo>
+  <Triggers>
+    <CalendarTrigger>
+      <StartBoundary>{start}</StartBoundary>
+      <Enabled>true</Enabled>
+      <ScheduleByDay>
+        <DaysInterval>1</DaysInterval>
+      </ScheduleByDay>
+    </CalendarTrigger>
+  </Triggers>
+  <Principals>
+    <Principal id="Author">
+      <UserId>{escape(settings.user)}</UserId>
+      <LogonType>Password</LogonType>
+      <RunLevel>HighestAvailable</RunLevel>
+    </Principal>
+  </Principals>
+  <Settings>
+    <MultipleInstancesPolicy>IgnoreNew</MultipleInstancesPolicy>
+    <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>
+    <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>
+    <AllowHardTerminate>true</AllowHardTerminate>
+    <StartWhenAvailable>false</StartWhenAvailable>
+    <RunOnlyIfNetworkAvailable>false</RunOnlyIfNetworkAvailable>
+    <IdleSettings>
+      <StopOnIdleEnd>false</StopOnIdleEnd>
+      <RestartOnIdle>false</RestartOnIdle>
+    </IdleSettings>
+    <AllowStartOnDemand>true</AllowStartOnDemand>
+    <Enabled>true</Enabled>
+    <Hidden>false</Hidden>
+    <RunOnlyIfIdle>false</RunOnlyIfIdle>
+    <WakeToRun>false</WakeToRun>
+    <ExecutionTimeLimit>PT72H</ExecutionTimeLimit>
+    <Priority>7</Priority>
+  </Settings>
+  <Actions Context="Author">
+    <Exec>
+      <Command>{escape(WINDOWS.quote(settings.python))}</Command>
+      <Arguments>{escape(task_arguments(settings))}</Arguments>
+      <WorkingDirectory>{escape(settings.program_dir)}</WorkingDirectory>
+    </Exec>
+  </Actions>
+</Task>
+"""
+
+
+def schtasks_argv(settings, xml_path):
+    """Register (or replace, /F) the task; /RP * asks for the Windows password."""
+    return ["schtasks", "/Create", "/TN", TASK_NAME, "/XML", xml_path,
+            "/RU", settings.user, "/RP", "*", "/F"]
+
+
+def schtasks_command(settings, xml_path):
+    """schtasks_argv as one line to paste into an administrator terminal."""
+    plain = {"schtasks", "/Create", "/TN", "/XML", "/RU", "/RP", "*", "/F"}
+    return " ".join(word if word in plain else WINDOWS.quote(word)
+                    for word in schtasks_argv(settings, xml_path))
+
+
+def write_files(settings, output_dir, start_date):
+    """Write the task XML and the two batch files; return their paths."""
+    batch_dir = os.path.join(output_dir, BATCH_DIRECTORY)
+    os.makedirs(batch_dir, exist_ok=True)
+    xml_path = os.path.join(output_dir, TASK_NAME + ".xml")
+    # schtasks reads task XML as UTF-16 with a byte-order mark.
+    aab._write_private_bytes(xml_path, task_xml(settings, start_date)
+                             .replace("\n", "\r\n").encode("utf-16"))
+    paths = [xml_path]
+    for name, operation in ((REGULAR_BAT, "regular-backup"),
+                            (INCREMENTAL_BAT, "incremental-only-backup")):
+        path = os.path.join(batch_dir, name)
+        aab._write_private_bytes(path, batch_file_text(settings, operation).encode("utf-8"))
+        paths.append(path)
+    return paths
+
+
+def default_user():
+    domain, name = os.environ.get("USERDOMAIN", ""), os.environ.get("USERNAME", "")
+    return f"{domain}\\{name}" if domain and name else name
+
+
+def parse_command_line(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--program-dir", default=REPO, help="where aam_auto_backup.py, ShadowSpawn.exe "
+        "and 7z.exe are (default: this checkout)")
+    add("--python", required=True, help="python.exe full path (argument 3; the task's "
+        "program)")
+    add("--log-dir", required=True, help="argument 6")
+    add("--sender", required=True, help="argument 9: the SES-verified sender address")
+    add("--recipient", required=True, help="argument 10")
+    add("--instructions", required=True, help="argument 11: the instruction file")
+    add("--mirror-dir", default="", help="argument 14: the local mirror directory")
+    add("--bucket", required=True, help="argument 17")
+    add("--location", required=True, help="argument 18: this computer's name, no '_'")
+    add("--user", default=default_user(), help="the Windows account the task runs as "
+        "(default: %(default)s)")
+    add("--destinations", default="local|AWS", help="argument 13 (default: %(default)s)")
+    add("--drive-letter", default="q", help="argument 12 (default: %(default)s)")
+    add("--keep", choices=("True", "False"), default="False", help="argument 15")
+    add("--send-email", choices=("True", "False"), default="True", help="argument 7")
+    add("--sender-name", default="AAM Backup Report", help="argument 8")
+    add("--lock-poll", type=int, default=600, help="argument 4, seconds")
+    add("--lock-wait", type=int, default=7200, help="argument 5, seconds")
+    for field, variable in SECRET_ENV_DEFAULTS.items():
+        add(f"--{field.replace('_', '-')}-variable", default=variable,
+            help=f"environment variable for the {field.replace('_', ' ')} "
+                 "(default: %(default)s)")
+    add("--inline-secrets", action="store_true", help="ask for the key and the AWS "
+        "secret and write them into the task and the batch files instead")
+    add("--output", default=None, help="where to write the files (default: the program "
+        "directory)")
+    add("--register", action="store_true", help="run schtasks now (Windows, administrator)")
+    return parser.parse_args(argv)
+
+
+def settings_from(options):
+    secrets = {field: "env:" + getattr(options, f"{field}_variable")
+               for field in SECRET_ENV_DEFAULTS}
+    if options.inline_secrets:
+        secrets["key"] = getpass.getpass("Archive encryption key (argument 16): ")
+        secrets["access_key_id"] = getpass.getpass("AWS access key ID (argument 19): ")
+        secrets["secret_access_key"] = getpass.getpass("AWS secret access key "
+                                                       "(argument 20): ")
+    return ScheduleSettings(
+        options.program_dir, options.python, options.log_dir, options.sender,
+        options.recipient, options.instructions, options.mirror_dir, options.bucket,
+        options.location, options.user, lock_poll=options.lock_poll,
+        lock_wait=options.lock_wait, send_email=options.send_email == "True",
+        sender_name=options.sender_name, drive_letter=options.drive_letter,
+        destinations=options.destinations, keep=options.keep == "True", **secrets)
+
+
+def main(argv=None):
+    options = parse_command_line(sys.argv[1:] if argv is None else argv)
+    settings = settings_from(options)
+    try:
+        paths = write_files(settings, options.output or settings.program_dir,
+                            dt.date.today())
+    except SettingsError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"Wrote {path}")
+    if settings.inline_secrets:
+        print("These files hold your secrets: keep them private, and delete the XML file "
+              "once the task is registered.")
+    command = schtasks_command(settings, paths[0])
+    print("\nRegister the daily task from an administrator terminal "
+          "(schtasks asks for your Windows password):\n\n    " + command + "\n")
+    if options.register:
+        if os.name != "nt":
+            print("error: --register needs Windows (schtasks)", file=sys.stderr)
+            return 2
+        return subprocess.run(schtasks_argv(settings, paths[0])).returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

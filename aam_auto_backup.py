@@ -189,6 +189,7 @@ class PosixPlatform:
     case_insensitive = False
     # List files hold file names as raw bytes (names need not be valid UTF-8).
     list_charset_switch = "-scsWIN"
+    invalid_name_chars = ""
     script_name = "backup_script.sh"
     mirror_tool = "rsync"
     script_kind = "backup script"
@@ -234,6 +235,9 @@ class PosixPlatform:
 
     def long_path(self, path):
         return path
+
+    def is_junction(self, st):
+        return False
 
     def changed_time(self, st):
         # The inode change time catches a file copied in with an old mtime.
@@ -358,6 +362,7 @@ class WindowsPlatform(PosixPlatform):
     sep = "\\"
     case_insensitive = True
     list_charset_switch = "-scsUTF-8"
+    invalid_name_chars = '<>:"|'
     script_name = "AAM_Auto_Backup_shadow_copy.bat"
     mirror_tool = "Robocopy"
     script_kind = "backup batch file"
@@ -444,6 +449,14 @@ class WindowsPlatform(PosixPlatform):
         # taskkill /T ends the whole tree (ShadowSpawn, python, robocopy, 7z.exe).
         subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def is_junction(self, st):
+        """A directory junction/mount point: not followed (Robocopy /xjd does the same;
+        the profile's legacy junctions deny listing, and on the shadow drive a
+        junction leads back to the live disk)."""
+        # Only mount points: OneDrive's cloud folders are reparse points too, and are
+        # real directories that must be backed up.
+        return getattr(st, "st_reparse_tag", 0) == 0xA0000003   # IO_REPARSE_TAG_MOUNT_POINT
 
     def changed_time(self, st):
         # Windows: the creation time catches a file copied in with an old mtime.
@@ -550,7 +563,7 @@ class WindowsPlatform(PosixPlatform):
         lines.append(f"cd /D {view_root.rstrip(self.sep)}\\ || goto end")
         for command in commands:
             lines.extend(command)
-        lines += [f"echo {MARK_PREFIX}{self.script_kind} execution success.", ":end"]
+        lines += [f"echo {self.marker('script')}", ":end"]
         if code_page != 65001:
             lines.append(f"{chcp} {code_page} >nul")
         try:
@@ -595,8 +608,7 @@ class WindowsPlatform(PosixPlatform):
                 "files lie beside the listed directories. List their parent directory "
                 "instead, or move the loose files into a directory.")
         lines = [self.echo_line(MARK_VALIDATION_FAILURE + p) for p in problems]
-        return lines + [command, self.status_line(
-            self.robocopy_failure_code, "Robocopy")]
+        return lines + [command, self.status_line(self.robocopy_failure_code, "mirror")]
 
     def archive_commands(self, seven_zip_argv, key_variable):
         """7z.exe with the seed's list files; the key goes to its standard input.
@@ -615,7 +627,7 @@ class WindowsPlatform(PosixPlatform):
         feed = f'"%ComSpec%" /d /v:on /c "echo(!{key_variable}!&rem "'
         command = " ".join(self.seven_zip_word(index, arg)
                            for index, arg in enumerate(seven_zip_argv))
-        return [f"{feed}| {command}", self.status_line(1, "7-Zip")]
+        return [f"{feed}| {command}", self.status_line(1, "archive")]
 
     def delayed_expansion_by_default(self):
         """cmd.exe's registry default for '!' expansion (the user's value wins).
@@ -644,10 +656,11 @@ class WindowsPlatform(PosixPlatform):
             return arg
         return self.bat_quote(arg)
 
-    def status_line(self, failure_code, tool):
+    def status_line(self, failure_code, kind):
         """Echo the tool's success marker, or its exit code (errorlevel >= failure_code)."""
+        tool = self.marker(kind).removeprefix(MARK_PREFIX).removesuffix(" execution success.")
         return (f"if errorlevel {failure_code} (echo {MARK_PREFIX}{tool} failed with exit "
-                f"code %ERRORLEVEL%.) else (echo {MARK_PREFIX}{tool} execution success.)")
+                f"code %ERRORLEVEL%.) else (echo {self.marker(kind)})")
 
     def echo_line(self, text):
         """A batch line printing text as it is (cmd.exe's special characters escaped)."""
@@ -871,7 +884,7 @@ RESTORE_OPERATIONS = (
 )
 CHILD_AGENT = "ShadowSpawn"
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-LOCATION_RE = re.compile(r"^[^_/\\\s:*?\"<>|]+$")
+LOCATION_RE = re.compile(r"^[^\W_][\w.-]*$")
 
 
 class Secret(str):
@@ -948,8 +961,9 @@ def _drive_letter(text):
 
 
 def _location(text):
-    if not LOCATION_RE.match(text):
-        raise ValueError("must be a non-empty name without '_', '/', '\\', ':' or spaces")
+    if not LOCATION_RE.match(text) or "_" in text:
+        raise ValueError("must be letters, digits, '.' and '-' (no '_': it separates the "
+                         "fields of object names)")
     return text
 
 
@@ -1384,6 +1398,11 @@ def _parse_exclusion(number, entry, path, platform, is_dir):
                                "(directories go in block 2)")
     is_path = platform.is_absolute(entry + (sep if is_dir else ""))
     has_wildcard = any(c in entry for c in WILDCARD_CHARS)
+    bad = sorted({c for c in (entry[2:] if is_path else entry)
+                  if c in platform.invalid_name_chars})
+    if bad:
+        raise InstructionError(f"{where}: {entry!r} has {''.join(bad)!r}, which a "
+                               f"{kind} name cannot contain")
     if is_path:
         if has_wildcard:
             raise InstructionError(f"{where}: {entry!r} has a wildcard in a full path; "
@@ -1648,7 +1667,9 @@ def walk_selection(root, plan, platform, since=None):
                 selection.problems.append(f"cannot read {abs_dir}{sep}{entry.name}: "
                                           f"{problem.strerror or problem}")
                 continue
-            if stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(st.st_mode) and platform.is_junction(st):
+                selection.specials.append(rel)
+            elif stat.S_ISDIR(st.st_mode):
                 selection.dir_names.add(entry.name)
                 if selector.dir_excluded(rel, entry.name):
                     selection.excluded.append((rel, True))
@@ -2700,20 +2721,23 @@ class BackupRun:
         required = ["script"] + (["mirror"] if self.local else [])
         if archive_expected and MARK_NOTHING_TO_ARCHIVE not in present:
             required.append("archive")
-        for kind in required:
-            if self.platform.marker(kind) not in present:
-                return self.stop(SECTION_CHILD_ERROR, messages[kind])
+        missing = [messages[k] for k in required if self.platform.marker(k) not in present]
         results = [line[len(MARK_RESULT):] for line in lines if line.startswith(MARK_RESULT)]
-        if status != 0 or not results:
+        if missing or status != 0 or not results:
+            self.log.section(SECTION_CHILD_ERROR)
+            for message in missing:
+                self.log.line(f"ERROR: {message}")
             return self.stop(SECTION_CHILD_ERROR, "Critical error. ShadowSpawn.exe execution "
                              f"failure Aborting {self.args.operation} operation. "
-                             f"(exit code {status})")
+                             f"(exit code {status})", missing)
         return json.loads(results[-1])
 
-    def stop(self, section, message):
-        self.log.section(section)
+    def stop(self, section, message, causes=()):
+        """Log an error that ends the per-source loop; the run goes on to cleanup."""
+        if not causes:
+            self.log.section(section)
         self.log.line(f"ERROR: {message}")
-        self.failures.append(message)
+        self.failures.extend(list(causes) or [message])
         return None if section == SECTION_CHILD_ERROR else False
 
     def upload_source(self, source, name, files, run_sources):

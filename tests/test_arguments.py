@@ -24,7 +24,7 @@ def restore_args(sandbox, operation, changes=None):
 @pytest.mark.parametrize("operation", RESTORE_OPERATIONS)
 @pytest.mark.parametrize("changes, argument", [
     ({3: "yes"}, 3), ({7: "0"}, 7), ({7: "two"}, 7), ({9: "No_Such_Bucket"}, 9),
-    ({10: "a_b"}, 10), ({8: "caf\u00e9 key"}, 8), ({8: "x" * 100}, 8),
+    ({10: "a_b"}, 10), ({10: "pc%PATH%"}, 10), ({8: "caf\u00e9 key"}, 8), ({8: "x" * 100}, 8),
     ({12: "env:AAM_TEST_UNSET_VARIABLE"}, 12),
 ])
 def test_bad_restore_arguments_touch_nothing(sandbox, proxy, operation, changes, argument):

@@ -148,6 +148,15 @@ def test_windows_errors_name_the_line():
         parse("users\\allen\\\n", WINDOWS)
 
 
+def test_windows_names_cannot_hold_reserved_characters():
+    with pytest.raises(aab.InstructionError, match=r"line 5: .*which a file name cannot"):
+        parse('c:\\a\\\n\n\n\nsay"hi".txt\n', WINDOWS)
+    with pytest.raises(aab.InstructionError, match=r"line 3: .*which a directory name cannot"):
+        parse("c:\\a\\\n\na|b\\\n", WINDOWS)
+    # the same names are fine on POSIX
+    assert parse('/a/\n\n\n\nsay"hi".txt\n').excluded_files[0].text == 'say"hi".txt'
+
+
 def test_an_empty_file_is_an_error():
     with pytest.raises(aab.InstructionError, match="no directory to back up"):
         parse("\n\n")

@@ -629,7 +629,14 @@ def test_each_missing_marker_stops_with_the_seeds_message(tmp_path, missing):
 def test_markers_are_checked_in_the_seeds_order(tmp_path):
     run = backup_run(tmp_path)
     assert run.check_child_output([RESULT], 0, True) is None
-    assert run.failures == [SEED_MESSAGES[MARK_BATCH]]         # batch file, Robocopy, 7z.exe
+    # every missing message, in the seed's order (batch file, Robocopy, 7z.exe), then the
+    # critical error (spec-notes part7.md 5 item 13)
+    assert run.failures == [SEED_MESSAGES[MARK_BATCH], SEED_MESSAGES[MARK_ROBOCOPY],
+                            SEED_MESSAGES[MARK_7ZIP]]
+    log = log_text(run)
+    positions = [log.index(SEED_MESSAGES[m]) for m in (MARK_BATCH, MARK_ROBOCOPY, MARK_7ZIP)]
+    assert positions == sorted(positions)
+    assert log.index("Critical error. ShadowSpawn.exe execution failure Aborting") > positions[-1]
 
 
 def test_all_markers_present_give_the_childs_result(tmp_path):

@@ -649,7 +649,7 @@ def test_all_markers_present_give_the_childs_result(tmp_path):
 def fake_shadowspawn_run(markers, seen):
     """Stand-in for running ShadowSpawn.exe: records its command line, then writes what
     ShadowSpawn (cp437) and the child (UTF-8) print into the output file."""
-    def run_child_process(argv, output):
+    def run_child_process(argv, output, while_running=None):
         seen.append(argv)
         with open(output, "wb") as handle:
             handle.write(CP437_OUTPUT)

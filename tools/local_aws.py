@@ -614,6 +614,8 @@ class FaultProxy:
         self._fail_status = 500
         self._fail_services = None
         self._seen_since_fault = 0
+        self._delay = 0.0
+        self._delay_kinds = None
         self.reset_counters()
         self._server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", port), _make_handler(self))
@@ -672,10 +674,25 @@ class FaultProxy:
         """Answer again; requests stalled meanwhile are dropped unanswered."""
         self._responding.set()
 
+    def delay_requests(self, seconds, kinds=None):
+        """Hold each request (of these kinds, e.g. {"PutObject"}) `seconds`
+        before forwarding it: a slow uplink, for tests of what a backup
+        does while its uploads lag behind."""
+        with self._lock:
+            self._delay = seconds
+            self._delay_kinds = _service_set(kinds)
+
     def clear_faults(self):
         with self._lock:
             self._fail_after = None
+            self._delay = 0.0
         self.resume()
+
+    def _delay_for(self, kind):
+        with self._lock:
+            if self._delay and _in_services(kind, self._delay_kinds):
+                return self._delay
+            return 0.0
 
     def _should_stall(self, service):
         with self._lock:
@@ -782,6 +799,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             if self.proxy._should_stall(service):
                 self._stall()
                 return
+            time.sleep(self.proxy._delay_for(kind))
             status = self.proxy._should_fail(service)
             if status is not None:
                 self._answer_failure(kind, status)

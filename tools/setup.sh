@@ -13,6 +13,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
 if [ "${1:-}" = "--bench" ]; then
     command -v restic >/dev/null 2>&1 || packages+=(restic)
     command -v duplicity >/dev/null 2>&1 || packages+=(duplicity)
+    # duplicity's boto3+s3:// backend imports boto3 in the system Python.
+    /usr/bin/python3 -c 'import boto3' >/dev/null 2>&1 || packages+=(python3-boto3)
 fi
 if [ ${#packages[@]} -gt 0 ]; then
     sudo=""

@@ -1,0 +1,251 @@
+"""Pipelined upload: volumes go up while 7-Zip writes the next, the disk holds a few.
+
+Real parts: the CLI as a subprocess, real 7-Zip, a real moto server over HTTP
+behind the counting proxy (which also plays a slow uplink).
+"""
+
+import glob
+import os
+import random
+import re
+import sys
+import threading
+import time
+
+import pytest
+
+import aam_auto_backup as aam
+from conftest import KEY, extract
+
+VOLUME_SIZE = 2_000_000
+SLOW_PUT_SECONDS = 0.25      # per PutObject: uploads lag behind 7-Zip
+
+
+def make_source(sandbox, files=30, size=1_000_000):
+    """Random (incompressible) files: 7-Zip stores them, one volume per two files."""
+    root = os.path.join(sandbox.root, "data", "home", "ann", "Documents")
+    os.makedirs(root)
+    rng = random.Random(6)
+    for index in range(files):
+        with open(os.path.join(root, f"file{index:02d}.bin"), "wb") as handle:
+            handle.write(rng.randbytes(size))
+    sandbox.write_instructions(root + "/\n\n\n")
+    return root
+
+
+class ArchiveDirWatcher(threading.Thread):
+    """Samples the work directories' archives/ every few ms while a backup runs."""
+
+    def __init__(self, temp_root, proxy):
+        super().__init__(daemon=True)
+        self.temp_root, self.proxy = temp_root, proxy
+        self.most_volumes = self.most_bytes = 0
+        self.fullest = []
+        self.uploads_while_writing = 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            for archive_dir in glob.glob(os.path.join(self.temp_root, "*", "archives")):
+                self.sample(archive_dir)
+            time.sleep(0.002)
+
+    def sample(self, archive_dir):
+        try:
+            names = os.listdir(archive_dir)
+            sizes = [os.path.getsize(os.path.join(archive_dir, n)) for n in names]
+        except OSError:
+            return
+        if len(names) > self.most_volumes:
+            self.most_volumes, self.fullest = len(names), sorted(names)
+        self.most_bytes = max(self.most_bytes, sum(sizes))
+        if any(name.endswith(".tmp") for name in names):
+            puts = self.proxy.counters()["by_kind"].get("PutObject", 0)
+            self.uploads_while_writing = max(self.uploads_while_writing, puts)
+
+    def stop(self):
+        self.done.set()
+        self.join()
+
+
+def backup_env(sandbox, proxy, **extra):
+    settings = {"AWS_ENDPOINT_URL": proxy.endpoint_url, "AAM_VOLUME_SIZE": str(VOLUME_SIZE)}
+    return sandbox.env(**dict(settings, **extra))
+
+
+def keys(sandbox, marker):
+    return sorted(o["Key"] for o in sandbox.objects() if f"_{marker}_" in o["Key"])
+
+
+def test_volumes_upload_while_7zip_writes_and_the_disk_holds_a_few(sandbox, proxy, tmp_path):
+    source = make_source(sandbox)
+    proxy.delay_requests(SLOW_PUT_SECONDS, kinds={"PutObject"})
+    watcher = ArchiveDirWatcher(sandbox.temp, proxy)
+    watcher.start()
+    try:
+        result = sandbox.backup({13: "AWS", 14: ""}, env=backup_env(sandbox, proxy))
+    finally:
+        watcher.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    volumes = keys(sandbox, "no")
+    assert len(volumes) >= 14
+    # Uploads started while 7-Zip was still writing (a .tmp volume existed).
+    assert watcher.uploads_while_writing >= 3
+    # 7-Zip was paused while WAITING_VOLUMES finished volumes waited: besides
+    # them only the one 7-Zip is writing, and one more the pause may lag by.
+    bound = aam.WAITING_VOLUMES + 2
+    assert watcher.most_volumes <= bound, watcher.fullest
+    assert watcher.most_bytes <= bound * VOLUME_SIZE
+    assert not os.listdir(sandbox.temp) or not glob.glob(os.path.join(sandbox.temp, "*", "*"))
+    # The indicator lists exactly the uploaded volumes, in order, and they restore.
+    (indicator,) = keys(sandbox, "yes")
+    manifest = sandbox.indicator(indicator)
+    assert [v["name"] for v in manifest["volumes"]] == volumes
+    assert manifest["files"] == 30
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    local = [sandbox.fetch_volume(key, str(downloads)) for key in volumes]
+    for path in local:
+        os.rename(path, re.sub(r".*\.zip\.", str(downloads / "backup.zip."), path))
+    restored = extract(str(downloads / "backup.zip.001"), str(tmp_path / "restored"))
+    for name in os.listdir(source):
+        with open(os.path.join(source, name), "rb") as a, \
+                open(os.path.join(restored, name), "rb") as b:
+            assert a.read() == b.read()
+
+
+KILLING_7ZIP = """#!{python}
+# Runs the real 7-Zip and stops it (SIGTERM) once the parent has uploaded and
+# deleted the first volume: 7-Zip then deletes its volumes and exits 255.
+import os, signal, subprocess, sys, time
+archive = next(a for a in sys.argv[1:] if a.endswith("backup.zip"))
+directory = os.path.dirname(archive)
+process = subprocess.Popen([{seven_zip!r}] + sys.argv[1:])
+seen_first = False
+while process.poll() is None:
+    names = os.listdir(directory)
+    seen_first = seen_first or "backup.zip.001" in names
+    if seen_first and "backup.zip.001" not in names:
+        process.send_signal(signal.SIGTERM)
+        open({marker!r}, "w").close()
+        break
+    time.sleep(0.005)
+sys.exit(process.wait())
+"""
+
+
+def test_7zip_failing_midway_leaves_uploaded_volumes_without_indicator(sandbox, proxy,
+                                                                        tmp_path):
+    make_source(sandbox)
+    marker = str(tmp_path / "7zip-was-stopped")
+    wrapper = tmp_path / "7zz-then-stop"
+    wrapper.write_text(KILLING_7ZIP.format(python=sys.executable, marker=marker,
+                                           seven_zip=aam.PosixPlatform().find_seven_zip()))
+    wrapper.chmod(0o755)
+    proxy.delay_requests(SLOW_PUT_SECONDS, kinds={"PutObject"})
+    result = sandbox.backup({13: "AWS", 14: ""},
+                            env=backup_env(sandbox, proxy, AAM_7ZIP=str(wrapper)))
+    assert os.path.exists(marker), "7-Zip finished before it could be stopped"
+    assert result.returncode == aam.EXIT_FAILURE, result.stdout + result.stderr
+    assert keys(sandbox, "yes") == []
+    assert keys(sandbox, "no"), "no volume was uploaded before the failure"
+    (log,) = sandbox.log_files()
+    with open(log, encoding="utf-8") as handle:
+        text = handle.read()
+    assert "7-Zip failed with exit code 255" in text
+    assert "without a completion indicator" in text
+    assert not glob.glob(os.path.join(sandbox.temp, "*", "*"))
+
+
+def test_upload_failure_midway_discards_the_rest_and_writes_no_indicator(sandbox, proxy):
+    make_source(sandbox, files=8)
+    proxy.fail_after(3, services={"s3"})      # the LIST, then two volumes
+    result = sandbox.backup({13: "AWS", 14: "", 7: "False"},
+                            env=backup_env(sandbox, proxy))
+    proxy.clear_faults()
+    assert result.returncode == aam.EXIT_FAILURE, result.stdout + result.stderr
+    assert "no completion indicator was written" in result.stdout
+    assert keys(sandbox, "yes") == []
+    assert not glob.glob(os.path.join(sandbox.temp, "*", "*"))
+
+
+class ListLog:
+    """Just enough of RunLog for VolumeUploader."""
+
+    def __init__(self):
+        self.lines = []
+
+    def scrub(self, text):
+        return text
+
+    def line(self, text="", terminal=True):
+        self.lines.append(text)
+
+
+def test_uploader_takes_only_final_volumes_in_order(aws, tmp_path):
+    aws.create_bucket("pipeline-unit")
+    s3 = aws.client("s3")
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    uploader = aam.VolumeUploader(s3, "pipeline-unit", str(archives),
+                                  lambda n: f"vol.{n:03d}", ListLog())
+    (archives / "backup.zip.001.tmp").write_bytes(b"one")
+    (archives / "backup.zip.002").write_bytes(b"two")       # 001 is not final yet
+    uploader.poll()
+    assert uploader.records == []
+    (archives / "backup.zip.001.tmp").rename(archives / "backup.zip.001")
+    (archives / "backup.zip.003.0123abcd.tmp").write_bytes(b"thr")
+    uploader.poll()
+    assert [r["name"] for r in uploader.records] == ["vol.001", "vol.002"]
+    assert sorted(os.listdir(archives)) == ["backup.zip.003.0123abcd.tmp"]
+    with pytest.raises(aam.VolumeCountMismatch):
+        uploader.finish(3)                               # a .tmp volume remains
+    (archives / "backup.zip.003.0123abcd.tmp").rename(archives / "backup.zip.003")
+    records = uploader.finish(3)
+    assert [r["name"] for r in records] == ["vol.001", "vol.002", "vol.003"]
+    stored = s3.head_object(Bucket="pipeline-unit", Key="vol.003")
+    assert (stored["ContentLength"], stored["StorageClass"]) == (3, "DEEP_ARCHIVE")
+    assert os.listdir(archives) == []
+
+
+def test_uploader_refuses_fewer_volumes_than_7zip_reported(aws, tmp_path):
+    aws.create_bucket("pipeline-count")
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    (archives / "backup.zip.001").write_bytes(b"one")
+    uploader = aam.VolumeUploader(aws.client("s3"), "pipeline-count", str(archives),
+                                  lambda n: f"vol.{n:03d}", ListLog())
+    with pytest.raises(aam.VolumeCountMismatch):
+        uploader.finish(2)
+
+
+def test_reported_volume_count_is_7zips_last_summary_line():
+    lines = ["+ Volumes: 7", "Archive size: 10 bytes", "Volumes: 3", "Everything is Ok"]
+    assert aam.reported_volume_count(lines) == 3
+    assert aam.reported_volume_count(["AAM Auto Backup: no files to back up"]) is None
+
+
+def test_unchanged_incremental_makes_one_list_and_one_put(sandbox, proxy):
+    make_source(sandbox, files=3, size=1000)
+    env = backup_env(sandbox, proxy)
+    first = sandbox.backup({13: "AWS", 14: "", 7: "False"}, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    proxy.reset_counters()
+    second = sandbox.backup({13: "AWS", 14: "", 7: "False"}, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    # One prefix query for the current month; no archive object, only the indicator.
+    assert proxy.counters()["by_kind"] == {"LIST": 1, "PutObject": 1}
+    assert len(keys(sandbox, "no")) == 1
+
+
+def test_a_large_volume_goes_up_in_concurrent_parts(sandbox, proxy):
+    config = aam.transfer_config()
+    make_source(sandbox, files=1, size=config.multipart_threshold + 3 * 1024 * 1024)
+    result = sandbox.backup({13: "AWS", 14: "", 7: "False"},
+                            env=backup_env(sandbox, proxy, AAM_VOLUME_SIZE="4000000000"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = proxy.counters()["by_kind"]
+    assert kinds.get("CreateMultipartUpload") == 1
+    assert kinds.get("UploadPart", 0) >= 2
+    assert kinds.get("CompleteMultipartUpload") == 1
+    assert config.max_concurrency >= 2

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 VERSION = "1.0.0"
 PROGRAM_NAME = "AAM Auto Backup"
@@ -2847,6 +2848,8 @@ def request_thaw(s3, bucket, key, days, tier):
     except Exception as problem:     # noqa: BLE001 - sorted out below
         if aws_error_code(problem) == "RestoreAlreadyInProgress":
             return IN_PROGRESS
+        if is_transient(problem):
+            raise
         raise restore_aws_error(problem, bucket, key) from None
     # 202: a new thaw started; 200: the object was thawed already.
     status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -2887,13 +2890,16 @@ def download_volume(s3, bucket, volume):
     """
     part = volume.path + PART_SUFFIX
     os.makedirs(os.path.dirname(volume.path), mode=0o700, exist_ok=True)
-    for _attempt in range(2):
+    while True:
+        resumed = os.path.exists(part)
         stream_to_part(s3, bucket, volume, part)
         if file_matches(part, volume):
             os.replace(part, volume.path)
             return
         actual = sha256_of(part)
         os.remove(part)
+        if not resumed:
+            break
     raise AamError(f"The volume {volume.key} in the bucket does not match its completion "
                    f"indicator (SHA-256 {actual}, expected {volume.sha256}): the copy in S3 "
                    "is damaged. Nothing was extracted.")
@@ -3060,6 +3066,9 @@ class Restoration:
                       f"location {self.args.location} as of {describe_stamp(last)}, "
                       f"finished {self.state.finished}; nothing to do. To restore again, "
                       "use another destination directory.")
+        if os.path.isdir(self.downloads):
+            self.out.line(f"The downloaded archives are kept in {self.downloads}; delete "
+                          "them when you no longer need them.")
         return True
 
     # -- thaw ----------------------------------------------------------------------
@@ -3210,8 +3219,10 @@ def restore_to_s3(restoration):
     out.section(SECTION_THAW)
     statuses = restoration.statuses()
     asked = restoration.request_thaws(statuses)
-    out.line(f"{asked} thaw request(s) made; the other volumes were requested, thawed or "
-             "downloaded already.")
+    earlier = len(statuses) - asked
+    out.line(f"{asked} thaw request(s) made" + (
+        f"; {earlier} volume(s) were requested, thawed or downloaded before." if earlier
+        else "."))
     return statuses
 
 
@@ -3273,7 +3284,6 @@ def wait_and_download(restoration):
 
 def run_one_step(restoration):
     if restoration.already_finished():
-        restoration.remove_downloads()
         return
     check_seven_zip(restoration.settings)
     restoration.load_set()
@@ -3322,6 +3332,17 @@ def restore_email(args, restoration, failed, start, out):
                       args.recipient, title, "\n".join(body) + "\n", out)
 
 
+def failure_text(problem):
+    """What to tell the user about an error that is not an AamError."""
+    again = "run the same command again to continue"
+    if is_transient(problem):     # (botocore's timeouts are OSErrors too)
+        return f"AWS S3 cannot be reached or failed ({describe_aws_error(problem)}); {again}."
+    if isinstance(problem, OSError):
+        return (f"{problem.strerror or problem}: {problem.filename or ''} (the destination "
+                f"disk?); once that is fixed, {again}.")
+    return f"unexpected {type(problem).__name__}: {problem}"
+
+
 def run_restore(args, platform, settings):
     """The five restore operations; only one-step writes a log and sends e-mail."""
     one_step = args.operation == RESTORE_OPERATIONS[0]
@@ -3357,13 +3378,11 @@ def run_restore(args, platform, settings):
         out.section(SECTION_RESTORE_ERROR)
         out.line(f"ERROR: {problem}")
         code = problem.exit_code
-    except Exception as problem:     # noqa: BLE001 - a network error ends the run
-        if not is_transient(problem):
-            out.line(f"ERROR: unexpected {type(problem).__name__}: {problem}")
-            raise
+    except Exception as problem:     # noqa: BLE001 - reported, so that one-step still mails
         out.section(SECTION_RESTORE_ERROR)
-        out.line(f"ERROR: AWS S3 cannot be reached or failed ({describe_aws_error(problem)}); "
-                 "run the same command again to continue.")
+        out.line(f"ERROR: {failure_text(problem)}")
+        if not (is_transient(problem) or isinstance(problem, OSError)):
+            out.line(traceback.format_exc(), terminal=False)
         code = EXIT_FAILURE
     finally:
         restoration.close()

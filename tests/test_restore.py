@@ -130,6 +130,11 @@ def numbered_directories(destination, tree):
             for mount in tree.mounts}
 
 
+def restore_log(sandbox):
+    (log,) = [p for p in sandbox.log_files() if p.endswith(f"_{ONE_STEP}.log")]
+    return open(log, encoding="utf-8").read()
+
+
 def restoration_emails(sandbox):
     return [m for m in sandbox.emails() if "data restoration" in m["subject"]]
 
@@ -183,8 +188,7 @@ def test_one_step_restores_full_and_incrementals_into_numbered_directories(
     assert "in progress" in out and "Next check in 1 s" in out
     assert "Removed the downloaded archives" in out
 
-    (log,) = [p for p in sandbox.log_files() if p.endswith(f"_{ONE_STEP}.log")]
-    log_text = open(log, encoding="utf-8").read()
+    log_text = restore_log(sandbox)
     assert "Thaw requested (Bulk, 2 days)" in log_text
     assert all(key in log_text for key in volume_keys(sandbox))
     (message,) = restoration_emails(sandbox)
@@ -232,8 +236,7 @@ def test_standard_tier_override_is_used_and_planned(sandbox, tmp_path):
     assert "Standard tier: expected wait within 12 hours" in result.stdout
     assert "<- this restore" in [l for l in result.stdout.splitlines() if "Standard " in l
                                  and "$0.02/GB" in l][0]
-    log = open(sandbox.log_files()[-1], encoding="utf-8").read()
-    assert "Thaw requested (Standard, 2 days)" in log
+    assert "Thaw requested (Standard, 2 days)" in restore_log(sandbox)
 
 
 # ----------------------------------------------------------------- multi-step
@@ -469,6 +472,33 @@ def test_a_changed_byte_in_the_bucket_is_caught_before_extraction(sandbox, tmp_p
     assert "Nothing was extracted" in result.stdout
     assert_nothing_extracted(destination)
     assert "not (completely) restored" in result.stdout
+
+
+def test_a_downloaded_volume_damaged_on_disk_is_caught_before_extraction(sandbox, tmp_path):
+    make_history(sandbox)
+    destination = tmp_path / "r"
+    ok(restore(sandbox, THAW, destination))
+    ok(restore(sandbox, DOWNLOAD, destination))
+    volume = next(os.path.join(d, n) for d, _s, names in os.walk(destination / "downloads")
+                  for n in names)
+    data = bytearray(open(volume, "rb").read())
+    data[-30] ^= 0x80
+    write(volume, bytes(data))
+    result = restore(sandbox, DECOMPRESS, destination)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"do not match their SHA-256 in the completion indicator: {volume}" in result.stdout
+    assert_nothing_extracted(destination)
+
+
+def test_two_restores_into_one_directory_cannot_run_at_once(sandbox, tmp_path):
+    import filelock
+    make_history(sandbox)
+    destination = tmp_path / "r"
+    os.makedirs(destination)
+    with filelock.FileLock(str(destination / ".aam-restore.lock")):
+        result = restore(sandbox, THAW, destination)
+    assert result.returncode == 1
+    assert f"Another restoration is running into {destination}" in result.stdout
 
 
 def test_a_missing_volume_stops_before_any_thaw(sandbox, tmp_path, proxy):

@@ -167,6 +167,9 @@ def test_one_step_restores_full_and_incrementals_into_numbered_directories(
 
     assert numbered_directories(destination, tree) == expected
     first = os.path.join(destination, "1")
+    deleted = os.path.join("Documents", "notes with space.md")   # deleted after the full
+    assert not os.path.exists(os.path.join(tree.first_mount, deleted))
+    assert open(os.path.join(first, deleted), "rb").read() == b"# notes\n"
     assert os.readlink(os.path.join(first, "Documents", "link-inside")) == "report.txt"
     assert os.readlink(os.path.join(first, "Documents", "link-absolute")) == "/etc/hostname"
     source = os.path.join(tree.first_mount, "Documents", "report.txt")

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 VERSION = "1.0.0"
 PROGRAM_NAME = "AAM Auto Backup"
@@ -56,6 +57,7 @@ EXIT_INSTRUCTIONS = 3     # the instruction file is missing or invalid
 EXIT_LOCKED = 4           # another backup held the lock for the whole wait
 EXIT_NO_BACKUP_SET = 5    # no complete backup set to build on or restore from
 EXIT_REFUSED = 6          # incremental-only: a full backup is required first
+EXIT_NOT_READY = 7        # restore step: thawed copies not all there yet
 EXIT_INTERRUPTED = 130    # Ctrl-C or SIGTERM
 
 DEFAULT_VOLUME_SIZE = 4_000_000_000
@@ -2996,11 +2998,1028 @@ class BackupRun:
 # Restore operations (SPEC 7)
 # ============================================================================
 
+# Deep Archive retrieval prices for us-east-1 as the design notes recorded them
+# from aws.amazon.com/s3/pricing on 2020-10-05 (README lists them): dollars per
+# GB retrieved and per 1,000 restore requests.  Only used for the estimate.
+PRICES_TAKEN = "2020-10-05"
+RETRIEVAL_PRICES = {"Bulk": (0.0025, 0.025), "Standard": (0.02, 0.10)}
+TRANSFER_OUT_PER_GB = 0.09
+EXPECTED_WAIT = {"Bulk": "within 48 hours", "Standard": "within 12 hours"}
+GB = 1024 ** 3                    # AWS bills a GB as 2^30 bytes
+
+RESTORE_STATE_FILE = ".aam-restore-state.json"
+RESTORE_STATE_FORMAT = "aam-auto-backup-restore-state"
+RESTORE_LOCK_FILE = ".aam-restore.lock"
+RESTORE_MAP_FILE = "restore-map.txt"
+DOWNLOADS_DIR = "downloads"
+INCOMPLETE_SUFFIX = ".incomplete"
+PART_SUFFIX = ".part"
+ARCHIVED_CLASSES = ("DEEP_ARCHIVE", "GLACIER")
+
+# Thaw states of one volume, in the order a volume goes through them.
+NOT_REQUESTED = "not requested"
+IN_PROGRESS = "in progress"
+AVAILABLE = "available"
+DOWNLOADED = "downloaded"
+
+SECTION_RESTORE_START = "Data restoration starting time and date."
+SECTION_RESTORE_SET = "the AWS S3 backup objects used in the data restoration."
+SECTION_THAW = "AWS S3 Glacier Deep Archive restoration."
+SECTION_DOWNLOAD = "AWS S3 download."
+SECTION_EXTRACT = "decryption and decompression."
+SECTION_RESTORE_ERROR = "(if applicable) data restoration error."
+
+# The permission each S3 call of a restore needs (for a refused call's message).
+S3_PERMISSIONS = {
+    "ListObjectsV2": "s3:ListBucket", "ListObjects": "s3:ListBucket",
+    "GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
+    "RestoreObject": "s3:RestoreObject",
+}
+DENIED_CODES = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled")
+
+
+class NotReady(AamError):
+    """The thawed copies are not all there yet: run the step again later."""
+
+    exit_code = EXIT_NOT_READY
+
+
+def aws_error_code(problem):
+    response = getattr(problem, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def is_transient(problem):
+    """A network failure or an S3 server error (5xx): worth trying again later."""
+    import botocore.exceptions as errors
+    if isinstance(problem, (errors.ConnectionError, errors.HTTPClientError,
+                            errors.IncompleteReadError)):
+        return True
+    response = getattr(problem, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+
+
+def restore_aws_error(problem, bucket, key=None):
+    """An AamError for a failed S3 call of a restore, naming a missing permission."""
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    operation = getattr(problem, "operation_name", "")
+    if aws_error_code(problem) in DENIED_CODES:
+        permission = S3_PERMISSIONS.get(operation, "an S3 permission")
+        return AamError(
+            f"AWS refused {operation or 'the request'} on {where} (access denied): the "
+            f"credentials of arguments 11 and 12 lack the permission {permission}. A "
+            "restore needs s3:ListBucket, s3:GetObject and s3:RestoreObject on the bucket: "
+            "use the restore user's keys (README, AWS setup); the backup user is "
+            "write-only by design.")
+    if aws_error_code(problem) in ("404", "NoSuchKey"):
+        return AamError(f"{where} does not exist (any more); the backup set is damaged.")
+    if aws_error_code(problem) == "NoSuchBucket":
+        return AamError(f"The bucket {bucket} (argument 9) does not exist.")
+    return AamError(f"AWS S3 request on {where} failed: {describe_aws_error(problem)}")
+
+
+@contextlib.contextmanager
+def s3_call(bucket, key=None):
+    """Turn a refused or failed S3 call into a clear AamError; transient ones pass on."""
+    try:
+        yield
+    except AamError:
+        raise
+    except Exception as problem:     # noqa: BLE001 - boto3 raises many kinds
+        if is_transient(problem):
+            raise
+        raise restore_aws_error(problem, bucket, key) from None
+
+
+class TerminalOutput:
+    """The multi-step operations write no log (seed decision): terminal only.
+
+    Same interface as RunLog; tool output (terminal=False) is not shown.
+    """
+
+    path = None
+
+    def __init__(self, secrets):
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len,
+                              reverse=True)
+
+    scrub = RunLog.scrub
+
+    def section(self, heading):
+        pass
+
+    def line(self, text="", terminal=True):
+        if terminal:
+            print(self.scrub(str(text)), flush=True)
+
+    def close(self):
+        pass
+
+
+# -- the backup set to restore (SPEC 7 step 1) --------------------------------
+
+@dataclasses.dataclass
+class RestoreVolume:
+    key: str
+    size: int
+    sha256: str
+    path: str            # where it is downloaded
+
+
+@dataclasses.dataclass
+class RestoreArchive:
+    """One source's archive in one backup of the set (no volumes: nothing changed)."""
+
+    backup: dt.datetime
+    number: int          # the source's numbered directory
+    source: str
+    volumes: list
+
+
+@dataclasses.dataclass
+class RestoreSet:
+    location: str
+    full: dt.datetime
+    incrementals: list   # complete incrementals, oldest first
+    sources: list        # [(number, source name, original path)]
+    archives: list       # the full's first, then each incremental's
+    indicators: list     # indicator keys
+
+    @property
+    def volumes(self):
+        return [volume for archive in self.archives for volume in archive.volumes]
+
+    @property
+    def last_backup(self):
+        return self.incrementals[-1] if self.incrementals else self.full
+
+    def archives_of(self, number):
+        return [a for a in self.archives if a.number == number]
+
+
+def read_manifest(s3, bucket, key):
+    """The JSON manifest of one indicator, checked enough to be trusted."""
+    with s3_call(bucket, key):
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        manifest = json.loads(body.decode("utf-8"))
+        if manifest.get("format") != INDICATOR_FORMAT:
+            raise ValueError("not an AAM Auto Backup indicator")
+        if int(manifest.get("format_version", 0)) > 1:
+            raise ValueError("written by a newer version of AAM Auto Backup; use it to "
+                             "restore")
+        for field in ("sources", "source", "source_path", "volumes"):
+            if field not in manifest:
+                raise ValueError(f"no '{field}'")
+        return manifest
+    except (ValueError, UnicodeDecodeError, AttributeError) as problem:
+        raise AamError(f"The completion indicator {key} cannot be used: {problem}")
+
+
+def complete_backup(s3, bucket, catalog, full, incremental):
+    """({source: manifest}, None) when one backup is complete, else (None, reason)."""
+    present = catalog.indicators.get((full, incremental), {})
+    manifests = {source: read_manifest(s3, bucket, stored.name.key)
+                 for source, stored in sorted(present.items())}
+    declared = {tuple(m["sources"]) for m in manifests.values()}
+    if len(declared) != 1:
+        return None, "its completion indicators name different sources"
+    missing = [source for source in declared.pop() if source not in manifests]
+    if missing:
+        return None, "no completion indicator for " + ", ".join(missing)
+    return manifests, None
+
+
+def describe_backup(full, incremental):
+    if incremental is None:
+        return f"full backup {describe_stamp(full)}"
+    return f"incremental backup {describe_stamp(incremental)} (of the full {describe_stamp(full)})"
+
+
+def find_restore_set(s3, bucket, catalog, out):
+    """The latest complete full backup, its manifests and its complete incrementals.
+
+    Returns (full, full manifests, [(incremental, manifests)], oldest first).
+    """
+    for full in catalog.fulls():
+        manifests, reason = complete_backup(s3, bucket, catalog, full, None)
+        if manifests:
+            break
+        out.line(f"Skipped the {describe_backup(full, None)}: it is incomplete ({reason}).")
+    else:
+        raise NoBackupSet("No complete full backup to restore from.")
+    chosen = []
+    for incremental in sorted({incr for (f, incr) in catalog.indicators
+                               if f == full and incr is not None}):
+        found, reason = complete_backup(s3, bucket, catalog, full, incremental)
+        if found:
+            chosen.append((incremental, found))
+        else:
+            out.line(f"Skipped the {describe_backup(full, incremental)}: it is incomplete "
+                     f"({reason}).")
+    return full, manifests, chosen
+
+
+def volume_path(downloads, backup, number, key):
+    """downloads/<backup stamp>/<source number>/backup.zip.NNN (short, any source path)."""
+    return os.path.join(downloads, format_stamp(backup), str(number),
+                        f"backup.zip.{ObjectName.parse(key).volume:03d}")
+
+
+def volumes_of(manifest, catalog, full, incremental, path_of):
+    """The manifest's volumes, each checked against the bucket listing."""
+    listed = {stored.name.key: stored.size
+              for stored in catalog.volumes.get((full, incremental, manifest["source"]), [])}
+    volumes, problems = [], []
+    for entry in manifest["volumes"]:
+        name = ObjectName.parse(entry["name"])
+        if (name is None or name.indicator or name.full != full
+                or name.incremental != incremental or name.source != manifest["source"]):
+            problems.append(f"{entry['name']}: the manifest names a volume of another backup")
+            continue
+        if entry["name"] not in listed:
+            problems.append(f"{entry['name']}: missing from the bucket")
+        elif listed[entry["name"]] != entry["size"]:
+            problems.append(f"{entry['name']}: {listed[entry['name']]:,} bytes in the bucket, "
+                            f"{entry['size']:,} in the manifest")
+        volumes.append(RestoreVolume(entry["name"], int(entry["size"]), entry["sha256"],
+                                     path_of(entry["name"])))
+    return volumes, problems
+
+
+def build_restore_set(location, catalog, full, chosen, full_manifests, downloads):
+    """Number the sources and gather every archive; missing volumes stop it here."""
+    sources = [(number, source, full_manifests[source]["source_path"])
+               for number, source in enumerate(sorted(full_manifests), 1)]
+    numbers = {source: number for number, source, _path in sources}
+    archives, indicators, problems = [], [], []
+    for incremental, manifests in [(None, full_manifests)] + chosen:
+        backup = incremental or full
+        for source, manifest in sorted(manifests.items()):
+            indicators.append(ObjectName(location, full, incremental, True, source).key)
+            if source not in numbers:
+                problems.append(f"{describe_backup(full, incremental)} holds the source "
+                                f"{source}, which its full backup does not")
+                continue
+            number = numbers[source]
+            volumes, found = volumes_of(
+                manifest, catalog, full, incremental,
+                lambda key, b=backup, n=number: volume_path(downloads, b, n, key))
+            problems += found
+            archives.append(RestoreArchive(backup, number, source, volumes))
+    if problems:
+        raise AamError("The backup set is damaged; nothing was restored:\n  "
+                       + "\n  ".join(problems))
+    return RestoreSet(location, full, [i for i, _m in chosen], sources, archives, indicators)
+
+
+def check_incremental_chain(restore_set, manifests_by_backup, out):
+    """Warn when an incremental was made against a backup that is not in the set."""
+    previous = restore_set.full
+    for incremental, manifests in manifests_by_backup:
+        since = {m.get("changed_since") for m in manifests.values()}
+        if since != {format_stamp(previous)}:
+            out.line(f"Warning: the {describe_backup(restore_set.full, incremental)} holds "
+                     f"changes since {', '.join(sorted(str(s) for s in since))}, not since "
+                     f"the previous backup used ({describe_stamp(previous)}); files changed "
+                     "in between may be missing.")
+        previous = incremental
+
+
+# -- the plan printed before any thaw ------------------------------------------
+
+def format_dollars(amount):
+    return "less than $0.01" if 0 < amount < 0.005 else f"${amount:,.2f}"
+
+
+def retrieval_cost(tier, size, requests):
+    per_gb, per_thousand = RETRIEVAL_PRICES[tier]
+    return size / GB * per_gb + requests / 1000 * per_thousand
+
+
+def plan_lines(restore_set, days, tier):
+    volumes = restore_set.volumes
+    size = sum(v.size for v in volumes)
+    lines = [f"Restore plan: {len(volumes)} volume(s), {size:,} bytes "
+             f"({size / GB:.3f} GB), thawed for {days} day(s) (argument 7) with the "
+             f"{tier} tier: expected wait {EXPECTED_WAIT[tier]}.",
+             f"Estimated retrieval cost (us-east-1 prices of {PRICES_TAKEN}, README):"]
+    for name in ("Bulk", "Standard"):
+        per_gb, per_thousand = RETRIEVAL_PRICES[name]
+        chosen = "  <- this restore (AAM_RESTORE_TIER)" if name == tier else ""
+        lines.append(f"  {name:8s} {format_dollars(retrieval_cost(name, size, len(volumes))):>16s}"
+                     f"  (${per_gb}/GB + ${per_thousand:.3f} per 1,000 requests, "
+                     f"{EXPECTED_WAIT[name]}){chosen}")
+    lines.append(f"  Downloading out of AWS is billed apart (${TRANSFER_OUT_PER_GB}/GB): "
+                 f"{format_dollars(size / GB * TRANSFER_OUT_PER_GB)}.")
+    return lines
+
+
+def set_lines(restore_set):
+    """The objects chosen (SPEC 7 step 1), for the terminal and the log."""
+    lines = [f"Backup set used: the {describe_backup(restore_set.full, None)} and "
+             f"{len(restore_set.incrementals)} complete incremental backup(s) of it; the "
+             f"data is as of {describe_stamp(restore_set.last_backup)}."]
+    for number, source, path in restore_set.sources:
+        lines.append(f"  source {number}: {path} ({source})")
+    lines.append("Objects used:")
+    for key in restore_set.indicators:
+        lines.append(f"  {key}  (completion indicator)")
+    for volume in restore_set.volumes:
+        lines.append(f"  {volume.key}  ({volume.size:,} bytes)")
+    return lines
+
+
+def set_to_json(restore_set):
+    return {
+        "location": restore_set.location, "full": format_stamp(restore_set.full),
+        "incrementals": [format_stamp(i) for i in restore_set.incrementals],
+        "sources": [list(source) for source in restore_set.sources],
+        "indicators": list(restore_set.indicators),
+        "archives": [{"backup": format_stamp(a.backup), "number": a.number,
+                      "source": a.source,
+                      "volumes": [{"name": v.key, "size": v.size, "sha256": v.sha256}
+                                  for v in a.volumes]}
+                     for a in restore_set.archives],
+    }
+
+
+def set_from_json(data, downloads):
+    archives = []
+    for entry in data["archives"]:
+        backup = parse_stamp(entry["backup"])
+        volumes = [RestoreVolume(v["name"], v["size"], v["sha256"],
+                                 volume_path(downloads, backup, entry["number"], v["name"]))
+                   for v in entry["volumes"]]
+        archives.append(RestoreArchive(backup, entry["number"], entry["source"], volumes))
+    return RestoreSet(data["location"], parse_stamp(data["full"]),
+                      [parse_stamp(i) for i in data["incrementals"]],
+                      [tuple(source) for source in data["sources"]], archives,
+                      data["indicators"])
+
+
+# -- the destination directory and the restoration state ----------------------
+
+class RestoreState:
+    """The small JSON file in the destination that lets a re-run continue.
+
+    It pins the backup set with every volume's size and SHA-256 (a backup
+    made meanwhile does not change what is being restored, and the last step
+    needs no S3 request) and records which numbered directories are finished.
+    Everything else is derived on each run: thaw status from S3's Restore
+    header, downloads from the files on disk (a volume gets its final name
+    only once verified).
+    """
+
+    def __init__(self, destination, data):
+        self.path = os.path.join(destination, RESTORE_STATE_FILE)
+        self.data = data
+
+    @classmethod
+    def load(cls, destination):
+        path = os.path.join(destination, RESTORE_STATE_FILE)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            if data.get("format") != RESTORE_STATE_FORMAT:
+                raise ValueError("not a restoration state file")
+            set_from_json(data["set"], "")       # readable as a whole, or not at all
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as problem:
+            raise AamError(f"{path} cannot be read ({problem}); remove it to start this "
+                           "restoration afresh.")
+        return cls(destination, data)
+
+    @classmethod
+    def new(cls, destination, bucket, restore_set):
+        return cls(destination, {
+            "format": RESTORE_STATE_FORMAT, "format_version": 1,
+            "program_version": VERSION, "bucket": bucket, "location": restore_set.location,
+            "started": utc_now().isoformat(), "finished": None, "done": [],
+            "set": set_to_json(restore_set),
+        })
+
+    def restore_set(self, downloads):
+        return set_from_json(self.data["set"], downloads)
+
+    @property
+    def finished(self):
+        return self.data["finished"]
+
+    def is_done(self, number):
+        return number in self.data["done"]
+
+    def mark_done(self, number):
+        self.data["done"] = sorted(set(self.data["done"]) | {number})
+        self.save()
+
+    def mark_finished(self):
+        self.data["finished"] = utc_now().isoformat()
+        self.save()
+
+    def save(self):
+        temporary = self.path + ".new"
+        _write_private_text(temporary, json.dumps(self.data, indent=1) + "\n")
+        os.replace(temporary, self.path)
+
+
+def write_restore_map(destination, bucket, restore_set, state):
+    """restore-map.txt: which numbered directory holds which original directory."""
+    incrementals = ", ".join(describe_stamp(i) for i in restore_set.incrementals) or "none"
+    status = (f"complete (finished {state.finished})" if state.finished
+              else "NOT complete: run the restoration again to finish it")
+    lines = [
+        "# AAM Auto Backup restoration map: each numbered directory holds one backup source.",
+        f"# location: {restore_set.location}; bucket: {bucket}",
+        f"# full backup: {describe_stamp(restore_set.full)}",
+        f"# incremental backups applied over it, in this order: {incrementals}",
+        f"# the files are as of the last backup: {describe_stamp(restore_set.last_backup)}",
+        f"# status: {status}",
+        "# number<TAB>original directory<TAB>state",
+    ]
+    for number, _source, path in restore_set.sources:
+        done = "restored" if state.is_done(number) else "not restored yet"
+        lines.append(f"{number}\t{path}\t{done}")
+    _write_private_text(os.path.join(destination, RESTORE_MAP_FILE), "\n".join(lines) + "\n")
+
+
+def claimed_names(restore_set):
+    names = [RESTORE_MAP_FILE, DOWNLOADS_DIR]
+    for number, _source, _path in restore_set.sources:
+        names += [str(number), str(number) + INCOMPLETE_SUFFIX]
+    return names
+
+
+# -- thaw, status, download ------------------------------------------------------
+
+def parse_restore_header(head):
+    """NOT_REQUESTED, IN_PROGRESS or AVAILABLE from a head_object answer."""
+    if head.get("StorageClass") not in ARCHIVED_CLASSES:
+        return AVAILABLE                  # not archived: readable as it is
+    restore = head.get("Restore") or ""
+    if not restore:
+        return NOT_REQUESTED              # never asked, or the thawed copy expired
+    return IN_PROGRESS if 'ongoing-request="true"' in restore else AVAILABLE
+
+
+def request_thaw(s3, bucket, key, days, tier):
+    """Ask S3 to thaw one volume; an answer that it is under way or done is fine."""
+    try:
+        answer = s3.restore_object(Bucket=bucket, Key=key, RestoreRequest={
+            "Days": days, "GlacierJobParameters": {"Tier": tier}})
+    except Exception as problem:     # noqa: BLE001 - sorted out below
+        if aws_error_code(problem) == "RestoreAlreadyInProgress":
+            return IN_PROGRESS
+        if is_transient(problem):
+            raise
+        raise restore_aws_error(problem, bucket, key) from None
+    # 202: a new thaw started; 200: the object was thawed already.
+    status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return AVAILABLE if status == 200 else IN_PROGRESS
+
+
+def file_matches(path, volume, check_hash=True):
+    try:
+        if os.path.getsize(path) != volume.size:
+            return False
+    except OSError:
+        return False
+    return not check_hash or sha256_of(path) == volume.sha256
+
+
+def stream_to_part(s3, bucket, volume, part):
+    """Download into the .part file, resuming after what an earlier run got."""
+    offset = os.path.getsize(part) if os.path.exists(part) else 0
+    if offset > volume.size:
+        os.remove(part)
+        offset = 0
+    if offset == volume.size:
+        return
+    extra = {"Range": f"bytes={offset}-"} if offset else {}
+    body = s3.get_object(Bucket=bucket, Key=volume.key, **extra)["Body"]
+    with open(part, "ab") as handle:
+        for chunk in iter(lambda: body.read(MIB), b""):
+            handle.write(chunk)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def download_volume(s3, bucket, volume):
+    """Download one thawed volume and verify it; it gets its final name only then.
+
+    A resumed download that does not verify is fetched once more from the
+    start; a fresh one that does not verify means the copy in S3 is damaged.
+    """
+    part = volume.path + PART_SUFFIX
+    os.makedirs(os.path.dirname(volume.path), mode=0o700, exist_ok=True)
+    while True:
+        resumed = os.path.exists(part)
+        stream_to_part(s3, bucket, volume, part)
+        if file_matches(part, volume):
+            os.replace(part, volume.path)
+            return
+        actual = sha256_of(part)
+        os.remove(part)
+        if not resumed:
+            break
+    raise AamError(f"The volume {volume.key} in the bucket does not match its completion "
+                   f"indicator (SHA-256 {actual}, expected {volume.sha256}): the copy in S3 "
+                   "is damaged. Nothing was extracted.")
+
+
+# -- 7-Zip: test, then extract (SPEC 7 step 4) -------------------------------------
+
+def check_seven_zip(settings):
+    """Before any thaw: finding 7-Zip missing after a two-day wait would hurt."""
+    program = settings.seven_zip
+    found = program if os.path.isfile(program) else shutil.which(program)
+    if not found:
+        raise AamError(f"7-Zip ({program}) is not installed or not on PATH; install it (or "
+                       "set AAM_7ZIP) before restoring.")
+
+
+def run_seven_zip(settings, platform, argv, key):
+    """7-Zip with the key on stdin: no -p, so the key is on no command line."""
+    env = dict(os.environ, LC_ALL="C.UTF-8")
+    try:
+        result = subprocess.run([settings.seven_zip] + argv,
+                                input=(key + "\n").encode("utf-8"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env)
+    except OSError as problem:
+        raise AamError(f"7-Zip ({settings.seven_zip}) cannot be started: {problem}")
+    return result.returncode, platform.decode_output(result.stdout)
+
+
+def seven_zip_failure(code, output, archive_name):
+    """None when 7-Zip succeeded, else an AamError saying what went wrong."""
+    if code == 0:
+        return None
+    errors = [line.strip() for line in output.splitlines()
+              if line.startswith("ERROR") or "Unexpected end" in line]
+    if any(line.startswith("ERROR: Wrong password") for line in errors):
+        return AamError(f"The decryption key (argument 8) is wrong: 7-Zip cannot open "
+                        f"{archive_name}. Nothing was extracted; the downloaded volumes "
+                        "are kept, so a re-run with the right key does not download them "
+                        "again.")
+    shown = "; ".join(errors[:5]) or f"exit code {code}"
+    return AamError(f"7-Zip failed on {archive_name} (exit code {code}): {shown}")
+
+
+def restore_absolute_links(root):
+    """Give absolute symbolic links back their original target.
+
+    7-Zip extracts a link stored as '/etc/x' as '<output dir>/etc/x' (it keeps
+    every path inside the output directory); the backup stored '/etc/x'.
+    """
+    if os.name == "nt":
+        return
+    prefix = os.path.abspath(root) + os.sep
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                target = os.readlink(path)
+                if target.startswith(prefix):
+                    os.remove(path)
+                    os.symlink("/" + target[len(prefix):], path)
+
+
+# -- one restoration --------------------------------------------------------------
+
+class Restoration:
+    """The state of one restoration into one destination directory."""
+
+    def __init__(self, args, platform, settings, out):
+        self.args, self.platform, self.settings, self.out = args, platform, settings, out
+        self.destination = args.destination
+        self.downloads = os.path.join(self.destination, DOWNLOADS_DIR)
+        self.s3 = None
+        self.session = None
+        self.set = None
+        self.state = None
+        self.lock = None
+        self.verified = set()      # volumes hashed by this process
+
+    # -- opening: lock, backup set, state --------------------------------------
+    def open(self):
+        """Lock the destination and read its state file, if it has one."""
+        import filelock
+        try:
+            os.makedirs(self.destination, exist_ok=True)
+            self.lock = filelock.FileLock(os.path.join(self.destination, RESTORE_LOCK_FILE),
+                                          fallback_to_soft=False)
+            self.lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise AamError(f"Another restoration is running into {self.destination}.")
+        except OSError as problem:
+            raise AamError(f"The destination directory {self.destination} (argument 13) "
+                           f"cannot be used: {problem}")
+        self.state = RestoreState.load(self.destination)
+        if self.state and (self.state.data["bucket"], self.state.data["location"]) != (
+                self.args.bucket, self.args.location):
+            raise AamError(f"{self.destination} holds a restoration of location "
+                           f"{self.state.data['location']} from bucket "
+                           f"{self.state.data['bucket']}; choose another destination.")
+
+    def close(self):
+        if self.lock:
+            self.lock.release()
+
+    def connect(self):
+        self.session = aws_session(self.args.access_key_id, self.args.secret_access_key)
+        self.s3 = aws_client(self.session, "s3", self.settings.region)
+
+    def load_set(self):
+        """Select the set (SPEC 7 step 1), or take the one this restoration pinned."""
+        args, out = self.args, self.out
+        self.connect()
+        if self.state:
+            self.set = self.state.restore_set(self.downloads)
+            out.line(f"Continuing the restoration started {self.state.data['started']} "
+                     f"(state file {self.state.path}).")
+            return
+        prefixes = month_prefixes(args.location, utc_now())
+        with s3_call(args.bucket):
+            catalog = Catalog.load(self.s3, args.bucket, prefixes)
+        try:
+            full, manifests, chosen = find_restore_set(self.s3, args.bucket, catalog, out)
+        except NoBackupSet:
+            raise NoBackupSet(
+                f"No complete full backup of location {args.location} in bucket "
+                f"{args.bucket} in the months {prefixes[-1][-6:]} to {prefixes[0][-6:]} "
+                "(UTC); nothing to restore.") from None
+        self.set = build_restore_set(args.location, catalog, full, chosen, manifests,
+                                     self.downloads)
+        check_incremental_chain(self.set, chosen, out)
+
+    def warn_about_space(self):
+        """The archives and the files they hold both land in the destination."""
+        needed = 2 * sum(v.size for v in self.set.volumes)
+        free = shutil.disk_usage(self.destination).free
+        if free < needed:
+            self.out.line(f"Warning: {self.destination} has {free:,} bytes free; the "
+                          f"archives and the files they hold need about {needed:,}.")
+
+    def claim_destination(self):
+        """Start the state file; never take over names someone else's data uses."""
+        if self.state:
+            return
+        taken = [name for name in claimed_names(self.set)
+                 if os.path.lexists(os.path.join(self.destination, name))]
+        if taken:
+            raise AamError(f"The destination {self.destination} (argument 13) already holds "
+                           f"{', '.join(taken)}, which this restoration would write; choose "
+                           "an empty or new directory.")
+        self.state = RestoreState.new(self.destination, self.args.bucket, self.set)
+        self.state.save()
+        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+
+    def report_set(self):
+        self.out.section(SECTION_RESTORE_SET)
+        for line in set_lines(self.set):
+            self.out.line(line)
+
+    def already_finished(self):
+        """True (and said) when this destination holds the finished restoration."""
+        if not (self.state and self.state.finished):
+            return False
+        last = self.state.restore_set(self.downloads).last_backup
+        self.out.line(f"{self.destination} already holds the complete restoration of "
+                      f"location {self.args.location} as of {describe_stamp(last)}, "
+                      f"finished {self.state.finished}; nothing to do. To restore again, "
+                      "use another destination directory.")
+        if os.path.isdir(self.downloads):
+            self.out.line(f"The downloaded archives are kept in {self.downloads}; delete "
+                          "them when you no longer need them.")
+        return True
+
+    # -- thaw ----------------------------------------------------------------------
+    def is_downloaded(self, volume):
+        return volume.key in self.verified or file_matches(volume.path, volume, False)
+
+    def statuses(self):
+        """{key: thaw state} of every volume; downloaded ones need no S3 request."""
+        found = {}
+        for volume in self.set.volumes:
+            if self.is_downloaded(volume):
+                found[volume.key] = DOWNLOADED
+                continue
+            with s3_call(self.args.bucket, volume.key):
+                head = self.s3.head_object(Bucket=self.args.bucket, Key=volume.key)
+            found[volume.key] = parse_restore_header(head)
+        return found
+
+    def request_thaws(self, statuses):
+        """restore_object for each volume not thawed or requested yet (SPEC 7 step 2)."""
+        asked = 0
+        for volume in self.set.volumes:
+            if statuses[volume.key] == NOT_REQUESTED:
+                statuses[volume.key] = request_thaw(self.s3, self.args.bucket, volume.key,
+                                                    self.args.days, self.settings.restore_tier)
+                self.out.line(f"Thaw requested ({self.settings.restore_tier}, "
+                              f"{self.args.days} days): {volume.key}", terminal=False)
+                asked += 1
+        return asked
+
+    def progress_line(self, statuses):
+        counts = {state: 0 for state in (DOWNLOADED, AVAILABLE, IN_PROGRESS, NOT_REQUESTED)}
+        ready_bytes = 0
+        for volume in self.set.volumes:
+            counts[statuses[volume.key]] += 1
+            if statuses[volume.key] in (DOWNLOADED, AVAILABLE):
+                ready_bytes += volume.size
+        total = sum(v.size for v in self.set.volumes)
+        ready = counts[DOWNLOADED] + counts[AVAILABLE]
+        parts = [f"{ready} of {len(self.set.volumes)} volume(s) thawed "
+                 f"({ready_bytes:,} of {total:,} bytes)"]
+        parts += [f"{counts[state]} {state}" for state in (DOWNLOADED, IN_PROGRESS,
+                                                            NOT_REQUESTED) if counts[state]]
+        return f"Thaw status at {dt.datetime.now():%Y-%m-%d %H:%M:%S}: " + ", ".join(parts)
+
+    # -- download ------------------------------------------------------------------
+    def download_available(self, statuses):
+        for volume in self.set.volumes:
+            if statuses[volume.key] != AVAILABLE:
+                continue
+            self.out.line(f"Downloading {volume.key} ({volume.size:,} bytes)")
+            with s3_call(self.args.bucket, volume.key):
+                download_volume(self.s3, self.args.bucket, volume)
+            self.verified.add(volume.key)
+            statuses[volume.key] = DOWNLOADED
+
+    def all_downloaded(self, statuses):
+        return all(statuses[v.key] == DOWNLOADED for v in self.set.volumes)
+
+    # -- extraction ------------------------------------------------------------------
+    def verify_downloads(self):
+        """Every volume on disk, with the manifest's size and SHA-256."""
+        missing, damaged = [], []
+        for volume in self.set.volumes:
+            if not os.path.exists(volume.path):
+                missing.append(volume.key)
+            elif volume.key not in self.verified:
+                if not file_matches(volume.path, volume):
+                    damaged.append(volume.path)
+                    continue
+                self.verified.add(volume.key)
+        if missing:
+            raise NotReady(f"{len(missing)} volume(s) are not downloaded yet (first: "
+                           f"{missing[0]}); run download-to-local-computer-from-aws-s3 "
+                           "first. Nothing was extracted.")
+        if damaged:
+            raise AamError("Downloaded volume(s) do not match their SHA-256 in the "
+                           f"completion indicator: {', '.join(damaged)}. Delete them and "
+                           "download again. Nothing was extracted.")
+
+    def archive_name(self, archive):
+        kind = "full" if archive.backup == self.set.full else "incremental"
+        return (f"the {kind} backup {describe_stamp(archive.backup)} of source "
+                f"{archive.number} ({archive.source})")
+
+    def seven_zip(self, argv, archive):
+        code, output = run_seven_zip(self.settings, self.platform, argv, self.args.key)
+        for line in output.splitlines():
+            self.out.line(line, terminal=False)
+        failure = seven_zip_failure(code, output, self.archive_name(archive))
+        if failure:
+            raise failure
+
+    def test_archives(self, pending):
+        """7-Zip 't' on everything first: a wrong key must not touch any file."""
+        for archive in self.set.archives:
+            if archive.number in pending and archive.volumes:
+                self.out.line(f"Testing {self.archive_name(archive)}")
+                self.seven_zip(["t", archive.volumes[0].path, "-bd", "-sccUTF-8"], archive)
+
+    def extract_source(self, number):
+        """Full, then each incremental in time order, with overwrite; then rename."""
+        target = os.path.join(self.destination, str(number))
+        staging = target + INCOMPLETE_SUFFIX
+        for leftover in (target, staging):      # ours: an interrupted earlier run's
+            if os.path.lexists(leftover):
+                shutil.rmtree(leftover)
+        os.mkdir(staging)
+        for archive in self.set.archives_of(number):
+            if archive.volumes:
+                self.out.line(f"Extracting {self.archive_name(archive)}")
+                self.seven_zip(["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}",
+                                "-aoa", "-y", "-snld20", "-bd", "-sccUTF-8"], archive)
+        restore_absolute_links(staging)
+        os.rename(staging, target)
+        self.state.mark_done(number)
+        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+
+    def extract(self):
+        self.out.section(SECTION_EXTRACT)
+        self.verify_downloads()
+        pending = [n for n, _s, _p in self.set.sources if not self.state.is_done(n)]
+        self.test_archives(pending)
+        for number in pending:
+            self.extract_source(number)
+        self.state.mark_finished()
+        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+        for number, _source, path in self.set.sources:
+            self.out.line(f"Restored {path} into {os.path.join(self.destination, str(number))}")
+        self.out.line(f"Map of the numbered directories: "
+                      f"{os.path.join(self.destination, RESTORE_MAP_FILE)}")
+
+    def remove_downloads(self):
+        if os.path.isdir(self.downloads):
+            shutil.rmtree(self.downloads)
+            self.out.line(f"Removed the downloaded archives ({self.downloads}).")
+
+
+# -- the five operations -------------------------------------------------------------
+
+def restore_to_s3(restoration):
+    """restore-to-aws-s3-from-aws-s3-glacier-deep-archive: plan, then thaw requests."""
+    out = restoration.out
+    for line in plan_lines(restoration.set, restoration.args.days,
+                           restoration.settings.restore_tier):
+        out.line(line)
+    restoration.warn_about_space()
+    out.section(SECTION_THAW)
+    statuses = restoration.statuses()
+    asked = restoration.request_thaws(statuses)
+    earlier = len(statuses) - asked
+    out.line(f"{asked} thaw request(s) made" + (
+        f"; {earlier} volume(s) were requested, thawed or downloaded before." if earlier
+        else "."))
+    return statuses
+
+
+def check_status(restoration):
+    """check-aws-s3-restoration-status: one look, no change."""
+    statuses = restoration.statuses()
+    restoration.out.line(restoration.progress_line(statuses))
+    if NOT_REQUESTED in statuses.values():
+        raise AamError("Some volumes have no thaw request (or their thawed copy expired): "
+                       "run restore-to-aws-s3-from-aws-s3-glacier-deep-archive.")
+    if IN_PROGRESS in statuses.values():
+        raise NotReady("The thaw is still in progress; check again later "
+                       f"({EXPECTED_WAIT[restoration.settings.restore_tier]} of the request).")
+    restoration.out.line("Every volume is thawed (or downloaded): run "
+                         "download-to-local-computer-from-aws-s3.")
+    return statuses
+
+
+def download(restoration):
+    """download-to-local-computer-from-aws-s3: every thawed volume not on disk yet."""
+    restoration.out.section(SECTION_DOWNLOAD)
+    statuses = restoration.statuses()
+    restoration.download_available(statuses)
+    restoration.out.line(restoration.progress_line(statuses))
+    if not restoration.all_downloaded(statuses):
+        raise NotReady("Not every volume is thawed yet, so not every one was downloaded: "
+                       "run check-aws-s3-restoration-status, then this step again.")
+    restoration.out.line(f"Every volume is downloaded into {restoration.downloads}.")
+
+
+def wait_and_download(restoration):
+    """One-step: check before the first sleep, download what is thawed, repeat.
+
+    A network or S3 server error while waiting is reported and tried again
+    at the next check: a restore waits for up to two days.
+    """
+    out, poll = restoration.out, restoration.settings.restore_poll_seconds
+    restore_to_s3(restoration)
+    out.section(SECTION_DOWNLOAD)
+    while True:
+        try:
+            statuses = restoration.statuses()
+            restoration.request_thaws(statuses)         # a thawed copy that expired
+            restoration.download_available(statuses)
+            if restoration.all_downloaded(statuses):
+                return
+            out.line(restoration.progress_line(statuses))
+        except Exception as problem:     # noqa: BLE001 - only transient errors are retried
+            if isinstance(problem, AamError) or not is_transient(problem):
+                raise
+            out.line(f"AWS S3 cannot be reached or failed ({describe_aws_error(problem)}); "
+                     "trying again at the next check.")
+        wake = dt.datetime.now() + dt.timedelta(seconds=poll)
+        out.line(f"Next check in {poll} s, at {wake:%Y-%m-%d %H:%M:%S} "
+                 "(AAM_RESTORE_POLL_SECONDS). Ctrl-C is safe: run the same command again "
+                 "to continue.")
+        time.sleep(poll)
+
+
+def run_one_step(restoration):
+    if restoration.already_finished():
+        return
+    check_seven_zip(restoration.settings)
+    restoration.load_set()
+    restoration.claim_destination()
+    restoration.report_set()
+    wait_and_download(restoration)
+    restoration.extract()
+    restoration.remove_downloads()
+
+
+def run_multi_step(restoration, operation):
+    if restoration.already_finished():
+        return
+    restoration.load_set()
+    restoration.claim_destination()
+    if operation == RESTORE_OPERATIONS[1]:
+        restoration.report_set()
+        statuses = restore_to_s3(restoration)
+        restoration.out.line(restoration.progress_line(statuses))
+    elif operation == RESTORE_OPERATIONS[2]:
+        check_status(restoration)
+    elif operation == RESTORE_OPERATIONS[3]:
+        download(restoration)
+    else:
+        check_seven_zip(restoration.settings)
+        restoration.extract()
+
+
+def restore_email(args, restoration, failed, start, out):
+    """SPEC 6 step 8 / seed 2.2.4: title and the short body, nothing else."""
+    title = (f"{'FAILURE' if failed else 'SUCCESS'}, {local_time_text(start)} "
+             "data restoration!")
+    restore_set = restoration.set or (restoration.state and
+                                      restoration.state.restore_set(restoration.downloads))
+    if restore_set:
+        full = describe_stamp(restore_set.full)
+        incrementals = ", ".join(describe_stamp(i) for i in restore_set.incrementals)
+    else:
+        full, incrementals = "none", ""
+    body = [f"Unique Backup-Set Prefix: {args.location}",
+            f"Full backup used: {full}",
+            f"Incremental backups used: {incrementals or 'none'}",
+            "For more info, refer to the local backup log."]
+    session = restoration.session or aws_session(args.access_key_id, args.secret_access_key)
+    send_email_report(session, restoration.settings, args.sender_name, args.sender_address,
+                      args.recipient, title, "\n".join(body) + "\n", out)
+
+
+def failure_text(problem):
+    """What to tell the user about an error that is not an AamError."""
+    again = "run the same command again to continue"
+    if is_transient(problem):     # (botocore's timeouts are OSErrors too)
+        return f"AWS S3 cannot be reached or failed ({describe_aws_error(problem)}); {again}."
+    if isinstance(problem, OSError):
+        return (f"{problem.strerror or problem}: {problem.filename or ''} (the destination "
+                f"disk?); once that is fixed, {again}.")
+    return f"unexpected {type(problem).__name__}: {problem}"
+
+
 def run_restore(args, platform, settings):
-    """Restoration is built by its own issue; the arguments are checked already."""
-    print(f"{args.operation}: not implemented yet (the arguments are valid).",
-          file=sys.stderr)
-    return EXIT_FAILURE
+    """The five restore operations; only one-step writes a log and sends e-mail."""
+    one_step = args.operation == RESTORE_OPERATIONS[0]
+    start = utc_now()
+    if one_step:
+        try:
+            out = RunLog(args.log_dir, args.operation, args.secrets, platform)
+        except OSError as problem:
+            print(f"The log file cannot be created in {args.log_dir}: {problem.strerror}",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        out.section(SECTION_ARGUMENTS)
+        out.line(f"{PROGRAM_NAME} {VERSION}, {args.operation}", terminal=False)
+        for line in args.masked():
+            out.line(line, terminal=False)
+    else:
+        out = TerminalOutput(args.secrets)
+    out.section(SECTION_RESTORE_START)
+    out.line(f"{args.operation} started {local_time_text(start)} "
+             f"({describe_stamp(start)}); destination {args.destination}")
+    restoration = Restoration(args, platform, settings, out)
+    code = EXIT_OK
+    try:
+        restoration.open()
+        if one_step:
+            run_one_step(restoration)
+        else:
+            run_multi_step(restoration, args.operation)
+    except (AamError, KeyboardInterrupt, Interrupted) as problem:
+        if isinstance(problem, (KeyboardInterrupt, Interrupted)):
+            problem = Interrupted("Interrupted. Nothing finished is lost: run the same "
+                                  "command again to continue.")
+        out.section(SECTION_RESTORE_ERROR)
+        out.line(f"ERROR: {problem}")
+        code = problem.exit_code
+    except Exception as problem:     # noqa: BLE001 - reported, so that one-step still mails
+        out.section(SECTION_RESTORE_ERROR)
+        out.line(f"ERROR: {failure_text(problem)}")
+        if not (is_transient(problem) or isinstance(problem, OSError)):
+            out.line(traceback.format_exc(), terminal=False)
+        code = EXIT_FAILURE
+    finally:
+        restoration.close()
+    if one_step:
+        out.section(SECTION_SUMMARY)
+        out.line("SUCCESS: the data is restored." if code == EXIT_OK
+                 else "FAILURE: the data is not (completely) restored; see above.")
+        if args.send_email:
+            restore_email(args, restoration, code != EXIT_OK, start, out)
+        out.line(f"Log file: {out.path}")
+        out.close()
+    return code
 
 
 # ============================================================================
@@ -3027,7 +4046,8 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
                                                    self.program_path).execute)
             if operation in RESTORE_OPERATIONS:
                 args = RestoreArgs.parse(argv)
-                return run_restore(args, self.platform, self.settings())
+                settings = self.settings()
+                return self.with_signals(lambda: run_restore(args, self.platform, settings))
             raise UsageError(f"unknown operation {operation!r}" if operation
                              else "no operation given")
         except UsageError as problem:
@@ -3052,7 +4072,7 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
         previous = signal.signal(signal.SIGTERM, interrupt)
         try:
             return function()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             print("Interrupted.", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:

@@ -269,10 +269,14 @@ def measure(argv, env, output, proxy=None, cwd=None, stdin_text=None):
         if stdin_text:
             process.stdin.write(stdin_text.encode())
             process.stdin.close()
-        status = process.wait()
+        _pid, wait_status, usage = os.wait4(process.pid, 0)
+        status = process.returncode = os.waitstatus_to_exitcode(wait_status)
     wall = time.perf_counter() - started
     sampler.stop()
-    result = Result(wall, cpu_of_children() - cpu_before, sampler.peak, status=status)
+    # A run shorter than one sampling period may never be sampled; the largest single
+    # process's own peak (from wait4) is then the floor of the tree's peak.
+    peak = max(sampler.peak, usage.ru_maxrss * 1024)
+    result = Result(wall, cpu_of_children() - cpu_before, peak, status=status)
     if proxy:
         after = proxy.counters()
         result.uploaded = after["bytes_received"] - before["bytes_received"]
@@ -294,6 +298,10 @@ class Tool:
 
     def available(self):
         return None     # or why not
+
+    def restored_tree(self, target):
+        """Where, under the restore target, the source tree comes back."""
+        return target
 
     def prepare(self):
         pass
@@ -348,6 +356,10 @@ class AamTool(Tool):
                 "env:BENCH_ARCHIVE_KEY", self.bucket, LOCATION, "env:BENCH_KEY_ID",
                 "env:BENCH_SECRET", "no", "no"]
         return self.run(argv, proxy=self.bench.proxy)
+
+    def restored_tree(self, target):
+        # one numbered directory per source, beside restore-map.txt
+        return os.path.join(target, "1")
 
     def restore(self, target):
         bench = self.bench
@@ -574,7 +586,7 @@ class Bench:
             target = os.path.join(self.work, f"restored-{tool.name}")
             result = tool.restore(target)
             if result.ok:
-                result.note = self.check_restore(target)
+                result.note = self.check_restore(tool.restored_tree(target))
             shutil.rmtree(target, ignore_errors=True)
         else:
             result = tool.backup(scenario)

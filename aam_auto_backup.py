@@ -1797,6 +1797,64 @@ class RunLog:
             self.handle.close()
 
 
+def format_bytes(count):
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1000
+    return ""
+
+
+class Progress:
+    """Progress of one long piece of work, for the terminal only (never the log).
+
+    On a terminal one line is rewritten in place, at most five times a second;
+    when output goes to a file or a pipe (a scheduler, a log), a plain line is
+    printed at each quarter of a large transfer instead, and nothing for small ones.
+    """
+
+    PLAIN_MINIMUM = 64 * 1024 * 1024      # bytes; smaller transfers print no lines
+
+    def __init__(self, label, total=None, stream=None):
+        import threading
+        self.label, self.total = label, total
+        self.stream = stream or sys.stdout
+        self.terminal = self.stream.isatty()
+        self.done, self.started, self.shown, self.quarter = 0, time.monotonic(), 0.0, 1
+        self.lock = threading.Lock()
+
+    def add(self, amount):
+        """Called with each chunk (boto3's transfer Callback, from worker threads)."""
+        with self.lock:
+            self.set(self.done + amount)
+
+    def set(self, done):
+        self.done = done
+        if self.terminal:
+            now = time.monotonic()
+            if now - self.shown >= 0.2:
+                self.shown = now
+                self.stream.write("\r" + self.text() + "\x1b[K")
+                self.stream.flush()
+        elif self.total and self.total >= self.PLAIN_MINIMUM:
+            while self.quarter < 4 and done >= self.total * self.quarter / 4:
+                print(self.text(), file=self.stream, flush=True)
+                self.quarter += 1
+
+    def text(self):
+        rate = self.done / max(time.monotonic() - self.started, 1e-3)
+        if self.total:
+            return (f"{self.label}: {100 * self.done / self.total:3.0f}% of "
+                    f"{format_bytes(self.total)}, {format_bytes(rate)}/s")
+        return f"{self.label}: {format_bytes(self.done)}, {format_bytes(rate)}/s"
+
+    def close(self):
+        """Clear the in-place line, so that the next log line starts clean."""
+        if self.terminal and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
 def local_time_text(moment):
     """'YYYYMMDD HH:MM:SS.ffffff ZONE' in the computer's local time (e-mail titles)."""
     local = moment.astimezone()
@@ -2356,6 +2414,17 @@ def final_volumes(archive_dir):
     return found
 
 
+def directory_size(path):
+    """Bytes in the files of a directory (7-Zip's volumes, finished or not)."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError):
+        with os.scandir(path) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    total += entry.stat().st_size
+    return total
+
+
 def volume_files(archive_dir):
     """7-Zip's final volumes backup.zip.001, .002, ... in order."""
     return [path for _number, path in sorted(final_volumes(archive_dir).items())]
@@ -2396,6 +2465,9 @@ class VolumeUploader:
         self.held_lines = []            # announced while the child ran; logged later
         self.live = False
 
+    def uploaded_bytes(self):
+        return sum(record["size"] for record in self.records)
+
     def poll(self):
         """Upload (or, after an error, discard) every final volume next in order."""
         volumes = final_volumes(self.archive_dir)
@@ -2418,9 +2490,14 @@ class VolumeUploader:
         size = os.path.getsize(path)
         digest = sha256_of(path)
         self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
-        self.s3.upload_file(path, self.bucket, key, Config=self.config,
-                            ExtraArgs={"StorageClass": DEEP_ARCHIVE,
-                                       "ChecksumAlgorithm": "SHA256"})
+        progress = Progress(f"Uploading volume {key.rsplit('.', 1)[-1]}", size)
+        try:
+            self.s3.upload_file(path, self.bucket, key, Config=self.config,
+                                Callback=progress.add,
+                                ExtraArgs={"StorageClass": DEEP_ARCHIVE,
+                                           "ChecksumAlgorithm": "SHA256"})
+        finally:
+            progress.close()
         self.records.append({"name": key, "size": size, "sha256": digest})
 
     def announce(self, text):
@@ -2838,7 +2915,10 @@ class BackupRun:
         # Pipelined upload: volumes go up while the child's 7-Zip writes the next.
         uploader = self.volume_uploader(name) if self.aws else None
         try:
-            status = self.run_child_process(argv, output, uploader and uploader.poll)
+            watch = self.while_child_runs(uploader)
+            status = self.run_child_process(argv, output, watch)
+            if watch:
+                watch.close()
         except OSError as problem:
             self.note_orphans(uploader)
             return self.stop(SECTION_CHILD_ERROR, "Critical error. ShadowSpawn.exe execution "
@@ -2867,6 +2947,20 @@ class BackupRun:
                                       reported_volume_count(lines))
         return True
 
+    def while_child_runs(self, uploader):
+        """Upload finished volumes; on a terminal, show how much 7-Zip has written."""
+        if uploader is None:
+            return None
+        progress = Progress("7-Zip archive written")
+
+        def step():
+            uploader.poll()
+            written = uploader.uploaded_bytes() + directory_size(uploader.archive_dir)
+            if written and progress.terminal:
+                progress.set(written)
+        step.close = progress.close
+        return step
+
     def run_child_process(self, argv, output, while_running=None):
         """Run the child to its end, calling while_running every UPLOAD_POLL_SECONDS."""
         env = dict(os.environ, **{CHILD_KEY_VARIABLE: self.args.key})
@@ -2882,6 +2976,8 @@ class BackupRun:
                     except subprocess.TimeoutExpired:
                         while_running()
             except BaseException:
+                if while_running:
+                    while_running.close()
                 self.platform.stop_group(process)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=30)
@@ -3500,11 +3596,17 @@ def stream_to_part(s3, bucket, volume, part):
         return
     extra = {"Range": f"bytes={offset}-"} if offset else {}
     body = s3.get_object(Bucket=bucket, Key=volume.key, **extra)["Body"]
-    with open(part, "ab") as handle:
-        for chunk in iter(lambda: body.read(MIB), b""):
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
+    progress = Progress(f"Downloading {os.path.basename(volume.path)}", volume.size)
+    progress.set(offset)
+    try:
+        with open(part, "ab") as handle:
+            for chunk in iter(lambda: body.read(MIB), b""):
+                handle.write(chunk)
+                progress.add(len(chunk))
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        progress.close()
 
 
 def download_volume(s3, bucket, volume):

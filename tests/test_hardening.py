@@ -1,6 +1,7 @@
 """Issue 7: least privilege, secret hygiene, hostile inputs."""
 
 import os
+import pty
 import subprocess
 import sys
 import threading
@@ -374,3 +375,50 @@ def test_a_full_temp_root_is_a_clear_error_and_nothing_counts_as_complete(sandbo
     assert not [i for i in sandbox.objects() if "_yes_" in i["Key"]]
     assert os.listdir(tiny_temp_root) == []
     assert sandbox.emails()[0]["subject"].startswith("FAILURE, ")
+
+
+# -- progress ----------------------------------------------------------------------
+
+def big_source(sandbox, size=70 * 1024 * 1024):
+    source = os.path.join(sandbox.root, "data", "video")
+    os.makedirs(source)
+    with open(os.path.join(source, "big.bin"), "wb") as handle:
+        handle.write(os.urandom(size))
+    sandbox.write_instructions(f"{source}/\n")
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(sandbox):
+    big_source(sandbox)
+    result = sandbox.backup({7: "False"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    quarters = [line for line in result.stdout.splitlines()
+                if line.startswith("Uploading volume 001: ")]
+    assert [line.split(":")[1].split("%")[0].strip() for line in quarters] == ["25", "50", "75"]
+    assert "\r" not in result.stdout and "\x1b[" not in result.stdout
+    log = open(sandbox.log_files()[0], encoding="utf-8").read()
+    assert "Uploading volume 001: " not in log            # progress stays out of the log
+
+
+def test_progress_is_rewritten_in_place_on_a_terminal(sandbox):
+    big_source(sandbox)
+    master, slave = pty.openpty()
+    process = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(
+        changes={7: "False", 13: "AWS", 14: ""}), env=sandbox.env(AAM_VOLUME_SIZE="8000000"),
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert process.wait(timeout=300) == 0, seen.decode(errors="replace")
+    text = seen.decode(errors="replace")
+    assert "\r7-Zip archive written: " in text
+    assert "\rUploading volume 0" in text and "% of " in text and "/s\x1b[K" in text
+    log = open(sandbox.log_files()[0], encoding="utf-8").read()
+    assert "\x1b[" not in log and "\r" not in log

@@ -2494,8 +2494,7 @@ class VolumeUploader:
         try:
             self.s3.upload_file(path, self.bucket, key, Config=self.config,
                                 Callback=progress.add,
-                                ExtraArgs={"StorageClass": DEEP_ARCHIVE,
-                                           "ChecksumAlgorithm": "SHA256"})
+                                ExtraArgs={"StorageClass": DEEP_ARCHIVE})
         finally:
             progress.close()
         self.records.append({"name": key, "size": size, "sha256": digest})

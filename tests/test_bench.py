@@ -33,7 +33,11 @@ def test_a_tiny_bench_measures_every_tool(tmp_path):
         if key in ("incr-none/7zip", "restore/aam") and measured["status"] is None:
             continue                # nothing to archive; restoration not built yet
         assert measured["status"] == 0, (key, measured["note"])
-        assert measured["wall"] > 0 and measured["rss"] > 0, key
+        assert measured["wall"] > 0, key
+        # a run shorter than the 50 ms sampling period may end before its first sample
+        assert measured["rss"] is None or measured["rss"] > 0, key
+        if measured["wall"] > 0.5:
+            assert measured["rss"] > 0, key
         if scenario == "restore":
             assert measured["note"] == "", (key, measured["note"])
         if tool != "7zip":

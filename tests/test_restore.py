@@ -625,7 +625,7 @@ def test_backup_credentials_cannot_restore_and_the_message_names_the_permission(
         refused = restore(sandbox, ONE_STEP, tmp_path / "refused",
                           {3: "False", 11: backup_keys[0], 12: backup_keys[1]})
         allowed = restore(sandbox, ONE_STEP, tmp_path / "allowed",
-                          {3: "False", 11: restore_keys[0], 12: restore_keys[1]})
+                          {3: "True", 11: restore_keys[0], 12: restore_keys[1]})
     finally:
         aws.disable_iam_enforcement()
     assert refused.returncode == 1, refused.stdout + refused.stderr
@@ -634,6 +634,9 @@ def test_backup_credentials_cannot_restore_and_the_message_names_the_permission(
     assert backup_keys[1] not in refused.stdout + refused.stderr
     ok(allowed)
     assert numbered_directories(tmp_path / "allowed", tree) == expected
+    # exactly the README's restore policy is enough, e-mail report included
+    assert any(m["subject"].startswith("SUCCESS, ") and m["subject"].endswith(
+        " data restoration!") for m in sandbox.emails())
 
 
 # ----------------------------------------------------------------- pieces

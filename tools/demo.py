@@ -3,8 +3,10 @@
 
 Starts a local S3 + SES endpoint (moto's server mode on 127.0.0.1), creates
 sample data and an instruction file under ./demo-output, runs a regular backup
-(a full one), changes a file, runs it again (an incremental one), and prints
-what was made: the S3 objects, the local mirror, the e-mails and the logs.
+(a full one), changes a file, runs it again (an incremental one), prints what
+was made (the S3 objects, the local mirror, the e-mails, the logs), and
+finally restores everything with the one-step restoration (the local
+endpoint thaws Deep Archive objects at once; AWS takes hours).
 
     tools/demo            # sets up what is needed, then runs this file
     python tools/demo.py [--output DIR]
@@ -39,6 +41,16 @@ def backup_command(output, instructions):
         os.path.join(output, "logs"), "True", "AAM Backup Report", SENDER, RECIPIENT,
         instructions, "q", "local|AWS", os.path.join(output, "mirror"), "False",
         f"env:{DEMO_KEY_VARIABLE}", BUCKET, LOCATION, "", "", "no", "yes",
+    ]
+
+
+def restore_command(output):
+    """The 13 arguments of the one-step restoration."""
+    return [
+        sys.executable, os.path.join(REPO, "aam_auto_backup.py"),
+        "one-step-aws-data-restoration", os.path.join(output, "logs"), "True",
+        "AAM Restore Report", SENDER, RECIPIENT, "2", f"env:{DEMO_KEY_VARIABLE}", BUCKET,
+        LOCATION, "", "", os.path.join(output, "restored"),
     ]
 
 
@@ -117,11 +129,15 @@ def main():
         show_objects(aws)
         show_tree("Local mirror " + os.path.join(output, "mirror"),
                   os.path.join(output, "mirror"))
+        codes.append(run_backup(restore_command(output), env,
+                                "Run 3: one-step restoration from Deep Archive"))
+        show_tree("Restored into " + os.path.join(output, "restored"),
+                  os.path.join(output, "restored"))
         show_emails(aws)
         heading("Logs")
         for name in sorted(os.listdir(os.path.join(output, "logs"))):
             print(os.path.join(output, "logs", name))
-    return 0 if codes == [0, 0] else 1
+    return 0 if codes == [0, 0, 0] else 1
 
 
 if __name__ == "__main__":

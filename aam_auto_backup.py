@@ -853,10 +853,6 @@ class ObjectName:
             key += f".zip.{self.volume:03d}"
         return key
 
-    @property
-    def backup_time(self):
-        return self.full if self.incremental is None else self.incremental
-
     @classmethod
     def parse(cls, key):
         """The ObjectName for a key, or None if the key is not ours."""
@@ -1461,10 +1457,6 @@ class SourcePlan:
     excluded_file_paths: list     # relative
     dir_patterns: list
     file_patterns: list
-
-    @property
-    def all_excluded_paths(self):
-        return self.excluded_dir_paths + self.excluded_file_paths
 
 
 @dataclasses.dataclass
@@ -2423,11 +2415,6 @@ def directory_size(path):
                 with contextlib.suppress(FileNotFoundError):
                     total += entry.stat().st_size
     return total
-
-
-def volume_files(archive_dir):
-    """7-Zip's final volumes backup.zip.001, .002, ... in order."""
-    return [path for _number, path in sorted(final_volumes(archive_dir).items())]
 
 
 def reported_volume_count(lines):

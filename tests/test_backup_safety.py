@@ -17,7 +17,7 @@ import time
 import filelock
 import pytest
 
-from conftest import KEY, PROGRAM, extract
+from conftest import PROGRAM, extract
 from sample_tree import read_tree
 
 STAMP = "%Y%m%d_%H%M%S.%f"

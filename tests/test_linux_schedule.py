@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from conftest import ACCESS_KEY_ID, KEY, REPO, SECRET
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import aam_auto_backup as aam
-from conftest import KEY, extract
+from conftest import extract
 
 VOLUME_SIZE = 2_000_000
 SLOW_PUT_SECONDS = 0.25      # per PutObject: uploads lag behind 7-Zip

@@ -483,7 +483,6 @@ class DuplicityTool(Tool):
         return None if probe.returncode == 0 else f"boto3 missing for {python}"
 
     def env(self):
-        bench = self.bench
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update({
             "PASSPHRASE": ARCHIVE_KEY,

@@ -247,6 +247,11 @@ class PosixPlatform:
         # The inode change time catches a file copied in with an old mtime.
         return max(st.st_mtime, st.st_ctime)
 
+    def moved_since(self, st, since_ts):
+        """A directory moved or renamed (not just added to) since since_ts: a rename
+        changes its inode change time but not its modification time."""
+        return st.st_ctime >= since_ts and st.st_mtime < since_ts
+
     def decode_output(self, data):
         return data.decode("utf-8", errors="replace")
 
@@ -471,6 +476,11 @@ class WindowsPlatform(PosixPlatform):
         # Only mount points: OneDrive's cloud folders are reparse points too, and are
         # real directories that must be backed up.
         return getattr(st, "st_reparse_tag", 0) == 0xA0000003   # IO_REPARSE_TAG_MOUNT_POINT
+
+    def moved_since(self, st, since_ts):
+        # Windows exposes no change time of a directory: a moved directory's files
+        # come back at their old path until the next full backup (README).
+        return False
 
     def changed_time(self, st):
         # Windows: the creation time catches a file copied in with an old mtime.
@@ -1648,14 +1658,16 @@ def walk_selection(root, plan, platform, since=None):
     """Walk the listed directories of a mount, skipping exclusions.
 
     Symbolic links are recorded as links and never followed.  since: keep only
-    files whose modification or creation/inode-change time is at or after it.
+    files whose modification or creation/inode-change time is at or after it,
+    and everything under a directory that was moved or renamed since then
+    (its files keep their old times, but their path is new).
     """
     selector, sep = Selector(plan, platform), platform.sep
     since_ts = None if since is None else since.timestamp()
     selection = Selection([], [], [], [])
-    pending = sorted(plan.listed, reverse=True)
+    pending = [(rel, since_ts) for rel in sorted(plan.listed, reverse=True)]
     while pending:
-        rel_dir = pending.pop()
+        rel_dir, cutoff = pending.pop()
         abs_dir = root.rstrip(sep) + sep + rel_dir if rel_dir else root
         try:
             with os.scandir(platform.long_path(abs_dir)) as iterator:
@@ -1664,7 +1676,7 @@ def walk_selection(root, plan, platform, since=None):
             selection.problems.append(f"cannot read directory {abs_dir}: "
                                       f"{problem.strerror or problem}")
             continue
-        if not entries and _changed_since(abs_dir, since_ts, platform):
+        if not entries and _changed_since(abs_dir, cutoff, platform):
             selection.empty_dirs.append(rel_dir)
         subdirs = []
         for entry in entries:
@@ -1681,14 +1693,16 @@ def walk_selection(root, plan, platform, since=None):
                 selection.dir_names.add(entry.name)
                 if selector.dir_excluded(rel, entry.name):
                     selection.excluded.append((rel, True))
+                elif cutoff is not None and platform.moved_since(st, cutoff):
+                    subdirs.append((rel, None))
                 else:
-                    subdirs.append(rel)
+                    subdirs.append((rel, cutoff))
             elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
                 if selector.file_excluded(rel, entry.name):
                     selection.excluded.append((rel, False))
                     continue
                 changed = platform.changed_time(st)
-                if since_ts is None or changed >= since_ts:
+                if cutoff is None or changed >= cutoff:
                     selection.files.append(FileEntry(rel, st.st_size, st.st_mtime, changed,
                                                      stat.S_ISLNK(st.st_mode)))
             else:

@@ -285,3 +285,24 @@ def test_missing_instruction_file_names_argument_11(sandbox, proxy):
     assert result.returncode == 3
     assert "argument 11: the instruction file" in result.stdout
     assert proxy.counters()["requests"] == 0
+
+
+def test_a_directory_moved_after_the_full_backup_is_in_the_incremental(sandbox, tmp_path):
+    tree = sandbox.sample()
+    assert sandbox.backup({7: "False"}).returncode == 0
+    time.sleep(0.05)
+    docs = os.path.join(tree.first_mount, "Documents")
+    # moved and renamed: the files keep their old times, only the directory's
+    # inode change time tells
+    os.rename(os.path.join(docs, "sub", "deep"), os.path.join(docs, "under_score_dir", "moved"))
+    result = sandbox.backup({7: "False"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    objects = sandbox.objects()
+    full = next(k["Key"] for k in objects if INDICATOR_RE.match(k["Key"]))
+    full_stamp = INDICATOR_RE.match(full)["full"]
+    increments = [INDICATOR_RE.match(k["Key"]) for k in objects if INDICATOR_RE.match(k["Key"])
+                  and INDICATOR_RE.match(k["Key"])["incr"] != "0_0.0"]
+    volumes = volumes_by_source(sandbox, objects, full_stamp, increments[0]["incr"])
+    restored = restore_source(sandbox, volumes[source_name(tree.first_mount)],
+                              tmp_path / "incr", tmp_path)
+    assert restored == {"Documents/under_score_dir/moved/keep.txt": b"deep file\n"}

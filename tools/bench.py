@@ -497,7 +497,11 @@ class DuplicityTool(Tool):
 
     @property
     def gnupg_home(self):
-        return os.path.join(self.bench.work, "gnupg")
+        # gpg-agent's sockets live in GNUPGHOME, and a Unix socket path is limited to
+        # 107 bytes: a deep work directory made gpg fail (exit 31), so use a short one.
+        if not hasattr(self, "_gnupg_home"):
+            self._gnupg_home = tempfile.mkdtemp(prefix="aam-gpg-", dir="/tmp")
+        return self._gnupg_home
 
     def common(self):
         return ["--s3-endpoint-url", self.bench.proxy.endpoint_url,
@@ -506,7 +510,6 @@ class DuplicityTool(Tool):
 
     def prepare(self):
         self.bench.aws.create_bucket("bench-duplicity")
-        os.makedirs(self.gnupg_home, mode=0o700)
         self.url = "boto3+s3://bench-duplicity/bench"
 
     def backup(self, scenario):
@@ -523,6 +526,7 @@ class DuplicityTool(Tool):
         with contextlib.suppress(OSError):
             subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=self.env(),
                            capture_output=True, timeout=30)
+        shutil.rmtree(self.gnupg_home, ignore_errors=True)
 
 
 def _shebang_python(script):

@@ -1176,10 +1176,7 @@ class BackupArgs:
     def _check_combinations(self):
         op = self.operation
         if self.send_email:
-            for number, value in ((9, self.sender_address), (10, self.recipient)):
-                if "@" not in value:
-                    raise UsageError(f"argument {number} must be an e-mail address when "
-                                     f"argument 7 is True: {value!r}", op)
+            check_email_addresses(((9, self.sender_address), (10, self.recipient)), 7, op)
         if "local" in self.destinations and not self.mirror_root:
             raise UsageError("argument 14 (local mirror directory) is required when "
                              "argument 13 includes local", op)
@@ -1191,21 +1188,34 @@ class BackupArgs:
             if not KEY_RE.match(self.key):
                 raise UsageError(f"argument 16 (archive encryption key) {KEY_RULE} "
                                  "when argument 13 includes AWS", op)
-        if bool(self.access_key_id) != bool(self.secret_access_key):
-            raise UsageError("arguments 19 and 20 must both be given, or both be \"\" "
-                             "to use the default AWS credential chain", op)
+        check_key_pair(self.access_key_id, self.secret_access_key, 19, op)
 
     @property
     def secrets(self):
         return [self.key, self.secret_access_key, self.access_key_id]
 
     def masked(self):
-        """The command arguments with every secret masked, for the log."""
-        lines = []
-        for number, (text, (name, _check, is_secret)) in enumerate(
-                zip(self.raw, BACKUP_ARGS), 1):
-            lines.append(f"{number:2d}. {name}: {mask_argument(text, is_secret)}")
-        return lines
+        return masked_arguments(self.raw, BACKUP_ARGS)
+
+
+def check_email_addresses(numbered_values, switch_number, operation):
+    for number, value in numbered_values:
+        if "@" not in value:
+            raise UsageError(f"argument {number} must be an e-mail address when argument "
+                             f"{switch_number} is True: {value!r}", operation)
+
+
+def check_key_pair(key_id, secret, key_id_number, operation):
+    if bool(key_id) != bool(secret):
+        raise UsageError(f"arguments {key_id_number} and {key_id_number + 1} must both be "
+                         "given, or both be \"\" to use the default AWS credential chain",
+                         operation)
+
+
+def masked_arguments(raw, specs):
+    """The command arguments, one per line, with every secret masked (for the log)."""
+    return [f"{number:2d}. {name}: {mask_argument(text, is_secret)}"
+            for number, (text, (name, _check, is_secret)) in enumerate(zip(raw, specs), 1)]
 
 
 def mask_argument(text, is_secret):
@@ -1277,13 +1287,9 @@ class RestoreArgs:
                      key=v[7], bucket=v[8], location=v[9], access_key_id=v[10],
                      secret_access_key=v[11], destination=v[12], raw=list(args))
         if parsed.send_email and operation == RESTORE_OPERATIONS[0]:
-            for number, value in ((5, parsed.sender_address), (6, parsed.recipient)):
-                if "@" not in value:
-                    raise UsageError(f"argument {number} must be an e-mail address when "
-                                     f"argument 3 is True: {value!r}", operation)
-        if bool(parsed.access_key_id) != bool(parsed.secret_access_key):
-            raise UsageError("arguments 11 and 12 must both be given, or both be \"\"",
-                             operation)
+            check_email_addresses(((5, parsed.sender_address), (6, parsed.recipient)), 3,
+                                  operation)
+        check_key_pair(parsed.access_key_id, parsed.secret_access_key, 11, operation)
         if not KEY_RE.match(parsed.key):
             raise UsageError(f"argument 8 (archive decryption key) {KEY_RULE}", operation)
         return parsed
@@ -1293,9 +1299,7 @@ class RestoreArgs:
         return [self.key, self.secret_access_key, self.access_key_id]
 
     def masked(self):
-        return [f"{n:2d}. {name}: {mask_argument(text, is_secret)}"
-                for n, (text, (name, _c, is_secret)) in enumerate(
-                    zip(self.raw, RESTORE_ARGS), 1)]
+        return masked_arguments(self.raw, RESTORE_ARGS)
 
 
 # ============================================================================

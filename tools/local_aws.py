@@ -215,28 +215,21 @@ def backup_policy(bucket, allow_abort=True):
     object_actions = ["s3:PutObject"]
     if allow_abort:
         object_actions.append("s3:AbortMultipartUpload")
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {"Effect": "Allow", "Action": object_actions,
-             "Resource": f"arn:aws:s3:::{bucket}/*"},
-            {"Effect": "Allow", "Action": ["s3:ListBucket"],
-             "Resource": f"arn:aws:s3:::{bucket}"},
-            {"Effect": "Allow",
-             "Action": ["ses:SendEmail", "ses:SendRawEmail"],
-             "Resource": "*"},
-        ],
-    }
+    return _policy(bucket, object_actions)
 
 
 def restore_policy(bucket):
     """Read/restore policy for the restore user (no write, no delete), plus the
     e-mail report of a one-step restoration, as README's policy."""
+    return _policy(bucket, ["s3:GetObject", "s3:RestoreObject"])
+
+
+def _policy(bucket, object_actions):
+    """Object actions on the bucket's objects, listing the bucket, sending e-mail."""
     return {
         "Version": "2012-10-17",
         "Statement": [
-            {"Effect": "Allow",
-             "Action": ["s3:GetObject", "s3:RestoreObject"],
+            {"Effect": "Allow", "Action": object_actions,
              "Resource": f"arn:aws:s3:::{bucket}/*"},
             {"Effect": "Allow", "Action": ["s3:ListBucket"],
              "Resource": f"arn:aws:s3:::{bucket}"},

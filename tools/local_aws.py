@@ -860,7 +860,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             yield from self._raw_chunked_body()
             return
-        remaining = int(self.headers.get("Content-Length") or 0)
+        yield from self._exactly(int(self.headers.get("Content-Length") or 0))
+
+    def _exactly(self, remaining):
+        """Yield the next `remaining` bytes of the request, in copy-sized chunks."""
         while remaining > 0:
             chunk = self.rfile.read(min(COPY_CHUNK, remaining))
             if not chunk:
@@ -877,13 +880,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             size = int(size_line.split(b";")[0].strip(), 16)
             if size == 0:
                 break
-            remaining = size + 2  # data plus CRLF
-            while remaining > 0:
-                chunk = self.rfile.read(min(COPY_CHUNK, remaining))
-                if not chunk:
-                    raise ConnectionError("client closed mid-body")
-                remaining -= len(chunk)
-                yield chunk
+            yield from self._exactly(size + 2)  # data plus CRLF
         while True:  # trailers end with an empty line
             line = self.rfile.readline()
             yield line

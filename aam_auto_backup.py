@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import email.utils
+import enum
 import hashlib
 import json
 import ntpath
@@ -240,6 +241,10 @@ class PosixPlatform:
     def long_path(self, path):
         return path
 
+    def check_drive_letter(self, text):
+        """Argument 12: no shadow copy here, so any text is accepted (and ignored)."""
+        return text.rstrip(":").lower()
+
     def is_junction(self, st):
         return False
 
@@ -429,6 +434,12 @@ class WindowsPlatform(PosixPlatform):
         drive, rest = mount[0], mount[2:].lstrip("\\")
         return ntpath.join(mirror_root, drive.lower(), rest) if rest else \
             ntpath.join(mirror_root, drive.lower())
+
+    def check_drive_letter(self, text):
+        """Argument 12: the free drive letter ShadowSpawn shows the shadow copy at."""
+        if not re.fullmatch(r"[A-Za-z]:?", text):
+            raise ValueError("must be one drive letter, such as q")
+        return text.rstrip(":").lower()
 
     def long_path(self, path):
         """The extended-length form (\\\\?\\C:\\...) of a path long enough to hit MAX_PATH.
@@ -894,17 +905,34 @@ def month_prefixes(location, now, months=MONTHS_SCANNED):
 # Arguments (SPEC 3)
 # ============================================================================
 
-BACKUP_OPERATIONS = ("regular-backup", "incremental-only-backup")
-RESTORE_OPERATIONS = (
-    "one-step-aws-data-restoration",
-    "restore-to-aws-s3-from-aws-s3-glacier-deep-archive",
-    "check-aws-s3-restoration-status",
-    "download-to-local-computer-from-aws-s3",
-    "decompress-all-downloaded-backup-files",
-)
+REGULAR_BACKUP = "regular-backup"
+INCREMENTAL_ONLY_BACKUP = "incremental-only-backup"
+BACKUP_OPERATIONS = (REGULAR_BACKUP, INCREMENTAL_ONLY_BACKUP)
+ONE_STEP_RESTORE = "one-step-aws-data-restoration"
+THAW_STEP = "restore-to-aws-s3-from-aws-s3-glacier-deep-archive"
+STATUS_STEP = "check-aws-s3-restoration-status"
+DOWNLOAD_STEP = "download-to-local-computer-from-aws-s3"
+EXTRACT_STEP = "decompress-all-downloaded-backup-files"
+RESTORE_OPERATIONS = (ONE_STEP_RESTORE, THAW_STEP, STATUS_STEP, DOWNLOAD_STEP, EXTRACT_STEP)
+USER_AGENT = "user"
 CHILD_AGENT = "ShadowSpawn"
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 LOCATION_RE = re.compile(r"^[^\W_][\w.-]*$")
+KEY_RE = re.compile(r"^[\x20-\x7e]{1,99}$")
+KEY_RULE = ("must be 1 to 99 printable ASCII characters (7-Zip's limit for ZIP AES "
+            "passwords)")
+
+
+class Scope(enum.Enum):
+    """What one backup holds; the value is the child's argument 15."""
+
+    FULL = "full-backup"
+    INCREMENTAL = "incremental-backup"
+
+    @property
+    def word(self):
+        """'full' or 'incremental': log lines, e-mail titles, indicators."""
+        return self.value.removesuffix("-backup")
 
 
 class Secret(str):
@@ -914,12 +942,24 @@ class Secret(str):
         return "Secret('********')"
 
 
-def _choice(*values, case_sensitive=False):
+# -- checks: text -> value, or ValueError saying what is wrong ---------------------
+
+def _choice(*values, case_sensitive=True):
     def check(text):
         for value in values:
             if text == value or (not case_sensitive and text.lower() == value.lower()):
                 return value
         raise ValueError("must be " + " or ".join(repr(v) for v in values))
+    return check
+
+
+def _flag(true_text, false_text):
+    """A two-valued argument ('True'/'False', 'yes'/'no') as a bool; any letter case."""
+    choose = _choice(true_text, false_text, case_sensitive=False)
+
+    def check(text):
+        return choose(text) == true_text
+    check.text = lambda value: true_text if value else false_text
     return check
 
 
@@ -960,24 +1000,22 @@ def _executable(text):
 
 
 def _destination_types(text):
-    flags = [part.strip() for part in text.split("|")]
     result = []
-    for flag in flags:
-        if flag.lower() == "local":
-            result.append("local")
-        elif flag.lower() == "aws":
-            result.append("AWS")
-        else:
+    for flag in (part.strip() for part in text.split("|")):
+        if flag.lower() not in ("local", "aws"):
             raise ValueError("must be 'local', 'AWS' or 'local|AWS'")
+        result.append("local" if flag.lower() == "local" else "AWS")
     if len(set(result)) != len(result):
         raise ValueError("names a destination type twice")
     return frozenset(result)
 
 
+_destination_types.text = lambda value: "|".join(sorted(value))
+
+
 def _drive_letter(text):
-    if os.name == "nt" and not re.fullmatch(r"[A-Za-z]:?", text):
-        raise ValueError("must be one drive letter, such as q")
-    return text.rstrip(":").lower()
+    # Only Windows uses it (the shadow copy's drive); elsewhere any text is accepted.
+    return current_platform().check_drive_letter(text)
 
 
 def _location(text):
@@ -993,13 +1031,10 @@ def _bucket(text):
     return text
 
 
-def _secret(text):
+def _key(text):
+    if not KEY_RE.match(text):
+        raise ValueError(KEY_RULE)
     return text
-
-
-KEY_RE = re.compile(r"^[\x20-\x7e]{1,99}$")
-KEY_RULE = ("must be 1 to 99 printable ASCII characters (7-Zip's limit for ZIP AES "
-            "passwords)")
 
 
 def _stamp_or_none(text):
@@ -1009,6 +1044,9 @@ def _stamp_or_none(text):
         raise ValueError("must be 'YYYYMMDD HHMMSS.ffffff' or a single space")
 
 
+_stamp_or_none.text = lambda value: format_arg_stamp(value)
+
+
 def _stamp(text):
     value = _stamp_or_none(text)
     if value is None:
@@ -1016,206 +1054,219 @@ def _stamp(text):
     return value
 
 
-_BOOL = _choice("True", "False")
-_YES_NO = _choice("yes", "no")
+_stamp.text = _stamp_or_none.text
 
-# (name, check, is_secret) for every position, argument 1 first.
-BACKUP_ARGS = [
-    ("operation", _choice(*BACKUP_OPERATIONS, case_sensitive=True), False),
-    ("execution agent", _choice("user", case_sensitive=True), False),
-    ("python executable", _executable, False),
-    ("lock polling period (seconds)", _integer(1), False),
-    ("lock total wait (seconds)", _integer(0), False),
-    ("log directory", _path, False),
-    ("send e-mail report (True/False)", _BOOL, False),
-    ("e-mail sender name", _text, False),
-    ("e-mail sender address", _text, False),
-    ("e-mail recipient address", _text, False),
-    ("instruction file", _path, False),
-    ("shadow-copy drive letter", _drive_letter, False),
-    ("destination types (local, AWS, local|AWS)", _destination_types, False),
-    ("local mirror directory", _optional_path, False),
-    ("keep files gone from the source (True/False)", _BOOL, False),
-    ("archive encryption key", _secret, True),
-    ("S3 bucket", _text, False),
-    ("location name", _location, False),
-    ("AWS access key ID", _secret, True),
-    ("AWS secret access key", _secret, True),
-    ("force full backup (yes/no)", _YES_NO, False),
-    ("automatic force full backup (yes/no)", _YES_NO, False),
-]
 
-CHILD_ARGS = [
-    ("operation", _choice(*BACKUP_OPERATIONS, case_sensitive=True), False),
-    ("execution agent", _choice(CHILD_AGENT, case_sensitive=True), False),
-    ("latest complete full backup (UTC)", _stamp_or_none, False),
-    ("latest complete incremental backup (UTC)", _stamp_or_none, False),
-    ("backup start (UTC)", _stamp, False),
-    ("backup source (mount) directory", _path, False),
-    ("shadow-copy drive letter", _drive_letter, False),
-    ("destination types", _destination_types, False),
-    ("local mirror directory", _optional_path, False),
-    ("keep files gone from the source (True/False)", _BOOL, False),
-    ("archive encryption key", _secret, True),
-    ("location name", _location, False),
-    ("archive work directory", _path, False),
-    ("force full backup (yes/no)", _YES_NO, False),
-    ("backup scope", _choice("full-backup", "incremental-backup", case_sensitive=True),
-     False),
-]
+def _scope(text):
+    try:
+        return Scope(text)
+    except ValueError:
+        raise ValueError("must be " + " or ".join(repr(s.value) for s in Scope))
 
-RESTORE_ARGS = [
-    ("operation", _choice(*RESTORE_OPERATIONS, case_sensitive=True), False),
-    ("log directory", _path, False),
-    ("send e-mail report (True/False)", _BOOL, False),
-    ("e-mail sender name", _text, False),
-    ("e-mail sender address", _text, False),
-    ("e-mail recipient address", _text, False),
-    ("restoration period (days)", _integer(1, 36500), False),
-    ("archive decryption key", _secret, True),
-    ("S3 bucket", _bucket, False),
-    ("location name", _location, False),
-    ("AWS access key ID", _secret, True),
-    ("AWS secret access key", _secret, True),
-    ("restoration destination directory", _path, False),
-]
+
+_scope.text = lambda value: value.value
+_BOOL = _flag("True", "False")
+_YES_NO = _flag("yes", "no")
+
+
+# -- the tables: one line per positional argument ----------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """One positional argument of an operation.
+
+    check turns the text into the value (or raises ValueError saying what is
+    wrong); a secret also accepts env:NAME and is masked in the log; the
+    check's optional .text attribute turns a value back into its text (the
+    child's command line).
+    """
+
+    field: str
+    label: str
+    check: object = _text
+    secret: bool = False
+
+    def text(self, value):
+        return getattr(self.check, "text", str)(value)
+
+
+class ArgTable:
+    """The positional arguments of one kind of operation, argument 1 first."""
+
+    def __init__(self, title, *args):
+        self.title = title
+        self.args = args
+        self.numbers = {arg.field: number for number, arg in enumerate(args, 1)}
+
+    def __iter__(self):
+        return iter(self.args)
+
+    def __len__(self):
+        return len(self.args)
+
+    def number(self, field):
+        return self.numbers[field]
+
+    def label(self, field):
+        return self.args[self.numbers[field] - 1].label
+
+    def error(self, field, problem, operation, text=None):
+        """A UsageError naming the argument by number and label."""
+        shown = "" if text is None else f": {text!r}"
+        return UsageError(f"argument {self.number(field)} ({self.label(field)}) "
+                          f"{problem}{shown}", operation)
+
+    def parse(self, argv, operation):
+        """The checked values of argv, by field name, or a UsageError."""
+        if len(argv) != len(self.args):
+            raise UsageError(f"{operation} takes {len(self.args)} arguments, "
+                             f"{len(argv)} were given", operation)
+        values = {}
+        for number, (text, arg) in enumerate(zip(argv, self.args), 1):
+            if arg.secret:
+                text = resolve_secret(text, f"argument {number} ({arg.label})", operation)
+            try:
+                values[arg.field] = arg.check(text)
+            except ValueError as problem:
+                shown = "" if arg.secret else f": {text!r}"
+                raise UsageError(f"argument {number} ({arg.label}) {problem}{shown}",
+                                 operation)
+            if arg.secret:
+                values[arg.field] = Secret(values[arg.field])
+        return Arguments(self, list(argv), values)
+
+    def to_argv(self, values):
+        """The argument texts for values by field name (the child's command line)."""
+        return [arg.text(values[arg.field]) for arg in self.args]
+
+    def argv(self, **texts):
+        """A command line's arguments from their texts by field name (tools, tests)."""
+        unknown = set(texts) - set(self.numbers)
+        missing = set(self.numbers) - set(texts)
+        if unknown or missing:
+            raise KeyError(f"arguments unknown {sorted(unknown)}, missing {sorted(missing)}")
+        return [texts[arg.field] for arg in self.args]
+
+    def usage(self, operation):
+        lines = [f"usage: aam_auto_backup.py {operation or self.title} (all {len(self)} "
+                 "arguments, positional; write empty values as \"\"):"]
+        for number, arg in enumerate(self.args, 1):
+            note = "  (accepts env:NAME)" if arg.secret else ""
+            lines.append(f"  {number:2d}. {arg.label}{note}")
+        return "\n".join(lines)
+
+
+class Arguments:
+    """The checked arguments of one command line, as attributes named by the table."""
+
+    def __init__(self, table, raw, values):
+        self.table, self.raw = table, raw
+        self.__dict__.update(values)
+
+    @property
+    def secrets(self):
+        return [getattr(self, arg.field) for arg in self.table if arg.secret]
+
+    def to_argv(self):
+        return self.table.to_argv(vars(self))
+
+    def masked(self):
+        """The command arguments, one per line, with every secret masked (for the log)."""
+        return [f"{number:2d}. {arg.label}: {mask_argument(text, arg.secret)}"
+                for number, (text, arg) in enumerate(zip(self.raw, self.table), 1)]
+
+
+BACKUP_ARGS = ArgTable(
+    "regular-backup|incremental-only-backup",
+    Arg("operation", "operation", _choice(*BACKUP_OPERATIONS)),
+    Arg("agent", "execution agent", _choice(USER_AGENT)),
+    Arg("python", "python executable", _executable),
+    Arg("lock_poll", "lock polling period (seconds)", _integer(1)),
+    Arg("lock_wait", "lock total wait (seconds)", _integer(0)),
+    Arg("log_dir", "log directory", _path),
+    Arg("send_email", "send e-mail report (True/False)", _BOOL),
+    Arg("sender_name", "e-mail sender name"),
+    Arg("sender_address", "e-mail sender address"),
+    Arg("recipient", "e-mail recipient address"),
+    Arg("instruction_file", "instruction file", _path),
+    Arg("drive_letter", "shadow-copy drive letter", _drive_letter),
+    Arg("destinations", "destination types (local, AWS, local|AWS)", _destination_types),
+    Arg("mirror_root", "local mirror directory", _optional_path),
+    Arg("keep", "keep files gone from the source (True/False)", _BOOL),
+    Arg("key", "archive encryption key", secret=True),
+    Arg("bucket", "S3 bucket"),
+    Arg("location", "location name", _location),
+    Arg("access_key_id", "AWS access key ID", secret=True),
+    Arg("secret_access_key", "AWS secret access key", secret=True),
+    Arg("force_full", "force full backup (yes/no)", _YES_NO),
+    Arg("auto_force_full", "automatic force full backup (yes/no)", _YES_NO),
+)
+
+# The child pass (started by the user-mode pass, never typed); the key travels
+# as an env:NAME reference, never as text on the command line.
+CHILD_ARGS = ArgTable(
+    "<operation> ShadowSpawn ... (the child pass; never typed)",
+    Arg("operation", "operation", _choice(*BACKUP_OPERATIONS)),
+    Arg("agent", "execution agent", _choice(CHILD_AGENT)),
+    Arg("latest_full", "latest complete full backup (UTC)", _stamp_or_none),
+    Arg("latest_incremental", "latest complete incremental backup (UTC)", _stamp_or_none),
+    Arg("start", "backup start (UTC)", _stamp),
+    Arg("mount", "backup source (mount) directory", _path),
+    Arg("drive_letter", "shadow-copy drive letter", _drive_letter),
+    Arg("destinations", "destination types", _destination_types),
+    Arg("mirror_root", "local mirror directory", _optional_path),
+    Arg("keep", "keep files gone from the source (True/False)", _BOOL),
+    Arg("key", "archive encryption key", secret=True),
+    Arg("location", "location name", _location),
+    Arg("work_dir", "archive work directory", _path),
+    Arg("force_full", "force full backup (yes/no)", _YES_NO),
+    Arg("scope", "backup scope", _scope),
+)
+
+RESTORE_ARGS = ArgTable(
+    "|".join(RESTORE_OPERATIONS),
+    Arg("operation", "operation", _choice(*RESTORE_OPERATIONS)),
+    Arg("log_dir", "log directory", _path),
+    Arg("send_email", "send e-mail report (True/False)", _BOOL),
+    Arg("sender_name", "e-mail sender name"),
+    Arg("sender_address", "e-mail sender address"),
+    Arg("recipient", "e-mail recipient address"),
+    Arg("days", "restoration period (days)", _integer(1, 36500)),
+    Arg("key", "archive decryption key", _key, secret=True),
+    Arg("bucket", "S3 bucket", _bucket),
+    Arg("location", "location name", _location),
+    Arg("access_key_id", "AWS access key ID", secret=True),
+    Arg("secret_access_key", "AWS secret access key", secret=True),
+    Arg("destination", "restoration destination directory", _path),
+)
+
+OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS,
+                    **{op: BACKUP_ARGS for op in BACKUP_OPERATIONS},
+                    **{op: RESTORE_ARGS for op in RESTORE_OPERATIONS}}
 
 
 def usage_text(operation):
     """A short usage text for one operation (or for all of them)."""
-    if operation == CHILD_AGENT:
-        specs, title = CHILD_ARGS, "<operation> ShadowSpawn ... (the child pass; never typed)"
-    elif operation in BACKUP_OPERATIONS:
-        specs, title = BACKUP_ARGS, operation
-    elif operation in RESTORE_OPERATIONS:
-        specs, title = RESTORE_ARGS, operation
-    else:
-        lines = ["usage: aam_auto_backup.py <operation> <arguments...>",
-                 "operations (all arguments are positional and all must be present):"]
-        lines += [f"  {op}  (22 arguments)" for op in BACKUP_OPERATIONS]
-        lines += [f"  {op}  (13 arguments)" for op in RESTORE_OPERATIONS]
-        lines.append("Run 'aam_auto_backup.py <operation>' to see its arguments; "
-                     "README.md has the details.")
-        return "\n".join(lines)
-    lines = [f"usage: aam_auto_backup.py {title} (all {len(specs)} arguments, "
-             "positional; write empty values as \"\"):"]
-    for number, (name, _check, is_secret) in enumerate(specs, 1):
-        note = "  (accepts env:NAME)" if is_secret else ""
-        lines.append(f"  {number:2d}. {name}{note}")
+    table = OPERATION_TABLES.get(operation)
+    if table is not None:
+        return table.usage(None if operation == CHILD_AGENT else operation)
+    lines = ["usage: aam_auto_backup.py <operation> <arguments...>",
+             "operations (all arguments are positional and all must be present):"]
+    lines += [f"  {op}  ({len(OPERATION_TABLES[op])} arguments)"
+              for op in BACKUP_OPERATIONS + RESTORE_OPERATIONS]
+    lines.append("Run 'aam_auto_backup.py <operation>' to see its arguments; "
+                 "README.md has the details.")
     return "\n".join(lines)
 
 
-def resolve_secret(text, number, operation):
-    """'env:NAME' reads the secret from environment variable NAME (SPEC 8)."""
+def resolve_secret(text, where, operation):
+    """'env:NAME' reads the secret from environment variable NAME."""
     if text.startswith("env:"):
         name = text[4:]
         if name not in os.environ:
-            raise UsageError(f"argument {number}: environment variable {name} is not set",
-                             operation)
-        return Secret(os.environ[name])
-    return Secret(text)
-
-
-def check_arguments(args, specs, operation):
-    """Validate positional arguments; return the checked values or raise UsageError."""
-    if len(args) != len(specs):
-        raise UsageError(f"{operation} takes {len(specs)} arguments, "
-                         f"{len(args)} were given", operation)
-    values = []
-    for number, (text, (name, check, is_secret)) in enumerate(zip(args, specs), 1):
-        if is_secret:
-            values.append(resolve_secret(text, number, operation))
-            continue
-        try:
-            values.append(check(text))
-        except ValueError as problem:
-            raise UsageError(f"argument {number} ({name}) {problem}: {text!r}", operation)
-    return values
-
-
-@dataclasses.dataclass
-class BackupArgs:
-    operation: str
-    python: str
-    lock_poll: int
-    lock_wait: int
-    log_dir: str
-    send_email: bool
-    sender_name: str
-    sender_address: str
-    recipient: str
-    instruction_file: str
-    drive_letter: str
-    destinations: frozenset
-    mirror_root: str
-    keep: bool
-    key: Secret
-    bucket: str
-    location: str
-    access_key_id: Secret
-    secret_access_key: Secret
-    force_full: bool
-    auto_force_full: bool
-    raw: list
-
-    @classmethod
-    def parse(cls, args):
-        operation = args[0] if args else ""
-        v = check_arguments(args, BACKUP_ARGS, operation)
-        parsed = cls(operation=v[0], python=v[2], lock_poll=v[3], lock_wait=v[4],
-                     log_dir=v[5], send_email=v[6] == "True", sender_name=v[7],
-                     sender_address=v[8], recipient=v[9], instruction_file=v[10],
-                     drive_letter=v[11], destinations=v[12], mirror_root=v[13],
-                     keep=v[14] == "True", key=v[15], bucket=v[16], location=v[17],
-                     access_key_id=v[18], secret_access_key=v[19],
-                     force_full=v[20] == "yes", auto_force_full=v[21] == "yes",
-                     raw=list(args))
-        parsed._check_combinations()
-        return parsed
-
-    def _check_combinations(self):
-        op = self.operation
-        if self.send_email:
-            check_email_addresses(((9, self.sender_address), (10, self.recipient)), 7, op)
-        if "local" in self.destinations and not self.mirror_root:
-            raise UsageError("argument 14 (local mirror directory) is required when "
-                             "argument 13 includes local", op)
-        if "AWS" in self.destinations:
-            try:
-                _bucket(self.bucket)
-            except ValueError as problem:
-                raise UsageError(f"argument 17 (S3 bucket) {problem}: {self.bucket!r}", op)
-            if not KEY_RE.match(self.key):
-                raise UsageError(f"argument 16 (archive encryption key) {KEY_RULE} "
-                                 "when argument 13 includes AWS", op)
-        check_key_pair(self.access_key_id, self.secret_access_key, 19, op)
-
-    @property
-    def secrets(self):
-        return [self.key, self.secret_access_key, self.access_key_id]
-
-    def masked(self):
-        return masked_arguments(self.raw, BACKUP_ARGS)
-
-
-def check_email_addresses(numbered_values, switch_number, operation):
-    for number, value in numbered_values:
-        if "@" not in value:
-            raise UsageError(f"argument {number} must be an e-mail address when argument "
-                             f"{switch_number} is True: {value!r}", operation)
-
-
-def check_key_pair(key_id, secret, key_id_number, operation):
-    if bool(key_id) != bool(secret):
-        raise UsageError(f"arguments {key_id_number} and {key_id_number + 1} must both be "
-                         "given, or both be \"\" to use the default AWS credential chain",
-                         operation)
-
-
-def masked_arguments(raw, specs):
-    """The command arguments, one per line, with every secret masked (for the log)."""
-    return [f"{number:2d}. {name}: {mask_argument(text, is_secret)}"
-            for number, (text, (name, _check, is_secret)) in enumerate(zip(raw, specs), 1)]
+            raise UsageError(f"{where}: environment variable {name} is not set", operation)
+        return os.environ[name]
+    return text
 
 
 def mask_argument(text, is_secret):
@@ -1226,80 +1277,58 @@ def mask_argument(text, is_secret):
     return "(empty)" if not text else "********"
 
 
-@dataclasses.dataclass
-class ChildArgs:
-    operation: str
-    latest_full: object
-    latest_incremental: object
-    start: dt.datetime
-    mount: str
-    drive_letter: str
-    destinations: frozenset
-    mirror_root: str
-    keep: bool
-    key: Secret
-    location: str
-    work_dir: str
-    force_full: bool
-    scope: str
-
-    @classmethod
-    def parse(cls, args):
-        v = check_arguments(args, CHILD_ARGS, CHILD_AGENT)
-        return cls(operation=v[0], latest_full=v[2], latest_incremental=v[3], start=v[4],
-                   mount=v[5], drive_letter=v[6], destinations=v[7], mirror_root=v[8],
-                   keep=v[9] == "True", key=v[10], location=v[11], work_dir=v[12],
-                   force_full=v[13] == "yes", scope=v[14])
-
-    def to_argv(self, key_reference):
-        """The 15 child arguments; the key travels as an env:NAME reference."""
-        return [self.operation, CHILD_AGENT, format_arg_stamp(self.latest_full),
-                format_arg_stamp(self.latest_incremental), format_arg_stamp(self.start),
-                self.mount, self.drive_letter, "|".join(sorted(self.destinations)),
-                self.mirror_root, "True" if self.keep else "False", key_reference,
-                self.location, self.work_dir, "yes" if self.force_full else "no",
-                self.scope]
+def parse_backup_args(argv):
+    operation = argv[0] if argv else ""
+    args = BACKUP_ARGS.parse(argv, operation)
+    if args.send_email:
+        check_email_addresses(args, BACKUP_ARGS, ("sender_address", "recipient"))
+    if "local" in args.destinations and not args.mirror_root:
+        raise BACKUP_ARGS.error("mirror_root", "is required when argument "
+                                f"{BACKUP_ARGS.number('destinations')} includes local",
+                                operation)
+    if "AWS" in args.destinations:
+        aws_rule = f"when argument {BACKUP_ARGS.number('destinations')} includes AWS"
+        for field, check in (("bucket", _bucket), ("key", _key)):
+            try:
+                check(getattr(args, field))
+            except ValueError as problem:
+                shown = None if field == "key" else getattr(args, field)
+                raise BACKUP_ARGS.error(field, f"{problem} {aws_rule}", operation, shown)
+    check_key_pair(args, BACKUP_ARGS)
+    return args
 
 
-@dataclasses.dataclass
-class RestoreArgs:
-    operation: str
-    log_dir: str
-    send_email: bool
-    sender_name: str
-    sender_address: str
-    recipient: str
-    days: int
-    key: Secret
-    bucket: str
-    location: str
-    access_key_id: Secret
-    secret_access_key: Secret
-    destination: str
-    raw: list
+def parse_child_args(argv):
+    return CHILD_ARGS.parse(argv, CHILD_AGENT)
 
-    @classmethod
-    def parse(cls, args):
-        operation = args[0] if args else ""
-        v = check_arguments(args, RESTORE_ARGS, operation)
-        parsed = cls(operation=v[0], log_dir=v[1], send_email=v[2] == "True",
-                     sender_name=v[3], sender_address=v[4], recipient=v[5], days=v[6],
-                     key=v[7], bucket=v[8], location=v[9], access_key_id=v[10],
-                     secret_access_key=v[11], destination=v[12], raw=list(args))
-        if parsed.send_email and operation == RESTORE_OPERATIONS[0]:
-            check_email_addresses(((5, parsed.sender_address), (6, parsed.recipient)), 3,
-                                  operation)
-        check_key_pair(parsed.access_key_id, parsed.secret_access_key, 11, operation)
-        if not KEY_RE.match(parsed.key):
-            raise UsageError(f"argument 8 (archive decryption key) {KEY_RULE}", operation)
-        return parsed
 
-    @property
-    def secrets(self):
-        return [self.key, self.secret_access_key, self.access_key_id]
+def parse_restore_args(argv):
+    operation = argv[0] if argv else ""
+    args = RESTORE_ARGS.parse(argv, operation)
+    if args.send_email and operation == ONE_STEP_RESTORE:
+        check_email_addresses(args, RESTORE_ARGS, ("sender_address", "recipient"))
+    check_key_pair(args, RESTORE_ARGS)
+    return args
 
-    def masked(self):
-        return masked_arguments(self.raw, RESTORE_ARGS)
+
+def check_email_addresses(args, table, fields):
+    for field in fields:
+        if "@" not in getattr(args, field):
+            raise table.error(field, "must be an e-mail address when argument "
+                              f"{table.number('send_email')} is True", args.operation,
+                              getattr(args, field))
+
+
+def check_key_pair(args, table):
+    if bool(args.access_key_id) != bool(args.secret_access_key):
+        first = table.number("access_key_id")
+        raise UsageError(f"arguments {first} and {first + 1} must both be given, or both "
+                         "be \"\" to use the default AWS credential chain", args.operation)
+
+
+def child_arguments(**values):
+    """The child's arguments from values by field name (the parent's side)."""
+    return Arguments(CHILD_ARGS, [], values)
 
 
 # ============================================================================
@@ -2289,7 +2318,7 @@ def run_child(child, platform, settings):
     view_root = platform.child_view_root(child.mount, child.drive_letter)
     work_dir = child.work_dir
     plan = read_source_plan(os.path.join(work_dir, PLAN_FILE), view_root, platform)
-    full = child.scope == "full-backup"
+    full = child.scope is Scope.FULL
     since = None if full else (child.latest_incremental or child.latest_full)
     if not full and since is None:
         child_say("AAM Auto Backup: an incremental backup needs the latest complete "
@@ -2576,12 +2605,12 @@ class BackupRun:
     def __init__(self, args, platform, settings, program_path):
         self.args, self.platform, self.settings = args, platform, settings
         self.program_path = program_path
-        self.regular = args.operation == "regular-backup"
+        self.regular = args.operation == REGULAR_BACKUP
         self.local = "local" in args.destinations
         self.aws = "AWS" in args.destinations      # False once S3 has failed
         self.aws_asked = self.aws
         self.failures = []
-        self.scope = None            # "full" or "incremental"
+        self.scope = None            # Scope, once decided
         self.base_full = None        # the full backup an incremental builds on
         self.since = None            # incremental: files changed at or after this
         self.latest_full = None      # latest complete sets, for log and report
@@ -2663,7 +2692,7 @@ class BackupRun:
                 break
             checkpoint("source-done")
         if self.aws and self.completed_sources == len(plan.sources):
-            if self.scope == "full":
+            if self.scope is Scope.FULL:
                 self.latest_full, self.latest_incremental = self.start, None
             else:
                 self.latest_incremental = self.start
@@ -2815,7 +2844,7 @@ class BackupRun:
             else:
                 reason = None
             if reason:
-                self.scope, self.base_full = "full", self.start
+                self.scope, self.base_full = Scope.FULL, self.start
                 self.log.line(f"Backup scope: full ({reason}).")
                 return
         else:
@@ -2827,7 +2856,7 @@ class BackupRun:
                 raise Refused(f"The instruction file changed ({describe_stamp(changed)}) "
                               "after the latest complete full backup, so a full backup is "
                               "required (argument 22); run a regular backup instead.")
-        self.scope, self.base_full = "incremental", full
+        self.scope, self.base_full = Scope.INCREMENTAL, full
         self.since = self.latest_incremental or full
         self.log.line(f"Backup scope: incremental, based on the full backup "
                       f"{describe_stamp(full)}; files changed since "
@@ -2905,16 +2934,17 @@ class BackupRun:
         destinations = {"local"} if self.local else set()
         if self.aws:
             destinations.add("AWS")
-        child = ChildArgs(
-            operation=args.operation, latest_full=self.latest_full,
-            latest_incremental=self.since if self.scope == "incremental" else None,
+        incremental = self.scope is Scope.INCREMENTAL
+        child = child_arguments(
+            operation=args.operation, agent=CHILD_AGENT, latest_full=self.latest_full,
+            latest_incremental=self.since if incremental else None,
             start=self.start, mount=source.mount, drive_letter=args.drive_letter or "q",
             destinations=frozenset(destinations), mirror_root=args.mirror_root,
-            keep=args.keep, key=args.key, location=args.location, work_dir=self.work_dir,
-            force_full=self.scope == "full", scope=("full-backup" if self.scope != "incremental"
-                                                    else "incremental-backup"))
+            keep=args.keep, key="env:" + CHILD_KEY_VARIABLE, location=args.location,
+            work_dir=self.work_dir, force_full=not incremental,
+            scope=Scope.INCREMENTAL if incremental else Scope.FULL)
         argv = platform.child_command(args.python, self.program_path,
-                                      child.to_argv("env:" + CHILD_KEY_VARIABLE),
+                                      child.to_argv(),
                                       source.mount, args.drive_letter)
         # Pipelined upload: volumes go up while the child's 7-Zip writes the next.
         uploader = self.volume_uploader(name) if self.aws else None
@@ -3015,7 +3045,7 @@ class BackupRun:
 
     def backup_times(self):
         """(full, incremental) date-times of this run's S3 object names."""
-        if self.scope == "full":
+        if self.scope is Scope.FULL:
             return self.start, None
         return self.base_full, self.start
 
@@ -3079,7 +3109,7 @@ class BackupRun:
             return
         args = self.args
         status = "FAILURE" if self.failures else "SUCCESS"
-        scope = f" {self.scope}" if self.scope and self.aws_asked else ""
+        scope = f" {self.scope.word}" if self.scope and self.aws_asked else ""
         title = f"{status}, {local_time_text(self.start or utc_now())}{scope} backup!"
         types = " and ".join(t for t, on in (("local", self.local), ("AWS S3", self.aws_asked))
                              if on)
@@ -4030,13 +4060,13 @@ def run_multi_step(restoration, operation):
         return
     restoration.load_set()
     restoration.claim_destination()
-    if operation == RESTORE_OPERATIONS[1]:
+    if operation == THAW_STEP:
         restoration.report_set()
         statuses = restore_to_s3(restoration)
         restoration.out.line(restoration.progress_line(statuses))
-    elif operation == RESTORE_OPERATIONS[2]:
+    elif operation == STATUS_STEP:
         check_status(restoration)
-    elif operation == RESTORE_OPERATIONS[3]:
+    elif operation == DOWNLOAD_STEP:
         download(restoration)
     else:
         check_seven_zip(restoration.settings)
@@ -4076,7 +4106,7 @@ def failure_text(problem):
 
 def run_restore(args, platform, settings):
     """The five restore operations; only one-step writes a log and sends e-mail."""
-    one_step = args.operation == RESTORE_OPERATIONS[0]
+    one_step = args.operation == ONE_STEP_RESTORE
     start = utc_now()
     if one_step:
         try:
@@ -4145,13 +4175,13 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
         operation = argv[0] if argv else ""
         try:
             if len(argv) > 1 and argv[1] == CHILD_AGENT:
-                return self.child_pass(ChildArgs.parse(argv))
+                return self.child_pass(parse_child_args(argv))
             if operation in BACKUP_OPERATIONS:
-                args = BackupArgs.parse(argv)
+                args = parse_backup_args(argv)
                 return self.with_signals(BackupRun(args, self.platform, self.settings(),
                                                    self.program_path).execute)
             if operation in RESTORE_OPERATIONS:
-                args = RestoreArgs.parse(argv)
+                args = parse_restore_args(argv)
                 settings = self.settings()
                 return self.with_signals(lambda: run_restore(args, self.platform, settings))
             raise UsageError(f"unknown operation {operation!r}" if operation

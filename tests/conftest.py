@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 sys.path.insert(0, REPO)
 
+import aam_auto_backup as aab  # noqa: E402
 from local_aws import FaultProxy, LocalAws  # noqa: E402
 from sample_tree import build_sample  # noqa: E402
 
@@ -34,6 +35,12 @@ def aws():
 def proxy(aws):
     with FaultProxy(aws.endpoint_url) as fault_proxy:
         yield fault_proxy
+
+
+def argv(table, changes, **values):
+    """An operation's argument list from texts by field name (the table's order)."""
+    values.update(changes or {})
+    return table.argv(**values)
 
 
 class Sandbox:
@@ -65,16 +72,34 @@ class Sandbox:
         with open(self.instructions, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    def backup_args(self, operation="regular-backup", changes=None):
-        values = {
-            1: operation, 2: "user", 3: sys.executable, 4: "1", 5: "0", 6: self.logs,
-            7: "True", 8: "AAM Backup Report", 9: SENDER, 10: self.recipient,
-            11: self.instructions, 12: "q", 13: "local|AWS", 14: self.mirror, 15: "False",
-            16: KEY, 17: self.bucket, 18: self.location, 19: ACCESS_KEY_ID, 20: SECRET,
-            21: "no", 22: "yes",
-        }
-        values.update(changes or {})
-        return [values[n] for n in range(1, 23)]
+    def backup_args(self, operation=aab.REGULAR_BACKUP, changes=None):
+        """The backup arguments of this sandbox; changes: {field name: text}."""
+        return argv(aab.BACKUP_ARGS, changes, operation=operation, agent="user",
+                    python=sys.executable, lock_poll="1", lock_wait="0", log_dir=self.logs,
+                    send_email="True", sender_name="AAM Backup Report",
+                    sender_address=SENDER, recipient=self.recipient,
+                    instruction_file=self.instructions, drive_letter="q",
+                    destinations="local|AWS", mirror_root=self.mirror, keep="False", key=KEY,
+                    bucket=self.bucket, location=self.location, access_key_id=ACCESS_KEY_ID,
+                    secret_access_key=SECRET, force_full="no", auto_force_full="yes")
+
+    def restore_args(self, operation, destination, changes=None):
+        """The restore arguments of this sandbox; changes: {field name: text}."""
+        return argv(aab.RESTORE_ARGS, changes, operation=operation, log_dir=self.logs,
+                    send_email="True", sender_name="AAM Restore Report",
+                    sender_address=SENDER, recipient=self.recipient, days="2", key=KEY,
+                    bucket=self.bucket, location=self.location, access_key_id=ACCESS_KEY_ID,
+                    secret_access_key=SECRET, destination=str(destination))
+
+    def child_args(self, changes=None):
+        """A full-backup child pass of this sandbox; changes: {field name: text}."""
+        return argv(aab.CHILD_ARGS, changes, operation=aab.REGULAR_BACKUP,
+                    agent=aab.CHILD_AGENT, latest_full=" ", latest_incremental=" ",
+                    start="20261121 170302.225333", mount=self.root, drive_letter="q",
+                    destinations="local | AWS", mirror_root=self.mirror, keep="False",
+                    key="env:" + aab.CHILD_KEY_VARIABLE, location=self.location,
+                    work_dir=os.path.join(self.temp, "work"), force_full="no",
+                    scope=aab.Scope.FULL.value)
 
     def env(self, **extra):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AAM_"))}

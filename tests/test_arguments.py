@@ -1,6 +1,7 @@
 """Arguments of the restore operations and the child pass; odds and ends of issue 2."""
 
 import os
+import re
 import sys
 
 import pytest
@@ -13,25 +14,21 @@ RESTORE_OPERATIONS = list(aab.RESTORE_OPERATIONS)
 
 
 def restore_args(sandbox, operation, changes=None):
-    values = {1: operation, 2: sandbox.logs, 3: "False", 4: "AAM Restore Report",
-              5: "backup-report@example.com", 6: sandbox.recipient, 7: "2", 8: KEY,
-              9: sandbox.bucket, 10: sandbox.location, 11: "AKIAIOSFODNN7EXAMPLE",
-              12: SECRET, 13: os.path.join(sandbox.root, "restored")}
-    values.update(changes or {})
-    return [values[n] for n in range(1, 14)]
+    return sandbox.restore_args(operation, os.path.join(sandbox.root, "restored"),
+                                dict({"send_email": "False"}, **(changes or {})))
 
 
 @pytest.mark.parametrize("operation", RESTORE_OPERATIONS)
-@pytest.mark.parametrize("changes, argument", [
-    ({3: "yes"}, 3), ({7: "0"}, 7), ({7: "two"}, 7), ({9: "No_Such_Bucket"}, 9),
-    ({10: "a_b"}, 10), ({10: "pc%PATH%"}, 10), ({8: "caf\u00e9 key"}, 8), ({8: "x" * 100}, 8),
-    ({12: "env:AAM_TEST_UNSET_VARIABLE"}, 12),
+@pytest.mark.parametrize("argument, text", [
+    ("send_email", "yes"), ("days", "0"), ("days", "two"), ("bucket", "No_Such_Bucket"),
+    ("location", "a_b"), ("location", "pc%PATH%"), ("key", "caf\u00e9 key"), ("key", "x" * 100),
+    ("secret_access_key", "env:AAM_TEST_UNSET_VARIABLE"),
 ])
-def test_bad_restore_arguments_touch_nothing(sandbox, proxy, operation, changes, argument):
+def test_bad_restore_arguments_touch_nothing(sandbox, proxy, operation, argument, text):
     sandbox.endpoint_url = proxy.endpoint_url
-    result = sandbox.run(restore_args(sandbox, operation, changes))
+    result = sandbox.run(restore_args(sandbox, operation, {argument: text}))
     assert result.returncode == 2
-    assert f"argument {argument}" in result.stderr
+    assert f"argument {aab.RESTORE_ARGS.number(argument)} (" in result.stderr
     assert f"usage: aam_auto_backup.py {operation}" in result.stderr
     assert proxy.counters()["requests"] == 0
     assert not os.path.exists(sandbox.logs)
@@ -45,39 +42,29 @@ def test_restore_argument_count(sandbox, operation):
     assert f"{operation} takes 13 arguments, 12 were given" in result.stderr
 
 
-def child_args(sandbox, changes=None):
-    values = {1: "regular-backup", 2: "ShadowSpawn", 3: " ", 4: " ",
-              5: "20261121 170302.225333", 6: sandbox.root, 7: "q", 8: "local | AWS",
-              9: sandbox.mirror, 10: "False", 11: "env:AAM_CHILD_ENCRYPTION_KEY",
-              12: sandbox.location, 13: os.path.join(sandbox.temp, "work"), 14: "no",
-              15: "full-backup"}
-    values.update(changes or {})
-    return [values[n] for n in range(1, 16)]
-
-
-@pytest.mark.parametrize("changes, argument", [
-    ({3: "2026-11-21"}, 3), ({5: " "}, 5), ({8: "tape"}, 8), ({10: "keep"}, 10),
-    ({14: "maybe"}, 14), ({15: "partial-backup"}, 15), ({11: "env:AAM_TEST_UNSET"}, 11),
+@pytest.mark.parametrize("argument, text", [
+    ("latest_full", "2026-11-21"), ("start", " "), ("destinations", "tape"), ("keep", "keep"),
+    ("force_full", "maybe"), ("scope", "partial-backup"), ("key", "env:AAM_TEST_UNSET"),
 ])
-def test_bad_child_arguments_are_refused(sandbox, changes, argument):
+def test_bad_child_arguments_are_refused(sandbox, argument, text):
     env = sandbox.env(AAM_CHILD_ENCRYPTION_KEY=KEY)
-    result = sandbox.run(child_args(sandbox, changes), env=env)
+    result = sandbox.run(sandbox.child_args({argument: text}), env=env)
     assert result.returncode == 2
-    assert f"argument {argument}" in result.stderr
+    assert f"argument {aab.CHILD_ARGS.number(argument)} (" in result.stderr
     assert "the child pass; never typed" in result.stderr
     assert not os.path.exists(sandbox.mirror) and not os.path.exists(sandbox.temp)
 
 
 def test_the_seed_child_arguments_parse():
     # spec-notes part7.md 1.1.5: " " for no date-time, "local | AWS" with spaces
-    parsed = aab.ChildArgs.parse([
+    parsed = aab.parse_child_args([
         "regular-backup", "ShadowSpawn", "20201221 134337.851361", "20201221 134337.851361",
         "20201222 112502.225333", "c:\\temp", "q", "local | AWS", "F:\\backup\\main",
         "False", "1234abcd1234abcd", "main-work-computer",
         "c:\\temp\\main-work-computer20201216_170302.225333", "no", "incremental-backup"])
     assert parsed.destinations == {"local", "AWS"}
     assert parsed.latest_full.strftime(aab.STAMP_FORMAT) == "20201221_134337.851361"
-    assert parsed.scope == "incremental-backup" and not parsed.keep
+    assert parsed.scope is aab.Scope.INCREMENTAL and not parsed.keep
 
 
 def test_the_seed_backup_arguments_parse(tmp_path):
@@ -86,7 +73,7 @@ def test_the_seed_backup_arguments_parse(tmp_path):
             "allenyong@allenyong.dev", str(tmp_path / "instructions.txt"), "q", "local|AWS",
             str(tmp_path / "backup"), "False", "1234abcd1234abcd", "aam-data-backup",
             "main-work-computer", "AWS-USER-ID", "aws-user-password", "no", "yes"]
-    parsed = aab.BackupArgs.parse(args)
+    parsed = aab.parse_backup_args(args)
     assert parsed.lock_poll == 600 and parsed.lock_wait == 7200
     assert parsed.destinations == {"local", "AWS"} and parsed.auto_force_full
     masked = "\n".join(parsed.masked())
@@ -109,7 +96,7 @@ def test_the_example_instruction_file_parses_on_both_platforms():
 
 def test_aws_only_backup_makes_no_mirror(sandbox):
     sandbox.sample()
-    result = sandbox.backup({13: "AWS", 14: ""})
+    result = sandbox.backup({"destinations": "AWS", "mirror_root": ""})
     assert result.returncode == 0, result.stdout + result.stderr
     assert not os.path.exists(sandbox.mirror)
     assert any("_yes_" in item["Key"] for item in sandbox.objects())
@@ -119,7 +106,7 @@ def test_aws_only_backup_makes_no_mirror(sandbox):
 
 def test_an_email_that_cannot_be_sent_is_logged_and_not_fatal(sandbox):
     tree = sandbox.sample()
-    result = sandbox.backup({9: "never-verified@example.com"})
+    result = sandbox.backup({"sender_address": "never-verified@example.com"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "The e-mail report could not be sent" in result.stdout
     log = open(sandbox.log_files()[0], encoding="utf-8").read()
@@ -131,5 +118,20 @@ def test_an_email_that_cannot_be_sent_is_logged_and_not_fatal(sandbox):
 
 def test_no_email_when_reports_are_off(sandbox):
     sandbox.sample()
-    assert sandbox.backup({7: "False"}).returncode == 0
+    assert sandbox.backup({"send_email": "False"}).returncode == 0
     assert sandbox.emails() == []
+
+
+@pytest.mark.parametrize("operation", aab.BACKUP_OPERATIONS + aab.RESTORE_OPERATIONS
+                         + (aab.CHILD_AGENT,))
+def test_the_usage_text_is_the_argument_table(sandbox, operation):
+    """Parser and usage text come from one table: each line is the table's, in order."""
+    table = aab.OPERATION_TABLES[operation]
+    argv = ["regular-backup", operation] if operation == aab.CHILD_AGENT else [operation]
+    result = sandbox.run(argv)
+    assert result.returncode == 2
+    listed = [line.strip() for line in result.stderr.splitlines()
+              if re.match(r"\s*\d+\. ", line)]
+    assert listed == [f"{number}. {arg.label}" + ("  (accepts env:NAME)" if arg.secret else "")
+                      for number, arg in enumerate(table, 1)]
+    assert f"takes {len(table)} arguments, {len(argv)} were given" in result.stderr

@@ -167,7 +167,8 @@ def test_a_backup_waits_for_the_lock_then_runs(sandbox):
     tree = sandbox.sample()
     lock = hold_lock(sandbox.lock)
     process = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(
-        changes={4: "1", 5: "60"}), env=sandbox.env(), stdout=subprocess.PIPE, text=True)
+        changes={"lock_poll": "1", "lock_wait": "60"}), env=sandbox.env(),
+        stdout=subprocess.PIPE, text=True)
     time.sleep(2.5)
     assert process.poll() is None            # still waiting
     lock.release()
@@ -184,7 +185,7 @@ def test_a_backup_gives_up_after_the_total_wait(sandbox):
     lock = hold_lock(sandbox.lock)
     try:
         started = time.monotonic()
-        result = sandbox.backup({4: "1", 5: "2"})
+        result = sandbox.backup({"lock_poll": "1", "lock_wait": "2"})
         elapsed = time.monotonic() - started
     finally:
         lock.release()
@@ -200,7 +201,8 @@ def test_a_backup_gives_up_after_the_total_wait(sandbox):
 
 def test_two_backups_started_together_both_succeed(sandbox, tmp_path):
     tree = sandbox.sample()
-    args = [sys.executable, PROGRAM] + sandbox.backup_args(changes={4: "1", 5: "120"})
+    args = [sys.executable, PROGRAM] + sandbox.backup_args(
+        changes={"lock_poll": "1", "lock_wait": "120"})
     processes = [subprocess.Popen(args, env=sandbox.env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=240)[0] for p in processes]
@@ -222,7 +224,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(sandbox):
     assert holder.stdout.readline().strip() == "held"
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    result = sandbox.backup({5: "0"})
+    result = sandbox.backup({"lock_wait": "0"})
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -231,7 +233,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(sandbox):
 def test_force_full_makes_a_second_full_backup(sandbox):
     sandbox.sample()
     assert sandbox.backup().returncode == 0
-    result = sandbox.backup({21: "yes"})
+    result = sandbox.backup({"force_full": "yes"})
     assert result.returncode == 0 and "full (forced by argument 21)" in result.stdout
     assert len(scopes(sandbox)["full"]) == 2
 
@@ -239,12 +241,12 @@ def test_force_full_makes_a_second_full_backup(sandbox):
 def test_automatic_force_full_follows_an_instruction_file_change(sandbox):
     tree = sandbox.sample()
     assert sandbox.backup().returncode == 0
-    assert sandbox.backup({22: "yes"}).returncode == 0          # unchanged: incremental
+    assert sandbox.backup({"auto_force_full": "yes"}).returncode == 0   # unchanged: incremental
     assert len(scopes(sandbox)["incremental"]) == 1
     sandbox.write_instructions(tree.instruction_text)           # changed after the full
-    off = sandbox.backup({22: "no"})
+    off = sandbox.backup({"auto_force_full": "no"})
     assert off.returncode == 0 and "Backup scope: incremental" in off.stdout
-    on = sandbox.backup({22: "yes"})
+    on = sandbox.backup({"auto_force_full": "yes"})
     assert on.returncode == 0 and "the instruction file changed" in on.stdout
     assert len(scopes(sandbox)["full"]) == 2
 
@@ -256,7 +258,7 @@ def test_the_latest_complete_full_of_the_month_is_the_base(sandbox, tmp_path):
     names = source_names(tree)
     craft_set(sandbox, older, names)                       # complete
     craft_set(sandbox, newer, names, missing=names[1:])    # incomplete: one indicator missing
-    result = sandbox.backup({22: "no"})        # the instruction file is newer than both
+    result = sandbox.backup({"auto_force_full": "no"})   # the instruction file is newer than both
     assert result.returncode == 0, result.stdout + result.stderr
     increments = scopes(sandbox)["incremental"]
     assert [full for full, _incr in increments] == [older.replace(tzinfo=dt.timezone.utc)]
@@ -266,9 +268,9 @@ def test_a_source_added_to_the_instruction_file_gets_a_full_backup(sandbox):
     tree = sandbox.sample()
     first_only = "\n".join(tree.instruction_text.splitlines()[:3]) + "\n"
     sandbox.write_instructions(first_only)
-    assert sandbox.backup({22: "no"}).returncode == 0
+    assert sandbox.backup({"auto_force_full": "no"}).returncode == 0
     sandbox.write_instructions(tree.instruction_text)
-    result = sandbox.backup({22: "no"})
+    result = sandbox.backup({"auto_force_full": "no"})
     assert result.returncode == 0
     assert "Backup scope: full (no complete full backup of the 2 current sources" in result.stdout
 
@@ -289,7 +291,7 @@ def test_incremental_only_builds_on_a_full_backup_of_an_earlier_month(sandbox):
     tree = sandbox.sample()
     earlier = months_before(month_start(), 3)
     craft_set(sandbox, earlier, source_names(tree))
-    result = sandbox.backup({22: "no"}, operation="incremental-only-backup")
+    result = sandbox.backup({"auto_force_full": "no"}, operation="incremental-only-backup")
     assert result.returncode == 0, result.stdout + result.stderr
     assert {full for full, _i in scopes(sandbox)["incremental"]} == {earlier}
     assert sandbox.emails() == []                     # incremental-only sends no e-mail
@@ -313,7 +315,7 @@ def test_incremental_only_refuses_when_a_full_backup_is_required(sandbox):
     assert sandbox.backup().returncode == 0
     sandbox.write_instructions(tree.instruction_text)
     before = len(sandbox.objects())
-    result = sandbox.backup({22: "yes"}, operation="incremental-only-backup")
+    result = sandbox.backup({"auto_force_full": "yes"}, operation="incremental-only-backup")
     assert result.returncode == 6
     assert "a full backup is required (argument 22)" in result.stdout
     assert len(sandbox.objects()) == before
@@ -342,7 +344,8 @@ def test_incremental_only_on_a_terminal_asks_before_waiting_and_waits_for_enter(
         master, slave = pty.openpty()
         process = subprocess.Popen(
             [sys.executable, PROGRAM] + sandbox.backup_args(
-                "incremental-only-backup", {4: "1", 5: "600", 22: "no"}),
+                "incremental-only-backup",
+                {"lock_poll": "1", "lock_wait": "600", "auto_force_full": "no"}),
             env=sandbox.env(), stdin=slave, stdout=slave, stderr=slave)
         os.close(slave)
         read_until(master, "[y/n]")
@@ -362,7 +365,7 @@ def test_incremental_only_under_a_scheduler_never_prompts(sandbox):
     assert sandbox.backup().returncode == 0
     lock = hold_lock(sandbox.lock)
     try:
-        result = sandbox.run(sandbox.backup_args("incremental-only-backup", {5: "1"}),
+        result = sandbox.run(sandbox.backup_args("incremental-only-backup", {"lock_wait": "1"}),
                              stdin=subprocess.DEVNULL)
     finally:
         lock.release()
@@ -492,7 +495,7 @@ def test_an_interrupted_multipart_upload_is_aborted(sandbox, proxy):
         handle.write(os.urandom(70 * 1024 * 1024))   # above the 64 MiB multipart threshold
     sandbox.endpoint_url = proxy.endpoint_url
     process = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(
-        changes={7: "False"}), env=sandbox.env(), stdout=subprocess.PIPE, text=True)
+        changes={"send_email": "False"}), env=sandbox.env(), stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while proxy.counters()["by_kind"].get("UploadPart", 0) < 1:
         assert time.monotonic() < deadline and process.poll() is None

@@ -32,11 +32,12 @@ def test_backup_works_with_exactly_put_list_and_send(sandbox, iam_enforced, aws,
                                   backup_policy(sandbox.bucket, allow_abort=False))
     aws.enable_iam_enforcement()
     env = sandbox.env(AAM_VOLUME_SIZE="65536")
-    first = sandbox.run(sandbox.backup_args(changes={19: key_id, 20: secret}), env=env)
+    keys = {"access_key_id": key_id, "secret_access_key": secret}
+    first = sandbox.run(sandbox.backup_args(changes=keys), env=env)
     time.sleep(0.05)
     with open(os.path.join(tree.first_mount, "Documents", "report.txt"), "ab") as handle:
         handle.write(b"changed\n")
-    second = sandbox.run(sandbox.backup_args(changes={19: key_id, 20: secret}), env=env)
+    second = sandbox.run(sandbox.backup_args(changes=keys), env=env)
     aws.disable_iam_enforcement()
     assert first.returncode == 0, first.stdout + first.stderr
     assert second.returncode == 0, second.stdout + second.stderr
@@ -83,7 +84,7 @@ def test_no_secret_in_any_file_output_or_process_list(sandbox, tmp_path):
     env = sandbox.env(AAM_VOLUME_SIZE="1000000", AAM_KEY_VAR=KEY, AAM_SECRET_VAR=SECRET)
     process = subprocess.Popen(
         [sys.executable, PROGRAM] + sandbox.backup_args(
-            changes={16: "env:AAM_KEY_VAR", 20: "env:AAM_SECRET_VAR"}),
+            changes={"key": "env:AAM_KEY_VAR", "secret_access_key": "env:AAM_SECRET_VAR"}),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stop, seen = threading.Event(), set()
     watcher = threading.Thread(target=watch_command_lines, args=(process.pid, stop, seen))
@@ -153,7 +154,7 @@ def test_hostile_file_names_are_backed_up_mirrored_and_restored(sandbox, tmp_pat
     expected = read_tree(source)
     assert len(expected) == len(HOSTILE_NAMES) + 1
 
-    result = sandbox.backup({7: "False"})
+    result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert read_tree(os.path.join(sandbox.mirror, source.lstrip("/"))) == expected
     (volume,) = [i["Key"] for i in sandbox.objects() if "_no_" in i["Key"]]
@@ -166,7 +167,7 @@ def test_hostile_file_names_are_backed_up_mirrored_and_restored(sandbox, tmp_pat
             with open(os.path.join(folder, name), "ab") as handle:
                 handle.write(b"changed\n")
     expected = read_tree(source)
-    result = sandbox.backup({7: "False"})
+    result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     incremental = [i["Key"] for i in sandbox.objects()
                    if "_no_" in i["Key"] and "_0_0.0_" not in i["Key"]]
@@ -208,7 +209,7 @@ def test_symbolic_links_are_stored_as_links_and_never_followed(sandbox, tmp_path
     sandbox.write_instructions(f"{source}/\n")
     expected = read_links_tree(source)
 
-    result = sandbox.backup({7: "False"})
+    result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert read_links_tree(os.path.join(sandbox.mirror, source.lstrip("/"))) == expected
     (volume,) = [i["Key"] for i in sandbox.objects() if "_no_" in i["Key"]]
@@ -275,7 +276,7 @@ def seven_zip_stand_in(tmp_path, action):
 
 def test_a_file_that_vanishes_or_grows_before_7zip_reads_it(sandbox, tmp_path):
     tree = sandbox.sample()
-    assert sandbox.backup({7: "False"}).returncode == 0
+    assert sandbox.backup({"send_email": "False"}).returncode == 0
     docs = os.path.join(tree.first_mount, "Documents")
     time.sleep(0.05)
     for name in ("report.txt", "sub/deep/keep.txt"):
@@ -284,7 +285,7 @@ def test_a_file_that_vanishes_or_grows_before_7zip_reads_it(sandbox, tmp_path):
     action = (f"rm '{docs}/report.txt'; "
               f"printf 'grown\\n' >> '{docs}/sub/deep/keep.txt'")
     env = sandbox.env(AAM_7ZIP=seven_zip_stand_in(tmp_path, action))
-    result = sandbox.run(sandbox.backup_args(changes={7: "False"}), env=env)
+    result = sandbox.run(sandbox.backup_args(changes={"send_email": "False"}), env=env)
     assert result.returncode == 0, result.stdout + result.stderr     # vanished is fine
     log = open(sandbox.log_files()[-1], encoding="utf-8").read()
     assert "No such file or directory" in log                         # 7-Zip's warning
@@ -296,7 +297,7 @@ def test_a_file_that_vanishes_or_grows_before_7zip_reads_it(sandbox, tmp_path):
     assert read_tree(str(restored)) == {
         "Documents/sub/deep/keep.txt": b"deep file\nchanged\ngrown\n"}   # as 7-Zip read it
     # the grown file changed after this backup started: the next one holds it again
-    result = sandbox.backup({7: "False"})
+    result = sandbox.backup({"send_email": "False"})
     assert "Documents/sub/deep/keep.txt" in open(sandbox.log_files()[-1]).read()
 
 
@@ -308,7 +309,7 @@ def test_a_mirror_inside_a_source_is_not_copied_into_itself(sandbox, tmp_path):
     mirror = os.path.join(source, "docs", "mirror")
     sandbox.write_instructions(f"{source}/docs/\n")
     for _run in range(2):
-        result = sandbox.backup({7: "False", 14: mirror})
+        result = sandbox.backup({"send_email": "False", "mirror_root": mirror})
         assert result.returncode == 0, result.stdout + result.stderr
     copied = read_tree(mirror)
     assert copied == {os.path.join(source.lstrip("/"), "docs", "a.txt"): b"a\n"}
@@ -324,7 +325,7 @@ def test_instruction_file_with_bom_and_crlf(sandbox):
     tree = sandbox.sample()
     with open(sandbox.instructions, "wb") as handle:
         handle.write(b"\xef\xbb\xbf" + tree.instruction_text.replace("\n", "\r\n").encode())
-    result = sandbox.backup({7: "False"})
+    result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     for mount in tree.mounts:
         assert read_tree(os.path.join(sandbox.mirror, mount.lstrip("/"))) == tree.expected[mount]
@@ -346,7 +347,7 @@ def test_a_path_longer_than_4096_bytes_is_reported_not_silently_skipped(sandbox)
         f.write("deep\n")
     os.close(descriptor)
     sandbox.write_instructions(f"{source}/\n")
-    result = sandbox.backup({7: "False"})
+    result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 1
     log = open(sandbox.log_files()[0], encoding="utf-8").read()
     assert "File name too long" in log and "validation failure: cannot read" in log
@@ -391,7 +392,7 @@ def big_source(sandbox, size=70 * 1024 * 1024):
 
 def test_progress_is_plain_lines_when_not_a_terminal(sandbox):
     big_source(sandbox)
-    result = sandbox.backup({7: "False"})
+    result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     quarters = [line for line in result.stdout.splitlines()
                 if line.startswith("Uploading volume 001: ")]
@@ -405,7 +406,8 @@ def test_progress_is_rewritten_in_place_on_a_terminal(sandbox):
     big_source(sandbox)
     master, slave = pty.openpty()
     process = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(
-        changes={7: "False", 13: "AWS", 14: ""}), env=sandbox.env(AAM_VOLUME_SIZE="8000000"),
+        changes={"send_email": "False", "destinations": "AWS", "mirror_root": ""}),
+        env=sandbox.env(AAM_VOLUME_SIZE="8000000"),
         stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
     os.close(slave)
     seen = b""

@@ -83,7 +83,8 @@ def test_volumes_upload_while_7zip_writes_and_the_disk_holds_a_few(sandbox, prox
     watcher = ArchiveDirWatcher(sandbox.temp, proxy)
     watcher.start()
     try:
-        result = sandbox.backup({13: "AWS", 14: ""}, env=backup_env(sandbox, proxy))
+        result = sandbox.backup({"destinations": "AWS", "mirror_root": ""},
+                                env=backup_env(sandbox, proxy))
     finally:
         watcher.stop()
     assert result.returncode == 0, result.stdout + result.stderr
@@ -143,7 +144,7 @@ def test_7zip_failing_midway_leaves_uploaded_volumes_without_indicator(sandbox, 
                                            seven_zip=aam.PosixPlatform().find_seven_zip()))
     wrapper.chmod(0o755)
     proxy.delay_requests(SLOW_PUT_SECONDS, kinds={"PutObject"})
-    result = sandbox.backup({13: "AWS", 14: ""},
+    result = sandbox.backup({"destinations": "AWS", "mirror_root": ""},
                             env=backup_env(sandbox, proxy, AAM_7ZIP=str(wrapper)))
     assert os.path.exists(marker), "7-Zip finished before it could be stopped"
     assert result.returncode == aam.EXIT_FAILURE, result.stdout + result.stderr
@@ -160,7 +161,7 @@ def test_7zip_failing_midway_leaves_uploaded_volumes_without_indicator(sandbox, 
 def test_upload_failure_midway_discards_the_rest_and_writes_no_indicator(sandbox, proxy):
     make_source(sandbox, files=8)
     proxy.fail_after(3, services={"s3"})      # the LIST, then two volumes
-    result = sandbox.backup({13: "AWS", 14: "", 7: "False"},
+    result = sandbox.backup({"destinations": "AWS", "mirror_root": "", "send_email": "False"},
                             env=backup_env(sandbox, proxy))
     proxy.clear_faults()
     assert result.returncode == aam.EXIT_FAILURE, result.stdout + result.stderr
@@ -228,10 +229,11 @@ def test_reported_volume_count_is_7zips_last_summary_line():
 def test_unchanged_incremental_makes_one_list_and_one_put(sandbox, proxy):
     make_source(sandbox, files=3, size=1000)
     env = backup_env(sandbox, proxy)
-    first = sandbox.backup({13: "AWS", 14: "", 7: "False"}, env=env)
+    aws_only = {"destinations": "AWS", "mirror_root": "", "send_email": "False"}
+    first = sandbox.backup(aws_only, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     proxy.reset_counters()
-    second = sandbox.backup({13: "AWS", 14: "", 7: "False"}, env=env)
+    second = sandbox.backup(aws_only, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     # One prefix query for the current month; no archive object, only the indicator.
     assert proxy.counters()["by_kind"] == {"LIST": 1, "PutObject": 1}
@@ -241,7 +243,7 @@ def test_unchanged_incremental_makes_one_list_and_one_put(sandbox, proxy):
 def test_a_large_volume_goes_up_in_concurrent_parts(sandbox, proxy):
     config = aam.transfer_config()
     make_source(sandbox, files=1, size=config.multipart_threshold + 3 * 1024 * 1024)
-    result = sandbox.backup({13: "AWS", 14: "", 7: "False"},
+    result = sandbox.backup({"destinations": "AWS", "mirror_root": "", "send_email": "False"},
                             env=backup_env(sandbox, proxy, AAM_VOLUME_SIZE="4000000000"))
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = proxy.counters()["by_kind"]

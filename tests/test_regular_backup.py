@@ -11,6 +11,8 @@ import pytest
 from conftest import ACCESS_KEY_ID, KEY, SECRET, extract
 from sample_tree import read_tree
 
+import aam_auto_backup as aab
+
 STAMP = r"\d{8}_\d{6}\.\d{6}"
 VOLUME_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})_no_"
                        r"(?P<source>.+)\.zip\.(?P<n>\d{3})$")
@@ -192,7 +194,7 @@ def test_log_sections_follow_the_seed_order(sandbox):
 def test_local_only_backup_makes_no_s3_request(sandbox, proxy):
     tree = sandbox.sample()
     sandbox.endpoint_url = proxy.endpoint_url
-    result = sandbox.backup({13: "local", 7: "False"})
+    result = sandbox.backup({"destinations": "local", "send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert proxy.counters()["requests"] == 0
     for mount in tree.mounts:
@@ -214,14 +216,15 @@ def test_unreachable_s3_still_makes_the_mirror_and_fails(sandbox):
 
 def test_keep_true_keeps_and_keep_false_removes_deleted_files(sandbox):
     tree = sandbox.sample()
-    assert sandbox.backup({13: "local", 7: "False"}).returncode == 0
+    assert sandbox.backup({"destinations": "local", "send_email": "False"}).returncode == 0
     gone = os.path.join(tree.first_mount, "Documents", "report.txt")
     mirrored = os.path.join(sandbox.mirror, gone.lstrip("/"))
     assert os.path.exists(mirrored)
     os.remove(gone)
-    assert sandbox.backup({13: "local", 7: "False", 15: "True"}).returncode == 0
+    local_only = {"destinations": "local", "send_email": "False"}
+    assert sandbox.backup(dict(local_only, keep="True")).returncode == 0
     assert os.path.exists(mirrored)
-    assert sandbox.backup({13: "local", 7: "False", 15: "False"}).returncode == 0
+    assert sandbox.backup(dict(local_only, keep="False")).returncode == 0
     assert not os.path.exists(mirrored)
 
 
@@ -236,18 +239,19 @@ def test_the_archive_opens_only_with_the_key(sandbox, tmp_path):
     assert "Wrong password" in wrong.stdout + wrong.stderr
 
 
-@pytest.mark.parametrize("changes, argument", [
-    ({7: "maybe"}, 7), ({4: "0"}, 4), ({5: "-1"}, 5), ({13: "local|S3"}, 13),
-    ({15: "keep"}, 15), ({17: "Bad_Bucket"}, 17), ({18: "my_pc"}, 18), ({21: "y"}, 21),
-    ({22: "true"}, 22), ({3: "/no/such/python"}, 3), ({2: "admin"}, 2),
-    ({16: "env:AAM_TEST_UNSET_VARIABLE"}, 16), ({9: "not-an-address"}, 9),
+@pytest.mark.parametrize("argument, text", [
+    ("send_email", "maybe"), ("lock_poll", "0"), ("lock_wait", "-1"),
+    ("destinations", "local|S3"), ("keep", "keep"), ("bucket", "Bad_Bucket"),
+    ("location", "my_pc"), ("force_full", "y"), ("auto_force_full", "true"),
+    ("python", "/no/such/python"), ("agent", "admin"), ("key", "env:AAM_TEST_UNSET_VARIABLE"),
+    ("sender_address", "not-an-address"),
 ])
-def test_bad_arguments_touch_nothing(sandbox, proxy, changes, argument):
+def test_bad_arguments_touch_nothing(sandbox, proxy, argument, text):
     sandbox.sample()
     sandbox.endpoint_url = proxy.endpoint_url
-    result = sandbox.backup(changes)
+    result = sandbox.backup({argument: text})
     assert result.returncode == 2
-    assert f"argument {argument}" in result.stderr
+    assert f"argument {aab.BACKUP_ARGS.number(argument)} (" in result.stderr
     assert "usage: aam_auto_backup.py regular-backup" in result.stderr
     assert proxy.counters()["requests"] == 0
     for path in (sandbox.logs, sandbox.mirror, sandbox.temp, os.path.dirname(sandbox.lock)):
@@ -272,7 +276,7 @@ def test_instruction_errors_name_the_line_and_make_no_s3_request(sandbox, proxy,
     os.makedirs(os.path.join(root, "docs", "private"))
     sandbox.write_instructions(text.format(root=root))
     sandbox.endpoint_url = proxy.endpoint_url
-    result = sandbox.backup({7: "False"})
+    result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"{sandbox.instructions}, {fragment.format(root=root)}" in result.stdout
     assert proxy.counters()["requests"] == 0
@@ -281,7 +285,8 @@ def test_instruction_errors_name_the_line_and_make_no_s3_request(sandbox, proxy,
 
 def test_missing_instruction_file_names_argument_11(sandbox, proxy):
     sandbox.endpoint_url = proxy.endpoint_url
-    result = sandbox.backup({7: "False", 11: os.path.join(sandbox.root, "nope.txt")})
+    result = sandbox.backup({"send_email": "False",
+                             "instruction_file": os.path.join(sandbox.root, "nope.txt")})
     assert result.returncode == 3
     assert "argument 11: the instruction file" in result.stdout
     assert proxy.counters()["requests"] == 0
@@ -289,13 +294,13 @@ def test_missing_instruction_file_names_argument_11(sandbox, proxy):
 
 def test_a_directory_moved_after_the_full_backup_is_in_the_incremental(sandbox, tmp_path):
     tree = sandbox.sample()
-    assert sandbox.backup({7: "False"}).returncode == 0
+    assert sandbox.backup({"send_email": "False"}).returncode == 0
     time.sleep(0.05)
     docs = os.path.join(tree.first_mount, "Documents")
     # moved and renamed: the files keep their old times, only the directory's
     # inode change time tells
     os.rename(os.path.join(docs, "sub", "deep"), os.path.join(docs, "under_score_dir", "moved"))
-    result = sandbox.backup({7: "False"})
+    result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     objects = sandbox.objects()
     full = next(k["Key"] for k in objects if INDICATOR_RE.match(k["Key"]))

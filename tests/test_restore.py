@@ -25,13 +25,10 @@ from sample_tree import read_tree
 
 import aam_auto_backup as aam
 
-ONE_STEP = "one-step-aws-data-restoration"
-THAW = "restore-to-aws-s3-from-aws-s3-glacier-deep-archive"
-CHECK = "check-aws-s3-restoration-status"
-DOWNLOAD = "download-to-local-computer-from-aws-s3"
-DECOMPRESS = "decompress-all-downloaded-backup-files"
-MULTI_STEP = [THAW, CHECK, DOWNLOAD, DECOMPRESS]
-EXIT_NOT_READY = 7
+ONE_STEP = aam.ONE_STEP_RESTORE
+THAW, CHECK, DOWNLOAD, DECOMPRESS = MULTI_STEP = [
+    aam.THAW_STEP, aam.STATUS_STEP, aam.DOWNLOAD_STEP, aam.EXTRACT_STEP]
+EXIT_NOT_READY = aam.EXIT_NOT_READY
 
 
 # ----------------------------------------------------------------- helpers
@@ -47,20 +44,12 @@ def slow_thaw(aws):
         aws.set_restore_immediate()
 
 
-def restore_args(sandbox, operation, destination, changes=None):
-    values = {1: operation, 2: sandbox.logs, 3: "True", 4: "AAM Restore Report", 5: SENDER,
-              6: sandbox.recipient, 7: "2", 8: KEY, 9: sandbox.bucket, 10: sandbox.location,
-              11: ACCESS_KEY_ID, 12: SECRET, 13: str(destination)}
-    values.update(changes or {})
-    return [values[n] for n in range(1, 14)]
-
-
 def restore_env(sandbox, **extra):
     return sandbox.env(AAM_RESTORE_POLL_SECONDS="1", **extra)
 
 
 def restore(sandbox, operation, destination, changes=None, env=None):
-    return sandbox.run(restore_args(sandbox, operation, destination, changes),
+    return sandbox.run(sandbox.restore_args(operation, destination, changes),
                        env=env or restore_env(sandbox))
 
 
@@ -213,7 +202,7 @@ def test_status_is_checked_before_the_first_sleep(sandbox, tmp_path):
     tree, expected = make_history(sandbox)
     # immediate thaws and the default 30-minute poll: no sleep may happen
     env = sandbox.env()
-    result = sandbox.run(restore_args(sandbox, ONE_STEP, tmp_path / "r"), env=env, timeout=120)
+    result = sandbox.run(sandbox.restore_args(ONE_STEP, tmp_path / "r"), env=env, timeout=120)
     ok(result)
     assert "Next check" not in result.stdout
     assert numbered_directories(tmp_path / "r", tree) == expected
@@ -222,10 +211,10 @@ def test_status_is_checked_before_the_first_sleep(sandbox, tmp_path):
 def test_re_running_a_finished_one_step_changes_nothing(sandbox, tmp_path, proxy):
     tree, expected = make_history(sandbox)
     destination = tmp_path / "r"
-    ok(restore(sandbox, ONE_STEP, destination, {3: "False"}))
+    ok(restore(sandbox, ONE_STEP, destination, {"send_email": "False"}))
     via_proxy(sandbox, proxy)
     result, kinds = counters_during(
-        proxy, lambda: restore(sandbox, ONE_STEP, destination, {3: "False"}))
+        proxy, lambda: restore(sandbox, ONE_STEP, destination, {"send_email": "False"}))
     ok(result)
     assert "already holds the complete restoration" in result.stdout
     assert kinds == {}                                    # not one S3 request
@@ -269,7 +258,7 @@ def test_the_four_steps_give_what_one_step_gives_and_reruns_are_harmless(
     ok(restore(sandbox, DECOMPRESS, multi))
 
     assert numbered_directories(multi, tree) == expected
-    ok(restore(sandbox, ONE_STEP, one, {3: "False"}))
+    ok(restore(sandbox, ONE_STEP, one, {"send_email": "False"}))
     assert numbered_directories(multi, tree) == numbered_directories(one, tree)
     one_map = open(one / "restore-map.txt", encoding="utf-8").read()
     multi_map = open(multi / "restore-map.txt", encoding="utf-8").read()
@@ -310,8 +299,8 @@ def test_an_interrupted_download_resumes_where_it_stopped(sandbox, tmp_path, pro
 # ----------------------------------------------------------------- kills
 
 def start_restore(sandbox, destination, env, email=False):
-    return subprocess.Popen([sys.executable, PROGRAM] + restore_args(
-        sandbox, ONE_STEP, destination, {3: str(email)}), env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, PROGRAM] + sandbox.restore_args(
+        ONE_STEP, destination, {"send_email": str(email)}), env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
 
 
@@ -349,7 +338,7 @@ def test_sigkill_while_waiting_then_rerun_requests_no_second_thaw(
     assert proxy.counters()["by_kind"]["RestoreObject"] == len(volume_keys(sandbox))
 
     result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
-                                                           {3: "False"}))
+                                                           {"send_email": "False"}))
     ok(result)
     assert "RestoreObject" not in kinds
     assert "Continuing the restoration started" in result.stdout
@@ -408,7 +397,7 @@ def test_sigkill_during_download_then_rerun_fetches_only_what_is_missing(
     assert 0 < len(kept) < volumes
 
     result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
-                                                           {3: "False"}, env=env))
+                                                           {"send_email": "False"}, env=env))
     ok(result)
     assert "RestoreObject" not in kinds
     assert kinds["GetObject"] <= volumes - len(kept)      # verified volumes: not again
@@ -426,7 +415,7 @@ def test_kept_volumes_are_not_fetched_again(sandbox, tmp_path, proxy):
               for d, _s, names in os.walk(destination / "downloads") for n in names}
     via_proxy(sandbox, proxy)
     result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
-                                                           {3: "False"}))
+                                                           {"send_email": "False"}))
     ok(result)
     assert "GetObject" not in kinds and "RestoreObject" not in kinds
     assert numbered_directories(destination, tree) == expected
@@ -444,7 +433,7 @@ def test_wrong_key_extracts_nothing_and_a_rerun_with_the_key_needs_no_download(
         sandbox, tmp_path, proxy):
     tree, expected = make_history(sandbox)
     destination = tmp_path / "r"
-    wrong = restore(sandbox, ONE_STEP, destination, {8: "not the key"})
+    wrong = restore(sandbox, ONE_STEP, destination, {"key": "not the key"})
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
     assert "The decryption key (argument 8) is wrong" in wrong.stdout
     assert_nothing_extracted(destination)
@@ -528,7 +517,7 @@ def test_an_incomplete_latest_set_falls_back_to_the_previous_complete_one(
     ok(sandbox.backup())
     older = indicator_keys(sandbox)
     write(os.path.join(tree.first_mount, "Documents", "report.txt"), b"newer\n")
-    ok(sandbox.backup({21: "yes"}))                       # a second full backup
+    ok(sandbox.backup({"force_full": "yes"}))                       # a second full backup
     newer = [k for k in indicator_keys(sandbox) if k not in older]
     assert len(newer) == 2
     sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=newer[0])   # as if killed
@@ -623,9 +612,11 @@ def test_backup_credentials_cannot_restore_and_the_message_names_the_permission(
     aws.enable_iam_enforcement()
     try:
         refused = restore(sandbox, ONE_STEP, tmp_path / "refused",
-                          {3: "False", 11: backup_keys[0], 12: backup_keys[1]})
+                          {"send_email": "False", "access_key_id": backup_keys[0],
+                           "secret_access_key": backup_keys[1]})
         allowed = restore(sandbox, ONE_STEP, tmp_path / "allowed",
-                          {3: "True", 11: restore_keys[0], 12: restore_keys[1]})
+                          {"send_email": "True", "access_key_id": restore_keys[0],
+                           "secret_access_key": restore_keys[1]})
     finally:
         aws.disable_iam_enforcement()
     assert refused.returncode == 1, refused.stdout + refused.stderr

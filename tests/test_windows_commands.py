@@ -123,18 +123,18 @@ def settings():
                         restore_poll_seconds=1800)
 
 
-def child_args(mount, scope="full-backup", latest=None):
+def child_args(mount, scope=aab.Scope.FULL, latest=None):
     stamp = aab.parse_arg_stamp(latest) if latest else None
-    return aab.ChildArgs(
-        operation="regular-backup", latest_full=stamp, latest_incremental=stamp,
-        start=aab.parse_arg_stamp(START), mount=mount, drive_letter="q",
-        destinations=frozenset({"local", "AWS"}), mirror_root=MIRROR_ROOT, keep=False,
-        key=aab.Secret("1234abcd1234abcd"), location="main-work-computer", work_dir=WORK,
-        force_full=False, scope=scope)
+    return aab.child_arguments(
+        operation="regular-backup", agent=aab.CHILD_AGENT, latest_full=stamp,
+        latest_incremental=stamp, start=aab.parse_arg_stamp(START), mount=mount,
+        drive_letter="q", destinations=frozenset({"local", "AWS"}), mirror_root=MIRROR_ROOT,
+        keep=False, key="env:" + aab.CHILD_KEY_VARIABLE, location="main-work-computer",
+        work_dir=WORK, force_full=False, scope=scope)
 
 
 def shadowspawn_line(machine, mount, **kwargs):
-    argv = child_args(mount, **kwargs).to_argv("env:" + aab.CHILD_KEY_VARIABLE)
+    argv = child_args(mount, **kwargs).to_argv()
     return machine.child_command(PYTHON, PROGRAM, argv, mount, "q")
 
 
@@ -192,7 +192,7 @@ GOLDEN_SHADOWSPAWN_USERS = (
 def test_golden_shadowspawn_command_lines(machine):
     temp, users = seed_plan(machine).sources
     assert shadowspawn_line(machine, temp.mount) == GOLDEN_SHADOWSPAWN_TEMP
-    assert shadowspawn_line(machine, users.mount, scope="incremental-backup",
+    assert shadowspawn_line(machine, users.mount, scope=aab.Scope.INCREMENTAL,
                             latest="20201221 134337.851361") == GOLDEN_SHADOWSPAWN_USERS
 
 
@@ -418,13 +418,13 @@ def msvcrt_split(command_line):
 
 def test_the_child_receives_exactly_its_arguments_through_shadowspawn():
     windows = aab.WindowsPlatform()
-    awkward = aab.ChildArgs(
-        operation="incremental-only-backup", latest_full=None, latest_incremental=None,
-        start=aab.parse_arg_stamp(START), mount="c:\\", drive_letter="q",
-        destinations=frozenset({"AWS"}), mirror_root="", keep=True,
-        key=aab.Secret("unused"), location="a&b%PATH%^-x", work_dir="c:\\temp\\a&b%x\\",
-        force_full=True, scope="full-backup")
-    child = awkward.to_argv("env:" + aab.CHILD_KEY_VARIABLE)
+    awkward = aab.child_arguments(
+        operation="incremental-only-backup", agent=aab.CHILD_AGENT, latest_full=None,
+        latest_incremental=None, start=aab.parse_arg_stamp(START), mount="c:\\",
+        drive_letter="q", destinations=frozenset({"AWS"}), mirror_root="", keep=True,
+        key="env:" + aab.CHILD_KEY_VARIABLE, location="a&b%PATH%^-x",
+        work_dir="c:\\temp\\a&b%x\\", force_full=True, scope=aab.Scope.FULL)
+    child = awkward.to_argv()
     line = windows.child_command("C:\\Program Files\\Python 3\\python.exe",
                                  "D:\\my tools\\-aam\\aam_auto_backup.py", child, "c:\\", "Q")
     source, device, command = shadowspawn_parse(line)
@@ -595,17 +595,17 @@ SEED_MESSAGES = {
 
 def backup_run(tmp_path):
     platform = SeedMachine({})
-    args = aab.BackupArgs(
-        operation="regular-backup", python=PYTHON, lock_poll=1, lock_wait=0,
+    args = aab.Arguments(aab.BACKUP_ARGS, [], dict(
+        operation="regular-backup", agent="user", python=PYTHON, lock_poll=1, lock_wait=0,
         log_dir=str(tmp_path / "logs"), send_email=False, sender_name="", sender_address="",
         recipient="", instruction_file="", drive_letter="q",
         destinations=frozenset({"local", "AWS"}), mirror_root=MIRROR_ROOT, keep=False,
         key=aab.Secret("1234abcd1234abcd"), bucket="aam-data-backup",
         location="main-work-computer", access_key_id=aab.Secret(""),
-        secret_access_key=aab.Secret(""), force_full=False, auto_force_full=True, raw=[])
+        secret_access_key=aab.Secret(""), force_full=False, auto_force_full=True))
     run = aab.BackupRun(args, platform, settings(), PROGRAM)
     run.log = aab.RunLog(args.log_dir, args.operation, args.secrets, platform)
-    run.start, run.scope = aab.parse_arg_stamp(START), "full"
+    run.start, run.scope = aab.parse_arg_stamp(START), aab.Scope.FULL
     run.work_dir = str(tmp_path / "work")
     os.mkdir(run.work_dir)
     return run

@@ -22,10 +22,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
 
+import aam_auto_backup as aab  # noqa: E402
 from local_aws import LocalAws  # noqa: E402
 from sample_tree import build_sample  # noqa: E402
 
+PROGRAM = os.path.join(REPO, "aam_auto_backup.py")
 BUCKET = "aam-demo-backup"
 LOCATION = "demo-computer"
 SENDER = "backup-report@example.com"
@@ -35,23 +38,24 @@ DEMO_KEY_VARIABLE = "AAM_DEMO_ENCRYPTION_KEY"
 
 def backup_command(output, instructions):
     """The 22 positional arguments, as a Task Scheduler entry would pass them."""
-    return [
-        sys.executable, os.path.join(REPO, "aam_auto_backup.py"),
-        "regular-backup", "user", sys.executable, "5", "60",
-        os.path.join(output, "logs"), "True", "AAM Backup Report", SENDER, RECIPIENT,
-        instructions, "q", "local|AWS", os.path.join(output, "mirror"), "False",
-        f"env:{DEMO_KEY_VARIABLE}", BUCKET, LOCATION, "", "", "no", "yes",
-    ]
+    return [sys.executable, PROGRAM] + aab.BACKUP_ARGS.argv(
+        operation=aab.REGULAR_BACKUP, agent="user", python=sys.executable, lock_poll="5",
+        lock_wait="60", log_dir=os.path.join(output, "logs"), send_email="True",
+        sender_name="AAM Backup Report", sender_address=SENDER, recipient=RECIPIENT,
+        instruction_file=instructions, drive_letter="q", destinations="local|AWS",
+        mirror_root=os.path.join(output, "mirror"), keep="False",
+        key=f"env:{DEMO_KEY_VARIABLE}", bucket=BUCKET, location=LOCATION, access_key_id="",
+        secret_access_key="", force_full="no", auto_force_full="yes")
 
 
 def restore_command(output):
     """The 13 arguments of the one-step restoration."""
-    return [
-        sys.executable, os.path.join(REPO, "aam_auto_backup.py"),
-        "one-step-aws-data-restoration", os.path.join(output, "logs"), "True",
-        "AAM Restore Report", SENDER, RECIPIENT, "2", f"env:{DEMO_KEY_VARIABLE}", BUCKET,
-        LOCATION, "", "", os.path.join(output, "restored"),
-    ]
+    return [sys.executable, PROGRAM] + aab.RESTORE_ARGS.argv(
+        operation=aab.ONE_STEP_RESTORE, log_dir=os.path.join(output, "logs"),
+        send_email="True", sender_name="AAM Restore Report", sender_address=SENDER,
+        recipient=RECIPIENT, days="2", key=f"env:{DEMO_KEY_VARIABLE}", bucket=BUCKET,
+        location=LOCATION, access_key_id="", secret_access_key="",
+        destination=os.path.join(output, "restored"))
 
 
 def heading(text):

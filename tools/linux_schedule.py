@@ -26,6 +26,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROGRAM = os.path.join(os.path.dirname(HERE), "aam_auto_backup.py")
+sys.path.insert(0, os.path.dirname(HERE))
+
+import aam_auto_backup as aab  # noqa: E402
 UNIT = "aam-auto-backup"
 SECRET_VARIABLES = ("AAM_ENCRYPTION_KEY", "AAM_BACKUP_ACCESS_KEY_ID",
                     "AAM_BACKUP_SECRET_ACCESS_KEY")
@@ -33,15 +36,18 @@ SECRET_VARIABLES = ("AAM_ENCRYPTION_KEY", "AAM_BACKUP_ACCESS_KEY_ID",
 
 def backup_argv(options):
     """The 22 positional arguments of the daily job (force full no, automatic yes)."""
-    return [
-        options.python, PROGRAM, "regular-backup", "user", options.python,
-        str(options.poll), str(options.wait), options.log_dir,
-        "True" if options.recipient else "False", options.sender_name,
-        options.sender or "", options.recipient or "", options.instructions, "q",
-        options.destinations, options.mirror or "", "True" if options.keep else "False",
-        f"env:{SECRET_VARIABLES[0]}", options.bucket, options.location,
-        f"env:{SECRET_VARIABLES[1]}", f"env:{SECRET_VARIABLES[2]}", "no", "yes",
-    ]
+    return [options.python, PROGRAM] + aab.BACKUP_ARGS.argv(
+        operation=aab.REGULAR_BACKUP, agent="user", python=options.python,
+        lock_poll=str(options.poll), lock_wait=str(options.wait), log_dir=options.log_dir,
+        send_email="True" if options.recipient else "False",
+        sender_name=options.sender_name, sender_address=options.sender or "",
+        recipient=options.recipient or "", instruction_file=options.instructions,
+        drive_letter="q", destinations=options.destinations,
+        mirror_root=options.mirror or "", keep="True" if options.keep else "False",
+        key=f"env:{SECRET_VARIABLES[0]}", bucket=options.bucket, location=options.location,
+        access_key_id=f"env:{SECRET_VARIABLES[1]}",
+        secret_access_key=f"env:{SECRET_VARIABLES[2]}", force_full="no",
+        auto_force_full="yes")
 
 
 def service_text(options, secrets_file):

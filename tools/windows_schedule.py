@@ -91,10 +91,14 @@ class ScheduleSettings:
 def backup_arguments(settings, operation):
     """The 22 positional arguments; 21 (force full) "no", 22 (automatic) "yes" (seed 4.1.1)."""
     s = settings
-    return [operation, "user", s.python, str(s.lock_poll), str(s.lock_wait), s.log_dir,
-            str(s.send_email), s.sender_name, s.sender, s.recipient, s.instruction_file,
-            s.drive_letter, s.destinations, s.mirror_dir, str(s.keep), s.key, s.bucket,
-            s.location, s.access_key_id, s.secret_access_key, "no", "yes"]
+    return aab.BACKUP_ARGS.argv(
+        operation=operation, agent="user", python=s.python, lock_poll=str(s.lock_poll),
+        lock_wait=str(s.lock_wait), log_dir=s.log_dir, send_email=str(s.send_email),
+        sender_name=s.sender_name, sender_address=s.sender, recipient=s.recipient,
+        instruction_file=s.instruction_file, drive_letter=s.drive_letter,
+        destinations=s.destinations, mirror_root=s.mirror_dir, keep=str(s.keep), key=s.key,
+        bucket=s.bucket, location=s.location, access_key_id=s.access_key_id,
+        secret_access_key=s.secret_access_key, force_full="no", auto_force_full="yes")
 
 
 def argument_words(arguments):
@@ -128,7 +132,7 @@ def batch_file_text(settings, operation):
 def task_arguments(settings):
     """The task's "Add arguments" field: the program path, then the 22 arguments."""
     return (WINDOWS.quote(settings.program) + " "
-            + argument_words(backup_arguments(settings, "regular-backup")))
+            + argument_words(backup_arguments(settings, aab.REGULAR_BACKUP)))
 
 
 def task_xml(settings, start_date):

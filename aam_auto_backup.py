@@ -14,9 +14,10 @@ The module reads top to bottom in the order the data flows:
     names and time stamps    -> S3 object names (SPEC section 5)
     arguments                -> positional arguments of every operation (SPEC 3)
     instruction file         -> parsing, mount directories, exclusions (SPEC 4)
-    selection                -> which files of a mount are backed up
+    selection                -> which files of a mount are backed up (the walk)
+    catalogue                -> each backup's record of its sources; the local state
     log and report           -> the dated log file and the SES e-mail (SPEC 6)
-    S3 catalog               -> what complete backup sets the bucket holds
+    bucket listing           -> what complete backup sets the bucket holds
     child run                -> the per-mount pass: mirror, 7-Zip, validation
     upload                   -> volumes as DEEP_ARCHIVE, then the indicator
     backup operations        -> regular-backup, incremental-only-backup
@@ -30,6 +31,8 @@ import datetime as dt
 import email.utils
 import enum
 import hashlib
+import heapq
+import itertools
 import json
 import ntpath
 import os
@@ -38,13 +41,15 @@ import shlex
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import typing
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 PROGRAM_NAME = "AAM Auto Backup"
 
 # ============================================================================
@@ -59,6 +64,7 @@ EXIT_LOCKED = 4           # another backup held the lock for the whole wait
 EXIT_NO_BACKUP_SET = 5    # no complete backup set to build on or restore from
 EXIT_REFUSED = 6          # incremental-only: a full backup is required first
 EXIT_NOT_READY = 7        # restore step: thawed copies not all there yet
+EXIT_NOTHING_SELECTED = 8  # restore: the selection matches nothing in the chosen backup
 EXIT_INTERRUPTED = 130    # Ctrl-C or SIGTERM
 
 DEFAULT_VOLUME_SIZE = 4_000_000_000
@@ -147,6 +153,7 @@ class Settings:
     ses_region: str
     restore_tier: str
     restore_poll_seconds: int
+    state_dir: str
 
     @classmethod
     def from_environment(cls, platform):
@@ -171,6 +178,7 @@ class Settings:
             ses_region=os.environ.get("AAM_SES_REGION") or region,
             restore_tier=tier,
             restore_poll_seconds=_env_int("AAM_RESTORE_POLL_SECONDS", 1800, 1),
+            state_dir=os.environ.get("AAM_STATE_DIR") or platform.default_state_dir(),
         )
 
 
@@ -202,6 +210,11 @@ class PosixPlatform:
     # -- paths ---------------------------------------------------------------
     def default_temp_root(self):
         return tempfile.gettempdir()
+
+    def default_state_dir(self):
+        """Where the latest catalogue of each source is kept (XDG state directory)."""
+        base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        return os.path.join(base, "aam-auto-backup")
 
     def find_seven_zip(self):
         for name in ("7zz", "7z", "7za"):
@@ -260,6 +273,18 @@ class PosixPlatform:
     def decode_output(self, data):
         return data.decode("utf-8", errors="replace")
 
+    # -- restoring ---------------------------------------------------------
+    # 7-Zip extracts a link stored as '/etc/x' as '<output dir>/etc/x'.
+    absolute_links_rewritten = True
+
+    def make_link(self, target, path):
+        os.symlink(target, path)
+
+    def make_stand_in(self, path, size):
+        """A file of size bytes that takes no disk space (sparse): a volume not thawed."""
+        with open(path, "wb") as handle:
+            handle.truncate(size)
+
     # -- processes ---------------------------------------------------------
     def process_alive(self, pid):
         if pid <= 0:
@@ -275,6 +300,10 @@ class PosixPlatform:
     def group_popen_options(self):
         """Start a child in its own process group, so it can be stopped as a whole."""
         return {"start_new_session": True}
+
+    def private_file_options(self):
+        """Popen options under which a program creates owner-only files."""
+        return {"umask": 0o077}
 
     def stop_group(self, process):
         with contextlib.suppress(ProcessLookupError):
@@ -404,6 +433,11 @@ class WindowsPlatform(PosixPlatform):
     def default_temp_root(self):
         return "c:\\temp"
 
+    def default_state_dir(self):
+        """Where the latest catalogue of each source is kept (the user's local app data)."""
+        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~\\AppData\\Local")
+        return ntpath.join(base, "AAM Auto Backup", "state")
+
     def find_seven_zip(self):
         here = os.path.dirname(os.path.abspath(__file__))
         local = os.path.join(here, "7z.exe")
@@ -472,6 +506,10 @@ class WindowsPlatform(PosixPlatform):
     def group_popen_options(self):
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
 
+    def private_file_options(self):
+        # A new file inherits the directory's access list: the work directory is the user's.
+        return {}
+
     # No SIGSTOP on Windows: finished volumes just wait for the upload.
     can_pause_group = False
 
@@ -492,6 +530,29 @@ class WindowsPlatform(PosixPlatform):
         # Windows exposes no change time of a directory: a moved directory's files
         # come back at their old path until the next full backup (README).
         return False
+
+    absolute_links_rewritten = False
+
+    def make_link(self, target, path):
+        """A symbolic link (Developer Mode or administrator rights); a directory link
+        when the target is a directory."""
+        where = ntpath.join(ntpath.dirname(path), target)
+        os.symlink(target, path, target_is_directory=os.path.isdir(where))
+
+    def make_stand_in(self, path, size):
+        """Sparse on NTFS too (FSCTL_SET_SPARSE), so that a stand-in takes no disk
+        space; where the file system refuses, a plain file of that size."""
+        with open(path, "wb") as handle:
+            try:
+                import ctypes
+                import msvcrt
+                returned = ctypes.c_ulong()
+                ctypes.windll.kernel32.DeviceIoControl(
+                    msvcrt.get_osfhandle(handle.fileno()), 0x000900C4,    # FSCTL_SET_SPARSE
+                    None, 0, None, 0, ctypes.byref(returned), None)
+            except (ImportError, AttributeError, OSError):
+                pass
+            handle.truncate(size)
 
     def changed_time(self, st):
         # Windows: the creation time catches a file copied in with an old mtime.
@@ -733,8 +794,10 @@ class WindowsPlatform(PosixPlatform):
                 files.append(pattern)
         if exact_dirs or exact_files:
             # Unreadable directories are reported by the child's own walk.
-            selection = walk_selection(view_root, plan, self)
-            for rel, is_dir in selection.excluded:
+            walk = TreeWalk(view_root, plan, self)
+            for _walked in walk:
+                pass
+            for rel, is_dir in walk.excluded:
                 name = rel.rsplit(self.sep, 1)[-1]
                 if any(r.fullmatch(name) for r in (exact_dirs if is_dir else exact_files)):
                     (dirs if is_dir else files).append(self.view_path(view_root, rel))
@@ -822,7 +885,7 @@ NO_STAMP_ARG = " "                        # the seed's "none" for child args 3-4
 
 OBJECT_NAME_RE = re.compile(
     r"^(?P<location>[^_]+)_(?P<full>\d{8}_\d{6}\.\d{6})_"
-    r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_(?P<flag>no|yes)_(?P<rest>.+)$")
+    r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_(?P<flag>no|yes|catalogue)_(?P<rest>.+)$")
 VOLUME_SUFFIX_RE = re.compile(r"^(?P<source>.+)\.zip\.(?P<number>\d{3,})$")
 
 
@@ -856,20 +919,27 @@ def describe_stamp(moment):
 
 @dataclasses.dataclass(frozen=True)
 class ObjectName:
-    """One S3 object of a backup: a volume or a completion indicator."""
+    """One S3 object of a backup: a volume, a completion indicator or a catalogue.
+
+    The catalogue's flag word is neither 'no' nor 'yes', so a reader that knows
+    only volumes and indicators (version 1.0.0) passes over it.
+    """
 
     location: str
     full: dt.datetime
     incremental: object          # datetime, or None for a full backup
     indicator: bool
     source: str
-    volume: object = None        # int for volumes, None for indicators
+    volume: object = None        # int for volumes, None for indicators and catalogues
+    catalogue: bool = False
 
     @property
     def key(self):
         incr = "0_0.0" if self.incremental is None else format_stamp(self.incremental)
-        key = (f"{self.location}_{format_stamp(self.full)}_{incr}_"
-               f"{'yes' if self.indicator else 'no'}_{self.source}")
+        flag = "catalogue" if self.catalogue else "yes" if self.indicator else "no"
+        key = f"{self.location}_{format_stamp(self.full)}_{incr}_{flag}_{self.source}"
+        if self.catalogue:
+            return key + ".zip"
         if not self.indicator:
             key += f".zip.{self.volume:03d}"
         return key
@@ -884,6 +954,11 @@ class ObjectName:
         incr = None if match["incr"] == "0_0.0" else parse_stamp(match["incr"])
         if match["flag"] == "yes":
             return cls(match["location"], full, incr, True, match["rest"])
+        if match["flag"] == "catalogue":
+            if not match["rest"].endswith(".zip"):
+                return None
+            return cls(match["location"], full, incr, False, match["rest"][:-4],
+                       catalogue=True)
         volume = VOLUME_SUFFIX_RE.match(match["rest"])
         if not volume:
             return None
@@ -914,6 +989,7 @@ STATUS_STEP = "check-aws-s3-restoration-status"
 DOWNLOAD_STEP = "download-to-local-computer-from-aws-s3"
 EXTRACT_STEP = "decompress-all-downloaded-backup-files"
 RESTORE_OPERATIONS = (ONE_STEP_RESTORE, THAW_STEP, STATUS_STEP, DOWNLOAD_STEP, EXTRACT_STEP)
+BROWSE_OPERATION = "browse-aws-backups"
 USER_AGENT = "user"
 CHILD_AGENT = "ShadowSpawn"
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -1065,6 +1141,47 @@ def _scope(text):
 
 
 _scope.text = lambda value: value.value
+
+
+LATEST = "latest"
+_POINT_FORMATS = ("%Y%m%d %H%M%S.%f", "%Y%m%d %H%M%S", "%Y%m%d_%H%M%S.%f", "%Y%m%d_%H%M%S",
+                  "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M",
+                  "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M")
+_DATE_FORMATS = ("%Y%m%d", "%Y-%m-%d")
+
+
+def _restore_point(text):
+    """None for the latest backup, else the UTC date-time to restore as of."""
+    clean = re.sub(r"\s*(UTC|Z)$", "", text.strip(), flags=re.IGNORECASE)
+    if clean.lower() in ("", LATEST):
+        return None
+    for pattern in _POINT_FORMATS:
+        with contextlib.suppress(ValueError):
+            return dt.datetime.strptime(clean, pattern).replace(tzinfo=dt.timezone.utc)
+    for pattern in _DATE_FORMATS:
+        with contextlib.suppress(ValueError):
+            day = dt.datetime.strptime(clean, pattern).replace(tzinfo=dt.timezone.utc)
+            return day + dt.timedelta(days=1, microseconds=-1)    # as of that day's end
+    raise ValueError("must be 'latest' (or \"\"), a UTC date-time such as "
+                     "'20261115 143000' or '2026-11-15 14:30', or a date such as "
+                     "'2026-11-15' (as of the end of that day)")
+
+
+_restore_point.text = lambda value: LATEST if value is None else format_arg_stamp(value)
+
+
+def _selection_item(text):
+    """A path as it was backed up, or a name pattern (wildcards * and ?)."""
+    item = text.strip()
+    if not item:
+        raise ValueError("must not be empty: give an absolute path or a name")
+    absolute = item.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", item)
+    if not absolute and "/" in item.rstrip("/\\"):
+        raise ValueError("is a relative path; give the path as it was backed up (absolute) "
+                         "or a file or directory name")
+    return item
+
+
 _BOOL = _flag("True", "False")
 _YES_NO = _flag("yes", "no")
 
@@ -1078,16 +1195,21 @@ class Arg:
     check turns the text into the value (or raises ValueError saying what is
     wrong); a secret also accepts env:NAME and is masked in the log; the
     check's optional .text attribute turns a value back into its text (the
-    child's command line).
+    child's command line).  An optional argument may be left out (then it is
+    default); a repeated one, the last, takes all the arguments left (a list).
     """
 
     field: str
     label: str
     check: object = _text
     secret: bool = False
+    optional: bool = False
+    default: str = ""
+    repeated: bool = False
 
     def text(self, value):
-        return getattr(self.check, "text", str)(value)
+        to_text = getattr(self.check, "text", str)
+        return [to_text(v) for v in value] if self.repeated else to_text(value)
 
 
 class ArgTable:
@@ -1097,6 +1219,8 @@ class ArgTable:
         self.title = title
         self.args = args
         self.numbers = {arg.field: number for number, arg in enumerate(args, 1)}
+        self.required = sum(1 for arg in args if not (arg.optional or arg.repeated))
+        self.repeated = bool(args) and args[-1].repeated
 
     def __iter__(self):
         return iter(self.args)
@@ -1110,49 +1234,82 @@ class ArgTable:
     def label(self, field):
         return self.args[self.numbers[field] - 1].label
 
+    def count_text(self):
+        if self.repeated:
+            return f"{self.required} or more arguments"
+        if self.required < len(self.args):
+            return f"{self.required} to {len(self.args)} arguments"
+        return f"{len(self.args)} arguments"
+
     def error(self, field, problem, operation, text=None):
         """A UsageError naming the argument by number and label."""
         shown = "" if text is None else f": {text!r}"
         return UsageError(f"argument {self.number(field)} ({self.label(field)}) "
                           f"{problem}{shown}", operation)
 
+    def arg_at(self, number):
+        """The Arg of position number (1-based; the repeated one for all beyond)."""
+        return self.args[min(number, len(self.args)) - 1]
+
     def parse(self, argv, operation):
         """The checked values of argv, by field name, or a UsageError."""
-        if len(argv) != len(self.args):
-            raise UsageError(f"{operation} takes {len(self.args)} arguments, "
-                             f"{len(argv)} were given", operation)
-        values = {}
-        for number, (text, arg) in enumerate(zip(argv, self.args), 1):
-            if arg.secret:
-                text = resolve_secret(text, f"argument {number} ({arg.label})", operation)
-            try:
-                values[arg.field] = arg.check(text)
-            except ValueError as problem:
-                shown = "" if arg.secret else f": {text!r}"
-                raise UsageError(f"argument {number} ({arg.label}) {problem}{shown}",
-                                 operation)
-            if arg.secret:
-                values[arg.field] = Secret(values[arg.field])
+        if len(argv) < self.required or (len(argv) > len(self.args) and not self.repeated):
+            raise UsageError(f"{operation} takes {self.count_text()}, {len(argv)} were "
+                             "given", operation)
+        values = {arg.field: [] if arg.repeated else arg.check(arg.default)
+                  for arg in self.args[len(argv):]}
+        for number, text in enumerate(argv, 1):
+            arg = self.arg_at(number)
+            value = self.check_one(number, arg, text, operation)
+            if arg.repeated:
+                values.setdefault(arg.field, []).append(value)
+            else:
+                values[arg.field] = value
         return Arguments(self, list(argv), values)
+
+    def check_one(self, number, arg, text, operation):
+        if arg.secret:
+            text = resolve_secret(text, f"argument {number} ({arg.label})", operation)
+        try:
+            value = arg.check(text)
+        except ValueError as problem:
+            shown = "" if arg.secret else f": {text!r}"
+            raise UsageError(f"argument {number} ({arg.label}) {problem}{shown}", operation)
+        return Secret(value) if arg.secret else value
 
     def to_argv(self, values):
         """The argument texts for values by field name (the child's command line)."""
-        return [arg.text(values[arg.field]) for arg in self.args]
+        texts = []
+        for arg in self.args:
+            text = arg.text(values[arg.field])
+            texts += text if arg.repeated else [text]
+        return texts
 
     def argv(self, **texts):
         """A command line's arguments from their texts by field name (tools, tests)."""
         unknown = set(texts) - set(self.numbers)
-        missing = set(self.numbers) - set(texts)
+        missing = {a.field for a in self.args
+                   if not (a.optional or a.repeated)} - set(texts)
         if unknown or missing:
             raise KeyError(f"arguments unknown {sorted(unknown)}, missing {sorted(missing)}")
-        return [texts[arg.field] for arg in self.args]
+        result = []
+        for arg in self.args:
+            if arg.field not in texts:
+                break                      # optional ones are left out from here
+            value = texts[arg.field]
+            result += list(value) if arg.repeated else [value]
+        return result
 
     def usage(self, operation):
-        lines = [f"usage: aam_auto_backup.py {operation or self.title} (all {len(self)} "
-                 "arguments, positional; write empty values as \"\"):"]
+        lines = [f"usage: aam_auto_backup.py {operation or self.title} ({self.count_text()}, "
+                 "positional; write empty values as \"\"):"]
         for number, arg in enumerate(self.args, 1):
             note = "  (accepts env:NAME)" if arg.secret else ""
-            lines.append(f"  {number:2d}. {arg.label}{note}")
+            if arg.optional:
+                note += f"  (optional; left out: {arg.default})"
+            if arg.repeated:
+                note += "  (optional; any number of them, one per argument)"
+            lines.append(f"  {number:2d}{'...' if arg.repeated else '.'} {arg.label}{note}")
         return "\n".join(lines)
 
 
@@ -1172,8 +1329,9 @@ class Arguments:
 
     def masked(self):
         """The command arguments, one per line, with every secret masked (for the log)."""
-        return [f"{number:2d}. {arg.label}: {mask_argument(text, arg.secret)}"
-                for number, (text, arg) in enumerate(zip(self.raw, self.table), 1)]
+        return [f"{number:2d}. {self.table.arg_at(number).label}: "
+                f"{mask_argument(text, self.table.arg_at(number).secret)}"
+                for number, text in enumerate(self.raw, 1)]
 
 
 BACKUP_ARGS = ArgTable(
@@ -1238,9 +1396,25 @@ RESTORE_ARGS = ArgTable(
     Arg("access_key_id", "AWS access key ID", secret=True),
     Arg("secret_access_key", "AWS secret access key", secret=True),
     Arg("destination", "restoration destination directory", _path),
+    Arg("restore_point", "restore point: latest, or a UTC date-time", _restore_point,
+        optional=True, default=LATEST),
+    Arg("selection", "what to restore: a path as backed up, or a name pattern",
+        _selection_item, repeated=True),
 )
 
-OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS,
+BROWSE_ARGS = ArgTable(
+    BROWSE_OPERATION,
+    Arg("operation", "operation", _choice(BROWSE_OPERATION)),
+    Arg("key", "archive decryption key (\"\" to list the backups only)", secret=True),
+    Arg("bucket", "S3 bucket", _bucket),
+    Arg("location", "location name", _location),
+    Arg("access_key_id", "AWS access key ID", secret=True),
+    Arg("secret_access_key", "AWS secret access key", secret=True),
+    Arg("selection", "what to find: a path as backed up, or a name pattern",
+        _selection_item, repeated=True),
+)
+
+OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS, BROWSE_OPERATION: BROWSE_ARGS,
                     **{op: BACKUP_ARGS for op in BACKUP_OPERATIONS},
                     **{op: RESTORE_ARGS for op in RESTORE_OPERATIONS}}
 
@@ -1252,8 +1426,8 @@ def usage_text(operation):
         return table.usage(None if operation == CHILD_AGENT else operation)
     lines = ["usage: aam_auto_backup.py <operation> <arguments...>",
              "operations (all arguments are positional and all must be present):"]
-    lines += [f"  {op}  ({len(OPERATION_TABLES[op])} arguments)"
-              for op in BACKUP_OPERATIONS + RESTORE_OPERATIONS]
+    lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
+              for op in BACKUP_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
     lines.append("Run 'aam_auto_backup.py <operation>' to see its arguments; "
                  "README.md has the details.")
     return "\n".join(lines)
@@ -1308,6 +1482,18 @@ def parse_restore_args(argv):
     if args.send_email and operation == ONE_STEP_RESTORE:
         check_email_addresses(args, RESTORE_ARGS, ("sender_address", "recipient"))
     check_key_pair(args, RESTORE_ARGS)
+    return args
+
+
+def parse_browse_args(argv):
+    args = BROWSE_ARGS.parse(argv, BROWSE_OPERATION)
+    if args.selection or args.key:
+        try:
+            _key(args.key)
+        except ValueError as problem:
+            raise BROWSE_ARGS.error("key", f"{problem} (it decrypts the catalogues that "
+                                    "are searched)", BROWSE_OPERATION)
+    check_key_pair(args, BROWSE_ARGS)
     return args
 
 
@@ -1646,27 +1832,6 @@ def read_source_plan(path, view_root, platform):
 # Selection: which files of a mount the backup holds
 # ============================================================================
 
-@dataclasses.dataclass(frozen=True)
-class FileEntry:
-    # no per-entry __dict__: a walk of 100,000 files holds 100,000 of these
-    __slots__ = ("path", "size", "mtime", "changed", "is_link")
-    path: str          # relative to the mount, platform separators
-    size: int
-    mtime: float
-    changed: float     # platform.changed_time: what an incremental compares
-    is_link: bool
-
-
-@dataclasses.dataclass
-class Selection:
-    files: list        # FileEntry for regular files and symbolic links
-    empty_dirs: list   # relative paths of empty directories
-    problems: list     # unreadable directories and files
-    specials: list     # sockets, FIFOs, devices: never archived
-    excluded: list = dataclasses.field(default_factory=list)   # (relative path, is_dir)
-    dir_names: set = dataclasses.field(default_factory=set)    # every directory name seen
-
-
 class Selector:
     """The single definition of 'excluded' for the walk, validation and tests."""
 
@@ -1687,70 +1852,426 @@ class Selector:
                 or any(r.fullmatch(name) for r in self.file_regexes))
 
 
-def walk_selection(root, plan, platform, since=None):
-    """Walk the listed directories of a mount, skipping exclusions.
+@dataclasses.dataclass
+class Walked:
+    """One selected directory, file or symbolic link met by a TreeWalk."""
 
-    Symbolic links are recorded as links and never followed.  since: keep only
-    files whose modification or creation/inode-change time is at or after it,
-    and everything under a directory that was moved or renamed since then
+    __slots__ = ("path", "st", "recent", "empty")
+    path: str          # relative to the mount, platform separators
+    st: os.stat_result
+    recent: bool       # changed at or after the walk's 'since' (always, without one)
+    empty: bool        # a directory with no entries at all
+
+
+class TreeWalk:
+    """A walk of a mount's listed directories, in catalogue order, skipping exclusions.
+
+    Iterating yields a Walked for every selected directory (the listed ones
+    included), file and symbolic link; links are never followed.  Entries come
+    depth first with the names of each directory sorted, which is the order of
+    catalogue_key, so that a walk can be merged with the previous catalogue
+    line by line, and memory holds one directory listing per level, never the
+    whole tree.  Unreadable directories, sockets and the like, excluded entries
+    and the names of all directories met are gathered as the walk goes.
+
+    since: 'recent' means changed at or after it (platform.changed_time), and
+    everything under a directory moved or renamed since then is recent too
     (its files keep their old times, but their path is new).
     """
-    selector, sep = Selector(plan, platform), platform.sep
-    since_ts = None if since is None else since.timestamp()
-    selection = Selection([], [], [], [])
-    pending = [(rel, since_ts) for rel in sorted(plan.listed, reverse=True)]
-    while pending:
-        rel_dir, cutoff = pending.pop()
-        abs_dir = root.rstrip(sep) + sep + rel_dir if rel_dir else root
-        try:
-            with os.scandir(platform.long_path(abs_dir)) as iterator:
-                entries = sorted(iterator, key=lambda e: e.name)
-        except OSError as problem:
-            selection.problems.append(f"cannot read directory {abs_dir}: "
-                                      f"{problem.strerror or problem}")
-            continue
-        if not entries and _changed_since(abs_dir, cutoff, platform):
-            selection.empty_dirs.append(rel_dir)
-        subdirs = []
-        for entry in entries:
-            rel = rel_dir + sep + entry.name if rel_dir else entry.name
+
+    def __init__(self, root, plan, platform, since=None):
+        self.root, self.plan, self.platform = root, plan, platform
+        self.selector = Selector(plan, platform)
+        self.since_ts = None if since is None else since.timestamp()
+        self.problems = []        # unreadable directories and entries
+        self.unreadable = []      # their relative paths: what is under them is unknown
+        self.specials = []        # sockets, FIFOs, devices, junctions: never archived
+        self.excluded = []        # (relative path, is_dir)
+        self.dir_names = set()    # every directory name seen
+
+    def absolute(self, relative):
+        sep = self.platform.sep
+        return self.root.rstrip(sep) + sep + relative if relative else self.root
+
+    def __iter__(self):
+        sep = self.platform.sep
+        for top in sorted(self.plan.listed, key=lambda r: catalogue_key(r, sep)):
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = os.lstat(self.platform.long_path(self.absolute(top)))
             except OSError as problem:
-                selection.problems.append(f"cannot read {abs_dir}{sep}{entry.name}: "
-                                          f"{problem.strerror or problem}")
+                self.note_unreadable(top, problem, "directory ")
                 continue
-            if stat.S_ISDIR(st.st_mode) and platform.is_junction(st):
-                selection.specials.append(rel)
-            elif stat.S_ISDIR(st.st_mode):
-                selection.dir_names.add(entry.name)
-                if selector.dir_excluded(rel, entry.name):
-                    selection.excluded.append((rel, True))
-                elif cutoff is not None and platform.moved_since(st, cutoff):
-                    subdirs.append((rel, None))
-                else:
-                    subdirs.append((rel, cutoff))
-            elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                if selector.file_excluded(rel, entry.name):
-                    selection.excluded.append((rel, False))
-                    continue
-                changed = platform.changed_time(st)
-                if cutoff is None or changed >= cutoff:
-                    selection.files.append(FileEntry(rel, st.st_size, st.st_mtime, changed,
-                                                     stat.S_ISLNK(st.st_mode)))
+            entries = self.listing(top)
+            if top:
+                yield Walked(top, st, self.is_recent(st, self.since_ts), not entries)
+            yield from self.descend(top, entries, self.since_ts)
+
+    def descend(self, top, entries, cutoff):
+        """Depth first below top; the stack holds one sorted listing per level."""
+        stack = [(top, iter(entries), cutoff)]
+        while stack:
+            parent, remaining, cutoff = stack[-1]
+            entry = next(remaining, None)
+            if entry is None:
+                stack.pop()
+                continue
+            walked = self.visit(parent, entry, cutoff)
+            if walked is None:
+                continue
+            if stat.S_ISDIR(walked.st.st_mode):
+                below = None if (cutoff is not None and walked.recent
+                                 and self.platform.moved_since(walked.st, cutoff)) else cutoff
+                entries = self.listing(walked.path)
+                walked.empty = not entries
+                yield walked
+                stack.append((walked.path, iter(entries), below))
             else:
-                selection.specials.append(rel)
-        pending.extend(reversed(subdirs))
-    return selection
+                yield walked
+
+    def visit(self, parent, entry, cutoff):
+        """The Walked for one directory entry, or None (excluded, special, unreadable)."""
+        rel = parent + self.platform.sep + entry.name if parent else entry.name
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as problem:
+            self.note_unreadable(rel, problem)
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            if self.platform.is_junction(st):
+                self.specials.append(rel)
+                return None
+            self.dir_names.add(entry.name)
+            if self.selector.dir_excluded(rel, entry.name):
+                self.excluded.append((rel, True))
+                return None
+            moved = cutoff is not None and self.platform.moved_since(st, cutoff)
+            return Walked(rel, st, moved or self.is_recent(st, cutoff), False)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            if self.selector.file_excluded(rel, entry.name):
+                self.excluded.append((rel, False))
+                return None
+            return Walked(rel, st, self.is_recent(st, cutoff), False)
+        self.specials.append(rel)
+        return None
+
+    def is_recent(self, st, cutoff):
+        return cutoff is None or self.platform.changed_time(st) >= cutoff
+
+    def listing(self, relative):
+        """The entries of one directory, sorted by name ([] when it cannot be read)."""
+        try:
+            with os.scandir(self.platform.long_path(self.absolute(relative))) as iterator:
+                return sorted(iterator, key=lambda e: e.name)
+        except OSError as problem:
+            self.note_unreadable(relative, problem, "directory ")
+            return []
+
+    def note_unreadable(self, relative, problem, kind=""):
+        self.problems.append(f"cannot read {kind}{self.absolute(relative)}: "
+                             f"{problem.strerror or problem}")
+        self.unreadable.append(relative)
+
+    def files(self):
+        """Walk to the end; the selected files and links (tests, the mirror check)."""
+        return [w for w in self if not stat.S_ISDIR(w.st.st_mode)]
 
 
-def _changed_since(path, since_ts, platform):
-    if since_ts is None:
-        return True
+# ============================================================================
+# Catalogue: the state of each source at each backup
+# ============================================================================
+
+# Every backup of a source gets a catalogue: a text file, one line per selected
+# directory, file and symbolic link, with where its content is.  A full backup's
+# catalogue lists everything ("listing"); an incremental's lists only what was
+# added, changed or deleted since the backup before it ("delta"), so it grows
+# with the changes, not with the tree.  The latest state is kept locally too,
+# because the backup keys cannot read S3.  Lines are sorted by catalogue_key.
+CATALOGUE_FORMAT = "aam-auto-backup-catalogue"
+CATALOGUE_COLUMNS = ("type", "path", "size", "mtime_ns", "mode", "location", "target")
+LISTING, DELTA = "listing", "delta"
+FILE, DIRECTORY, LINK, DELETED = "f", "d", "l", "-"
+NO_CONTENT = "-"          # location of a directory: nothing in any archive
+ARCHIVED_NOW = "+"        # content in this run's archive; its volumes come at the end
+UNKNOWN = "?"             # in an earlier backup of the chain; found by path at restore
+MISSING = "!"             # not in any archive: it could not be read when backed up
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPE_RE = re.compile(r"\\(\\|t|n|r|x[0-9a-f]{2}|u[0-9a-f]{4})")
+
+
+def catalogue_key(path, sep="/"):
+    """The sort key of catalogue lines: a directory's entries right after it."""
+    return path.replace(sep, "\0")
+
+
+def escape_field(text):
+    """A path or link target on one line: \\\\ \\t \\n \\r, \\xNN for bytes that are not
+    UTF-8 (POSIX names are bytes) and other control characters."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for char in text:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif "\udc80" <= char <= "\udcff":
+            out.append(f"\\x{ord(char) - 0xdc00:02x}")
+        elif "\ud800" <= char <= "\udfff":
+            out.append(f"\\u{ord(char):04x}")
+        elif ord(char) < 0x20 or ord(char) == 0x7f:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def unescape_field(text):
+    if "\\" not in text:
+        return text
+
+    def one(match):
+        code = match[1]
+        if code[0] == "x":
+            byte = int(code[1:], 16)
+            return chr(byte) if byte < 0x80 else chr(0xdc00 + byte)
+        if code[0] == "u":
+            return chr(int(code[1:], 16))
+        return {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}[code]
+    return _UNESCAPE_RE.sub(one, text)
+
+
+class Entry(typing.NamedTuple):
+    """One catalogue line.  path: relative to the source, '/' between names."""
+
+    kind: str
+    path: str
+    size: int = 0
+    mtime: int = 0         # nanoseconds since the epoch
+    mode: int = 0          # permission bits
+    location: str = NO_CONTENT
+    target: str = ""
+
+    @property
+    def key(self):
+        return catalogue_key(self.path)
+
+    def line(self):
+        return (f"{self.kind}\t{escape_field(self.path)}\t{self.size}\t{self.mtime}\t"
+                f"{self.mode:o}\t{self.location}\t{escape_field(self.target)}\n")
+
+    @classmethod
+    def parse(cls, line):
+        kind, path, size, mtime, mode, location, target = line.rstrip("\n").split("\t")
+        return cls(kind, unescape_field(path), int(size), int(mtime), int(mode, 8),
+                   location, unescape_field(target))
+
+    def same_state(self, other):
+        """Same type, size, time, permissions and link target (content not compared)."""
+        return other is not None and self[:5] == other[:5] and self.target == other.target
+
+
+def entry_from_stat(path, st, target=""):
+    if stat.S_ISDIR(st.st_mode):
+        return Entry(DIRECTORY, path, 0, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+    kind = LINK if stat.S_ISLNK(st.st_mode) else FILE
+    return Entry(kind, path, st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode),
+                 ARCHIVED_NOW, target)
+
+
+def catalogue_header(header):
+    """The first line: the format, its version, and what the catalogue describes."""
+    return (f"#{CATALOGUE_FORMAT}\t1\t{json.dumps(header, sort_keys=True)}\n"
+            "#" + "\t".join(CATALOGUE_COLUMNS) + "\n")
+
+
+class CatalogueFile:
+    """A catalogue on disk: its header, then its entries in order, read lazily."""
+
+    def __init__(self, path):
+        self.path = path
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            first = handle.readline()
+        parts = first.rstrip("\n").split("\t", 2)
+        if len(parts) != 3 or parts[0] != "#" + CATALOGUE_FORMAT:
+            raise ValueError(f"{path} is not an AAM Auto Backup catalogue")
+        if int(parts[1]) > 1:
+            raise ValueError(f"{path} was written by a newer version of AAM Auto Backup")
+        self.header = json.loads(parts[2])
+
+    def __iter__(self):
+        with open(self.path, encoding="utf-8", errors="surrogateescape") as handle:
+            for line in handle:
+                if not line.startswith("#"):
+                    yield Entry.parse(line)
+
+
+class CatalogueWriter:
+    """Writes catalogue lines (owner-only file: the names are private)."""
+
+    def __init__(self, path, header):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.handle = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
+                                newline="\n")
+        self.handle.write(catalogue_header(header))
+        self.count = 0
+
+    def write(self, entry):
+        self.handle.write(entry.line())
+        self.count += 1
+
+    def close(self):
+        self.handle.close()
+
+
+# -- the local state: the latest catalogue of each source ------------------------------
+
+STATE_KEEP = 2     # states kept per source: the latest and the one before (see below)
+
+
+def state_file_prefix(state_dir, bucket, location, source_name):
+    """Where a source's local states live; the name is a digest (any source path fits)."""
+    digest = hashlib.sha256(f"{bucket}\0{location}\0{source_name}".encode(
+        "utf-8", "surrogateescape")).hexdigest()[:24]
+    return os.path.join(state_dir, f"{location}-{digest}")
+
+
+def find_local_state(prefix, full, backup):
+    """The local state of exactly that backup, or None.
+
+    The state of the backup before the latest is kept too: when a run fails
+    for one source, the next run builds on the backup before it, for all.
+    """
+    path = f"{prefix}.{format_stamp(backup)}.tsv"
     try:
-        return platform.changed_time(os.lstat(platform.long_path(path))) >= since_ts
-    except OSError:
-        return False
+        header = CatalogueFile(path).header
+    except (OSError, ValueError):
+        return None
+    if header.get("full_backup") != format_stamp(full) or header.get("kind") != LISTING:
+        return None
+    return path
+
+
+def save_local_state(prefix, work_path, backup):
+    """Move a finished state into the state directory; keep the STATE_KEEP newest."""
+    os.makedirs(os.path.dirname(prefix), mode=0o700, exist_ok=True)
+    os.replace(work_path, f"{prefix}.{format_stamp(backup)}.tsv")
+    directory, base = os.path.split(prefix)
+    mine = sorted(n for n in os.listdir(directory)
+                  if n.startswith(base + ".") and n.endswith(".tsv"))
+    for name in mine[:-STATE_KEEP]:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(directory, name))
+
+
+# -- the child's side: what changed since the previous catalogue -----------------------
+
+# The child writes one work file: the new state, each line flagged CHANGED when
+# it also belongs in a delta (new, changed or archived), and DELETED lines for
+# what is gone.  The parent turns it into the catalogue uploaded to S3 and the
+# next local state once it knows where each archived file's bytes lie.
+UNCHANGED, CHANGED = "=", "*"
+
+
+class ChangeRecorder:
+    """Merges a walk with the previous state (both in catalogue order).
+
+    previous: the local state of the backup this one builds on, or None when
+    there is none to trust (a full backup, or a missing or foreign state: then
+    only the time rule decides, and every line is written with UNKNOWN).
+    """
+
+    def __init__(self, walk, previous, platform, archive_all):
+        self.walk, self.platform, self.archive_all = walk, platform, archive_all
+        self.known = previous is not None
+        self.previous = iter(previous) if self.known else iter(())
+        self.pending = next(self.previous, None)
+        self.to_archive_count = 0
+        self.entries = 0
+
+    def run(self, work_file, list_file):
+        """Write the work file; list_file(walked) for each entry 7-Zip must archive."""
+        for walked in self.walk:
+            entry = self.entry(walked)
+            for gone in self.passed(entry.key):
+                work_file.write(*gone)
+            previous = self.take(entry.key)
+            archive = self.to_archive(entry, previous, walked)
+            if archive:
+                list_file(walked)
+            if entry.kind == DIRECTORY:
+                pass
+            elif archive:
+                self.to_archive_count += 1
+            else:
+                entry = entry._replace(location=previous.location if previous else UNKNOWN)
+            changed = archive or not entry.same_state(previous)
+            work_file.write(CHANGED if changed else UNCHANGED, entry)
+            self.entries += 1
+        for gone in self.passed(None):
+            work_file.write(*gone)
+
+    def entry(self, walked):
+        st = walked.st
+        path = walked.path.replace(self.platform.sep, "/")
+        target = ""
+        if stat.S_ISLNK(st.st_mode):
+            with contextlib.suppress(OSError):
+                target = os.readlink(self.platform.long_path(self.walk.absolute(walked.path)))
+        return entry_from_stat(path, st, target)
+
+    def to_archive(self, entry, previous, walked):
+        """Full: every file.  Incremental: the time rule, and with a previous state
+        also every new path and every file whose size, time or type changed."""
+        if entry.kind == DIRECTORY:
+            # A new empty directory goes into an incremental archive too, so that a
+            # reader of the archives alone (plain 7-Zip) sees it.
+            return not self.archive_all and walked.empty and (
+                walked.recent or (self.known and previous is None))
+        if self.archive_all or walked.recent:
+            return True
+        return self.known and (previous is None or previous.location == MISSING
+                               or not entry.same_state(previous))
+
+    def passed(self, key):
+        """Previous entries before key (all, for None): gone, unless unreadable now."""
+        while self.pending is not None and (key is None or self.pending.key < key):
+            gone, self.pending = self.pending, next(self.previous, None)
+            if self.under_unreadable(gone.key):
+                yield UNCHANGED, gone        # not seen, so not known to be gone
+            else:
+                yield CHANGED, Entry(DELETED, gone.path)
+
+    def take(self, key):
+        if self.pending is not None and self.pending.key == key:
+            found, self.pending = self.pending, next(self.previous, None)
+            return found
+        return None
+
+    def under_unreadable(self, key):
+        sep = self.platform.sep
+        prefixes = [catalogue_key(u.replace(sep, "/")) for u in self.walk.unreadable]
+        return any(key == p or key.startswith(p + "\0") for p in prefixes)
+
+
+class WorkFile:
+    """The child's catalogue work file: a flag, a tab, then a catalogue line."""
+
+    def __init__(self, path, header):
+        self.writer = CatalogueWriter(path, header)
+
+    def write(self, flag, entry):
+        self.writer.handle.write(flag + "\t")
+        self.writer.write(entry)
+
+    def close(self):
+        self.writer.close()
+
+    @staticmethod
+    def read(path):
+        """(flag, Entry) for each line of a work file."""
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            for line in handle:
+                if not line.startswith("#"):
+                    flag, rest = line.split("\t", 1)
+                    yield flag, Entry.parse(rest)
 
 
 # ============================================================================
@@ -1918,7 +2439,7 @@ def send_email_report(session, settings, sender_name, sender, recipient, title, 
 
 
 # ============================================================================
-# S3 catalog: what complete backup sets the bucket holds (SPEC 5)
+# Bucket listing: what complete backup sets the bucket holds (SPEC 5)
 # ============================================================================
 
 class AwsUnavailable(AamError):
@@ -1965,29 +2486,32 @@ class StoredObject:
     size: int
 
 
-class Catalog:
-    """The backup objects of one location, grouped by backup set."""
+class BucketListing:
+    """The backup objects of one location in the bucket listing, grouped by backup set."""
 
     def __init__(self):
         self.indicators = {}     # (full, incremental) -> {source: StoredObject}
         self.volumes = {}        # (full, incremental, source) -> [StoredObject]
+        self.catalogues = {}     # (full, incremental, source) -> StoredObject
 
     @classmethod
     def load(cls, s3, bucket, prefixes):
-        catalog = cls()
+        listing = cls()
         paginator = s3.get_paginator("list_objects_v2")
         for prefix in prefixes:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    catalog.add(item["Key"], item.get("Size", 0))
-        return catalog
+                    listing.add(item["Key"], item.get("Size", 0))
+        return listing
 
     def add(self, key, size):
         name = ObjectName.parse(key)
         if name is None:
             return
         stored = StoredObject(name, size)
-        if name.indicator:
+        if name.catalogue:
+            self.catalogues[(name.full, name.incremental, name.source)] = stored
+        elif name.indicator:
             self.indicators.setdefault((name.full, name.incremental), {})[name.source] = stored
         else:
             self.volumes.setdefault((name.full, name.incremental, name.source),
@@ -2024,6 +2548,8 @@ INCLUSION_LIST = "inclusion_7z_list_file.txt"
 NON_RECURSIVE_LIST = "non-recursive_exclusion_7z_list_file.txt"
 RECURSIVE_LIST = "recursive_exclusion_7z_list_file.txt"
 MIRROR_RULES = "mirror_filter_rules.txt"
+CATALOGUE_BASE = "catalogue_base.json"       # parent -> child: the state to compare with
+CATALOGUE_WORK = "catalogue_work.tsv"        # child -> parent: the walk's catalogue lines
 ARCHIVE_DIR = "archives"
 FINAL_VOLUME = re.compile(r"backup\.zip\.(\d{3,})")   # closed for good: see final_volumes
 ANY_VOLUME = re.compile(r"backup\.zip\.(\d{3,})((?:\.[0-9A-Fa-f]+)?\.tmp)?")
@@ -2114,15 +2640,6 @@ def list_file_entry(relative, is_dir, platform):
     return platform.list_file_line(line, is_dir)
 
 
-def write_incremental_list(work_dir, selection, platform):
-    """One inclusion list naming every changed file (and new empty directory)."""
-    path = os.path.join(work_dir, INCLUSION_LIST)
-    lines = [list_file_entry(f.path, False, platform) for f in selection.files] + \
-        [list_file_entry(d, True, platform) for d in selection.empty_dirs if d]
-    _write_private_text(path, "\n".join(lines) + "\n")
-    return [path, None, None]
-
-
 def rsync_pattern(parts):
     """Join literal and wildcard parts into one rsync pattern.
 
@@ -2194,24 +2711,26 @@ def validate_mirror(view_root, target, plan, platform, start):
     """
     failures = []
     start_ts = start.timestamp()
-    selection = walk_selection(view_root, plan, platform)
-    for entry in selection.files:
-        destination = os.path.join(target, entry.path)
+    for walked in TreeWalk(view_root, plan, platform):
+        st = walked.st
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        destination = os.path.join(target, walked.path)
         try:
             copied = os.lstat(platform.long_path(destination))
         except OSError:
-            if entry.changed < start_ts:
-                failures.append(f"{entry.path}: missing in the mirror {target}")
+            if platform.changed_time(st) < start_ts:
+                failures.append(f"{walked.path}: missing in the mirror {target}")
             continue
-        if entry.is_link:
+        if stat.S_ISLNK(st.st_mode):
             continue
-        if abs(copied.st_mtime - entry.mtime) > MTIME_TOLERANCE:
-            if entry.mtime < start_ts:
+        if abs(copied.st_mtime - st.st_mtime) > MTIME_TOLERANCE:
+            if st.st_mtime < start_ts:
                 failures.append(
-                    f"{entry.path}: mismatching modification time (source "
-                    f"{_iso(entry.mtime)}, mirror {_iso(copied.st_mtime)})")
-        elif entry.mtime <= start_ts and copied.st_size != entry.size:
-            failures.append(f"{entry.path}: mismatching size (source {entry.size}, "
+                    f"{walked.path}: mismatching modification time (source "
+                    f"{_iso(st.st_mtime)}, mirror {_iso(copied.st_mtime)})")
+        elif st.st_mtime <= start_ts and copied.st_size != st.st_size:
+            failures.append(f"{walked.path}: mismatching size (source {st.st_size}, "
                             f"mirror {copied.st_size})")
     return failures
 
@@ -2324,12 +2843,12 @@ def run_child(child, platform, settings):
         child_say("AAM Auto Backup: an incremental backup needs the latest complete "
                   "backup time (arguments 3 and 4).")
         return EXIT_FAILURE
-    child_say(f"Source {child.mount}: {'full' if full else 'incremental'} backup"
+    child_say(f"Source {child.mount}: {child.scope.word} backup"
               + ("" if full else f" of files changed since {describe_stamp(since)}"))
-    selection = walk_selection(view_root, plan, platform, since)
-    for problem in selection.problems:
+    walk, selected = record_selection(child, view_root, plan, platform, since)
+    for problem in walk.problems:
         child_say(MARK_VALIDATION_FAILURE + problem)
-    for special in selection.specials:
+    for special in walk.specials:
         child_say(f"Not backed up (not a regular file, directory or link): {special}")
 
     commands = []
@@ -2339,13 +2858,12 @@ def run_child(child, platform, settings):
         os.makedirs(platform.long_path(target), exist_ok=True)
         commands.append(platform.mirror_commands(view_root, target, plan, child.keep,
                                                  work_dir))
-    to_archive = "AWS" in child.destinations and (
-        full or selection.files or any(selection.empty_dirs))
+    to_archive = "AWS" in child.destinations and (full or selected)
     archive_dir = os.path.join(work_dir, ARCHIVE_DIR)
     if to_archive:
         os.makedirs(archive_dir, mode=0o700, exist_ok=True)
-        lists = (write_full_lists(work_dir, plan, selection, platform) if full
-                 else write_incremental_list(work_dir, selection, platform))
+        lists = (write_full_lists(work_dir, plan, walk, platform) if full
+                 else [os.path.join(work_dir, INCLUSION_LIST), None, None])
         argv = seven_zip_add_argv(settings, os.path.join(archive_dir, "backup.zip"), lists,
                                   platform.password_switch(CHILD_KEY_VARIABLE), platform)
         commands.append(platform.archive_commands(argv, CHILD_KEY_VARIABLE))
@@ -2354,62 +2872,58 @@ def run_child(child, platform, settings):
 
     script = os.path.join(work_dir, platform.script_name)
     platform.write_script(script, view_root, commands)
-    archived, unread, in_warnings = set(), set(), [False]
-
-    def on_line(line):
-        # '+ path' is printed before 7-Zip opens a file; the files it then could not
-        # read are listed under 'WARNINGS for files:' as 'path : errno=N : reason'.
-        if line.startswith("+ "):
-            archived.add(line[2:].replace("/", platform.sep))
-        elif line == "WARNINGS for files:":
-            in_warnings[0] = True
-        elif in_warnings[0] and line.startswith("----"):
-            in_warnings[0] = False
-        elif in_warnings[0] and " : errno=" in line:
-            unread.add(line.rsplit(" : errno=", 1)[0].replace("/", platform.sep))
-        child_say(line)
-
     env = dict(os.environ, **{CHILD_KEY_VARIABLE: child.key})
-    status = run_script(platform.script_argv(script), env, on_line, platform,
+    status = run_script(platform.script_argv(script), env, child_say, platform,
                         archive_dir if to_archive else None)
     if status != 0:
         child_say(f"AAM Auto Backup: the backup script ended with exit code {status}.")
 
-    failures = list(selection.problems)
-    if to_archive:
-        failures += verify_archived(view_root, selection, archived - unread, platform)
+    failures = list(walk.problems)
     if target is not None:
         failures += validate_mirror(view_root, target, plan, platform, child.start)
-    for failure in failures[len(selection.problems):]:
+    for failure in failures[len(walk.problems):]:
         child_say(MARK_VALIDATION_FAILURE + failure)
-    child_say(MARK_RESULT + json.dumps({
-        "files": len(archived - unread) if to_archive else 0,
-        "failures": len(failures),
-    }))
+    child_say(MARK_RESULT + json.dumps({"files": selected if to_archive else 0,
+                                        "failures": len(failures)}))
     return EXIT_OK
 
 
-def verify_archived(view_root, selection, archived, platform):
-    """Every selected file must be in the archive, unless it vanished meanwhile.
+def record_selection(child, view_root, plan, platform, since):
+    """Walk the mount once: the catalogue work file and, for an incremental, the list
+    of what 7-Zip must archive.  Returns the walk and the number of files to archive.
 
-    This catches any difference between 7-Zip's list-file semantics and the
-    selection, and files 7-Zip could not read (exit code 1 = warnings).
+    The parent names the local state to compare with (CATALOGUE_BASE); without
+    one, an incremental selects by the time rule alone.
     """
-    failures = []
+    work_dir = child.work_dir
+    base = read_catalogue_base(work_dir)
+    previous = CatalogueFile(base["state"]) if base.get("state") else None
+    full = child.scope is Scope.FULL
+    walk = TreeWalk(view_root, plan, platform, since)
+    recorder = ChangeRecorder(walk, None if full else previous, platform, full)
+    work = WorkFile(os.path.join(work_dir, CATALOGUE_WORK), {"source_path": child.mount})
+    list_path = os.path.join(work_dir, INCLUSION_LIST)
+    fd = os.open(list_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
+                   newline="\n") as listing:
+        def add(walked):
+            if not full:
+                is_dir = stat.S_ISDIR(walked.st.st_mode)
+                listing.write(list_file_entry(walked.path, is_dir, platform) + "\n")
+        try:
+            recorder.run(work, add)
+        finally:
+            work.close()
+    return walk, recorder.to_archive_count
 
-    def console_form(name):
-        # 7-Zip prints control characters as '_'; undecodable bytes come out replaced.
-        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        return platform.comparable(re.sub(r"[\x00-\x1f\x7f]", "_", name))
 
-    names = {console_form(p) for p in archived}
-    for entry in selection.files:
-        if console_form(entry.path) in names:
-            continue
-        full_path = view_root.rstrip(platform.sep) + platform.sep + entry.path
-        if os.path.lexists(platform.long_path(full_path)):
-            failures.append(f"{entry.path}: not in the archive (7-Zip could not read it)")
-    return failures
+def read_catalogue_base(work_dir):
+    """The parent's word on what to compare with: {"state": path or None}."""
+    try:
+        with open(os.path.join(work_dir, CATALOGUE_BASE), encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return {}
 
 
 # ============================================================================
@@ -2477,6 +2991,122 @@ class VolumeCountMismatch(AamError):
     """The volumes uploaded are not exactly the ones 7-Zip reported."""
 
 
+class ZipIndexError(AamError):
+    """7-Zip's archive is not laid out as the index expects: nothing is trusted."""
+
+
+class ZipIndex:
+    """Where each entry of one ZIP archive lies in its volumes, read while uploading.
+
+    7-Zip's volumes are a plain byte split of one ZIP file, and it writes every
+    local header with the entry's sizes (no data descriptors, measured), so the
+    headers can be followed from the first byte to the central directory as
+    the volumes go by, without keeping them.  The names are the stored bytes:
+    what the catalogue holds, with '/' between names.  Kept in an SQLite file
+    (memory stays flat however many files the archive holds).
+    """
+
+    LOCAL = b"PK\x03\x04"
+    CENTRAL = (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06")
+
+    def __init__(self, path, volume_size, on_entry=None):
+        import sqlite3
+        self.volume_size = volume_size
+        self.on_entry = on_entry        # instead of the table: called with every name
+        self.db = None
+        if on_entry is None:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # owner-only
+            self.db = sqlite3.connect(path)
+            self.db.execute("CREATE TABLE entry (name BLOB PRIMARY KEY, first INTEGER, "
+                            "last INTEGER) WITHOUT ROWID")
+        self.buffer, self.buffer_start = b"", 0
+        self.next_header = 0          # offset of the next local header
+        self.central_directory = None
+        self.files = 0
+
+    def volume(self, offset):
+        return offset // self.volume_size + 1
+
+    def feed(self, data, offset):
+        """The bytes at offset of the whole archive (consecutive calls, in order)."""
+        end = offset + len(data)
+        if self.central_directory is not None or end <= self.next_header:
+            return                          # the data of an entry: nothing to read
+        if not self.buffer:
+            skip = max(0, self.next_header - offset)
+            self.buffer, self.buffer_start = data[skip:], offset + skip
+        else:
+            self.buffer += data
+        while self.read_header():
+            pass
+        drop = self.next_header - self.buffer_start
+        if drop >= len(self.buffer):
+            self.buffer, self.buffer_start = b"", self.next_header
+        elif drop > 0:
+            self.buffer, self.buffer_start = self.buffer[drop:], self.next_header
+
+    def read_header(self):
+        """Read one local header from the buffer; False when more bytes are needed."""
+        at = self.next_header - self.buffer_start
+        if at < 0 or self.central_directory is not None or len(self.buffer) < at + 4:
+            return False
+        signature = self.buffer[at:at + 4]
+        if signature in self.CENTRAL:
+            self.central_directory = self.next_header
+            return False
+        if signature != self.LOCAL:
+            raise ZipIndexError(f"no ZIP header at byte {self.next_header:,}")
+        if len(self.buffer) < at + 30:
+            return False
+        (flags, compressed, name_length, extra_length) = struct.unpack(
+            "<6xH10xI4xHH", self.buffer[at:at + 30])
+        header_end = at + 30 + name_length + extra_length
+        if len(self.buffer) < header_end:
+            return False
+        if flags & 0x08:
+            raise ZipIndexError("an entry's sizes are not in its local header")
+        name = self.buffer[at + 30:at + 30 + name_length]
+        if compressed == 0xFFFFFFFF:
+            compressed = self.zip64_size(self.buffer[at + 30 + name_length:header_end])
+        end = self.next_header + 30 + name_length + extra_length + compressed
+        if self.on_entry is not None:
+            self.on_entry(name)
+        elif not name.endswith(b"/"):
+            self.db.execute("INSERT OR REPLACE INTO entry VALUES (?, ?, ?)",
+                            (name, self.volume(self.next_header), self.volume(end - 1)))
+            self.files += 1
+        self.next_header = end
+        return True
+
+    @staticmethod
+    def zip64_size(extra):
+        """The compressed size from a ZIP64 extra field (tag 1: sizes, uncompressed first)."""
+        at = 0
+        while at + 4 <= len(extra):
+            tag, size = struct.unpack("<HH", extra[at:at + 4])
+            if tag == 1 and size >= 16:
+                return struct.unpack("<Q", extra[at + 12:at + 20])[0]
+            at += 4 + size
+        raise ZipIndexError("an entry over 4 GB has no ZIP64 sizes")
+
+    def finish(self, total_size):
+        """After the last volume: the archive must have ended in its central directory."""
+        self.db.commit()
+        if self.central_directory is None:
+            raise ZipIndexError(f"the central directory was not found in {total_size:,} "
+                                "bytes")
+        return self.volume(self.central_directory)
+
+    def lookup(self, path):
+        """(first volume, last volume) of a catalogue path, or None."""
+        row = self.db.execute("SELECT first, last FROM entry WHERE name = ?",
+                              (path.encode("utf-8", "surrogateescape"),)).fetchone()
+        return row
+
+    def close(self):
+        self.db.close()
+
+
 class VolumeUploader:
     """Uploads 7-Zip's volumes while 7-Zip writes the next ones (pipelined upload).
 
@@ -2488,10 +3118,11 @@ class VolumeUploader:
     raised by finish(), and no indicator is written.
     """
 
-    def __init__(self, s3, bucket, archive_dir, key_for, log):
+    def __init__(self, s3, bucket, archive_dir, key_for, log, index=None):
         self.s3, self.bucket, self.archive_dir = s3, bucket, archive_dir
         self.key_for = key_for          # volume number -> S3 key
         self.log = log
+        self.index = index              # ZipIndex fed with every volume's bytes, or None
         self.config = transfer_config()
         self.records = []
         self.next_number = 1
@@ -2520,9 +3151,21 @@ class VolumeUploader:
                     os.remove(path)
             self.next_number += 1
 
+    def digest_and_index(self, path):
+        """The volume's SHA-256, read once; its bytes also go to the archive index."""
+        digest = hashlib.sha256()
+        offset = self.uploaded_bytes()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(MIB), b""):
+                digest.update(block)
+                if self.index:
+                    self.index.feed(block, offset)
+                offset += len(block)
+        return digest.hexdigest()
+
     def upload(self, path, key):
         size = os.path.getsize(path)
-        digest = sha256_of(path)
+        digest = self.digest_and_index(path)
         self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
         progress = Progress(f"Uploading volume {key.rsplit('.', 1)[-1]}", size)
         try:
@@ -2560,12 +3203,21 @@ class VolumeUploader:
             raise VolumeCountMismatch(
                 f"7-Zip reported {reported_count} volume(s), {uploaded} were uploaded"
                 + (f", and {', '.join(leftovers)} remained" if leftovers else ""))
+        if self.index and any(r["size"] != self.index.volume_size
+                              for r in self.records[:-1]):
+            raise ZipIndexError("7-Zip's volumes are not all of the volume size")
         return self.records
 
 
 def indicator_body(run_sources, source_name, source_path, files, volumes, full, backup,
-                   since, platform):
-    """The indicator's JSON manifest: what a restore needs to trust this source."""
+                   since, platform, catalogue=None):
+    """The indicator's JSON manifest: what a restore needs to trust this source.
+
+    catalogue: the catalogue object of this source in this backup (name, size,
+    SHA-256, kind); a set is complete only with it (readers of format 1 that
+    know no catalogue ignore the field and restore by replaying the archives).
+    """
+    extra = {"catalogue": catalogue} if catalogue else {}
     return json.dumps({
         "format": INDICATOR_FORMAT,
         "format_version": 1,
@@ -2580,7 +3232,139 @@ def indicator_body(run_sources, source_name, source_path, files, volumes, full, 
         "source_path": source_path,
         "files": files,
         "volumes": volumes,
+        **extra,
     }, indent=1).encode("utf-8")
+
+
+# -- the catalogue of one source in one run ----------------------------------------
+
+CATALOGUE_FILE = "catalogue.tsv"             # its name inside the encrypted ZIP
+CATALOGUE_ZIP = "catalogue.zip"
+STATE_WORK = "state_work.tsv"
+INDEX_FILE = "archive_index.sqlite"
+
+
+def finalize_catalogue(work_path, index, header, catalogue_path, state_path, exists):
+    """The catalogue for S3 and the next local state, from the child's work file.
+
+    Each archived path gets the volumes its bytes lie in (from the archive
+    index).  A path the archive lacks is MISSING when it still exists (7-Zip
+    could not read it: the next backup tries again) and gone when it does not
+    (it vanished before 7-Zip came to it).  Returns (archived, missing paths).
+    """
+    stamp, delta = header["backup"], header["kind"] == DELTA
+    catalogue = CatalogueWriter(catalogue_path, header)
+    state = CatalogueWriter(state_path, dict(header, kind=LISTING, base=None))
+    archived, missing = 0, []
+    try:
+        for flag, entry in WorkFile.read(work_path):
+            if entry.location == ARCHIVED_NOW:
+                volumes = index.lookup(entry.path) if index else None
+                if volumes:
+                    entry = entry._replace(location=f"{stamp}:{volumes[0]}-{volumes[1]}")
+                    archived += 1
+                elif exists(entry.path):
+                    missing.append(entry.path)
+                    entry = entry._replace(location=MISSING)
+                else:
+                    flag, entry = CHANGED, Entry(DELETED, entry.path)
+            if entry.kind != DELETED:
+                state.write(entry)
+            if (flag == CHANGED) if delta else (entry.kind != DELETED):
+                catalogue.write(entry)
+    finally:
+        catalogue.close()
+        state.close()
+    return archived, missing, catalogue.count
+
+
+class SourceCatalogue:
+    """This run's catalogue of one source: from the child's work file to S3, then
+    kept as the local state the next incremental compares with."""
+
+    def __init__(self, run, source, name):
+        self.run, self.source, self.name = run, source, name
+        args = run.args
+        self.prefix = state_file_prefix(run.settings.state_dir, args.bucket, args.location,
+                                        name)
+        self.base = None          # the local state compared with, if any
+        self.work_dir = run.work_dir
+
+    def path(self, name):
+        return os.path.join(self.work_dir, name)
+
+    def choose_base(self, log):
+        """Tell the child which local state to compare with (none for a full backup)."""
+        run = self.run
+        if run.scope is Scope.INCREMENTAL:
+            self.base = find_local_state(self.prefix, run.base_full, run.since)
+            if self.base:
+                log.line(f"Change detection: compared with the local catalogue of the "
+                         f"backup {describe_stamp(run.since)} ({self.base}).", terminal=False)
+            else:
+                log.line(f"Change detection for {self.source.mount}: no local catalogue of "
+                         f"the latest complete backup {describe_stamp(run.since)} in "
+                         f"{run.settings.state_dir} (missing, or of another backup); files "
+                         "are selected by their times alone, and this backup's catalogue "
+                         "lists the whole tree.")
+        _write_private_text(self.path(CATALOGUE_BASE), json.dumps({"state": self.base}))
+
+    def header(self, full, index_info):
+        run = self.run
+        return {"kind": DELTA if self.base else LISTING, "source": self.name,
+                "source_path": self.source.mount, "platform": run.platform.name,
+                "full_backup": format_stamp(full), "backup": format_stamp(run.start),
+                "base": format_stamp(run.since) if self.base else None,
+                "archive": index_info, "program_version": VERSION}
+
+    def finalize(self, index, records, central_directory_volume):
+        """Write the catalogue and the state; returns (archived, missing paths, entries)."""
+        full, _incremental = self.run.backup_times()
+        info = None if not records else {
+            "volumes": len(records), "volume_size": index.volume_size,
+            "central_directory_volume": central_directory_volume}
+        self.kind = DELTA if self.base else LISTING
+        sep = self.run.platform.sep
+
+        def exists(path):
+            live = self.source.mount.rstrip(sep) + sep + path.replace("/", sep)
+            return os.path.lexists(self.run.platform.long_path(live))
+
+        return finalize_catalogue(self.path(CATALOGUE_WORK), index if records else None,
+                                  self.header(full, info), self.path(CATALOGUE_FILE),
+                                  self.path(STATE_WORK), exists)
+
+    def upload(self, s3, bucket, entries):
+        """Encrypt the catalogue with the archive key and put it (STANDARD, never over
+        an existing object); returns its description for the indicator."""
+        run = self.run
+        zip_path = self.path(CATALOGUE_ZIP)
+        code, output = run_seven_zip(
+            run.settings, run.platform,
+            ["a", "-tzip", "-mx=5", "-mem=AES256", run.platform.password_switch(""),
+             "-bd", "-sccUTF-8", "-y", zip_path, CATALOGUE_FILE], run.args.key,
+            cwd=self.work_dir, private=True)
+        if code != 0:
+            last = output.strip().splitlines()[-1] if output.strip() else ""
+            raise AamError(f"7-Zip could not write the catalogue (exit code {code}): {last}")
+        full, incremental = run.backup_times()
+        key = ObjectName(run.args.location, full, incremental, False, self.name,
+                         catalogue=True).key
+        with open(zip_path, "rb") as body:
+            s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/zip",
+                          IfNoneMatch="*")
+        return {"name": key, "size": os.path.getsize(zip_path), "sha256": sha256_of(zip_path),
+                "kind": self.kind, "base": format_stamp(run.since) if self.base else None,
+                "entries": entries}
+
+    def keep_state(self):
+        """Once the indicator is up: this backup's state is what the next one compares with."""
+        try:
+            save_local_state(self.prefix, self.path(STATE_WORK), self.run.start)
+        except OSError as problem:
+            self.run.log.line(f"Warning: the local catalogue cannot be kept in "
+                              f"{self.run.settings.state_dir} ({problem}); the next "
+                              "incremental selects files by their times alone.")
 
 
 # ============================================================================
@@ -2810,7 +3594,7 @@ class BackupRun:
             self.session = aws_session(self.args.access_key_id, self.args.secret_access_key)
             self.s3 = aws_client(self.session, "s3", self.settings.region)
             prefixes = month_prefixes(self.args.location, self.start, months)
-            catalog = Catalog.load(self.s3, self.args.bucket, prefixes)
+            listing = BucketListing.load(self.s3, self.args.bucket, prefixes)
         except aws_errors() as problem:
             message = (f"AWS S3 cannot be queried ({describe_aws_error(problem)}); the AWS "
                        "part of this backup is skipped"
@@ -2820,8 +3604,8 @@ class BackupRun:
             self.aws = False
             return
         month = (self.start.year, self.start.month)
-        full = catalog.latest_complete_full(sources, month if self.regular else None)
-        incrementals = catalog.complete_incrementals(full, sources) if full else []
+        full = listing.latest_complete_full(sources, month if self.regular else None)
+        incrementals = listing.complete_incrementals(full, sources) if full else []
         self.latest_full = full
         self.latest_incremental = incrementals[-1] if incrementals else None
         where = (f"in {self.start:%Y-%m} (UTC)" if self.regular
@@ -2923,11 +3707,14 @@ class BackupRun:
         self.log.line(f"Source {index} of {len(plan.sources)}: {source.mount}")
         view_root = platform.child_view_root(source.mount, args.drive_letter)
         output = os.path.join(self.work_dir, OUTPUT_FILE)
+        catalogue = SourceCatalogue(self, source, name) if self.aws else None
         try:
             write_source_plan(os.path.join(self.work_dir, PLAN_FILE), source, view_root,
                               platform)
             if os.path.exists(output):
                 os.remove(output)
+            if catalogue:
+                catalogue.choose_base(self.log)
         except OSError as problem:
             return self.stop(SECTION_TEMP_FILE_ERROR,
                              f"A temporary file cannot be written: {problem}")
@@ -2977,7 +3764,7 @@ class BackupRun:
                                  "read failure(s); see the lines marked 'validation "
                                  "failure' in this log")
         if self.aws:
-            return self.upload_source(source, name, result["files"], run_sources, uploader,
+            return self.upload_source(source, name, catalogue, run_sources, uploader,
                                       reported_volume_count(lines))
         return True
 
@@ -3051,11 +3838,14 @@ class BackupRun:
 
     def volume_uploader(self, name):
         full, incremental = self.backup_times()
+        index_path = os.path.join(self.work_dir, INDEX_FILE)
+        if os.path.exists(index_path):
+            os.remove(index_path)                # the previous source's
         return VolumeUploader(
             self.s3, self.args.bucket, os.path.join(self.work_dir, ARCHIVE_DIR),
             lambda number: ObjectName(self.args.location, full, incremental, False, name,
                                       number).key,
-            self.log)
+            self.log, ZipIndex(index_path, self.settings.volume_size))
 
     def note_orphans(self, uploader):
         """Volumes uploaded before a failure have no indicator, so nothing uses them."""
@@ -3065,24 +3855,27 @@ class BackupRun:
                           "stay in the bucket without a completion indicator; no backup or "
                           "restore uses them (the backup user cannot delete them).")
 
-    def upload_source(self, source, name, files, run_sources, uploader, reported_count):
-        """Volumes first (most went up while 7-Zip ran), the indicator strictly after."""
+    def upload_source(self, source, name, catalogue, run_sources, uploader, reported_count):
+        """Volumes first (most went up while 7-Zip ran), then the catalogue, and the
+        indicator strictly after both."""
         self.log.section(SECTION_UPLOAD)
         uploader.start_log_section()
         full, incremental = self.backup_times()
         indicator = ObjectName(self.args.location, full, incremental, True, name)
         try:
             records = uploader.finish(reported_count)
+            files, described = self.upload_catalogue(catalogue, uploader, records)
             body = indicator_body(run_sources, name, source.mount, files, records, full,
-                                  self.start, self.since, self.platform)
+                                  self.start, self.since, self.platform, described)
             checkpoint("before-indicator")
             self.s3.put_object(Bucket=self.args.bucket, Key=indicator.key, Body=body,
                                ContentType="application/json")
             self.log.line(f"Uploaded the completion indicator {indicator.key} "
                           f"({files} files in {len(records)} volumes)")
             self.completed_sources += 1
+            catalogue.keep_state()
             return True
-        except aws_errors() + (OSError, VolumeCountMismatch) as problem:
+        except aws_errors() + (OSError, AamError) as problem:
             self.log.section(SECTION_UPLOAD_ERROR)
             message = (f"Upload to s3://{self.args.bucket} failed for {source.mount} "
                        f"({describe_aws_error(problem)}); no completion indicator was "
@@ -3093,6 +3886,27 @@ class BackupRun:
             self.aws = False
             shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
             return True          # the local mirror of the next sources is still made
+
+    def upload_catalogue(self, catalogue, uploader, records):
+        """Where each archived file lies, checked against the selection, then uploaded.
+
+        Returns the number of files archived and the catalogue's description.
+        """
+        index = uploader.index
+        central = index.finish(uploader.uploaded_bytes()) if records else None
+        archived, missing, entries = catalogue.finalize(index, records, central)
+        index.close()
+        for path in missing:
+            self.log.line(f"{MARK_VALIDATION_FAILURE}{path}: not in the archive (7-Zip could "
+                          "not read it)", terminal=False)
+        if missing:
+            self.failures.append(f"{catalogue.source.mount}: {len(missing)} file(s) not in "
+                                 "the archive (7-Zip could not read them); see the lines "
+                                 "marked 'validation failure' in this log")
+        described = catalogue.upload(self.s3, self.args.bucket, entries)
+        self.log.line(f"Uploaded the catalogue {described['name']} ({described['kind']}, "
+                      f"{entries} entries, {described['size']:,} bytes, STANDARD)")
+        return archived, described
 
     # -- summary and report (SPEC 6 step 8) -------------------------------
     def log_summary(self):
@@ -3191,7 +4005,11 @@ def is_transient(problem):
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
 
 
-def restore_aws_error(problem, bucket, key=None):
+RESTORE_CREDENTIALS = "arguments 11 and 12"      # the keys a refused request was made with
+BROWSE_CREDENTIALS = "arguments 5 and 6"
+
+
+def restore_aws_error(problem, bucket, key=None, credentials=RESTORE_CREDENTIALS):
     """An AamError for a failed S3 call of a restore, naming a missing permission."""
     where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
     operation = getattr(problem, "operation_name", "")
@@ -3199,7 +4017,7 @@ def restore_aws_error(problem, bucket, key=None):
         permission = S3_PERMISSIONS.get(operation, "an S3 permission")
         return AamError(
             f"AWS refused {operation or 'the request'} on {where} (access denied): the "
-            f"credentials of arguments 11 and 12 lack the permission {permission}. A "
+            f"credentials of {credentials} lack the permission {permission}. A "
             "restore needs s3:ListBucket, s3:GetObject and s3:RestoreObject on the bucket: "
             "use the restore user's keys (README, AWS setup); the backup user is "
             "write-only by design.")
@@ -3211,7 +4029,7 @@ def restore_aws_error(problem, bucket, key=None):
 
 
 @contextlib.contextmanager
-def s3_call(bucket, key=None):
+def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS):
     """Turn a refused or failed S3 call into a clear AamError; transient ones pass on."""
     try:
         yield
@@ -3220,7 +4038,7 @@ def s3_call(bucket, key=None):
     except Exception as problem:     # noqa: BLE001 - boto3 raises many kinds
         if is_transient(problem):
             raise
-        raise restore_aws_error(problem, bucket, key) from None
+        raise restore_aws_error(problem, bucket, key, credentials) from None
 
 
 class TerminalOutput:
@@ -3248,7 +4066,64 @@ class TerminalOutput:
         pass
 
 
-# -- the backup set to restore (SPEC 7 step 1) --------------------------------
+# -- what to restore: the restore point and the selection --------------------------
+
+class RestoreSelection:
+    """What to restore of each source: everything, or the entries the items match.
+
+    An item is an absolute path as the source had it (a directory brings what is
+    under it; a trailing separator says it must be a directory) or a name
+    (matched against every name in the source, at any depth; a matching
+    directory brings what is under it; a trailing separator: directories
+    only).  * and ? are wildcards in both; on Windows sources names compare
+    without regard to letter case, as there.
+    """
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __bool__(self):
+        return bool(self.items)
+
+    def matcher(self, source_path, source_platform):
+        """A function (path relative to the source, '/' between names, kind) -> bool."""
+        if not self.items:
+            return lambda _path, _kind: True
+        windows = source_platform == "windows"
+        sep = "\\" if windows else "/"
+        rules = [self.rule(item, source_path, sep, windows) for item in self.items]
+        return lambda path, kind: any(rule(path, kind) for rule in rules)
+
+    @staticmethod
+    def rule(item, source_path, sep, windows):
+        is_dir = item.endswith(("/", "\\"))
+        trimmed = item.rstrip("/\\") or item[:1]
+        absolute = trimmed.startswith("/") or re.match(r"^[A-Za-z]:", trimmed)
+        parts = [p for p in re.split(r"[\\/]" if windows else "/", trimmed) if p]
+        regexes = [wildcard_regex(p, windows) for p in parts]
+        if absolute:
+            mount = [p for p in re.split(r"[\\/]" if windows else "/", source_path) if p]
+
+            def match_path(path, kind):
+                names = mount + path.split("/")
+                if len(names) < len(regexes) or (is_dir and len(names) == len(regexes)
+                                                  and kind != DIRECTORY):
+                    return False
+                return all(r.fullmatch(n) for r, n in zip(regexes, names))
+            return match_path
+        if len(regexes) != 1:
+            return lambda _path, _kind: False       # a '\\' in a name on Windows: none
+        regex = regexes[0]
+
+        def match_name(path, kind):
+            names = path.split("/")
+            last = len(names) - 1
+            return any(regex.fullmatch(name) and (not is_dir or i < last or kind == DIRECTORY)
+                       for i, name in enumerate(names))
+        return match_name
+
+
+# -- the backup set: its chain up to the restore point (SPEC 7 step 1) --------------
 
 @dataclasses.dataclass
 class RestoreVolume:
@@ -3256,6 +4131,10 @@ class RestoreVolume:
     size: int
     sha256: str
     path: str            # where it is downloaded
+
+    @property
+    def number(self):
+        return ObjectName.parse(self.key).volume
 
 
 @dataclasses.dataclass
@@ -3266,13 +4145,14 @@ class RestoreArchive:
     number: int          # the source's numbered directory
     source: str
     volumes: list
+    catalogue: object = None     # {"name", "size", "sha256", "kind", ...}; None: 1.0.0
 
 
 @dataclasses.dataclass
 class RestoreSet:
     location: str
     full: dt.datetime
-    incrementals: list   # complete incrementals, oldest first
+    incrementals: list   # complete incrementals up to the restore point, oldest first
     sources: list        # [(number, source name, original path)]
     archives: list       # the full's first, then each incremental's
     indicators: list     # indicator keys
@@ -3285,13 +4165,18 @@ class RestoreSet:
     def last_backup(self):
         return self.incrementals[-1] if self.incrementals else self.full
 
+    @property
+    def exact(self):
+        """Every archive has its catalogue: the restore follows them, not a replay."""
+        return all(archive.catalogue for archive in self.archives)
+
     def archives_of(self, number):
         return [a for a in self.archives if a.number == number]
 
 
-def read_manifest(s3, bucket, key):
+def read_manifest(s3, bucket, key, credentials=RESTORE_CREDENTIALS):
     """The JSON manifest of one indicator, checked enough to be trusted."""
-    with s3_call(bucket, key):
+    with s3_call(bucket, key, credentials):
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     try:
         manifest = json.loads(body.decode("utf-8"))
@@ -3308,10 +4193,10 @@ def read_manifest(s3, bucket, key):
         raise AamError(f"The completion indicator {key} cannot be used: {problem}")
 
 
-def complete_backup(s3, bucket, catalog, full, incremental):
+def complete_backup(s3, bucket, listing, full, incremental, credentials=RESTORE_CREDENTIALS):
     """({source: manifest}, None) when one backup is complete, else (None, reason)."""
-    present = catalog.indicators.get((full, incremental), {})
-    manifests = {source: read_manifest(s3, bucket, stored.name.key)
+    present = listing.indicators.get((full, incremental), {})
+    manifests = {source: read_manifest(s3, bucket, stored.name.key, credentials)
                  for source, stored in sorted(present.items())}
     declared = {tuple(m["sources"]) for m in manifests.values()}
     if len(declared) != 1:
@@ -3328,22 +4213,27 @@ def describe_backup(full, incremental):
     return f"incremental backup {describe_stamp(incremental)} (of the full {describe_stamp(full)})"
 
 
-def find_restore_set(s3, bucket, catalog, out):
-    """The latest complete full backup, its manifests and its complete incrementals.
+def find_restore_set(s3, bucket, listing, out, point=None):
+    """The latest complete full backup at or before point (None: the latest), its
+    manifests, and its complete incrementals up to point.
 
     Returns (full, full manifests, [(incremental, manifests)], oldest first).
     """
-    for full in catalog.fulls():
-        manifests, reason = complete_backup(s3, bucket, catalog, full, None)
+    for full in listing.fulls():
+        if point is not None and full > point:
+            continue
+        manifests, reason = complete_backup(s3, bucket, listing, full, None)
         if manifests:
             break
         out.line(f"Skipped the {describe_backup(full, None)}: it is incomplete ({reason}).")
     else:
         raise NoBackupSet("No complete full backup to restore from.")
     chosen = []
-    for incremental in sorted({incr for (f, incr) in catalog.indicators
+    for incremental in sorted({incr for (f, incr) in listing.indicators
                                if f == full and incr is not None}):
-        found, reason = complete_backup(s3, bucket, catalog, full, incremental)
+        if point is not None and incremental > point:
+            break
+        found, reason = complete_backup(s3, bucket, listing, full, incremental)
         if found:
             chosen.append((incremental, found))
         else:
@@ -3352,35 +4242,54 @@ def find_restore_set(s3, bucket, catalog, out):
     return full, manifests, chosen
 
 
+def archive_directory(downloads, backup, number):
+    """downloads/<backup stamp>/<source number>: one archive's files (short, any path)."""
+    return os.path.join(downloads, format_stamp(backup), str(number))
+
+
 def volume_path(downloads, backup, number, key):
-    """downloads/<backup stamp>/<source number>/backup.zip.NNN (short, any source path)."""
-    return os.path.join(downloads, format_stamp(backup), str(number),
+    return os.path.join(archive_directory(downloads, backup, number),
                         f"backup.zip.{ObjectName.parse(key).volume:03d}")
 
 
-def volumes_of(manifest, catalog, full, incremental, path_of):
+def volumes_of(manifest, listing, full, incremental, path_of):
     """The manifest's volumes, each checked against the bucket listing."""
     listed = {stored.name.key: stored.size
-              for stored in catalog.volumes.get((full, incremental, manifest["source"]), [])}
+              for stored in listing.volumes.get((full, incremental, manifest["source"]), [])}
     volumes, problems = [], []
     for entry in manifest["volumes"]:
         name = ObjectName.parse(entry["name"])
-        if (name is None or name.indicator or name.full != full
+        if (name is None or name.indicator or name.catalogue or name.full != full
                 or name.incremental != incremental or name.source != manifest["source"]):
             problems.append(f"{entry['name']}: the manifest names a volume of another backup")
             continue
-        if entry["name"] not in listed:
-            problems.append(f"{entry['name']}: missing from the bucket")
-        elif listed[entry["name"]] != entry["size"]:
-            problems.append(f"{entry['name']}: {listed[entry['name']]:,} bytes in the bucket, "
-                            f"{entry['size']:,} in the manifest")
+        problems += listed_problems(entry, listed.get(entry["name"]))
         volumes.append(RestoreVolume(entry["name"], int(entry["size"]), entry["sha256"],
                                      path_of(entry["name"])))
     return volumes, problems
 
 
-def build_restore_set(location, catalog, full, chosen, full_manifests, downloads):
-    """Number the sources and gather every archive; missing volumes stop it here."""
+def listed_problems(entry, listed_size):
+    """Why an object the manifest names cannot be used: missing, or another size."""
+    if listed_size is None:
+        return [f"{entry['name']}: missing from the bucket"]
+    if listed_size != entry["size"]:
+        return [f"{entry['name']}: {listed_size:,} bytes in the bucket, {entry['size']:,} "
+                "in the manifest"]
+    return []
+
+
+def catalogue_of(manifest, listing, full, incremental):
+    """The manifest's catalogue (None for a backup made before catalogues existed)."""
+    catalogue = manifest.get("catalogue")
+    if not catalogue:
+        return None, []
+    stored = listing.catalogues.get((full, incremental, manifest["source"]))
+    return catalogue, listed_problems(catalogue, stored.size if stored else None)
+
+
+def build_restore_set(location, listing, full, chosen, full_manifests, downloads):
+    """Number the sources and gather every archive; missing objects stop it here."""
     sources = [(number, source, full_manifests[source]["source_path"])
                for number, source in enumerate(sorted(full_manifests), 1)]
     numbers = {source: number for number, source, _path in sources}
@@ -3395,10 +4304,11 @@ def build_restore_set(location, catalog, full, chosen, full_manifests, downloads
                 continue
             number = numbers[source]
             volumes, found = volumes_of(
-                manifest, catalog, full, incremental,
+                manifest, listing, full, incremental,
                 lambda key, b=backup, n=number: volume_path(downloads, b, n, key))
-            problems += found
-            archives.append(RestoreArchive(backup, number, source, volumes))
+            catalogue, missing = catalogue_of(manifest, listing, full, incremental)
+            problems += found + missing
+            archives.append(RestoreArchive(backup, number, source, volumes, catalogue))
     if problems:
         raise AamError("The backup set is damaged; nothing was restored:\n  "
                        + "\n  ".join(problems))
@@ -3418,7 +4328,136 @@ def check_incremental_chain(restore_set, manifests_by_backup, out):
         previous = incremental
 
 
+def point_lines(restore_set, point):
+    """Which backup was chosen, and why (the plan's first lines)."""
+    chosen = describe_backup(restore_set.full, restore_set.incrementals[-1]
+                             if restore_set.incrementals else None)
+    if point is None:
+        return [f"Restore point: the latest complete backup, the {chosen}."]
+    return [f"Restore point {describe_stamp(point)} (argument 14): the latest complete "
+            f"backup at or before it is the {chosen}."]
+
+
+# -- the catalogues: the state at the restore point, and the volumes it needs ---------
+
+RESTORE_STATES_DIR = "states"        # downloads/states/<n>.tsv: what source n restores
+
+
+class NothingSelected(AamError):
+    exit_code = EXIT_NOTHING_SELECTED
+
+
+def parse_location(location):
+    """(backup stamp, first volume, last volume) of a catalogue location, or None."""
+    stamp, _, volumes = location.partition(":")
+    if not volumes:
+        return None
+    first, _, last = volumes.partition("-")
+    return stamp, int(first), int(last)
+
+
+def reconstruct(catalogues):
+    """The state a chain of catalogues (oldest first) describes at its last backup.
+
+    One pass over all of them at once, in catalogue order: for each path, each
+    catalogue in turn adds, changes or deletes it (a listing also deletes what
+    it does not name); memory holds one line per catalogue.
+    """
+    listings = [catalogue.header["kind"] == LISTING for catalogue in catalogues]
+    streams = [keyed_entries(catalogue, index) for index, catalogue in enumerate(catalogues)]
+    for _key, group in itertools.groupby(heapq.merge(*streams), key=lambda line: line[0]):
+        named = {index: entry for _key, index, entry in group}
+        state = None
+        for index, is_listing in enumerate(listings):
+            entry = named.get(index)
+            if entry is None:
+                state = None if is_listing else state
+            elif entry.kind == DELETED:
+                state = None
+            else:
+                if entry.location == UNKNOWN:
+                    entry = entry._replace(location=resolve_unknown(entry, state))
+                state = entry
+        if state is not None:
+            yield state
+
+
+def keyed_entries(catalogue, index):
+    """(key, index, entry) per line: merged in key order, then catalogue order."""
+    for entry in catalogue:
+        yield entry.key, index, entry
+
+
+def resolve_unknown(entry, earlier):
+    """Where a file of a listing made without a local state has its bytes: in the
+    backup that held it before with the same type, size and time; else nowhere."""
+    if (earlier is not None and (earlier.kind, earlier.size, earlier.mtime)
+            == (entry.kind, entry.size, entry.mtime) and earlier.location != UNKNOWN):
+        return earlier.location
+    return MISSING
+
+
+def check_catalogue_chain(catalogues, archives):
+    """Each delta must describe the changes since the backup just before it."""
+    for previous, (catalogue, archive) in zip(archives, zip(catalogues[1:], archives[1:])):
+        base = catalogue.header.get("base")
+        if catalogue.header["kind"] == DELTA and base != format_stamp(previous.backup):
+            raise AamError(f"The catalogue of the {format_stamp(archive.backup)} backup "
+                           f"holds the changes since {base}, not since the backup before it "
+                           f"({format_stamp(previous.backup)}); the chain is broken.")
+
+
+@dataclasses.dataclass
+class Tally:
+    """What a restore takes: entries, files, their bytes, and where their bytes lie."""
+
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    volumes: dict = dataclasses.field(default_factory=dict)  # (stamp, source) -> {numbers}
+    missing: list = dataclasses.field(default_factory=list)  # paths in no archive
+
+    def add(self, entry, number):
+        self.entries += 1
+        if entry.kind == DIRECTORY:
+            return
+        self.files += 1
+        self.bytes += entry.size
+        place = parse_location(entry.location)
+        if entry.location == MISSING:
+            self.missing.append(entry.path)
+        elif place and entry.kind == FILE:     # links are made from the catalogue
+            stamp, first, last = place
+            self.volumes.setdefault((stamp, number), set()).update(range(first, last + 1))
+
+
+def complete_volumes(tally, archives):
+    """Whole archives: every volume of each archive that holds a file to restore."""
+    return {key: {v.number for v in archives[key].volumes} for key in tally.volumes}
+
+
+def openable_volumes(tally, archives, central_directory):
+    """The volumes holding the chosen files, plus those 7-Zip reads to open a split
+    archive: the central directory's, from its first volume to the last."""
+    chosen = {}
+    for key, numbers in tally.volumes.items():
+        count = len(archives[key].volumes)
+        chosen[key] = numbers | set(range(central_directory[key], count + 1))
+    return chosen
+
+
 # -- the plan printed before any thaw ------------------------------------------
+
+@dataclasses.dataclass
+class RestorePlan:
+    """The volumes a restore thaws, downloads and verifies, and what they hold."""
+
+    volumes: list                 # RestoreVolume, in set order
+    chosen: Tally                 # the files restored
+    whole: Tally                  # the whole set's files, for comparison
+    whole_volumes: list           # what restoring everything would thaw
+    selection: list               # the items (empty: everything)
+
 
 def format_dollars(amount):
     return "less than $0.01" if 0 < amount < 0.005 else f"${amount:,.2f}"
@@ -3429,8 +4468,8 @@ def retrieval_cost(tier, size, requests):
     return size / GB * per_gb + requests / 1000 * per_thousand
 
 
-def plan_lines(restore_set, days, tier):
-    volumes = restore_set.volumes
+def plan_lines(plan, days, tier):
+    volumes = plan.volumes
     size = sum(v.size for v in volumes)
     lines = [f"Restore plan: {len(volumes)} volume(s), {size:,} bytes "
              f"({size / GB:.3f} GB), thawed for {days} day(s) (argument 7) with the "
@@ -3444,20 +4483,49 @@ def plan_lines(restore_set, days, tier):
                      f"{EXPECTED_WAIT[name]}){chosen}")
     lines.append(f"  Downloading out of AWS is billed apart (${TRANSFER_OUT_PER_GB}/GB): "
                  f"{format_dollars(size / GB * TRANSFER_OUT_PER_GB)}.")
+    if plan.selection:
+        lines += comparison_lines(plan)
+    if plan.chosen.missing:
+        lines.append(f"{len(plan.chosen.missing)} file(s) cannot be restored: no archive "
+                     "holds them (they could not be read when they were backed up), e.g. "
+                     f"{plan.chosen.missing[0]}")
     return lines
 
 
-def set_lines(restore_set):
+def comparison_lines(plan):
+    """The selection beside the whole set: files, bytes, volumes, cost in both tiers."""
+    rows = [("selection", plan.chosen, plan.volumes), ("whole set", plan.whole,
+                                                         plan.whole_volumes)]
+    lines = [f"Selected: {', '.join(plan.selection)}",
+             f"  {'':10s} {'files':>9s} {'file bytes':>15s} {'volumes':>8s} "
+             f"{'volume bytes':>15s} {'Bulk':>16s} {'Standard':>16s}"]
+    for label, tally, volumes in rows:
+        size = sum(v.size for v in volumes)
+        costs = [format_dollars(retrieval_cost(t, size, len(volumes)))
+                 for t in ("Bulk", "Standard")]
+        lines.append(f"  {label:10s} {tally.files:>9,} {tally.bytes:>15,} {len(volumes):>8,} "
+                     f"{size:>15,} {costs[0]:>16s} {costs[1]:>16s}")
+    return lines
+
+
+def set_lines(restore_set, volumes):
     """The objects chosen (SPEC 7 step 1), for the terminal and the log."""
     lines = [f"Backup set used: the {describe_backup(restore_set.full, None)} and "
              f"{len(restore_set.incrementals)} complete incremental backup(s) of it; the "
              f"data is as of {describe_stamp(restore_set.last_backup)}."]
+    if not restore_set.exact:
+        lines.append("This set has no catalogues (made by version 1.0.0): its archives are "
+                     "replayed in time order; a file deleted after the full backup comes "
+                     "back, and a later backup wins where a path changed type.")
     for number, source, path in restore_set.sources:
         lines.append(f"  source {number}: {path} ({source})")
     lines.append("Objects used:")
     for key in restore_set.indicators:
         lines.append(f"  {key}  (completion indicator)")
-    for volume in restore_set.volumes:
+    for archive in restore_set.archives:
+        if archive.catalogue:
+            lines.append(f"  {archive.catalogue['name']}  (catalogue)")
+    for volume in volumes:
         lines.append(f"  {volume.key}  ({volume.size:,} bytes)")
     return lines
 
@@ -3469,7 +4537,7 @@ def set_to_json(restore_set):
         "sources": [list(source) for source in restore_set.sources],
         "indicators": list(restore_set.indicators),
         "archives": [{"backup": format_stamp(a.backup), "number": a.number,
-                      "source": a.source,
+                      "source": a.source, "catalogue": a.catalogue,
                       "volumes": [{"name": v.key, "size": v.size, "sha256": v.sha256}
                                   for v in a.volumes]}
                      for a in restore_set.archives],
@@ -3483,7 +4551,8 @@ def set_from_json(data, downloads):
         volumes = [RestoreVolume(v["name"], v["size"], v["sha256"],
                                  volume_path(downloads, backup, entry["number"], v["name"]))
                    for v in entry["volumes"]]
-        archives.append(RestoreArchive(backup, entry["number"], entry["source"], volumes))
+        archives.append(RestoreArchive(backup, entry["number"], entry["source"], volumes,
+                                       entry.get("catalogue")))
     return RestoreSet(data["location"], parse_stamp(data["full"]),
                       [parse_stamp(i) for i in data["incrementals"]],
                       [tuple(source) for source in data["sources"]], archives,
@@ -3497,7 +4566,8 @@ class RestoreState:
 
     It pins the backup set with every volume's size and SHA-256 (a backup
     made meanwhile does not change what is being restored, and the last step
-    needs no S3 request) and records which numbered directories are finished.
+    needs no S3 request), the restore point it was chosen by, the selection
+    the numbered directories were made with, and which of them are finished.
     Everything else is derived on each run: thaw status from S3's Restore
     header, downloads from the files on disk (a volume gets its final name
     only once verified).
@@ -3524,11 +4594,12 @@ class RestoreState:
         return cls(destination, data)
 
     @classmethod
-    def new(cls, destination, bucket, restore_set):
+    def new(cls, destination, bucket, restore_set, point, selection):
         return cls(destination, {
             "format": RESTORE_STATE_FORMAT, "format_version": 1,
             "program_version": VERSION, "bucket": bucket, "location": restore_set.location,
             "started": utc_now().isoformat(), "finished": None, "done": [],
+            "restore_point": _restore_point.text(point), "selection": list(selection),
             "set": set_to_json(restore_set),
         })
 
@@ -3538,6 +4609,19 @@ class RestoreState:
     @property
     def finished(self):
         return self.data["finished"]
+
+    @property
+    def selection(self):
+        return self.data.get("selection", [])
+
+    @property
+    def point_text(self):
+        return self.data.get("restore_point", LATEST)
+
+    def select(self, selection):
+        """A new selection: every numbered directory is made again (the downloads stay)."""
+        self.data.update(selection=list(selection), done=[], finished=None)
+        self.save()
 
     def is_done(self, number):
         return number in self.data["done"]
@@ -3561,17 +4645,26 @@ def write_restore_map(destination, bucket, restore_set, state):
     incrementals = ", ".join(describe_stamp(i) for i in restore_set.incrementals) or "none"
     status = (f"complete (finished {state.finished})" if state.finished
               else "NOT complete: run the restoration again to finish it")
+    selection = state.selection
     lines = [
         "# AAM Auto Backup restoration map: each numbered directory holds one backup source.",
         f"# location: {restore_set.location}; bucket: {bucket}",
+        f"# restore point: {state.point_text}",
         f"# full backup: {describe_stamp(restore_set.full)}",
         f"# incremental backups applied over it, in this order: {incrementals}",
         f"# the files are as of the last backup: {describe_stamp(restore_set.last_backup)}",
+        "# what was restored: " + ("PARTIAL, only what these match: " + " | ".join(selection)
+                                   if selection else "everything"),
         f"# status: {status}",
         "# number<TAB>original directory<TAB>state",
     ]
     for number, _source, path in restore_set.sources:
         done = "restored" if state.is_done(number) else "not restored yet"
+        unrestored = os.path.join(destination, f"{number}{PROBLEMS_SUFFIX}")
+        if state.is_done(number) and os.path.exists(unrestored):
+            with open(unrestored, encoding="utf-8", errors="replace") as handle:
+                count = sum(1 for line in handle if not line.startswith("#"))
+            done += f", except {count} path(s) listed in {os.path.basename(unrestored)}"
         lines.append(f"{number}\t{path}\t{done}")
     _write_private_text(os.path.join(destination, RESTORE_MAP_FILE), "\n".join(lines) + "\n")
 
@@ -3579,7 +4672,7 @@ def write_restore_map(destination, bucket, restore_set, state):
 def claimed_names(restore_set):
     names = [RESTORE_MAP_FILE, DOWNLOADS_DIR]
     for number, _source, _path in restore_set.sources:
-        names += [str(number), str(number) + INCOMPLETE_SUFFIX]
+        names += [str(number), str(number) + INCOMPLETE_SUFFIX, str(number) + PROBLEMS_SUFFIX]
     return names
 
 
@@ -3666,7 +4759,7 @@ def download_volume(s3, bucket, volume):
                    "is damaged. Nothing was extracted.")
 
 
-# -- 7-Zip: test, then extract (SPEC 7 step 4) -------------------------------------
+# -- 7-Zip ---------------------------------------------------------------------------
 
 def check_seven_zip(settings):
     """Before any thaw: finding 7-Zip missing after a two-day wait would hurt."""
@@ -3677,40 +4770,331 @@ def check_seven_zip(settings):
                        "set AAM_7ZIP) before restoring.")
 
 
-def run_seven_zip(settings, platform, argv, key):
-    """7-Zip with the key on stdin: no -p, so the key is on no command line."""
+def run_seven_zip(settings, platform, argv, key, cwd=None, private=False):
+    """7-Zip with the key on stdin: no -p, so the key is on no command line.
+
+    private: what it writes is readable by its owner only (the catalogue).
+    """
     env = dict(os.environ, LC_ALL="C.UTF-8")
+    options = platform.private_file_options() if private else {}
     try:
         result = subprocess.run([settings.seven_zip] + argv,
                                 input=(key + "\n").encode("utf-8"), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env)
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd, **options)
     except OSError as problem:
         raise AamError(f"7-Zip ({settings.seven_zip}) cannot be started: {problem}")
     return result.returncode, platform.decode_output(result.stdout)
 
 
-def seven_zip_failure(code, output, archive_name):
+def seven_zip_failure(code, output, archive_name, key_argument=8):
     """None when 7-Zip succeeded, else an AamError saying what went wrong."""
     if code == 0:
         return None
     errors = [line.strip() for line in output.splitlines()
               if line.startswith("ERROR") or "Unexpected end" in line]
     if any(line.startswith("ERROR: Wrong password") for line in errors):
-        return AamError(f"The decryption key (argument 8) is wrong: 7-Zip cannot open "
-                        f"{archive_name}. Nothing was extracted; the downloaded volumes "
-                        "are kept, so a re-run with the right key does not download them "
-                        "again.")
+        return AamError(f"The decryption key (argument {key_argument}) is wrong: 7-Zip cannot open "
+                        f"{archive_name}. Nothing was extracted; what was downloaded is "
+                        "kept, so a re-run with the right key does not download it again.")
     shown = "; ".join(errors[:5]) or f"exit code {code}"
     return AamError(f"7-Zip failed on {archive_name} (exit code {code}): {shown}")
 
 
-def restore_absolute_links(root):
+def list_file_can_hold(name):
+    """7-Zip trims blanks at the ends of list-file lines and drops enclosing quotes
+    (measured), so such names go on its command line instead."""
+    return not (name != name.strip() or name[:1] == '"' or name[-1:] == '"'
+                or "\n" in name or "\r" in name)
+
+
+def write_name_list(path, names, sep):
+    """A 7-Zip list file of exact names (with -spd); the names a list file cannot hold
+    are returned, for 7-Zip's command line."""
+    unlisted = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
+                   newline="\n") as handle:
+        for name in names:
+            if list_file_can_hold(name):
+                handle.write(name.replace("/", sep) + "\n")
+            else:
+                unlisted.append(name.replace("/", sep))
+    return unlisted
+
+
+# -- extraction: exactly the state at the restore point ----------------------------
+
+PROBLEMS_SUFFIX = ".not-restored.txt"
+EXTRACT_DIR = "extracting"         # downloads/extracting: one archive at a time
+OPEN_DIR = "open"                  # an archive's volumes, stand-ins for those not thawed
+
+
+class SourceExtraction:
+    """Makes <n> exactly as the source's state file says, from the archives holding it.
+
+    When everything is restored, the full backup's archive is extracted whole
+    straight into the staging directory (7-Zip's own speed).  Every other
+    archive (and every archive of a selective restore, opened with stand-ins
+    for the volumes not thawed) is extracted aside, and only the files whose
+    latest content it holds are moved in, so each file is extracted from one
+    archive and a path that changed type is what it was then.  Links and
+    directories come from the catalogue.  A last walk removes what the state
+    does not hold and checks what it does; what could not be given is listed
+    in <n>.not-restored.txt and the restore fails.
+    """
+
+    def __init__(self, restoration, number):
+        self.restoration, self.number = restoration, number
+        self.platform = restoration.platform
+        self.target = os.path.join(restoration.destination, str(number))
+        self.staging = self.target + INCOMPLETE_SUFFIX
+        self.scratch = os.path.join(restoration.downloads, EXTRACT_DIR)
+        self.state_path = restoration.state_path(number)
+        self.problems = []
+        self.known_dirs = set()
+
+    def entries(self, kinds=None):
+        for entry in CatalogueFile(self.state_path):
+            if not kinds or entry.kind in kinds:
+                yield entry
+
+    def archive_files(self, stamp):
+        """The files whose content the archive of that backup holds."""
+        path = self.restoration.state_path(self.number, stamp)
+        return iter(CatalogueFile(path)) if os.path.exists(path) else iter(())
+
+    def native(self, root, path):
+        return os.path.join(root, path.replace("/", os.sep))
+
+    def run(self):
+        for leftover in (self.target, self.staging, self.scratch):
+            if os.path.lexists(leftover):
+                shutil.rmtree(leftover)
+        os.mkdir(self.staging)
+        selective = bool(self.restoration.selection)
+        for index, archive in enumerate(self.restoration.set.archives_of(self.number)):
+            stamp = format_stamp(archive.backup)
+            if (stamp, self.number) not in self.restoration.plan.chosen.volumes:
+                continue                          # holds nothing restored: not opened
+            if index == 0 and not selective:
+                self.extract(archive, self.staging, None)
+                continue
+            names = (e.path for e in self.archive_files(stamp)) if selective else None
+            self.extract(archive, self.scratch, names)
+            self.move_in(stamp)
+            shutil.rmtree(self.scratch)
+        self.make_links_and_directories()
+        self.reconcile()
+        self.set_directory_times()
+        self.write_problems()
+        os.rename(self.staging, self.target)
+        return self.problems
+
+    def extract(self, archive, into, names):
+        """7-Zip 'x' of one archive: everything, or exactly the names (no wildcards)."""
+        os.makedirs(into, exist_ok=True)
+        first = self.restoration.openable_first_volume(archive)
+        argv = ["x", first, f"-o{os.path.abspath(into)}", "-aoa", "-y", "-snld20", "-bd",
+                "-sccUTF-8"]
+        if names is not None:
+            list_path = os.path.join(self.restoration.downloads, "extract_list.txt")
+            unlisted = write_name_list(list_path, names, self.platform.sep)
+            argv += ["-spd", self.platform.list_charset_switch, "@" + list_path, "--"]
+            argv += unlisted
+        self.restoration.out.line(f"Extracting {self.restoration.archive_name(archive)}")
+        self.restoration.seven_zip(argv, archive)
+
+    def move_in(self, stamp):
+        """Move the files whose content this archive holds from the scratch directory."""
+        for entry in self.archive_files(stamp):
+            source = self.native(self.scratch, entry.path)
+            if os.path.lexists(source):
+                os.replace(source, self.make_room(entry.path))
+
+    def make_room(self, path):
+        """The staging path for path, its parents directories and nothing in its place."""
+        destination = self.native(self.staging, path)
+        parent = path.rpartition("/")[0]
+        if parent and parent not in self.known_dirs:
+            self.make_directory(parent)
+        if os.path.lexists(destination):
+            remove_path(destination)
+        return destination
+
+    def make_directory(self, path):
+        """Every directory of path in staging, replacing files (of older backups) in the way."""
+        missing = []
+        while path and path not in self.known_dirs:
+            missing.append(path)
+            path = path.rpartition("/")[0]
+        for directory in reversed(missing):
+            current = self.native(self.staging, directory)
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(current).st_mode)
+            except FileNotFoundError:
+                os.mkdir(current)
+            else:
+                if not is_dir:
+                    os.remove(current)
+                    os.mkdir(current)
+            self.known_dirs.add(directory)
+
+    def make_links_and_directories(self):
+        for entry in self.entries((LINK, DIRECTORY)):
+            if entry.kind == DIRECTORY:
+                self.make_directory(entry.path)
+                continue
+            destination = self.make_room(entry.path)
+            try:
+                self.platform.make_link(entry.target, destination)
+            except OSError as problem:
+                self.problems.append(f"{entry.path}: the symbolic link to {entry.target!r} "
+                                     f"cannot be made here ({problem.strerror or problem})")
+
+    def reconcile(self):
+        """Walk staging beside the state: remove what it does not hold, check the rest."""
+        expected = Peekable(self.entries())
+        stack = [("", iter(sorted_listing(self.staging)))]
+        while stack:
+            parent, listing = stack[-1]
+            entry = next(listing, None)
+            if entry is None:
+                stack.pop()
+                self.remove_if_unexpected_and_empty(parent)
+                continue
+            path = parent + "/" + entry.name if parent else entry.name
+            for missing in expected.before(catalogue_key(path)):
+                self.report_missing(missing)
+            wanted = expected.take(catalogue_key(path))
+            if self.check(entry, wanted, path) and entry.is_dir(follow_symlinks=False):
+                stack.append((path, iter(sorted_listing(entry.path))))
+        for missing in expected.before(None):
+            self.report_missing(missing)
+
+    def check(self, found, wanted, path):
+        """True to descend into found (a directory that stays)."""
+        st = found.stat(follow_symlinks=False)
+        if wanted is None:
+            if stat.S_ISDIR(st.st_mode):
+                return True               # removed on the way up if nothing in it is wanted
+            os.remove(found.path)
+            return False
+        actual = entry_from_stat(path, st).kind
+        if actual != wanted.kind:
+            self.problems.append(f"{path}: a {KIND_NAMES[actual]} where the backup has a "
+                                 f"{KIND_NAMES[wanted.kind]}")
+        elif wanted.kind == FILE and st.st_size != wanted.size:
+            self.problems.append(f"{path}: {st.st_size:,} bytes where the backup has "
+                                 f"{wanted.size:,}")
+        return actual == DIRECTORY == wanted.kind
+
+    def remove_if_unexpected_and_empty(self, path):
+        if not path or path in self.known_dirs:
+            return
+        with contextlib.suppress(OSError):
+            os.rmdir(self.native(self.staging, path))      # only when empty
+
+    def report_missing(self, entry):
+        if entry.location == MISSING:
+            self.problems.append(f"{entry.path}: in no archive (it could not be read when "
+                                 "it was backed up)")
+        else:
+            self.problems.append(f"{entry.path}: not restored")
+
+    def set_directory_times(self):
+        for entry in self.entries((DIRECTORY,)):
+            path = self.native(self.staging, entry.path)
+            with contextlib.suppress(OSError):
+                os.chmod(path, entry.mode)
+                os.utime(path, ns=(entry.mtime, entry.mtime))
+
+    def write_problems(self):
+        path = os.path.join(self.restoration.destination, f"{self.number}{PROBLEMS_SUFFIX}")
+        if not self.problems:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            return
+        _write_private_text(path, "# AAM Auto Backup: what this restore could not give.\n"
+                            + "".join(escape_field(p) + "\n" for p in self.problems))
+
+
+KIND_NAMES = {FILE: "file", DIRECTORY: "directory", LINK: "symbolic link"}
+
+
+class Peekable:
+    """Catalogue entries in order, taken by key as a walk meets them."""
+
+    def __init__(self, entries):
+        self.entries = iter(entries)
+        self.next = next(self.entries, None)
+
+    def before(self, key):
+        """The entries before key (all that are left, for None)."""
+        while self.next is not None and (key is None or self.next.key < key):
+            found, self.next = self.next, next(self.entries, None)
+            yield found
+
+    def take(self, key):
+        if self.next is not None and self.next.key == key:
+            found, self.next = self.next, next(self.entries, None)
+            return found
+        return None
+
+
+def sorted_listing(path):
+    with os.scandir(path) as iterator:
+        return sorted(iterator, key=lambda e: e.name)
+
+
+def remove_path(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+# -- extraction by replay: sets without catalogues ----------------------------------
+
+def archive_entry_names(volume_paths, volume_size):
+    """The names stored in a downloaded archive (its local headers, read in order)."""
+    names = []
+    index = ZipIndex(None, volume_size, on_entry=names.append)
+    offset = 0
+    for path in volume_paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(MIB), b""):
+                index.feed(block, offset)
+                offset += len(block)
+    return [name.decode("utf-8", "surrogateescape") for name in names]
+
+
+def clear_conflicts(root, names):
+    """Before a later archive is extracted over an earlier one: where a path changes
+    type, the later backup wins (the older file or directory is removed)."""
+    for name in names:
+        is_dir = name.endswith("/")
+        parts = name.rstrip("/").split("/")
+        current = root
+        for depth, part in enumerate(parts):
+            current = os.path.join(current, part)
+            last = depth == len(parts) - 1
+            if not os.path.lexists(current):
+                break
+            really_dir = os.path.isdir(current) and not os.path.islink(current)
+            if (not last or is_dir) and not really_dir:
+                os.remove(current)
+                break
+            if last and not is_dir and really_dir:
+                shutil.rmtree(current)
+
+
+def restore_absolute_links(root, platform):
     """Give absolute symbolic links back their original target.
 
     7-Zip extracts a link stored as '/etc/x' as '<output dir>/etc/x' (it keeps
     every path inside the output directory); the backup stored '/etc/x'.
     """
-    if os.name == "nt":
+    if not platform.absolute_links_rewritten:
         return
     prefix = os.path.abspath(root) + os.sep
     for directory, dirs, files in os.walk(root):
@@ -3732,9 +5116,12 @@ class Restoration:
         self.args, self.platform, self.settings, self.out = args, platform, settings, out
         self.destination = args.destination
         self.downloads = os.path.join(self.destination, DOWNLOADS_DIR)
+        self.point = args.restore_point
+        self.selection = RestoreSelection(args.selection)
         self.s3 = None
         self.session = None
         self.set = None
+        self.plan = None
         self.state = None
         self.lock = None
         self.verified = set()      # volumes hashed by this process
@@ -3754,11 +5141,20 @@ class Restoration:
             raise AamError(f"The destination directory {self.destination} (argument 13) "
                            f"cannot be used: {problem}")
         self.state = RestoreState.load(self.destination)
-        if self.state and (self.state.data["bucket"], self.state.data["location"]) != (
-                self.args.bucket, self.args.location):
+        if self.state:
+            self.check_same_restoration()
+
+    def check_same_restoration(self):
+        """A destination holds one restoration: the same bucket, location and point."""
+        data, args = self.state.data, self.args
+        if (data["bucket"], data["location"]) != (args.bucket, args.location):
             raise AamError(f"{self.destination} holds a restoration of location "
-                           f"{self.state.data['location']} from bucket "
-                           f"{self.state.data['bucket']}; choose another destination.")
+                           f"{data['location']} from bucket {data['bucket']}; choose another "
+                           "destination.")
+        if self.state.point_text != _restore_point.text(self.point):
+            raise AamError(f"{self.destination} holds a restoration as of "
+                           f"{self.state.point_text} (argument 14); give the same restore "
+                           "point to continue it, or choose another destination.")
 
     def close(self):
         if self.lock:
@@ -3777,23 +5173,33 @@ class Restoration:
             out.line(f"Continuing the restoration started {self.state.data['started']} "
                      f"(state file {self.state.path}).")
             return
-        prefixes = month_prefixes(args.location, utc_now())
+        # The latest: the last six months, as backups look back; a point: all there is.
+        prefixes = (month_prefixes(args.location, utc_now()) if self.point is None
+                    else [f"{args.location}_"])
         with s3_call(args.bucket):
-            catalog = Catalog.load(self.s3, args.bucket, prefixes)
+            listing = BucketListing.load(self.s3, args.bucket, prefixes)
         try:
-            full, manifests, chosen = find_restore_set(self.s3, args.bucket, catalog, out)
+            full, manifests, chosen = find_restore_set(self.s3, args.bucket, listing, out,
+                                                       self.point)
         except NoBackupSet:
-            raise NoBackupSet(
-                f"No complete full backup of location {args.location} in bucket "
-                f"{args.bucket} in the months {prefixes[-1][-6:]} to {prefixes[0][-6:]} "
-                "(UTC); nothing to restore.") from None
-        self.set = build_restore_set(args.location, catalog, full, chosen, manifests,
+            raise NoBackupSet(self.no_set_message(prefixes)) from None
+        self.set = build_restore_set(args.location, listing, full, chosen, manifests,
                                      self.downloads)
         check_incremental_chain(self.set, chosen, out)
 
+    def no_set_message(self, prefixes):
+        args = self.args
+        if self.point is None:
+            return (f"No complete full backup of location {args.location} in bucket "
+                    f"{args.bucket} in the months {prefixes[-1][-6:]} to "
+                    f"{prefixes[0][-6:]} (UTC); nothing to restore.")
+        return (f"No complete backup of location {args.location} in bucket {args.bucket} "
+                f"at or before {describe_stamp(self.point)} (argument 14); nothing to "
+                "restore.")
+
     def warn_about_space(self):
         """The archives and the files they hold both land in the destination."""
-        needed = 2 * sum(v.size for v in self.set.volumes)
+        needed = sum(v.size for v in self.plan.volumes) + self.plan.chosen.bytes
         free = shutil.disk_usage(self.destination).free
         if free < needed:
             self.out.line(f"Warning: {self.destination} has {free:,} bytes free; the "
@@ -3802,6 +5208,12 @@ class Restoration:
     def claim_destination(self):
         """Start the state file; never take over names someone else's data uses."""
         if self.state:
+            if self.state.selection != self.selection.items:
+                self.out.line("The selection differs from the one this destination's "
+                              f"restoration had ({' | '.join(self.state.selection) or 'everything'}"
+                              "): the numbered directories are made again for the new one; "
+                              "what was downloaded is used again.")
+                self.state.select(self.selection.items)
             return
         taken = [name for name in claimed_names(self.set)
                  if os.path.lexists(os.path.join(self.destination, name))]
@@ -3809,19 +5221,35 @@ class Restoration:
             raise AamError(f"The destination {self.destination} (argument 13) already holds "
                            f"{', '.join(taken)}, which this restoration would write; choose "
                            "an empty or new directory.")
-        self.state = RestoreState.new(self.destination, self.args.bucket, self.set)
+        self.state = RestoreState.new(self.destination, self.args.bucket, self.set,
+                                      self.point, self.selection.items)
         self.state.save()
         write_restore_map(self.destination, self.args.bucket, self.set, self.state)
 
+    def prepare(self):
+        """The catalogues (with the key: a wrong one stops here, before any thaw), the
+        state at the restore point, and the volumes it needs."""
+        if not self.set.exact:
+            if self.selection:
+                raise AamError("This backup set was made by version 1.0.0 and has no "
+                               "catalogue, so it cannot be restored in part: leave out the "
+                               "selection (arguments 15 and later) to restore all of it.")
+            volumes = self.set.volumes
+            self.plan = RestorePlan(volumes, Tally(), Tally(), volumes, [])
+            return
+        self.plan = make_plan(self)
+
     def report_set(self):
         self.out.section(SECTION_RESTORE_SET)
-        for line in set_lines(self.set):
+        for line in point_lines(self.set, self.point) + set_lines(self.set, self.plan.volumes):
             self.out.line(line)
 
     def already_finished(self):
         """True (and said) when this destination holds the finished restoration."""
         if not (self.state and self.state.finished):
             return False
+        if self.state.selection != self.selection.items:
+            return False                   # a new selection: made again
         last = self.state.restore_set(self.downloads).last_backup
         self.out.line(f"{self.destination} already holds the complete restoration of "
                       f"location {self.args.location} as of {describe_stamp(last)}, "
@@ -3832,6 +5260,38 @@ class Restoration:
                           "them when you no longer need them.")
         return True
 
+    # -- catalogues ------------------------------------------------------------------
+    def state_path(self, number, stamp=None):
+        """The state of source number to restore; with a stamp, the files of it that
+        the archive of that backup holds."""
+        name = f"{number}.tsv" if stamp is None else f"{number}.{stamp}.tsv"
+        return os.path.join(self.downloads, RESTORE_STATES_DIR, name)
+
+    def fetch_catalogue(self, archive):
+        """Download (STANDARD: no thaw), verify and decrypt one archive's catalogue."""
+        directory = archive_directory(self.downloads, archive.backup, archive.number)
+        zip_path = os.path.join(directory, CATALOGUE_ZIP)
+        text_path = os.path.join(directory, CATALOGUE_FILE)
+        if os.path.exists(text_path):
+            return text_path
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        described = archive.catalogue
+        volume = RestoreVolume(described["name"], described["size"], described["sha256"],
+                               zip_path)
+        if not file_matches(zip_path, volume):
+            with s3_call(self.args.bucket, volume.key):
+                download_volume(self.s3, self.args.bucket, volume)
+        unpacked = os.path.join(directory, "unpacking")
+        code, output = run_seven_zip(self.settings, self.platform,
+                                     ["x", zip_path, f"-o{unpacked}", "-y", "-bd",
+                                      "-sccUTF-8"], self.args.key)
+        failure = seven_zip_failure(code, output, f"the catalogue {described['name']}")
+        if failure:
+            raise failure
+        os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
+        shutil.rmtree(unpacked)
+        return text_path
+
     # -- thaw ----------------------------------------------------------------------
     def is_downloaded(self, volume):
         return volume.key in self.verified or file_matches(volume.path, volume, False)
@@ -3839,7 +5299,7 @@ class Restoration:
     def statuses(self):
         """{key: thaw state} of every volume; downloaded ones need no S3 request."""
         found = {}
-        for volume in self.set.volumes:
+        for volume in self.plan.volumes:
             if self.is_downloaded(volume):
                 found[volume.key] = DOWNLOADED
                 continue
@@ -3851,7 +5311,7 @@ class Restoration:
     def request_thaws(self, statuses):
         """restore_object for each volume not thawed or requested yet (SPEC 7 step 2)."""
         asked = 0
-        for volume in self.set.volumes:
+        for volume in self.plan.volumes:
             if statuses[volume.key] == NOT_REQUESTED:
                 statuses[volume.key] = request_thaw(self.s3, self.args.bucket, volume.key,
                                                     self.args.days, self.settings.restore_tier)
@@ -3863,13 +5323,13 @@ class Restoration:
     def progress_line(self, statuses):
         counts = {state: 0 for state in (DOWNLOADED, AVAILABLE, IN_PROGRESS, NOT_REQUESTED)}
         ready_bytes = 0
-        for volume in self.set.volumes:
+        for volume in self.plan.volumes:
             counts[statuses[volume.key]] += 1
             if statuses[volume.key] in (DOWNLOADED, AVAILABLE):
                 ready_bytes += volume.size
-        total = sum(v.size for v in self.set.volumes)
+        total = sum(v.size for v in self.plan.volumes)
         ready = counts[DOWNLOADED] + counts[AVAILABLE]
-        parts = [f"{ready} of {len(self.set.volumes)} volume(s) thawed "
+        parts = [f"{ready} of {len(self.plan.volumes)} volume(s) thawed "
                  f"({ready_bytes:,} of {total:,} bytes)"]
         parts += [f"{counts[state]} {state}" for state in (DOWNLOADED, IN_PROGRESS,
                                                             NOT_REQUESTED) if counts[state]]
@@ -3877,7 +5337,7 @@ class Restoration:
 
     # -- download ------------------------------------------------------------------
     def download_available(self, statuses):
-        for volume in self.set.volumes:
+        for volume in self.plan.volumes:
             if statuses[volume.key] != AVAILABLE:
                 continue
             self.out.line(f"Downloading {volume.key} ({volume.size:,} bytes)")
@@ -3887,13 +5347,13 @@ class Restoration:
             statuses[volume.key] = DOWNLOADED
 
     def all_downloaded(self, statuses):
-        return all(statuses[v.key] == DOWNLOADED for v in self.set.volumes)
+        return all(statuses[v.key] == DOWNLOADED for v in self.plan.volumes)
 
     # -- extraction ------------------------------------------------------------------
     def verify_downloads(self):
         """Every volume on disk, with the manifest's size and SHA-256."""
         missing, damaged = [], []
-        for volume in self.set.volumes:
+        for volume in self.plan.volumes:
             if not os.path.exists(volume.path):
                 missing.append(volume.key)
             elif volume.key not in self.verified:
@@ -3923,6 +5383,60 @@ class Restoration:
         if failure:
             raise failure
 
+    def openable_first_volume(self, archive):
+        """The first volume to give 7-Zip: the downloaded one when every volume is here,
+        else one in a directory where sparse stand-ins of the same size take the place
+        of the volumes not thawed (7-Zip reads only the entries asked for, measured)."""
+        present = {v.key for v in self.plan.volumes}
+        if all(v.key in present for v in archive.volumes):
+            return archive.volumes[0].path
+        directory = os.path.join(archive_directory(self.downloads, archive.backup,
+                                                   archive.number), OPEN_DIR)
+        if os.path.lexists(directory):
+            shutil.rmtree(directory)
+        os.mkdir(directory)
+        for volume in archive.volumes:
+            place = os.path.join(directory, os.path.basename(volume.path))
+            if volume.key in present:
+                os.link(volume.path, place)
+            else:
+                self.platform.make_stand_in(place, volume.size)
+        return os.path.join(directory, os.path.basename(archive.volumes[0].path))
+
+    def extract(self):
+        self.out.section(SECTION_EXTRACT)
+        self.verify_downloads()
+        pending = [n for n, _s, _p in self.set.sources if not self.state.is_done(n)]
+        problems = 0
+        if self.set.exact:
+            for number in pending:
+                problems += len(SourceExtraction(self, number).run())
+                self.finish_source(number)
+        else:
+            self.test_archives(pending)
+            for number in pending:
+                self.replay_source(number)
+                self.finish_source(number)
+        self.state.mark_finished()
+        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+        self.report_extracted()
+        if problems:
+            raise AamError(f"{problems} path(s) could not be restored as they were backed "
+                           f"up; each is listed in <number>{PROBLEMS_SUFFIX} in "
+                           f"{self.destination} (the rest is restored).")
+
+    def finish_source(self, number):
+        self.state.mark_done(number)
+        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+
+    def report_extracted(self):
+        for number, _source, path in self.set.sources:
+            self.out.line(f"Restored {path} into {os.path.join(self.destination, str(number))}"
+                          + (" (the selection only)" if self.selection else ""))
+        self.out.line(f"Map of the numbered directories: "
+                      f"{os.path.join(self.destination, RESTORE_MAP_FILE)}")
+
+    # -- sets without catalogues: replay --------------------------------------------
     def test_archives(self, pending):
         """7-Zip 't' on everything first: a wrong key must not touch any file."""
         for archive in self.set.archives:
@@ -3930,7 +5444,7 @@ class Restoration:
                 self.out.line(f"Testing {self.archive_name(archive)}")
                 self.seven_zip(["t", archive.volumes[0].path, "-bd", "-sccUTF-8"], archive)
 
-    def extract_source(self, number):
+    def replay_source(self, number):
         """Full, then each incremental in time order, with overwrite; then rename."""
         target = os.path.join(self.destination, str(number))
         staging = target + INCOMPLETE_SUFFIX
@@ -3938,34 +5452,284 @@ class Restoration:
             if os.path.lexists(leftover):
                 shutil.rmtree(leftover)
         os.mkdir(staging)
-        for archive in self.set.archives_of(number):
-            if archive.volumes:
-                self.out.line(f"Extracting {self.archive_name(archive)}")
-                self.seven_zip(["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}",
-                                "-aoa", "-y", "-snld20", "-bd", "-sccUTF-8"], archive)
-        restore_absolute_links(staging)
+        for index, archive in enumerate(self.set.archives_of(number)):
+            if not archive.volumes:
+                continue
+            if index:
+                paths = [v.path for v in archive.volumes]
+                clear_conflicts(staging, archive_entry_names(paths, archive.volumes[0].size))
+            self.out.line(f"Extracting {self.archive_name(archive)}")
+            self.seven_zip(["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}",
+                            "-aoa", "-y", "-snld20", "-bd", "-sccUTF-8"], archive)
+        restore_absolute_links(staging, self.platform)
         os.rename(staging, target)
-        self.state.mark_done(number)
-        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
-
-    def extract(self):
-        self.out.section(SECTION_EXTRACT)
-        self.verify_downloads()
-        pending = [n for n, _s, _p in self.set.sources if not self.state.is_done(n)]
-        self.test_archives(pending)
-        for number in pending:
-            self.extract_source(number)
-        self.state.mark_finished()
-        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
-        for number, _source, path in self.set.sources:
-            self.out.line(f"Restored {path} into {os.path.join(self.destination, str(number))}")
-        self.out.line(f"Map of the numbered directories: "
-                      f"{os.path.join(self.destination, RESTORE_MAP_FILE)}")
 
     def remove_downloads(self):
-        if os.path.isdir(self.downloads):
+        if self.selection:
+            self.out.line(f"The downloaded archives stay in {self.downloads}, so that a "
+                          "restore of more of this set into this destination does not "
+                          "download them again; delete them when you no longer need them.")
+        elif os.path.isdir(self.downloads):
             shutil.rmtree(self.downloads)
             self.out.line(f"Removed the downloaded archives ({self.downloads}).")
+
+
+def make_plan(restoration):
+    """Reconstruct each source's state at the restore point (written to a state file,
+    the selection only) and choose the volumes it needs."""
+    restore_set, selection = restoration.set, restoration.selection
+    chosen, whole, central = Tally(), Tally(), {}
+    for number, _source, path in restore_set.sources:
+        archives = restore_set.archives_of(number)
+        catalogues = [CatalogueFile(restoration.fetch_catalogue(a)) for a in archives]
+        check_catalogue_chain(catalogues, archives)
+        for archive, catalogue in zip(archives, catalogues):
+            if catalogue.header.get("archive"):
+                central[(format_stamp(archive.backup), number)] = \
+                    catalogue.header["archive"]["central_directory_volume"]
+        match = selection.matcher(path, catalogues[0].header.get("platform", "posix"))
+        state_path = restoration.state_path(number)
+        os.makedirs(os.path.dirname(state_path), mode=0o700, exist_ok=True)
+        header = {"kind": LISTING, "source_path": path, "selection": selection.items}
+        writer = StateWriter(restoration, number, header)
+        parents = OpenDirectories()
+        try:
+            for entry in reconstruct(catalogues):
+                whole.add(entry, number)
+                chosen_one = match(entry.path, entry.kind)
+                if chosen_one:
+                    for parent in parents.unwritten(entry.path):
+                        writer.write(parent)      # its times and permissions come back too
+                    chosen.add(entry, number)
+                    writer.write(entry)
+                parents.met(entry, chosen_one)
+        finally:
+            writer.close()
+    if selection and not chosen.entries:
+        raise NothingSelected(
+            f"Nothing in the backup as of {describe_stamp(restore_set.last_backup)} matches "
+            f"the selection ({' | '.join(selection.items)}); nothing was thawed.")
+    by_key = {(format_stamp(a.backup), a.number): a for a in restore_set.archives}
+    wanted = (openable_volumes(chosen, by_key, central) if selection
+              else complete_volumes(chosen, by_key))
+    everything = complete_volumes(whole, by_key)
+    return RestorePlan(volumes_in(restore_set, wanted), chosen, whole,
+                       volumes_in(restore_set, everything), selection.items)
+
+
+class StateWriter:
+    """A source's state to restore, and beside it, for each archive, the files whose
+    content it holds (so that each archive's extraction reads only its own list)."""
+
+    def __init__(self, restoration, number, header):
+        self.restoration, self.number, self.header = restoration, number, header
+        path = restoration.state_path(number)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.state = CatalogueWriter(path, header)
+        self.by_archive = {}
+
+    def write(self, entry):
+        self.state.write(entry)
+        place = parse_location(entry.location)
+        if entry.kind == FILE and place:
+            if place[0] not in self.by_archive:
+                self.by_archive[place[0]] = CatalogueWriter(
+                    self.restoration.state_path(self.number, place[0]), self.header)
+            self.by_archive[place[0]].write(entry)
+
+    def close(self):
+        for writer in [self.state] + list(self.by_archive.values()):
+            writer.close()
+
+
+class OpenDirectories:
+    """The directories on the way to the current catalogue line (lines come depth
+    first), so that a selected entry's parent directories are restored with it."""
+
+    def __init__(self):
+        self.stack = []        # [entry, written?]
+
+    def met(self, entry, written):
+        self.leave(entry.path)
+        if entry.kind == DIRECTORY:
+            self.stack.append([entry, written])
+
+    def leave(self, path):
+        """Forget the directories that are not above path."""
+        while self.stack and not path.startswith(self.stack[-1][0].path + "/"):
+            self.stack.pop()
+
+    def unwritten(self, path):
+        """The not yet written directories above path, outermost first."""
+        self.leave(path)
+        for item in self.stack:
+            if not item[1]:
+                item[1] = True
+                yield item[0]
+
+
+def volumes_in(restore_set, numbers):
+    """The set's volumes whose numbers are chosen, in set order."""
+    return [volume for archive in restore_set.archives for volume in archive.volumes
+            if volume.number in numbers.get((format_stamp(archive.backup), archive.number),
+                                            ())]
+
+
+# -- browse: the backups in the bucket, and the versions of chosen files ------------
+
+DEEP_ARCHIVE_MINIMUM_DAYS = 180     # Deep Archive bills every object for 180 days at least
+
+
+def browse(args, platform, settings):
+    """browse-aws-backups: every complete backup of the location, and with a selection
+    every version of what it matches; read with the restore keys, no thaw."""
+    out = TerminalOutput(args.secrets)
+    session = aws_session(args.access_key_id, args.secret_access_key)
+    s3 = aws_client(session, "s3", settings.region)
+    with s3_call(args.bucket, credentials=BROWSE_CREDENTIALS):
+        listing = BucketListing.load(s3, args.bucket, [f"{args.location}_"])
+    chains = complete_chains(s3, args.bucket, listing)
+    if not chains:
+        raise NoBackupSet(f"No complete backup of location {args.location} in bucket "
+                          f"{args.bucket}.")
+    for line in backup_table(chains, listing):
+        out.line(line)
+    if args.selection:
+        with tempfile.TemporaryDirectory(prefix="aam-browse-") as work:
+            found = sum(find_versions(s3, args, platform, settings, chain, listing, work, out)
+                        for chain in chains)
+        if not found:
+            raise NothingSelected(f"Nothing in any backup of {args.location} matches "
+                                  f"{' | '.join(args.selection)}.")
+    return EXIT_OK
+
+
+def complete_chains(s3, bucket, listing):
+    """[(full, [(backup, incremental or None, manifests)])], oldest first: each complete
+    full backup with its complete incrementals."""
+    chains = []
+    for full in sorted(listing.fulls()):
+        manifests, _reason = complete_backup(s3, bucket, listing, full, None,
+                                             BROWSE_CREDENTIALS)
+        if not manifests:
+            continue
+        backups = [(full, None, manifests)]
+        for incremental in sorted({i for (f, i) in listing.indicators
+                                   if f == full and i is not None}):
+            found, _reason = complete_backup(s3, bucket, listing, full, incremental,
+                                             BROWSE_CREDENTIALS)
+            if found:
+                backups.append((incremental, incremental, found))
+        chains.append((full, backups))
+    return chains
+
+
+def backup_table(chains, listing):
+    now = utc_now()
+    lines = [f"{'backup (UTC)':26s} {'kind':11s} {'sources':>7s} {'files':>9s} "
+             f"{'bytes':>15s} {'volumes':>7s}  age"]
+    for full, backups in chains:
+        for backup, incremental, manifests in backups:
+            volumes = [v for m in manifests.values() for v in m["volumes"]]
+            files = sum(int(m.get("files", 0)) for m in manifests.values())
+            size = sum(v["size"] for v in volumes)
+            age = (now - backup).days
+            left = DEEP_ARCHIVE_MINIMUM_DAYS - age
+            minimum = ("past Deep Archive's 180-day minimum" if left <= 0 else
+                       f"{left} day(s) to Deep Archive's 180-day minimum")
+            lines.append(f"{describe_stamp(backup):26s} "
+                         f"{'incremental' if incremental else 'full':11s} "
+                         f"{len(manifests):>7d} {files:>9,} {size:>15,} {len(volumes):>7d}  "
+                         f"{age} day(s), {minimum}")
+    return lines
+
+
+def find_versions(s3, args, platform, settings, chain, listing, work, out):
+    """Print each version of every path the selection matches in one chain; the count."""
+    full, backups = chain
+    found = 0
+    sources = sorted(backups[0][2].items())
+    for source, manifest in sources:
+        catalogues = []
+        for backup, incremental, manifests in backups:
+            if source not in manifests or not manifests[source].get("catalogue"):
+                break
+            catalogues.append((backup, fetch_browse_catalogue(
+                s3, args, platform, settings, manifests[source]["catalogue"], work)))
+        if len(catalogues) < len(backups):
+            out.line(f"(the backups of {manifest['source_path']} from "
+                     f"{describe_stamp(full)} have no catalogue: made by version 1.0.0)")
+        match = RestoreSelection(args.selection).matcher(
+            manifest["source_path"], manifest.get("platform", "posix"))
+        for path, versions in path_versions([c for _b, c in catalogues],
+                                            [b for b, _c in catalogues]):
+            if any(entry and match(path, entry.kind) for _b, entry in versions):
+                found += 1
+                out.line(f"{join_source_path(manifest['source_path'], path, manifest)}")
+                for backup, entry in versions:
+                    out.line("  " + version_line(backup, full, entry))
+    return found
+
+
+def join_source_path(source_path, path, manifest):
+    sep = "\\" if manifest.get("platform") == "windows" else "/"
+    return source_path.rstrip(sep) + sep + path.replace("/", sep)
+
+
+def version_line(backup, full, entry):
+    kind = "full" if backup == full else "incremental"
+    if entry is None:
+        return f"{describe_stamp(backup)}  {kind:11s}  deleted"
+    modified = dt.datetime.fromtimestamp(entry.mtime / 1e9, dt.timezone.utc)
+    what = {FILE: f"file, {entry.size:,} bytes", DIRECTORY: "directory",
+            LINK: f"symbolic link to {entry.target}"}[entry.kind]
+    return (f"{describe_stamp(backup)}  {kind:11s}  {what}, modified "
+            f"{modified:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def path_versions(catalogues, backups):
+    """(path, [(backup, entry or None when deleted)]) for every path of a chain, with a
+    version each time its state changed."""
+    listings = [catalogue.header["kind"] == LISTING for catalogue in catalogues]
+    streams = [keyed_entries(catalogue, index) for index, catalogue in enumerate(catalogues)]
+    for _key, group in itertools.groupby(heapq.merge(*streams), key=lambda line: line[0]):
+        named = {index: entry for _key, index, entry in group}
+        state, versions, path = None, [], None
+        for index, is_listing in enumerate(listings):
+            entry = named.get(index)
+            if entry is None and not is_listing:
+                continue
+            new = None if entry is None or entry.kind == DELETED else entry
+            if not same_version(state, new):
+                versions.append((backups[index], new))
+            state, path = new, (entry.path if entry is not None else path)
+        if versions:
+            yield path, versions
+
+
+def same_version(earlier, later):
+    """Nothing changed: same type, size, time, permissions, target and content."""
+    if earlier is None or later is None:
+        return earlier is later
+    return (earlier[:5] == later[:5] and earlier.target == later.target
+            and later.location in (earlier.location, UNKNOWN))
+
+
+def fetch_browse_catalogue(s3, args, platform, settings, described, work):
+    """A catalogue decrypted into the browse's temporary directory."""
+    directory = os.path.join(work, hashlib.sha256(described["name"].encode()).hexdigest()[:16])
+    os.makedirs(directory)
+    path = os.path.join(directory, CATALOGUE_ZIP)
+    volume = RestoreVolume(described["name"], described["size"], described["sha256"], path)
+    with s3_call(args.bucket, volume.key, credentials=BROWSE_CREDENTIALS):
+        download_volume(s3, args.bucket, volume)
+    code, output = run_seven_zip(settings, platform, ["x", path, f"-o{directory}", "-y",
+                                                      "-bd", "-sccUTF-8"], args.key)
+    failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
+                                BROWSE_ARGS.number("key"))
+    if failure:
+        raise failure
+    return CatalogueFile(os.path.join(directory, CATALOGUE_FILE))
 
 
 # -- the five operations -------------------------------------------------------------
@@ -3973,7 +5737,7 @@ class Restoration:
 def restore_to_s3(restoration):
     """restore-to-aws-s3-from-aws-s3-glacier-deep-archive: plan, then thaw requests."""
     out = restoration.out
-    for line in plan_lines(restoration.set, restoration.args.days,
+    for line in plan_lines(restoration.plan, restoration.args.days,
                            restoration.settings.restore_tier):
         out.line(line)
     restoration.warn_about_space()
@@ -4047,19 +5811,24 @@ def run_one_step(restoration):
     if restoration.already_finished():
         return
     check_seven_zip(restoration.settings)
-    restoration.load_set()
-    restoration.claim_destination()
+    open_restoration(restoration)
     restoration.report_set()
     wait_and_download(restoration)
     restoration.extract()
     restoration.remove_downloads()
 
 
+def open_restoration(restoration):
+    """The set, the destination's state, then the catalogues and the plan."""
+    restoration.load_set()
+    restoration.claim_destination()
+    restoration.prepare()
+
+
 def run_multi_step(restoration, operation):
     if restoration.already_finished():
         return
-    restoration.load_set()
-    restoration.claim_destination()
+    open_restoration(restoration)
     if operation == THAW_STEP:
         restoration.report_set()
         statuses = restore_to_s3(restoration)
@@ -4184,6 +5953,10 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
                 args = parse_restore_args(argv)
                 settings = self.settings()
                 return self.with_signals(lambda: run_restore(args, self.platform, settings))
+            if operation == BROWSE_OPERATION:
+                args = parse_browse_args(argv)
+                settings = self.settings()
+                return self.with_signals(lambda: browse(args, self.platform, settings))
             raise UsageError(f"unknown operation {operation!r}" if operation
                              else "no operation given")
         except UsageError as problem:

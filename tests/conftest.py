@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ class Sandbox:
         self.mirror = os.path.join(root, "mirror")
         self.temp = os.path.join(root, "temp")
         self.lock = os.path.join(root, "lock", "aam.lock")
+        self.state_dir = os.path.join(root, "state")
         self.instructions = os.path.join(root, "instructions.txt")
         self.bucket = f"aam-test-{uuid.uuid4().hex[:12]}"
         self.location = f"pc{uuid.uuid4().hex[:6]}"
@@ -67,6 +69,14 @@ class Sandbox:
         self.tree = build_sample(os.path.join(self.root, "first"), self.second_root, **kwargs)
         self.write_instructions(self.tree.instruction_text)
         return self.tree
+
+    def single_source(self, files):
+        """One listed directory (its own mount) holding files {relative path: bytes}."""
+        mount = os.path.join(self.root, "source", "data")
+        for rel, data in files.items():
+            write_file(os.path.join(mount, rel), data)
+        self.write_instructions(mount + "/\n")
+        return mount
 
     def write_instructions(self, text):
         with open(self.instructions, "w", encoding="utf-8") as handle:
@@ -108,6 +118,7 @@ class Sandbox:
             "AWS_REGION": "us-east-1",
             "AAM_TEMP_ROOT": self.temp,
             "AAM_LOCK_FILE": self.lock,
+            "AAM_STATE_DIR": self.state_dir,
             "PYTHONUNBUFFERED": "1",
         })
         env.update(extra)
@@ -119,6 +130,20 @@ class Sandbox:
 
     def backup(self, changes=None, operation="regular-backup", env=None):
         return self.run(self.backup_args(operation, changes), env=env)
+
+    def restore(self, operation, destination, changes=None, env=None):
+        """A restore operation, checking the thaw status every second."""
+        return self.run(self.restore_args(operation, destination, changes),
+                        env=env or self.env(AAM_RESTORE_POLL_SECONDS="1"))
+
+    def backup_stamps(self):
+        """The date-times of the complete backups, oldest first, as argument 14 takes them."""
+        names = [aab.ObjectName.parse(o["Key"]) for o in self.objects()]
+        return sorted({aab.format_arg_stamp(n.incremental or n.full)
+                       for n in names if n and n.indicator})
+
+    def object_names(self):
+        return [aab.ObjectName.parse(o["Key"]) for o in self.objects()]
 
     # -- looking at the results ----------------------------------------------
     def s3(self):
@@ -140,6 +165,28 @@ class Sandbox:
         s3.download_file(self.bucket, key, path)
         return path
 
+    def catalogue(self, key, key_text=KEY):
+        """The text of a catalogue object, decrypted with plain 7-Zip as a user would."""
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "catalogue.zip")
+            self.s3().download_file(self.bucket, key, path)
+            extract(path, directory, key_text)
+            with open(os.path.join(directory, "catalogue.tsv"), encoding="utf-8",
+                      errors="surrogateescape") as handle:
+                return handle.read()
+
+    @staticmethod
+    def encrypt_catalogue(text, work):
+        """A catalogue object's bytes for text (tests that rewrite a stored backup)."""
+        directory = tempfile.mkdtemp(dir=work)
+        with open(os.path.join(directory, "catalogue.tsv"), "w", encoding="utf-8",
+                  errors="surrogateescape", newline="\n") as handle:
+            handle.write(text)
+        subprocess.run(["7zz", "a", "-tzip", "-mem=AES256", f"-p{KEY}", "catalogue.zip",
+                        "catalogue.tsv"], cwd=directory, check=True, capture_output=True)
+        with open(os.path.join(directory, "catalogue.zip"), "rb") as handle:
+            return handle.read()
+
     def emails(self):
         return [m for m in self.aws.sent_emails() if self.recipient in m["destinations"]]
 
@@ -147,6 +194,17 @@ class Sandbox:
         if not os.path.isdir(self.logs):
             return []
         return sorted(os.path.join(self.logs, n) for n in os.listdir(self.logs))
+
+
+def write_file(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 @pytest.fixture
@@ -158,6 +216,26 @@ def sandbox(tmp_path, aws):
         yield Sandbox(str(tmp_path), aws, second_root)
     finally:
         shutil.rmtree(second_root, ignore_errors=True)
+
+
+def snapshot(root):
+    """Everything under root as a restore must give it back: {relative path: ('f', bytes,
+    permissions, mtime in µs) | ('d', permissions, mtime in µs) | ('l', target)}."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            if stat.S_ISLNK(st.st_mode):
+                found[rel] = ("l", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                found[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_mtime_ns // 1000)
+            else:
+                with open(path, "rb") as handle:
+                    found[rel] = ("f", handle.read(), stat.S_IMODE(st.st_mode),
+                                  st.st_mtime_ns // 1000)
+    return found
 
 
 def extract(archive_first_volume, destination, key=KEY):

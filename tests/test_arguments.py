@@ -39,7 +39,7 @@ def test_bad_restore_arguments_touch_nothing(sandbox, proxy, operation, argument
 def test_restore_argument_count(sandbox, operation):
     result = sandbox.run(restore_args(sandbox, operation)[:12])
     assert result.returncode == 2
-    assert f"{operation} takes 13 arguments, 12 were given" in result.stderr
+    assert f"{operation} takes 13 or more arguments, 12 were given" in result.stderr
 
 
 @pytest.mark.parametrize("argument, text", [
@@ -131,7 +131,10 @@ def test_the_usage_text_is_the_argument_table(sandbox, operation):
     result = sandbox.run(argv)
     assert result.returncode == 2
     listed = [line.strip() for line in result.stderr.splitlines()
-              if re.match(r"\s*\d+\. ", line)]
-    assert listed == [f"{number}. {arg.label}" + ("  (accepts env:NAME)" if arg.secret else "")
-                      for number, arg in enumerate(table, 1)]
-    assert f"takes {len(table)} arguments, {len(argv)} were given" in result.stderr
+              if re.match(r"\s*\d+\.", line)]
+    assert len(listed) == len(table)
+    for number, (line, arg) in enumerate(zip(listed, table), 1):
+        assert line.startswith(f"{number}{'...' if arg.repeated else '.'} {arg.label}")
+        assert ("(accepts env:NAME)" in line) == arg.secret
+        assert ("(optional" in line) == (arg.optional or arg.repeated)
+    assert f"takes {table.count_text()}, {len(argv)} were given" in result.stderr

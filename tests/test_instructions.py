@@ -220,6 +220,6 @@ def test_selection_applies_every_kind_of_exclusion(tmp_path):
             f"~WRL*.tmp\n{root}/docs/secret.txt\n*.tmp\n")
     plan = aab.plan_backup(parse(text), POSIX)
     (source,) = plan.sources
-    selected = {f.path for f in aab.walk_selection(source.mount, source, POSIX).files}
+    selected = {w.path for w in aab.TreeWalk(source.mount, source, POSIX).files()}
     # 'x.tmp' is a directory: file-name patterns do not exclude directories.
     assert selected == {rel for rel, kept in files.items() if kept}

@@ -226,7 +226,7 @@ def test_reported_volume_count_is_7zips_last_summary_line():
     assert aam.reported_volume_count(["AAM Auto Backup: no files to back up"]) is None
 
 
-def test_unchanged_incremental_makes_one_list_and_one_put(sandbox, proxy):
+def test_unchanged_incremental_makes_one_list_and_two_puts(sandbox, proxy):
     make_source(sandbox, files=3, size=1000)
     env = backup_env(sandbox, proxy)
     aws_only = {"destinations": "AWS", "mirror_root": "", "send_email": "False"}
@@ -235,8 +235,9 @@ def test_unchanged_incremental_makes_one_list_and_one_put(sandbox, proxy):
     proxy.reset_counters()
     second = sandbox.backup(aws_only, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
-    # One prefix query for the current month; no archive object, only the indicator.
-    assert proxy.counters()["by_kind"] == {"LIST": 1, "PutObject": 1}
+    # One prefix query for the current month; no archive object, only the catalogue
+    # (it records that nothing changed) and the indicator.
+    assert proxy.counters()["by_kind"] == {"LIST": 1, "PutObject": 2}
     assert len(keys(sandbox, "no")) == 1
 
 

@@ -18,6 +18,8 @@ VOLUME_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STA
                        r"(?P<source>.+)\.zip\.(?P<n>\d{3})$")
 INDICATOR_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})_yes_"
                           r"(?P<source>.+)$")
+CATALOGUE_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})"
+                          r"_catalogue_(?P<source>.+)\.zip$")
 
 
 def source_name(mount):
@@ -50,11 +52,12 @@ def test_full_backup_of_a_multi_directory_tree(sandbox, tmp_path):
 
     objects = sandbox.objects()
     keys = [item["Key"] for item in objects]
-    for key in keys:      # every object name matches the format of SPEC 5
-        assert VOLUME_RE.match(key) or INDICATOR_RE.match(key), key
+    for key in keys:      # every object name matches its documented format
+        assert VOLUME_RE.match(key) or INDICATOR_RE.match(key) or CATALOGUE_RE.match(key), key
     classes = {item["Key"]: item.get("StorageClass", "STANDARD") for item in objects}
     assert {classes[k] for k in keys if VOLUME_RE.match(k)} == {"DEEP_ARCHIVE"}
     assert {classes[k] for k in keys if INDICATOR_RE.match(k)} == {"STANDARD"}
+    assert {classes[k] for k in keys if CATALOGUE_RE.match(k)} == {"STANDARD"}
 
     sources = {source_name(m): m for m in tree.mounts}
     indicators = [INDICATOR_RE.match(k) for k in keys if INDICATOR_RE.match(k)]
@@ -74,6 +77,9 @@ def test_full_backup_of_a_multi_directory_tree(sandbox, tmp_path):
         assert [v["name"] for v in manifest["volumes"]] == volumes[name]
         assert manifest["files"] == sum(1 for v in tree.expected[mount].values()
                                         if v is not None)
+        catalogue = manifest["catalogue"]              # named in the indicator
+        assert CATALOGUE_RE.match(catalogue["name"])["source"] == name
+        assert catalogue["kind"] == "listing" and catalogue["name"] in keys
         # the mirror holds the same files under the full-path layout
         mirrored = read_tree(os.path.join(sandbox.mirror, mount.lstrip("/")))
         assert mirrored == tree.expected[mount]

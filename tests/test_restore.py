@@ -67,8 +67,8 @@ def write(path, data):
 def make_history(sandbox, env=None, **sample):
     """Full + two incrementals over two sources; returns what a restore must give.
 
-    {mount: {relative path: bytes or None}} as of the last backup, with the file
-    deleted after the full backup still there (incrementals record no deletions).
+    {mount: {relative path: bytes or None}} as of the last backup: the file
+    deleted after the full backup is not there.
     """
     tree = sandbox.sample(**sample)
     first, second = tree.first_mount, tree.second_mount
@@ -84,6 +84,7 @@ def make_history(sandbox, env=None, **sample):
     write(os.path.join(docs, "report.txt"), b"rewritten report\n")      # changed
     write(os.path.join(docs, "added in incr 1.txt"), b"new one\n")      # added
     os.remove(os.path.join(docs, "notes with space.md"))               # deleted
+    del expected[first]["Documents/notes with space.md"]
     expected[first]["Documents/report.txt"] = b"rewritten report\n"
     expected[first]["Documents/link-inside"] = b"rewritten report\n"
     expected[first]["Documents/added in incr 1.txt"] = b"new one\n"
@@ -102,11 +103,13 @@ def make_history(sandbox, env=None, **sample):
 
 
 def indicator_keys(sandbox):
-    return sorted(o["Key"] for o in sandbox.objects() if "_yes_" in o["Key"])
+    return sorted(o["Key"] for o in sandbox.objects()
+                  if aam.ObjectName.parse(o["Key"]).indicator)
 
 
 def volume_keys(sandbox):
-    return sorted(o["Key"] for o in sandbox.objects() if "_no_" in o["Key"])
+    return sorted(o["Key"] for o in sandbox.objects()
+                  if aam.ObjectName.parse(o["Key"]).volume)
 
 
 def numbered_directories(destination, tree):
@@ -157,8 +160,7 @@ def test_one_step_restores_full_and_incrementals_into_numbered_directories(
     assert numbered_directories(destination, tree) == expected
     first = os.path.join(destination, "1")
     deleted = os.path.join("Documents", "notes with space.md")   # deleted after the full
-    assert not os.path.exists(os.path.join(tree.first_mount, deleted))
-    assert open(os.path.join(first, deleted), "rb").read() == b"# notes\n"
+    assert not os.path.lexists(os.path.join(first, deleted))
     assert os.readlink(os.path.join(first, "Documents", "link-inside")) == "report.txt"
     assert os.readlink(os.path.join(first, "Documents", "link-absolute")) == "/etc/hostname"
     source = os.path.join(tree.first_mount, "Documents", "report.txt")
@@ -391,9 +393,7 @@ def test_sigkill_during_download_then_rerun_fetches_only_what_is_missing(
     process.send_signal(signal.SIGKILL)         # ...and the power goes
     process.wait()
     proxy.clear_faults()
-    downloads = destination / "downloads"
-    kept = {os.path.join(d, n): os.stat(os.path.join(d, n)).st_ino
-            for d, _s, names in os.walk(downloads) for n in names if not n.endswith(".part")}
+    kept = downloaded_volumes(destination)
     assert 0 < len(kept) < volumes
 
     result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
@@ -403,6 +403,13 @@ def test_sigkill_during_download_then_rerun_fetches_only_what_is_missing(
     assert kinds["GetObject"] <= volumes - len(kept)      # verified volumes: not again
     assert "LIST" not in kinds                            # the pinned set needs no listing
     assert numbered_directories(destination, tree) == expected
+
+
+def downloaded_volumes(destination):
+    """{path: inode} of the verified volumes in the destination's downloads."""
+    return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_ino
+            for d, _s, names in os.walk(destination / "downloads") for n in names
+            if re.fullmatch(r"backup\.zip\.\d{3}", n)}
 
 
 def test_kept_volumes_are_not_fetched_again(sandbox, tmp_path, proxy):
@@ -429,22 +436,26 @@ def assert_nothing_extracted(destination):
     assert not [n for n in names if re.fullmatch(r"\d+(\.incomplete)?", n)], names
 
 
-def test_wrong_key_extracts_nothing_and_a_rerun_with_the_key_needs_no_download(
-        sandbox, tmp_path, proxy):
+def test_a_wrong_key_is_caught_by_the_catalogue_before_any_thaw(sandbox, tmp_path, proxy):
     tree, expected = make_history(sandbox)
     destination = tmp_path / "r"
-    wrong = restore(sandbox, ONE_STEP, destination, {"key": "not the key"})
+    via_proxy(sandbox, proxy)
+    wrong, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
+                                                          {"key": "not the key"}))
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
     assert "The decryption key (argument 8) is wrong" in wrong.stdout
+    assert "RestoreObject" not in kinds and "HeadObject" not in kinds
     assert_nothing_extracted(destination)
-    assert os.path.isdir(destination / "downloads")
+    assert not downloaded_volumes(destination)
     (message,) = restoration_emails(sandbox)
     assert message["subject"].startswith("FAILURE, ")
 
-    via_proxy(sandbox, proxy)
     result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination))
     ok(result)
-    assert "GetObject" not in kinds and kinds        # (the e-mail went through the proxy)
+    catalogues = [o["Key"] for o in sandbox.objects()
+                  if aam.ObjectName.parse(o["Key"]).catalogue]
+    # each volume once; the catalogue the wrong key could not open is not fetched again
+    assert kinds["GetObject"] == len(volume_keys(sandbox)) + len(catalogues) - 1
     assert numbered_directories(destination, tree) == expected
 
 
@@ -471,8 +482,7 @@ def test_a_downloaded_volume_damaged_on_disk_is_caught_before_extraction(sandbox
     destination = tmp_path / "r"
     ok(restore(sandbox, THAW, destination))
     ok(restore(sandbox, DOWNLOAD, destination))
-    volume = next(os.path.join(d, n) for d, _s, names in os.walk(destination / "downloads")
-                  for n in names)
+    volume = sorted(downloaded_volumes(destination))[0]
     data = bytearray(open(volume, "rb").read())
     data[-30] ^= 0x80
     write(volume, bytes(data))
@@ -528,42 +538,62 @@ def test_an_incomplete_latest_set_falls_back_to_the_previous_complete_one(
     assert numbered_directories(destination, tree) == tree.expected   # the older data
 
 
-def relabel_backups(sandbox, months_back):
-    """Move every backup of the sandbox months_back calendar months into the past."""
+def relabel_backups(sandbox, months_back, work):
+    """Move every backup of the sandbox months_back calendar months into the past
+    (the time stamps in object names, manifests and catalogues)."""
     s3 = sandbox.s3()
     now = aam.utc_now()
     month = now.month - months_back
     year = now.year + (month - 1) // 12
     month = (month - 1) % 12 + 1
+    stamps = {}
 
     def moved(stamp):
-        return stamp.replace(year=year, month=month, day=15)
+        new = stamp.replace(year=year, month=month, day=15)
+        stamps[aam.format_stamp(stamp)] = aam.format_stamp(new)
+        return new
 
     def new_key(key):
         name = aam.ObjectName.parse(key)
         return aam.ObjectName(name.location, moved(name.full),
                               name.incremental and moved(name.incremental), name.indicator,
-                              name.source, name.volume).key
+                              name.source, name.volume, name.catalogue).key
 
-    for item in sandbox.objects():
-        key = item["Key"]
-        if "_yes_" in key:
-            manifest = sandbox.indicator(key)
-            for volume in manifest["volumes"]:
-                volume["name"] = new_key(volume["name"])
-            s3.put_object(Bucket=sandbox.bucket, Key=new_key(key),
-                          Body=json.dumps(manifest).encode())
-        else:
+    def relabelled(text):
+        for old, new in stamps.items():
+            text = text.replace(old, new)
+        return text
+
+    items = [(item["Key"], aam.ObjectName.parse(item["Key"])) for item in sandbox.objects()]
+    for key, name in items:                  # volumes first: every stamp becomes known
+        if name.volume:
             s3.restore_object(Bucket=sandbox.bucket, Key=key, RestoreRequest={"Days": 1})
             body = s3.get_object(Bucket=sandbox.bucket, Key=key)["Body"].read()
             s3.put_object(Bucket=sandbox.bucket, Key=new_key(key), Body=body,
                           StorageClass="DEEP_ARCHIVE")
-        s3.delete_object(Bucket=sandbox.bucket, Key=key)
+            s3.delete_object(Bucket=sandbox.bucket, Key=key)
+    catalogues = {}
+    for key, name in items:
+        if name.catalogue:
+            body = sandbox.encrypt_catalogue(relabelled(sandbox.catalogue(key)), work)
+            catalogues[new_key(key)] = body
+            s3.put_object(Bucket=sandbox.bucket, Key=new_key(key), Body=body)
+            s3.delete_object(Bucket=sandbox.bucket, Key=key)
+    for key, name in items:
+        if name.indicator:
+            manifest = json.loads(relabelled(json.dumps(sandbox.indicator(key))))
+            if "catalogue" in manifest:
+                body = catalogues[manifest["catalogue"]["name"]]
+                manifest["catalogue"].update(size=len(body),
+                                             sha256=hashlib.sha256(body).hexdigest())
+            s3.put_object(Bucket=sandbox.bucket, Key=new_key(key),
+                          Body=json.dumps(manifest).encode())
+            s3.delete_object(Bucket=sandbox.bucket, Key=key)
 
 
 def test_a_set_five_months_back_is_found(sandbox, tmp_path):
     tree, expected = make_history(sandbox)
-    relabel_backups(sandbox, 5)
+    relabel_backups(sandbox, 5, tmp_path)
     destination = tmp_path / "r"
     ok(restore(sandbox, ONE_STEP, destination))
     assert numbered_directories(destination, tree) == expected
@@ -572,7 +602,7 @@ def test_a_set_five_months_back_is_found(sandbox, tmp_path):
 def test_no_set_in_the_last_six_months_exits_5(sandbox, tmp_path):
     sandbox.sample()
     ok(sandbox.backup())
-    relabel_backups(sandbox, 6)
+    relabel_backups(sandbox, 6, tmp_path)
     result = restore(sandbox, ONE_STEP, tmp_path / "r")
     assert result.returncode == 5, result.stdout + result.stderr
     assert (f"No complete full backup of location {sandbox.location} in bucket "

@@ -120,7 +120,7 @@ def settings():
     return aab.Settings(volume_size=aab.DEFAULT_VOLUME_SIZE, compression_level=5,
                         temp_root="c:\\temp", seven_zip=SEVEN_ZIP, lock_file="",
                         region="us-east-1", ses_region="us-east-1", restore_tier="Bulk",
-                        restore_poll_seconds=1800)
+                        restore_poll_seconds=1800, state_dir="c:\\state")
 
 
 def child_args(mount, scope=aab.Scope.FULL, latest=None):
@@ -320,8 +320,9 @@ GOLDEN_LISTS = {
 def test_golden_seven_zip_list_files(machine, tmp_path):
     for source in seed_plan(machine).sources:
         plan = child_plan(machine, source, tmp_path)
-        selection = aab.walk_selection("q:\\", plan, machine)
-        lists = aab.write_full_lists(str(tmp_path), plan, selection, machine)
+        walk = aab.TreeWalk("q:\\", plan, machine)
+        walk.files()
+        lists = aab.write_full_lists(str(tmp_path), plan, walk, machine)
         assert [os.path.basename(p) for p in lists] == [
             aab.INCLUSION_LIST, aab.NON_RECURSIVE_LIST, aab.RECURSIVE_LIST]
         assert [read(p).decode("utf-8") for p in lists] == GOLDEN_LISTS[source.mount]
@@ -334,10 +335,10 @@ def test_golden_incremental_list_holds_only_changed_files(machine, tmp_path):
     time.sleep(0.05)
     with open(os.path.join(machine.long_path("q:\\test2"), "new clip.mp4"), "w") as handle:
         handle.write("recorded after the last backup")
-    selection = aab.walk_selection("q:\\", plan, machine, since)
-    lists = aab.write_incremental_list(str(tmp_path), selection, machine)
-    assert lists[1:] == [None, None]
-    assert read(lists[0]) == b"test2\\new clip.mp4\n"
+    child = child_args(temp.mount, scope=aab.Scope.INCREMENTAL)
+    child.work_dir = str(tmp_path)
+    aab.record_selection(child, "q:\\", plan, machine, since)
+    assert read(os.path.join(tmp_path, aab.INCLUSION_LIST)) == b"test2\\new clip.mp4\n"
 
 
 # -- what the quoting must survive --------------------------------------------

@@ -723,6 +723,14 @@ class FaultProxy:
             self._bytes_sent = 0
             self._injected_failures = 0
             self._stalled = 0
+            self._log = []
+
+    def requests(self):
+        """Each request since the counters were reset: {"method", "kind", "key"} (the
+        object key of a path-style S3 URL, or None)."""
+        with self._lock:
+            return [{"method": method, "kind": kind, "key": _object_key(path)}
+                    for method, kind, path in self._log]
 
     def counters(self):
         """A snapshot: requests, by_method, by_kind, bytes_received (request
@@ -740,8 +748,9 @@ class FaultProxy:
                 "stalled": self._stalled,
             }
 
-    def _count_request(self, method, kind):
+    def _count_request(self, method, kind, path=""):
         with self._lock:
+            self._log.append((method, kind, path))
             self._requests += 1
             self._by_method[method] += 1
             self._by_kind[kind] += 1
@@ -755,6 +764,12 @@ class FaultProxy:
     def _count(self, name):
         with self._lock:
             setattr(self, name, getattr(self, name) + 1)
+
+
+def _object_key(path):
+    """'/bucket/some%20key?x' -> 'some key'; None for a bucket-level request."""
+    parts = path.split("?", 1)[0].split("/", 2)
+    return urllib.parse.unquote(parts[2]) if len(parts) == 3 and parts[2] else None
 
 
 def _service_set(services):
@@ -795,7 +810,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def do_request(self):
         kind = classify(self.command, self.path, self.headers)
         service = request_service(self.headers)
-        self.proxy._count_request(self.command, kind)
+        self.proxy._count_request(self.command, kind, self.path)
         try:
             if self.proxy._should_stall(service):
                 self._stall()

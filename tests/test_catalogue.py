@@ -1,0 +1,345 @@
+"""The catalogue of each backup: exact and point-in-time restores, change detection with
+the local state, browsing without a thaw, and sets made before catalogues existed."""
+
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+import aam_auto_backup as aab
+from conftest import KEY, ok, snapshot, write_file
+from local_aws import backup_policy, restore_policy
+
+ONE_STEP = aab.ONE_STEP_RESTORE
+MULTI_STEP = [aab.THAW_STEP, aab.STATUS_STEP, aab.DOWNLOAD_STEP, aab.EXTRACT_STEP]
+
+START = {
+    "report.txt": b"quarterly report\n" * 50,
+    "notes.md": b"# notes\n",
+    "becomes-dir": b"a file that turns into a directory\n",
+    "becomes-file/inside.txt": b"a directory that turns into a file\n",
+    "projects/alpha/main.py": b"print('alpha')\n",
+    "projects/alpha/data.csv": b"1,2,3\n" * 100,
+    "projects/beta/readme.txt": b"beta\n",
+    "photos/2024/a.jpg": os.urandom(20_000),
+}
+
+
+def pause():
+    """Time stamps of the next change fall after the backup just made."""
+    time.sleep(0.02)
+
+
+def restored(destination, number=1):
+    return snapshot(os.path.join(destination, str(number)))
+
+
+def one_step(sandbox, destination, point=None, selection=(), env=None):
+    changes = {"send_email": "False"}
+    if point is not None or selection:
+        changes["restore_point"] = point or "latest"
+    if selection:
+        changes["selection"] = list(selection)
+    return sandbox.restore(ONE_STEP, destination, changes, env=env)
+
+
+def catalogue_objects(sandbox):
+    return sorted((n for n in sandbox.object_names() if n.catalogue),
+                  key=lambda n: n.incremental or n.full)
+
+
+def test_type_changes_and_deletions_restore_as_at_the_last_backup(sandbox, tmp_path):
+    mount = sandbox.single_source(START)
+    os.symlink("notes.md", os.path.join(mount, "link-becomes-file"))
+    ok(sandbox.backup())                                            # full
+    pause()
+    os.remove(os.path.join(mount, "becomes-dir"))                   # file -> directory
+    write_file(os.path.join(mount, "becomes-dir", "now-inside.txt"), b"inside\n")
+    shutil.rmtree(os.path.join(mount, "becomes-file"))              # directory -> file
+    write_file(os.path.join(mount, "becomes-file"), b"now a file\n")
+    os.remove(os.path.join(mount, "link-becomes-file"))             # link -> file
+    write_file(os.path.join(mount, "link-becomes-file"), b"a file now\n")
+    os.remove(os.path.join(mount, "notes.md"))                      # deleted
+    ok(sandbox.backup())                                            # incremental
+    expected = snapshot(mount)
+
+    destination = tmp_path / "restored"
+    result = ok(one_step(sandbox, destination))
+    assert restored(destination) == expected
+    assert "notes.md" not in restored(destination)
+    assert "Restore point: the latest complete backup, the incremental backup" in result.stdout
+
+
+def test_a_chain_of_eight_incrementals_restores_exactly_at_any_point(sandbox, tmp_path):
+    mount = sandbox.single_source(START)
+    m = lambda *parts: os.path.join(mount, *parts)                  # noqa: E731
+    steps = [
+        lambda: write_file(m("report.txt"), b"edited once\n"),                      # edit
+        lambda: write_file(m("projects", "gamma", "new.txt"), b"added\n"),          # add
+        lambda: os.remove(m("projects", "alpha", "data.csv")),                      # delete
+        lambda: os.rename(m("notes.md"), m("notes-renamed.md")),                    # rename
+        lambda: os.rename(m("projects", "beta"), m("archive-beta")),                # move dir
+        lambda: (os.remove(m("becomes-dir")),                                       # type
+                 write_file(m("becomes-dir", "child.txt"), b"was a file\n")),
+        lambda: (write_file(m("report.txt"), b"edited twice\n"),                    # edits
+                 os.chmod(m("projects", "alpha", "main.py"), 0o600)),
+        lambda: (shutil.rmtree(m("becomes-file")),                                  # type
+                 write_file(m("becomes-file"), b"was a directory\n"),
+                 write_file(m("archive-beta", "more.txt"), b"moved, then added to\n")),
+    ]
+    ok(sandbox.backup())
+    states = [snapshot(mount)]
+    for step in steps:
+        pause()
+        step()
+        result = ok(sandbox.backup())
+        assert "no local catalogue" not in result.stdout
+        states.append(snapshot(mount))
+    stamps = sandbox.backup_stamps()
+    assert len(stamps) == 9
+    kinds = [json.loads(sandbox.catalogue(n.key).split("\t", 2)[2].splitlines()[0])["kind"]
+             for n in catalogue_objects(sandbox)]
+    assert kinds == ["listing"] + ["delta"] * 8
+
+    fourth = tmp_path / "fourth"
+    result = ok(one_step(sandbox, fourth, point=stamps[3]))
+    assert restored(fourth) == states[3]
+    assert f"Restore point {stamps[3]} UTC (argument 14)" in result.stdout
+    latest = tmp_path / "latest"
+    ok(one_step(sandbox, latest))
+    assert restored(latest) == states[-1] == snapshot(mount)
+
+    steps_destination = tmp_path / "steps"
+    for operation in MULTI_STEP:
+        ok(sandbox.restore(operation, steps_destination, {"restore_point": stamps[3]}))
+    assert restored(steps_destination) == states[3]
+
+
+def test_each_catalogue_is_encrypted_standard_and_sized_by_the_changes(sandbox, tmp_path):
+    files = {f"many/file-{n:04d}.txt": b"x" * n for n in range(300)}
+    mount = sandbox.single_source(dict(files, **{"secret-name-visible.txt": b"s"}))
+    ok(sandbox.backup())
+    pause()
+    write_file(os.path.join(mount, "many", "file-0007.txt"), b"changed\n")
+    ok(sandbox.backup())
+    full, incremental = catalogue_objects(sandbox)
+    listed = {o["Key"]: o for o in sandbox.objects()}
+    for name in (full, incremental):
+        assert listed[name.key].get("StorageClass", "STANDARD") == "STANDARD"
+        body = sandbox.s3().get_object(Bucket=sandbox.bucket, Key=name.key)["Body"].read()
+        assert b"secret-name-visible" not in body and b"file-0007" not in body
+    full_text, incremental_text = (sandbox.catalogue(n.key) for n in (full, incremental))
+    assert "secret-name-visible.txt" in full_text
+    with pytest.raises(AssertionError):
+        sandbox.catalogue(full.key, key_text="not the key")
+    # the incremental's catalogue names what changed, not the tree
+    lines = [line for line in incremental_text.splitlines() if not line.startswith("#")]
+    assert [line.split("\t")[1] for line in lines] == ["many/file-0007.txt"]
+    indicator = sandbox.indicator(aab.ObjectName(incremental.location, incremental.full,
+                                                 incremental.incremental, True,
+                                                 incremental.source).key)
+    assert indicator["catalogue"]["name"] == incremental.key
+    assert indicator["catalogue"]["kind"] == "delta"
+
+
+def test_a_file_arriving_with_old_times_is_in_the_next_incremental(sandbox, tmp_path):
+    """Through the Windows platform's selection: a file moved into a listed directory
+    keeps its modification and creation time there, so only the catalogue shows it."""
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    old = time.time() - 30 * 86400
+    arrived = os.path.join(mount, "projects", "arrived.txt")
+    write_file(arrived, b"moved in from elsewhere\n")
+    os.utime(arrived, (old, old))
+    windows = WindowsTimes(mount)
+    plan = aab.SourcePlan(mount="q:\\", listed=[""], excluded_dir_paths=[],
+                          excluded_file_paths=[], dir_patterns=[], file_patterns=[])
+    (state,) = [os.path.join(sandbox.state_dir, n) for n in os.listdir(sandbox.state_dir)]
+    since = aab.utc_now()
+    walk = aab.TreeWalk("q:\\", plan, windows, since)
+    archived = []
+    recorder = aab.ChangeRecorder(walk, aab.CatalogueFile(state), windows, False)
+    recorder.run(Discard(), lambda walked: archived.append(walked.path))
+    assert archived == ["projects\\arrived.txt"]
+    # the time rule alone (no local state) misses it: why the catalogue is needed
+    blind = []
+    aab.ChangeRecorder(aab.TreeWalk("q:\\", plan, windows, since), None, windows,
+                       False).run(Discard(), lambda walked: blind.append(walked.path))
+    assert blind == []
+
+
+class WindowsTimes(aab.WindowsPlatform):
+    """The Windows platform on a directory shown at q:, with the times NTFS gives a
+    file moved in from elsewhere on the volume: its old creation and write times."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def long_path(self, path):
+        return os.path.join(self.root, *path[3:].split("\\")) if path[3:] else self.root
+
+    def changed_time(self, st):
+        return st.st_mtime          # creation time: as old as the file, not the move
+
+
+class Discard:
+    def write(self, *_line):
+        pass
+
+
+def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_path):
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    after_full = str(tmp_path / "state-after-full")
+    shutil.copytree(sandbox.state_dir, after_full)
+    pause()
+    write_file(os.path.join(mount, "report.txt"), b"second version\n")
+    ok(sandbox.backup())
+    second = snapshot(mount)
+
+    shutil.rmtree(sandbox.state_dir)                # the state of another backup
+    shutil.copytree(after_full, sandbox.state_dir)
+    pause()
+    os.remove(os.path.join(mount, "notes.md"))
+    write_file(os.path.join(mount, "projects", "new.txt"), b"third\n")
+    result = ok(sandbox.backup())
+    assert "no local catalogue of the latest complete backup" in result.stdout
+    assert "files are selected by their times alone" in result.stdout
+    third = snapshot(mount)
+
+    shutil.rmtree(sandbox.state_dir)                # no state at all
+    pause()
+    write_file(os.path.join(mount, "photos", "2024", "b.jpg"), b"fourth\n")
+    result = ok(sandbox.backup())
+    assert "no local catalogue" in result.stdout
+    kinds = [json.loads(sandbox.catalogue(n.key).split("\t", 2)[2].splitlines()[0])["kind"]
+             for n in catalogue_objects(sandbox)]
+    assert kinds == ["listing", "delta", "listing", "listing"]
+
+    ok(one_step(sandbox, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == snapshot(mount)
+    stamps = sandbox.backup_stamps()
+    ok(one_step(sandbox, tmp_path / "third", point=stamps[2]))
+    assert restored(tmp_path / "third") == third
+    ok(one_step(sandbox, tmp_path / "second", point=stamps[1]))
+    assert restored(tmp_path / "second") == second
+
+
+def strip_catalogues(sandbox):
+    """Make the bucket's sets look as version 1.0.0 made them: no catalogue objects and
+    no catalogue in the completion indicators (the volumes are the same)."""
+    s3 = sandbox.s3()
+    for name in sandbox.object_names():
+        if name.catalogue:
+            s3.delete_object(Bucket=sandbox.bucket, Key=name.key)
+        elif name.indicator:
+            manifest = sandbox.indicator(name.key)
+            del manifest["catalogue"]
+            s3.put_object(Bucket=sandbox.bucket, Key=name.key,
+                          Body=json.dumps(manifest).encode())
+
+
+def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_fail(
+        sandbox, tmp_path):
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    pause()
+    os.remove(os.path.join(mount, "becomes-dir"))
+    write_file(os.path.join(mount, "becomes-dir", "now-inside.txt"), b"inside\n")
+    shutil.rmtree(os.path.join(mount, "becomes-file"))
+    write_file(os.path.join(mount, "becomes-file"), b"now a file\n")
+    os.remove(os.path.join(mount, "notes.md"))
+    ok(sandbox.backup())
+    strip_catalogues(sandbox)
+
+    destination = tmp_path / "restored"
+    result = ok(one_step(sandbox, destination))
+    assert "This set has no catalogues (made by version 1.0.0)" in result.stdout
+    got = restored(destination)
+    now = snapshot(mount)
+    # replay: the later backup wins where a path changed type; every file it held is
+    # as it was backed up; a deleted file comes back (nothing recorded its deletion)
+    for rel in ("becomes-dir/now-inside.txt", "becomes-file", "report.txt"):
+        assert got[rel][:2] == now[rel][:2]
+    assert got["becomes-dir"][0] == "d" and "becomes-file/inside.txt" not in got
+    assert got["notes.md"][1] == START["notes.md"]
+
+    selective = one_step(sandbox, tmp_path / "part", selection=["report.txt"])
+    assert selective.returncode == 1
+    assert "has no catalogue, so it cannot be restored in part" in selective.stdout
+
+
+def test_a_reader_of_the_original_object_names_passes_over_catalogues(sandbox):
+    """The object-name pattern version 1.0.0 matched keys with: catalogues are not its."""
+    original = re.compile(r"^(?P<location>[^_]+)_(?P<full>\d{8}_\d{6}\.\d{6})_"
+                          r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_(?P<flag>no|yes)_(?P<rest>.+)$")
+    sandbox.single_source(START)
+    ok(sandbox.backup())
+    keys = [o["Key"] for o in sandbox.objects()]
+    catalogue = [k for k in keys if aab.ObjectName.parse(k).catalogue]
+    assert catalogue and not any(original.match(k) for k in catalogue)
+    assert all(original.match(k) for k in keys if k not in catalogue)
+
+
+def browse(sandbox, *selection, key=KEY, keys=None):
+    key_id, secret = keys or ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCY")
+    return sandbox.run(aab.BROWSE_ARGS.argv(
+        operation=aab.BROWSE_OPERATION, key=key, bucket=sandbox.bucket,
+        location=sandbox.location, access_key_id=key_id, secret_access_key=secret,
+        selection=list(selection)))
+
+
+def test_browse_lists_the_backups_and_the_versions_of_a_file_without_a_thaw(
+        sandbox, proxy, tmp_path):
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    pause()
+    write_file(os.path.join(mount, "report.txt"), b"second version\n")
+    ok(sandbox.backup())
+    pause()
+    os.remove(os.path.join(mount, "report.txt"))
+    ok(sandbox.backup())
+    sandbox.endpoint_url = proxy.endpoint_url
+    proxy.reset_counters()
+
+    listing = ok(browse(sandbox, key=""))
+    rows = [line for line in listing.stdout.splitlines() if line.endswith("minimum")]
+    assert [row.split()[3] for row in rows] == ["full", "incremental", "incremental"]
+    assert all("180 day(s) to Deep Archive's 180-day minimum" in row for row in rows)
+
+    found = ok(browse(sandbox, os.path.join(mount, "report.txt")))
+    lines = found.stdout.splitlines()
+    at = lines.index(os.path.join(mount, "report.txt"))
+    versions = lines[at + 1:at + 4]
+    assert "full" in versions[0] and f"{len(START['report.txt']):,} bytes" in versions[0]
+    assert "incremental" in versions[1] and "15 bytes" in versions[1]
+    assert versions[2].rstrip().endswith("deleted")
+    assert "RestoreObject" not in proxy.counters()["by_kind"]
+
+    nothing = browse(sandbox, "no-such-name*")
+    assert nothing.returncode == aab.EXIT_NOTHING_SELECTED
+    assert "matches no-such-name*" in nothing.stderr
+
+
+def test_browse_with_the_backup_keys_names_the_missing_permission(sandbox, aws):
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    backup_keys = aws.create_user_with_policy(f"backup-{sandbox.location}",
+                                              backup_policy(sandbox.bucket))
+    restore_keys = aws.create_user_with_policy(f"restore-{sandbox.location}",
+                                               restore_policy(sandbox.bucket))
+    aws.enable_iam_enforcement()
+    try:
+        refused = browse(sandbox, "report.txt", keys=backup_keys)
+        allowed = browse(sandbox, "report.txt", keys=restore_keys)
+    finally:
+        aws.disable_iam_enforcement()
+    assert refused.returncode == 1
+    assert "credentials of arguments 5 and 6 lack the permission s3:GetObject" \
+        in refused.stderr
+    assert backup_keys[1] not in refused.stdout + refused.stderr
+    ok(allowed)
+    assert os.path.join(mount, "report.txt") in allowed.stdout

@@ -23,6 +23,7 @@ Library use::
         ...
         print(proxy.counters())
         proxy.fail_after(3)          # 4th and later requests get HTTP 500
+        proxy.plant_first("PutObject", "_yes_")   # that key exists when it arrives
 
 IAM enforcement (moto only checks policies once it is switched on)::
 
@@ -691,6 +692,7 @@ class FaultProxy:
         self._seen_since_fault = 0
         self._delay = 0.0
         self._delay_kinds = None
+        self._plant = None
         self.reset_counters()
         self._server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", port), _make_handler(self))
@@ -756,6 +758,26 @@ class FaultProxy:
         with self._lock:
             self._delay = seconds
             self._delay_kinds = _service_set(kinds)
+
+    def plant_first(self, kind, key_contains, body=b"planted by FaultProxy"):
+        """Another writer gets there first: before forwarding the first request of
+        `kind` (e.g. "PutObject") whose object key contains key_contains, write
+        `body` under that key (the bucket and key of the request)."""
+        with self._lock:
+            self._plant = (kind, key_contains, body)
+
+    def _plant_before(self, kind, path):
+        with self._lock:
+            if self._plant is None or kind != self._plant[0]:
+                return
+            bucket, _, key = urllib.parse.unquote(
+                urllib.parse.urlsplit(path).path).lstrip("/").partition("/")
+            if self._plant[1] not in key:
+                return
+            body, self._plant = self._plant[2], None
+        upstream = f"http://{self.upstream_host}:{self.upstream_port}"
+        isolated_client("s3", upstream).put_object(Bucket=bucket, Key=key, Body=body,
+                                                   IfNoneMatch="*")
 
     def clear_faults(self):
         with self._lock:
@@ -879,6 +901,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             if status is not None:
                 self._answer_failure(kind, status)
             else:
+                self.proxy._plant_before(kind, self.path)
                 self._forward(kind)
         except (OSError, http.client.HTTPException):
             # Client or moto went away: drop the connection like S3 would.

@@ -219,6 +219,15 @@ def test_expiry_is_made_only_on_request_and_never_below_181_days(account):
     assert sorted(r.get("Expiration", {}).get("Days", 0) for r in rules) == [0, 400]
 
 
+def test_a_bucket_in_another_region_is_named(account):
+    account.client("s3").create_bucket(
+        Bucket=account.bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    result = account.run()
+    assert result.returncode == 1, result.stdout
+    assert (f"PROBLEM  bucket {account.bucket} is in eu-west-1, not in us-east-1: use "
+            "--region eu-west-1") in result.stdout
+
+
 def test_readme_holds_exactly_the_policies_the_tool_makes():
     text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     section = text[text.index("## AWS setup"):text.index("## Windows walkthrough")]

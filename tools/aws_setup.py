@@ -214,7 +214,7 @@ class Setup:
         where = where or "us-east-1"
         if where != region:
             self.report.problem(f"bucket {name} is in {where}, not in {region}: use "
-                                "--region {where}, and the same region for the program")
+                                f"--region {where}, and the same region for the program")
         else:
             self.report.ok(f"bucket {name} in {region}")
         return True
@@ -332,6 +332,9 @@ class Setup:
 
     # -- SES
     def ses_identities(self):
+        if not self.options.sender:
+            self.report.ok("SES left alone: no --sender (e-mail reports off, argument 7 False)")
+            return
         sandbox = self.ses.get_send_quota()["Max24HourSend"] <= SES_SANDBOX_QUOTA
         wanted = [("sender", self.options.sender)]
         if sandbox and self.options.recipient:
@@ -536,7 +539,8 @@ def parse_options(argv):
     parser.add_argument("--region", required=True, help="e.g. eu-west-1; use the same "
                         "region (AWS_REGION) for the program")
     parser.add_argument("--bucket", required=True)
-    parser.add_argument("--sender", required=True, help="the report's sender address")
+    parser.add_argument("--sender", help="the report's sender address (leave it out "
+                        "for no e-mail reports)")
     parser.add_argument("--recipient", help="the report's recipient (verified too while "
                         "the account is in the SES sandbox)")
     parser.add_argument("--backup-user", default=BACKUP_USER)

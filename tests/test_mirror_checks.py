@@ -30,7 +30,7 @@ def plant(path, data=b"planted\n"):
 
 def test_keep_false_reports_any_file_the_selection_does_not_hold(sandbox):
     tree = sandbox.sample()
-    local_only = {7: "False", 13: "local", 15: "False"}
+    local_only = {"send_email": "False", "destinations": "local", "keep": "False"}
     assert sandbox.backup(local_only).returncode == 0
     # Places rsync --delete leaves alone: beside the listed directories, and under a
     # name the instructions exclude.
@@ -44,12 +44,12 @@ def test_keep_false_reports_any_file_the_selection_does_not_hold(sandbox):
                 f"{mirrored(sandbox, tree.first_mount).rstrip('/')} but not in the source "
                 "(argument 15 is False); delete it there") in log
     # True keeps what the source no longer has: the same files are no failure then.
-    assert sandbox.backup({**local_only, 15: "True"}).returncode == 0
+    assert sandbox.backup({**local_only, "keep": "True"}).returncode == 0
 
 
 def test_keep_true_reports_an_excluded_file_copied_into_the_mirror(sandbox):
     tree = sandbox.sample()
-    local_only = {7: "False", 13: "local", 15: "True"}
+    local_only = {"send_email": "False", "destinations": "local", "keep": "True"}
     assert sandbox.backup(local_only).returncode == 0
     for rel in ("Documents/private/secret-plan.txt", "Documents/~WRL1234.tmp",
                 "Pictures/2023/old.jpg"):
@@ -81,7 +81,8 @@ def test_an_rsync_that_ignores_filter_rules_is_caught(sandbox, tmp_path, keep):
         f"exec {shutil.which('rsync')} \"$@\"\n")
     (fake / "rsync").chmod(0o755)
     env = sandbox.env(PATH=f"{fake}:{os.environ['PATH']}")
-    result = sandbox.backup({7: "False", 13: "local", 15: keep}, env=env)
+    result = sandbox.backup({"send_email": "False", "destinations": "local", "keep": keep},
+                            env=env)
     assert result.returncode == 1, result.stdout + result.stderr
     assert os.path.exists(mirrored(sandbox, tree.first_mount, "Documents/passwords.kdbx"))
     log = log_text(sandbox)
@@ -92,7 +93,7 @@ def test_an_rsync_that_ignores_filter_rules_is_caught(sandbox, tmp_path, keep):
 def test_a_full_mirror_drive_still_completes_the_deep_archive_backup(sandbox, tiny_tmpfs,
                                                                      tmp_path):
     tree = sandbox.sample(picture_size=3_000_000)       # far more than the 1 MB drive
-    result = sandbox.backup({14: tiny_tmpfs})
+    result = sandbox.backup({"mirror_root": tiny_tmpfs})
     assert result.returncode == 1, result.stdout + result.stderr
     for mount in tree.mounts:                            # rsync's own words, per source
         assert re.search(rf"{re.escape(mount)}: the local mirror failed \(rsync failed"
@@ -108,13 +109,13 @@ def test_a_full_mirror_drive_still_completes_the_deep_archive_backup(sandbox, ti
 def test_a_missing_mirror_drive_still_completes_the_deep_archive_backup(sandbox):
     tree = sandbox.sample()
     missing = "/proc/no-such-drive/backup"               # cannot be created, even by root
-    result = sandbox.backup({7: "False", 14: missing})
+    result = sandbox.backup({"send_email": "False", "mirror_root": missing})
     assert result.returncode == 1, result.stdout + result.stderr
     assert (f"{tree.first_mount}: the local mirror failed (rsync failed: the mirror "
             f"directory {missing}{tree.first_mount} cannot be created") in result.stdout
     assert len([o for o in sandbox.objects() if "_yes_" in o["Key"]]) == 2
     # That night's backup counts: the next one builds on it.
-    again = sandbox.backup({7: "False"})
+    again = sandbox.backup({"send_email": "False"})
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Backup scope: incremental" in again.stdout
 
@@ -124,7 +125,7 @@ def test_a_child_that_fails_is_named_with_its_real_exit_code(sandbox, tmp_path):
     broken = tmp_path / "broken-python"
     broken.write_text("#!/bin/sh\nexit 7\n")
     broken.chmod(0o755)
-    result = sandbox.backup({3: str(broken), 7: "False"})
+    result = sandbox.backup({"python": str(broken), "send_email": "False"})
     assert result.returncode == 1
     assert ("Critical error. The child pass (aam_auto_backup.py) execution failure Aborting "
             "regular-backup operation. (exit code 7)") in result.stdout

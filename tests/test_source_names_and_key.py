@@ -49,7 +49,7 @@ def test_colliding_source_names_stop_before_any_upload(sandbox, proxy, colliding
 def test_a_short_key_is_warned_about_and_never_shown(sandbox):
     sandbox.sample()
     short = "Sh0rt-key-42!"                                   # 13 characters
-    result = sandbox.backup({16: short})
+    result = sandbox.backup({"key": short})
     assert result.returncode == 0, result.stdout + result.stderr
     warning = "WARNING: the archive key (argument 16) is shorter than 20 characters."
     log = open(sandbox.log_files()[-1], encoding="utf-8").read()
@@ -62,6 +62,6 @@ def test_a_short_key_is_warned_about_and_never_shown(sandbox):
 
 def test_a_key_of_20_characters_gets_no_warning(sandbox):
     sandbox.sample()
-    result = sandbox.backup({7: "False", 16: "twenty-characters-ok"})
+    result = sandbox.backup({"send_email": "False", "key": "twenty-characters-ok"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING: the archive key" not in result.stdout

@@ -2309,9 +2309,9 @@ def mirror_extras(view_root, target, plan, platform, keep, start_ts):
     mirror while the source has it (an rsync that ignores a filter rule, a
     Robocopy /xd that misses).  When the mirror drops what the source lost (keep
     False), anything the selection does not hold is an extra too, unless it was
-    copied during this run (the source lost it meanwhile: the seed's rule for
-    missing files, the other way round).  A directory that should not be there
-    is reported once, not file by file.
+    copied during this run (the source lost it meanwhile: the leniency shown to
+    files missing from the mirror, the other way round).  A directory that should
+    not be there is reported once, not file by file.
     """
     selector, sep, extras = Selector(plan, platform), platform.sep, []
     listed = {platform.comparable(rel) for rel in plan.listed}

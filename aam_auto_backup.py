@@ -206,6 +206,8 @@ class PosixPlatform:
     script_name = "backup_script.sh"
     mirror_tool = "rsync"
     script_kind = "backup script"
+    child_runner = "The child pass (aam_auto_backup.py)"   # named by critical errors
+    mirror_error_re = re.compile(r"rsync( error)?: ")        # rsync's own error lines
 
     # -- paths ---------------------------------------------------------------
     def default_temp_root(self):
@@ -327,9 +329,11 @@ class PosixPlatform:
     def marker(self, kind):
         """The line the generated script prints when 'script', 'mirror' or 'archive'
         succeeded; the parent checks for exactly these lines (seed step 5.4.2)."""
-        tool = {"script": self.script_kind, "mirror": self.mirror_tool,
+        return f"{MARK_PREFIX}{self.tool_name(kind)} execution success."
+
+    def tool_name(self, kind):
+        return {"script": self.script_kind, "mirror": self.mirror_tool,
                 "archive": "7-Zip"}[kind]
-        return f"{MARK_PREFIX}{tool} execution success."
 
     def quote(self, text):
         return shlex.quote(text)
@@ -417,6 +421,8 @@ class WindowsPlatform(PosixPlatform):
     mirror_tool = "Robocopy"
     script_kind = "backup batch file"
     shadow_spawn_name = "ShadowSpawn.exe"
+    child_runner = shadow_spawn_name
+    mirror_error_re = re.compile(r".*\bERROR \d+ \(0x[0-9A-Fa-f]+\)")   # Robocopy's
     # The seed's machine (US English): the console code page when none can be read.
     fallback_code_page = 437
     # MAX_PATH (260) minus the 12 characters CreateDirectory keeps for a file name.
@@ -995,6 +1001,9 @@ CHILD_AGENT = "ShadowSpawn"
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 LOCATION_RE = re.compile(r"^[^\W_][\w.-]*$")
 KEY_RE = re.compile(r"^[\x20-\x7e]{1,99}$")
+# ZIP AES derives its key with only 1,000 rounds of PBKDF2-SHA1: a shorter key falls to
+# offline guessing by anyone who obtains a volume (a warning, not an error).
+STRONG_KEY_LENGTH = 20
 KEY_RULE = ("must be 1 to 99 printable ASCII characters (7-Zip's limit for ZIP AES "
             "passwords)")
 
@@ -1780,6 +1789,26 @@ def plan_backup(instructions, platform, extra_excluded=()):
     return BackupPlan(sources, notes, covered)
 
 
+def colliding_sources(plan, platform):
+    """An InstructionError naming two mounts that share one S3 source name, or None.
+
+    Object names hold a mount only as its source name ('/' and ':' become '-'),
+    which cannot tell /data-x/b-c from /data-x-b/c: both sets would share one name
+    and a restore would give one directory's files as the other's.
+    """
+    seen = {}
+    for source in plan.sources:
+        name = platform.source_name(source.mount)
+        if name in seen:
+            return InstructionError(
+                f"The directories {seen[name]} and {source.mount} would share the S3 name "
+                f"{name}, so a restore could not tell their backups apart; nothing was "
+                "backed up. List one of them through its parent directory instead "
+                "(excluding what else it holds), so that it gets a name of its own.")
+        seen[name] = source.mount
+    return None
+
+
 def _original_case(mount, paths, platform):
     """The mount as the user wrote it (mounts are computed on comparable paths)."""
     for path in paths:
@@ -2455,11 +2484,63 @@ def aws_session(access_key_id, secret_access_key):
 
 
 def aws_client(session, service, region):
-    """Every client gets an explicit region; the endpoint comes from AWS_ENDPOINT_URL."""
+    """Every client gets an explicit region; the endpoint comes from AWS_ENDPOINT_URL.
+
+    An S3 client never replaces an object (new_objects_only)."""
     from botocore.config import Config
     config = Config(retries={"mode": "standard", "max_attempts": 4},
                     connect_timeout=15, read_timeout=120)
-    return session.client(service, region_name=region, config=config)
+    client = session.client(service, region_name=region, config=config)
+    return new_objects_only(client) if service == "s3" else client
+
+
+def new_objects_only(s3):
+    """Make every PutObject and CompleteMultipartUpload of this client conditional.
+
+    With If-None-Match: * S3 writes only a name that does not exist yet (412
+    otherwise), so a backup can never destroy one.  The header is added as each
+    request is built: boto3's upload_file accepts no IfNoneMatch in ExtraArgs
+    (s3transfer 0.17) and would not pass one on to CompleteMultipartUpload.
+    """
+    def conditional(params, **_ignored):
+        params["IfNoneMatch"] = "*"
+    for operation in ("PutObject", "CompleteMultipartUpload"):
+        s3.meta.events.register(f"before-parameter-build.s3.{operation}", conditional)
+    return s3
+
+
+class WriteRefused(AamError):
+    """S3 refused to write an object: its name exists, or a policy denies the write."""
+
+
+@contextlib.contextmanager
+def refusal_named(bucket, key):
+    """Turn S3's refusal of a write (412, 403) into a WriteRefused naming the object.
+
+    The standard retry mode retries neither status, so a refusal is final at once.
+    """
+    try:
+        yield
+    except aws_errors() as problem:
+        # upload_file wraps the ClientError in S3UploadFailedError (raised while handling it)
+        cause = problem if hasattr(problem, "response") else problem.__context__
+        response = getattr(cause, "response", None) or {}
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        where = f"s3://{bucket}/{key}"
+        if status == 412:
+            raise WriteRefused(f"{where} already exists; this program never replaces an "
+                               "object, so it was not written (HTTP 412)") from problem
+        if status == 403:
+            raise WriteRefused(f"S3 refused to write {where} (HTTP 403 "
+                               f"{response.get('Error', {}).get('Code', '')}): the keys "
+                               "may not write it, or the bucket policy denies it") from problem
+        raise
+
+
+def put_new_object(s3, bucket, key, body, **arguments):
+    """PutObject of a name that must not exist yet; a refusal names the object."""
+    with refusal_named(bucket, key):
+        s3.put_object(Bucket=bucket, Key=key, Body=body, **arguments)
 
 
 def aws_errors():
@@ -2471,6 +2552,8 @@ def aws_errors():
 
 def describe_aws_error(problem):
     """A one-line description of a boto3/botocore error, naming the refused action."""
+    if isinstance(problem, AamError):
+        return str(problem)
     response = getattr(problem, "response", None)
     if isinstance(response, dict) and "Error" in response:
         error = response["Error"]
@@ -2557,6 +2640,8 @@ WAITING_VOLUMES = 2       # finished volumes on disk awaiting upload before 7-Zi
 WORK_MARKER = ".aam_auto_backup_work"
 CHILD_KEY_VARIABLE = "AAM_CHILD_ENCRYPTION_KEY"
 MTIME_TOLERANCE = 2.0     # seconds: FAT/exFAT USB drives store times to 2 s
+SEVEN_ZIP_ERROR_RE = re.compile(r"ERROR: .|errno=\d+ : ")   # 7-Zip's own error lines
+MESSAGES_QUOTED = 3       # a failed tool's own messages quoted in the summary (all in the log)
 
 
 def child_say(text):
@@ -2702,12 +2787,13 @@ def rsync_rules(plan):
     return rules
 
 
-def validate_mirror(view_root, target, plan, platform, start):
+def validate_mirror(view_root, target, plan, platform, start, keep):
     """Seed rule (bug 7): compare the mirror with the source after the copy.
 
     A missing file or a differing modification time is a failure only for a
     file that was last changed before the backup started; sizes are compared
-    only then.
+    only then.  Then the other way round: what is in the mirror but should not
+    be (mirror_extras).
     """
     failures = []
     start_ts = start.timestamp()
@@ -2732,7 +2818,60 @@ def validate_mirror(view_root, target, plan, platform, start):
         elif st.st_mtime <= start_ts and copied.st_size != st.st_size:
             failures.append(f"{walked.path}: mismatching size (source {st.st_size}, "
                             f"mirror {copied.st_size})")
-    return failures
+    return failures + mirror_extras(view_root, target, plan, platform, keep, start_ts)
+
+
+def mirror_extras(view_root, target, plan, platform, keep, start_ts):
+    """Files and directories in the mirror that should not be there.
+
+    Whatever argument 15 says, nothing the instructions exclude may be in the
+    mirror while the source has it (an rsync that ignores a filter rule, a
+    Robocopy /xd that misses).  When the mirror drops what the source lost (keep
+    False), anything the selection does not hold is an extra too, unless it was
+    copied during this run (the source lost it meanwhile: the leniency shown to
+    files missing from the mirror, the other way round).  A directory that should
+    not be there is reported once, not file by file.
+    """
+    selector, sep, extras = Selector(plan, platform), platform.sep, []
+    listed = {platform.comparable(rel) for rel in plan.listed}
+    on_the_way = {platform.comparable(sep.join(rel.split(sep)[:depth]))
+                  for rel in plan.listed for depth in range(1, rel.count(sep) + 1)}
+    pending = [("", "" in listed)]
+    while pending:
+        rel_dir, inside = pending.pop()
+        for entry in _sorted_entries(target.rstrip(sep) + sep + rel_dir, platform):
+            rel = rel_dir + sep + entry.name if rel_dir else entry.name
+            is_dir = entry.is_dir(follow_symlinks=False)
+            key = platform.comparable(rel)
+            if is_dir and inside:
+                selected = not selector.dir_excluded(rel, entry.name)
+            elif is_dir:
+                selected = key in listed or key in on_the_way
+            else:
+                selected = inside and not selector.file_excluded(rel, entry.name)
+            in_source = os.path.lexists(platform.long_path(view_root.rstrip(sep) + sep + rel))
+            shown = rel + (sep if is_dir else "")
+            if not selected and in_source:
+                extras.append(f"{shown}: excluded by the instruction file, yet in the mirror "
+                              f"{target}; delete it there")
+            elif not keep and not in_source and platform.changed_time(
+                    entry.stat(follow_symlinks=False)) < start_ts:
+                extras.append(f"{shown}: in the mirror {target} but not in the source "
+                              f"(argument {BACKUP_ARGS.number('keep')} is False); delete it "
+                              "there")
+            elif is_dir and selected:
+                pending.append((rel, inside or key in listed))
+    return extras
+
+
+def _sorted_entries(path, platform):
+    """The entries of a mirror directory by name (none if it cannot be read: the
+    comparison with the source has reported what is missing)."""
+    try:
+        with os.scandir(platform.long_path(path)) as iterator:
+            return sorted(iterator, key=lambda entry: entry.name)
+    except OSError:
+        return []
 
 
 def _iso(timestamp):
@@ -2828,6 +2967,14 @@ def run_script(argv, env, on_line, platform, archive_dir=None):
         signal.signal(signal.SIGTERM, previous)
 
 
+def exit_codes(lines, status):
+    """The exit codes the child's output names ('rsync failed with exit code 11'), else
+    the child's own: a child that ran to its end exits 0 even when a tool failed."""
+    named = [line[len(MARK_PREFIX):].rstrip(".") for line in lines
+             if line.startswith(MARK_PREFIX) and " with exit code " in line]
+    return "; ".join(named) or f"exit code {status}"
+
+
 def run_child(child, platform, settings):
     """The ShadowSpawn-executed pass (seed V.1.3) for one mount directory.
 
@@ -2855,9 +3002,14 @@ def run_child(child, platform, settings):
     target = None
     if "local" in child.destinations:
         target = platform.mirror_directory(child.mirror_root, child.mount)
-        os.makedirs(platform.long_path(target), exist_ok=True)
-        commands.append(platform.mirror_commands(view_root, target, plan, child.keep,
-                                                 work_dir))
+        try:
+            os.makedirs(platform.long_path(target), exist_ok=True)
+            commands.append(platform.mirror_commands(view_root, target, plan, child.keep,
+                                                     work_dir))
+        except OSError as problem:      # a missing or read-only drive: the archive goes on
+            child_say(f"{MARK_PREFIX}{platform.mirror_tool} failed: the mirror directory "
+                      f"{target} cannot be created ({problem.strerror or problem}).")
+            target = None
     to_archive = "AWS" in child.destinations and (full or selected)
     archive_dir = os.path.join(work_dir, ARCHIVE_DIR)
     if to_archive:
@@ -2880,7 +3032,8 @@ def run_child(child, platform, settings):
 
     failures = list(walk.problems)
     if target is not None:
-        failures += validate_mirror(view_root, target, plan, platform, child.start)
+        failures += validate_mirror(view_root, target, plan, platform, child.start,
+                                    child.keep)
     for failure in failures[len(walk.problems):]:
         child_say(MARK_VALIDATION_FAILURE + failure)
     child_say(MARK_RESULT + json.dumps({"files": selected if to_archive else 0,
@@ -3169,9 +3322,10 @@ class VolumeUploader:
         self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
         progress = Progress(f"Uploading volume {key.rsplit('.', 1)[-1]}", size)
         try:
-            self.s3.upload_file(path, self.bucket, key, Config=self.config,
-                                Callback=progress.add,
-                                ExtraArgs={"StorageClass": DEEP_ARCHIVE})
+            with refusal_named(self.bucket, key):
+                self.s3.upload_file(path, self.bucket, key, Config=self.config,
+                                    Callback=progress.add,
+                                    ExtraArgs={"StorageClass": DEEP_ARCHIVE})
         finally:
             progress.close()
         self.records.append({"name": key, "size": size, "sha256": digest})
@@ -3351,8 +3505,7 @@ class SourceCatalogue:
         key = ObjectName(run.args.location, full, incremental, False, self.name,
                          catalogue=True).key
         with open(zip_path, "rb") as body:
-            s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/zip",
-                          IfNoneMatch="*")
+            put_new_object(s3, bucket, key, body, ContentType="application/zip")
         return {"name": key, "size": os.path.getsize(zip_path), "sha256": sha256_of(zip_path),
                 "kind": self.kind, "base": format_stamp(run.since) if self.base else None,
                 "entries": entries}
@@ -3418,6 +3571,12 @@ class BackupRun:
         self.log.line(f"{PROGRAM_NAME} {VERSION}, {args.operation}", terminal=False)
         for line in args.masked():
             self.log.line(line, terminal=False)
+        if self.aws_asked and len(args.key) < STRONG_KEY_LENGTH:
+            self.log.line(f"WARNING: the archive key (argument {BACKUP_ARGS.number('key')}) "
+                          f"is shorter than {STRONG_KEY_LENGTH} characters. ZIP's AES key "
+                          "derivation is weak (1,000 rounds of PBKDF2-SHA1), so anyone who "
+                          "obtains a volume can guess a short key offline: use "
+                          f"{STRONG_KEY_LENGTH} or more random characters (README, Security).")
         try:
             lock = self.acquire_lock()
         except (KeyboardInterrupt, Interrupted):
@@ -3458,7 +3617,7 @@ class BackupRun:
                                      f"{self.args.location}{format_stamp(self.start)}")
         self.remove_leftovers()
         plan, instruction_problem = self.read_plan()
-        if self.aws and plan is not None:
+        if self.aws and plan is not None and instruction_problem is None:
             self.query_s3(plan)
         self.log_plan(plan)
         if instruction_problem:
@@ -3546,7 +3705,7 @@ class BackupRun:
                     f"{self.args.instruction_file}: none of the directories to back up "
                     "exists (see the ignored directories above)")
             self.check_key_lengths(plan)
-            return plan, None
+            return plan, colliding_sources(plan, self.platform)
         except InstructionError as problem:
             return None, problem
 
@@ -3742,8 +3901,9 @@ class BackupRun:
                 watch.close()
         except OSError as problem:
             self.note_orphans(uploader)
-            return self.stop(SECTION_CHILD_ERROR, "Critical error. ShadowSpawn.exe execution "
-                             f"failure Aborting {args.operation} operation. ({problem})")
+            return self.stop(SECTION_CHILD_ERROR, f"Critical error. {platform.child_runner} "
+                             f"execution failure Aborting {args.operation} operation. "
+                             f"({problem})")
         try:
             self.log.append_output(output)
             with open(output, "rb") as handle:
@@ -3752,8 +3912,8 @@ class BackupRun:
                          if not raw.startswith(b"+ ")]
         except OSError:
             self.note_orphans(uploader)
-            return self.stop(SECTION_OUTPUT_READ_ERROR, "File I/O error. ShadowSpawn.exe "
-                             "command output file reading error.")
+            return self.stop(SECTION_OUTPUT_READ_ERROR, f"File I/O error. "
+                             f"{platform.child_runner} command output file reading error.")
         result = self.check_child_output(lines, status, "AWS" in destinations)
         if result is None:
             self.note_orphans(uploader)
@@ -3763,6 +3923,7 @@ class BackupRun:
             self.failures.append(f"{source.mount}: {result['failures']} validation or "
                                  "read failure(s); see the lines marked 'validation "
                                  "failure' in this log")
+        self.report_failed_parts(source, result["failed"], lines, uploader)
         if self.aws:
             return self.upload_source(source, name, catalogue, run_sources, uploader,
                                       reported_volume_count(lines))
@@ -3805,22 +3966,51 @@ class BackupRun:
                 raise
 
     def check_child_output(self, lines, status, archive_expected):
-        """The seed's marker checks, in order: script, mirror, archive (seed 5.4.2)."""
+        """The seed's marker checks, in order: script, mirror, archive (seed 5.4.2).
+
+        A child that did not run to its end stops the run (None).  Otherwise the
+        child's result, with "failed": the destinations whose tool failed, which
+        report_failed_parts reports while the other destination completes.
+        """
         messages = self.platform.missing_marker_messages()
         present = set(lines)
         required = ["script"] + (["mirror"] if self.local else [])
         if archive_expected and MARK_NOTHING_TO_ARCHIVE not in present:
             required.append("archive")
-        missing = [messages[k] for k in required if self.platform.marker(k) not in present]
+        missing = [k for k in required if self.platform.marker(k) not in present]
         results = [line[len(MARK_RESULT):] for line in lines if line.startswith(MARK_RESULT)]
-        if missing or status != 0 or not results:
+        if "script" in missing or status != 0 or not results:
             self.log.section(SECTION_CHILD_ERROR)
-            for message in missing:
-                self.log.line(f"ERROR: {message}")
-            return self.stop(SECTION_CHILD_ERROR, "Critical error. ShadowSpawn.exe execution "
-                             f"failure Aborting {self.args.operation} operation. "
-                             f"(exit code {status})", missing)
-        return json.loads(results[-1])
+            for kind in missing:
+                self.log.line(f"ERROR: {messages[kind]}")
+            return self.stop(SECTION_CHILD_ERROR, f"Critical error. {self.platform.child_runner}"
+                             f" execution failure Aborting {self.args.operation} operation. "
+                             f"({exit_codes(lines, status)})", [messages[k] for k in missing])
+        return dict(json.loads(results[-1]), failed=missing)
+
+    def report_failed_parts(self, source, failed, lines, uploader):
+        """A failed mirror or archive is a FAILURE with the tool's own messages; the
+        other destination goes on.  After a failed archive nothing more goes to S3 in
+        this run (no indicator, so the set is not used), as after a failed upload."""
+        if failed:
+            self.log.section(SECTION_CHILD_ERROR)
+        for kind in failed:
+            tool = self.platform.tool_name(kind)
+            own = self.platform.mirror_error_re if kind == "mirror" else SEVEN_ZIP_ERROR_RE
+            details = [line[len(MARK_PREFIX):].rstrip(".") for line in lines
+                       if line.startswith(f"{MARK_PREFIX}{tool} failed")]
+            details += [line for line in lines if own.match(line)][:MESSAGES_QUOTED]
+            reason = "; ".join(details) or f"no {tool} execution success message"
+            part = "local mirror" if kind == "mirror" else "archive for AWS S3"
+            message = f"{source.mount}: the {part} failed ({reason})"
+            if kind == "archive":
+                message += ("; no completion indicator was written and nothing more is "
+                            "uploaded in this run")
+                self.note_orphans(uploader)
+                self.aws = False
+                shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
+            self.log.line(f"ERROR: {message}")
+            self.failures.append(message)
 
     def stop(self, section, message, causes=()):
         """Log an error that ends the per-source loop; the run goes on to cleanup."""
@@ -3868,8 +4058,8 @@ class BackupRun:
             body = indicator_body(run_sources, name, source.mount, files, records, full,
                                   self.start, self.since, self.platform, described)
             checkpoint("before-indicator")
-            self.s3.put_object(Bucket=self.args.bucket, Key=indicator.key, Body=body,
-                               ContentType="application/json")
+            put_new_object(self.s3, self.args.bucket, indicator.key, body,
+                           ContentType="application/json")
             self.log.line(f"Uploaded the completion indicator {indicator.key} "
                           f"({files} files in {len(records)} volumes)")
             self.completed_sources += 1

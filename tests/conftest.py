@@ -238,6 +238,25 @@ def snapshot(root):
     return found
 
 
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MB filesystem, full after the first megabyte (a small USB drive, a full disk).
+
+    Mounting needs root; CI runs as root, where a mount that fails is an error.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MB tmpfs needs root (CI runs the suite as root)")
+    path = tmp_path / "tiny"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 def extract(archive_first_volume, destination, key=KEY):
     """Open a backup with plain 7-Zip and the key, as a user would."""
     result = subprocess.run(["7zz", "x", f"-p{key}", "-aoa", "-snl", f"-o{destination}",

@@ -7,6 +7,7 @@ restore code depends on it (IAM actions, Deep Archive restores, SES).
 import base64
 import hashlib
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import local_aws  # noqa: E402
+from aws_setup import bucket_policy  # noqa: E402
 from local_aws import (  # noqa: E402
     FaultProxy, LocalAws, backup_policy, classify, restore_policy)
 
@@ -307,6 +309,47 @@ def test_policy_for_another_bucket_grants_nothing(aws):
     with pytest.raises(ClientError) as excinfo:
         aws.client("s3", *other).put_object(Bucket=BUCKET, Key="x", Body=b"")
     assert error_code(excinfo) == "AccessDenied"
+
+
+# ---------------------------------------------------------------- conditional writes
+
+def complete_one_part(s3, key, **conditions):
+    upload_id = s3.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]
+    part = s3.upload_part(Bucket=BUCKET, Key=key, UploadId=upload_id,
+                          PartNumber=1, Body=b"part")
+    return s3.complete_multipart_upload(
+        Bucket=BUCKET, Key=key, UploadId=upload_id,
+        MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
+        **conditions)
+
+
+def test_if_none_match_refuses_an_existing_name_with_412(aws):
+    s3 = aws.client("s3")
+    s3.put_object(Bucket=BUCKET, Key="k", Body=b"first", IfNoneMatch="*")
+    complete_one_part(s3, "m", IfNoneMatch="*")
+    for write in (lambda: s3.put_object(Bucket=BUCKET, Key="k", Body=b"2",
+                                        IfNoneMatch="*"),
+                  lambda: complete_one_part(s3, "m", IfNoneMatch="*")):
+        with pytest.raises(ClientError) as excinfo:
+            write()
+        assert (http_status(excinfo), error_code(excinfo)) == (412, "PreconditionFailed")
+    assert s3.get_object(Bucket=BUCKET, Key="k")["Body"].read() == b"first"
+    assert s3.get_object(Bucket=BUCKET, Key="m")["Body"].read() == b"part"
+
+
+def test_the_overwrite_denying_bucket_policy_is_enforced(aws):
+    s3 = aws.client("s3")
+    s3.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps(bucket_policy(BUCKET)))
+    s3.put_object(Bucket=BUCKET, Key="new", Body=b"x", IfNoneMatch="*")
+    complete_one_part(s3, "new-multipart", IfNoneMatch="*")   # its parts need no header
+    for write in (lambda: s3.put_object(Bucket=BUCKET, Key="plain", Body=b"x"),
+                  lambda: complete_one_part(s3, "plain-multipart")):
+        with pytest.raises(ClientError) as excinfo:
+            write()
+        assert (http_status(excinfo), error_code(excinfo)) == (403, "AccessDenied")
+    s3.delete_object(Bucket=BUCKET, Key="new")                # deleting is not denied
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]) == [
+        "new-multipart"]
 
 
 # ---------------------------------------------------------------- restore

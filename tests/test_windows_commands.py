@@ -618,13 +618,20 @@ def log_text(run):
         return handle.read()
 
 
-@pytest.mark.parametrize("missing", [MARK_BATCH, MARK_ROBOCOPY, MARK_7ZIP])
-def test_each_missing_marker_stops_with_the_seeds_message(tmp_path, missing):
+def test_a_missing_batch_file_marker_stops_with_the_seeds_message(tmp_path):
+    run = backup_run(tmp_path)
+    assert run.check_child_output([MARK_ROBOCOPY, MARK_7ZIP, RESULT], 0, True) is None
+    assert run.failures == [SEED_MESSAGES[MARK_BATCH]]
+    assert "ERROR: " + SEED_MESSAGES[MARK_BATCH] in log_text(run)
+
+
+@pytest.mark.parametrize("missing, part", [(MARK_ROBOCOPY, "mirror"), (MARK_7ZIP, "archive")])
+def test_a_missing_robocopy_or_7zip_marker_is_that_part_failing(tmp_path, missing, part):
+    # The other destination of the source still completes (back_up_source, below).
     run = backup_run(tmp_path)
     lines = [m for m in (MARK_ROBOCOPY, MARK_7ZIP, MARK_BATCH) if m != missing] + [RESULT]
-    assert run.check_child_output(lines, 0, True) is None
-    assert run.failures == [SEED_MESSAGES[missing]]
-    assert "ERROR: " + SEED_MESSAGES[missing] in log_text(run)
+    assert run.check_child_output(lines, 0, True) == {"files": 3, "failures": 0,
+                                                      "failed": [part]}
 
 
 def test_markers_are_checked_in_the_seeds_order(tmp_path):
@@ -643,7 +650,7 @@ def test_markers_are_checked_in_the_seeds_order(tmp_path):
 def test_all_markers_present_give_the_childs_result(tmp_path):
     run = backup_run(tmp_path)
     assert run.check_child_output([MARK_ROBOCOPY, MARK_7ZIP, MARK_BATCH, RESULT], 0, True) == {
-        "files": 3, "failures": 0}
+        "files": 3, "failures": 0, "failed": []}
     assert run.failures == []
 
 
@@ -665,12 +672,15 @@ def test_the_parent_reads_a_cp437_output_file_and_checks_its_markers(tmp_path, m
     seen = []
     run.run_child_process = fake_shadowspawn_run(
         [m for m in (MARK_ROBOCOPY, MARK_7ZIP, MARK_BATCH) if m != missing], seen)
-    run.upload_source = lambda *args: True
+    uploads = []
+    run.upload_source = lambda *args: uploads.append(args[0]) or True
     source = aab.SourcePlan(mount="c:\\temp", listed=["test", "test2"],
                             excluded_dir_paths=[], excluded_file_paths=[], dir_patterns=[],
                             file_patterns=["~WRL*.tmp"])
     plan = aab.BackupPlan(sources=[source], notes=[], listed=[])
-    assert run.back_up_source(1, source, plan, ["c--temp"]) is (missing is None)
+    # Only a batch file that did not run to its end stops the run.
+    assert run.back_up_source(1, source, plan, ["c--temp"]) is (missing != MARK_BATCH)
+    assert uploads == ([] if missing in (MARK_BATCH, MARK_7ZIP) else [source])
     # As the golden line, with this run's work directory and force full "yes" (a full run).
     assert seen == [GOLDEN_SHADOWSPAWN_TEMP.replace(WORK, run.work_dir).replace(
         '"no" "full-backup"', '"yes" "full-backup"')]
@@ -679,4 +689,10 @@ def test_the_parent_reads_a_cp437_output_file_and_checks_its_markers(tmp_path, m
         assert handle.read() == "q:\\test\nq:\\test2\n\n\n\n~WRL*.tmp\n"
     text = log_text(run)
     assert "Datei \u00dcber \u00e4nderung" in text and "1234abcd1234abcd" not in text
-    assert run.failures == ([SEED_MESSAGES[missing]] if missing else [])
+    assert run.failures == {
+        None: [], MARK_BATCH: [SEED_MESSAGES[MARK_BATCH]],
+        MARK_ROBOCOPY: ["c:\\temp: the local mirror failed (no Robocopy execution success "
+                        "message)"],
+        MARK_7ZIP: ["c:\\temp: the archive for AWS S3 failed (no 7-Zip execution success "
+                    "message); no completion indicator was written and nothing more is "
+                    "uploaded in this run"]}[missing]

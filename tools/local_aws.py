@@ -23,6 +23,7 @@ Library use::
         ...
         print(proxy.counters())
         proxy.fail_after(3)          # 4th and later requests get HTTP 500
+        proxy.plant_first("PutObject", "_yes_")   # that key exists when it arrives
 
 IAM enforcement (moto only checks policies once it is switched on)::
 
@@ -66,6 +67,8 @@ from collections import Counter
 import boto3
 import botocore.session
 
+from aws_setup import backup_user_policy, restore_user_policy
+
 DEFAULT_REGION = "us-east-1"
 DUMMY_ACCESS_KEY = "testing"
 DUMMY_SECRET_KEY = "testing"
@@ -73,22 +76,36 @@ RESTORE_MODEL = "s3::keyrestore"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 
-# Runs moto's server with three fixes to moto 5.2.1.  (1) A freshly
+# Runs moto's server with four fixes to moto 5.2.1.  (1) A freshly
 # restored key reads as done (status None is "not in progress") until its
 # manual transition first fires, and the ticks firing it count earlier
 # look-ups of the key too: a first restore now starts IN_PROGRESS with a
 # fresh count.  (2) A repeated restore of an in-progress key gets 200; S3
 # answers 409 RestoreAlreadyInProgress.  (3) GET /moto-api/data.json fails
 # with HTTP 500 while a multipart upload has parts, because evaluating a
-# part's restore status looks up its (missing) bucket.  It also exits
-# when its parent dies, so a killed test run leaves no server behind.
+# part's restore status looks up its (missing) bucket.  (4) A bucket policy
+# is evaluated with the request's condition keys, as S3 does for its
+# conditional-write enforcement: s3:if-none-match, s3:if-match and
+# s3:ObjectCreationOperation, under the operators Null, Bool, StringEquals
+# and StringNotEquals (another operator fails the request with HTTP 500, so
+# a test cannot pass on a condition moto ignores); CreateMultipartUpload and
+# CompleteMultipartUpload count as s3:PutObject.  moto ignored every
+# condition, so such a policy denied each write; Principal is not compared.
+# It also exits when its parent dies, so a killed test run leaves no
+# server behind.
 SERVER_BOOTSTRAP = """
+import fnmatch
+import json
 import os
 import sys
 import threading
 import time
+from urllib.parse import parse_qs, urlparse
+from moto.iam.access_control import PermissionResult
 from moto.moto_api._internal.managed_state_model import ManagedState
-from moto.s3.models import FakeKey, S3Backend
+from moto.s3.exceptions import S3AccessDeniedError, S3ClientError
+from moto.s3.models import FakeBucket, FakeKey, S3Backend
+from moto.s3.responses import S3Response
 from moto.server import main
 from werkzeug.exceptions import HTTPException
 
@@ -133,6 +150,87 @@ def key_status(self):
 
 
 _key_status = FakeKey.status
+_request = threading.local()      # the object request being answered, if any
+_key_response = S3Response._key_response
+
+
+def object_request(method, query, headers):
+    # (IAM action, condition values) of an object request, or None.
+    values = {"s3:if-none-match": headers.get("If-None-Match"),
+              "s3:if-match": headers.get("If-Match")}
+    if method == "PUT" and "partNumber" in query:
+        return "s3:PutObject", dict(values, **{"s3:ObjectCreationOperation": "false"})
+    if method == "PUT" and (not query or "x-amz-copy-source" in headers):
+        return "s3:PutObject", dict(values, **{"s3:ObjectCreationOperation": "true"})
+    if method == "POST" and ("uploads" in query or "uploadId" in query):
+        creates = "uploadId" in query
+        return "s3:PutObject", dict(values, **{
+            "s3:ObjectCreationOperation": "true" if creates else "false"})
+    if method in ("GET", "HEAD"):
+        return "s3:GetObject", values
+    if method == "DELETE":
+        return ("s3:AbortMultipartUpload" if "uploadId" in query
+                else "s3:DeleteObject"), values
+    return None
+
+
+def condition_holds(operator, expected, value):
+    expected = [str(e) for e in (expected if isinstance(expected, list) else [expected])]
+    if operator == "Null":
+        return (value is None) == (expected[0].lower() == "true")
+    if operator == "Bool":
+        return value is not None and value.lower() in [e.lower() for e in expected]
+    if operator == "StringEquals":
+        return value in expected
+    if operator == "StringNotEquals":
+        return value not in expected
+    raise NotImplementedError(f"condition operator {operator} is not simulated")
+
+
+def statement_applies(statement, action, resource, values):
+    def matches(patterns, text):
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        return any(fnmatch.fnmatchcase(text, p) for p in patterns)
+    return (matches(statement.get("Action", []), action)
+            and matches(statement.get("Resource", []), resource)
+            and all(condition_holds(operator, expected, values.get(key))
+                    for operator, pairs in statement.get("Condition", {}).items()
+                    for key, expected in pairs.items()))
+
+
+def bucket_permission(self, action, resource):
+    if self.policy is None:
+        return PermissionResult.NEUTRAL
+    values = {}
+    if getattr(_request, "current", None):
+        action, values = _request.current
+    statements = json.loads(self.policy.decode()).get("Statement", [])
+    result = PermissionResult.NEUTRAL
+    for statement in [statements] if isinstance(statements, dict) else statements:
+        if statement_applies(statement, action, resource, values):
+            if statement.get("Effect") == "Deny":
+                return PermissionResult.DENIED
+            result = PermissionResult.PERMITTED
+    return result
+
+
+def key_response(self, request, full_url):
+    query = parse_qs(urlparse(full_url).query, keep_blank_values=True)
+    _request.current = object_request(request.method, query, request.headers)
+    try:
+        bucket_name = self.parse_bucket_name_from_url(request, full_url)
+        try:
+            bucket = self.backend.get_bucket(bucket_name)
+        except S3ClientError:
+            bucket = None
+        resource = f"arn:aws:s3:::{bucket_name}/{self.parse_key_name()}"
+        if bucket and bucket.get_permission("", resource) == PermissionResult.DENIED:
+            raise S3AccessDeniedError()      # with S3's XML body, not moto's bare 403
+        return _key_response(self, request, full_url)
+    finally:
+        _request.current = None
+
+
 def exit_with_parent(parent):
     while os.getppid() == parent:
         time.sleep(0.5)
@@ -142,6 +240,8 @@ def exit_with_parent(parent):
 FakeKey.status = property(key_status, _key_status.fset)
 FakeKey.restore = key_restore
 S3Backend.restore_object = backend_restore
+FakeBucket.get_permission = bucket_permission
+S3Response._key_response = key_response
 threading.Thread(target=exit_with_parent, args=(os.getppid(),),
                  daemon=True).start()
 main(sys.argv[1:])
@@ -206,38 +306,13 @@ def _dummy_aws_env(region):
 # ---------------------------------------------------------------- policies
 
 def backup_policy(bucket, allow_abort=True):
-    """Write-only policy for the backup user (no read, no delete).
-
-    moto (like AWS) maps AbortMultipartUpload to its own action, so a
-    backup that cleans up failed multipart uploads needs it too; it cannot
-    delete completed objects.
-    """
-    object_actions = ["s3:PutObject"]
-    if allow_abort:
-        object_actions.append("s3:AbortMultipartUpload")
-    return _policy(bucket, object_actions)
+    """README's write-only policy for the backup user (tools/aws_setup.py makes it)."""
+    return backup_user_policy(bucket, allow_abort)
 
 
 def restore_policy(bucket):
-    """Read/restore policy for the restore user (no write, no delete), plus the
-    e-mail report of a one-step restoration, as README's policy."""
-    return _policy(bucket, ["s3:GetObject", "s3:RestoreObject"])
-
-
-def _policy(bucket, object_actions):
-    """Object actions on the bucket's objects, listing the bucket, sending e-mail."""
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {"Effect": "Allow", "Action": object_actions,
-             "Resource": f"arn:aws:s3:::{bucket}/*"},
-            {"Effect": "Allow", "Action": ["s3:ListBucket"],
-             "Resource": f"arn:aws:s3:::{bucket}"},
-            {"Effect": "Allow",
-             "Action": ["ses:SendEmail", "ses:SendRawEmail"],
-             "Resource": "*"},
-        ],
-    }
+    """README's read/restore policy for the restore user (tools/aws_setup.py makes it)."""
+    return restore_user_policy(bucket)
 
 
 # ---------------------------------------------------------------- moto server
@@ -617,6 +692,7 @@ class FaultProxy:
         self._seen_since_fault = 0
         self._delay = 0.0
         self._delay_kinds = None
+        self._plant = None
         self.reset_counters()
         self._server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", port), _make_handler(self))
@@ -682,6 +758,26 @@ class FaultProxy:
         with self._lock:
             self._delay = seconds
             self._delay_kinds = _service_set(kinds)
+
+    def plant_first(self, kind, key_contains, body=b"planted by FaultProxy"):
+        """Another writer gets there first: before forwarding the first request of
+        `kind` (e.g. "PutObject") whose object key contains key_contains, write
+        `body` under that key (the bucket and key of the request)."""
+        with self._lock:
+            self._plant = (kind, key_contains, body)
+
+    def _plant_before(self, kind, path):
+        with self._lock:
+            if self._plant is None or kind != self._plant[0]:
+                return
+            bucket, _, key = urllib.parse.unquote(
+                urllib.parse.urlsplit(path).path).lstrip("/").partition("/")
+            if self._plant[1] not in key:
+                return
+            body, self._plant = self._plant[2], None
+        upstream = f"http://{self.upstream_host}:{self.upstream_port}"
+        isolated_client("s3", upstream).put_object(Bucket=bucket, Key=key, Body=body,
+                                                   IfNoneMatch="*")
 
     def clear_faults(self):
         with self._lock:
@@ -820,6 +916,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             if status is not None:
                 self._answer_failure(kind, status)
             else:
+                self.proxy._plant_before(kind, self.path)
                 self._forward(kind)
         except (OSError, http.client.HTTPException):
             # Client or moto went away: drop the connection like S3 would.

@@ -1,0 +1,89 @@
+"""No object is ever replaced: every write carries If-None-Match: *, and a refused
+write is a FAILURE naming the object, never retried.
+
+Real parts: the moto server over HTTP (which honours If-None-Match and, through
+tools/local_aws.py, the overwrite-denying bucket policy), the CLI as a subprocess,
+real 7-Zip.
+"""
+
+import json
+import os
+import uuid
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+
+import aam_auto_backup as aam
+from aws_setup import bucket_policy
+from test_pipelined_upload import ListLog
+
+MIB = 1024 * 1024
+SMALL_PARTS = TransferConfig(multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB)
+
+
+def deny_overwrites(s3, bucket):
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(bucket_policy(bucket)))
+
+
+def body_of(s3, bucket, key):
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_a_backup_writes_every_object_under_the_overwrite_denying_policy(sandbox):
+    """The policy denies any write without the header: a run that succeeds sent it."""
+    sandbox.sample(picture_size=200_000)
+    deny_overwrites(sandbox.s3(), sandbox.bucket)
+    result = sandbox.backup(env=sandbox.env(AAM_VOLUME_SIZE="65536"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    keys = [item["Key"] for item in sandbox.objects()]
+    assert sum("_yes_" in k for k in keys) == 2 and sum("_no_" in k for k in keys) > 2
+
+
+@pytest.mark.parametrize("size, config", [(1000, None), (6 * MIB, SMALL_PARTS)],
+                         ids=["PutObject", "multipart"])
+def test_a_volume_is_never_written_over(aws, tmp_path, size, config):
+    bucket = f"no-overwrite-{uuid.uuid4().hex[:12]}"
+    aws.create_bucket(bucket)
+    s3 = aws.client("s3")
+    deny_overwrites(s3, bucket)
+    s3.put_object(Bucket=bucket, Key="vol.001", Body=b"the first backup", IfNoneMatch="*")
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    (archives / "backup.zip.001").write_bytes(os.urandom(size))
+    uploader = aam.VolumeUploader(aam.new_objects_only(aws.client("s3")), bucket,
+                                  str(archives), lambda n: f"vol.{n:03d}", ListLog())
+    uploader.config = config or uploader.config
+    with pytest.raises(aam.WriteRefused) as refused:
+        uploader.finish(1)
+    assert str(refused.value) == (f"s3://{bucket}/vol.001 already exists; this program "
+                                  "never replaces an object, so it was not written (HTTP 412)")
+    assert body_of(s3, bucket, "vol.001") == b"the first backup"
+    assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)   # aborted, not kept
+
+
+def test_an_indicator_is_never_written_over(aws):
+    bucket = f"no-overwrite-{uuid.uuid4().hex[:12]}"
+    aws.create_bucket(bucket)
+    s3 = aws.client("s3")
+    key = "pc_20260101_000000.000000_0_0.0_yes_-home-ann"
+    aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"{}")
+    with pytest.raises(aam.WriteRefused) as refused:
+        aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"forged")
+    assert f"s3://{bucket}/{key} already exists" in str(refused.value)
+    assert body_of(s3, bucket, key) == b"{}"
+
+
+@pytest.mark.parametrize("kind, marker", [("volume", "_no_"), ("indicator", "_yes_")])
+def test_a_run_that_meets_an_existing_name_fails_clearly(sandbox, proxy, kind, marker):
+    sandbox.sample()
+    proxy.plant_first("PutObject", marker, b"was here first")
+    result = sandbox.backup(env=sandbox.env(AWS_ENDPOINT_URL=proxy.endpoint_url))
+    assert result.returncode == 1, result.stdout + result.stderr
+    (planted,) = [o["Key"] for o in sandbox.objects() if marker in o["Key"]
+                  and body_of(sandbox.s3(), sandbox.bucket, o["Key"]) == b"was here first"]
+    assert (f"s3://{sandbox.bucket}/{planted} already exists; this program never replaces "
+            "an object, so it was not written (HTTP 412)") in result.stdout
+    assert "no completion indicator was written" in result.stdout
+    # Each object was asked for once: the refused write was not retried.
+    assert proxy.counters()["by_kind"]["PutObject"] == len(sandbox.objects())
+    assert sandbox.emails()[-1]["subject"].startswith("FAILURE, ")

@@ -30,6 +30,7 @@ import datetime as dt
 import email.utils
 import enum
 import hashlib
+import io
 import json
 import ntpath
 import os
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zipfile
 
 VERSION = "1.0.0"
 PROGRAM_NAME = "AAM Auto Backup"
@@ -195,6 +197,8 @@ class PosixPlatform:
     # List files hold file names as raw bytes (names need not be valid UTF-8).
     list_charset_switch = "-scsWIN"
     invalid_name_chars = ""
+    # Whether a restore must check each name with cannot_create.
+    refuses_names = False
     script_name = "backup_script.sh"
     mirror_tool = "rsync"
     script_kind = "backup script"
@@ -369,6 +373,15 @@ class PosixPlatform:
     def list_file_line(self, relative_path, is_dir):
         return relative_path + ("/" if is_dir else "")
 
+    # -- restore -------------------------------------------------------------
+    def cannot_create(self, relative_path):
+        """Why a path a backup holds cannot be created here (None: it can).
+
+        Linux and macOS create any name the backups hold: they came from POSIX
+        file systems or from Windows, whose names are a subset.
+        """
+        return None
+
 
 class WindowsPlatform(PosixPlatform):
     """Windows, faithful to the seed: ShadowSpawn (VSS), Robocopy, 7z.exe.
@@ -384,6 +397,7 @@ class WindowsPlatform(PosixPlatform):
     case_insensitive = True
     list_charset_switch = "-scsUTF-8"
     invalid_name_chars = '<>:"|'
+    refuses_names = True
     script_name = "AAM_Auto_Backup_shadow_copy.bat"
     mirror_tool = "Robocopy"
     script_kind = "backup batch file"
@@ -394,6 +408,9 @@ class WindowsPlatform(PosixPlatform):
     long_path_threshold = 248
     # cmd.exe's longest command line; a longer batch-file line does not run.
     cmd_line_limit = 8191
+    # Device names Windows reserves in every directory, with any extension.
+    reserved_names = frozenset(["CON", "PRN", "AUX", "NUL"] +
+                               [f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10)])
     # Robocopy exit codes below 8 are success (files copied, extras, mismatches).
     robocopy_failure_code = 8
     # Robocopy's defaults (1,000,000 retries, 30 s apart) would hold the lock for
@@ -501,6 +518,25 @@ class WindowsPlatform(PosixPlatform):
     def list_file_line(self, relative_path, is_dir):
         # 7-Zip list files name directories with a trailing '\' (seed TEST 1 and 2).
         return relative_path + ("\\" if is_dir else "")
+
+    def cannot_create(self, relative_path):
+        """Why Windows cannot create this path from a backup made on Linux or macOS.
+
+        Windows names cannot hold control characters or <>:"|?*, cannot end with
+        a dot or a space, and cannot be a device name (CON, aux.txt, ...); 7-Zip
+        would write such a name changed (a:b.txt as a_b.txt), over another file
+        of that name.
+        """
+        for name in relative_path.split(self.sep):
+            bad = sorted({c for c in name if c in self.invalid_name_chars + "?*"
+                          or ord(c) < 32})
+            if bad:
+                return f"a Windows name cannot hold {''.join(bad)!r}"
+            if name[-1:] in (".", " "):
+                return "a Windows name cannot end with a dot or a space"
+            if name.split(".")[0].rstrip(" ").upper() in self.reserved_names:
+                return f"{name.split('.')[0]} is a device name on Windows"
+        return None
 
     def view_path(self, view_root, relative):
         """A path on the shadow drive: 'q:\\' + 'documents\\folder2'."""
@@ -3570,8 +3606,12 @@ def write_restore_map(destination, bucket, restore_set, state):
         f"# status: {status}",
         "# number<TAB>original directory<TAB>state",
     ]
+    left_out = state.data.get("not_restorable", {})
     for number, _source, path in restore_set.sources:
         done = "restored" if state.is_done(number) else "not restored yet"
+        if str(number) in left_out:
+            done += (f" except {left_out[str(number)]} name(s) this computer cannot create "
+                     "(NOT RESTORED in the log)")
         lines.append(f"{number}\t{path}\t{done}")
     _write_private_text(os.path.join(destination, RESTORE_MAP_FILE), "\n".join(lines) + "\n")
 
@@ -3721,6 +3761,84 @@ def restore_absolute_links(root):
                 if target.startswith(prefix):
                     os.remove(path)
                     os.symlink("/" + target[len(prefix):], path)
+
+
+# -- names this computer cannot create ---------------------------------------------
+
+class VolumeChain(io.RawIOBase):
+    """The volumes of a split archive read as one file (they are a plain byte split)."""
+
+    def __init__(self, paths):
+        super().__init__()
+        self.parts = [(path, os.path.getsize(path)) for path in paths]
+        self.position = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position,
+                io.SEEK_END: sum(size for _path, size in self.parts)}[whence]
+        self.position = base + offset
+        return self.position
+
+    def readinto(self, buffer):
+        start = self.position
+        for path, size in self.parts:
+            if start < size:
+                with open(path, "rb") as handle:
+                    handle.seek(start)
+                    data = handle.read(min(len(buffer), size - start))
+                buffer[:len(data)] = data
+                self.position += len(data)
+                return len(data)
+            start -= size
+        return 0
+
+
+def archive_entries(volume_paths, sep):
+    """[(relative path, is directory)] of an archive, from the ZIP central directory
+    (not encrypted, so no key is needed; names exactly as stored)."""
+    with zipfile.ZipFile(io.BufferedReader(VolumeChain(volume_paths))) as archive:
+        return [(info.filename.rstrip("/").replace("/", sep), info.is_dir())
+                for info in archive.infolist()]
+
+
+def names_to_skip(entries, platform, seen):
+    """{path: reason} for entries this computer cannot create.
+
+    seen maps each path restored so far for this source (case-folded where the
+    file system ignores case) to its spelling: of two names that differ only in
+    case, the later one would overwrite the earlier one.
+    """
+    skipped = {}
+    for path, _is_dir in entries:
+        reason = platform.cannot_create(path)
+        key = platform.comparable(path)
+        if reason is None and seen.setdefault(key, path) != path:
+            reason = f"differs only in letter case from {seen[key]}"
+        if reason:
+            skipped[path] = reason
+    return skipped
+
+
+def inclusion_list(entries, skipped, platform):
+    """7-Zip list-file lines naming exactly the other entries.
+
+    Files and empty directories only: a directory names its whole content for
+    7-Zip.  The names left hold no '*' or '?' (Windows refuses those), so no
+    line matches more than its own entry.
+    """
+    parents = {path.rsplit(platform.sep, 1)[0] for path, _is_dir in entries
+               if platform.sep in path}
+    return [list_file_entry(path, is_dir, platform) for path, is_dir in entries
+            if path not in skipped and not (is_dir and path in parents)]
 
 
 # -- one restoration --------------------------------------------------------------
@@ -3938,15 +4056,48 @@ class Restoration:
             if os.path.lexists(leftover):
                 shutil.rmtree(leftover)
         os.mkdir(staging)
+        seen, skipped = {}, 0
         for archive in self.set.archives_of(number):
             if archive.volumes:
                 self.out.line(f"Extracting {self.archive_name(archive)}")
-                self.seven_zip(["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}",
-                                "-aoa", "-y", "-snld20", "-bd", "-sccUTF-8"], archive)
+                skipped += self.extract_archive(archive, staging, seen)
         restore_absolute_links(staging)
         os.rename(staging, target)
+        if skipped:
+            self.state.data.setdefault("not_restorable", {})[str(number)] = skipped
         self.state.mark_done(number)
         write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+
+    def extract_archive(self, archive, staging, seen):
+        """7-Zip x of one archive; names this computer cannot create are left out and
+        each is named in the log (7-Zip would write them changed, over other files).
+        Returns how many were left out."""
+        argv = ["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}", "-aoa", "-y",
+                "-snld20", "-bd", "-sccUTF-8"]
+        platform, skipped = self.platform, {}
+        if platform.refuses_names:
+            entries = archive_entries([v.path for v in archive.volumes], platform.sep)
+            skipped = names_to_skip(entries, platform, seen)
+        if not skipped:
+            self.seven_zip(argv, archive)
+            return 0
+        original = dict((n, p) for n, _s, p in self.set.sources)[archive.number]
+        sep = "/" if original.startswith("/") else "\\"    # the backed-up computer's
+        for path, reason in sorted(skipped.items()):
+            line = f"NOT RESTORED ({reason}): {original.rstrip(sep)}{sep}{path}"
+            self.out.line(line.replace(platform.sep, sep))
+        wanted = inclusion_list(entries, skipped, platform)
+        if wanted:
+            list_file = os.path.join(self.downloads, "restore-inclusion-list.txt")
+            _write_private_text(list_file, "\n".join(wanted) + "\n")
+            # -ssc: Windows 7-Zip matches names ignoring case, which would take in
+            # the other spelling of a name that differs only in case.
+            self.seven_zip(argv + ["-ssc", "-scsUTF-8", "-i@" + list_file], archive)
+            os.remove(list_file)
+        for path, is_dir in entries:        # directories whose content was all left out
+            if is_dir and path not in skipped:
+                os.makedirs(platform.long_path(os.path.join(staging, path)), exist_ok=True)
+        return len(skipped)
 
     def extract(self):
         self.out.section(SECTION_EXTRACT)
@@ -3961,6 +4112,13 @@ class Restoration:
             self.out.line(f"Restored {path} into {os.path.join(self.destination, str(number))}")
         self.out.line(f"Map of the numbered directories: "
                       f"{os.path.join(self.destination, RESTORE_MAP_FILE)}")
+        left_out = sum(self.state.data.get("not_restorable", {}).values())
+        if left_out:
+            raise AamError(
+                f"{left_out} name(s) in the backup cannot be created on this computer and "
+                "were not restored (each is named above, NOT RESTORED); everything else "
+                f"is. The downloaded archives are kept in {self.downloads}: 7-Zip on Linux "
+                "or macOS extracts those names.")
 
     def remove_downloads(self):
         if os.path.isdir(self.downloads):

@@ -135,3 +135,162 @@ def test_a_linux_backup_restores_under_windows_as_on_linux_but_names_windows_ref
     assert os.listdir(destination / "downloads")
     restore_map = (destination / "restore-map.txt").read_text(encoding="utf-8")
     assert f"restored except {len(left_out) + 1} name(s)" in restore_map
+
+
+# -- the Windows child: ShadowSpawn stand-in, cmd.exe, 7z.exe ----------------------
+
+MOUNT_NAME = "Dokumente f\u00fcr Ann"        # '\u00fc' is 0x81 in code page 437
+SOURCE_FILES = {
+    "Documents/report.txt": b"quarterly report\n" * 40,
+    "Documents/R\u00e9sum\u00e9 na\u00efve \u20ac \u65e5\u672c.txt": "d\u00e9j\u00e0 vu\n".encode(),
+    "Documents/sub/deep/keep.txt": b"deep file\n",
+    "Documents/zero-bytes.txt": b"",
+    "Documents/big.bin": os.urandom(200_000),          # spans several 64 KiB volumes
+    "Pictures/2024/beach.jpg": os.urandom(30_000),
+}
+EXCLUDED_FILES = {
+    "Documents/~WRL1234.tmp": b"word temp file\n",
+    "Documents/-audio/song.mp3": b"excluded by the directory name -*\n",
+    "Documents/private/plan.txt": b"excluded by its full path\n",
+    "Pictures/2023/old.jpg": b"beside the listed directory\n",
+    "loose.txt": b"in the mount, outside the listed directories\n",
+}
+
+
+def windows_source(tmp_path, wine):
+    """S:\\Dokumente f\u00fcr Ann with the files above; the Windows instruction file."""
+    drive = tmp_path / "s-drive"
+    for rel, data in {**SOURCE_FILES, **EXCLUDED_FILES}.items():
+        path = drive / MOUNT_NAME / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (drive / MOUNT_NAME / "Documents" / "empty-dir").mkdir()
+    wine.map_drive("s", drive)
+    mount = f"S:\\{MOUNT_NAME}"
+    instructions = tmp_path / "instructions-windows.txt"
+    instructions.write_text("\r\n".join([
+        f"{mount}\\Documents\\", f"{mount}\\Pictures\\2024\\", "",
+        f"{mount}\\Documents\\private\\", "-*\\", "", "~WRL*.tmp", ""]), encoding="utf-8")
+    return mount, windows_path(instructions)
+
+
+def windows_backup_args(sandbox, wine, instructions, changes=None):
+    values = dict(enumerate(sandbox.backup_args(), 1))
+    values.update({3: wine.python_exe, 6: windows_path(sandbox.logs), 11: instructions,
+                   12: "q", 13: "AWS", 14: ""})
+    values.update(changes or {})
+    return [values[n] for n in range(1, 23)]
+
+
+def backup_log(sandbox):
+    return log_text(sandbox.logs, "regular-backup")
+
+
+def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
+        sandbox, wine, tmp_path):
+    mount, instructions = windows_source(tmp_path, wine)
+    env = windows_env(sandbox, AAM_VOLUME_SIZE="65536")
+
+    result = run_windows(wine, windows_backup_args(sandbox, wine, instructions), env)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = backup_log(sandbox)
+    # ShadowSpawn's own lines are in the console code page (437), the child's in
+    # UTF-8 (-X utf8, 7z.exe -sccUTF-8): both read right.
+    assert f"Shadowing {mount} at q:" in log
+    assert "+ Documents\\R\u00e9sum\u00e9 na\u00efve \u20ac \u65e5\u672c.txt" in log
+    assert "validation failure" not in log and "SUCCESS" in log
+    volumes = sorted(o["Key"] for o in sandbox.objects() if "_no_" in o["Key"])
+    assert len(volumes) > 3
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    paths = [sandbox.fetch_volume(key, str(downloads)) for key in volumes]
+    listing = subprocess.run(["7zz", "l", "-ba", "-slt", paths[0]], capture_output=True,
+                             text=True, check=True).stdout
+    stored = {line[7:] for line in listing.splitlines() if line.startswith("Path = ")}
+    expected = set(SOURCE_FILES) | {"Documents/empty-dir"}
+    ancestors = {rel.rsplit("/", n)[0] for rel in expected for n in range(1, rel.count("/") + 1)}
+    # exactly the selection, with (some of) the directories leading to it
+    assert expected <= stored <= expected | ancestors
+    extracted = tmp_path / "extracted"
+    assert subprocess.run(["7zz", "x", f"-p{KEY}", f"-o{extracted}", paths[0]],
+                          capture_output=True).returncode == 0
+    assert read_tree(extracted) == {**SOURCE_FILES, "Documents/empty-dir": None}
+    # The Linux program restores the Windows backup.
+    linux_destination = tmp_path / "linux-restore"
+    ok(sandbox.run(restore_args(sandbox, str(linux_destination), sandbox.logs),
+                   env=sandbox.env(AAM_RESTORE_POLL_SECONDS="1")))
+    assert read_tree(linux_destination / "1") == read_tree(extracted)
+    assert f"1\t{mount}\trestored" in (linux_destination / "restore-map.txt").read_text()
+
+
+# -- the locks: filelock's LockFileEx under Windows Python ---------------------------
+
+def start_windows(wine, args, env):
+    return subprocess.Popen(wine.python(wine.program, *args), env=wine.env(env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                            errors="replace")
+
+
+def read_until(process, text):
+    """The process's output up to the first line holding text."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}")
+
+
+def test_the_windows_lock_makes_a_second_backup_wait_for_the_first(sandbox, wine, tmp_path):
+    _mount, instructions = windows_source(tmp_path, wine)
+    gate = tmp_path / "snapshot-done"
+    first = start_windows(wine, windows_backup_args(sandbox, wine, instructions),
+                          windows_env(sandbox, SHADOWSPAWN_STAND_IN_GATE=windows_path(gate)))
+    try:
+        read_until(first, "Source 1 of 1")         # the first run holds the lock
+        refused = run_windows(wine, windows_backup_args(sandbox, wine, instructions),
+                              windows_env(sandbox))
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        assert "held the lock" in refused.stdout
+        second = start_windows(wine, windows_backup_args(sandbox, wine, instructions,
+                                                         {5: "600"}), windows_env(sandbox))
+        read_until(second, "Another backup is running")
+        gate.touch()
+        assert first.wait(timeout=300) == 0, first.stdout.read()
+        rest = second.stdout.read()
+        assert second.wait(timeout=300) == 0, rest
+    finally:
+        gate.touch()
+        for process in (first, locals().get("second")):
+            if process and process.poll() is None:
+                process.kill()
+    # The second run found the first one's complete full backup and built on it.
+    assert "Backup scope: incremental" in rest
+
+
+def test_the_windows_destination_lock_and_state_file(sandbox, wine, tmp_path):
+    sandbox.sample()
+    ok(sandbox.backup())
+    drive = tmp_path / "t-drive"
+    drive.mkdir()
+    wine.map_drive("t", drive)
+    args = restore_args(sandbox, "T:\\restored", windows_path(sandbox.logs))
+    sandbox.aws.set_restore_progression(10_000)      # the thaw stays in progress
+    first = start_windows(wine, args, windows_env(sandbox))
+    try:
+        read_until(first, "Next check in")
+        second = run_windows(wine, args, windows_env(sandbox))
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "Another restoration is running into T:\\restored" in second.stdout
+        first.kill()                          # a killed run leaves no lock behind
+        first.wait(timeout=60)
+    finally:
+        sandbox.aws.set_restore_immediate()
+        if first.poll() is None:
+            first.kill()
+    again = run_windows(wine, args, windows_env(sandbox))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Continuing the restoration started" in again.stdout
+    assert read_tree(drive / "restored" / "1") == sandbox.tree.expected[sandbox.tree.first_mount]

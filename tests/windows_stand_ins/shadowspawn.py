@@ -16,6 +16,9 @@ AAM Auto Backup relies on, and says so on its first output line:
   the drive letter and exits with the command's exit code;
 - its own lines are in the console (OEM) code page, like a console program's.
 
+For the lock tests, SHADOWSPAWN_STAND_IN_GATE names a file the stand-in waits
+for (up to 2 minutes) before it runs the command: a snapshot that takes long.
+
 tests/wine.py builds ShadowSpawn.exe from this file and distlib's launcher.
 """
 
@@ -24,6 +27,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from ctypes import wintypes
 
 # Wine's mount manager (include/ddk/mountmgr.h, IOCTL_MOUNTMGR_DEFINE_UNIX_DRIVE).
@@ -97,6 +101,12 @@ def main():
     if os.path.exists(letter + ":\\"):
         say(f"Drive {letter}: is in use")
         return 1
+    gate = os.environ.get("SHADOWSPAWN_STAND_IN_GATE")
+    if gate:
+        say(f"Waiting for {gate}")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.2)
     define_drive(letter, kernel32.wine_get_unix_file_name(source), DRIVE_FIXED)
     say(f"Shadowing {source} at {letter}:")
     try:

@@ -44,14 +44,32 @@ def run_windows(wine, args, env):
         result.stderr.decode("utf-8", "replace"))
 
 
+def start_windows(wine, args, env):
+    return subprocess.Popen(wine.python(wine.program, *args), env=wine.env(env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                            errors="replace")
+
+
+def read_until(process, text):
+    """The process's output up to the first line holding text."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}")
+
+
 def ok(result):
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
-def log_text(log_dir, operation):
-    (log,) = [n for n in os.listdir(log_dir) if n.endswith(f"_{operation}.log")]
-    return open(os.path.join(log_dir, log), encoding="utf-8").read()
+def log_text(log_dir, operation, which=0):
+    """The log of a run (the first one, by default), by the time in its name."""
+    logs = sorted(n for n in os.listdir(log_dir) if n.endswith(f"_{operation}.log"))
+    return open(os.path.join(log_dir, logs[which]), encoding="utf-8").read()
 
 
 # Names a Linux backup may hold that Windows cannot, with the reason the log gives.
@@ -97,23 +115,39 @@ def restored_by_number(destination):
     return {name: read_tree(os.path.join(destination, name)) for name in ("1", "2")}
 
 
-def test_a_linux_backup_restores_under_windows_as_on_linux_but_names_windows_refuses(
+def test_a_linux_backup_restores_under_windows_as_on_linux_but_names_windows_refuse(
         sandbox, wine, tmp_path):
     tree = linux_backup_with_windows_pitfalls(sandbox)
+    drive = tmp_path / "r-drive"
+    drive.mkdir()
+    wine.map_drive("r", drive)
+    windows_logs = tmp_path / "windows-logs"
+    args = restore_args(sandbox, "R:\\restored", windows_path(windows_logs))
+    # A first run holds the destination's lock while the thaw is in progress; a
+    # second is refused; killed, the first leaves no lock, and a third continues it.
+    sandbox.aws.set_restore_progression(10_000)
+    first = start_windows(wine, args, windows_env(sandbox))
+    try:
+        read_until(first, "Next check in")
+        second = run_windows(wine, args, windows_env(sandbox))
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "Another restoration is running into R:\\restored" in second.stdout
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+        sandbox.aws.set_restore_immediate()
+    for name in os.listdir(windows_logs):       # the third run's log, alone
+        os.remove(windows_logs / name)
+
+    result = run_windows(wine, args, windows_env(sandbox))
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Continuing the restoration started" in result.stdout
     linux_destination = tmp_path / "linux-restore"
     ok(sandbox.run(restore_args(sandbox, str(linux_destination), sandbox.logs),
                    env=sandbox.env(AAM_RESTORE_POLL_SECONDS="1")))
     linux = restored_by_number(linux_destination)
     assert len(linux["1"]) > len(IMPOSSIBLE_ON_WINDOWS) + len(NEIGHBOURS)
-    drive = tmp_path / "r-drive"
-    drive.mkdir()
-    wine.map_drive("r", drive)
-    windows_logs = tmp_path / "windows-logs"
-
-    result = run_windows(wine, restore_args(sandbox, "R:\\restored", windows_path(windows_logs)),
-                         windows_env(sandbox))
-
-    assert result.returncode == 1, result.stdout + result.stderr
     log = log_text(windows_logs, ONE_STEP)
     mount = tree.first_mount
     (kept,) = [rel for rel in CASE_PAIR
@@ -182,19 +216,35 @@ def windows_backup_args(sandbox, wine, instructions, changes=None):
     return [values[n] for n in range(1, 23)]
 
 
-def backup_log(sandbox):
-    return log_text(sandbox.logs, "regular-backup")
-
-
 def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
         sandbox, wine, tmp_path):
     mount, instructions = windows_source(tmp_path, wine)
+    gate = tmp_path / "snapshot-done"
+    args = windows_backup_args(sandbox, wine, instructions)
     env = windows_env(sandbox, AAM_VOLUME_SIZE="65536")
-
-    result = run_windows(wine, windows_backup_args(sandbox, wine, instructions), env)
-
-    assert result.returncode == 0, result.stdout + result.stderr
-    log = backup_log(sandbox)
+    first = start_windows(wine, args, dict(env, SHADOWSPAWN_STAND_IN_GATE=windows_path(gate)))
+    second = None
+    try:
+        # The lock: while the first run holds it (its snapshot is slow), a run that
+        # may not wait gives up and one that may waits, then builds on the first.
+        read_until(first, "Source 1 of 1")
+        refused = run_windows(wine, args, env)
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        assert "held the lock" in refused.stdout
+        second = start_windows(wine, windows_backup_args(sandbox, wine, instructions,
+                                                         {5: "600"}), env)
+        read_until(second, "Another backup is running")
+        gate.touch()
+        assert first.wait(timeout=300) == 0, first.stdout.read()
+        log = log_text(sandbox.logs, "regular-backup")
+        rest = second.stdout.read()
+        assert second.wait(timeout=300) == 0, rest
+        assert "Backup scope: incremental" in rest
+    finally:
+        gate.touch()
+        for process in (first, second):
+            if process and process.poll() is None:
+                process.kill()
     # ShadowSpawn's own lines are in the console code page (437), the child's in
     # UTF-8 (-X utf8, 7z.exe -sccUTF-8): both read right.
     assert f"Shadowing {mount} at q:" in log
@@ -222,75 +272,3 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
                    env=sandbox.env(AAM_RESTORE_POLL_SECONDS="1")))
     assert read_tree(linux_destination / "1") == read_tree(extracted)
     assert f"1\t{mount}\trestored" in (linux_destination / "restore-map.txt").read_text()
-
-
-# -- the locks: filelock's LockFileEx under Windows Python ---------------------------
-
-def start_windows(wine, args, env):
-    return subprocess.Popen(wine.python(wine.program, *args), env=wine.env(env),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, encoding="utf-8",
-                            errors="replace")
-
-
-def read_until(process, text):
-    """The process's output up to the first line holding text."""
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}")
-
-
-def test_the_windows_lock_makes_a_second_backup_wait_for_the_first(sandbox, wine, tmp_path):
-    _mount, instructions = windows_source(tmp_path, wine)
-    gate = tmp_path / "snapshot-done"
-    first = start_windows(wine, windows_backup_args(sandbox, wine, instructions),
-                          windows_env(sandbox, SHADOWSPAWN_STAND_IN_GATE=windows_path(gate)))
-    try:
-        read_until(first, "Source 1 of 1")         # the first run holds the lock
-        refused = run_windows(wine, windows_backup_args(sandbox, wine, instructions),
-                              windows_env(sandbox))
-        assert refused.returncode == 4, refused.stdout + refused.stderr
-        assert "held the lock" in refused.stdout
-        second = start_windows(wine, windows_backup_args(sandbox, wine, instructions,
-                                                         {5: "600"}), windows_env(sandbox))
-        read_until(second, "Another backup is running")
-        gate.touch()
-        assert first.wait(timeout=300) == 0, first.stdout.read()
-        rest = second.stdout.read()
-        assert second.wait(timeout=300) == 0, rest
-    finally:
-        gate.touch()
-        for process in (first, locals().get("second")):
-            if process and process.poll() is None:
-                process.kill()
-    # The second run found the first one's complete full backup and built on it.
-    assert "Backup scope: incremental" in rest
-
-
-def test_the_windows_destination_lock_and_state_file(sandbox, wine, tmp_path):
-    sandbox.sample()
-    ok(sandbox.backup())
-    drive = tmp_path / "t-drive"
-    drive.mkdir()
-    wine.map_drive("t", drive)
-    args = restore_args(sandbox, "T:\\restored", windows_path(sandbox.logs))
-    sandbox.aws.set_restore_progression(10_000)      # the thaw stays in progress
-    first = start_windows(wine, args, windows_env(sandbox))
-    try:
-        read_until(first, "Next check in")
-        second = run_windows(wine, args, windows_env(sandbox))
-        assert second.returncode == 1, second.stdout + second.stderr
-        assert "Another restoration is running into T:\\restored" in second.stdout
-        first.kill()                          # a killed run leaves no lock behind
-        first.wait(timeout=60)
-    finally:
-        sandbox.aws.set_restore_immediate()
-        if first.poll() is None:
-            first.kill()
-    again = run_windows(wine, args, windows_env(sandbox))
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "Continuing the restoration started" in again.stdout
-    assert read_tree(drive / "restored" / "1") == sandbox.tree.expected[sandbox.tree.first_mount]

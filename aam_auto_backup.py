@@ -3945,6 +3945,10 @@ class Restoration:
                       f"location {self.args.location} as of {describe_stamp(last)}, "
                       f"finished {self.state.finished}; nothing to do. To restore again, "
                       "use another destination directory.")
+        left_out = sum(self.state.data.get("not_restorable", {}).values())
+        if left_out:
+            self.out.line(f"Except {left_out} name(s) this computer cannot create: they are "
+                          "named NOT RESTORED in the log of the run that extracted them.")
         if os.path.isdir(self.downloads):
             self.out.line(f"The downloaded archives are kept in {self.downloads}; delete "
                           "them when you no longer need them.")

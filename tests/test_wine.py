@@ -10,23 +10,17 @@ README, "Windows under Wine", lists both.
 
 import os
 import subprocess
-import sys
 
-import pytest
-
-from conftest import ACCESS_KEY_ID, KEY, PROGRAM, SECRET, SENDER
+import aam_auto_backup as aab
+from conftest import KEY
 from sample_tree import read_tree
 from windows_under_wine import windows_path
 
-ONE_STEP = "one-step-aws-data-restoration"
+ONE_STEP = aab.ONE_STEP_RESTORE
 
 
-def restore_args(sandbox, destination, log_dir, changes=None):
-    values = {1: ONE_STEP, 2: log_dir, 3: "True", 4: "AAM Restore Report", 5: SENDER,
-              6: sandbox.recipient, 7: "2", 8: KEY, 9: sandbox.bucket, 10: sandbox.location,
-              11: ACCESS_KEY_ID, 12: SECRET, 13: destination}
-    values.update(changes or {})
-    return [values[n] for n in range(1, 14)]
+def restore_args(sandbox, destination, log_dir):
+    return sandbox.restore_args(ONE_STEP, destination, {"log_dir": log_dir})
 
 
 def windows_env(sandbox, **extra):
@@ -100,7 +94,8 @@ LONG = "Documents/" + "/".join(["a directory name of fifty characters, more or l
 
 def linux_backup_with_windows_pitfalls(sandbox):
     tree = sandbox.sample()
-    extra = dict(NEIGHBOURS, **{LONG: b"deep\n"}, **{CASE_PAIR[0]: b"upper", CASE_PAIR[1]: b"lower"})
+    extra = dict(NEIGHBOURS, **{LONG: b"deep\n", CASE_PAIR[0]: b"upper",
+                                CASE_PAIR[1]: b"lower"})
     extra.update({path: path.encode() for path in IMPOSSIBLE_ON_WINDOWS})
     for rel, data in extra.items():
         path = os.path.join(tree.first_mount, rel)
@@ -169,6 +164,8 @@ def test_a_linux_backup_restores_under_windows_as_on_linux_but_names_windows_ref
     assert os.listdir(destination / "downloads")
     restore_map = (destination / "restore-map.txt").read_text(encoding="utf-8")
     assert f"restored except {len(left_out) + 1} name(s)" in restore_map
+    again = run_windows(wine, args, windows_env(sandbox))
+    assert again.returncode == 0 and f"Except {len(left_out) + 1} name(s)" in again.stdout
 
 
 # -- the Windows child: ShadowSpawn stand-in, cmd.exe, 7z.exe ----------------------
@@ -176,7 +173,7 @@ def test_a_linux_backup_restores_under_windows_as_on_linux_but_names_windows_ref
 MOUNT_NAME = "Dokumente f\u00fcr Ann"        # '\u00fc' is 0x81 in code page 437
 SOURCE_FILES = {
     "Documents/report.txt": b"quarterly report\n" * 40,
-    "Documents/R\u00e9sum\u00e9 na\u00efve \u20ac \u65e5\u672c.txt": "d\u00e9j\u00e0 vu\n".encode(),
+    "Documents/R\u00e9sum\u00e9 na\u00efve \u20ac \u65e5\u672c.txt": b"d\xc3\xa9j\xc3\xa0 vu\n",
     "Documents/sub/deep/keep.txt": b"deep file\n",
     "Documents/zero-bytes.txt": b"",
     "Documents/big.bin": os.urandom(200_000),          # spans several 64 KiB volumes
@@ -209,11 +206,10 @@ def windows_source(tmp_path, wine):
 
 
 def windows_backup_args(sandbox, wine, instructions, changes=None):
-    values = dict(enumerate(sandbox.backup_args(), 1))
-    values.update({3: wine.python_exe, 6: windows_path(sandbox.logs), 11: instructions,
-                   12: "q", 13: "AWS", 14: ""})
-    values.update(changes or {})
-    return [values[n] for n in range(1, 23)]
+    return sandbox.backup_args(changes={
+        "python": wine.python_exe, "log_dir": windows_path(sandbox.logs),
+        "instruction_file": instructions, "destinations": "AWS", "mirror_root": "",
+        **(changes or {})})
 
 
 def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
@@ -232,11 +228,11 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
         assert refused.returncode == 4, refused.stdout + refused.stderr
         assert "held the lock" in refused.stdout
         second = start_windows(wine, windows_backup_args(sandbox, wine, instructions,
-                                                         {5: "600"}), env)
+                                                         {"lock_wait": "600"}), env)
         read_until(second, "Another backup is running")
         gate.touch()
         assert first.wait(timeout=300) == 0, first.stdout.read()
-        log = log_text(sandbox.logs, "regular-backup")
+        log = log_text(sandbox.logs, aab.REGULAR_BACKUP)
         rest = second.stdout.read()
         assert second.wait(timeout=300) == 0, rest
         assert "Backup scope: incremental" in rest

@@ -216,6 +216,7 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
         sandbox, wine, tmp_path):
     mount, instructions = windows_source(tmp_path, wine)
     gate = tmp_path / "snapshot-done"
+    added = tmp_path / "s-drive" / MOUNT_NAME / "Documents" / "ajout\u00e9 pendant.txt"
     args = windows_backup_args(sandbox, wine, instructions)
     env = windows_env(sandbox, AAM_VOLUME_SIZE="65536")
     first = start_windows(wine, args, dict(env, SHADOWSPAWN_STAND_IN_GATE=windows_path(gate)))
@@ -224,6 +225,7 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
         # The lock: while the first run holds it (its snapshot is slow), a run that
         # may not wait gives up and one that may waits, then builds on the first.
         read_until(first, "Source 1 of 1")
+        added.write_bytes(b"in the full backup and, changed since its start, the next one\n")
         refused = run_windows(wine, args, env)
         assert refused.returncode == 4, refused.stdout + refused.stderr
         assert "held the lock" in refused.stdout
@@ -236,6 +238,7 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
         rest = second.stdout.read()
         assert second.wait(timeout=300) == 0, rest
         assert "Backup scope: incremental" in rest
+        assert "(1 files in 1 volumes)" in log_text(sandbox.logs, aab.REGULAR_BACKUP, -1)
     finally:
         gate.touch()
         for process in (first, second):
@@ -246,7 +249,8 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
     assert f"Shadowing {mount} at q:" in log
     assert "+ Documents\\R\u00e9sum\u00e9 na\u00efve \u20ac \u65e5\u672c.txt" in log
     assert "validation failure" not in log and "SUCCESS" in log
-    volumes = sorted(o["Key"] for o in sandbox.objects() if "_no_" in o["Key"])
+    volumes = sorted(o["Key"] for o in sandbox.objects()
+                     if "_no_" in o["Key"] and "_0_0.0_" in o["Key"])      # the full's
     assert len(volumes) > 3
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -254,17 +258,19 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
     listing = subprocess.run(["7zz", "l", "-ba", "-slt", paths[0]], capture_output=True,
                              text=True, check=True).stdout
     stored = {line[7:] for line in listing.splitlines() if line.startswith("Path = ")}
-    expected = set(SOURCE_FILES) | {"Documents/empty-dir"}
+    expected = set(SOURCE_FILES) | {"Documents/empty-dir", "Documents/" + added.name}
     ancestors = {rel.rsplit("/", n)[0] for rel in expected for n in range(1, rel.count("/") + 1)}
     # exactly the selection, with (some of) the directories leading to it
     assert expected <= stored <= expected | ancestors
     extracted = tmp_path / "extracted"
     assert subprocess.run(["7zz", "x", f"-p{KEY}", f"-o{extracted}", paths[0]],
                           capture_output=True).returncode == 0
-    assert read_tree(extracted) == {**SOURCE_FILES, "Documents/empty-dir": None}
+    selection = {**SOURCE_FILES, "Documents/empty-dir": None,
+                 os.path.relpath(added, added.parents[1]): added.read_bytes()}
+    assert read_tree(extracted) == selection
     # The Linux program restores the Windows backup.
     linux_destination = tmp_path / "linux-restore"
     ok(sandbox.run(restore_args(sandbox, str(linux_destination), sandbox.logs),
                    env=sandbox.env(AAM_RESTORE_POLL_SECONDS="1")))
-    assert read_tree(linux_destination / "1") == read_tree(extracted)
+    assert read_tree(linux_destination / "1") == selection
     assert f"1\t{mount}\trestored" in (linux_destination / "restore-map.txt").read_text()

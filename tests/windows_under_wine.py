@@ -76,11 +76,12 @@ class Wine:
         subprocess.run(["wineserver", "-p"], env=self.env(), check=True)
         cmd_stand_in = os.path.join(root, "cmd-for-wine.exe")
         self.write_exe(cmd_stand_in, "cmd_for_wine.py")
-        # The first program starts Wine's services, which keep the standard handles
-        # they inherit: those must not be a test's pipes.
-        subprocess.run(self.argv("reg", "add", r"HKLM\System\CurrentControlSet\Control"
-                                 r"\Session Manager\Environment", "/v", "ComSpec", "/d",
-                                 windows_path(cmd_stand_in), "/f"),
+        # The child runs its batch file with %ComSpec%: the cmd.exe stand-in (its
+        # docstring says why).  This first program also starts Wine's services, which
+        # keep the standard handles they inherit: those must not be a test's pipes.
+        environment = r"HKLM\System\CurrentControlSet\Control\Session Manager\Environment"
+        subprocess.run(["wine", "reg", "add", environment, "/v", "ComSpec", "/d",
+                        windows_path(cmd_stand_in), "/f"],
                        env=self.env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, check=True, timeout=120)
 
@@ -109,21 +110,13 @@ class Wine:
             os.remove(link)
         os.symlink(os.path.abspath(directory), link)
 
-    def argv(self, *args):
-        return ["wine", *args]
-
     def python(self, *args):
         """argv of the Windows Python."""
-        return self.argv(self.python_exe, *args)
+        return ["wine", self.python_exe, *args]
 
     def run(self, argv, env=None, timeout=300, **popen):
         return subprocess.run(argv, env=self.env(env), capture_output=True,
                               stdin=subprocess.DEVNULL, timeout=timeout, **popen)
-
-    def check(self, argv):
-        result = self.run(self.argv(*argv))
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result
 
     def close(self):
         subprocess.run(["wineserver", "-k"], env=self.env(), capture_output=True)

@@ -35,12 +35,9 @@ def main():
         end = line.index('"', 1) + 1 if line.startswith('"') else line.find(" ")
         line = line[end:]
     switches, _, target = line.partition("/c ")
-    batch = target.strip()
-    if batch.startswith('""') and batch.endswith('""'):
-        batch = batch[2:-2]              # /s /c ""file"": the outer quotes go
-    if not batch.lower().endswith('.bat"') and not batch.lower().endswith(".bat"):
+    batch = target.strip().strip('"')       # /s /c ""file"": all the quotes go
+    if not batch.lower().endswith(".bat"):
         return subprocess.run(f'"{WINE_CMD}" {line}').returncode
-    batch = batch.strip('"')
     with open(batch, "rb") as handle:
         text = handle.read()
     for old, new in REWRITES:

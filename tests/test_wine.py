@@ -102,6 +102,19 @@ def write_files(root, files):
             handle.write(data)
 
 
+def test_which_names_windows_cannot_create():
+    """The rule itself, without Wine: what is refused, and look-alikes that are not."""
+    windows = aab.WindowsPlatform()
+    refused = ["a:b", "x\\what?", "star*", 'q"', "p|q", "<a>", "tab\there", "dot.",
+               "space ", "CON", "con", "aux.txt", "Nul.tar.gz", "COM1", "lpt9.log",
+               "ok\\CON\\inside.txt", "dir.\\file"]
+    allowed = ["console.txt", "CON_x", "COM10", "auxiliary", " leading space", "a.b",
+               "ok\\normal name.txt", "\u00fcml\u00e4ut \u65e5\u672c"]
+    assert [n for n in refused if windows.cannot_create(n) is None] == []
+    assert [n for n in allowed if windows.cannot_create(n) is not None] == []
+    assert aab.PosixPlatform().cannot_create("a:b\\CON.") is None
+
+
 def linux_backups_with_windows_pitfalls(sandbox):
     """A full backup and an incremental, made on Linux."""
     tree = sandbox.sample()

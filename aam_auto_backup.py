@@ -3586,6 +3586,14 @@ class RestoreState:
         self.data["finished"] = utc_now().isoformat()
         self.save()
 
+    @property
+    def left_out(self):
+        """{numbered directory (text): how many names it could not create here}."""
+        return self.data.get("not_restorable", {})
+
+    def note_left_out(self, number, count):
+        self.data.setdefault("not_restorable", {})[str(number)] = count
+
     def save(self):
         temporary = self.path + ".new"
         _write_private_text(temporary, json.dumps(self.data, indent=1) + "\n")
@@ -3606,7 +3614,7 @@ def write_restore_map(destination, bucket, restore_set, state):
         f"# status: {status}",
         "# number<TAB>original directory<TAB>state",
     ]
-    left_out = state.data.get("not_restorable", {})
+    left_out = state.left_out
     for number, _source, path in restore_set.sources:
         done = "restored" if state.is_done(number) else "not restored yet"
         if str(number) in left_out:
@@ -3945,7 +3953,7 @@ class Restoration:
                       f"location {self.args.location} as of {describe_stamp(last)}, "
                       f"finished {self.state.finished}; nothing to do. To restore again, "
                       "use another destination directory.")
-        left_out = sum(self.state.data.get("not_restorable", {}).values())
+        left_out = sum(self.state.left_out.values())
         if left_out:
             self.out.line(f"Except {left_out} name(s) this computer cannot create: they are "
                           "named NOT RESTORED in the log of the run that extracted them.")
@@ -4068,7 +4076,7 @@ class Restoration:
         restore_absolute_links(staging)
         os.rename(staging, target)
         if skipped:
-            self.state.data.setdefault("not_restorable", {})[str(number)] = skipped
+            self.state.note_left_out(number, skipped)
         self.state.mark_done(number)
         write_restore_map(self.destination, self.args.bucket, self.set, self.state)
 
@@ -4116,7 +4124,7 @@ class Restoration:
             self.out.line(f"Restored {path} into {os.path.join(self.destination, str(number))}")
         self.out.line(f"Map of the numbered directories: "
                       f"{os.path.join(self.destination, RESTORE_MAP_FILE)}")
-        left_out = sum(self.state.data.get("not_restorable", {}).values())
+        left_out = sum(self.state.left_out.values())
         if left_out:
             raise AamError(
                 f"{left_out} name(s) in the backup cannot be created on this computer and "

@@ -203,6 +203,8 @@ class PosixPlatform:
     # List files hold file names as raw bytes (names need not be valid UTF-8).
     list_charset_switch = "-scsWIN"
     invalid_name_chars = ""
+    # Whether a restore must check each name with cannot_create.
+    refuses_names = False
     script_name = "backup_script.sh"
     mirror_tool = "rsync"
     script_kind = "backup script"
@@ -402,6 +404,16 @@ class PosixPlatform:
     def list_file_line(self, relative_path, is_dir):
         return relative_path + ("/" if is_dir else "")
 
+    # -- restore -------------------------------------------------------------
+    def cannot_create(self, path):
+        """Why a path a backup holds ('/' between names) cannot be created here
+        (None: it can).
+
+        Linux and macOS create any name the backups hold: they came from POSIX
+        file systems or from Windows, whose names are a subset.
+        """
+        return None
+
 
 class WindowsPlatform(PosixPlatform):
     """Windows, faithful to the seed: ShadowSpawn (VSS), Robocopy, 7z.exe.
@@ -417,6 +429,7 @@ class WindowsPlatform(PosixPlatform):
     case_insensitive = True
     list_charset_switch = "-scsUTF-8"
     invalid_name_chars = '<>:"|'
+    refuses_names = True
     script_name = "AAM_Auto_Backup_shadow_copy.bat"
     mirror_tool = "Robocopy"
     script_kind = "backup batch file"
@@ -429,6 +442,9 @@ class WindowsPlatform(PosixPlatform):
     long_path_threshold = 248
     # cmd.exe's longest command line; a longer batch-file line does not run.
     cmd_line_limit = 8191
+    # Device names Windows reserves in every directory, with any extension.
+    reserved_names = frozenset(["CON", "PRN", "AUX", "NUL"] +
+                               [f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10)])
     # Robocopy exit codes below 8 are success (files copied, extras, mismatches).
     robocopy_failure_code = 8
     # Robocopy's defaults (1,000,000 retries, 30 s apart) would hold the lock for
@@ -568,6 +584,26 @@ class WindowsPlatform(PosixPlatform):
     def list_file_line(self, relative_path, is_dir):
         # 7-Zip list files name directories with a trailing '\' (seed TEST 1 and 2).
         return relative_path + ("\\" if is_dir else "")
+
+    def cannot_create(self, path):
+        """Why Windows cannot create this path ('/' between names) from a backup made on
+        Linux or macOS.
+
+        Windows names cannot hold control characters or <>:"|?*\\, cannot end with
+        a dot or a space, and cannot be a device name (CON, aux.txt, ...); 7-Zip
+        would write such a name changed (a:b.txt as a_b.txt), over another file
+        of that name.
+        """
+        for name in path.split("/"):
+            bad = sorted({c for c in name if c in self.invalid_name_chars + "?*\\"
+                          or ord(c) < 32})
+            if bad:
+                return f"a Windows name cannot hold {''.join(bad)!r}"
+            if name[-1:] in (".", " "):
+                return "a Windows name cannot end with a dot or a space"
+            if name.split(".")[0].rstrip(" ").upper() in self.reserved_names:
+                return f"{name.split('.')[0]} is a device name on Windows"
+        return None
 
     def view_path(self, view_root, relative):
         """A path on the shadow drive: 'q:\\' + 'documents\\folder2'."""
@@ -5024,13 +5060,15 @@ class SourceExtraction:
 
     When everything is restored, the full backup's archive is extracted whole
     straight into the staging directory (7-Zip's own speed).  Every other
-    archive (and every archive of a selective restore, opened with stand-ins
-    for the volumes not thawed) is extracted aside, and only the files whose
-    latest content it holds are moved in, so each file is extracted from one
-    archive and a path that changed type is what it was then.  Links and
-    directories come from the catalogue.  A last walk removes what the state
-    does not hold and checks what it does; what could not be given is listed
-    in <n>.not-restored.txt and the restore fails.
+    archive is extracted aside, and only the files whose latest content it
+    holds are moved in, so each file is extracted from one archive and a path
+    that changed type is what it was then.  A selective restore (whose archives
+    are opened with stand-ins for the volumes not thawed), and any restore on a
+    computer that refuses some names (7-Zip would write them changed, over
+    others), extracts exactly the names wanted.  Links and directories come
+    from the catalogue.  A last walk removes what the state does not hold and
+    checks what it does; what could not be given is named NOT RESTORED in the
+    log and listed in <n>.not-restored.txt, and the restore fails.
     """
 
     def __init__(self, restoration, number):
@@ -5040,7 +5078,7 @@ class SourceExtraction:
         self.staging = self.target + INCOMPLETE_SUFFIX
         self.scratch = os.path.join(restoration.downloads, EXTRACT_DIR)
         self.state_path = restoration.state_path(number)
-        self.problems = []
+        self.problems = read_refused(restoration.refused_path(number))   # (path, why)
         self.known_dirs = set()
 
     def entries(self, kinds=None):
@@ -5061,15 +5099,15 @@ class SourceExtraction:
             if os.path.lexists(leftover):
                 shutil.rmtree(leftover)
         os.mkdir(self.staging)
-        selective = bool(self.restoration.selection)
+        by_name = bool(self.restoration.selection) or self.platform.refuses_names
         for index, archive in enumerate(self.restoration.set.archives_of(self.number)):
             stamp = format_stamp(archive.backup)
             if (stamp, self.number) not in self.restoration.plan.chosen.volumes:
                 continue                          # holds nothing restored: not opened
-            if index == 0 and not selective:
+            if index == 0 and not by_name:
                 self.extract(archive, self.staging, None)
                 continue
-            names = (e.path for e in self.archive_files(stamp)) if selective else None
+            names = (e.path for e in self.archive_files(stamp)) if by_name else None
             self.extract(archive, self.scratch, names)
             self.move_in(stamp)
             shutil.rmtree(self.scratch)
@@ -5089,7 +5127,8 @@ class SourceExtraction:
         if names is not None:
             list_path = os.path.join(self.restoration.downloads, "extract_list.txt")
             unlisted = write_name_list(list_path, names, self.platform.sep)
-            argv += ["-spd", self.platform.list_charset_switch, "@" + list_path, "--"]
+            # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
+            argv += ["-spd", "-ssc", self.platform.list_charset_switch, "@" + list_path, "--"]
             argv += unlisted
         self.restoration.out.line(f"Extracting {self.restoration.archive_name(archive)}")
         self.restoration.seven_zip(argv, archive)
@@ -5138,8 +5177,8 @@ class SourceExtraction:
             try:
                 self.platform.make_link(entry.target, destination)
             except OSError as problem:
-                self.problems.append(f"{entry.path}: the symbolic link to {entry.target!r} "
-                                     f"cannot be made here ({problem.strerror or problem})")
+                self.problems.append((entry.path, f"the symbolic link to {entry.target!r} "
+                                      f"cannot be made here: {problem.strerror or problem}"))
 
     def reconcile(self):
         """Walk staging beside the state: remove what it does not hold, check the rest."""
@@ -5171,11 +5210,11 @@ class SourceExtraction:
             return False
         actual = entry_from_stat(path, st).kind
         if actual != wanted.kind:
-            self.problems.append(f"{path}: a {KIND_NAMES[actual]} where the backup has a "
-                                 f"{KIND_NAMES[wanted.kind]}")
+            self.problems.append((path, f"a {KIND_NAMES[actual]} where the backup has a "
+                                  f"{KIND_NAMES[wanted.kind]}"))
         elif wanted.kind == FILE and st.st_size != wanted.size:
-            self.problems.append(f"{path}: {st.st_size:,} bytes where the backup has "
-                                 f"{wanted.size:,}")
+            self.problems.append((path, f"{st.st_size:,} bytes where the backup has "
+                                  f"{wanted.size:,}"))
         return actual == DIRECTORY == wanted.kind
 
     def remove_if_unexpected_and_empty(self, path):
@@ -5186,10 +5225,10 @@ class SourceExtraction:
 
     def report_missing(self, entry):
         if entry.location == MISSING:
-            self.problems.append(f"{entry.path}: in no archive (it could not be read when "
-                                 "it was backed up)")
+            self.problems.append((entry.path, "no archive holds it: it could not be read "
+                                  "when it was backed up"))
         else:
-            self.problems.append(f"{entry.path}: not restored")
+            self.problems.append((entry.path, "7-Zip did not extract it"))
 
     def set_directory_times(self):
         for entry in self.entries((DIRECTORY,)):
@@ -5199,13 +5238,7 @@ class SourceExtraction:
                 os.utime(path, ns=(entry.mtime, entry.mtime))
 
     def write_problems(self):
-        path = os.path.join(self.restoration.destination, f"{self.number}{PROBLEMS_SUFFIX}")
-        if not self.problems:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            return
-        _write_private_text(path, "# AAM Auto Backup: what this restore could not give.\n"
-                            + "".join(escape_field(p) + "\n" for p in self.problems))
+        self.restoration.report_not_restored(self.number, self.problems)
 
 
 KIND_NAMES = {FILE: "file", DIRECTORY: "directory", LINK: "symbolic link"}
@@ -5229,6 +5262,15 @@ class Peekable:
             found, self.next = self.next, next(self.entries, None)
             return found
         return None
+
+
+def read_refused(path):
+    """[(path, reason)] from a refused-paths file (none when there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        return [(unescape_field(rel), reason) for rel, reason in
+                (line.rstrip("\n").split("\t", 1) for line in handle)]
 
 
 def sorted_listing(path):
@@ -5295,6 +5337,63 @@ def restore_absolute_links(root, platform):
                 if target.startswith(prefix):
                     os.remove(path)
                     os.symlink("/" + target[len(prefix):], path)
+
+
+# -- names this computer cannot create ---------------------------------------------
+
+class NameChecker:
+    """The paths of one source this computer cannot create, met in catalogue order.
+
+    A name the platform refuses, or one that differs only in letter case from a
+    name met before in the same directory where the file system ignores case (the
+    second would overwrite the first): each is refused with all that is under it.
+    """
+
+    def __init__(self, platform):
+        self.platform = platform
+        self.seen = {}          # directory -> {case-folded name: path met}, on the path
+        self.refused = []       # refused directories on the path
+
+    def refusal(self, path):
+        parent, _, name = path.rpartition("/")
+        for directory in [d for d in self.seen if d and not self.is_above(d, path)]:
+            del self.seen[directory]
+        self.refused = [d for d in self.refused if self.is_above(d, path)]
+        if self.refused:
+            return f"it is inside {self.refused[-1]}, which is not restored"
+        reason = self.platform.cannot_create(path)
+        spellings = self.seen.setdefault(parent, {})
+        folded = self.platform.comparable(name)
+        if reason is None and spellings.setdefault(folded, path) != path:
+            reason = f"differs only in letter case from {spellings[folded]}"
+        return reason
+
+    @staticmethod
+    def is_above(directory, path):
+        return path.startswith(directory + "/")
+
+    def refuse(self, path):
+        self.refused.append(path)
+
+
+def names_to_skip(names, platform, seen):
+    """{path: reason} for the names of an archive this computer cannot create
+    (archives without catalogues).
+
+    seen maps each path restored so far for this source (case-folded where the
+    file system ignores case) to its spelling: of two names that differ only in
+    case, the later one would overwrite the earlier one.
+    """
+    skipped = {}
+    for name in names:
+        path = name.rstrip("/")
+        reason = platform.cannot_create(path)
+        key = platform.comparable(path)
+        if reason is None and seen.setdefault(key, path) != path:
+            reason = f"differs only in letter case from {seen[key]}"
+        if reason:
+            skipped[path] = reason
+    return skipped
 
 
 # -- one restoration --------------------------------------------------------------
@@ -5445,12 +5544,47 @@ class Restoration:
                       f"location {self.args.location} as of {describe_stamp(last)}, "
                       f"finished {self.state.finished}; nothing to do. To restore again, "
                       "use another destination directory.")
+        left_out = self.not_restored_count()
+        if left_out:
+            self.out.line(f"Except {left_out} path(s) that could not be given: each is listed "
+                          f"in <number>{PROBLEMS_SUFFIX} in {self.destination}.")
         if os.path.isdir(self.downloads):
             self.out.line(f"The downloaded archives are kept in {self.downloads}; delete "
                           "them when you no longer need them.")
         return True
 
     # -- catalogues ------------------------------------------------------------------
+    def refused_path(self, number):
+        """The paths of source number this computer cannot create, and why."""
+        return os.path.join(self.downloads, RESTORE_STATES_DIR, f"{number}.refused.tsv")
+
+    def report_not_restored(self, number, problems):
+        """Name each path not given in the log, and list them in <n>.not-restored.txt."""
+        path = os.path.join(self.destination, f"{number}{PROBLEMS_SUFFIX}")
+        if not problems:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            return
+        original = dict((n, p) for n, _s, p in self.set.sources)[number]
+        sep = "\\" if re.match(r"^[A-Za-z]:", original) else "/"   # the backed-up computer's
+        lines = []
+        for rel, reason in problems:
+            full = original.rstrip(sep) + sep + rel.replace("/", sep)
+            self.out.line(f"NOT RESTORED ({reason}): {full}")
+            lines.append(f"{escape_field(full)}\t{reason}\n")
+        _write_private_text(path, "# AAM Auto Backup: what this restore could not give, "
+                            "and why.\n" + "".join(lines))
+
+    def not_restored_count(self):
+        count = 0
+        restore_set = self.set or self.state.restore_set(self.downloads)
+        for number, _source, _path in restore_set.sources:
+            path = os.path.join(self.destination, f"{number}{PROBLEMS_SUFFIX}")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8", errors="replace") as handle:
+                    count += sum(1 for line in handle if not line.startswith("#"))
+        return count
+
     def state_path(self, number, stamp=None):
         """The state of source number to restore; with a stamp, the files of it that
         the archive of that backup holds."""
@@ -5597,10 +5731,9 @@ class Restoration:
         self.out.section(SECTION_EXTRACT)
         self.verify_downloads()
         pending = [n for n, _s, _p in self.set.sources if not self.state.is_done(n)]
-        problems = 0
         if self.set.exact:
             for number in pending:
-                problems += len(SourceExtraction(self, number).run())
+                SourceExtraction(self, number).run()
                 self.finish_source(number)
         else:
             self.test_archives(pending)
@@ -5610,10 +5743,13 @@ class Restoration:
         self.state.mark_finished()
         write_restore_map(self.destination, self.args.bucket, self.set, self.state)
         self.report_extracted()
+        problems = self.not_restored_count()
         if problems:
             raise AamError(f"{problems} path(s) could not be restored as they were backed "
-                           f"up; each is listed in <number>{PROBLEMS_SUFFIX} in "
-                           f"{self.destination} (the rest is restored).")
+                           "up; each is named NOT RESTORED above and listed in "
+                           f"<number>{PROBLEMS_SUFFIX} in {self.destination} (the rest is "
+                           f"restored). The downloaded files stay in {self.downloads}: 7-Zip "
+                           "on another computer extracts a name this one cannot create.")
 
     def finish_source(self, number):
         self.state.mark_done(number)
@@ -5642,23 +5778,50 @@ class Restoration:
             if os.path.lexists(leftover):
                 shutil.rmtree(leftover)
         os.mkdir(staging)
+        seen, problems = {}, []
         for index, archive in enumerate(self.set.archives_of(number)):
             if not archive.volumes:
                 continue
+            names = archive_entry_names([v.path for v in archive.volumes],
+                                        archive.volumes[0].size)
             if index:
-                paths = [v.path for v in archive.volumes]
-                clear_conflicts(staging, archive_entry_names(paths, archive.volumes[0].size))
+                clear_conflicts(staging, names)
             self.out.line(f"Extracting {self.archive_name(archive)}")
-            self.seven_zip(["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}",
-                            "-aoa", "-y", "-snld20", "-bd", "-sccUTF-8"], archive)
+            problems += self.replay_archive(archive, staging, names, seen)
         restore_absolute_links(staging, self.platform)
+        self.report_not_restored(number, problems)
         os.rename(staging, target)
 
+    def replay_archive(self, archive, staging, names, seen):
+        """7-Zip x of one archive over the staging directory; the names this computer
+        cannot create are left out (7-Zip would write them changed, over other files).
+        Returns them, with the reason."""
+        argv = ["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}", "-aoa", "-y",
+                "-snld20", "-bd", "-sccUTF-8"]
+        skipped = names_to_skip(names, self.platform, seen) if self.platform.refuses_names \
+            else {}
+        if not skipped:
+            self.seven_zip(argv, archive)
+            return []
+        wanted = [n for n in names if n.rstrip("/") not in skipped]
+        list_path = os.path.join(self.downloads, "extract_list.txt")
+        unlisted = write_name_list(list_path, wanted, self.platform.sep)
+        # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
+        self.seven_zip(argv + ["-spd", "-ssc", self.platform.list_charset_switch,
+                               "@" + list_path, "--"] + unlisted, archive)
+        for name in wanted:                 # directories whose content was all left out
+            if name.endswith("/"):
+                os.makedirs(self.platform.long_path(
+                    os.path.join(staging, name.rstrip("/").replace("/", os.sep))),
+                    exist_ok=True)
+        return sorted(skipped.items())
+
     def remove_downloads(self):
-        if self.selection:
+        if self.selection or self.not_restored_count():
             self.out.line(f"The downloaded archives stay in {self.downloads}, so that a "
-                          "restore of more of this set into this destination does not "
-                          "download them again; delete them when you no longer need them.")
+                          "restore of more of this set does not download them again and "
+                          "what could not be given here can be extracted elsewhere; delete "
+                          "them when you no longer need them.")
         elif os.path.isdir(self.downloads):
             shutil.rmtree(self.downloads)
             self.out.line(f"Removed the downloaded archives ({self.downloads}).")
@@ -5683,10 +5846,14 @@ def make_plan(restoration):
         header = {"kind": LISTING, "source_path": path, "selection": selection.items}
         writer = StateWriter(restoration, number, header)
         parents = OpenDirectories()
+        names = NameChecker(restoration.platform) if restoration.platform.refuses_names \
+            else None
         try:
             for entry in reconstruct(catalogues):
                 whole.add(entry, number)
                 chosen_one = match(entry.path, entry.kind)
+                if chosen_one and names and not writer.creatable(entry, names):
+                    chosen_one = False
                 if chosen_one:
                     for parent in parents.unwritten(entry.path):
                         writer.write(parent)      # its times and permissions come back too
@@ -5717,6 +5884,23 @@ class StateWriter:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.state = CatalogueWriter(path, header)
         self.by_archive = {}
+        self.refused = None         # the paths this computer cannot create, once there is one
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(restoration.refused_path(number))
+
+    def creatable(self, entry, names):
+        """False (and noted) when this computer cannot create the entry's path."""
+        reason = names.refusal(entry.path)
+        if reason is None:
+            return True
+        if entry.kind == DIRECTORY:
+            names.refuse(entry.path)
+        if self.refused is None:
+            fd = os.open(self.restoration.refused_path(self.number),
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self.refused = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape")
+        self.refused.write(f"{escape_field(entry.path)}\t{reason}\n")
+        return False
 
     def write(self, entry):
         self.state.write(entry)
@@ -5728,8 +5912,9 @@ class StateWriter:
             self.by_archive[place[0]].write(entry)
 
     def close(self):
-        for writer in [self.state] + list(self.by_archive.values()):
-            writer.close()
+        for writer in [self.state, self.refused] + list(self.by_archive.values()):
+            if writer:
+                writer.close()
 
 
 class OpenDirectories:

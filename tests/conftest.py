@@ -32,6 +32,26 @@ def aws():
         yield local
 
 
+@pytest.fixture(scope="session")
+def wine(tmp_path_factory):
+    """Windows Python and 7z.exe under Wine, one prefix for the session.
+
+    In CI (CI=true) a missing Wine part fails the tests that need it; a local
+    run without them skips those tests, naming what is missing.
+    """
+    from windows_under_wine import Wine, missing_parts
+    missing = missing_parts()
+    if missing and os.environ.get("CI") == "true":
+        pytest.fail(f"the Wine tests cannot run: {missing}")
+    if missing:
+        pytest.skip(f"the Wine tests need Wine and the Windows parts: {missing}")
+    prefix = Wine(str(tmp_path_factory.mktemp("wine")))
+    try:
+        yield prefix
+    finally:
+        prefix.close()
+
+
 @pytest.fixture
 def proxy(aws):
     with FaultProxy(aws.endpoint_url) as fault_proxy:

@@ -1,0 +1,298 @@
+"""The Windows code paths for real: Windows Python 3.11 and 7z.exe under Wine.
+
+Black-box, like the rest of the suite: the program runs as a Windows process
+(tests/windows_under_wine.py) against the moto server on the Linux side over
+HTTP, and the results are compared with what the Linux program gives for the
+same backup set.  What Wine cannot run (Robocopy is a stub, cmd.exe differs from
+Windows' in a few constructs) stays pinned by tests/test_windows_commands.py;
+README, "Windows under Wine", lists both.
+"""
+
+import os
+import subprocess
+import time
+
+import aam_auto_backup as aab
+from conftest import KEY
+from sample_tree import read_tree
+from windows_under_wine import windows_path
+
+ONE_STEP = aab.ONE_STEP_RESTORE
+
+
+def restore_args(sandbox, destination, log_dir):
+    return sandbox.restore_args(ONE_STEP, destination, {"log_dir": log_dir})
+
+
+def windows_env(sandbox, **extra):
+    """The sandbox's environment with its paths as Windows sees them."""
+    env = sandbox.env(AAM_RESTORE_POLL_SECONDS="1", **extra)
+    for name in ("AAM_TEMP_ROOT", "AAM_LOCK_FILE"):
+        env[name] = windows_path(env[name])
+    return env
+
+
+def run_windows(wine, args, env):
+    result = wine.run(wine.python(wine.program, *args), env=env)
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode("utf-8", "replace"),
+        result.stderr.decode("utf-8", "replace"))
+
+
+def start_windows(wine, args, env):
+    return subprocess.Popen(wine.python(wine.program, *args), env=wine.env(env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                            errors="replace")
+
+
+def read_until(process, text):
+    """The process's output up to the first line holding text."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}")
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def log_text(log_dir, operation, which=0):
+    """The log of a run (the first one, by default), by the time in its name."""
+    logs = sorted(n for n in os.listdir(log_dir) if n.endswith(f"_{operation}.log"))
+    return open(os.path.join(log_dir, logs[which]), encoding="utf-8").read()
+
+
+# Names a Linux backup may hold that Windows cannot, with the reason the log gives.
+IMPOSSIBLE_ON_WINDOWS = {
+    "Documents/odd/a:b.txt": "cannot hold ':'",
+    "Documents/odd/what?.txt": "cannot hold '?'",
+    "Documents/odd/star*.txt": "cannot hold '*'",
+    'Documents/odd/say "hi".txt': "cannot hold '\"'",
+    "Documents/odd/pipe|lt<gt>.txt": "cannot hold '<>|'",
+    "Documents/odd/trailing dot.": "cannot end with a dot or a space",
+    "Documents/odd/trailing space ": "cannot end with a dot or a space",
+    "Documents/odd/CON": "CON is a device name",
+    "Documents/odd/aux.txt": "aux is a device name",
+    "Documents/odd/dir./inside.txt": "cannot end with a dot or a space",
+}
+# Beside them, names 7-Zip would have written a changed name over.
+NEIGHBOURS = {
+    "Documents/odd/a_b.txt": b"the real a_b.txt\n",
+    "Documents/odd/_CON": b"the real _CON\n",
+    "Documents/odd/trailing dot_": b"the real one\n",
+}
+# Of two names that differ only in letter case Windows keeps the first: here the
+# full backup's; the incremental's is left out.
+CASE_PAIR = ("Documents/odd/Case.txt", "Documents/odd/case.txt")
+# Over 260 characters once under R:\restored\1\ on Windows.
+LONG = "Documents/" + "/".join(["a directory name of fifty characters, more or less"] * 5) + \
+    "/long path file \u00e9.txt"
+
+
+def write_files(root, files):
+    for rel, data in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(data)
+
+
+def test_which_names_windows_cannot_create():
+    """The rule itself, without Wine: what is refused, and look-alikes that are not."""
+    windows = aab.WindowsPlatform()
+    refused = ["a:b", "x/what?", "star*", 'q"', "p|q", "<a>", "tab\there", "dot.",
+               "space ", "CON", "con", "aux.txt", "Nul.tar.gz", "COM1", "lpt9.log",
+               "ok/CON/inside.txt", "dir./file", "back\\slash"]
+    allowed = ["console.txt", "CON_x", "COM10", "auxiliary", " leading space", "a.b",
+               "ok/normal name.txt", "\u00fcml\u00e4ut \u65e5\u672c"]
+    assert [n for n in refused if windows.cannot_create(n) is None] == []
+    assert [n for n in allowed if windows.cannot_create(n) is not None] == []
+    assert aab.PosixPlatform().cannot_create("a:b/CON.") is None
+
+
+def linux_backups_with_windows_pitfalls(sandbox):
+    """A full backup and an incremental, made on Linux."""
+    tree = sandbox.sample()
+    write_files(tree.first_mount, dict(NEIGHBOURS, **{LONG: b"deep\n", CASE_PAIR[0]: b"A"},
+                                       **{p: p.encode() for p in IMPOSSIBLE_ON_WINDOWS}))
+    ok(sandbox.backup())
+    time.sleep(0.05)
+    write_files(tree.first_mount, {CASE_PAIR[1]: b"a", "Documents/report.txt": b"changed\n"})
+    ok(sandbox.backup())
+    return tree
+
+
+def restored_by_number(destination):
+    return {name: read_tree(os.path.join(destination, name)) for name in ("1", "2")}
+
+
+def test_a_linux_backup_restores_under_windows_as_on_linux_but_names_windows_refuse(
+        sandbox, wine, tmp_path):
+    tree = linux_backups_with_windows_pitfalls(sandbox)
+    drive = tmp_path / "r-drive"
+    drive.mkdir()
+    wine.map_drive("r", drive)
+    windows_logs = tmp_path / "windows-logs"
+    args = restore_args(sandbox, "R:\\restored", windows_path(windows_logs))
+    # A first run holds the destination's lock while the thaw is in progress; a
+    # second is refused; killed, the first leaves no lock, and a third continues it.
+    sandbox.aws.set_restore_progression(10_000)
+    first = start_windows(wine, args, windows_env(sandbox))
+    try:
+        read_until(first, "Next check in")
+        second = run_windows(wine, args, windows_env(sandbox))
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "Another restoration is running into R:\\restored" in second.stdout
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+        sandbox.aws.set_restore_immediate()
+    for name in os.listdir(windows_logs):       # the third run's log, alone
+        os.remove(windows_logs / name)
+
+    result = run_windows(wine, args, windows_env(sandbox))
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Continuing the restoration started" in result.stdout
+    linux_destination = tmp_path / "linux-restore"
+    ok(sandbox.run(restore_args(sandbox, str(linux_destination), sandbox.logs),
+                   env=sandbox.env(AAM_RESTORE_POLL_SECONDS="1")))
+    linux = restored_by_number(linux_destination)
+    assert linux["1"]["Documents/report.txt"] == b"changed\n"
+    log = log_text(windows_logs, ONE_STEP)
+    mount = tree.first_mount
+    left_out = dict(IMPOSSIBLE_ON_WINDOWS, **{
+        CASE_PAIR[1]: f"differs only in letter case from {CASE_PAIR[0]}"})
+    for rel, reason in left_out.items():
+        prefix = "" if " from " in reason or "device" in reason else "a Windows name "
+        assert f"NOT RESTORED ({prefix}{reason}" in log and f"{mount}/{rel}\n" in log, rel
+    assert f"{mount}/Documents/odd/dir.\n" in log          # the directory, and its file
+    assert f"{len(left_out) + 1} path(s) could not be restored" in log
+    destination = drive / "restored"
+    expected = {"1": {rel: data for rel, data in linux["1"].items() if rel not in left_out},
+                "2": linux["2"]}
+    assert restored_by_number(destination) == expected
+    assert len(windows_path(destination / "1" / LONG)) > 260
+    assert "FAILURE" in log
+    # The state file and the map say so; the archives stay for a Linux extraction.
+    assert os.listdir(destination / "downloads")
+    restore_map = (destination / "restore-map.txt").read_text(encoding="utf-8")
+    assert f"restored, except {len(left_out) + 1} path(s) listed in 1.not-restored.txt" \
+        in restore_map
+    listed = (destination / "1.not-restored.txt").read_text(encoding="utf-8")
+    assert all(f"{mount}/{rel}\t" in listed for rel in left_out if "\t" not in rel)
+    again = run_windows(wine, args, windows_env(sandbox))
+    assert again.returncode == 0 and f"Except {len(left_out) + 1} path(s)" in again.stdout
+
+
+# -- the Windows child: ShadowSpawn stand-in, cmd.exe, 7z.exe ----------------------
+
+MOUNT_NAME = "Dokumente f\u00fcr Ann"        # '\u00fc' is 0x81 in code page 437
+SOURCE_FILES = {
+    "Documents/report.txt": b"quarterly report\n" * 40,
+    "Documents/R\u00e9sum\u00e9 na\u00efve \u20ac \u65e5\u672c.txt": b"d\xc3\xa9j\xc3\xa0 vu\n",
+    "Documents/sub/deep/keep.txt": b"deep file\n",
+    "Documents/zero-bytes.txt": b"",
+    "Documents/big.bin": os.urandom(200_000),          # spans several 64 KiB volumes
+    "Pictures/2024/beach.jpg": os.urandom(30_000),
+}
+EXCLUDED_FILES = {
+    "Documents/~WRL1234.tmp": b"word temp file\n",
+    "Documents/-audio/song.mp3": b"excluded by the directory name -*\n",
+    "Documents/private/plan.txt": b"excluded by its full path\n",
+    "Pictures/2023/old.jpg": b"beside the listed directory\n",
+    "loose.txt": b"in the mount, outside the listed directories\n",
+}
+
+
+def windows_source(tmp_path, wine):
+    """S:\\Dokumente f\u00fcr Ann with the files above; the Windows instruction file."""
+    drive = tmp_path / "s-drive"
+    for rel, data in {**SOURCE_FILES, **EXCLUDED_FILES}.items():
+        path = drive / MOUNT_NAME / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (drive / MOUNT_NAME / "Documents" / "empty-dir").mkdir()
+    wine.map_drive("s", drive)
+    mount = f"S:\\{MOUNT_NAME}"
+    instructions = tmp_path / "instructions-windows.txt"
+    instructions.write_text("\r\n".join([
+        f"{mount}\\Documents\\", f"{mount}\\Pictures\\2024\\", "",
+        f"{mount}\\Documents\\private\\", "-*\\", "", "~WRL*.tmp", ""]), encoding="utf-8")
+    return mount, windows_path(instructions)
+
+
+def windows_backup_args(sandbox, wine, instructions, changes=None):
+    return sandbox.backup_args(changes={
+        "python": wine.python_exe, "log_dir": windows_path(sandbox.logs),
+        "instruction_file": instructions, "destinations": "AWS", "mirror_root": "",
+        **(changes or {})})
+
+
+def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
+        sandbox, wine, tmp_path):
+    mount, instructions = windows_source(tmp_path, wine)
+    gate = tmp_path / "snapshot-done"
+    added = tmp_path / "s-drive" / MOUNT_NAME / "Documents" / "ajout\u00e9 pendant.txt"
+    args = windows_backup_args(sandbox, wine, instructions)
+    env = windows_env(sandbox, AAM_VOLUME_SIZE="65536")
+    first = start_windows(wine, args, dict(env, SHADOWSPAWN_STAND_IN_GATE=windows_path(gate)))
+    second = None
+    try:
+        # The lock: while the first run holds it (its snapshot is slow), a run that
+        # may not wait gives up and one that may waits, then builds on the first.
+        read_until(first, "Source 1 of 1")
+        added.write_bytes(b"in the full backup and, changed since its start, the next one\n")
+        refused = run_windows(wine, args, env)
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        assert "held the lock" in refused.stdout
+        second = start_windows(wine, windows_backup_args(sandbox, wine, instructions,
+                                                         {"lock_wait": "600"}), env)
+        read_until(second, "Another backup is running")
+        gate.touch()
+        assert first.wait(timeout=300) == 0, first.stdout.read()
+        log = log_text(sandbox.logs, aab.REGULAR_BACKUP)
+        rest = second.stdout.read()
+        assert second.wait(timeout=300) == 0, rest
+        assert "Backup scope: incremental" in rest
+        assert "(1 files in 1 volumes)" in log_text(sandbox.logs, aab.REGULAR_BACKUP, -1)
+    finally:
+        gate.touch()
+        for process in (first, second):
+            if process and process.poll() is None:
+                process.kill()
+    # ShadowSpawn's own lines are in the console code page (437), the child's in
+    # UTF-8 (-X utf8, 7z.exe -sccUTF-8): both read right.
+    assert f"Shadowing {mount} at q:" in log
+    assert "+ Documents\\R\u00e9sum\u00e9 na\u00efve \u20ac \u65e5\u672c.txt" in log
+    assert "validation failure" not in log and "SUCCESS" in log
+    volumes = sorted(o["Key"] for o in sandbox.objects()
+                     if "_no_" in o["Key"] and "_0_0.0_" in o["Key"])      # the full's
+    assert len(volumes) > 3
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    paths = [sandbox.fetch_volume(key, str(downloads)) for key in volumes]
+    listing = subprocess.run(["7zz", "l", "-ba", "-slt", paths[0]], capture_output=True,
+                             text=True, check=True).stdout
+    stored = {line[7:] for line in listing.splitlines() if line.startswith("Path = ")}
+    expected = set(SOURCE_FILES) | {"Documents/empty-dir", "Documents/" + added.name}
+    ancestors = {rel.rsplit("/", n)[0] for rel in expected for n in range(1, rel.count("/") + 1)}
+    # exactly the selection, with (some of) the directories leading to it
+    assert expected <= stored <= expected | ancestors
+    extracted = tmp_path / "extracted"
+    assert subprocess.run(["7zz", "x", f"-p{KEY}", f"-o{extracted}", paths[0]],
+                          capture_output=True).returncode == 0
+    selection = {**SOURCE_FILES, "Documents/empty-dir": None,
+                 os.path.relpath(added, added.parents[1]): added.read_bytes()}
+    assert read_tree(extracted) == selection
+    # The Linux program restores the Windows backup.
+    linux_destination = tmp_path / "linux-restore"
+    ok(sandbox.run(restore_args(sandbox, str(linux_destination), sandbox.logs),
+                   env=sandbox.env(AAM_RESTORE_POLL_SECONDS="1")))
+    assert read_tree(linux_destination / "1") == selection
+    assert f"1\t{mount}\trestored" in (linux_destination / "restore-map.txt").read_text()

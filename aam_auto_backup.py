@@ -106,6 +106,15 @@ class Refused(AamError):
     exit_code = EXIT_REFUSED
 
 
+class SourceStopped(Exception):
+    """An error that ends a backup's per-source loop; the run still cleans up, and
+    reports.  causes: the failures to report (default: the message itself)."""
+
+    def __init__(self, section, message, causes=()):
+        super().__init__(message)
+        self.section, self.causes = section, list(causes)
+
+
 class Interrupted(BaseException):
     """SIGTERM; like KeyboardInterrupt it passes 'except Exception' on its way out,
     so that cleanup (aborting multipart uploads, deleting the work directory) runs."""
@@ -182,6 +191,21 @@ class Settings:
         )
 
 
+def _write_private_bytes(path, data):
+    """Create a file readable only by its owner (it may name private paths)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _write_private_text(path, text, encoding="utf-8"):
+    """Create a file readable only by its owner (it may name private paths)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding=encoding, errors="surrogateescape",
+                   newline="\n") as handle:
+        handle.write(text)
+
+
 # ============================================================================
 # Platform layer: every Windows/POSIX difference lives here
 # ============================================================================
@@ -199,6 +223,7 @@ class PosixPlatform:
 
     name = "posix"
     sep = "/"
+    separators = "/"             # what may separate names in a path typed by a user
     case_insensitive = False
     # List files hold file names as raw bytes (names need not be valid UTF-8).
     list_charset_switch = "-scsWIN"
@@ -352,44 +377,24 @@ class PosixPlatform:
     def script_argv(self, path):
         return ["/bin/sh", path]
 
-    def mirror_commands(self, view_root, target, plan, keep, work_dir):
-        """rsync with the same inclusion/exclusion result as the selection."""
-        rules_file = os.path.join(work_dir, MIRROR_RULES)
-        # NUL-separated (--from0) so that any file name, even with a newline, fits.
-        _write_private_bytes(rules_file, b"".join(
-            rule.encode("utf-8", "surrogateescape") + b"\0" for rule in rsync_rules(plan)))
-        argv = ["rsync", "-a", "--from0", f"--filter=merge {rules_file}"]
-        if not keep:
-            argv.append("--delete")
-        argv += ["--", "./", target.rstrip("/") + "/"]
-        marker = self.marker("mirror")
-        return [
-            " ".join(self.quote(a) for a in argv),
-            "status=$?",
-            # 23: some files could not be copied; 24: some vanished while copying.  The
-            # mirror is made; the validation that follows reports each file missing.
-            'if [ "$status" -eq 0 ] || [ "$status" -eq 23 ] || [ "$status" -eq 24 ]; then',
-            f"  echo {self.quote(marker)}",
-            "else",
-            '  echo "AAM Auto Backup: rsync failed with exit code $status."',
-            "fi",
-        ]
+    def command_line(self, argv):
+        return " ".join(self.quote(a) for a in argv)
 
-    def archive_commands(self, seven_zip_argv, key_variable):
-        """7-Zip reads the key from stdin, so it never appears in a process list."""
-        marker = self.marker("archive")
-        command = " ".join(self.quote(a) for a in seven_zip_argv)
-        return [
-            f'printf "%s\\n" "${key_variable}" | LC_ALL=C.UTF-8 {command}',
-            "status=$?",
-            # 1: warnings (a file could not be read or vanished); the archive is valid
-            # and the archive check that follows reports each file that is missing.
-            'if [ "$status" -eq 0 ] || [ "$status" -eq 1 ]; then',
-            f"  echo {self.quote(marker)}",
-            "else",
-            '  echo "AAM Auto Backup: 7-Zip failed with exit code $status."',
-            "fi",
-        ]
+    def feed_secret(self, variable, command):
+        """A script line running command with the variable's value on its standard
+        input (printf is a shell builtin: the value is on no command line)."""
+        return f'printf "%s\\n" "${variable}" | LC_ALL=C.UTF-8 {command}'
+
+    def status_check(self, kind, done_codes):
+        """Script lines printing the tool's success marker, or its exit code."""
+        tests = " || ".join(f'[ "$status" -eq {code} ]' for code in done_codes)
+        return ["status=$?", f"if {tests}; then", f"  echo {self.quote(self.marker(kind))}",
+                "else",
+                f'  echo "{MARK_PREFIX}{self.tool_name(kind)} failed with exit code $status."',
+                "fi"]
+
+    def check_command_length(self, command, what, advice):
+        """POSIX shells take any command line length the script needs."""
 
     def password_switch(self, key_variable):
         return "-p"
@@ -426,6 +431,7 @@ class WindowsPlatform(PosixPlatform):
 
     name = "windows"
     sep = "\\"
+    separators = "\\/"
     case_insensitive = True
     list_charset_switch = "-scsUTF-8"
     invalid_name_chars = '<>:"|'
@@ -445,12 +451,6 @@ class WindowsPlatform(PosixPlatform):
     # Device names Windows reserves in every directory, with any extension.
     reserved_names = frozenset(["CON", "PRN", "AUX", "NUL"] +
                                [f"{port}{n}" for port in ("COM", "LPT") for n in range(1, 10)])
-    # Robocopy exit codes below 8 are success (files copied, extras, mismatches).
-    robocopy_failure_code = 8
-    # Robocopy's defaults (1,000,000 retries, 30 s apart) would hold the lock for
-    # months on one unwritable destination file.
-    robocopy_retry_switches = ("/r:2", "/w:5")
-    robocopy_log_name = "robocopy_log.txt"
 
     def default_temp_root(self):
         return "c:\\temp"
@@ -716,44 +716,12 @@ class WindowsPlatform(PosixPlatform):
         comspec = os.environ.get("ComSpec") or "cmd.exe"
         return f'{self.quote(comspec)} /d /e:on /v:off /s /c "{self.quote(path)}"'
 
-    def mirror_commands(self, view_root, target, plan, keep, work_dir):
-        """robocopy "q:" "<target>" /e [/purge] /unilog:"..." /xd ... /xf ... (seed 2.2).
+    def feed_secret(self, variable, command):
+        """A batch line running command with the variable's value on its standard input.
 
-        Robocopy can only exclude, so /xd names every directory of the mount that
-        is neither listed nor on the way to a listed one (seed 7.4) and /xf every
-        file lying outside the listed directories, both as absolute paths on the
-        shadow drive; then the user's exclusions.  Added to the seed's command:
-        /xjd (a junction on the shadow drive leads back to the live disk, and the
-        profile's legacy junctions deny listing), bounded retries, /np and /tee
-        (the report also goes to the log, without progress counters).
-        """
-        dirs, files, problems = self.robocopy_exclusions(view_root, plan)
-        words = [r'"%SystemRoot%\System32\robocopy.exe"',
-                 self.bat_quote(view_root.rstrip(self.sep)), self.bat_quote(target), "/e"]
-        if not keep:
-            words.append("/purge")
-        words.append("/unilog:" + self.bat_quote(ntpath.join(work_dir, self.robocopy_log_name)))
-        if dirs:
-            words += ["/xd"] + [self.bat_quote(d) for d in dirs]
-        if files:
-            words += ["/xf"] + [self.bat_quote(f) for f in files]
-        words += ["/xjd", *self.robocopy_retry_switches, "/np", "/tee"]
-        command = " ".join(words)
-        if len(command) > self.cmd_line_limit:
-            raise AamError(
-                f"The Robocopy command for {view_root} would be {len(command)} characters, "
-                f"over cmd.exe's limit of {self.cmd_line_limit}: too many directories and "
-                "files lie beside the listed directories. List their parent directory "
-                "instead, or move the loose files into a directory.")
-        lines = [self.echo_line(MARK_VALIDATION_FAILURE + p) for p in problems]
-        return lines + [command, self.status_line(self.robocopy_failure_code, "mirror")]
-
-    def archive_commands(self, seven_zip_argv, key_variable):
-        """7z.exe with the seed's list files; the key goes to its standard input.
-
-        As on POSIX, the key is on no command line: a second cmd.exe with
+        As on POSIX, the value is on no command line: a second cmd.exe with
         delayed expansion echoes the environment variable into the pipe ('!'
-        expansion happens after parsing, so no character of the key is special;
+        expansion happens after parsing, so no character of the value is special;
         '&rem ' keeps a trailing blank out of the echo).  7-Zip reads stdin in
         text mode, so the CR of echo's CRLF is not part of the password.
         """
@@ -762,10 +730,16 @@ class WindowsPlatform(PosixPlatform):
                 "cmd.exe expands '!' by default on this computer (registry value "
                 "DelayedExpansion under Software\\Microsoft\\Command Processor), so the "
                 "archive key would appear on a command line; set it to 0.")
-        feed = f'"%ComSpec%" /d /v:on /c "echo(!{key_variable}!&rem "'
-        command = " ".join(self.seven_zip_word(index, arg)
-                           for index, arg in enumerate(seven_zip_argv))
-        return [f"{feed}| {command}", self.status_line(1, "archive")]
+        return f'"%ComSpec%" /d /v:on /c "echo(!{variable}!&rem "| {command}'
+
+    def command_line(self, argv):
+        """A batch-file command line: the program quoted, switches bare, @"<list>"."""
+        return " ".join(self.script_word(index, arg) for index, arg in enumerate(argv))
+
+    def check_command_length(self, command, what, advice):
+        if len(command) > self.cmd_line_limit:
+            raise AamError(f"{what} would be {len(command)} characters, over cmd.exe's "
+                           f"limit of {self.cmd_line_limit}: {advice}")
 
     def delayed_expansion_by_default(self):
         """cmd.exe's registry default for '!' expansion (the user's value wins).
@@ -785,8 +759,8 @@ class WindowsPlatform(PosixPlatform):
                 continue
         return False
 
-    def seven_zip_word(self, index, arg):
-        """One 7z.exe argument in the seed's form: "<exe>", switches bare, @"<list>"."""
+    def script_word(self, index, arg):
+        """One argument in the original design's form: "<exe>", switches bare, @"<list>"."""
         list_switch = re.fullmatch(r"((?:-[ix]r?-?)?@)(.+)", arg)
         if index and list_switch:
             return list_switch[1] + self.bat_quote(list_switch[2])
@@ -794,101 +768,18 @@ class WindowsPlatform(PosixPlatform):
             return arg
         return self.bat_quote(arg)
 
-    def status_line(self, failure_code, kind):
-        """Echo the tool's success marker, or its exit code (errorlevel >= failure_code)."""
-        tool = self.marker(kind).removeprefix(MARK_PREFIX).removesuffix(" execution success.")
-        return (f"if errorlevel {failure_code} (echo {MARK_PREFIX}{tool} failed with exit "
-                f"code %ERRORLEVEL%.) else (echo {self.marker(kind)})")
+    def status_check(self, kind, done_codes):
+        """A batch line printing the tool's success marker, or its exit code; the codes
+        that mean done must be the lowest ones (errorlevel N means N or more)."""
+        failure = max(done_codes) + 1
+        assert tuple(done_codes) == tuple(range(failure)), done_codes
+        return [f"if errorlevel {failure} (echo {MARK_PREFIX}{self.tool_name(kind)} failed "
+                f"with exit code %ERRORLEVEL%.) else (echo {self.marker(kind)})"]
 
     def echo_line(self, text):
         """A batch line printing text as it is (cmd.exe's special characters escaped)."""
         escaped = re.sub(r"([\^&|<>()])", r"^\1", text).replace("%", "%%")
         return "echo(" + escaped
-
-    # -- what Robocopy must skip ----------------------------------------------
-    def robocopy_exclusions(self, view_root, plan):
-        """(/xd entries, /xf entries, problems) for one mount on the shadow drive.
-
-        Name patterns stay names (Robocopy matches them at any depth), except a
-        pattern starting with '-', which Robocopy takes for a switch (seed 7.2:
-        "not worth bothering with"), and a directory pattern that matches a
-        directory leading to a listed one, which would drop the listed one: those
-        are replaced by the exact paths the selection excludes.
-        """
-        outside_dirs, outside_files, problems = self.scan_outside_listed(view_root, plan)
-        dirs = [self.view_path(view_root, rel)
-                for rel in outside_dirs + plan.excluded_dir_paths]
-        files = [self.view_path(view_root, rel)
-                 for rel in outside_files + plan.excluded_file_paths]
-        ancestors = {part for listed in plan.listed if listed
-                     for part in listed.split(self.sep)[:-1]}
-        exact_dirs, exact_files = [], []
-        for pattern in plan.dir_patterns:
-            regex = wildcard_regex(pattern, True)
-            if pattern.startswith("-") or any(regex.fullmatch(a) for a in ancestors):
-                exact_dirs.append(regex)
-            else:
-                dirs.append(pattern)
-        for pattern in plan.file_patterns:
-            if pattern.startswith("-"):
-                exact_files.append(wildcard_regex(pattern, True))
-            else:
-                files.append(pattern)
-        if exact_dirs or exact_files:
-            # Unreadable directories are reported by the child's own walk.
-            walk = TreeWalk(view_root, plan, self)
-            for _walked in walk:
-                pass
-            for rel, is_dir in walk.excluded:
-                name = rel.rsplit(self.sep, 1)[-1]
-                if any(r.fullmatch(name) for r in (exact_dirs if is_dir else exact_files)):
-                    (dirs if is_dir else files).append(self.view_path(view_root, rel))
-        return self.unique(dirs), self.unique(files), problems
-
-    def unique(self, paths):
-        """paths without repeats, compared case-insensitively, first spelling kept."""
-        seen, kept = set(), []
-        for path in paths:
-            if self.comparable(path) not in seen:
-                seen.add(self.comparable(path))
-                kept.append(path)
-        return kept
-
-    def scan_outside_listed(self, view_root, plan):
-        """Seed 7.4: what lies in the mount outside the listed directories.
-
-        Breadth first from the shadow drive's root: a directory equal to a listed
-        one is kept whole, one leading to a listed one is descended into, any
-        other is returned (for /xd); every file met on the way lies outside the
-        listed directories (for /xf).  With the fixes of spec-notes part6 Q9: the
-        name is joined to its parent, and 'leads to' means a prefix up to a
-        separator ('test' does not lead to 'test2\\x').
-        """
-        listed = {self.comparable(rel) for rel in plan.listed}
-        dirs, files, problems = [], [], []
-        level = [] if "" in listed else [""]
-        while level:
-            next_level = []
-            for parent in level:
-                where = self.view_path(view_root, parent)
-                try:
-                    with os.scandir(self.long_path(where)) as iterator:
-                        entries = sorted(iterator, key=lambda e: (e.name.lower(), e.name))
-                except OSError as problem:
-                    problems.append(f"cannot read directory {where}: "
-                                    f"{problem.strerror or problem}")
-                    continue
-                for entry in entries:
-                    rel = parent + self.sep + entry.name if parent else entry.name
-                    key = self.comparable(rel)
-                    if not entry.is_dir(follow_symlinks=False):
-                        files.append(rel)
-                    elif any(item.startswith(key + self.sep) for item in listed):
-                        next_level.append(rel)
-                    elif key not in listed:
-                        dirs.append(rel)
-            level = next_level
-        return dirs, files, problems
 
     def missing_marker_messages(self):
         return {
@@ -902,19 +793,14 @@ def current_platform():
     return WindowsPlatform() if os.name == "nt" else PosixPlatform()
 
 
-def _write_private_bytes(path, data):
-    """Create a file readable only by its owner (it may name private paths)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+def platform_named(name):
+    """The platform a backup was made on (its indicator and catalogue name it)."""
+    return WindowsPlatform() if name == WindowsPlatform.name else PosixPlatform()
 
 
-def _write_private_text(path, text, encoding="utf-8"):
-    """Create a file readable only by its owner (it may name private paths)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding=encoding, errors="surrogateescape",
-                   newline="\n") as handle:
-        handle.write(text)
+def platform_of_path(path):
+    """The platform an absolute path belongs to: a drive letter means Windows."""
+    return WindowsPlatform() if re.match(r"^[A-Za-z]:", path) else PosixPlatform()
 
 
 # ============================================================================
@@ -1692,7 +1578,7 @@ def _parse_exclusion(number, entry, path, platform, is_dir):
             raise InstructionError(f"{where}: {entry!r} has a wildcard in a full path; "
                                    f"wildcards are allowed only in {kind} names")
         return Exclusion(platform.normalize(entry), number, True)
-    if sep in entry or (platform.name == "windows" and "/" in entry):
+    if any(c in entry for c in platform.separators):
         raise InstructionError(f"{where}: {entry!r} is a relative path; give a {kind} "
                                "name or an absolute path")
     return Exclusion(entry, number, False)
@@ -2364,7 +2250,6 @@ SECTION_UPLOAD = "AWS upload."
 SECTION_UPLOAD_ERROR = "(if applicable) AWS upload error."
 SECTION_WORK_DIR_DELETE_ERROR = ("(if applicable) AWS S3 backup files directory deletion "
                                  "error.")
-SECTION_TEMP_DELETE_ERROR = "(if applicable) temporary output files deletion error."
 SECTION_EMAIL_ERROR = "(if applicable) email report sending error."
 SECTION_SUMMARY = "Summary."
 
@@ -2486,30 +2371,45 @@ def local_time_text(moment):
     return f"{local:%Y%m%d %H:%M:%S.%f} {local.tzname() or local.strftime('%z')}"
 
 
-def send_email_report(session, settings, sender_name, sender, recipient, title, body, log):
-    """Send the report through SES; a failure is logged and never fatal."""
+def open_run_log(args, platform):
+    """The dated log of a run, opened with its first section: the command's arguments,
+    every secret masked.  None (said on stderr) when it cannot be created."""
     try:
+        log = RunLog(args.log_dir, args.operation, args.secrets, platform)
+    except OSError as problem:
+        print(f"The log file cannot be created in {args.log_dir}: {problem.strerror}",
+              file=sys.stderr)
+        return None
+    log.section(SECTION_ARGUMENTS)
+    log.line(f"{PROGRAM_NAME} {VERSION}, {args.operation}", terminal=False)
+    for line in args.masked():
+        log.line(line, terminal=False)
+    return log
+
+
+def send_report(args, settings, session, log, failed, started, what, body):
+    """The SES report: '<SUCCESS|FAILURE>, <local date-time> <what>!' and a short body,
+    nothing else (no tool output, no paths, no secrets).  A failure to send is only
+    logged: the run's result does not depend on the mail."""
+    title = f"{'FAILURE' if failed else 'SUCCESS'}, {local_time_text(started)} {what}!"
+    text = "\n".join(body + ["For more info, refer to the local backup log."]) + "\n"
+    try:
+        session = session or aws_session(args.access_key_id, args.secret_access_key)
         ses = aws_client(session, "ses", settings.ses_region)
         ses.send_email(
-            Source=email.utils.formataddr((sender_name, sender)),
-            Destination={"ToAddresses": [recipient]},
+            Source=email.utils.formataddr((args.sender_name, args.sender_address)),
+            Destination={"ToAddresses": [args.recipient]},
             Message={"Subject": {"Data": title, "Charset": "UTF-8"},
-                     "Body": {"Text": {"Data": body, "Charset": "UTF-8"}}})
-        log.line(f"E-mail report sent to {recipient}: {title}")
-        return True
+                     "Body": {"Text": {"Data": text, "Charset": "UTF-8"}}})
+        log.line(f"E-mail report sent to {args.recipient}: {title}")
     except Exception as problem:    # noqa: BLE001 - any failure is only logged
         log.section(SECTION_EMAIL_ERROR)
         log.line(f"The e-mail report could not be sent: {describe_aws_error(problem)}")
-        return False
 
 
 # ============================================================================
 # Bucket listing: what complete backup sets the bucket holds (SPEC 5)
 # ============================================================================
-
-class AwsUnavailable(AamError):
-    """S3 could not be reached or refused the request."""
-
 
 def aws_session(access_key_id, secret_access_key):
     import boto3
@@ -2586,17 +2486,45 @@ def aws_errors():
     return (BotoCoreError, ClientError, Boto3Error)
 
 
-def describe_aws_error(problem):
-    """A one-line description of a boto3/botocore error, naming the refused action."""
+# The permission each AWS call needs (for a refused call's message).
+AWS_PERMISSIONS = {
+    "ListObjectsV2": "s3:ListBucket", "ListObjects": "s3:ListBucket",
+    "GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
+    "RestoreObject": "s3:RestoreObject", "PutObject": "s3:PutObject",
+    "CreateMultipartUpload": "s3:PutObject", "UploadPart": "s3:PutObject",
+    "CompleteMultipartUpload": "s3:PutObject", "SendEmail": "ses:SendEmail",
+}
+DENIED_CODES = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled")
+BACKUP_CREDENTIALS = "arguments 19 and 20"        # the keys a refused request was made with
+RESTORE_CREDENTIALS = "arguments 11 and 12"
+BROWSE_CREDENTIALS = "arguments 5 and 6"
+
+
+def aws_error_code(problem):
+    response = getattr(problem, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def describe_aws_error(problem, where="", credentials=""):
+    """One line: the AWS call that failed and why; when access was denied, the
+    permission the keys (of the arguments named by credentials) lack."""
     if isinstance(problem, AamError):
         return str(problem)
     response = getattr(problem, "response", None)
-    if isinstance(response, dict) and "Error" in response:
-        error = response["Error"]
-        operation = getattr(problem, "operation_name", "")
-        text = f"{error.get('Code', 'Error')}: {error.get('Message', '')}".strip()
-        return f"{operation} failed, {text}" if operation else text
-    return f"{type(problem).__name__}: {problem}"
+    if not (isinstance(response, dict) and "Error" in response):
+        return f"{type(problem).__name__}: {problem}"
+    operation = getattr(problem, "operation_name", "")
+    on = f" on {where}" if where else ""
+    if aws_error_code(problem) in DENIED_CODES:
+        keys = f"the credentials of {credentials}" if credentials else "the credentials"
+        permission = AWS_PERMISSIONS.get(operation, "it needs")
+        return (f"AWS refused {operation or 'the request'}{on} (access denied): {keys} "
+                f"lack the permission {permission}")
+    error = response["Error"]
+    text = f"{error.get('Code', 'Error')}: {error.get('Message', '')}".strip()
+    return f"{operation} failed{on}, {text}" if operation else text
 
 
 @dataclasses.dataclass
@@ -2699,51 +2627,105 @@ def seven_zip_add_argv(settings, archive_path, list_files, password_switch, plat
     return argv
 
 
-def write_full_lists(work_dir, plan, selection, platform):
-    """The seed's three 7-Zip list files: inclusion, non-recursive and recursive exclusion.
+# -- one exclusion compiler, printed for rsync, Robocopy and 7-Zip -------------------
 
-    7-Zip matches a recursive pattern against every path component, ancestors
-    of the listed directories included, and a pattern without a trailing
-    separator matches directories too.  Where that would differ from the
-    selection (a listed directory's parent named like a directory pattern, a
-    directory named like a file pattern), the pattern is replaced by the exact
-    paths the walk excluded, in the non-recursive list.
+class Exclusions(typing.NamedTuple):
+    """The plan's exclusions in the form one tool can apply exactly (paths relative to
+    the mount, platform separators; (path, is_dir) pairs)."""
+
+    paths: list            # the instruction file's full paths
+    dir_patterns: list     # name patterns the tool applies as the selection does
+    file_patterns: list
+    walked: list           # paths the walk excluded by a pattern the tool would misapply
+
+
+class PatternLimits(typing.NamedTuple):
+    """When a tool would apply a name pattern differently from the selection:
+    (pattern, its regex, names of the directories leading to the listed ones, the
+    walk) -> True means 'use the exact paths the walk excluded instead'."""
+
+    directory: object
+    file: object
+
+
+def _matches_an_ancestor(_pattern, regex, ancestors, _walk):
+    return any(regex.fullmatch(name) for name in ancestors)
+
+
+# 7-Zip matches a recursive pattern against every name in a path, the listed
+# directories' parents included, and a pattern without a trailing separator
+# matches directories too.
+SEVEN_ZIP_LIMITS = PatternLimits(
+    _matches_an_ancestor,
+    lambda p, regex, ancestors, walk: any(regex.fullmatch(name)
+                                          for name in walk().dir_names | ancestors))
+# Robocopy drops a listed directory below a directory the pattern matches, and
+# takes a word starting with '-' for one of its switches.
+ROBOCOPY_LIMITS = PatternLimits(
+    lambda p, regex, ancestors, walk: p.startswith("-") or _matches_an_ancestor(
+        p, regex, ancestors, walk),
+    lambda p, regex, ancestors, walk: p.startswith("-"))
+# rsync's patterns are anchored below each listed directory: none is misapplied.
+RSYNC_LIMITS = PatternLimits(lambda *_args: False, lambda *_args: False)
+
+
+def compile_exclusions(plan, platform, limits, walk=None, root=None):
+    """The plan's exclusions for a tool with these limits.
+
+    walk: a finished TreeWalk of the mount (the child's own); when there is none
+    and one is needed, root is walked.
     """
-    ci = platform.case_insensitive
+    def walked():
+        nonlocal walk
+        if walk is None:
+            walk = TreeWalk(root, plan, platform)
+            walk.files()
+        return walk
+
     ancestors = {part for listed in plan.listed if listed
                  for part in listed.split(platform.sep)[:-1]}
-    non_recursive = [list_file_entry(r, True, platform) for r in plan.excluded_dir_paths] + \
-        [list_file_entry(r, False, platform) for r in plan.excluded_file_paths]
-    recursive, exact = [], []
-    for pattern in plan.dir_patterns:
-        regex = wildcard_regex(pattern, ci)
-        if any(regex.fullmatch(a) for a in ancestors):
-            exact.append(lambda rel, is_dir, r=regex: is_dir and r.fullmatch(_name(rel, platform)))
-        else:
-            recursive.append(platform.list_file_line(pattern, True))
-    for pattern in plan.file_patterns:
-        regex = wildcard_regex(pattern, ci)
-        if any(regex.fullmatch(d) for d in selection.dir_names | ancestors):
-            exact.append(lambda rel, is_dir, r=regex: not is_dir and r.fullmatch(_name(rel, platform)))
-        else:
-            recursive.append(pattern)
-    for rel, is_dir in selection.excluded:
-        if any(rule(rel, is_dir) for rule in exact):
-            non_recursive.append(list_file_entry(rel, is_dir, platform))
-    lists = [os.path.join(work_dir, INCLUSION_LIST), None, None]
+    patterns, exact = ([], []), ([], [])
+    for index, kind in enumerate((plan.dir_patterns, plan.file_patterns)):
+        unsafe = limits[index]
+        for pattern in kind:
+            regex = wildcard_regex(pattern, platform.case_insensitive)
+            if unsafe(pattern, regex, ancestors, walked):
+                exact[index].append(regex)
+            else:
+                patterns[index].append(pattern)
+    paths = [(rel, True) for rel in plan.excluded_dir_paths] + \
+        [(rel, False) for rel in plan.excluded_file_paths]
+    return Exclusions(paths, patterns[0], patterns[1],
+                      walked_exclusions(walked, exact, platform) if any(exact) else [])
+
+
+def walked_exclusions(walked, exact, platform):
+    """The paths the walk excluded whose name one of the exact patterns matches."""
+    found = []
+    for rel, is_dir in walked().excluded:
+        name = rel.rsplit(platform.sep, 1)[-1]
+        if any(regex.fullmatch(name) for regex in exact[0 if is_dir else 1]):
+            found.append((rel, is_dir))
+    return found
+
+
+def write_full_lists(work_dir, plan, walk, platform):
+    """A full backup's three 7-Zip list files: inclusion, non-recursive exclusion (full
+    paths) and recursive exclusion (name patterns), as the original design has them."""
+    exclusions = compile_exclusions(plan, platform, SEVEN_ZIP_LIMITS, walk)
+    non_recursive = [list_file_entry(rel, is_dir, platform)
+                     for rel, is_dir in exclusions.paths + exclusions.walked]
+    recursive = [platform.list_file_line(p, True) for p in exclusions.dir_patterns] + \
+        exclusions.file_patterns
     included = [list_file_entry(r, True, platform) if r else "*" for r in plan.listed]
+    lists = [os.path.join(work_dir, INCLUSION_LIST), None, None]
     _write_private_text(lists[0], "\n".join(included) + "\n")
-    if non_recursive:
-        lists[1] = os.path.join(work_dir, NON_RECURSIVE_LIST)
-        _write_private_text(lists[1], "\n".join(non_recursive) + "\n")
-    if recursive:
-        lists[2] = os.path.join(work_dir, RECURSIVE_LIST)
-        _write_private_text(lists[2], "\n".join(recursive) + "\n")
+    for index, (name, lines) in enumerate(((NON_RECURSIVE_LIST, non_recursive),
+                                          (RECURSIVE_LIST, recursive)), 1):
+        if lines:
+            lists[index] = os.path.join(work_dir, name)
+            _write_private_text(lists[index], "\n".join(lines) + "\n")
     return lists
-
-
-def _name(relative, platform):
-    return relative.rsplit(platform.sep, 1)[-1]
 
 
 def list_file_entry(relative, is_dir, platform):
@@ -2777,50 +2759,193 @@ def rsync_pattern(parts):
     return "".join(out)
 
 
-def rsync_rules(plan):
+def _literal(text):
+    return (text, True)
+
+
+def _wildcards(pattern):
+    # our wildcards are only '*' and '?'; any other rsync-special character is literal
+    return ("".join("\\" + c if c in "[\\" else c for c in pattern), False)
+
+
+def rsync_rules(plan, platform=None):
     """rsync filter rules giving the same result as the selection (first match wins)."""
-    def lit(text):
-        return (text, True)
+    exclusions = compile_exclusions(plan, platform or current_platform(), RSYNC_LIMITS)
+    rules = ["- " + rsync_pattern([_literal("/" + rel + ("/" if is_dir else ""))])
+             for rel, is_dir in exclusions.paths]
+    for listed in plan.listed:
+        rules += rsync_pattern_rules(listed, exclusions)
+    return rules + rsync_listed_rules(plan.listed)
 
-    def wild(pattern):
-        # our wildcards are only '*' and '?'; any other rsync-special character is literal
-        return ("".join("\\" + c if c in "[\\" else c for c in pattern), False)
 
+def rsync_pattern_rules(listed, exclusions):
+    """The name patterns, below one listed directory, at any depth."""
+    base = _literal("/" + listed + "/" if listed else "/")
     rules = []
-    for rel in plan.excluded_dir_paths:
-        rules.append("- " + rsync_pattern([lit("/" + rel + "/")]))
-    for rel in plan.excluded_file_paths:
-        rules.append("- " + rsync_pattern([lit("/" + rel)]))
-    for listed in plan.listed:
-        base = "/" + listed + "/" if listed else "/"
-        for pattern in plan.dir_patterns:
+    for pattern in exclusions.dir_patterns:
+        for middle in ("", "**/"):
+            rules.append("- " + rsync_pattern([base, (middle, False), _wildcards(pattern),
+                                               _literal("/")]))
+    for pattern in exclusions.file_patterns:
+        # a directory that merely looks like an excluded file name is kept
+        for sign, end in (("+ ", [_literal("/")]), ("- ", [])):
             for middle in ("", "**/"):
-                rules.append("- " + rsync_pattern([lit(base), (middle, False),
-                                                   wild(pattern), lit("/")]))
-        for pattern in plan.file_patterns:
-            # a directory that merely looks like an excluded file name is kept
-            for middle in ("", "**/"):
-                rules.append("+ " + rsync_pattern([lit(base), (middle, False),
-                                                   wild(pattern), lit("/")]))
-            for middle in ("", "**/"):
-                rules.append("- " + rsync_pattern([lit(base), (middle, False),
-                                                   wild(pattern)]))
-    # Only the listed directories and the directories leading to them.
-    ancestors = set()
-    for listed in plan.listed:
+                rules.append(sign + rsync_pattern([base, (middle, False),
+                                                   _wildcards(pattern)] + end))
+    return rules
+
+
+def rsync_listed_rules(listed_dirs):
+    """Only the listed directories and the directories leading to them."""
+    ancestors, rules = set(), []
+    for listed in listed_dirs:
         if not listed:
             continue
         parts = listed.split("/")
-        for depth in range(1, len(parts)):
-            ancestors.add("/".join(parts[:depth]))
-        rules.append("+ " + rsync_pattern([lit("/" + listed + "/")]))
-    for ancestor in sorted(ancestors):
-        rules.append("+ " + rsync_pattern([lit("/" + ancestor + "/")]))
-    if "" not in plan.listed:
+        ancestors.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+        rules.append("+ " + rsync_pattern([_literal("/" + listed + "/")]))
+    rules += ["+ " + rsync_pattern([_literal("/" + a + "/")]) for a in sorted(ancestors)]
+    if "" not in listed_dirs:
         for ancestor in [""] + sorted(ancestors):
             base = "/" + ancestor + "/" if ancestor else "/"
-            rules.append("- " + rsync_pattern([lit(base), ("*", False)]))
+            rules.append("- " + rsync_pattern([_literal(base), ("*", False)]))
     return rules
+
+
+# -- the generated script's commands: the mirror and 7-Zip ----------------------------
+
+# Exit codes that still mean the tool did its work: the checks that follow report
+# each file that is missing.
+RSYNC_DONE = (0, 23, 24)        # 23: some files could not be copied; 24: some vanished
+ROBOCOPY_DONE = tuple(range(8))  # below 8: files copied, extras, mismatches
+SEVEN_ZIP_DONE = (0, 1)          # 1: warnings (a file could not be read, or vanished)
+# Robocopy's default retries (1,000,000, 30 s apart) would hold the lock for months on
+# one unwritable destination file.
+ROBOCOPY_RETRIES = ("/r:2", "/w:5")
+ROBOCOPY_LOG = "robocopy_log.txt"
+
+
+def mirror_commands(platform, view_root, target, plan, keep, work_dir, walk=None):
+    """The mirror tool's lines of the generated script (rsync or Robocopy)."""
+    build = robocopy_commands if platform.mirror_tool == "Robocopy" else rsync_commands
+    return build(platform, view_root, target, plan, keep, work_dir, walk)
+
+
+def rsync_commands(platform, view_root, target, plan, keep, work_dir, walk=None):
+    """rsync with the same inclusion/exclusion result as the selection."""
+    rules_file = os.path.join(work_dir, MIRROR_RULES)
+    # NUL-separated (--from0) so that any file name, even with a newline, fits.
+    _write_private_bytes(rules_file, b"".join(
+        rule.encode("utf-8", "surrogateescape") + b"\0"
+        for rule in rsync_rules(plan, platform)))
+    argv = ["rsync", "-a", "--from0", f"--filter=merge {rules_file}"]
+    if not keep:
+        argv.append("--delete")
+    argv += ["--", "./", target.rstrip("/") + "/"]
+    return [platform.command_line(argv)] + platform.status_check("mirror", RSYNC_DONE)
+
+
+def robocopy_commands(platform, view_root, target, plan, keep, work_dir, walk=None):
+    """robocopy "q:" "<target>" /e [/purge] /unilog:"..." /xd ... /xf ... (the original
+    design's command).
+
+    Robocopy can only exclude, so /xd names every directory of the mount that
+    is neither listed nor on the way to a listed one and /xf every file lying
+    outside the listed directories, both as absolute paths on the shadow drive;
+    then the user's exclusions.  Added to the original command: /xjd (a junction
+    on the shadow drive leads back to the live disk, and the profile's legacy
+    junctions deny listing), bounded retries, /np and /tee (the report also goes
+    to the log, without progress counters).
+    """
+    dirs, files, problems = robocopy_exclusions(platform, view_root, plan, walk)
+    quote = platform.bat_quote
+    words = [r'"%SystemRoot%\System32\robocopy.exe"', quote(view_root.rstrip(platform.sep)),
+             quote(target), "/e"] + ([] if keep else ["/purge"])
+    words.append("/unilog:" + quote(ntpath.join(work_dir, ROBOCOPY_LOG)))
+    for switch, paths in (("/xd", dirs), ("/xf", files)):
+        if paths:
+            words += [switch] + [quote(p) for p in paths]
+    command = " ".join(words + ["/xjd", *ROBOCOPY_RETRIES, "/np", "/tee"])
+    platform.check_command_length(command, f"The Robocopy command for {view_root}",
+                                  "too many directories and files lie beside the listed "
+                                  "directories. List their parent directory instead, or "
+                                  "move the loose files into a directory.")
+    lines = [platform.echo_line(MARK_VALIDATION_FAILURE + p) for p in problems]
+    return lines + [command] + platform.status_check("mirror", ROBOCOPY_DONE)
+
+
+def robocopy_exclusions(platform, view_root, plan, walk=None):
+    """(/xd entries, /xf entries, problems) for one mount on the shadow drive.
+
+    Name patterns stay names (Robocopy matches them at any depth), except those
+    it would misapply (ROBOCOPY_LIMITS): they become the exact paths the
+    selection excludes.
+    """
+    outside_dirs, outside_files, problems = scan_outside_listed(platform, view_root, plan)
+    exclusions = compile_exclusions(plan, platform, ROBOCOPY_LIMITS, walk, view_root)
+
+    def on_drive(paths, is_dir):
+        return [platform.view_path(view_root, rel) for rel, d in paths if d == is_dir]
+
+    dirs = [platform.view_path(view_root, rel) for rel in outside_dirs] + \
+        on_drive(exclusions.paths, True) + exclusions.dir_patterns + \
+        on_drive(exclusions.walked, True)
+    files = [platform.view_path(view_root, rel) for rel in outside_files] + \
+        on_drive(exclusions.paths, False) + exclusions.file_patterns + \
+        on_drive(exclusions.walked, False)
+    return unique_paths(dirs, platform), unique_paths(files, platform), problems
+
+
+def unique_paths(paths, platform):
+    """paths without repeats, compared as the file system does, first spelling kept."""
+    seen, kept = set(), []
+    for path in paths:
+        if platform.comparable(path) not in seen:
+            seen.add(platform.comparable(path))
+            kept.append(path)
+    return kept
+
+
+def scan_outside_listed(platform, view_root, plan):
+    """What lies in the mount outside the listed directories (Robocopy's /xd, /xf).
+
+    Breadth first from the shadow drive's root: a directory equal to a listed
+    one is kept whole, one leading to a listed one is descended into, any
+    other is returned (for /xd); every file met on the way lies outside the
+    listed directories (for /xf).  A name is joined to its parent, and 'leads
+    to' means a prefix up to a separator ('test' does not lead to 'test2\\x').
+    """
+    listed = {platform.comparable(rel) for rel in plan.listed}
+    dirs, files, problems = [], [], []
+    level = [] if "" in listed else [""]
+    while level:
+        next_level = []
+        for parent in level:
+            where = platform.view_path(view_root, parent)
+            try:
+                with os.scandir(platform.long_path(where)) as iterator:
+                    entries = sorted(iterator, key=lambda e: (e.name.lower(), e.name))
+            except OSError as problem:
+                problems.append(f"cannot read directory {where}: "
+                                f"{problem.strerror or problem}")
+                continue
+            for entry in entries:
+                rel = parent + platform.sep + entry.name if parent else entry.name
+                key = platform.comparable(rel)
+                if not entry.is_dir(follow_symlinks=False):
+                    files.append(rel)
+                elif any(item.startswith(key + platform.sep) for item in listed):
+                    next_level.append(rel)
+                elif key not in listed:
+                    dirs.append(rel)
+        level = next_level
+    return dirs, files, problems
+
+
+def archive_commands(platform, seven_zip_argv, key_variable):
+    """7-Zip with the key on its standard input, so that it is on no command line."""
+    command = platform.feed_secret(key_variable, platform.command_line(seven_zip_argv))
+    return [command] + platform.status_check("archive", SEVEN_ZIP_DONE)
 
 
 def validate_mirror(view_root, target, plan, platform, start, keep):
@@ -3040,8 +3165,8 @@ def run_child(child, platform, settings):
         target = platform.mirror_directory(child.mirror_root, child.mount)
         try:
             os.makedirs(platform.long_path(target), exist_ok=True)
-            commands.append(platform.mirror_commands(view_root, target, plan, child.keep,
-                                                     work_dir))
+            commands.append(mirror_commands(platform, view_root, target, plan, child.keep,
+                                            work_dir, walk))
         except OSError as problem:      # a missing or read-only drive: the archive goes on
             child_say(f"{MARK_PREFIX}{platform.mirror_tool} failed: the mirror directory "
                       f"{target} cannot be created ({problem.strerror or problem}).")
@@ -3054,7 +3179,7 @@ def run_child(child, platform, settings):
                  else [os.path.join(work_dir, INCLUSION_LIST), None, None])
         argv = seven_zip_add_argv(settings, os.path.join(archive_dir, "backup.zip"), lists,
                                   platform.password_switch(CHILD_KEY_VARIABLE), platform)
-        commands.append(platform.archive_commands(argv, CHILD_KEY_VARIABLE))
+        commands.append(archive_commands(platform, argv, CHILD_KEY_VARIABLE))
     elif "AWS" in child.destinations:
         child_say(MARK_NOTHING_TO_ARCHIVE)
 
@@ -3596,45 +3721,23 @@ class BackupRun:
 
     # -- the whole run -------------------------------------------------------
     def execute(self):
-        args = self.args
-        try:
-            self.log = RunLog(args.log_dir, args.operation, args.secrets, self.platform)
-        except OSError as problem:
-            print(f"The log file cannot be created in {args.log_dir}: {problem.strerror}",
-                  file=sys.stderr)
+        self.log = open_run_log(self.args, self.platform)
+        if self.log is None:
             return EXIT_FAILURE
-        self.log.section(SECTION_ARGUMENTS)
-        self.log.line(f"{PROGRAM_NAME} {VERSION}, {args.operation}", terminal=False)
-        for line in args.masked():
-            self.log.line(line, terminal=False)
-        if self.aws_asked and len(args.key) < STRONG_KEY_LENGTH:
-            self.log.line(f"WARNING: the archive key (argument {BACKUP_ARGS.number('key')}) "
-                          f"is shorter than {STRONG_KEY_LENGTH} characters. ZIP's AES key "
-                          "derivation is weak (1,000 rounds of PBKDF2-SHA1), so anyone who "
-                          "obtains a volume can guess a short key offline: use "
-                          f"{STRONG_KEY_LENGTH} or more random characters (README, Security).")
+        self.warn_about_a_short_key()
         try:
             lock = self.acquire_lock()
         except (KeyboardInterrupt, Interrupted):
             return self.interrupted(None)
         except LockTimeout as problem:
             self.log.section(SECTION_LOCK_FAILURE)
-            self.log.line(f"ERROR: {problem}")
-            self.failures.append(str(problem))
-            if self.regular:
-                self.send_report()
-            self.finish()
-            return problem.exit_code
+            return self.ends_with(problem, lock=None)
         try:
-            code = self.run()
+            return self.run()
         except (KeyboardInterrupt, Interrupted):
-            code = self.interrupted(lock)
+            return self.interrupted(lock)
         except (NoBackupSet, Refused, InstructionError) as problem:
-            self.log.line(f"ERROR: {problem}")
-            self.failures.append(str(problem))
-            code = problem.exit_code
-            if self.regular:
-                self.send_report()
+            return self.ends_with(problem, lock)
         except Exception as problem:     # noqa: BLE001 - logged, then re-raised
             self.log.line(f"ERROR: unexpected {type(problem).__name__}: {problem}")
             raise
@@ -3642,9 +3745,40 @@ class BackupRun:
             self.remove_work_dir()
             lock.release()
             self.finish()
-        return code
+
+    def ends_with(self, problem, lock):
+        """An error that stops the run before any source: logged, reported, its code."""
+        self.log.line(f"ERROR: {problem}")
+        self.failures.append(str(problem))
+        if self.regular:
+            self.send_report()
+        if lock is None:
+            self.finish()
+        return problem.exit_code
+
+    def warn_about_a_short_key(self):
+        if self.aws_asked and len(self.args.key) < STRONG_KEY_LENGTH:
+            self.log.line(f"WARNING: the archive key (argument {BACKUP_ARGS.number('key')}) "
+                          f"is shorter than {STRONG_KEY_LENGTH} characters. ZIP's AES key "
+                          "derivation is weak (1,000 rounds of PBKDF2-SHA1), so anyone who "
+                          "obtains a volume can guess a short key offline: use "
+                          f"{STRONG_KEY_LENGTH} or more random characters (README, Security).")
 
     def run(self):
+        self.begin()
+        plan = self.plan_and_decide()
+        if self.local or self.aws:          # else S3 failed for an AWS-only run: reported
+            try:
+                self.create_work_dir()
+                self.back_up_sources(plan)
+            except SourceStopped as stopped:
+                self.record_stop(stopped)
+        self.log_summary()
+        if self.regular:
+            self.send_report()
+        return EXIT_FAILURE if self.failures else EXIT_OK
+
+    def begin(self):
         self.start = utc_now()
         self.log.section(SECTION_START)
         self.log.line(f"Backup started {describe_stamp(self.start)} "
@@ -3652,6 +3786,9 @@ class BackupRun:
         self.work_dir = os.path.join(self.settings.temp_root,
                                      f"{self.args.location}{format_stamp(self.start)}")
         self.remove_leftovers()
+
+    def plan_and_decide(self):
+        """The instruction file's plan, and (with AWS) the full/incremental decision."""
         plan, instruction_problem = self.read_plan()
         if self.aws and plan is not None and instruction_problem is None:
             self.query_s3(plan)
@@ -3659,26 +3796,25 @@ class BackupRun:
         if instruction_problem:
             self.log.section(SECTION_INSTRUCTION_ERROR)
             raise instruction_problem
-        if not self.local and not self.aws:
-            self.send_report()
-            return EXIT_FAILURE
-        if not self.create_work_dir():
-            self.send_report()
-            return EXIT_FAILURE
+        return plan
+
+    def back_up_sources(self, plan):
         run_sources = [self.platform.source_name(s.mount) for s in plan.sources]
         for index, source in enumerate(plan.sources, 1):
-            if not self.back_up_source(index, source, plan, run_sources):
-                break
+            self.back_up_source(index, source, plan, run_sources)
             checkpoint("source-done")
         if self.aws and self.completed_sources == len(plan.sources):
             if self.scope is Scope.FULL:
                 self.latest_full, self.latest_incremental = self.start, None
             else:
                 self.latest_incremental = self.start
-        self.log_summary()
-        if self.regular:
-            self.send_report()
-        return EXIT_FAILURE if self.failures else EXIT_OK
+
+    def record_stop(self, stopped):
+        """Log an error that ended the per-source loop; the run goes on to cleanup."""
+        if not stopped.causes:
+            self.log.section(stopped.section)
+        self.log.line(f"ERROR: {stopped}")
+        self.failures.extend(stopped.causes or [str(stopped)])
 
     def interrupted(self, lock):
         """Ctrl-C or SIGTERM: say so; the caller's cleanup still runs."""
@@ -3791,8 +3927,9 @@ class BackupRun:
             prefixes = month_prefixes(self.args.location, self.start, months)
             listing = BucketListing.load(self.s3, self.args.bucket, prefixes)
         except aws_errors() as problem:
-            message = (f"AWS S3 cannot be queried ({describe_aws_error(problem)}); the AWS "
-                       "part of this backup is skipped"
+            cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
+            message = (f"AWS S3 cannot be queried ({cause}); the AWS part of this backup "
+                       "is skipped"
                        + (", the local mirror is still made." if self.local else "."))
             self.log.line(f"ERROR: {message}")
             self.failures.append(message)
@@ -3851,13 +3988,9 @@ class BackupRun:
             os.makedirs(self.settings.temp_root, exist_ok=True)
             os.mkdir(self.work_dir, 0o700)
             _write_private_text(os.path.join(self.work_dir, WORK_MARKER), f"{os.getpid()}\n")
-            return True
         except OSError as problem:
-            self.log.section(SECTION_WORK_DIR_ERROR)
-            message = f"The work directory {self.work_dir} cannot be created: {problem}"
-            self.log.line(f"ERROR: {message}")
-            self.failures.append(message)
-            return False
+            raise SourceStopped(SECTION_WORK_DIR_ERROR, f"The work directory {self.work_dir} "
+                                f"cannot be created: {problem}")
 
     def remove_work_dir(self):
         if not self.work_dir or not os.path.exists(self.work_dir):
@@ -3895,65 +4028,19 @@ class BackupRun:
 
     # -- one source: child run, markers, upload ---------------------------
     def back_up_source(self, index, source, plan, run_sources):
-        """Run the child for one mount and upload its archive; False stops the run."""
-        platform, args = self.platform, self.args
-        name = platform.source_name(source.mount)
+        """Run the child for one mount and upload its archive (SourceStopped: no more)."""
+        name = self.platform.source_name(source.mount)
         self.log.section(SECTION_CHILD_OUTPUT)
         self.log.line(f"Source {index} of {len(plan.sources)}: {source.mount}")
-        view_root = platform.child_view_root(source.mount, args.drive_letter)
-        output = os.path.join(self.work_dir, OUTPUT_FILE)
-        catalogue = SourceCatalogue(self, source, name) if self.aws else None
-        try:
-            write_source_plan(os.path.join(self.work_dir, PLAN_FILE), source, view_root,
-                              platform)
-            if os.path.exists(output):
-                os.remove(output)
-            if catalogue:
-                catalogue.choose_base(self.log)
-        except OSError as problem:
-            return self.stop(SECTION_TEMP_FILE_ERROR,
-                             f"A temporary file cannot be written: {problem}")
-        destinations = {"local"} if self.local else set()
-        if self.aws:
-            destinations.add("AWS")
-        incremental = self.scope is Scope.INCREMENTAL
-        child = child_arguments(
-            operation=args.operation, agent=CHILD_AGENT, latest_full=self.latest_full,
-            latest_incremental=self.since if incremental else None,
-            start=self.start, mount=source.mount, drive_letter=args.drive_letter or "q",
-            destinations=frozenset(destinations), mirror_root=args.mirror_root,
-            keep=args.keep, key="env:" + CHILD_KEY_VARIABLE, location=args.location,
-            work_dir=self.work_dir, force_full=not incremental,
-            scope=Scope.INCREMENTAL if incremental else Scope.FULL)
-        argv = platform.child_command(args.python, self.program_path,
-                                      child.to_argv(),
-                                      source.mount, args.drive_letter)
+        catalogue = self.prepare_child(source, name)
         # Pipelined upload: volumes go up while the child's 7-Zip writes the next.
         uploader = self.volume_uploader(name) if self.aws else None
         try:
-            watch = self.while_child_runs(uploader)
-            status = self.run_child_process(argv, output, watch)
-            if watch:
-                watch.close()
-        except OSError as problem:
+            lines, status = self.run_child(source, uploader)
+            result = self.check_child_output(lines, status, self.aws)
+        except SourceStopped:
             self.note_orphans(uploader)
-            return self.stop(SECTION_CHILD_ERROR, f"Critical error. {platform.child_runner} "
-                             f"execution failure Aborting {args.operation} operation. "
-                             f"({problem})")
-        try:
-            self.log.append_output(output)
-            with open(output, "rb") as handle:
-                # 7-Zip's '+ <file>' lines (one per file) are only logged, not checked
-                lines = [platform.decode_output(raw).rstrip("\r\n") for raw in handle
-                         if not raw.startswith(b"+ ")]
-        except OSError:
-            self.note_orphans(uploader)
-            return self.stop(SECTION_OUTPUT_READ_ERROR, f"File I/O error. "
-                             f"{platform.child_runner} command output file reading error.")
-        result = self.check_child_output(lines, status, "AWS" in destinations)
-        if result is None:
-            self.note_orphans(uploader)
-            return False
+            raise
         checkpoint("child-done")
         if result["failures"]:
             self.failures.append(f"{source.mount}: {result['failures']} validation or "
@@ -3961,9 +4048,63 @@ class BackupRun:
                                  "failure' in this log")
         self.report_failed_parts(source, result["failed"], lines, uploader)
         if self.aws:
-            return self.upload_source(source, name, catalogue, run_sources, uploader,
-                                      reported_volume_count(lines))
-        return True
+            self.upload_source(source, name, catalogue, run_sources, uploader,
+                               reported_volume_count(lines))
+
+    def prepare_child(self, source, name):
+        """The files the child reads: its part of the plan, and the state to compare
+        with (the catalogue of this source, when AWS is a destination)."""
+        view_root = self.platform.child_view_root(source.mount, self.args.drive_letter)
+        catalogue = SourceCatalogue(self, source, name) if self.aws else None
+        try:
+            write_source_plan(os.path.join(self.work_dir, PLAN_FILE), source, view_root,
+                              self.platform)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.work_dir, OUTPUT_FILE))
+            if catalogue:
+                catalogue.choose_base(self.log)
+        except OSError as problem:
+            raise SourceStopped(SECTION_TEMP_FILE_ERROR,
+                                f"A temporary file cannot be written: {problem}")
+        return catalogue
+
+    def child_argv(self, source):
+        """The child's command line (through ShadowSpawn on Windows)."""
+        args, incremental = self.args, self.scope is Scope.INCREMENTAL
+        destinations = frozenset(({"local"} if self.local else set())
+                                 | ({"AWS"} if self.aws else set()))
+        child = child_arguments(
+            operation=args.operation, agent=CHILD_AGENT, latest_full=self.latest_full,
+            latest_incremental=self.since if incremental else None,
+            start=self.start, mount=source.mount, drive_letter=args.drive_letter or "q",
+            destinations=destinations, mirror_root=args.mirror_root,
+            keep=args.keep, key="env:" + CHILD_KEY_VARIABLE, location=args.location,
+            work_dir=self.work_dir, force_full=not incremental,
+            scope=Scope.INCREMENTAL if incremental else Scope.FULL)
+        return self.platform.child_command(args.python, self.program_path, child.to_argv(),
+                                           source.mount, args.drive_letter)
+
+    def run_child(self, source, uploader):
+        """Run the child to its end; (its output lines but 7-Zip's '+ <file>' ones, which
+        are only logged, and its exit status)."""
+        runner, output = self.platform.child_runner, os.path.join(self.work_dir, OUTPUT_FILE)
+        try:
+            watch = self.while_child_runs(uploader)
+            status = self.run_child_process(self.child_argv(source), output, watch)
+            if watch:
+                watch.close()
+        except OSError as problem:
+            raise SourceStopped(SECTION_CHILD_ERROR, f"Critical error. {runner} execution "
+                                f"failure Aborting {self.args.operation} operation. "
+                                f"({problem})")
+        try:
+            self.log.append_output(output)
+            with open(output, "rb") as handle:
+                return [self.platform.decode_output(raw).rstrip("\r\n") for raw in handle
+                        if not raw.startswith(b"+ ")], status
+        except OSError:
+            raise SourceStopped(SECTION_OUTPUT_READ_ERROR, f"File I/O error. {runner} "
+                                "command output file reading error.")
 
     def while_child_runs(self, uploader):
         """Upload finished volumes; on a terminal, show how much 7-Zip has written."""
@@ -4002,11 +4143,11 @@ class BackupRun:
                 raise
 
     def check_child_output(self, lines, status, archive_expected):
-        """The seed's marker checks, in order: script, mirror, archive (seed 5.4.2).
+        """The marker checks, in the original design's order: script, mirror, archive.
 
-        A child that did not run to its end stops the run (None).  Otherwise the
-        child's result, with "failed": the destinations whose tool failed, which
-        report_failed_parts reports while the other destination completes.
+        A child that did not run to its end stops the run (SourceStopped).
+        Otherwise the child's result, with "failed": the destinations whose tool
+        failed, which report_failed_parts reports while the other one completes.
         """
         messages = self.platform.missing_marker_messages()
         present = set(lines)
@@ -4019,9 +4160,11 @@ class BackupRun:
             self.log.section(SECTION_CHILD_ERROR)
             for kind in missing:
                 self.log.line(f"ERROR: {messages[kind]}")
-            return self.stop(SECTION_CHILD_ERROR, f"Critical error. {self.platform.child_runner}"
-                             f" execution failure Aborting {self.args.operation} operation. "
-                             f"({exit_codes(lines, status)})", [messages[k] for k in missing])
+            raise SourceStopped(SECTION_CHILD_ERROR, f"Critical error. "
+                                f"{self.platform.child_runner} execution failure Aborting "
+                                f"{self.args.operation} operation. "
+                                f"({exit_codes(lines, status)})",
+                                [messages[k] for k in missing])
         return dict(json.loads(results[-1]), failed=missing)
 
     def report_failed_parts(self, source, failed, lines, uploader):
@@ -4047,14 +4190,6 @@ class BackupRun:
                 shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
             self.log.line(f"ERROR: {message}")
             self.failures.append(message)
-
-    def stop(self, section, message, causes=()):
-        """Log an error that ends the per-source loop; the run goes on to cleanup."""
-        if not causes:
-            self.log.section(section)
-        self.log.line(f"ERROR: {message}")
-        self.failures.extend(list(causes) or [message])
-        return None if section == SECTION_CHILD_ERROR else False
 
     def backup_times(self):
         """(full, incremental) date-times of this run's S3 object names."""
@@ -4100,18 +4235,17 @@ class BackupRun:
                           f"({files} files in {len(records)} volumes)")
             self.completed_sources += 1
             catalogue.keep_state()
-            return True
         except aws_errors() + (OSError, AamError) as problem:
             self.log.section(SECTION_UPLOAD_ERROR)
+            cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
             message = (f"Upload to s3://{self.args.bucket} failed for {source.mount} "
-                       f"({describe_aws_error(problem)}); no completion indicator was "
-                       "written, so this backup set is not used; no further uploads.")
+                       f"({cause}); no completion indicator was written, so this backup "
+                       "set is not used; no further uploads.")
             self.note_orphans(uploader)
             self.log.line(f"ERROR: {message}")
             self.failures.append(message)
-            self.aws = False
+            self.aws = False     # the local mirror of the next sources is still made
             shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
-            return True          # the local mirror of the next sources is still made
 
     def upload_catalogue(self, catalogue, uploader, records):
         """Where each archived file lies, checked against the selection, then uploaded.
@@ -4147,10 +4281,7 @@ class BackupRun:
     def send_report(self):
         if not self.args.send_email:
             return
-        args = self.args
-        status = "FAILURE" if self.failures else "SUCCESS"
-        scope = f" {self.scope.word}" if self.scope and self.aws_asked else ""
-        title = f"{status}, {local_time_text(self.start or utc_now())}{scope} backup!"
+        scope = f"{self.scope.word} " if self.scope and self.aws_asked else ""
         types = " and ".join(t for t, on in (("local", self.local), ("AWS S3", self.aws_asked))
                              if on)
         body = [f"Backup destination types: {types}"]
@@ -4158,10 +4289,8 @@ class BackupRun:
             body.append(f"Latest complete AWS S3 full backup: {describe_stamp(self.latest_full)}")
             body.append("Latest complete AWS S3 incremental backup: "
                         f"{describe_stamp(self.latest_incremental)}")
-        body.append("For more info, refer to the local backup log.")
-        session = self.session or aws_session(args.access_key_id, args.secret_access_key)
-        send_email_report(session, self.settings, args.sender_name, args.sender_address,
-                          args.recipient, title, "\n".join(body) + "\n", self.log)
+        send_report(self.args, self.settings, self.session, self.log, bool(self.failures),
+                    self.start or utc_now(), f"{scope}backup", body)
 
 
 # ============================================================================
@@ -4199,26 +4328,12 @@ SECTION_DOWNLOAD = "AWS S3 download."
 SECTION_EXTRACT = "decryption and decompression."
 SECTION_RESTORE_ERROR = "(if applicable) data restoration error."
 
-# The permission each S3 call of a restore needs (for a refused call's message).
-S3_PERMISSIONS = {
-    "ListObjectsV2": "s3:ListBucket", "ListObjects": "s3:ListBucket",
-    "GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
-    "RestoreObject": "s3:RestoreObject",
-}
-DENIED_CODES = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled")
 
 
 class NotReady(AamError):
     """The thawed copies are not all there yet: run the step again later."""
 
     exit_code = EXIT_NOT_READY
-
-
-def aws_error_code(problem):
-    response = getattr(problem, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
 
 
 def is_transient(problem):
@@ -4231,22 +4346,15 @@ def is_transient(problem):
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
 
 
-RESTORE_CREDENTIALS = "arguments 11 and 12"      # the keys a refused request was made with
-BROWSE_CREDENTIALS = "arguments 5 and 6"
-
-
 def restore_aws_error(problem, bucket, key=None, credentials=RESTORE_CREDENTIALS):
     """An AamError for a failed S3 call of a restore, naming a missing permission."""
     where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
-    operation = getattr(problem, "operation_name", "")
     if aws_error_code(problem) in DENIED_CODES:
-        permission = S3_PERMISSIONS.get(operation, "an S3 permission")
         return AamError(
-            f"AWS refused {operation or 'the request'} on {where} (access denied): the "
-            f"credentials of {credentials} lack the permission {permission}. A "
-            "restore needs s3:ListBucket, s3:GetObject and s3:RestoreObject on the bucket: "
-            "use the restore user's keys (README, AWS setup); the backup user is "
-            "write-only by design.")
+            f"{describe_aws_error(problem, where, credentials)}. A restore needs "
+            "s3:ListBucket, s3:GetObject and s3:RestoreObject on the bucket: use the "
+            "restore user's keys (README, AWS setup); the backup user is write-only by "
+            "design.")
     if aws_error_code(problem) in ("404", "NoSuchKey"):
         return AamError(f"{where} does not exist (any more); the backup set is damaged.")
     if aws_error_code(problem) == "NoSuchBucket":
@@ -4312,23 +4420,24 @@ class RestoreSelection:
         return bool(self.items)
 
     def matcher(self, source_path, source_platform):
-        """A function (path relative to the source, '/' between names, kind) -> bool."""
+        """A function (path relative to the source, '/' between names, kind) -> bool;
+        source_platform: the name of the platform the backup was made on."""
         if not self.items:
             return lambda _path, _kind: True
-        windows = source_platform == "windows"
-        sep = "\\" if windows else "/"
-        rules = [self.rule(item, source_path, sep, windows) for item in self.items]
+        source = platform_named(source_platform)
+        rules = [self.rule(item, source_path, source) for item in self.items]
         return lambda path, kind: any(rule(path, kind) for rule in rules)
 
     @staticmethod
-    def rule(item, source_path, sep, windows):
+    def rule(item, source_path, source):
         is_dir = item.endswith(("/", "\\"))
         trimmed = item.rstrip("/\\") or item[:1]
         absolute = trimmed.startswith("/") or re.match(r"^[A-Za-z]:", trimmed)
-        parts = [p for p in re.split(r"[\\/]" if windows else "/", trimmed) if p]
-        regexes = [wildcard_regex(p, windows) for p in parts]
+        split = f"[{re.escape(source.separators)}]"
+        parts = [p for p in re.split(split, trimmed) if p]
+        regexes = [wildcard_regex(p, source.case_insensitive) for p in parts]
         if absolute:
-            mount = [p for p in re.split(r"[\\/]" if windows else "/", source_path) if p]
+            mount = [p for p in re.split(split, source_path) if p]
 
             def match_path(path, kind):
                 names = mount + path.split("/")
@@ -5566,7 +5675,7 @@ class Restoration:
                 os.remove(path)
             return
         original = dict((n, p) for n, _s, p in self.set.sources)[number]
-        sep = "\\" if re.match(r"^[A-Za-z]:", original) else "/"   # the backed-up computer's
+        sep = platform_of_path(original).sep           # the backed-up computer's
         lines = []
         for rel, reason in problems:
             full = original.rstrip(sep) + sep + rel.replace("/", sep)
@@ -6047,7 +6156,7 @@ def find_versions(s3, args, platform, settings, chain, listing, work, out):
 
 
 def join_source_path(source_path, path, manifest):
-    sep = "\\" if manifest.get("platform") == "windows" else "/"
+    sep = platform_named(manifest.get("platform", "posix")).sep
     return source_path.rstrip(sep) + sep + path.replace("/", sep)
 
 
@@ -6218,9 +6327,7 @@ def run_multi_step(restoration, operation):
 
 
 def restore_email(args, restoration, failed, start, out):
-    """SPEC 6 step 8 / seed 2.2.4: title and the short body, nothing else."""
-    title = (f"{'FAILURE' if failed else 'SUCCESS'}, {local_time_text(start)} "
-             "data restoration!")
+    """The restoration's report: which set was used."""
     restore_set = restoration.set or (restoration.state and
                                       restoration.state.restore_set(restoration.downloads))
     if restore_set:
@@ -6228,13 +6335,10 @@ def restore_email(args, restoration, failed, start, out):
         incrementals = ", ".join(describe_stamp(i) for i in restore_set.incrementals)
     else:
         full, incrementals = "none", ""
-    body = [f"Unique Backup-Set Prefix: {args.location}",
-            f"Full backup used: {full}",
-            f"Incremental backups used: {incrementals or 'none'}",
-            "For more info, refer to the local backup log."]
-    session = restoration.session or aws_session(args.access_key_id, args.secret_access_key)
-    send_email_report(session, restoration.settings, args.sender_name, args.sender_address,
-                      args.recipient, title, "\n".join(body) + "\n", out)
+    body = [f"Unique Backup-Set Prefix: {args.location}", f"Full backup used: {full}",
+            f"Incremental backups used: {incrementals or 'none'}"]
+    send_report(args, restoration.settings, restoration.session, out, failed, start,
+                "data restoration", body)
 
 
 def failure_text(problem):
@@ -6252,43 +6356,22 @@ def run_restore(args, platform, settings):
     """The five restore operations; only one-step writes a log and sends e-mail."""
     one_step = args.operation == ONE_STEP_RESTORE
     start = utc_now()
-    if one_step:
-        try:
-            out = RunLog(args.log_dir, args.operation, args.secrets, platform)
-        except OSError as problem:
-            print(f"The log file cannot be created in {args.log_dir}: {problem.strerror}",
-                  file=sys.stderr)
-            return EXIT_FAILURE
-        out.section(SECTION_ARGUMENTS)
-        out.line(f"{PROGRAM_NAME} {VERSION}, {args.operation}", terminal=False)
-        for line in args.masked():
-            out.line(line, terminal=False)
-    else:
-        out = TerminalOutput(args.secrets)
+    out = open_run_log(args, platform) if one_step else TerminalOutput(args.secrets)
+    if out is None:
+        return EXIT_FAILURE
     out.section(SECTION_RESTORE_START)
     out.line(f"{args.operation} started {local_time_text(start)} "
              f"({describe_stamp(start)}); destination {args.destination}")
     restoration = Restoration(args, platform, settings, out)
-    code = EXIT_OK
     try:
         restoration.open()
         if one_step:
             run_one_step(restoration)
         else:
             run_multi_step(restoration, args.operation)
-    except (AamError, KeyboardInterrupt, Interrupted) as problem:
-        if isinstance(problem, (KeyboardInterrupt, Interrupted)):
-            problem = Interrupted("Interrupted. Nothing finished is lost: run the same "
-                                  "command again to continue.")
-        out.section(SECTION_RESTORE_ERROR)
-        out.line(f"ERROR: {problem}")
-        code = problem.exit_code
-    except Exception as problem:     # noqa: BLE001 - reported, so that one-step still mails
-        out.section(SECTION_RESTORE_ERROR)
-        out.line(f"ERROR: {failure_text(problem)}")
-        if not (is_transient(problem) or isinstance(problem, OSError)):
-            out.line(traceback.format_exc(), terminal=False)
-        code = EXIT_FAILURE
+        code = EXIT_OK
+    except BaseException as problem:     # noqa: BLE001 - reported, so that one-step mails
+        code = report_restore_failure(problem, out)
     finally:
         restoration.close()
     if one_step:
@@ -6300,6 +6383,23 @@ def run_restore(args, platform, settings):
         out.line(f"Log file: {out.path}")
         out.close()
     return code
+
+
+def report_restore_failure(problem, out):
+    """Say what stopped a restore; its exit code (SystemExit and the like pass on)."""
+    if isinstance(problem, (KeyboardInterrupt, Interrupted)):
+        problem = Interrupted("Interrupted. Nothing finished is lost: run the same command "
+                              "again to continue.")
+    elif not isinstance(problem, Exception):
+        raise problem
+    out.section(SECTION_RESTORE_ERROR)
+    if isinstance(problem, (AamError, Interrupted)):
+        out.line(f"ERROR: {problem}")
+        return problem.exit_code
+    out.line(f"ERROR: {failure_text(problem)}")
+    if not (is_transient(problem) or isinstance(problem, OSError)):
+        out.line(traceback.format_exc(), terminal=False)
+    return EXIT_FAILURE
 
 
 # ============================================================================

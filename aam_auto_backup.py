@@ -1496,23 +1496,7 @@ def _blocks(text, path):
     One empty line separates blocks; an empty exclusion block is one more empty
     line, so three empty lines in a row skip the excluded-directories block.
     """
-    groups, gaps, run, run_start = [], [], 0, None
-    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
-        line = raw.rstrip()
-        if _is_comment(line.lstrip()):
-            continue
-        if not line.strip():
-            if groups:                      # blank lines before block 1 are ignored
-                run += 1
-                run_start = run_start or number
-            continue
-        if groups and run == 0:
-            groups[-1].append((number, line))
-        else:
-            if groups:
-                gaps.append((run, run_start))
-            groups.append([(number, line)])
-        run, run_start = 0, None
+    groups, gaps = _line_groups(text)
     if not groups:
         raise InstructionError(f"{path}: no directory to back up is listed "
                                "(block 1 is empty)")
@@ -1532,6 +1516,29 @@ def _blocks(text, path):
                                    "instruction file has three blocks")
         blocks[position - 1] = group
     return blocks
+
+
+def _line_groups(text):
+    """The runs of non-empty lines ([(line number, entry)] each), and before each run
+    after the first, (how many empty lines, the first of them)."""
+    groups, gaps, run, run_start = [], [], 0, None
+    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
+        line = raw.rstrip()
+        if _is_comment(line.lstrip()):
+            continue
+        if not line.strip():
+            if groups:                      # blank lines before block 1 are ignored
+                run += 1
+                run_start = run_start or number
+            continue
+        if groups and run == 0:
+            groups[-1].append((number, line))
+        else:
+            if groups:
+                gaps.append((run, run_start))
+            groups.append([(number, line)])
+        run, run_start = 0, None
+    return groups, gaps
 
 
 def parse_instructions(text, path, platform):
@@ -1651,6 +1658,33 @@ def plan_backup(instructions, platform, extra_excluded=()):
     destination and the work directory when they lie inside a source).
     """
     notes = []
+    existing = existing_listed(instructions, platform, notes)
+    dir_paths = [e.text for e in instructions.excluded_dirs if e.is_path]
+    file_paths = [e.text for e in instructions.excluded_files if e.is_path]
+    dir_patterns = [e.text for e in instructions.excluded_dirs if not e.is_path]
+    file_patterns = [e.text for e in instructions.excluded_files if not e.is_path]
+    for entry in instructions.excluded_dirs + instructions.excluded_files:
+        if entry.is_path and not os.path.lexists(platform.long_path(entry.text)):
+            notes.append(f"line {entry.line}: ignored, {entry.text} does not exist")
+    kept = not_excluded(existing, dir_paths, dir_patterns, platform, notes)
+    covered = outermost(kept, platform, notes)
+
+    def relative_to(mount, paths):
+        return [r for r in (_relative(p, mount, platform) for p in paths) if r]
+
+    sources = [SourcePlan(
+        mount=_original_case(mount, covered, platform),
+        listed=sorted(r for r in (_relative(p, mount, platform) for p in covered)
+                      if r is not None),
+        excluded_dir_paths=relative_to(mount, dir_paths) + relative_to(mount, extra_excluded),
+        excluded_file_paths=relative_to(mount, file_paths),
+        dir_patterns=dir_patterns, file_patterns=file_patterns)
+        for mount in compute_mounts(covered, platform)]
+    return BackupPlan(sources, notes, covered)
+
+
+def existing_listed(instructions, platform, notes):
+    """The listed directories that exist, each once: [(path, line)]."""
     existing, seen = [], set()
     for path, number in instructions.backup_dirs:
         key = platform.comparable(path)
@@ -1662,16 +1696,12 @@ def plan_backup(instructions, platform, extra_excluded=()):
             notes.append(f"line {number}: ignored, the directory {path} does not exist")
             continue
         existing.append((path, number))
-    dir_paths = [e.text for e in instructions.excluded_dirs if e.is_path]
-    file_paths = [e.text for e in instructions.excluded_files if e.is_path]
-    dir_patterns = [e.text for e in instructions.excluded_dirs if not e.is_path]
-    file_patterns = [e.text for e in instructions.excluded_files if not e.is_path]
-    for entry in instructions.excluded_dirs + instructions.excluded_files:
-        if entry.is_path and not os.path.lexists(platform.long_path(entry.text)):
-            notes.append(f"line {entry.line}: ignored, {entry.text} does not exist")
-    dir_regexes = [wildcard_regex(p, platform.case_insensitive) for p in dir_patterns]
+    return existing
 
-    # A listed directory that is also excluded is not backed up: exclusion wins.
+
+def not_excluded(existing, dir_paths, dir_patterns, platform, notes):
+    """A listed directory that is also excluded is not backed up: exclusion wins."""
+    dir_regexes = [wildcard_regex(p, platform.case_insensitive) for p in dir_patterns]
     kept = []
     for path, number in existing:
         basename = platform.split(path)[-1]
@@ -1684,31 +1714,20 @@ def plan_backup(instructions, platform, extra_excluded=()):
                          f"({excluded_by}); exclusion wins, it is not backed up")
             continue
         kept.append(path)
-    # A directory inside another listed directory is covered by its parent.
+    return kept
+
+
+def outermost(paths, platform, notes):
+    """A directory inside another listed directory is covered by its parent."""
     covered = []
-    for path in kept:
-        parent = next((o for o in kept if o != path
+    for path in paths:
+        parent = next((o for o in paths if o != path
                        and _relative(path, o, platform) is not None), None)
         if parent:
             notes.append(f"{path} is inside {parent} and is backed up with it")
         else:
             covered.append(path)
-    sources = []
-    for mount in compute_mounts(covered, platform):
-        listed = sorted(r for r in (_relative(p, mount, platform) for p in covered)
-                        if r is not None)
-        extra = [r for r in (_relative(x, mount, platform) for x in extra_excluded)
-                 if r]
-        sources.append(SourcePlan(
-            mount=_original_case(mount, covered, platform),
-            listed=listed,
-            excluded_dir_paths=[r for r in (_relative(p, mount, platform)
-                                             for p in dir_paths) if r] + extra,
-            excluded_file_paths=[r for r in (_relative(p, mount, platform)
-                                              for p in file_paths) if r],
-            dir_patterns=dir_patterns,
-            file_patterns=file_patterns))
-    return BackupPlan(sources, notes, covered)
+    return covered
 
 
 def colliding_sources(plan, platform):
@@ -2993,26 +3012,17 @@ def mirror_extras(view_root, target, plan, platform, keep, start_ts):
     files missing from the mirror, the other way round).  A directory that should
     not be there is reported once, not file by file.
     """
-    selector, sep, extras = Selector(plan, platform), platform.sep, []
-    listed = {platform.comparable(rel) for rel in plan.listed}
-    on_the_way = {platform.comparable(sep.join(rel.split(sep)[:depth]))
-                  for rel in plan.listed for depth in range(1, rel.count(sep) + 1)}
-    pending = [("", "" in listed)]
+    selected, sep, extras = mirror_selection(plan, platform), platform.sep, []
+    pending = [("", "" in {platform.comparable(rel) for rel in plan.listed})]
     while pending:
         rel_dir, inside = pending.pop()
         for entry in _sorted_entries(target.rstrip(sep) + sep + rel_dir, platform):
             rel = rel_dir + sep + entry.name if rel_dir else entry.name
             is_dir = entry.is_dir(follow_symlinks=False)
-            key = platform.comparable(rel)
-            if is_dir and inside:
-                selected = not selector.dir_excluded(rel, entry.name)
-            elif is_dir:
-                selected = key in listed or key in on_the_way
-            else:
-                selected = inside and not selector.file_excluded(rel, entry.name)
+            wanted, listed = selected(rel, entry.name, is_dir, inside)
             in_source = os.path.lexists(platform.long_path(view_root.rstrip(sep) + sep + rel))
             shown = rel + (sep if is_dir else "")
-            if not selected and in_source:
+            if not wanted and in_source:
                 extras.append(f"{shown}: excluded by the instruction file, yet in the mirror "
                               f"{target}; delete it there")
             elif not keep and not in_source and platform.changed_time(
@@ -3020,9 +3030,26 @@ def mirror_extras(view_root, target, plan, platform, keep, start_ts):
                 extras.append(f"{shown}: in the mirror {target} but not in the source "
                               f"(argument {BACKUP_ARGS.number('keep')} is False); delete it "
                               "there")
-            elif is_dir and selected:
-                pending.append((rel, inside or key in listed))
+            elif is_dir and wanted:
+                pending.append((rel, inside or listed))
     return extras
+
+
+def mirror_selection(plan, platform):
+    """(relative path, name, is_dir, inside a listed directory) -> (selected, listed)."""
+    selector, sep = Selector(plan, platform), platform.sep
+    listed = {platform.comparable(rel) for rel in plan.listed}
+    on_the_way = {platform.comparable(sep.join(rel.split(sep)[:depth]))
+                  for rel in plan.listed for depth in range(1, rel.count(sep) + 1)}
+
+    def selected(rel, name, is_dir, inside):
+        key = platform.comparable(rel)
+        if is_dir and inside:
+            return not selector.dir_excluded(rel, name), False
+        if is_dir:
+            return key in listed or key in on_the_way, key in listed
+        return inside and not selector.file_excluded(rel, name), False
+    return selected
 
 
 def _sorted_entries(path, platform):
@@ -3092,40 +3119,38 @@ def run_script(argv, env, on_line, platform, archive_dir=None):
     With archive_dir, 7-Zip is paused while its finished volumes wait for upload.
     """
     import threading
-    parent = os.getppid()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, env=env,
                                **platform.group_popen_options())
     throttle = VolumeThrottle(process, archive_dir, platform) if archive_dir else None
-    throttle_done = threading.Event()
+    done = threading.Event()
 
     def stop(*_ignored):
-        throttle_done.set()
+        done.set()
         platform.stop_group(process)
         if throttle:
             throttle.release()    # a stopped process acts on SIGTERM once continued
 
     previous = signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(EXIT_INTERRUPTED)))
     if throttle:
-        threading.Thread(target=throttle.run, args=(throttle_done,), daemon=True).start()
+        threading.Thread(target=throttle.run, args=(done,), daemon=True).start()
+    threading.Thread(target=stop_when_orphaned, args=(os.getppid(), done, stop),
+                     daemon=True).start()
     try:
-        watcher_stop = threading.Event()
-
-        def watch_parent():
-            while not watcher_stop.wait(1.0):
-                if os.getppid() != parent:
-                    stop()
-                    return
-
-        threading.Thread(target=watch_parent, daemon=True).start()
         for raw in process.stdout:
             on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
-        status = process.wait()
-        watcher_stop.set()
-        return status
+        return process.wait()
     finally:
-        throttle_done.set()
+        done.set()
         signal.signal(signal.SIGTERM, previous)
+
+
+def stop_when_orphaned(parent, done, stop):
+    """Call stop when the process that started this one is gone (checked each second)."""
+    while not done.wait(1.0):
+        if os.getppid() != parent:
+            stop()
+            return
 
 
 def exit_codes(lines, status):
@@ -3137,14 +3162,13 @@ def exit_codes(lines, status):
 
 
 def run_child(child, platform, settings):
-    """The ShadowSpawn-executed pass (seed V.1.3) for one mount directory.
+    """The child pass (ShadowSpawn runs it on Windows) for one mount directory.
 
     Everything is printed: the parent appends this output to the log and
     checks the success markers.  Exit status 0 means the pass ran to its end.
     """
     view_root = platform.child_view_root(child.mount, child.drive_letter)
-    work_dir = child.work_dir
-    plan = read_source_plan(os.path.join(work_dir, PLAN_FILE), view_root, platform)
+    plan = read_source_plan(os.path.join(child.work_dir, PLAN_FILE), view_root, platform)
     full = child.scope is Scope.FULL
     since = None if full else (child.latest_incremental or child.latest_full)
     if not full and since is None:
@@ -3158,48 +3182,61 @@ def run_child(child, platform, settings):
         child_say(MARK_VALIDATION_FAILURE + problem)
     for special in walk.specials:
         child_say(f"Not backed up (not a regular file, directory or link): {special}")
-
-    commands = []
-    target = None
-    if "local" in child.destinations:
-        target = platform.mirror_directory(child.mirror_root, child.mount)
-        try:
-            os.makedirs(platform.long_path(target), exist_ok=True)
-            commands.append(mirror_commands(platform, view_root, target, plan, child.keep,
-                                            work_dir, walk))
-        except OSError as problem:      # a missing or read-only drive: the archive goes on
-            child_say(f"{MARK_PREFIX}{platform.mirror_tool} failed: the mirror directory "
-                      f"{target} cannot be created ({problem.strerror or problem}).")
-            target = None
-    to_archive = "AWS" in child.destinations and (full or selected)
-    archive_dir = os.path.join(work_dir, ARCHIVE_DIR)
-    if to_archive:
-        os.makedirs(archive_dir, mode=0o700, exist_ok=True)
-        lists = (write_full_lists(work_dir, plan, walk, platform) if full
-                 else [os.path.join(work_dir, INCLUSION_LIST), None, None])
-        argv = seven_zip_add_argv(settings, os.path.join(archive_dir, "backup.zip"), lists,
-                                  platform.password_switch(CHILD_KEY_VARIABLE), platform)
-        commands.append(archive_commands(platform, argv, CHILD_KEY_VARIABLE))
-    elif "AWS" in child.destinations:
-        child_say(MARK_NOTHING_TO_ARCHIVE)
-
-    script = os.path.join(work_dir, platform.script_name)
-    platform.write_script(script, view_root, commands)
-    env = dict(os.environ, **{CHILD_KEY_VARIABLE: child.key})
-    status = run_script(platform.script_argv(script), env, child_say, platform,
-                        archive_dir if to_archive else None)
-    if status != 0:
-        child_say(f"AAM Auto Backup: the backup script ended with exit code {status}.")
-
+    target, mirror = child_mirror(child, platform, view_root, plan, walk)
+    archive_dir, archive = child_archive(child, platform, settings, plan, walk, selected)
+    run_generated_script(child, platform, view_root, mirror + archive, archive_dir)
     failures = list(walk.problems)
     if target is not None:
         failures += validate_mirror(view_root, target, plan, platform, child.start,
                                     child.keep)
     for failure in failures[len(walk.problems):]:
         child_say(MARK_VALIDATION_FAILURE + failure)
-    child_say(MARK_RESULT + json.dumps({"files": selected if to_archive else 0,
+    child_say(MARK_RESULT + json.dumps({"files": selected if archive_dir else 0,
                                         "failures": len(failures)}))
     return EXIT_OK
+
+
+def child_mirror(child, platform, view_root, plan, walk):
+    """(the mirror directory, the script's mirror commands); (None, []) without one."""
+    if "local" not in child.destinations:
+        return None, []
+    target = platform.mirror_directory(child.mirror_root, child.mount)
+    try:
+        os.makedirs(platform.long_path(target), exist_ok=True)
+        return target, [mirror_commands(platform, view_root, target, plan, child.keep,
+                                        child.work_dir, walk)]
+    except OSError as problem:      # a missing or read-only drive: the archive goes on
+        child_say(f"{MARK_PREFIX}{platform.mirror_tool} failed: the mirror directory "
+                  f"{target} cannot be created ({problem.strerror or problem}).")
+        return None, []
+
+
+def child_archive(child, platform, settings, plan, walk, selected):
+    """(the archive directory, the script's 7-Zip commands); (None, []) when there is
+    nothing to archive."""
+    full = child.scope is Scope.FULL
+    if "AWS" not in child.destinations:
+        return None, []
+    if not (full or selected):
+        child_say(MARK_NOTHING_TO_ARCHIVE)
+        return None, []
+    archive_dir = os.path.join(child.work_dir, ARCHIVE_DIR)
+    os.makedirs(archive_dir, mode=0o700, exist_ok=True)
+    lists = (write_full_lists(child.work_dir, plan, walk, platform) if full
+             else [os.path.join(child.work_dir, INCLUSION_LIST), None, None])
+    argv = seven_zip_add_argv(settings, os.path.join(archive_dir, "backup.zip"), lists,
+                              platform.password_switch(CHILD_KEY_VARIABLE), platform)
+    return archive_dir, [archive_commands(platform, argv, CHILD_KEY_VARIABLE)]
+
+
+def run_generated_script(child, platform, view_root, commands, archive_dir):
+    """Write the script (the mirror, then 7-Zip) and run it, its output printed."""
+    script = os.path.join(child.work_dir, platform.script_name)
+    platform.write_script(script, view_root, commands)
+    env = dict(os.environ, **{CHILD_KEY_VARIABLE: child.key})
+    status = run_script(platform.script_argv(script), env, child_say, platform, archive_dir)
+    if status != 0:
+        child_say(f"AAM Auto Backup: the backup script ended with exit code {status}.")
 
 
 def record_selection(child, view_root, plan, platform, since):
@@ -5942,35 +5979,7 @@ def make_plan(restoration):
     restore_set, selection = restoration.set, restoration.selection
     chosen, whole, central = Tally(), Tally(), {}
     for number, _source, path in restore_set.sources:
-        archives = restore_set.archives_of(number)
-        catalogues = [CatalogueFile(restoration.fetch_catalogue(a)) for a in archives]
-        check_catalogue_chain(catalogues, archives)
-        for archive, catalogue in zip(archives, catalogues):
-            if catalogue.header.get("archive"):
-                central[(format_stamp(archive.backup), number)] = \
-                    catalogue.header["archive"]["central_directory_volume"]
-        match = selection.matcher(path, catalogues[0].header.get("platform", "posix"))
-        state_path = restoration.state_path(number)
-        os.makedirs(os.path.dirname(state_path), mode=0o700, exist_ok=True)
-        header = {"kind": LISTING, "source_path": path, "selection": selection.items}
-        writer = StateWriter(restoration, number, header)
-        parents = OpenDirectories()
-        names = NameChecker(restoration.platform) if restoration.platform.refuses_names \
-            else None
-        try:
-            for entry in reconstruct(catalogues):
-                whole.add(entry, number)
-                chosen_one = match(entry.path, entry.kind)
-                if chosen_one and names and not writer.creatable(entry, names):
-                    chosen_one = False
-                if chosen_one:
-                    for parent in parents.unwritten(entry.path):
-                        writer.write(parent)      # its times and permissions come back too
-                    chosen.add(entry, number)
-                    writer.write(entry)
-                parents.met(entry, chosen_one)
-        finally:
-            writer.close()
+        central.update(plan_source(restoration, number, path, chosen, whole))
     if selection and not chosen.entries:
         raise NothingSelected(
             f"Nothing in the backup as of {describe_stamp(restore_set.last_backup)} matches "
@@ -5981,6 +5990,38 @@ def make_plan(restoration):
     everything = complete_volumes(whole, by_key)
     return RestorePlan(volumes_in(restore_set, wanted), chosen, whole,
                        volumes_in(restore_set, everything), selection.items)
+
+
+def plan_source(restoration, number, path, chosen, whole):
+    """One source: its state at the restore point into its state file (the selected
+    entries, and the directories leading to them), counted into chosen and whole.
+    Returns {(backup stamp, number): the volume where its central directory starts}."""
+    archives = restoration.set.archives_of(number)
+    catalogues = [CatalogueFile(restoration.fetch_catalogue(a)) for a in archives]
+    check_catalogue_chain(catalogues, archives)
+    central = {(format_stamp(a.backup), number): c.header["archive"]["central_directory_volume"]
+               for a, c in zip(archives, catalogues) if c.header.get("archive")}
+    selection = restoration.selection
+    match = selection.matcher(path, catalogues[0].header.get("platform", "posix"))
+    writer = StateWriter(restoration, number, {"kind": LISTING, "source_path": path,
+                                               "selection": selection.items})
+    parents = OpenDirectories()
+    names = NameChecker(restoration.platform) if restoration.platform.refuses_names \
+        else None
+    try:
+        for entry in reconstruct(catalogues):
+            whole.add(entry, number)
+            chosen_one = match(entry.path, entry.kind) and (
+                names is None or writer.creatable(entry, names))
+            if chosen_one:
+                for parent in parents.unwritten(entry.path):
+                    writer.write(parent)      # its times and permissions come back too
+                chosen.add(entry, number)
+                writer.write(entry)
+            parents.met(entry, chosen_one)
+    finally:
+        writer.close()
+    return central
 
 
 class StateWriter:

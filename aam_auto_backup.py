@@ -1350,17 +1350,47 @@ OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS, BROWSE_OPERATION: BROWSE_ARGS,
                     **{op: RESTORE_ARGS for op in RESTORE_OPERATIONS}}
 
 
+OPERATION_SUMMARIES = {
+    REGULAR_BACKUP: "the daily backup: the mirror, and a full or incremental backup to "
+                    "S3 Glacier Deep Archive",
+    INCREMENTAL_ONLY_BACKUP: "a quick incremental backup by hand (never a full one)",
+    ONE_STEP_RESTORE: "restore from Deep Archive in one command (thaw, wait, download, "
+                      "extract)",
+    THAW_STEP: "restore, step 1: plan and request the thaw",
+    STATUS_STEP: "restore, step 2: look at the thaw once",
+    DOWNLOAD_STEP: "restore, step 3: download what is thawed",
+    EXTRACT_STEP: "restore, step 4: decrypt and extract",
+    BROWSE_OPERATION: "list the backups, and the versions of chosen files (no thaw)",
+}
+
+
 def usage_text(operation):
     """A short usage text for one operation (or for all of them)."""
     table = OPERATION_TABLES.get(operation)
     if table is not None:
         return table.usage(None if operation == CHILD_AGENT else operation)
     lines = ["usage: aam_auto_backup.py <operation> <arguments...>",
-             "operations (all arguments are positional and all must be present):"]
+             "operations (all arguments are positional; write empty values as \"\"):"]
     lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
               for op in BACKUP_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
     lines.append("Run 'aam_auto_backup.py <operation>' to see its arguments; "
                  "README.md has the details.")
+    return "\n".join(lines)
+
+
+def overview_text():
+    """What --help prints: what the program does, its operations, and where to read on."""
+    lines = [f"{PROGRAM_NAME} {VERSION}: mirrors chosen directories to a local or USB "
+             "drive and keeps",
+             "encrypted, multi-volume ZIP archives of them in AWS S3 Glacier Deep Archive "
+             "(a full",
+             "backup each month, incrementals between), reports by e-mail, and restores "
+             "exactly.", "", "operations:"]
+    for operation, summary in OPERATION_SUMMARIES.items():
+        lines += [f"  {operation} ({OPERATION_TABLES[operation].count_text()})",
+                  f"      {summary}"]
+    lines += ["", "Run 'aam_auto_backup.py <operation>' for its arguments; README.md "
+              "has the details.", "aam_auto_backup.py --version prints the version."]
     return "\n".join(lines)
 
 
@@ -6458,6 +6488,12 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
     def run(self):
         argv = self.argv
         operation = argv[0] if argv else ""
+        if argv in (["--help"], ["-h"]):
+            print(overview_text())
+            return EXIT_OK
+        if argv == ["--version"]:
+            print(f"{PROGRAM_NAME} {VERSION}")
+            return EXIT_OK
         try:
             if len(argv) > 1 and argv[1] == CHILD_AGENT:
                 return self.child_pass(parse_child_args(argv))

@@ -138,3 +138,12 @@ def test_the_usage_text_is_the_argument_table(sandbox, operation):
         assert ("(accepts env:NAME)" in line) == arg.secret
         assert ("(optional" in line) == (arg.optional or arg.repeated)
     assert f"takes {table.count_text()}, {len(argv)} were given" in result.stderr
+
+
+def test_help_prints_the_overview_and_version_the_version(sandbox):
+    helped = sandbox.run(["--help"])
+    assert helped.returncode == 0 and "error:" not in helped.stdout + helped.stderr
+    for operation in aab.BACKUP_OPERATIONS + aab.RESTORE_OPERATIONS + (aab.BROWSE_OPERATION,):
+        assert f"  {operation} (" in helped.stdout
+    version = sandbox.run(["--version"])
+    assert version.returncode == 0 and version.stdout == f"AAM Auto Backup {aab.VERSION}\n"

@@ -11,17 +11,17 @@ The module reads top to bottom in the order the data flows:
 
     settings and errors      -> tunables (environment variables), exit codes
     platform layer           -> the only place where Windows and POSIX differ
-    names and time stamps    -> S3 object names (SPEC section 5)
-    arguments                -> positional arguments of every operation (SPEC 3)
-    instruction file         -> parsing, mount directories, exclusions (SPEC 4)
+    names and time stamps    -> S3 object names (README: What is stored where)
+    arguments                -> positional arguments of every operation (README: Commands)
+    instruction file         -> parsing, mount directories, exclusions
     selection                -> which files of a mount are backed up (the walk)
     catalogue                -> each backup's record of its sources; the local state
-    log and report           -> the dated log file and the SES e-mail (SPEC 6)
+    log and report           -> the dated log file and the SES e-mail
     bucket listing           -> what complete backup sets the bucket holds
     child run                -> the per-mount pass: mirror, 7-Zip, validation
     upload                   -> volumes as DEEP_ARCHIVE, then the indicator
     backup operations        -> regular-backup, incremental-only-backup
-    restore operations       -> one-step and multi-step restoration (SPEC 7)
+    restore operations       -> one-step and multi-step restoration, browse
     Aam_Auto_Backup          -> dispatch on the operation argument
 """
 
@@ -151,7 +151,7 @@ def _env_int(name, default, minimum):
 
 @dataclasses.dataclass
 class Settings:
-    """Tunables the seed fixes; each can be overridden by an environment variable."""
+    """Tunables with fixed defaults; each can be overridden by an environment variable."""
 
     volume_size: int
     compression_level: int
@@ -211,7 +211,7 @@ def _write_private_text(path, text, encoding="utf-8"):
 # ============================================================================
 
 # Success markers printed by the child's generated script and checked by the
-# parent (seed step 5.4.2).  Lines are matched exactly.
+# parent, as the original Windows program did.  Lines are matched exactly.
 MARK_PREFIX = "AAM Auto Backup: "
 MARK_NOTHING_TO_ARCHIVE = MARK_PREFIX + "no files to back up incrementally."
 MARK_VALIDATION_FAILURE = MARK_PREFIX + "validation failure: "
@@ -273,7 +273,7 @@ class PosixPlatform:
         return "/".join(elements) if len(elements) > 1 else "/"
 
     def source_name(self, mount):
-        """SPEC 5: the mount path with ':' and separators replaced by '-'."""
+        """The mount path with ':' and separators replaced by '-' (object names)."""
         return mount.replace(":", "-").replace("/", "-")
 
     def mirror_directory(self, mirror_root, mount):
@@ -355,7 +355,7 @@ class PosixPlatform:
     # -- generated script --------------------------------------------------
     def marker(self, kind):
         """The line the generated script prints when 'script', 'mirror' or 'archive'
-        succeeded; the parent checks for exactly these lines (seed step 5.4.2)."""
+        succeeded; the parent checks for exactly these lines."""
         return f"{MARK_PREFIX}{self.tool_name(kind)} execution success."
 
     def tool_name(self, kind):
@@ -421,10 +421,10 @@ class PosixPlatform:
 
 
 class WindowsPlatform(PosixPlatform):
-    """Windows, faithful to the seed: ShadowSpawn (VSS), Robocopy, 7z.exe.
+    """Windows, as the original program ran there: ShadowSpawn (VSS), Robocopy, 7z.exe.
 
-    The command lines are the ones the seed's author tested by hand
-    (spec-notes/part6.md sections 1-3, part7.md 1.1); every deviation from
+    The command lines are the ones the original program's author tested by
+    hand (tests/test_windows_commands.py pins them); every deviation from
     them is explained where it is made.  Windows command lines are built as
     strings, not lists: ShadowSpawn and cmd.exe parse their own command lines.
     """
@@ -442,7 +442,7 @@ class WindowsPlatform(PosixPlatform):
     shadow_spawn_name = "ShadowSpawn.exe"
     child_runner = shadow_spawn_name
     mirror_error_re = re.compile(r".*\bERROR \d+ \(0x[0-9A-Fa-f]+\)")   # Robocopy's
-    # The seed's machine (US English): the console code page when none can be read.
+    # A US English machine's console code page: the one used when none can be read.
     fallback_code_page = 437
     # MAX_PATH (260) minus the 12 characters CreateDirectory keeps for a file name.
     long_path_threshold = 248
@@ -486,7 +486,7 @@ class WindowsPlatform(PosixPlatform):
         return mount.lower().replace(":", "-").replace("\\", "-").rstrip("-")
 
     def mirror_directory(self, mirror_root, mount):
-        """<dest>\\<drive letter>\\<rest of the path> (seed bug 7: F:\\backup\\main\\c\\users)."""
+        """<dest>\\<drive letter>\\<rest of the path>, e.g. F:\\backup\\main\\c\\users."""
         drive, rest = mount[0], mount[2:].lstrip("\\")
         return ntpath.join(mirror_root, drive.lower(), rest) if rest else \
             ntpath.join(mirror_root, drive.lower())
@@ -500,7 +500,7 @@ class WindowsPlatform(PosixPlatform):
     def long_path(self, path):
         """The extended-length form (\\\\?\\C:\\...) of a path long enough to hit MAX_PATH.
 
-        Seed bugs 2 and 5: a 265-character path on the shadow drive could be
+        The original program met this: a 265-character path on the shadow drive could be
         neither checked nor listed until it carried the \\\\?\\ prefix.
         """
         if len(path) < self.long_path_threshold or path.startswith("\\\\?\\"):
@@ -582,7 +582,7 @@ class WindowsPlatform(PosixPlatform):
         return max(st.st_mtime, created)
 
     def list_file_line(self, relative_path, is_dir):
-        # 7-Zip list files name directories with a trailing '\' (seed TEST 1 and 2).
+        # 7-Zip list files name directories with a trailing '\' (as 7-Zip was tested).
         return relative_path + ("\\" if is_dir else "")
 
     def cannot_create(self, path):
@@ -609,7 +609,7 @@ class WindowsPlatform(PosixPlatform):
         """A path on the shadow drive: 'q:\\' + 'documents\\folder2'."""
         return view_root.rstrip("\\") + "\\" + relative if relative else view_root
 
-    # -- the child's output file (seed bug 1) ---------------------------------
+    # -- the child's output file ---------------------------------------------
     def console_code_page(self):
         """The console's code page (what chcp shows): console programs write in it."""
         try:
@@ -633,7 +633,7 @@ class WindowsPlatform(PosixPlatform):
 
         The child writes UTF-8 (it runs with -X utf8), 7-Zip too (-sccUTF-8);
         any other line (ShadowSpawn's own) is in the console code page, cp437
-        on the seed's machine.  Bytes the code page lacks become U+FFFD.
+        on a US English machine.  Bytes the code page lacks become U+FFFD.
         """
         try:
             return data.decode("utf-8")
@@ -649,7 +649,7 @@ class WindowsPlatform(PosixPlatform):
         """"text" for a Windows command line parsed by the MSVCRT rules.
 
         A trailing backslash is doubled, or '\\"' would be read as a literal
-        quote (seed: "no \\ at the end of source and target Robocopy
+        quote (as the original author noted: "no \\ at the end of source and target Robocopy
         directories!").  Windows paths and names cannot hold '"'.
         """
         if '"' in text:
@@ -660,16 +660,16 @@ class WindowsPlatform(PosixPlatform):
     def child_command(self, python, script, child_args, mount, drive_letter):
         """ShadowSpawn.exe "<mount>" q: "<python>" "-X" "utf8" "<script>" <15 child args>.
 
-        The seed ran this through os.system with '> shadow_copy_command_output.txt';
+        The original ran this through os.system with '> shadow_copy_command_output.txt';
         here the parent hands the output file to ShadowSpawn as its standard
         output handle (what cmd.exe's '>' does), so no cmd.exe parses paths.
         ShadowSpawn splits its command line itself (quotes kept, no backslash
         escapes) and takes any word starting with '-' for one of its own
         switches, so every word after the drive letter is quoted; python then
-        parses the rest by the MSVCRT rules.  Deviations from the seed: full
+        parses the rest by the MSVCRT rules.  Deviations from the original: full
         paths for ShadowSpawn.exe and the script (the working directory is not
         always the program directory), and -X utf8 so that the child writes its
-        output in UTF-8 (seed bug 1).
+        output in UTF-8 (a code-page output file was misread otherwise).
         """
         shadow_spawn = ntpath.join(ntpath.dirname(script), self.shadow_spawn_name)
         operation, agent = child_args[:2]
@@ -685,7 +685,7 @@ class WindowsPlatform(PosixPlatform):
         return self.quote(text).replace("%", "%%")
 
     def write_script(self, path, view_root, commands):
-        """The seed's batch file: cd /D to the shadow drive, robocopy, 7z (seed 1.5).
+        """The original's batch file: cd /D to the shadow drive, robocopy, 7z.
 
         UTF-8 after 'chcp 65001' so that any path can be written (cmd.exe reads
         a batch file line by line in the console code page), which is set back
@@ -804,12 +804,12 @@ def platform_of_path(path):
 
 
 # ============================================================================
-# Names and time stamps (SPEC 5)
+# Names and time stamps (README: What is stored where)
 # ============================================================================
 
 STAMP_FORMAT = "%Y%m%d_%H%M%S.%f"        # in object names, UTC
 ARG_STAMP_FORMAT = "%Y%m%d %H%M%S.%f"    # in child arguments, UTC
-NO_STAMP_ARG = " "                        # the seed's "none" for child args 3-4
+NO_STAMP_ARG = " "                        # "none" in child arguments 3-4
 
 OBJECT_NAME_RE = re.compile(
     r"^(?P<location>[^_]+)_(?P<full>\d{8}_\d{6}\.\d{6})_"
@@ -905,7 +905,7 @@ def month_prefixes(location, now, months=MONTHS_SCANNED):
 
 
 # ============================================================================
-# Arguments (SPEC 3)
+# Arguments (README: Commands)
 # ============================================================================
 
 REGULAR_BACKUP = "regular-backup"
@@ -1479,7 +1479,7 @@ def child_arguments(**values):
 
 
 # ============================================================================
-# Instruction file (SPEC 4)
+# Instruction file (README: The instruction file)
 # ============================================================================
 
 WILDCARD_CHARS = "*?"
@@ -1622,7 +1622,7 @@ def _parse_exclusion(number, entry, path, platform, is_dir):
 
 
 def compute_mounts(directories, platform):
-    """Shortest shared parent directories other than the root (seed 7.3).
+    """Shortest shared parent directories other than the root.
 
     One pass over the sorted element lists, comparing each with the last mount.
     """
@@ -1791,7 +1791,7 @@ def _original_case(mount, paths, platform):
 
 
 def write_source_plan(path, plan, view_root, platform):
-    """The per-mount instruction copy handed to the child (seed: shadow_copy_instruction.txt).
+    """The per-mount instruction copy handed to the child (shadow_copy_instruction.txt).
 
     Same three-block format as the instruction file, with the paths on the
     child's view of the mount (the shadow drive on Windows).
@@ -2275,10 +2275,10 @@ class WorkFile:
 
 
 # ============================================================================
-# Log and report (SPEC 6 steps 1 and 8)
+# Log and report
 # ============================================================================
 
-# Section headings in the seed's order (spec-notes/part1.md section 5).
+# The log's section headings, in the original program's order (README: Log).
 SECTION_ARGUMENTS = "user-executed AAM Auto Backup command parameters."
 SECTION_LOCK_FAILURE = "(if applicable) file lock acquisition failure."
 SECTION_START = "Backup execution starting time and date."
@@ -2457,7 +2457,7 @@ def send_report(args, settings, session, log, failed, started, what, body):
 
 
 # ============================================================================
-# Bucket listing: what complete backup sets the bucket holds (SPEC 5)
+# Bucket listing: what complete backup sets the bucket holds
 # ============================================================================
 
 def aws_session(access_key_id, secret_access_key):
@@ -2662,7 +2662,7 @@ def child_say(text):
 
 
 def seven_zip_add_argv(settings, archive_path, list_files, password_switch, platform):
-    """7-Zip 'add' with the seed's switches: ZIP, AES-256, UTF-8 names, volumes."""
+    """7-Zip 'add' with the original design's switches: ZIP, AES-256, UTF-8 names, volumes."""
     argv = [settings.seven_zip, "a", "-tzip", f"-mx={settings.compression_level}",
             "-mem=AES256", "-mcu=on", password_switch, f"-v{settings.volume_size}b",
             "-bb1", "-bd", "-snl", platform.list_charset_switch, "-sccUTF-8", "-y",
@@ -2998,7 +2998,7 @@ def archive_commands(platform, seven_zip_argv, key_variable):
 
 
 def validate_mirror(view_root, target, plan, platform, start, keep):
-    """Seed rule (bug 7): compare the mirror with the source after the copy.
+    """Compare the mirror with the source after the copy (a rule the original learnt).
 
     A missing file or a differing modification time is a failure only for a
     file that was last changed before the backup started; sizes are compared
@@ -3308,7 +3308,7 @@ def read_catalogue_base(work_dir):
 
 
 # ============================================================================
-# Upload: volumes as DEEP_ARCHIVE, then the indicator (SPEC 5, 6 step 6)
+# Upload: volumes as DEEP_ARCHIVE, then the catalogue and the indicator
 # ============================================================================
 
 MIB = 1024 * 1024
@@ -3559,7 +3559,7 @@ class VolumeUploader:
         self.records.append({"name": key, "size": size, "sha256": digest})
 
     def announce(self, text):
-        """Live on the terminal; in the log under the upload section (seed order)."""
+        """Live on the terminal; in the log under the upload section (its order)."""
         if self.live:
             self.log.line(text)
         else:
@@ -3749,7 +3749,7 @@ class SourceCatalogue:
 
 
 # ============================================================================
-# Backup operations: regular-backup and incremental-only-backup (SPEC 6)
+# Backup operations: regular-backup and incremental-only-backup
 # ============================================================================
 
 def _read_pid(path):
@@ -3898,7 +3898,7 @@ class BackupRun:
             with contextlib.suppress(EOFError):
                 input("Press Enter to close...")
 
-    # -- lock (SPEC 6 step 2) ---------------------------------------------
+    # -- lock ------------------------------------------------------------
     def acquire_lock(self):
         import filelock
         path, poll, wait = self.settings.lock_file, self.args.lock_poll, self.args.lock_wait
@@ -3930,7 +3930,7 @@ class BackupRun:
                           f"{remaining:.0f} s more.")
             time.sleep(pause)
 
-    # -- instruction file (SPEC 4) -----------------------------------------
+    # -- instruction file ------------------------------------------------
     def read_plan(self):
         """(BackupPlan or None, InstructionError or None); nothing is logged yet."""
         try:
@@ -3983,7 +3983,7 @@ class BackupRun:
             for note in plan.notes:
                 self.log.line(note, terminal=False)
 
-    # -- S3 query and the full/incremental decision (SPEC 6 step 4) ------
+    # -- S3 query and the full/incremental decision ----------------------
     def query_s3(self, plan):
         self.log.section(SECTION_LATEST)
         sources = [self.platform.source_name(s.mount) for s in plan.sources]
@@ -4335,7 +4335,7 @@ class BackupRun:
                       f"{entries} entries, {described['size']:,} bytes, STANDARD)")
         return archived, described
 
-    # -- summary and report (SPEC 6 step 8) -------------------------------
+    # -- summary and report ----------------------------------------------
     def log_summary(self):
         self.log.section(SECTION_SUMMARY)
         if self.failures:
@@ -4361,10 +4361,10 @@ class BackupRun:
 
 
 # ============================================================================
-# Restore operations (SPEC 7)
+# Restore operations (README: Restoration)
 # ============================================================================
 
-# Deep Archive retrieval prices for us-east-1 as the design notes recorded them
+# Deep Archive retrieval prices for us-east-1 as they were recorded
 # from aws.amazon.com/s3/pricing on 2020-10-05 (README lists them): dollars per
 # GB retrieved and per 1,000 restore requests.  Only used for the estimate.
 PRICES_TAKEN = "2020-10-05"
@@ -4443,7 +4443,7 @@ def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS):
 
 
 class TerminalOutput:
-    """The multi-step operations write no log (seed decision): terminal only.
+    """The multi-step operations write no log (the original design's choice): terminal only.
 
     Same interface as RunLog; tool output (terminal=False) is not shown.
     """
@@ -4525,7 +4525,7 @@ class RestoreSelection:
         return match_name
 
 
-# -- the backup set: its chain up to the restore point (SPEC 7 step 1) --------------
+# -- the backup set: its chain up to the restore point -----------------------------
 
 @dataclasses.dataclass
 class RestoreVolume:
@@ -4911,7 +4911,7 @@ def comparison_lines(plan):
 
 
 def set_lines(restore_set, volumes):
-    """The objects chosen (SPEC 7 step 1), for the terminal and the log."""
+    """The objects chosen, for the terminal and the log."""
     lines = [f"Backup set used: the {describe_backup(restore_set.full, None)} and "
              f"{len(restore_set.incrementals)} complete incremental backup(s) of it; the "
              f"data is as of {describe_stamp(restore_set.last_backup)}."]
@@ -5195,9 +5195,10 @@ def seven_zip_failure(code, output, archive_name, key_argument=8):
     errors = [line.strip() for line in output.splitlines()
               if line.startswith("ERROR") or "Unexpected end" in line]
     if any(line.startswith("ERROR: Wrong password") for line in errors):
-        return AamError(f"The decryption key (argument {key_argument}) is wrong: 7-Zip cannot open "
-                        f"{archive_name}. Nothing was extracted; what was downloaded is "
-                        "kept, so a re-run with the right key does not download it again.")
+        return AamError(f"The decryption key (argument {key_argument}) is wrong: 7-Zip "
+                        f"cannot open {archive_name}. Nothing was extracted; what was "
+                        "downloaded is kept, so a re-run with the right key does not "
+                        "download it again.")
     shown = "; ".join(errors[:5]) or f"exit code {code}"
     return AamError(f"7-Zip failed on {archive_name} (exit code {code}): {shown}")
 
@@ -5630,7 +5631,7 @@ class Restoration:
         self.s3 = aws_client(self.session, "s3", self.settings.region)
 
     def load_set(self):
-        """Select the set (SPEC 7 step 1), or take the one this restoration pinned."""
+        """Select the set, or take the one this restoration pinned."""
         args, out = self.args, self.out
         self.connect()
         if self.state:
@@ -5674,10 +5675,10 @@ class Restoration:
         """Start the state file; never take over names someone else's data uses."""
         if self.state:
             if self.state.selection != self.selection.items:
+                before = " | ".join(self.state.selection) or "everything"
                 self.out.line("The selection differs from the one this destination's "
-                              f"restoration had ({' | '.join(self.state.selection) or 'everything'}"
-                              "): the numbered directories are made again for the new one; "
-                              "what was downloaded is used again.")
+                              f"restoration had ({before}): the numbered directories are "
+                              "made again for the new one; what was downloaded is used again.")
                 self.state.select(self.selection.items)
             return
         taken = [name for name in claimed_names(self.set)
@@ -5809,7 +5810,7 @@ class Restoration:
         return found
 
     def request_thaws(self, statuses):
-        """restore_object for each volume not thawed or requested yet (SPEC 7 step 2)."""
+        """restore_object for each volume not thawed or requested yet."""
         asked = 0
         for volume in self.plan.volumes:
             if statuses[volume.key] == NOT_REQUESTED:

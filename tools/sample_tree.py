@@ -78,8 +78,8 @@ class SampleTree:
         return [self.first_mount, self.second_mount]
 
 
-def _random_bytes(seed, size):
-    return random.Random(seed).randbytes(size)
+def _random_bytes(number, size):
+    return random.Random(number).randbytes(size)
 
 
 def build_sample(first_root, second_root, picture_size=48_000):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Windows set-up helper: the daily Task Scheduler job and the two desktop batch files.
 
-From your settings it writes (seed Part II sections 4 and 5, spec-notes/part1.md 13-14):
+From your settings it writes, as the original Windows program's set-up had them:
 
   Daily AAM Auto Backup.xml               the task: daily at 00:30, run whether you
                                           are logged on or not, highest privileges,
@@ -38,7 +38,7 @@ sys.path.insert(0, REPO)
 import aam_auto_backup as aab  # noqa: E402
 
 TASK_NAME = "Daily AAM Auto Backup"
-TASK_TIME = "00:30:00"                   # 12:30 am local time (seed 4.1.1)
+TASK_TIME = "00:30:00"                   # 12:30 am local time: the computer is on, unused
 BATCH_DIRECTORY = "backup batch files"
 REGULAR_BAT = "Regular backup.bat"
 INCREMENTAL_BAT = "Incremental-only backup.bat"
@@ -48,7 +48,8 @@ SECRET_ENV_DEFAULTS = {
     "access_key_id": "AAM_BACKUP_ACCESS_KEY_ID",
     "secret_access_key": "AAM_BACKUP_SECRET_ACCESS_KEY",
 }
-# Positions (1-based) the seed writes without quotes; every other one is quoted.
+# Positions (1-based) the original batch files write without quotes; every other one
+# is quoted.
 BARE_POSITIONS = {1, 2, 4, 5, 7, 15}
 WINDOWS = aab.WindowsPlatform()
 
@@ -58,7 +59,7 @@ class SettingsError(Exception):
 
 
 class ScheduleSettings:
-    """The user's values for the 22 backup arguments (SPEC section 3)."""
+    """The user's values for the 22 backup arguments (README, Commands)."""
 
     def __init__(self, program_dir, python, log_dir, sender, recipient, instruction_file,
                  mirror_dir, bucket, location, user, *, lock_poll=600, lock_wait=7200,
@@ -89,7 +90,8 @@ class ScheduleSettings:
 
 
 def backup_arguments(settings, operation):
-    """The 22 positional arguments; 21 (force full) "no", 22 (automatic) "yes" (seed 4.1.1)."""
+    """The 22 positional arguments; 21 (force full) "no", 22 (automatic) "yes": a full
+    backup only each month, or when the instruction file changed."""
     s = settings
     return aab.BACKUP_ARGS.argv(
         operation=operation, agent="user", python=s.python, lock_poll=str(s.lock_poll),
@@ -102,7 +104,8 @@ def backup_arguments(settings, operation):
 
 
 def argument_words(arguments):
-    """The arguments as the seed wrote them: a few bare, the rest in double quotes."""
+    """The arguments as the original batch files wrote them: a few bare, the rest in
+    double quotes."""
     words = []
     for position, value in enumerate(arguments, 1):
         if '"' in value:
@@ -113,9 +116,9 @@ def argument_words(arguments):
 
 
 def batch_file_text(settings, operation):
-    """The seed's two lines: cd /D to the program directory, then the program.
+    """Two lines: cd /D to the program directory, then the program.
 
-    The program starts through the .py file association (seed 5.1).  cmd.exe
+    The program starts through the .py file association (as the original did).  cmd.exe
     would expand %...% in the line, so '%' is doubled.  A line that echoes an
     inline secret is not shown ('@'); non-ASCII paths need chcp 65001, as
     cmd.exe reads a batch file in the console code page.

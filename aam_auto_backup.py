@@ -35,6 +35,7 @@ import heapq
 import itertools
 import json
 import ntpath
+import operator
 import os
 import re
 import shlex
@@ -1832,6 +1833,9 @@ def read_source_plan(path, view_root, platform):
 # Selection: which files of a mount the backup holds
 # ============================================================================
 
+BY_NAME = operator.attrgetter("name")      # directory entries in catalogue order
+
+
 class Selector:
     """The single definition of 'excluded' for the walk, validation and tests."""
 
@@ -1840,16 +1844,26 @@ class Selector:
         self.comparable = comparable
         self.dir_paths = {comparable(p) for p in plan.excluded_dir_paths}
         self.file_paths = {comparable(p) for p in plan.excluded_file_paths}
-        self.dir_regexes = [wildcard_regex(p, ci) for p in plan.dir_patterns]
-        self.file_regexes = [wildcard_regex(p, ci) for p in plan.file_patterns]
+        # one regex per kind: the walk asks once per entry
+        self.dir_names = any_of(plan.dir_patterns, ci)
+        self.file_names = any_of(plan.file_patterns, ci)
 
     def dir_excluded(self, relative, name):
-        return (self.comparable(relative) in self.dir_paths
-                or any(r.fullmatch(name) for r in self.dir_regexes))
+        return bool((self.dir_paths and self.comparable(relative) in self.dir_paths)
+                    or (self.dir_names and self.dir_names.fullmatch(name)))
 
     def file_excluded(self, relative, name):
-        return (self.comparable(relative) in self.file_paths
-                or any(r.fullmatch(name) for r in self.file_regexes))
+        return bool((self.file_paths and self.comparable(relative) in self.file_paths)
+                    or (self.file_names and self.file_names.fullmatch(name)))
+
+
+def any_of(patterns, case_insensitive):
+    """One regex matching what any of the name patterns matches (None: no pattern)."""
+    if not patterns:
+        return None
+    regexes = [wildcard_regex(p, case_insensitive).pattern for p in patterns]
+    return re.compile("|".join(f"(?:{r})" for r in regexes),
+                      re.DOTALL | (re.IGNORECASE if case_insensitive else 0))
 
 
 @dataclasses.dataclass
@@ -1961,7 +1975,7 @@ class TreeWalk:
         """The entries of one directory, sorted by name ([] when it cannot be read)."""
         try:
             with os.scandir(self.platform.long_path(self.absolute(relative))) as iterator:
-                return sorted(iterator, key=lambda e: e.name)
+                return sorted(iterator, key=BY_NAME)
         except OSError as problem:
             self.note_unreadable(relative, problem, "directory ")
             return []
@@ -2114,7 +2128,10 @@ class CatalogueWriter:
         self.count = 0
 
     def write(self, entry):
-        self.handle.write(entry.line())
+        self.write_line(entry.line())
+
+    def write_line(self, line):
+        self.handle.write(line)
         self.count += 1
 
     def close(self):
@@ -2173,74 +2190,76 @@ UNCHANGED, CHANGED = "=", "*"
 class ChangeRecorder:
     """Merges a walk with the previous state (both in catalogue order).
 
-    previous: the local state of the backup this one builds on, or None when
-    there is none to trust (a full backup, or a missing or foreign state: then
-    only the time rule decides, and every line is written with UNKNOWN).
+    previous: the path of the local state of the backup this one builds on, or
+    None when there is none to trust (a full backup, or a missing or foreign
+    state: then only the time rule decides, and every line is written with
+    UNKNOWN).  An unchanged entry's line is the previous one, copied as it is:
+    most of a nightly backup's entries are, and it is what keeps it fast.
     """
 
     def __init__(self, walk, previous, platform, archive_all):
         self.walk, self.platform, self.archive_all = walk, platform, archive_all
         self.known = previous is not None
-        self.previous = iter(previous) if self.known else iter(())
-        self.pending = next(self.previous, None)
+        self.previous = previous_lines(previous) if self.known else iter(())
+        self.pending = next(self.previous, None)     # (key, fields, line)
         self.to_archive_count = 0
-        self.entries = 0
 
     def run(self, work_file, list_file):
         """Write the work file; list_file(walked) for each entry 7-Zip must archive."""
+        sep = self.platform.sep
         for walked in self.walk:
-            entry = self.entry(walked)
-            for gone in self.passed(entry.key):
-                work_file.write(*gone)
-            previous = self.take(entry.key)
-            archive = self.to_archive(entry, previous, walked)
+            path = walked.path if sep == "/" else walked.path.replace(sep, "/")
+            key = path.replace("/", "\0")
+            for flag, line in self.passed(key):
+                work_file.write_line(flag, line)
+            previous = self.take(key)
+            fields = state_fields(walked.st)
+            target = self.link_target(walked) if fields[0] == LINK else ""
+            same = previous is not None and previous[1][0] == fields[0] and \
+                previous[1][2:5] == fields[1:] and (target == "" or unescape_field(
+                    previous[1][6]) == target)
+            archive = self.to_archive(fields[0], same, previous, walked)
             if archive:
                 list_file(walked)
-            if entry.kind == DIRECTORY:
-                pass
-            elif archive:
-                self.to_archive_count += 1
-            else:
-                entry = entry._replace(location=previous.location if previous else UNKNOWN)
-            changed = archive or not entry.same_state(previous)
-            work_file.write(CHANGED if changed else UNCHANGED, entry)
-            self.entries += 1
-        for gone in self.passed(None):
-            work_file.write(*gone)
+                self.to_archive_count += fields[0] != DIRECTORY
+            if same and not archive:
+                work_file.write_line(UNCHANGED, previous[2])
+                continue
+            location = NO_CONTENT if fields[0] == DIRECTORY else ARCHIVED_NOW if archive \
+                else previous[1][5] if previous else UNKNOWN
+            work_file.write(CHANGED, Entry(fields[0], path, int(fields[1]), int(fields[2]),
+                                           int(fields[3], 8), location, target))
+        for flag, line in self.passed(None):
+            work_file.write_line(flag, line)
 
-    def entry(self, walked):
-        st = walked.st
-        path = walked.path.replace(self.platform.sep, "/")
-        target = ""
-        if stat.S_ISLNK(st.st_mode):
-            with contextlib.suppress(OSError):
-                target = os.readlink(self.platform.long_path(self.walk.absolute(walked.path)))
-        return entry_from_stat(path, st, target)
+    def link_target(self, walked):
+        with contextlib.suppress(OSError):
+            return os.readlink(self.platform.long_path(self.walk.absolute(walked.path)))
+        return ""
 
-    def to_archive(self, entry, previous, walked):
+    def to_archive(self, kind, same, previous, walked):
         """Full: every file.  Incremental: the time rule, and with a previous state
         also every new path and every file whose size, time or type changed."""
-        if entry.kind == DIRECTORY:
+        if kind == DIRECTORY:
             # A new empty directory goes into an incremental archive too, so that a
             # reader of the archives alone (plain 7-Zip) sees it.
             return not self.archive_all and walked.empty and (
                 walked.recent or (self.known and previous is None))
         if self.archive_all or walked.recent:
             return True
-        return self.known and (previous is None or previous.location == MISSING
-                               or not entry.same_state(previous))
+        return self.known and (not same or previous[1][5] == MISSING)
 
     def passed(self, key):
-        """Previous entries before key (all, for None): gone, unless unreadable now."""
-        while self.pending is not None and (key is None or self.pending.key < key):
-            gone, self.pending = self.pending, next(self.previous, None)
-            if self.under_unreadable(gone.key):
-                yield UNCHANGED, gone        # not seen, so not known to be gone
+        """Previous lines before key (all, for None): gone, unless unreadable now."""
+        while self.pending is not None and (key is None or self.pending[0] < key):
+            (gone_key, fields, line), self.pending = self.pending, next(self.previous, None)
+            if self.under_unreadable(gone_key):
+                yield UNCHANGED, line        # not seen, so not known to be gone
             else:
-                yield CHANGED, Entry(DELETED, gone.path)
+                yield CHANGED, f"{DELETED}\t{fields[1]}\t0\t0\t0\t{NO_CONTENT}\t\n"
 
     def take(self, key):
-        if self.pending is not None and self.pending.key == key:
+        if self.pending is not None and self.pending[0] == key:
             found, self.pending = self.pending, next(self.previous, None)
             return found
         return None
@@ -2251,6 +2270,23 @@ class ChangeRecorder:
         return any(key == p or key.startswith(p + "\0") for p in prefixes)
 
 
+def state_fields(st):
+    """(type, size, mtime_ns, mode) of a catalogue line, as its text."""
+    mode = st.st_mode
+    kind = DIRECTORY if stat.S_ISDIR(mode) else LINK if stat.S_ISLNK(mode) else FILE
+    return [kind, "0" if kind == DIRECTORY else str(st.st_size), str(st.st_mtime_ns),
+            f"{stat.S_IMODE(mode):o}"]
+
+
+def previous_lines(path):
+    """(key, fields, line) for each line of a catalogue, read lazily."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        for line in handle:
+            if not line.startswith("#"):
+                fields = line[:-1].split("\t")
+                yield catalogue_key(unescape_field(fields[1])), fields, line
+
+
 class WorkFile:
     """The child's catalogue work file: a flag, a tab, then a catalogue line."""
 
@@ -2258,20 +2294,13 @@ class WorkFile:
         self.writer = CatalogueWriter(path, header)
 
     def write(self, flag, entry):
-        self.writer.handle.write(flag + "\t")
-        self.writer.write(entry)
+        self.write_line(flag, entry.line())
+
+    def write_line(self, flag, line):
+        self.writer.handle.write(flag + "\t" + line)
 
     def close(self):
         self.writer.close()
-
-    @staticmethod
-    def read(path):
-        """(flag, Entry) for each line of a work file."""
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            for line in handle:
-                if not line.startswith("#"):
-                    flag, rest = line.split("\t", 1)
-                    yield flag, Entry.parse(rest)
 
 
 # ============================================================================
@@ -3087,7 +3116,7 @@ def _sorted_entries(path, platform):
     comparison with the source has reported what is missing)."""
     try:
         with os.scandir(platform.long_path(path)) as iterator:
-            return sorted(iterator, key=lambda entry: entry.name)
+            return sorted(iterator, key=BY_NAME)
     except OSError:
         return []
 
@@ -3278,7 +3307,7 @@ def record_selection(child, view_root, plan, platform, since):
     """
     work_dir = child.work_dir
     base = read_catalogue_base(work_dir)
-    previous = CatalogueFile(base["state"]) if base.get("state") else None
+    previous = base.get("state") or None
     full = child.scope is Scope.FULL
     walk = TreeWalk(view_root, plan, platform, since)
     recorder = ChangeRecorder(walk, None if full else previous, platform, full)
@@ -3632,28 +3661,36 @@ def finalize_catalogue(work_path, index, header, catalogue_path, state_path, exi
     Each archived path gets the volumes its bytes lie in (from the archive
     index).  A path the archive lacks is MISSING when it still exists (7-Zip
     could not read it: the next backup tries again) and gone when it does not
-    (it vanished before 7-Zip came to it).  Returns (archived, missing paths).
+    (it vanished before 7-Zip came to it).  Every other line is copied as it is.
+    Returns (archived, missing paths, lines in the catalogue).
     """
     stamp, delta = header["backup"], header["kind"] == DELTA
     catalogue = CatalogueWriter(catalogue_path, header)
     state = CatalogueWriter(state_path, dict(header, kind=LISTING, base=None))
     archived, missing = 0, []
     try:
-        for flag, entry in WorkFile.read(work_path):
-            if entry.location == ARCHIVED_NOW:
-                volumes = index.lookup(entry.path) if index else None
-                if volumes:
-                    entry = entry._replace(location=f"{stamp}:{volumes[0]}-{volumes[1]}")
-                    archived += 1
-                elif exists(entry.path):
-                    missing.append(entry.path)
-                    entry = entry._replace(location=MISSING)
-                else:
-                    flag, entry = CHANGED, Entry(DELETED, entry.path)
-            if entry.kind != DELETED:
-                state.write(entry)
-            if (flag == CHANGED) if delta else (entry.kind != DELETED):
-                catalogue.write(entry)
+        with open(work_path, encoding="utf-8", errors="surrogateescape") as work:
+            for raw in work:
+                if raw.startswith("#"):
+                    continue
+                flag, line = raw[0], raw[2:]
+                kind, location = line[0], line.rsplit("\t", 2)[1]
+                if location == ARCHIVED_NOW:
+                    entry = Entry.parse(line)
+                    volumes = index.lookup(entry.path) if index else None
+                    if volumes:
+                        entry = entry._replace(location=f"{stamp}:{volumes[0]}-{volumes[1]}")
+                        archived += 1
+                    elif exists(entry.path):
+                        missing.append(entry.path)
+                        entry = entry._replace(location=MISSING)
+                    else:
+                        flag, entry = CHANGED, Entry(DELETED, entry.path)
+                    kind, line = entry.kind, entry.line()
+                if kind != DELETED:
+                    state.write_line(line)
+                if (flag == CHANGED) if delta else (kind != DELETED):
+                    catalogue.write_line(line)
     finally:
         catalogue.close()
         state.close()
@@ -5452,7 +5489,7 @@ def read_refused(path):
 
 def sorted_listing(path):
     with os.scandir(path) as iterator:
-        return sorted(iterator, key=lambda e: e.name)
+        return sorted(iterator, key=BY_NAME)
 
 
 def remove_path(path):

@@ -5935,10 +5935,13 @@ class Restoration:
         os.mkdir(directory)
         for volume in archive.volumes:
             place = os.path.join(directory, os.path.basename(volume.path))
-            if volume.key in present:
-                os.link(volume.path, place)
-            else:
+            if volume.key not in present:
                 self.platform.make_stand_in(place, volume.size)
+                continue
+            try:
+                os.link(volume.path, place)
+            except OSError:             # a file system without hard links (FAT, exFAT)
+                shutil.copyfile(volume.path, place)
         return os.path.join(directory, os.path.basename(archive.volumes[0].path))
 
     def extract(self):

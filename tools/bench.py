@@ -84,6 +84,8 @@ ACCESS_KEY_ID, SECRET_KEY = "testing", "testing"
 LOCATION = "benchpc"
 DEFAULT_VOLUME_SIZE = 64 * 1024 * 1024
 SAMPLE_SECONDS = 0.05
+# AAM's default -mx level (a later version may move the constant)
+DEFAULT_LEVEL = getattr(aam, "DEFAULT_COMPRESSION_LEVEL", 1)
 
 
 # ---------------------------------------------------------------- the tree
@@ -159,6 +161,49 @@ class BenchTree:
         return chosen
 
 
+class SmallFileTree:
+    """count small files for the scale mode: sizes uniform in mean/4 .. 7/4 mean,
+    half text (compressible), half random bytes, 100 files per directory.
+
+    Contents are slices of two 16 MiB buffers made once, written with os.write:
+    the time goes to the file system, not to Python (see README for 1,000,000).
+    """
+
+    PER_DIRECTORY = 100
+
+    def __init__(self, root, count, mean_size, seed):
+        self.root, self.count, self.mean_size, self.seed = root, count, mean_size, seed
+        self.total_bytes = 0
+
+    def generate(self):
+        rng = random.Random(self.seed)
+        buffers = (memoryview(text_corpus(random.Random(self.seed + 1))),
+                   memoryview(rng.randbytes(16 * 1024 * 1024)))
+        low, high = max(1, self.mean_size // 4), max(1, self.mean_size * 7 // 4)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        directory = None
+        for index in range(self.count):
+            if index % self.PER_DIRECTORY == 0:
+                directory = os.path.join(self.root, f"d{index // self.PER_DIRECTORY:05d}")
+                os.makedirs(directory)
+            size = rng.randint(low, high)
+            data = buffers[index % 2]
+            start = rng.randrange(len(data) - size)
+            handle = os.open(f"{directory}/f{index:07d}.{('txt', 'bin')[index % 2]}", flags,
+                             0o644)
+            try:
+                os.write(handle, data[start:start + size])
+            finally:
+                os.close(handle)
+            self.total_bytes += size
+        # written back now, so that the first measured run does not pay for it
+        os.sync()
+        return self
+
+    def change(self, _fraction):
+        raise NotImplementedError("the scale mode has no incr-1% scenario")
+
+
 def compressed_tree(root, files, total_bytes, seed):
     """Mostly already-compressed data, like photos: 90% deflated text, 10% text."""
     rng = random.Random(seed)
@@ -189,47 +234,107 @@ def tree_summary(root):
 
 # ---------------------------------------------------------------- measuring
 
-def process_tree_rss(root_pid, page_size=os.sysconf("SC_PAGE_SIZE")):
-    """Sum of the resident set sizes of root_pid and all its descendants (bytes)."""
-    children, rss = {}, {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                stat = handle.read()
-            with open(f"/proc/{name}/statm", "rb") as handle:
-                resident = int(handle.read().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue        # the process ended meanwhile
-        # the command name (field 2) may hold spaces: fields after its ')'
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-        rss[int(name)] = resident * page_size
-    total, pending = 0, [root_pid]
-    while pending:
-        pid = pending.pop()
-        total += rss.get(pid, 0)
-        pending.extend(children.get(pid, ()))
-    return total
+def process_class(command):
+    """Which part of a run a process is: '7zip', 'python' (for AAM: ours) or 'other'."""
+    if command in ("7zz", "7z", "7za"):
+        return "7zip"
+    return "python" if command.startswith("python") else "other"
 
 
-class TreeSampler(threading.Thread):
-    """Samples the process tree's total RSS until stopped; keeps the peak."""
+def read_process(pid, page_size=os.sysconf("SC_PAGE_SIZE"),
+                 ticks=os.sysconf("SC_CLK_TCK")):
+    """(command, state, RSS bytes, CPU seconds, child pids) from /proc, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+        children = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as handle:
+                children += [int(child) for child in handle.read().split()]
+    except (OSError, ValueError):
+        return None         # the process ended meanwhile
+    # the command name (field 2) may hold spaces and ')': the fields follow its last ')'
+    close = stat.rindex(b")")
+    command = stat[stat.index(b"(") + 1:close].decode(errors="replace")
+    fields = stat[close + 2:].split()
+    cpu = (int(fields[11]) + int(fields[12])) / ticks         # utime + stime
+    return command, fields[0].decode(), int(fields[21]) * page_size, cpu, children
 
-    def __init__(self, pid):
+
+class ProcessSampler(threading.Thread):
+    """Samples a process tree from /proc every SAMPLE_SECONDS until stopped.
+
+    It follows /proc/PID/task/*/children from the root, so only the tree is
+    read.  It keeps the peak RSS of the whole tree and of each process class
+    (the sum over that class's processes at one instant: shared pages count
+    once per process), each process's last CPU time (a process's last 50 ms
+    may be missed), when 7-Zip was first and last seen, and how long it was
+    stopped (SIGSTOP: AAM pauses 7-Zip while finished volumes wait for upload).
+    """
+
+    def __init__(self, pid, started):
         super().__init__(daemon=True)
-        self.pid, self.peak = pid, 0
+        self.pid, self.started = pid, started
+        self.peak, self.peaks = 0, {"python": 0, "7zip": 0, "other": 0}
+        self.processes = {}            # pid -> [command, class, peak RSS, CPU s]
+        self.seven_zip_seen = None     # (first, last) perf_counter of a sample with 7-Zip
+        self.seven_zip_stopped = 0.0
+        self.own_cpu = 0.0             # this thread's CPU time (the bench's, not the tool's)
         self.done = threading.Event()
 
     def run(self):
+        previous = self.started
         while not self.done.is_set():
-            self.peak = max(self.peak, process_tree_rss(self.pid))
+            now = time.perf_counter()
+            self.sample(now, now - previous)
+            previous = now
             self.done.wait(SAMPLE_SECONDS)
+        self.own_cpu = time.thread_time()
+
+    def sample(self, now, interval):
+        totals = dict.fromkeys(self.peaks, 0)
+        pending, stopped = [self.pid], False
+        while pending:
+            pid = pending.pop()
+            seen = read_process(pid)
+            if seen is None:
+                continue
+            command, state, rss, cpu, children = seen
+            kind = process_class(command)
+            totals[kind] += rss
+            known = self.processes.setdefault(pid, [command, kind, 0, 0.0])
+            known[2], known[3] = max(known[2], rss), cpu
+            if kind == "7zip":
+                first = self.seven_zip_seen[0] if self.seven_zip_seen else now
+                self.seven_zip_seen = (first, now)
+                stopped = stopped or state == "T"
+            pending.extend(children)
+        self.seven_zip_stopped += interval if stopped else 0.0
+        self.peak = max(self.peak, sum(totals.values()))
+        for kind, total in totals.items():
+            self.peaks[kind] = max(self.peaks[kind], total)
 
     def stop(self):
         self.done.set()
         self.join()
+
+    def cpu_of(self, kind):
+        return sum(cpu for _c, k, _rss, cpu in self.processes.values() if k == kind)
+
+
+class EndpointMeter:
+    """CPU time of the local S3 endpoint: the moto server and the counting proxy.
+
+    The proxy runs as threads of this (the bench's) process, so its share is
+    this process's CPU time less the sampler's; the main thread only waits.
+    """
+
+    def __init__(self, aws):
+        self.pid = aws.server_pid
+
+    def cpu(self):
+        server = read_process(self.pid) if self.pid else None
+        return (server[3] if server else 0.0) + time.process_time()
 
 
 class Result:
@@ -238,6 +343,11 @@ class Result:
         self.wall, self.cpu, self.rss = wall, cpu, rss
         self.uploaded, self.requests, self.lists = uploaded, requests, lists
         self.status, self.note = status, note
+        self.rss_python = self.rss_7zip = self.cpu_python = self.cpu_7zip = None
+        self.endpoint_cpu = self.before_7zip = self.after_7zip = None
+        self.seven_zip_paused = None
+        self.load = None            # 1-minute load average when the run started
+        self.processes = []         # [command, class, peak RSS, CPU s] per process
 
     @classmethod
     def not_available(cls, note):
@@ -246,6 +356,19 @@ class Result:
     @property
     def ok(self):
         return self.status == 0 and self.wall is not None
+
+    def take_samples(self, sampler, ended):
+        """The per-process figures; a run shorter than one sampling period has none."""
+        self.rss = sampler.peak or None
+        self.rss_python = sampler.peaks["python"] or None
+        self.rss_7zip = sampler.peaks["7zip"] or None
+        self.cpu_python, self.cpu_7zip = sampler.cpu_of("python"), sampler.cpu_of("7zip")
+        self.processes = list(sampler.processes.values())
+        if sampler.seven_zip_seen:
+            first, last = sampler.seven_zip_seen
+            self.before_7zip = first - sampler.started
+            self.after_7zip = ended - last
+            self.seven_zip_paused = sampler.seven_zip_stopped
 
     def as_dict(self):
         return dict(vars(self))
@@ -256,30 +379,39 @@ def cpu_of_children():
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(argv, env, output, proxy=None, cwd=None, stdin_text=None):
+def load_average():
+    with open("/proc/loadavg", encoding="ascii") as handle:
+        return float(handle.read().split()[0])
+
+
+def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=None):
     """Run argv to its end; a Result with everything measured about its tree."""
     before = proxy.counters() if proxy else None
+    endpoint_before = endpoint.cpu() if endpoint else None
+    load = load_average()
     cpu_before = cpu_of_children()
-    started = time.perf_counter()
     with open(output, "ab") as out:
         out.write(f"\n$ {' '.join(argv)}\n".encode())
         out.flush()
+        started = time.perf_counter()
         process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out,
                                    stderr=subprocess.STDOUT,
                                    stdin=subprocess.PIPE if stdin_text else subprocess.DEVNULL)
-        sampler = TreeSampler(process.pid)
+        sampler = ProcessSampler(process.pid, started)
         sampler.start()
         if stdin_text:
             process.stdin.write(stdin_text.encode())
             process.stdin.close()
         status = process.wait()
-    wall = time.perf_counter() - started
+    ended = time.perf_counter()
     sampler.stop()
-    # A run shorter than the sampling period may end before its first sample: its
-    # peak is then unknown (None), not 0.  (wait4's ru_maxrss is no help: it counts
-    # the forked copy of this Python process before exec.)
-    result = Result(wall, cpu_of_children() - cpu_before, sampler.peak or None,
-                    status=status)
+    # (wait4's ru_maxrss is no help for the peak: it counts the forked copy of
+    # this Python process before exec.)
+    result = Result(ended - started, cpu_of_children() - cpu_before, status=status)
+    result.take_samples(sampler, ended)
+    result.load = load
+    if endpoint:
+        result.endpoint_cpu = endpoint.cpu() - endpoint_before - sampler.own_cpu
     if proxy:
         after = proxy.counters()
         result.uploaded = after["bytes_received"] - before["bytes_received"]
@@ -310,7 +442,8 @@ class Tool:
         pass
 
     def run(self, argv, env=None, **kwargs):
-        return measure(argv, env or self.env(), self.output, **kwargs)
+        return measure(argv, env or self.env(), self.output, endpoint=self.bench.endpoint,
+                       **kwargs)
 
     def env(self):
         return dict(os.environ)
@@ -370,11 +503,7 @@ class AamTool(Tool):
                 os.path.join(bench.work, "aam-logs"), "False", "Bench", "bench@example.com",
                 "owner@example.com", "1", "env:BENCH_ARCHIVE_KEY", self.bucket, LOCATION,
                 "env:BENCH_KEY_ID", "env:BENCH_SECRET", target]
-        result = self.run(argv, proxy=self.bench.proxy)
-        if not result.ok:
-            return Result.not_available("restoration failed or is not implemented yet "
-                                        f"({result.note})")
-        return result
+        return self.run(argv, proxy=self.bench.proxy)
 
 
 class SevenZipTool(Tool):
@@ -427,14 +556,18 @@ def seven_zip_argv(seven_zip, level, volume_size, archive, sources):
 
 
 def combine(results):
-    """Two runs one after the other, as one (peak RSS: the larger)."""
+    """Runs one after the other, as one (times add up; peak RSS: the larger)."""
     if not all(r.ok for r in results):
         return next(r for r in results if not r.ok)
     total = Result(0.0, 0.0, None, status=0)
+    total.load = results[0].load
     for result in results:
-        total.wall += result.wall
-        total.cpu += result.cpu
-        total.rss = max(total.rss or 0, result.rss or 0) or None
+        for name in ("wall", "cpu", "cpu_python", "cpu_7zip"):
+            setattr(total, name, (getattr(total, name) or 0.0) + getattr(result, name))
+        for name in ("rss", "rss_python", "rss_7zip"):
+            peak = max(getattr(total, name) or 0, getattr(result, name) or 0)
+            setattr(total, name, peak or None)
+        total.processes += result.processes
     return total
 
 
@@ -542,38 +675,37 @@ TOOL_CLASSES = {"aam": AamTool, "7zip": SevenZipTool, "restic": ResticTool,
 # ---------------------------------------------------------------- the run
 
 class Bench:
-    def __init__(self, options):
-        self.options = options
+    """One work directory and one local S3 endpoint; the tools through the scenarios."""
+
+    def __init__(self, options, scenarios=SCENARIOS):
+        self.options, self.scenarios = options, scenarios
         self.work = tempfile.mkdtemp(prefix="aam-bench-", dir=options.work or "/var/tmp")
         self.source = os.path.join(self.work, "src", "data")
         self.volume_size = options.volume_size
         self.level = options.level
-        self.seven_zip = aam.current_platform().find_seven_zip()
+        self.seven_zip = find_seven_zip()
         self.changed = []
-        self.aws = self.proxy = None
+        self.expected = None
+        self.aws = self.proxy = self.endpoint = None
 
-    def run(self):
-        options = self.options
-        say(f"Generating {options.files:,} files (~{options.total_bytes / 1e9:.2f} GB) in "
-            f"{self.source} ...")
-        tree = BenchTree(self.source, options.files, options.total_bytes,
-                         options.seed).generate()
-        say(f"  {len(tree.files):,} files, {tree.total_bytes / 1e6:,.1f} MB")
+    def run(self, tree):
+        """{(scenario, tool name): Result}, {name: tool} for the tree in self.source."""
         results = {}
-        with LocalAws(niceness=ENDPOINT_NICENESS) as aws, \
+        with LocalAws(niceness=self.options.endpoint_niceness) as aws, \
                 FaultProxy(aws.endpoint_url) as proxy:
-            self.aws, self.proxy = aws, proxy
+            self.aws, self.proxy, self.endpoint = aws, proxy, EndpointMeter(aws)
             tools = self.tools()
-            for scenario in SCENARIOS:
-                if scenario == "incr-1%":
-                    self.changed = tree.change(0.01)
-                    say(f"Changed {len(self.changed)} files (1%).")
+            try:
+                for scenario in self.scenarios:
+                    if scenario == "incr-1%":
+                        self.changed = tree.change(0.01)
+                        say(f"Changed {len(self.changed)} files (1%).")
+                    for tool in tools.values():
+                        results[(scenario, tool.name)] = self.run_one(tool, scenario)
+            finally:
                 for tool in tools.values():
-                    results[(scenario, tool.name)] = self.run_one(tool, scenario)
-            for tool in tools.values():
-                tool.cleanup()
-        scan = self.scan_time()
-        return tree, results, tools, scan
+                    tool.cleanup()
+        return results, tools
 
     def tools(self):
         tools = {}
@@ -602,18 +734,42 @@ class Bench:
 
     def check_restore(self, target):
         """Every source file must come back (by count and size; paths differ per tool)."""
-        want = tree_summary(self.source)
+        if self.expected is None:           # changes keep each file's size
+            self.expected = tree_summary(self.source)
         got = tree_summary(target)
-        return "" if got == want else f"restored {got}, expected {want}"
+        return "" if got == self.expected else f"restored {got}, expected {self.expected}"
 
-    def scan_time(self):
-        """The incremental's scan on its own: the walk with nothing changed."""
+
+def find_seven_zip():
+    """The 7-Zip AAM uses: AAM_7ZIP, else 7zz, 7z or 7za on PATH."""
+    return os.environ.get("AAM_7ZIP") or next(
+        (name for name in ("7zz", "7z", "7za") if shutil.which(name)), "7zz")
+
+
+def scan_time(source):
+    """The incremental's scan on its own (the walk, nothing changed), or None when the
+    module no longer has the functions called here (the bench outlives them)."""
+    try:
         platform = aam.current_platform()
-        instructions = aam.parse_instructions(self.source + "/\n\n\n", "bench", platform)
-        source = aam.plan_backup(instructions, platform).sources[0]
+        instructions = aam.parse_instructions(source + "/\n\n\n", "bench", platform)
+        plan = aam.plan_backup(instructions, platform).sources[0]
         started = time.perf_counter()
-        files = aam.TreeWalk(source.mount, source, platform, aam.utc_now()).files()
-        return time.perf_counter() - started, len(files)
+        if hasattr(aam, "TreeWalk"):
+            # a list or a stream of the changed files: read to its end either way
+            collections.deque(aam.TreeWalk(plan.mount, plan, platform,
+                                           aam.utc_now()).files(), maxlen=0)
+        else:                                           # version 1.0.0
+            aam.walk_selection(plan.mount, plan, platform, aam.utc_now())
+    except (AttributeError, TypeError) as problem:
+        say(f"(no scan time: {problem})")
+        return None
+    return time.perf_counter() - started
+
+
+def failures(results):
+    """The runs that failed: a non-zero exit, or a restore that is not the tree."""
+    return [key for key, result in results.items()
+            if result.status not in (0, None) or (key[0] == "restore" and result.note)]
 
 
 def say(text, end="\n"):
@@ -625,33 +781,43 @@ def megabytes(rss):
     return "<1 sample" if rss is None else f"{rss / 1e6:.0f}"
 
 
+def seconds(value):
+    return "" if value is None else f"{value:.2f}"
+
+
 def describe(result):
     if not result.ok:
         return f"n/a ({result.note})"
-    text = f"{result.wall:.2f} s wall, {result.cpu:.2f} s CPU, {megabytes(result.rss)} MB RSS"
+    text = (f"{result.wall:.2f} s wall, {result.cpu:.2f} s CPU, {megabytes(result.rss)} MB "
+            f"RSS (Python {megabytes(result.rss_python)}, 7-Zip {megabytes(result.rss_7zip)})")
     if result.uploaded is not None:
-        text += f", {result.uploaded / 1e6:.1f} MB up, {result.requests} requests"
+        text += (f", {result.uploaded / 1e6:.1f} MB up, {result.requests} requests, "
+                 f"endpoint {result.endpoint_cpu:.2f} s CPU")
+    text += f", load {result.load:.2f}"
     return text + (f" [{result.note}]" if result.note else "")
 
 
 def table(results, tools):
     """One Markdown table; the last column is AAM's wall time over this tool's."""
-    lines = ["| scenario | tool | wall s | CPU s | peak RSS MB | uploaded MB | "
-             "S3 requests (LIST) | AAM ÷ tool (wall) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| scenario | tool | wall s | CPU s | peak RSS MB | of which Python | "
+             "of which 7-Zip | uploaded MB | S3 requests (LIST) | endpoint CPU s | "
+             "AAM ÷ tool (wall) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for scenario in SCENARIOS:
         ours = results.get((scenario, "aam"))
         for name in tools:
             result = results[(scenario, name)]
             if not result.ok:
-                lines.append(f"| {scenario} | {name} | n/a | | | | | |")
+                lines.append(f"| {scenario} | {name} | n/a | | | | | | | | |")
                 continue
             ratio = (f"{ours.wall / result.wall:.2f}" if ours is not None and ours.ok
                      else "n/a")
             uploaded = "" if result.uploaded is None else f"{result.uploaded / 1e6:.1f}"
             requests = "" if result.requests is None else f"{result.requests} ({result.lists})"
             lines.append(f"| {scenario} | {name} | {result.wall:.2f} | {result.cpu:.2f} | "
-                         f"{megabytes(result.rss)} | {uploaded} | {requests} | {ratio} |")
+                         f"{megabytes(result.rss)} | {megabytes(result.rss_python)} | "
+                         f"{megabytes(result.rss_7zip)} | {uploaded} | {requests} | "
+                         f"{seconds(result.endpoint_cpu) if uploaded else ''} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -663,7 +829,7 @@ def machine():
                           if line.startswith("model name")), "")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = []
-    for argv in (["7zz"], ["restic", "version"], ["duplicity", "--version"]):
+    for argv in ([find_seven_zip()], ["restic", "version"], ["duplicity", "--version"]):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
             first = next((line for line in out.splitlines() if line.strip()), "")
@@ -677,7 +843,7 @@ def machine():
 def compression_sweep(options):
     """7-Zip's size and time per level on the bench tree and on compressed data."""
     work = tempfile.mkdtemp(prefix="aam-bench-", dir=options.work or "/var/tmp")
-    seven_zip = aam.current_platform().find_seven_zip()
+    seven_zip = find_seven_zip()
     trees = {"bench tree": os.path.join(work, "mixed"),
              "compressed (photo-like)": os.path.join(work, "compressed")}
     say("Generating the trees ...")
@@ -714,25 +880,180 @@ def compression_sweep(options):
     return 0
 
 
+# ---------------------------------------------------------------- scale: the file count
+
+SCALE_SCENARIOS = ("full", "incr-none", "restore")
+
+
+class ScaleStep:
+    """One file count: its tree, the time it took to make, and the results."""
+
+    def __init__(self, count, tree, generation, results, tools, elapsed):
+        self.count, self.tree, self.generation = count, tree, generation
+        self.results, self.tools, self.elapsed = results, tools, elapsed
+
+    def get(self, scenario, tool):
+        result = self.results.get((scenario, tool))
+        return result if result is not None and result.ok else None
+
+
+def scale_step(options, count):
+    started = time.perf_counter()
+    bench = Bench(options, SCALE_SCENARIOS)
+    try:
+        say(f"\n== {count:,} files of ~{options.mean_size:,} bytes (load "
+            f"{load_average():.2f}) in {bench.source}")
+        tree = SmallFileTree(bench.source, count, options.mean_size, options.seed).generate()
+        generation = time.perf_counter() - started
+        say(f"  generated {tree.total_bytes / 1e6:,.1f} MB in {generation:.1f} s")
+        results, tools = bench.run(tree)
+    finally:
+        if not options.keep:
+            shutil.rmtree(bench.work, ignore_errors=True)
+    return ScaleStep(count, tree, generation, results, list(tools),
+                     time.perf_counter() - started)
+
+
+def scale_table(steps):
+    """Per file count and scenario: AAM and plain 7-Zip, the RSS split by process."""
+    lines = ["| files | scenario | tool | wall s | CPU s | our RSS MB | 7-Zip RSS MB | "
+             "endpoint CPU s | load | AAM ÷ 7-Zip (wall) | AAM ÷ 7-Zip (CPU) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for step in steps:
+        for scenario in SCALE_SCENARIOS:
+            ours, floor = step.get(scenario, "aam"), step.get(scenario, "7zip")
+            for name in step.tools:
+                result = step.get(scenario, name)
+                head = f"| {step.count:,} | {scenario} | {name} |"
+                if result is None:
+                    lines.append(head + " n/a | | | | | | | |")
+                    continue
+                aam_row = name == "aam"
+                ratios = (f"{ours.wall / floor.wall:.2f} | {ours.cpu / floor.cpu:.2f}"
+                          if aam_row and floor else " | ")
+                lines.append(
+                    f"{head} {result.wall:.2f} | {result.cpu:.2f} | "
+                    f"{megabytes(result.rss_python) if aam_row else ''} | "
+                    f"{megabytes(result.rss_7zip)} | "
+                    f"{seconds(result.endpoint_cpu) if aam_row else ''} | "
+                    f"{result.load:.2f} | {ratios} |")
+    return "\n".join(lines)
+
+
+def phase_table(steps):
+    """AAM's time around its 7-Zip run: before it starts, while it runs, after it ends."""
+    lines = ["| files | scenario | wall s | before 7-Zip s | 7-Zip running s | "
+             "of which paused s | after 7-Zip s | our CPU s | 7-Zip CPU s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for step in steps:
+        for scenario in SCALE_SCENARIOS:
+            result = step.get(scenario, "aam")
+            if result is None or result.before_7zip is None:
+                continue
+            running = result.wall - result.before_7zip - result.after_7zip
+            lines.append(f"| {step.count:,} | {scenario} | {result.wall:.2f} | "
+                         f"{result.before_7zip:.2f} | {running:.2f} | "
+                         f"{result.seven_zip_paused:.2f} | {result.after_7zip:.2f} | "
+                         f"{result.cpu_python:.2f} | {result.cpu_7zip:.2f} |")
+    return "\n".join(lines)
+
+
+def per_file(later, earlier, attribute, factor):
+    values = [getattr(r, attribute) if r else None for r in (later[1], earlier[1])]
+    if None in values:
+        return ""
+    return f"{(values[0] - values[1]) * factor / (later[0] - earlier[0]):.2f}"
+
+
+def growth_table(steps):
+    """How each cost grows per file, between consecutive file counts."""
+    lines = ["| scenario | files | our RSS KB/file | AAM's 7-Zip RSS KB/file | "
+             "plain 7-Zip RSS KB/file | AAM wall µs/file | plain 7-Zip wall µs/file |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for earlier, later in zip(steps, steps[1:]):
+        for scenario in SCALE_SCENARIOS:
+            ours = [(s.count, s.get(scenario, "aam")) for s in (later, earlier)]
+            floor = [(s.count, s.get(scenario, "7zip")) for s in (later, earlier)]
+            lines.append(
+                f"| {scenario} | {earlier.count:,} → {later.count:,} | "
+                f"{per_file(*ours, 'rss_python', 1e-3)} | {per_file(*ours, 'rss_7zip', 1e-3)} | "
+                f"{per_file(*floor, 'rss_7zip', 1e-3)} | {per_file(*ours, 'wall', 1e6)} | "
+                f"{per_file(*floor, 'wall', 1e6)} |")
+    return "\n".join(lines)
+
+
+def scale(options):
+    started = time.perf_counter()
+    steps = [scale_step(options, count) for count in options.counts]
+    print("\n" + scale_table(steps))
+    print("\nAAM's time around 7-Zip (7-Zip paused: stopped while finished volumes waited "
+          "for upload):\n\n" + phase_table(steps))
+    if len(steps) > 1:
+        print("\n" + growth_table(steps))
+    print()
+    for step in steps:
+        print(f"{step.count:,} files, {step.tree.total_bytes / 1e6:,.1f} MB: tree made in "
+              f"{step.generation:.0f} s, whole step {step.elapsed:.0f} s.")
+    print(f"Total {time.perf_counter() - started:.0f} s; volume size {options.volume_size:,} "
+          f"bytes; -mx{options.level}; endpoint niceness {options.endpoint_niceness}; load "
+          f"average at the end {load_average():.2f}.")
+    print(f"Machine: {machine()}")
+    if options.json:
+        write_json(options.json, {
+            "mode": "scale", "volume_size": options.volume_size, "level": options.level,
+            "steps": [{"files": s.count, "bytes": s.tree.total_bytes, "tools": s.tools,
+                       "generation_seconds": s.generation, "seconds": s.elapsed,
+                       "results": results_json(s.results)} for s in steps]})
+    return 1 if any(failures(step.results) for step in steps) else 0
+
+
+def results_json(results):
+    return {f"{scenario}/{tool}": result.as_dict() for (scenario, tool), result in
+            results.items()}
+
+
+def write_json(path, data):
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+
+
 # ---------------------------------------------------------------- command line
+
+def parse_count_list(text):
+    """'10000,100000' or '10k,1M' -> [10000, 100000] (file counts, powers of 1000)."""
+    counts = [parse_size(part) for part in text.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"not a list of file counts: {text!r}")
+    return counts
+
 
 def parse_options(argv):
     parser = argparse.ArgumentParser(
         description="Benchmark AAM Auto Backup against restic, duplicity and plain 7-Zip.")
-    parser.add_argument("mode", nargs="?", default="compare", choices=("compare", "compression"),
-                        help="compare (default): the four tools; compression: 7-Zip levels")
+    parser.add_argument("mode", nargs="?", default="compare",
+                        choices=("compare", "compression", "scale"),
+                        help="compare (default): the four tools; compression: 7-Zip levels; "
+                             "scale: AAM and plain 7-Zip against the number of small files")
     parser.add_argument("--files", type=int, default=10_000, help="files in the tree")
     parser.add_argument("--total-bytes", type=parse_size,
                         help="tree size, e.g. 500M or 5G (default: 50 KB per file)")
+    parser.add_argument("--counts", type=parse_count_list, default=[10_000, 100_000, 1_000_000],
+                        help="scale mode: file counts, e.g. 10k,100k (default 10k,100k,1M)")
+    parser.add_argument("--mean-size", type=parse_size, default=4000,
+                        help="scale mode: mean file size (default 4k; uniform in 1/4..7/4 "
+                             "of it)")
     parser.add_argument("--volume-size", type=parse_size, default=DEFAULT_VOLUME_SIZE,
                         help="7-Zip volume size for AAM and plain 7-Zip (default 64 MiB: "
                              "the 0.5 GB tree in several volumes, as a real backup is)")
-    parser.add_argument("--level", type=int, default=aam.DEFAULT_COMPRESSION_LEVEL,
+    parser.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                         help="7-Zip -mx level for AAM and plain 7-Zip (default: AAM's)")
     parser.add_argument("--levels", default="0,1,3,5,7,9",
                         help="compression mode: the levels to try")
-    parser.add_argument("--tools", default=",".join(TOOLS),
-                        help=f"comma-separated, from {','.join(TOOLS)}")
+    parser.add_argument("--tools", help=f"comma-separated, from {','.join(TOOLS)} (default: "
+                                        "all; scale mode: aam,7zip)")
+    parser.add_argument("--endpoint-niceness", type=int, default=ENDPOINT_NICENESS,
+                        help=f"niceness of the local S3 endpoint (default {ENDPOINT_NICENESS}; "
+                             "0 to check that a ratio does not depend on it)")
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--work", help="where to make the work directory (default /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -740,7 +1061,9 @@ def parse_options(argv):
     options = parser.parse_args(argv)
     if options.total_bytes is None:
         options.total_bytes = options.files * 50_000
-    options.tools = [t.strip() for t in options.tools.split(",") if t.strip()]
+    default_tools = "aam,7zip" if options.mode == "scale" else ",".join(TOOLS)
+    options.tools = [t.strip() for t in (options.tools or default_tools).split(",")
+                     if t.strip()]
     unknown = set(options.tools) - set(TOOLS)
     if unknown or "aam" not in options.tools:
         parser.error(f"--tools: unknown {sorted(unknown)}" if unknown
@@ -749,34 +1072,41 @@ def parse_options(argv):
     return options
 
 
-def main(argv=None):
-    options = parse_options(sys.argv[1:] if argv is None else argv)
-    if options.mode == "compression":
-        return compression_sweep(options)
+def compare(options):
     bench = Bench(options)
     try:
-        tree, results, tools, (scan_seconds, _found) = bench.run()
+        say(f"Generating {options.files:,} files (~{options.total_bytes / 1e9:.2f} GB) in "
+            f"{bench.source} ...")
+        tree = BenchTree(bench.source, options.files, options.total_bytes,
+                         options.seed).generate()
+        say(f"  {len(tree.files):,} files, {tree.total_bytes / 1e6:,.1f} MB")
+        results, tools = bench.run(tree)
+        scan_seconds = scan_time(bench.source)
     finally:
         if not options.keep:
             shutil.rmtree(bench.work, ignore_errors=True)
     print()
     print(table(results, tools))
     print(f"\nTree: {len(tree.files):,} files, {tree.total_bytes / 1e6:,.1f} MB; volume size "
-          f"{options.volume_size:,} bytes; -mx{options.level}.")
-    print(f"Incremental scan alone (the walk, nothing changed): {scan_seconds:.3f} s "
-          f"for {len(tree.files):,} files.")
+          f"{options.volume_size:,} bytes; -mx{options.level}; endpoint niceness "
+          f"{options.endpoint_niceness}; load average at the end {load_average():.2f}.")
+    if scan_seconds is not None:
+        print(f"Incremental scan alone (the walk, nothing changed): {scan_seconds:.3f} s "
+              f"for {len(tree.files):,} files.")
     print(f"Machine: {machine()}")
     if options.json:
-        with open(options.json, "w", encoding="utf-8") as handle:
-            json.dump({"tools": list(tools), "files": len(tree.files),
-                       "bytes": tree.total_bytes,
-                       "volume_size": options.volume_size, "level": options.level,
-                       "scan_seconds": scan_seconds,
-                       "results": {f"{s}/{t}": r.as_dict() for (s, t), r in results.items()}},
-                      handle, indent=1)
-    failed = [key for key, result in results.items()
-              if result.status not in (0, None)]
-    return 1 if failed else 0
+        write_json(options.json, {
+            "mode": "compare", "tools": list(tools), "files": len(tree.files),
+            "bytes": tree.total_bytes, "volume_size": options.volume_size,
+            "level": options.level, "scan_seconds": scan_seconds,
+            "results": results_json(results)})
+    return 1 if failures(results) else 0
+
+
+def main(argv=None):
+    options = parse_options(sys.argv[1:] if argv is None else argv)
+    modes = {"compare": compare, "compression": compression_sweep, "scale": scale}
+    return modes[options.mode](options)
 
 
 if __name__ == "__main__":

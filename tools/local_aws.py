@@ -346,6 +346,11 @@ class LocalAws:
     def port(self):
         return self._port
 
+    @property
+    def server_pid(self):
+        """The server's process id (the benchmark measures its CPU time)."""
+        return self._process.pid if self._process else None
+
     def start(self):
         """Start the server; on a taken port, retry with another."""
         attempts = 1 if self._port else 3

@@ -1,7 +1,8 @@
-"""tools/bench.py works: a tiny configuration with every tool installed.
+"""tools/bench.py works: tiny configurations of its compare and scale modes.
 
 A benchmark is not a test: nothing here looks at times, only that each tool
-ran, was measured, and restored the tree.
+ran, was measured (with the memory split between our processes and 7-Zip's),
+and restored the tree, and that a failed run makes the bench fail.
 """
 
 import json
@@ -11,38 +12,95 @@ import sys
 
 from conftest import REPO
 
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import bench  # noqa: E402
+
 BENCH = os.path.join(REPO, "tools", "bench.py")
 ALL_TOOLS = ["aam", "7zip", "restic", "duplicity"]
+# Plain 7-Zip has nothing to archive when nothing changed; every other run must succeed.
+NOT_APPLICABLE = {"incr-none/7zip"}
+
+
+def run_bench(tmp_path, *arguments):
+    report = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, BENCH, *arguments, "--work", str(tmp_path), "--json", str(report)],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("aam-bench-")]
+    return json.loads(report.read_text()), result.stdout
+
+
+def check_ran(key, measured):
+    """Ran to its end with exit code 0 and was measured; a restore gave the tree back."""
+    if key in NOT_APPLICABLE:
+        assert measured["status"] is None, key
+        return
+    assert measured["status"] == 0, (key, measured["note"])
+    assert measured["wall"] > 0, key
+    # a run shorter than the sampling period may end before its first sample
+    assert measured["rss"] is None or measured["rss"] > 0, key
+    if measured["wall"] > 0.5:
+        assert measured["rss"] > 0, key
+    if key.startswith("restore/"):
+        assert measured["note"] == "", (key, measured["note"])
 
 
 def test_a_tiny_bench_measures_every_tool(tmp_path):
-    report = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, BENCH, "--files", "40", "--total-bytes", "400k",
-         "--volume-size", "100k", "--tools", ",".join(ALL_TOOLS), "--work", str(tmp_path),
-         "--json", str(report)],
-        capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    data = json.loads(report.read_text())
+    data, stdout = run_bench(tmp_path, "--files", "40", "--total-bytes", "400k",
+                             "--volume-size", "100k", "--tools", ",".join(ALL_TOOLS))
     ran = data["tools"]
     assert ran[:2] == ["aam", "7zip"]
     if os.environ.get("CI"):        # .ci/run installs restic and duplicity
         assert ran == ALL_TOOLS
+    assert set(data["results"]) == {f"{s}/{t}" for s in bench.SCENARIOS for t in ran}
     for key, measured in data["results"].items():
-        scenario, tool = key.split("/")
-        if key in ("incr-none/7zip", "restore/aam") and measured["status"] is None:
-            continue                # nothing to archive; restoration not built yet
-        assert measured["status"] == 0, (key, measured["note"])
-        assert measured["wall"] > 0, key
-        # a run shorter than the 50 ms sampling period may end before its first sample
-        assert measured["rss"] is None or measured["rss"] > 0, key
-        if measured["wall"] > 0.5:
-            assert measured["rss"] > 0, key
-        if scenario == "restore":
-            assert measured["note"] == "", (key, measured["note"])
-        if tool != "7zip":
+        check_ran(key, measured)
+        if not key.endswith("/7zip") and key not in NOT_APPLICABLE:
             assert measured["requests"] > 0, key
     assert data["results"]["full/aam"]["lists"] == 1
     assert data["results"]["full/aam"]["uploaded"] > 0
-    assert "| full | aam |" in result.stdout
-    assert not [name for name in os.listdir(tmp_path) if name.startswith("aam-bench-")]
+    assert "| full | aam |" in stdout
+
+
+def test_the_scale_mode_splits_memory_between_our_processes_and_7zip(tmp_path):
+    # Sampled every 5 ms, so that even these tiny 7-Zip runs are seen.
+    data, stdout = run_bench(tmp_path, "scale", "--counts", "300,600", "--mean-size", "1k",
+                             "--volume-size", "100k", "--sample-seconds", "0.005")
+    assert data["mode"] == "scale"
+    assert [step["files"] for step in data["steps"]] == [300, 600]
+    for step in data["steps"]:
+        assert step["tools"] == ["aam", "7zip"]
+        results = step["results"]
+        assert set(results) == {f"{s}/{t}" for s in bench.SCALE_SCENARIOS
+                                for t in ("aam", "7zip")}
+        for key, measured in results.items():
+            check_ran(key, measured)
+        for scenario in bench.SCALE_SCENARIOS:
+            ours = results[f"{scenario}/aam"]
+            # our two Python processes, and (where 7-Zip ran) 7-Zip, separately
+            assert ours["rss_python"] > 0, scenario
+            assert ours["rss"] >= ours["rss_python"], scenario
+            assert ours["endpoint_cpu"] is not None, scenario
+        for key in ("full/aam", "restore/aam", "full/7zip", "restore/7zip"):
+            assert results[key]["rss_7zip"] > 0, key
+            assert results[key]["rss"] >= results[key]["rss_7zip"], key
+        assert results["full/7zip"]["rss_python"] is None    # plain 7-Zip: no Python
+        assert results["incr-none/aam"]["rss_7zip"] is None  # nothing changed: no 7-Zip
+        assert results["full/aam"]["uploaded"] > 0
+    header = stdout[stdout.index("| files | scenario |"):].splitlines()[0]
+    assert "our RSS MB" in header and "7-Zip RSS MB" in header
+    assert "| 600 | full | aam |" in stdout
+    assert "KB/file" in stdout      # the growth per file between the two counts
+
+
+def test_a_failed_or_wrong_restore_fails_the_bench():
+    fine = bench.Result(1.0, 1.0, status=0)
+    results = {("full", "aam"): fine, ("incr-none", "7zip"): bench.Result.not_available("-")}
+    assert bench.failures(results) == []
+    failed = {**results, ("restore", "aam"): bench.Result(1.0, 1.0, status=1)}
+    assert bench.failures(failed) == [("restore", "aam")]
+    wrong = {**results, ("restore", "aam"): bench.Result(1.0, 1.0, status=0,
+                                                         note="restored (1, 2)")}
+    assert bench.failures(wrong) == [("restore", "aam")]

@@ -262,7 +262,7 @@ def read_process(pid, page_size=os.sysconf("SC_PAGE_SIZE"),
 
 
 class ProcessSampler(threading.Thread):
-    """Samples a process tree from /proc every SAMPLE_SECONDS until stopped.
+    """Samples a process tree from /proc every period seconds until stopped.
 
     It follows /proc/PID/task/*/children from the root, so only the tree is
     read.  It keeps the peak RSS of the whole tree and of each process class
@@ -272,9 +272,9 @@ class ProcessSampler(threading.Thread):
     stopped (SIGSTOP: AAM pauses 7-Zip while finished volumes wait for upload).
     """
 
-    def __init__(self, pid, started):
+    def __init__(self, pid, started, period=SAMPLE_SECONDS):
         super().__init__(daemon=True)
-        self.pid, self.started = pid, started
+        self.pid, self.started, self.period = pid, started, period
         self.peak, self.peaks = 0, {"python": 0, "7zip": 0, "other": 0}
         self.processes = {}            # pid -> [command, class, peak RSS, CPU s]
         self.seven_zip_seen = None     # (first, last) perf_counter of a sample with 7-Zip
@@ -288,7 +288,7 @@ class ProcessSampler(threading.Thread):
             now = time.perf_counter()
             self.sample(now, now - previous)
             previous = now
-            self.done.wait(SAMPLE_SECONDS)
+            self.done.wait(self.period)
         self.own_cpu = time.thread_time()
 
     def sample(self, now, interval):
@@ -333,8 +333,9 @@ class EndpointMeter:
         self.pid = aws.server_pid
 
     def cpu(self):
+        """(server, proxy) CPU seconds so far; the proxy's includes the sampler's."""
         server = read_process(self.pid) if self.pid else None
-        return (server[3] if server else 0.0) + time.process_time()
+        return (server[3] if server else 0.0), time.process_time()
 
 
 class Result:
@@ -345,6 +346,7 @@ class Result:
         self.status, self.note = status, note
         self.rss_python = self.rss_7zip = self.cpu_python = self.cpu_7zip = None
         self.endpoint_cpu = self.before_7zip = self.after_7zip = None
+        self.endpoint_server_cpu = self.endpoint_proxy_cpu = None
         self.seven_zip_paused = None
         self.load = None            # 1-minute load average when the run started
         self.processes = []         # [command, class, peak RSS, CPU s] per process
@@ -384,7 +386,8 @@ def load_average():
         return float(handle.read().split()[0])
 
 
-def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=None):
+def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=None,
+            period=SAMPLE_SECONDS):
     """Run argv to its end; a Result with everything measured about its tree."""
     before = proxy.counters() if proxy else None
     endpoint_before = endpoint.cpu() if endpoint else None
@@ -397,7 +400,7 @@ def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=N
         process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out,
                                    stderr=subprocess.STDOUT,
                                    stdin=subprocess.PIPE if stdin_text else subprocess.DEVNULL)
-        sampler = ProcessSampler(process.pid, started)
+        sampler = ProcessSampler(process.pid, started, period)
         sampler.start()
         if stdin_text:
             process.stdin.write(stdin_text.encode())
@@ -411,7 +414,10 @@ def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=N
     result.take_samples(sampler, ended)
     result.load = load
     if endpoint:
-        result.endpoint_cpu = endpoint.cpu() - endpoint_before - sampler.own_cpu
+        (server, proxy_cpu), (server_before, proxy_before) = endpoint.cpu(), endpoint_before
+        result.endpoint_server_cpu = server - server_before
+        result.endpoint_proxy_cpu = proxy_cpu - proxy_before - sampler.own_cpu
+        result.endpoint_cpu = result.endpoint_server_cpu + result.endpoint_proxy_cpu
     if proxy:
         after = proxy.counters()
         result.uploaded = after["bytes_received"] - before["bytes_received"]
@@ -443,7 +449,7 @@ class Tool:
 
     def run(self, argv, env=None, **kwargs):
         return measure(argv, env or self.env(), self.output, endpoint=self.bench.endpoint,
-                       **kwargs)
+                       period=self.bench.options.sample_seconds, **kwargs)
 
     def env(self):
         return dict(os.environ)
@@ -1054,6 +1060,9 @@ def parse_options(argv):
     parser.add_argument("--endpoint-niceness", type=int, default=ENDPOINT_NICENESS,
                         help=f"niceness of the local S3 endpoint (default {ENDPOINT_NICENESS}; "
                              "0 to check that a ratio does not depend on it)")
+    parser.add_argument("--sample-seconds", type=float, default=SAMPLE_SECONDS,
+                        help=f"how often /proc is sampled (default {SAMPLE_SECONDS}; a tiny "
+                             "run needs less to see its short 7-Zip runs)")
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--work", help="where to make the work directory (default /var/tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")

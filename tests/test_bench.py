@@ -104,3 +104,45 @@ def test_a_failed_or_wrong_restore_fails_the_bench():
     wrong = {**results, ("restore", "aam"): bench.Result(1.0, 1.0, status=0,
                                                          note="restored (1, 2)")}
     assert bench.failures(wrong) == [("restore", "aam")]
+
+
+def test_against_the_sink_backups_run_and_restore_is_left_out(tmp_path):
+    data, _stdout = run_bench(tmp_path, "scale", "--endpoint", "sink", "--counts", "300",
+                              "--mean-size", "1k", "--volume-size", "100k")
+    results = data["steps"][0]["results"]
+    assert set(results) == {"full/aam", "full/7zip", "incr-none/aam", "incr-none/7zip"}
+    for key, measured in results.items():
+        check_ran(key, measured)
+    full, nothing = results["full/aam"], results["incr-none/aam"]
+    assert full["uploaded"] > 300 * 1000 // 4      # the archive went up
+    # nothing changed: the sink listed the full backup, so only an indicator went up
+    assert 0 < nothing["uploaded"] < 10_000 and nothing["lists"] == 1
+    assert full["endpoint_server_cpu"] == 0 and full["endpoint_local_cpu"] is not None
+
+
+def test_the_sink_keeps_sizes_of_deep_archive_volumes_and_bodies_of_the_rest(tmp_path):
+    from boto3.s3.transfer import TransferConfig
+    from local_aws import isolated_client
+    from s3_sink import S3Sink
+
+    volume = tmp_path / "volume"
+    volume.write_bytes(os.urandom(11 * 1024 * 1024))
+    with S3Sink() as sink:
+        sink.create_bucket("b")
+        s3 = isolated_client("s3", sink.endpoint_url, "us-east-1", "k", "s", None)
+        s3.upload_file(str(volume), "b", "p/vol.001", ExtraArgs={"StorageClass": "DEEP_ARCHIVE"},
+                       Config=TransferConfig(multipart_threshold=5 * 1024 * 1024,
+                                             multipart_chunksize=5 * 1024 * 1024))
+        s3.put_object(Bucket="b", Key="p/indicator", Body=b'{"volumes": 1}')
+        listed = {item["Key"]: item["Size"] for item in
+                  s3.list_objects_v2(Bucket="b", Prefix="p/")["Contents"]}
+        assert listed == {"p/vol.001": 11 * 1024 * 1024, "p/indicator": 14}
+        assert s3.get_object(Bucket="b", Key="p/indicator")["Body"].read() == b'{"volumes": 1}'
+        try:
+            s3.get_object(Bucket="b", Key="p/vol.001")
+            raise AssertionError("a Deep Archive volume was readable")
+        except s3.exceptions.ClientError as problem:
+            assert problem.response["Error"]["Code"] == "InvalidObjectState"
+        counted = sink.counters()
+    assert counted["by_kind"]["UPLOAD_PART"] == 3 and counted["by_kind"]["LIST"] == 1
+    assert counted["bytes_received"] >= 11 * 1024 * 1024

@@ -50,6 +50,7 @@ Installing restic and duplicity (Debian): tools/setup.sh --bench.
 """
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -72,6 +73,7 @@ sys.path.insert(0, REPO)
 
 import aam_auto_backup as aam  # noqa: E402
 from local_aws import FaultProxy, LocalAws  # noqa: E402
+from s3_sink import S3Sink  # noqa: E402
 
 TOOLS = ("aam", "7zip", "restic", "duplicity")
 SCENARIOS = ("full", "incr-1%", "incr-none", "restore")
@@ -241,12 +243,17 @@ def process_class(command):
     return "python" if command.startswith("python") else "other"
 
 
+Process = collections.namedtuple("Process", "command state rss cpu children argv")
+
+
 def read_process(pid, page_size=os.sysconf("SC_PAGE_SIZE"),
                  ticks=os.sysconf("SC_CLK_TCK")):
-    """(command, state, RSS bytes, CPU seconds, child pids) from /proc, or None if gone."""
+    """A Process (RSS in bytes, CPU in seconds) from /proc, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read()
         children = []
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children", "rb") as handle:
@@ -258,7 +265,8 @@ def read_process(pid, page_size=os.sysconf("SC_PAGE_SIZE"),
     command = stat[stat.index(b"(") + 1:close].decode(errors="replace")
     fields = stat[close + 2:].split()
     cpu = (int(fields[11]) + int(fields[12])) / ticks         # utime + stime
-    return command, fields[0].decode(), int(fields[21]) * page_size, cpu, children
+    return Process(command, fields[0].decode(), int(fields[21]) * page_size, cpu, children,
+                   argv)
 
 
 class ProcessSampler(threading.Thread):
@@ -293,22 +301,23 @@ class ProcessSampler(threading.Thread):
 
     def sample(self, now, interval):
         totals = dict.fromkeys(self.peaks, 0)
-        pending, stopped = [self.pid], False
+        pending, stopped = [(self.pid, None)], False
         while pending:
-            pid = pending.pop()
+            pid, parent_argv = pending.pop()
             seen = read_process(pid)
             if seen is None:
                 continue
-            command, state, rss, cpu, children = seen
-            kind = process_class(command)
-            totals[kind] += rss
-            known = self.processes.setdefault(pid, [command, kind, 0, 0.0])
-            known[2], known[3] = max(known[2], rss), cpu
+            pending.extend((child, seen.argv) for child in seen.children)
+            if seen.argv == parent_argv:
+                continue    # forked, not yet exec'd: its memory is still its parent's
+            kind = process_class(seen.command)
+            totals[kind] += seen.rss
+            known = self.processes.setdefault(pid, [seen.command, kind, 0, 0.0])
+            known[2], known[3] = max(known[2], seen.rss), seen.cpu
             if kind == "7zip":
                 first = self.seven_zip_seen[0] if self.seven_zip_seen else now
                 self.seven_zip_seen = (first, now)
-                stopped = stopped or state == "T"
-            pending.extend(children)
+                stopped = stopped or seen.state == "T"
         self.seven_zip_stopped += interval if stopped else 0.0
         self.peak = max(self.peak, sum(totals.values()))
         for kind, total in totals.items():
@@ -323,19 +332,20 @@ class ProcessSampler(threading.Thread):
 
 
 class EndpointMeter:
-    """CPU time of the local S3 endpoint: the moto server and the counting proxy.
+    """CPU time of the local S3 endpoint: a server process (moto) and threads of
+    this, the bench's, process (the counting proxy in front of moto, or the sink).
 
-    The proxy runs as threads of this (the bench's) process, so its share is
-    this process's CPU time less the sampler's; the main thread only waits.
+    The threads' share is this process's CPU time less the sampler's (the
+    main thread only waits).
     """
 
-    def __init__(self, aws):
-        self.pid = aws.server_pid
+    def __init__(self, server_pid=None):
+        self.pid = server_pid
 
     def cpu(self):
-        """(server, proxy) CPU seconds so far; the proxy's includes the sampler's."""
+        """(server, threads) CPU seconds so far; the threads' includes the sampler's."""
         server = read_process(self.pid) if self.pid else None
-        return (server[3] if server else 0.0), time.process_time()
+        return (server.cpu if server else 0.0), time.process_time()
 
 
 class Result:
@@ -346,7 +356,7 @@ class Result:
         self.status, self.note = status, note
         self.rss_python = self.rss_7zip = self.cpu_python = self.cpu_7zip = None
         self.endpoint_cpu = self.before_7zip = self.after_7zip = None
-        self.endpoint_server_cpu = self.endpoint_proxy_cpu = None
+        self.endpoint_server_cpu = self.endpoint_local_cpu = None
         self.seven_zip_paused = None
         self.load = None            # 1-minute load average when the run started
         self.processes = []         # [command, class, peak RSS, CPU s] per process
@@ -414,10 +424,10 @@ def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=N
     result.take_samples(sampler, ended)
     result.load = load
     if endpoint:
-        (server, proxy_cpu), (server_before, proxy_before) = endpoint.cpu(), endpoint_before
+        (server, local), (server_before, local_before) = endpoint.cpu(), endpoint_before
         result.endpoint_server_cpu = server - server_before
-        result.endpoint_proxy_cpu = proxy_cpu - proxy_before - sampler.own_cpu
-        result.endpoint_cpu = result.endpoint_server_cpu + result.endpoint_proxy_cpu
+        result.endpoint_local_cpu = local - local_before - sampler.own_cpu
+        result.endpoint_cpu = result.endpoint_server_cpu + result.endpoint_local_cpu
     if proxy:
         after = proxy.counters()
         result.uploaded = after["bytes_received"] - before["bytes_received"]
@@ -684,7 +694,10 @@ class Bench:
     """One work directory and one local S3 endpoint; the tools through the scenarios."""
 
     def __init__(self, options, scenarios=SCENARIOS):
-        self.options, self.scenarios = options, scenarios
+        self.options = options
+        # the sink keeps no volume data: nothing to restore from
+        self.scenarios = tuple(s for s in scenarios
+                               if s != "restore" or options.endpoint != "sink")
         self.work = tempfile.mkdtemp(prefix="aam-bench-", dir=options.work or "/var/tmp")
         self.source = os.path.join(self.work, "src", "data")
         self.volume_size = options.volume_size
@@ -697,9 +710,7 @@ class Bench:
     def run(self, tree):
         """{(scenario, tool name): Result}, {name: tool} for the tree in self.source."""
         results = {}
-        with LocalAws(niceness=self.options.endpoint_niceness) as aws, \
-                FaultProxy(aws.endpoint_url) as proxy:
-            self.aws, self.proxy, self.endpoint = aws, proxy, EndpointMeter(aws)
+        with self.local_s3() as (self.aws, self.proxy, self.endpoint):
             tools = self.tools()
             try:
                 for scenario in self.scenarios:
@@ -712,6 +723,17 @@ class Bench:
                 for tool in tools.values():
                     tool.cleanup()
         return results, tools
+
+    @contextlib.contextmanager
+    def local_s3(self):
+        """(bucket maker, request counter, endpoint meter) of the chosen endpoint."""
+        if self.options.endpoint == "sink":
+            with S3Sink() as sink:
+                yield sink, sink, EndpointMeter()
+            return
+        with LocalAws(niceness=self.options.endpoint_niceness) as aws, \
+                FaultProxy(aws.endpoint_url) as proxy:
+            yield aws, proxy, EndpointMeter(aws.server_pid)
 
     def tools(self):
         tools = {}
@@ -778,6 +800,12 @@ def failures(results):
             if result.status not in (0, None) or (key[0] == "restore" and result.note)]
 
 
+def endpoint_text(options):
+    if options.endpoint == "sink":
+        return "the sink (tools/s3_sink.py)"
+    return f"moto at niceness {options.endpoint_niceness}"
+
+
 def say(text, end="\n"):
     print(text, end=end, flush=True)
 
@@ -812,7 +840,9 @@ def table(results, tools):
     for scenario in SCENARIOS:
         ours = results.get((scenario, "aam"))
         for name in tools:
-            result = results[(scenario, name)]
+            result = results.get((scenario, name))
+            if result is None:
+                continue        # not run against this endpoint
             if not result.ok:
                 lines.append(f"| {scenario} | {name} | n/a | | | | | | | | |")
                 continue
@@ -1001,7 +1031,7 @@ def scale(options):
         print(f"{step.count:,} files, {step.tree.total_bytes / 1e6:,.1f} MB: tree made in "
               f"{step.generation:.0f} s, whole step {step.elapsed:.0f} s.")
     print(f"Total {time.perf_counter() - started:.0f} s; volume size {options.volume_size:,} "
-          f"bytes; -mx{options.level}; endpoint niceness {options.endpoint_niceness}; load "
+          f"bytes; -mx{options.level}; endpoint {endpoint_text(options)}; load "
           f"average at the end {load_average():.2f}.")
     print(f"Machine: {machine()}")
     if options.json:
@@ -1057,6 +1087,10 @@ def parse_options(argv):
                         help="compression mode: the levels to try")
     parser.add_argument("--tools", help=f"comma-separated, from {','.join(TOOLS)} (default: "
                                         "all; scale mode: aam,7zip)")
+    parser.add_argument("--endpoint", choices=("moto", "sink"), default="moto",
+                        help="the local S3 endpoint: moto (default; every scenario) or sink "
+                             "(tools/s3_sink.py: discards the volumes at a fraction of moto's "
+                             "CPU; no restore)")
     parser.add_argument("--endpoint-niceness", type=int, default=ENDPOINT_NICENESS,
                         help=f"niceness of the local S3 endpoint (default {ENDPOINT_NICENESS}; "
                              "0 to check that a ratio does not depend on it)")
@@ -1097,8 +1131,8 @@ def compare(options):
     print()
     print(table(results, tools))
     print(f"\nTree: {len(tree.files):,} files, {tree.total_bytes / 1e6:,.1f} MB; volume size "
-          f"{options.volume_size:,} bytes; -mx{options.level}; endpoint niceness "
-          f"{options.endpoint_niceness}; load average at the end {load_average():.2f}.")
+          f"{options.volume_size:,} bytes; -mx{options.level}; endpoint "
+          f"{endpoint_text(options)}; load average at the end {load_average():.2f}.")
     if scan_seconds is not None:
         print(f"Incremental scan alone (the walk, nothing changed): {scan_seconds:.3f} s "
               f"for {len(tree.files):,} files.")

@@ -1,33 +1,41 @@
 #!/usr/bin/env python3
 """Benchmark AAM Auto Backup against restic, duplicity and plain 7-Zip.
 
-Generates a reproducible tree (by default 10,000 files, about 0.5 GB: half
-compressible text, half random bytes, 200 B to 200 KB each), starts a local
-S3 endpoint (moto server behind a counting proxy, tools/local_aws.py) and
-measures, for each tool, four scenarios on the same tree:
+compare (the default mode) generates a reproducible tree (by default 10,000
+files, about 0.5 GB: half compressible text, half random bytes, 200 B to
+200 KB each), starts a local S3 endpoint and measures, for each tool, four
+scenarios on the same tree:
 
     full         the first (full) backup
     incr-1%      an incremental after 1% of the files were rewritten
     incr-none    an incremental with nothing changed
     restore      restoring the latest state (full + incrementals)
 
+scale runs AAM and plain 7-Zip on trees of small files (default 10,000,
+100,000 and 1,000,000 files of ~4 KB; --counts, --mean-size) through full,
+incr-none and restore, and prints three Markdown tables: the figures per
+file count, AAM's time around its 7-Zip run, and how memory and time grow
+per file.  compression measures 7-Zip's levels.
+
 Each run is one process tree, measured from outside:
 
     wall         elapsed time
     cpu          user + system time of the whole tree (RUSAGE_CHILDREN delta:
                  every descendant is waited for by its parent)
-    peak RSS     the largest sum of the resident set sizes of the process and
-                 all its descendants, sampled every 50 ms from /proc (pages
-                 shared between processes count once per process)
+    peak RSS     the largest sum of the resident set sizes of the tree's
+                 processes, sampled every 50 ms from /proc (shared pages count
+                 once per process); also split by process: Python (for AAM:
+                 ours, parent and child) and 7-Zip, each its own peak
+    endpoint CPU the local S3 endpoint's CPU time during the run (it shares the
+                 machine's cores with the tool: see --endpoint sink)
     uploaded     request bytes (bodies, as framed on the wire) that reached
-                 the S3 endpoint, counted by the proxy
+                 the S3 endpoint
     requests     S3 requests (LIST requests in brackets)
 
 The tools:
 
     aam          aam_auto_backup.py regular-backup, destination AWS only,
-                 one-step-aws-data-restoration for the restore ("n/a" while
-                 restoration is not implemented)
+                 one-step-aws-data-restoration for the restore
     7zip         plain `7zz a -tzip -mem=AES256` with the same switches,
                  level and volume size (the archiver's own speed, our floor;
                  nothing is uploaded); the incremental archives exactly the
@@ -35,15 +43,20 @@ The tools:
     restic       its S3 backend on the same endpoint (s3:http://.../bucket)
     duplicity    its boto3 S3 backend on the same endpoint
 
-Secrets reach restic and duplicity through environment variables and 7-Zip
-through standard input, never the command line.  The table's last column is
-AAM's wall time divided by that tool's (below 1: AAM is faster).  The
-machine is shared and noisy: quote ratios from one run, not absolute times.
+The endpoint is moto's server (at the lowest CPU priority) behind the
+counting proxy of tools/local_aws.py, or with --endpoint sink the minimal
+endpoint of tools/s3_sink.py, which discards the volumes at a thirtieth of
+moto's CPU (backups only: it cannot restore).  Secrets reach restic and
+duplicity through environment variables and 7-Zip through standard input,
+never the command line.  The machine is shared and noisy: quote ratios from
+one run, not absolute times; CPU times and RSS are the steadier figures.
 
     tools/bench.py                              # default tree, all tools
     tools/bench.py --files 100000               # 100,000 files (same 50 KB mean size)
-    tools/bench.py --total-bytes 5G             # 5 GB
     tools/bench.py --tools aam,7zip --files 50 --total-bytes 1M   # tiny (CI)
+    tools/bench.py scale                        # 10k, 100k, 1M small files
+    tools/bench.py scale --counts 10k,100k      # without the million
+    tools/bench.py scale --endpoint sink        # the same, against the sink
     tools/bench.py compression                  # 7-Zip level against size and time
 
 Installing restic and duplicity (Debian): tools/setup.sh --bench.

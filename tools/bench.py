@@ -282,6 +282,12 @@ def read_process(pid, page_size=os.sysconf("SC_PAGE_SIZE"),
                    argv)
 
 
+def archive_work(argv):
+    """Whether a 7-Zip command line archives, tests or extracts (not a version check)."""
+    words = argv.split(b"\0")
+    return len(words) > 1 and words[1] in (b"a", b"u", b"t", b"x", b"e")
+
+
 class ProcessSampler(threading.Thread):
     """Samples a process tree from /proc every period seconds until stopped.
 
@@ -289,7 +295,7 @@ class ProcessSampler(threading.Thread):
     read.  It keeps the peak RSS of the whole tree and of each process class
     (the sum over that class's processes at one instant: shared pages count
     once per process), each process's last CPU time (a process's last 50 ms
-    may be missed), when 7-Zip was first and last seen, and how long it was
+    may be missed), when 7-Zip was first and last seen at archive work, and how long it was
     stopped (SIGSTOP: AAM pauses 7-Zip while finished volumes wait for upload).
     """
 
@@ -329,7 +335,7 @@ class ProcessSampler(threading.Thread):
             known = self.processes.setdefault((pid, seen.command),
                                               [seen.command, kind, 0, 0.0])
             known[2], known[3] = max(known[2], seen.rss), seen.cpu
-            if kind == "7zip":
+            if kind == "7zip" and archive_work(seen.argv):
                 first = self.seven_zip_seen[0] if self.seven_zip_seen else now
                 self.seven_zip_seen = (first, now)
                 stopped = stopped or seen.state == "T"

@@ -2502,8 +2502,12 @@ def aws_client(session, service, region):
 
     An S3 client never replaces an object (new_objects_only)."""
     from botocore.config import Config
+    # An upload's body is not hashed once more to sign it: its CRC32 checksum header
+    # (botocore's default) and the manifest's SHA-256 protect it, as AWS over HTTPS
+    # does anyway; on a plain-HTTP endpoint the extra pass only costs CPU.
     config = Config(retries={"mode": "standard", "max_attempts": 4},
-                    connect_timeout=15, read_timeout=120)
+                    connect_timeout=15, read_timeout=120,
+                    s3={"payload_signing_enabled": False})
     client = session.client(service, region_name=region, config=config)
     return new_objects_only(client) if service == "s3" else client
 
@@ -2687,7 +2691,9 @@ MESSAGES_QUOTED = 3       # a failed tool's own messages quoted in the summary (
 
 
 def child_say(text):
-    print(text, flush=True)
+    # Not flushed line by line (7-Zip prints one per file): run_child flushes at its
+    # end, and the parent reads the output only once the child has ended.
+    print(text)
 
 
 def seven_zip_add_argv(settings, archive_path, list_files, password_switch, platform):
@@ -3252,6 +3258,7 @@ def run_child(child, platform, settings):
         child_say(MARK_VALIDATION_FAILURE + failure)
     child_say(MARK_RESULT + json.dumps({"files": selected if archive_dir else 0,
                                         "failures": len(failures)}))
+    sys.stdout.flush()
     return EXIT_OK
 
 

@@ -494,7 +494,10 @@ class AamTool(Tool):
 
     def env(self):
         bench = self.bench
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AAM_"))}
+        # PYTHONDONTWRITEBYTECODE is not a user's default: without it Python caches the
+        # program's compiled form for the child pass, as on the user's computer.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("AWS_", "AAM_")) and k != "PYTHONDONTWRITEBYTECODE"}
         env.update({
             "AWS_ENDPOINT_URL": bench.proxy.endpoint_url,
             "AWS_REGION": "us-east-1",
@@ -502,6 +505,7 @@ class AamTool(Tool):
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
             "AAM_TEMP_ROOT": os.path.join(bench.work, "aam-temp"),
             "AAM_LOCK_FILE": os.path.join(bench.work, "aam.lock"),
+            "AAM_STATE_DIR": os.path.join(bench.work, "aam-state"),
             "AAM_VOLUME_SIZE": str(bench.volume_size),
             "AAM_COMPRESSION_LEVEL": str(bench.level),
             "AAM_RESTORE_POLL_SECONDS": "1",

@@ -1,12 +1,16 @@
 """Shared fixtures: a real moto server over HTTP, sandboxes, and the CLI as a subprocess."""
 
+import datetime as dt
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 
 import pytest
@@ -17,13 +21,14 @@ sys.path.insert(0, REPO)
 
 import aam_auto_backup as aab  # noqa: E402
 from local_aws import FaultProxy, LocalAws  # noqa: E402
-from sample_tree import build_sample  # noqa: E402
+from sample_tree import build_sample, read_tree  # noqa: E402
 
 PROGRAM = os.path.join(REPO, "aam_auto_backup.py")
 KEY = "Correct horse battery staple 7!"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 ACCESS_KEY_ID = "AKIAIOSFODNN7EXAMPLE"
 SENDER = "backup-report@example.com"
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 @pytest.fixture(scope="session")
@@ -151,10 +156,23 @@ class Sandbox:
     def backup(self, changes=None, operation="regular-backup", env=None):
         return self.run(self.backup_args(operation, changes), env=env)
 
+    def restore_env(self, **extra):
+        """The environment of a restore that checks the thaw status every second."""
+        return self.env(AAM_RESTORE_POLL_SECONDS="1", **extra)
+
     def restore(self, operation, destination, changes=None, env=None):
         """A restore operation, checking the thaw status every second."""
         return self.run(self.restore_args(operation, destination, changes),
-                        env=env or self.env(AAM_RESTORE_POLL_SECONDS="1"))
+                        env=env or self.restore_env())
+
+    def restore_chosen(self, operation, destination, point=None, selection=(), env=None):
+        """A restore without an e-mail report, of a restore point and paths if given."""
+        changes = {"send_email": "False"}
+        if point is not None or selection:
+            changes["restore_point"] = point or "latest"
+        if selection:
+            changes["selection"] = list(selection)
+        return self.restore(operation, destination, changes, env=env)
 
     def backup_stamps(self):
         """The date-times of the complete backups, oldest first, as argument 14 takes them."""
@@ -215,6 +233,26 @@ class Sandbox:
             return []
         return sorted(os.path.join(self.logs, n) for n in os.listdir(self.logs))
 
+    def processes(self):
+        """The processes of this sandbox's runs (its temporary root is in their
+        environment): the program, its child, the child's script and 7-Zip."""
+        marker = f"AAM_TEMP_ROOT={self.temp}".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    if marker in handle.read().split(b"\0"):
+                        found.append(int(entry))
+            except (OSError, ValueError):
+                pass            # not a process, gone meanwhile, or another user's
+        return found
+
+    def wait_until_no_process_runs(self, timeout=60):
+        """Wait until the processes a killed run left behind have ended: its child
+        notices that its parent is gone (it looks every second) and stops 7-Zip."""
+        wait_for(lambda: not self.processes(), timeout,
+                 lambda: f"processes of a killed run still run: {self.processes()}")
+
 
 def write_file(path, data):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -225,6 +263,76 @@ def write_file(path, data):
 def ok(result):
     assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def wait_for(condition, timeout, failure="the condition never came true", interval=0.05):
+    """Look at condition() every interval seconds until it holds; fail after timeout
+    seconds with failure (a text, or a function giving one)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(failure() if callable(failure) else failure)
+        time.sleep(interval)
+
+
+def file_times_pass(moment=None):
+    """Wait until a file changed from now on gets a later time stamp than moment (a
+    datetime, or nanoseconds since the epoch; default: now, e.g. the end of a backup).
+
+    File systems stamp changes with a clock that moves in ticks of a few
+    milliseconds, so a change made right after a backup may carry a time no later
+    than one the backup recorded, and look unchanged to the next one."""
+    if moment is None:
+        moment_ns = time.time_ns()
+    elif isinstance(moment, dt.datetime):
+        moment_ns = (moment - EPOCH) // dt.timedelta(microseconds=1) * 1000
+    else:
+        moment_ns = moment
+    with tempfile.NamedTemporaryFile(prefix="aam-clock-") as probe:
+        wait_for(lambda: os.utime(probe.name) or os.stat(probe.name).st_mtime_ns > moment_ns,
+                 5, "the file system clock did not move on", interval=0.001)
+
+
+def read_until(process, pattern, timeout=120):
+    """The output lines of process (a text pipe) up to the first that matches pattern
+    (a regular expression), as one text; the process is killed after timeout seconds."""
+    seen = []
+    timer = threading.Timer(timeout, process.kill)
+    timer.start()
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if re.search(pattern, line):
+                return "".join(seen)
+    finally:
+        timer.cancel()
+    raise AssertionError(f"{pattern!r} never came:\n" + "".join(seen))
+
+
+def read_terminal_until(fd, text, timeout=60):
+    """What a program wrote to its terminal (the pty master fd) up to text, which
+    need not end a line (a prompt)."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while text.encode() not in seen:
+        assert time.monotonic() < deadline, seen.decode(errors="replace")
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:         # the program closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+def numbered_directories(destination, tree):
+    """{mount: restored tree}, following the restore's restore-map.txt."""
+    lines = open(os.path.join(destination, "restore-map.txt"), encoding="utf-8").read()
+    mapping = dict(line.split("\t")[:2][::-1] for line in lines.splitlines()
+                   if not line.startswith("#"))
+    assert set(mapping) == set(tree.mounts)
+    return {mount: read_tree(os.path.join(destination, mapping[mount]))
+            for mount in tree.mounts}
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from sample_tree import read_tree
 RESTORE_OPERATIONS = list(aab.RESTORE_OPERATIONS)
 
 
-def restore_args(sandbox, operation, changes=None):
+def quiet_restore_args(sandbox, operation, changes=None):
     return sandbox.restore_args(operation, os.path.join(sandbox.root, "restored"),
                                 dict({"send_email": "False"}, **(changes or {})))
 
@@ -26,7 +26,7 @@ def restore_args(sandbox, operation, changes=None):
 ])
 def test_bad_restore_arguments_touch_nothing(sandbox, proxy, operation, argument, text):
     sandbox.endpoint_url = proxy.endpoint_url
-    result = sandbox.run(restore_args(sandbox, operation, {argument: text}))
+    result = sandbox.run(quiet_restore_args(sandbox, operation, {argument: text}))
     assert result.returncode == 2
     assert f"argument {aab.RESTORE_ARGS.number(argument)} (" in result.stderr
     assert f"usage: aam_auto_backup.py {operation}" in result.stderr
@@ -37,7 +37,7 @@ def test_bad_restore_arguments_touch_nothing(sandbox, proxy, operation, argument
 
 @pytest.mark.parametrize("operation", RESTORE_OPERATIONS)
 def test_restore_argument_count(sandbox, operation):
-    result = sandbox.run(restore_args(sandbox, operation)[:12])
+    result = sandbox.run(quiet_restore_args(sandbox, operation)[:12])
     assert result.returncode == 2
     assert f"{operation} takes 13 or more arguments, 12 were given" in result.stderr
 

@@ -17,7 +17,7 @@ import time
 import filelock
 import pytest
 
-from conftest import PROGRAM, extract
+from conftest import PROGRAM, extract, read_terminal_until, read_until, wait_for
 from sample_tree import read_tree
 
 STAMP = "%Y%m%d_%H%M%S.%f"
@@ -169,10 +169,11 @@ def test_a_backup_waits_for_the_lock_then_runs(sandbox):
     process = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(
         changes={"lock_poll": "1", "lock_wait": "60"}), env=sandbox.env(),
         stdout=subprocess.PIPE, text=True)
-    time.sleep(2.5)
+    waited = read_until(process, "Another backup is running")
+    waited += read_until(process, "Another backup is running")     # the next poll's
     assert process.poll() is None            # still waiting
     lock.release()
-    out, _ = process.communicate(timeout=120)
+    out = waited + process.communicate(timeout=120)[0]
     assert process.returncode == 0, out
     assert out.count("Another backup is running") >= 2      # a message at each poll
     assert scopes(sandbox)["full"]
@@ -322,20 +323,6 @@ def test_incremental_only_refuses_when_a_full_backup_is_required(sandbox):
     assert len(sandbox.emails()) == 1                 # only the regular backup's
 
 
-def read_until(fd, text, timeout=60):
-    seen, deadline = b"", time.monotonic() + timeout
-    while text.encode() not in seen:
-        assert time.monotonic() < deadline, seen.decode(errors="replace")
-        try:
-            chunk = os.read(fd, 1024)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    return seen.decode(errors="replace")
-
-
 def test_incremental_only_on_a_terminal_asks_before_waiting_and_waits_for_enter(sandbox):
     sandbox.sample()
     assert sandbox.backup().returncode == 0
@@ -348,11 +335,12 @@ def test_incremental_only_on_a_terminal_asks_before_waiting_and_waits_for_enter(
                 {"lock_poll": "1", "lock_wait": "600", "auto_force_full": "no"}),
             env=sandbox.env(), stdin=slave, stdout=slave, stderr=slave)
         os.close(slave)
-        read_until(master, "[y/n]")
+        read_terminal_until(master, "[y/n]")
         os.write(master, b"n\n")
-        read_until(master, "Press Enter to close")
-        time.sleep(0.3)
-        assert process.poll() is None                 # waiting for Enter
+        read_terminal_until(master, "Press Enter to close")
+        # Nothing marks "waiting for Enter" but the lack of an exit: give it a moment.
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=0.3)
         os.write(master, b"\n")
         assert process.wait(timeout=30) == 4
         os.close(master)
@@ -398,18 +386,24 @@ def kill_tree(pid):
             pass
 
 
+def seven_zip_writes(sandbox):
+    """A volume 7-Zip is writing (its .tmp name) is in the work directory."""
+    return any(name.endswith(".tmp") for _folder, _dirs, files in os.walk(sandbox.temp)
+               for name in files)
+
+
 def crash_while_7zip_writes(sandbox, env):
     process = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        for folder, _dirs, files in os.walk(sandbox.temp):
-            if any(name.endswith(".tmp") for name in files):
-                kill_tree(process.pid)
-                process.wait()
-                return
-        time.sleep(0.002)
-    pytest.fail("7-Zip was never seen writing a volume")
+    # Only the volume's .tmp file tells that 7-Zip is writing.  It is there for as
+    # long as the volumes take to upload (7-Zip is paused while two wait), many
+    # times the 10 ms between looks.
+    wait_for(lambda: seven_zip_writes(sandbox) or process.poll() is not None, 120,
+             interval=0.01)
+    if process.poll() is not None:
+        pytest.fail("7-Zip was never seen writing a volume")
+    kill_tree(process.pid)
+    process.wait()
 
 
 CRASH_POINTS = ["child-done:1", "volume-uploaded:1", "before-indicator:1", "source-done:1",
@@ -422,7 +416,7 @@ def crash(sandbox, point):
         # enough new data that 7-Zip is seen writing its volumes
         tree = sandbox.tree
         with open(os.path.join(tree.first_mount, "Documents", "video.bin"), "wb") as handle:
-            handle.write(os.urandom(24 * 1024 * 1024))
+            handle.write(os.urandom(4 * 1024 * 1024))
         tree.expected[tree.first_mount]["Documents/video.bin"] = b""
         crash_while_7zip_writes(sandbox, env)
         return
@@ -434,7 +428,7 @@ def crash(sandbox, point):
 def normal_run(sandbox):
     result = sandbox.run(sandbox.backup_args(), env=sandbox.env(AAM_VOLUME_SIZE="65536"))
     assert result.returncode == 0, result.stdout + result.stderr
-    time.sleep(1.1)             # let the child's parent-watch of a killed run notice
+    sandbox.wait_until_no_process_runs()     # what a killed run left: gone on its own
     return result
 
 
@@ -496,10 +490,8 @@ def test_an_interrupted_multipart_upload_is_aborted(sandbox, proxy):
     sandbox.endpoint_url = proxy.endpoint_url
     process = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(
         changes={"send_email": "False"}), env=sandbox.env(), stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while proxy.counters()["by_kind"].get("UploadPart", 0) < 1:
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.01)
+    assert proxy.wait_for(lambda counters: counters["by_kind"].get("UploadPart", 0) >= 1,
+                          timeout=120), "no part was uploaded"
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 130, out

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import aam_auto_backup as aab
-from conftest import KEY, ok, snapshot, write_file
+from conftest import KEY, file_times_pass, ok, snapshot, write_file
 from local_aws import backup_policy, restore_policy
 
 ONE_STEP = aab.ONE_STEP_RESTORE
@@ -28,22 +28,8 @@ START = {
 }
 
 
-def pause():
-    """Time stamps of the next change fall after the backup just made."""
-    time.sleep(0.02)
-
-
 def restored(destination, number=1):
     return snapshot(os.path.join(destination, str(number)))
-
-
-def one_step(sandbox, destination, point=None, selection=(), env=None):
-    changes = {"send_email": "False"}
-    if point is not None or selection:
-        changes["restore_point"] = point or "latest"
-    if selection:
-        changes["selection"] = list(selection)
-    return sandbox.restore(ONE_STEP, destination, changes, env=env)
 
 
 def catalogue_objects(sandbox):
@@ -55,7 +41,7 @@ def test_type_changes_and_deletions_restore_as_at_the_last_backup(sandbox, tmp_p
     mount = sandbox.single_source(START)
     os.symlink("notes.md", os.path.join(mount, "link-becomes-file"))
     ok(sandbox.backup())                                            # full
-    pause()
+    file_times_pass()
     os.remove(os.path.join(mount, "becomes-dir"))                   # file -> directory
     write_file(os.path.join(mount, "becomes-dir", "now-inside.txt"), b"inside\n")
     shutil.rmtree(os.path.join(mount, "becomes-file"))              # directory -> file
@@ -67,7 +53,7 @@ def test_type_changes_and_deletions_restore_as_at_the_last_backup(sandbox, tmp_p
     expected = snapshot(mount)
 
     destination = tmp_path / "restored"
-    result = ok(one_step(sandbox, destination))
+    result = ok(sandbox.restore_chosen(ONE_STEP, destination))
     assert restored(destination) == expected
     assert "notes.md" not in restored(destination)
     assert "Restore point: the latest complete backup, the incremental backup" in result.stdout
@@ -93,7 +79,7 @@ def test_a_chain_of_eight_incrementals_restores_exactly_at_any_point(sandbox, tm
     ok(sandbox.backup())
     states = [snapshot(mount)]
     for step in steps:
-        pause()
+        file_times_pass()
         step()
         result = ok(sandbox.backup())
         assert "no local catalogue" not in result.stdout
@@ -105,11 +91,11 @@ def test_a_chain_of_eight_incrementals_restores_exactly_at_any_point(sandbox, tm
     assert kinds == ["listing"] + ["delta"] * 8
 
     fourth = tmp_path / "fourth"
-    result = ok(one_step(sandbox, fourth, point=stamps[3]))
+    result = ok(sandbox.restore_chosen(ONE_STEP, fourth, point=stamps[3]))
     assert restored(fourth) == states[3]
     assert f"Restore point {stamps[3]} UTC (argument 14)" in result.stdout
     latest = tmp_path / "latest"
-    ok(one_step(sandbox, latest))
+    ok(sandbox.restore_chosen(ONE_STEP, latest))
     assert restored(latest) == states[-1] == snapshot(mount)
 
     steps_destination = tmp_path / "steps"
@@ -122,7 +108,7 @@ def test_each_catalogue_is_encrypted_standard_and_sized_by_the_changes(sandbox, 
     files = {f"many/file-{n:04d}.txt": b"x" * n for n in range(300)}
     mount = sandbox.single_source(dict(files, **{"secret-name-visible.txt": b"s"}))
     ok(sandbox.backup())
-    pause()
+    file_times_pass()
     write_file(os.path.join(mount, "many", "file-0007.txt"), b"changed\n")
     ok(sandbox.backup())
     full, incremental = catalogue_objects(sandbox)
@@ -199,14 +185,14 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     ok(sandbox.backup())
     after_full = str(tmp_path / "state-after-full")
     shutil.copytree(sandbox.state_dir, after_full)
-    pause()
+    file_times_pass()
     write_file(os.path.join(mount, "report.txt"), b"second version\n")
     ok(sandbox.backup())
     second = snapshot(mount)
 
     shutil.rmtree(sandbox.state_dir)                # the state of another backup
     shutil.copytree(after_full, sandbox.state_dir)
-    pause()
+    file_times_pass()
     os.remove(os.path.join(mount, "notes.md"))
     write_file(os.path.join(mount, "projects", "new.txt"), b"third\n")
     result = ok(sandbox.backup())
@@ -215,7 +201,7 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     third = snapshot(mount)
 
     shutil.rmtree(sandbox.state_dir)                # no state at all
-    pause()
+    file_times_pass()
     write_file(os.path.join(mount, "photos", "2024", "b.jpg"), b"fourth\n")
     result = ok(sandbox.backup())
     assert "no local catalogue" in result.stdout
@@ -223,12 +209,12 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
              for n in catalogue_objects(sandbox)]
     assert kinds == ["listing", "delta", "listing", "listing"]
 
-    ok(one_step(sandbox, tmp_path / "latest"))
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
     assert restored(tmp_path / "latest") == snapshot(mount)
     stamps = sandbox.backup_stamps()
-    ok(one_step(sandbox, tmp_path / "third", point=stamps[2]))
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "third", point=stamps[2]))
     assert restored(tmp_path / "third") == third
-    ok(one_step(sandbox, tmp_path / "second", point=stamps[1]))
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "second", point=stamps[1]))
     assert restored(tmp_path / "second") == second
 
 
@@ -250,7 +236,7 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
         sandbox, tmp_path):
     mount = sandbox.single_source(START)
     ok(sandbox.backup())
-    pause()
+    file_times_pass()
     os.remove(os.path.join(mount, "becomes-dir"))
     write_file(os.path.join(mount, "becomes-dir", "now-inside.txt"), b"inside\n")
     shutil.rmtree(os.path.join(mount, "becomes-file"))
@@ -260,7 +246,7 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
     strip_catalogues(sandbox)
 
     destination = tmp_path / "restored"
-    result = ok(one_step(sandbox, destination))
+    result = ok(sandbox.restore_chosen(ONE_STEP, destination))
     assert "This set has no catalogues (made by version 1.0.0)" in result.stdout
     got = restored(destination)
     now = snapshot(mount)
@@ -271,7 +257,7 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
     assert got["becomes-dir"][0] == "d" and "becomes-file/inside.txt" not in got
     assert got["notes.md"][1] == START["notes.md"]
 
-    selective = one_step(sandbox, tmp_path / "part", selection=["report.txt"])
+    selective = sandbox.restore_chosen(ONE_STEP, tmp_path / "part", selection=["report.txt"])
     assert selective.returncode == 1
     assert "has no catalogue, so it cannot be restored in part" in selective.stdout
 
@@ -300,10 +286,10 @@ def test_browse_lists_the_backups_and_the_versions_of_a_file_without_a_thaw(
         sandbox, proxy, tmp_path):
     mount = sandbox.single_source(START)
     ok(sandbox.backup())
-    pause()
+    file_times_pass()
     write_file(os.path.join(mount, "report.txt"), b"second version\n")
     ok(sandbox.backup())
-    pause()
+    file_times_pass()
     os.remove(os.path.join(mount, "report.txt"))
     ok(sandbox.backup())
     sandbox.endpoint_url = proxy.endpoint_url

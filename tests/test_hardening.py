@@ -6,12 +6,11 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import unicodedata
 
 import pytest
 
-from conftest import ACCESS_KEY_ID, KEY, PROGRAM, SECRET, extract
+from conftest import ACCESS_KEY_ID, KEY, PROGRAM, SECRET, extract, file_times_pass
 from local_aws import backup_policy
 from sample_tree import read_tree
 
@@ -35,7 +34,7 @@ def test_backup_works_with_exactly_put_list_and_send(sandbox, iam_enforced, aws,
     env = sandbox.env(AAM_VOLUME_SIZE="65536")
     keys = {"access_key_id": key_id, "secret_access_key": secret}
     first = sandbox.run(sandbox.backup_args(changes=keys), env=env)
-    time.sleep(0.05)
+    file_times_pass()
     with open(os.path.join(tree.first_mount, "Documents", "report.txt"), "ab") as handle:
         handle.write(b"changed\n")
     second = sandbox.run(sandbox.backup_args(changes=keys), env=env)
@@ -62,9 +61,13 @@ def scan_for_secrets(directories, secrets):
 
 
 def watch_command_lines(root_pid, stop, seen):
-    """Collect the argv of root_pid and all its descendants until stop is set."""
+    """Collect the argv of root_pid and all its descendants until stop is set.
+
+    Nothing announces a new process and its command line can be read only while
+    it runs, so the watch looks again and again; between looks it waits 2 ms, short
+    against 7-Zip's run, which the test checks was seen."""
     family = {root_pid}
-    while not stop.is_set():
+    while not stop.wait(0.002):
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -77,7 +80,6 @@ def watch_command_lines(root_pid, stop, seen):
                         seen.add(handle.read())
             except (OSError, ValueError, IndexError):
                 pass
-        time.sleep(0.002)
 
 
 def test_no_secret_in_any_file_output_or_process_list(sandbox, tmp_path):
@@ -106,24 +108,29 @@ def test_no_secret_in_any_file_output_or_process_list(sandbox, tmp_path):
     assert "16. archive encryption key: env:AAM_KEY_VAR" in log
 
 
+def work_dir_modes(temp_root):
+    """[(name, permission bits)] of the work directories and what they hold now."""
+    seen_modes = []
+    for name in os.listdir(temp_root) if os.path.isdir(temp_root) else []:
+        path = os.path.join(temp_root, name)
+        try:
+            seen_modes.append((path, os.stat(path).st_mode & 0o777))
+            for inner in os.listdir(path):
+                mode = os.stat(os.path.join(path, inner)).st_mode & 0o777
+                seen_modes.append((inner, mode))
+        except OSError:
+            pass                # removed meanwhile
+    return seen_modes
+
+
 def test_work_and_log_files_are_owner_only(sandbox):
     sandbox.sample()
     seen_modes = []
     process = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(),
-                               env=sandbox.env(), stdout=subprocess.DEVNULL)
-    while process.poll() is None:
-        if os.path.isdir(sandbox.temp):
-            for name in os.listdir(sandbox.temp):
-                path = os.path.join(sandbox.temp, name)
-                try:
-                    seen_modes.append((path, os.stat(path).st_mode & 0o777))
-                    for inner in os.listdir(path):
-                        mode = os.stat(os.path.join(path, inner)).st_mode & 0o777
-                        seen_modes.append((inner, mode))
-                except OSError:
-                    pass
-        time.sleep(0.002)
-    assert process.returncode == 0
+                               env=sandbox.env(), stdout=subprocess.PIPE, text=True)
+    for _line in process.stdout:        # at each step the backup reports
+        seen_modes += work_dir_modes(sandbox.temp)
+    assert process.wait() == 0
     assert seen_modes, "the work directory was never seen"
     assert {mode & 0o077 for _path, mode in seen_modes} == {0}
     for log in sandbox.log_files():
@@ -162,7 +169,7 @@ def test_hostile_file_names_are_backed_up_mirrored_and_restored(sandbox, tmp_pat
     extract(sandbox.fetch_volume(volume, str(tmp_path)), str(tmp_path / "restored"))
     assert read_tree(str(tmp_path / "restored")) == expected
 
-    time.sleep(0.05)      # the incremental must name every changed hostile file exactly
+    file_times_pass()     # the incremental must name every changed hostile file exactly
     for folder, _dirs, files in os.walk(source):
         for name in files:
             with open(os.path.join(folder, name), "ab") as handle:
@@ -279,7 +286,7 @@ def test_a_file_that_vanishes_or_grows_before_7zip_reads_it(sandbox, tmp_path):
     tree = sandbox.sample()
     assert sandbox.backup({"send_email": "False"}).returncode == 0
     docs = os.path.join(tree.first_mount, "Documents")
-    time.sleep(0.05)
+    file_times_pass()
     for name in ("report.txt", "sub/deep/keep.txt"):
         with open(os.path.join(docs, name), "ab") as handle:
             handle.write(b"changed\n")

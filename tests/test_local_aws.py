@@ -36,14 +36,17 @@ FIVE_MIB_PARTS = TransferConfig(multipart_threshold=5 * MIB,
 NO_RETRIES = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 
 
+# This module's own server: its tests reset it and switch IAM enforcement on, which
+# the session's server (the `aws` fixture) must not see.
 @pytest.fixture(scope="module")
 def server():
-    with LocalAws() as aws:
-        yield aws
+    with LocalAws() as local:
+        yield local
 
 
 @pytest.fixture
-def aws(server):
+def fresh_aws(server):
+    """This module's server, reset: one bucket, one verified sender."""
     server.reset()
     server.create_bucket(BUCKET)
     server.verify_ses_identity(SENDER)
@@ -51,8 +54,8 @@ def aws(server):
 
 
 @pytest.fixture
-def proxy(aws):
-    with FaultProxy(aws.endpoint_url) as fault_proxy:
+def fresh_proxy(fresh_aws):
+    with FaultProxy(fresh_aws.endpoint_url) as fault_proxy:
         yield fault_proxy
 
 
@@ -74,49 +77,49 @@ def send_text_email(ses, subject="Backup OK", text="all good"):
 # ---------------------------------------------------------------- server
 
 def test_server_runs_as_child_process_and_stops():
-    aws = LocalAws()
-    with aws:
-        process = aws._process
+    local = LocalAws()
+    with local:
+        process = local._process
         assert process.pid != os.getpid()
-        assert aws.endpoint_url.startswith("http://127.0.0.1:")
-        assert aws.region == "us-east-1"
-        assert aws.client("s3").list_buckets()["Buckets"] == []
+        assert local.endpoint_url.startswith("http://127.0.0.1:")
+        assert local.region == "us-east-1"
+        assert local.client("s3").list_buckets()["Buckets"] == []
     assert process.poll() is not None
-    assert not LocalAws._answers(aws.port)
+    assert not LocalAws._answers(local.port)
 
 
-def test_clients_ignore_the_users_aws_configuration(aws, tmp_path,
+def test_clients_ignore_the_users_aws_configuration(fresh_aws, tmp_path,
                                                     monkeypatch):
     config = tmp_path / "config"
     config.write_text("[default]\nregion = eu-west-3\n")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREALLOOKING")
-    s3 = aws.client("s3")
+    s3 = fresh_aws.client("s3")
     assert s3.meta.region_name == "us-east-1"
-    assert s3.meta.endpoint_url == aws.endpoint_url
+    assert s3.meta.endpoint_url == fresh_aws.endpoint_url
     assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == [BUCKET]
 
 
-def test_env_points_sdks_at_the_server(aws):
-    env = aws.env()
-    assert env["AWS_ENDPOINT_URL"] == aws.endpoint_url
+def test_env_points_sdks_at_the_server(fresh_aws):
+    env = fresh_aws.env()
+    assert env["AWS_ENDPOINT_URL"] == fresh_aws.endpoint_url
     assert env["AWS_DEFAULT_REGION"] == "us-east-1"
     assert env["AWS_CONFIG_FILE"] == os.devnull
 
 
-def test_reset_forgets_everything(aws):
-    aws.client("s3").put_object(Bucket=BUCKET, Key="k", Body=b"x")
-    send_text_email(aws.client("ses"))
-    aws.reset()
-    assert aws.client("s3").list_buckets()["Buckets"] == []
-    assert aws.sent_emails() == []
+def test_reset_forgets_everything(fresh_aws):
+    fresh_aws.client("s3").put_object(Bucket=BUCKET, Key="k", Body=b"x")
+    send_text_email(fresh_aws.client("ses"))
+    fresh_aws.reset()
+    assert fresh_aws.client("s3").list_buckets()["Buckets"] == []
+    assert fresh_aws.sent_emails() == []
 
 
 # ---------------------------------------------------------------- SES
 
-def test_sent_emails_reads_what_ses_accepted(aws):
-    ses = aws.client("ses")
+def test_sent_emails_reads_what_ses_accepted(fresh_aws):
+    ses = fresh_aws.client("ses")
     send_text_email(ses, "Backup OK", "3 volumes uploaded")
     ses.send_email(
         Source=SENDER,
@@ -125,7 +128,7 @@ def test_sent_emails_reads_what_ses_accepted(aws):
         Message={"Subject": {"Data": "Both bodies"},
                  "Body": {"Text": {"Data": "plain text"},
                           "Html": {"Data": "<p>html</p>"}}})
-    mails = aws.sent_emails()
+    mails = fresh_aws.sent_emails()
     assert mails[0] == {
         "source": SENDER, "destinations": ["admin@example.com"],
         "to": ["admin@example.com"], "subject": "Backup OK",
@@ -135,18 +138,18 @@ def test_sent_emails_reads_what_ses_accepted(aws):
     assert mails[1]["destinations"] == ["a@example.com", "b@example.com"]
 
 
-def test_sent_emails_includes_raw_and_sesv2_messages(aws):
+def test_sent_emails_includes_raw_and_sesv2_messages(fresh_aws):
     raw = (f"From: {SENDER}\r\nTo: admin@example.com\r\n"
            "Subject: Raw report\r\nContent-Type: text/plain\r\n\r\nhello\r\n")
-    aws.client("ses").send_raw_email(Source=SENDER,
-                                     Destinations=["admin@example.com"],
-                                     RawMessage={"Data": raw.encode()})
-    aws.client("sesv2").send_email(
+    fresh_aws.client("ses").send_raw_email(Source=SENDER,
+                                           Destinations=["admin@example.com"],
+                                           RawMessage={"Data": raw.encode()})
+    fresh_aws.client("sesv2").send_email(
         FromEmailAddress=SENDER,
         Destination={"ToAddresses": ["admin@example.com"]},
         Content={"Simple": {"Subject": {"Data": "v2"},
                             "Body": {"Text": {"Data": "v2 body"}}}})
-    simple, raw_mail = aws.sent_emails()  # SendEmail ones come first
+    simple, raw_mail = fresh_aws.sent_emails()  # SendEmail ones come first
     assert (simple["subject"], simple["body"]) == ("v2", "v2 body")
     assert raw_mail["subject"] == "Raw report"
     assert raw_mail["body"].strip() == "hello"
@@ -154,44 +157,44 @@ def test_sent_emails_includes_raw_and_sesv2_messages(aws):
     assert raw_mail["raw"] == raw
 
 
-def test_unverified_sender_is_rejected(aws):
+def test_unverified_sender_is_rejected(fresh_aws):
     with pytest.raises(ClientError) as excinfo:
-        aws.client("ses").send_email(
+        fresh_aws.client("ses").send_email(
             Source="nobody@example.com",
             Destination={"ToAddresses": ["admin@example.com"]},
             Message={"Subject": {"Data": "x"},
                      "Body": {"Text": {"Data": "x"}}})
     assert error_code(excinfo) == "MessageRejected"
-    assert aws.sent_emails() == []
+    assert fresh_aws.sent_emails() == []
 
 
-def test_sent_emails_works_while_a_multipart_upload_is_open(aws):
+def test_sent_emails_works_while_a_multipart_upload_is_open(fresh_aws):
     # Plain moto 5.2.1 answers data.json with HTTP 500 in this state.
-    s3 = aws.client("s3")
+    s3 = fresh_aws.client("s3")
     upload = s3.create_multipart_upload(Bucket=BUCKET, Key="v.7z.001")
     s3.upload_part(Bucket=BUCKET, Key="v.7z.001", PartNumber=1,
                    UploadId=upload["UploadId"], Body=b"x" * 1000)
-    send_text_email(aws.client("ses"), "Backup FAILED")
-    assert [m["subject"] for m in aws.sent_emails()] == ["Backup FAILED"]
+    send_text_email(fresh_aws.client("ses"), "Backup FAILED")
+    assert [m["subject"] for m in fresh_aws.sent_emails()] == ["Backup FAILED"]
 
 
 # ---------------------------------------------------------------- IAM
 
 @pytest.fixture
-def users(aws):
+def users(fresh_aws):
     """(backup client, restore client, backup ses) with IAM enforced."""
-    s3 = aws.client("s3")
+    s3 = fresh_aws.client("s3")
     s3.put_object(Bucket=BUCKET, Key="old.7z.001", Body=b"old",
                   StorageClass="DEEP_ARCHIVE")
-    backup = aws.create_user_with_policy("backup", backup_policy(BUCKET))
-    restore = aws.create_user_with_policy("restore", restore_policy(BUCKET),
-                                          managed=True)
-    aws.enable_iam_enforcement()
-    return (aws.client("s3", *backup), aws.client("s3", *restore),
-            aws.client("ses", *backup))
+    backup = fresh_aws.create_user_with_policy("backup", backup_policy(BUCKET))
+    restore = fresh_aws.create_user_with_policy("restore", restore_policy(BUCKET),
+                                                managed=True)
+    fresh_aws.enable_iam_enforcement()
+    return (fresh_aws.client("s3", *backup), fresh_aws.client("s3", *restore),
+            fresh_aws.client("ses", *backup))
 
 
-def test_backup_user_can_upload_list_and_mail(users, aws, tmp_path):
+def test_backup_user_can_upload_list_and_mail(users, fresh_aws, tmp_path):
     backup, _, ses = users
     backup.put_object(Bucket=BUCKET, Key="new.7z.001", Body=b"new",
                       StorageClass="DEEP_ARCHIVE")
@@ -205,7 +208,7 @@ def test_backup_user_can_upload_list_and_mail(users, aws, tmp_path):
     assert keys == {"old.7z.001", "new.7z.001", "new.7z.002"}
     assert backup.list_objects(Bucket=BUCKET)["Contents"]  # v1 too
     send_text_email(ses)
-    assert aws.sent_emails()[0]["subject"] == "Backup OK"
+    assert fresh_aws.sent_emails()[0]["subject"] == "Backup OK"
 
 
 @pytest.mark.parametrize("call", [
@@ -234,7 +237,7 @@ def test_backup_user_head_requests_get_bare_403(users):
         assert error_code(excinfo) == "403"
 
 
-def test_backup_user_delete_objects_is_refused_per_key(users, aws):
+def test_backup_user_delete_objects_is_refused_per_key(users, fresh_aws):
     backup, _, _ = users
     answer = backup.delete_objects(
         Bucket=BUCKET, Delete={"Objects": [{"Key": "old.7z.001"}]})
@@ -243,10 +246,10 @@ def test_backup_user_delete_objects_is_refused_per_key(users, aws):
     assert "Deleted" not in answer
 
 
-def test_backup_user_multipart_needs_put_object_and_abort(aws):
+def test_backup_user_multipart_needs_put_object_and_abort(fresh_aws):
     write_only = backup_policy(BUCKET, allow_abort=False)
-    backup = aws.client("s3", *aws.create_user_with_policy("w", write_only))
-    aws.enable_iam_enforcement()
+    backup = fresh_aws.client("s3", *fresh_aws.create_user_with_policy("w", write_only))
+    fresh_aws.enable_iam_enforcement()
     upload_id = backup.create_multipart_upload(
         Bucket=BUCKET, Key="v", StorageClass="DEEP_ARCHIVE")["UploadId"]
     part = backup.upload_part(Bucket=BUCKET, Key="v", UploadId=upload_id,
@@ -293,21 +296,21 @@ def test_restore_user_can_restore_and_read_but_not_write(users):
         assert error_code(excinfo) == "AccessDenied"
 
 
-def test_enforcement_rejects_dummy_keys_and_bad_secrets(users, aws):
+def test_enforcement_rejects_dummy_keys_and_bad_secrets(users, fresh_aws):
     with pytest.raises(ClientError) as excinfo:
-        aws.client("s3").list_objects_v2(Bucket=BUCKET)
+        fresh_aws.client("s3").list_objects_v2(Bucket=BUCKET)
     assert error_code(excinfo) == "InvalidAccessKeyId"
     key_id = users[0]._request_signer._credentials.access_key
     with pytest.raises(ClientError) as excinfo:
-        aws.client("s3", key_id, "wrong").list_objects_v2(Bucket=BUCKET)
+        fresh_aws.client("s3", key_id, "wrong").list_objects_v2(Bucket=BUCKET)
     assert error_code(excinfo) == "SignatureDoesNotMatch"
 
 
-def test_policy_for_another_bucket_grants_nothing(aws):
-    other = aws.create_user_with_policy("o", backup_policy("other-bucket"))
-    aws.enable_iam_enforcement()
+def test_policy_for_another_bucket_grants_nothing(fresh_aws):
+    other = fresh_aws.create_user_with_policy("o", backup_policy("other-bucket"))
+    fresh_aws.enable_iam_enforcement()
     with pytest.raises(ClientError) as excinfo:
-        aws.client("s3", *other).put_object(Bucket=BUCKET, Key="x", Body=b"")
+        fresh_aws.client("s3", *other).put_object(Bucket=BUCKET, Key="x", Body=b"")
     assert error_code(excinfo) == "AccessDenied"
 
 
@@ -323,8 +326,8 @@ def complete_one_part(s3, key, **conditions):
         **conditions)
 
 
-def test_if_none_match_refuses_an_existing_name_with_412(aws):
-    s3 = aws.client("s3")
+def test_if_none_match_refuses_an_existing_name_with_412(fresh_aws):
+    s3 = fresh_aws.client("s3")
     s3.put_object(Bucket=BUCKET, Key="k", Body=b"first", IfNoneMatch="*")
     complete_one_part(s3, "m", IfNoneMatch="*")
     for write in (lambda: s3.put_object(Bucket=BUCKET, Key="k", Body=b"2",
@@ -337,8 +340,8 @@ def test_if_none_match_refuses_an_existing_name_with_412(aws):
     assert s3.get_object(Bucket=BUCKET, Key="m")["Body"].read() == b"part"
 
 
-def test_the_overwrite_denying_bucket_policy_is_enforced(aws):
-    s3 = aws.client("s3")
+def test_the_overwrite_denying_bucket_policy_is_enforced(fresh_aws):
+    s3 = fresh_aws.client("s3")
     s3.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps(bucket_policy(BUCKET)))
     s3.put_object(Bucket=BUCKET, Key="new", Body=b"x", IfNoneMatch="*")
     complete_one_part(s3, "new-multipart", IfNoneMatch="*")   # its parts need no header
@@ -365,8 +368,8 @@ def head_restore(s3, key):
     return s3.head_object(Bucket=BUCKET, Key=key)["Restore"]
 
 
-def test_deep_archive_restore_progression(aws):
-    s3 = aws.client("s3")
+def test_deep_archive_restore_progression(fresh_aws):
+    s3 = fresh_aws.client("s3")
     s3.put_object(Bucket=BUCKET, Key="v.7z.001", Body=b"secret",
                   StorageClass="DEEP_ARCHIVE")
     head = s3.head_object(Bucket=BUCKET, Key="v.7z.001")
@@ -378,7 +381,7 @@ def test_deep_archive_restore_progression(aws):
     assert (error_code(excinfo), http_status(excinfo)) == (
         "InvalidObjectState", 403)
 
-    aws.set_restore_progression(3)
+    fresh_aws.set_restore_progression(3)
     answer = restore(s3, "v.7z.001")
     assert answer["ResponseMetadata"]["HTTPStatusCode"] == 202
     assert head_restore(s3, "v.7z.001") == 'ongoing-request="true"'
@@ -403,22 +406,22 @@ def test_deep_archive_restore_progression(aws):
     assert head_restore(s3, "v.7z.001") != done
 
 
-def test_earlier_look_ups_do_not_shorten_a_restore(aws):
-    s3 = aws.client("s3")
+def test_earlier_look_ups_do_not_shorten_a_restore(fresh_aws):
+    s3 = fresh_aws.client("s3")
     s3.put_object(Bucket=BUCKET, Key="v", Body=b"x",
                   StorageClass="DEEP_ARCHIVE")
-    aws.set_restore_progression(2)
+    fresh_aws.set_restore_progression(2)
     for _ in range(5):
         s3.head_object(Bucket=BUCKET, Key="v")
-    aws.sent_emails()  # data.json evaluates every key's state too
+    fresh_aws.sent_emails()  # data.json evaluates every key's state too
     restore(s3, "v")
     states = [s3.head_object(Bucket=BUCKET, Key="v")["Restore"][:21]
               for _ in range(3)]
     assert states == ['ongoing-request="true'] * 2 + ['ongoing-request="fals']
 
 
-def test_restores_are_immediate_by_default(aws):
-    s3 = aws.client("s3")
+def test_restores_are_immediate_by_default(fresh_aws):
+    s3 = fresh_aws.client("s3")
     s3.put_object(Bucket=BUCKET, Key="v", Body=b"x",
                   StorageClass="DEEP_ARCHIVE")
     assert restore(s3, "v")["ResponseMetadata"]["HTTPStatusCode"] == 202
@@ -427,8 +430,8 @@ def test_restores_are_immediate_by_default(aws):
     assert s3.get_object(Bucket=BUCKET, Key="v")["Body"].read() == b"x"
 
 
-def test_restoring_a_standard_or_missing_object_fails(aws):
-    s3 = aws.client("s3")
+def test_restoring_a_standard_or_missing_object_fails(fresh_aws):
+    s3 = fresh_aws.client("s3")
     s3.put_object(Bucket=BUCKET, Key="std", Body=b"x")
     with pytest.raises(ClientError) as excinfo:
         restore(s3, "std")
@@ -438,11 +441,11 @@ def test_restoring_a_standard_or_missing_object_fails(aws):
     assert error_code(excinfo) == "NoSuchKey"
 
 
-# ---------------------------------------------------------------- proxy
+# ---------------------------------------------------------------- fresh_proxy
 
 def test_proxy_is_transparent_for_puts_multipart_lists_and_ses(
-        aws, proxy, tmp_path):
-    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url)
+        fresh_aws, fresh_proxy, tmp_path):
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url)
     s3.put_object(Bucket=BUCKET, Key="small", Body=b"hello")
     data = os.urandom(20 * MIB)
     volume = tmp_path / "big.7z.001"
@@ -452,9 +455,9 @@ def test_proxy_is_transparent_for_puts_multipart_lists_and_ses(
     listed = s3.list_objects_v2(Bucket=BUCKET)["Contents"]
     assert {o["Key"]: o["Size"] for o in listed} == {"small": 5,
                                                      "big": 20 * MIB}
-    send_text_email(aws.client("ses", endpoint_url=proxy.endpoint_url))
+    send_text_email(fresh_aws.client("ses", endpoint_url=fresh_proxy.endpoint_url))
 
-    counts = proxy.counters()
+    counts = fresh_proxy.counters()
     assert counts["by_kind"] == {
         "PutObject": 1, "CreateMultipartUpload": 1, "UploadPart": 4,
         "CompleteMultipartUpload": 1, "LIST": 1, "ses": 1}
@@ -463,24 +466,24 @@ def test_proxy_is_transparent_for_puts_multipart_lists_and_ses(
     assert counts["bytes_received_by_kind"]["UploadPart"] == 20 * MIB
     assert counts["bytes_received_by_kind"]["PutObject"] == 5
     assert counts["bytes_received"] > 20 * MIB
-    assert aws.sent_emails()[0]["subject"] == "Backup OK"
+    assert fresh_aws.sent_emails()[0]["subject"] == "Backup OK"
 
-    aws.set_restore_immediate()
-    restore(aws.client("s3"), "big")
-    proxy.reset_counters()
+    fresh_aws.set_restore_immediate()
+    restore(fresh_aws.client("s3"), "big")
+    fresh_proxy.reset_counters()
     got = s3.get_object(Bucket=BUCKET, Key="big")["Body"].read()
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
-    assert proxy.counters()["bytes_sent"] == 20 * MIB
-    assert proxy.counters()["by_kind"] == {"GetObject": 1}
+    assert fresh_proxy.counters()["bytes_sent"] == 20 * MIB
+    assert fresh_proxy.counters()["by_kind"] == {"GetObject": 1}
 
 
-def test_signatures_made_for_the_proxy_still_verify(aws, proxy):
-    backup = aws.create_user_with_policy("backup", backup_policy(BUCKET))
-    aws.enable_iam_enforcement()
-    s3 = aws.client("s3", *backup, endpoint_url=proxy.endpoint_url)
+def test_signatures_made_for_the_proxy_still_verify(fresh_aws, fresh_proxy):
+    backup = fresh_aws.create_user_with_policy("backup", backup_policy(BUCKET))
+    fresh_aws.enable_iam_enforcement()
+    s3 = fresh_aws.client("s3", *backup, endpoint_url=fresh_proxy.endpoint_url)
     s3.put_object(Bucket=BUCKET, Key="signed", Body=b"x" * (2 * MIB))
     assert s3.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 1
-    bad = aws.client("s3", backup[0], "wrong", endpoint_url=proxy.endpoint_url)
+    bad = fresh_aws.client("s3", backup[0], "wrong", endpoint_url=fresh_proxy.endpoint_url)
     with pytest.raises(ClientError) as excinfo:
         bad.put_object(Bucket=BUCKET, Key="x", Body=b"x")
     assert error_code(excinfo) == "SignatureDoesNotMatch"
@@ -503,48 +506,48 @@ def raw_put(port, path, headers, body_parts):
     return status
 
 
-def test_proxy_forwards_http_chunked_bodies(aws, proxy):
+def test_proxy_forwards_http_chunked_bodies(fresh_aws, fresh_proxy):
     parts = [b"5\r\nhello\r\n", b"6\r\n world\r\n", b"0\r\n\r\n"]
-    assert raw_put(proxy.port, f"/{BUCKET}/chunked",
+    assert raw_put(fresh_proxy.port, f"/{BUCKET}/chunked",
                    {"Transfer-Encoding": "chunked",
                     "x-amz-content-sha256": "UNSIGNED-PAYLOAD"}, parts) == 200
-    body = aws.client("s3").get_object(Bucket=BUCKET, Key="chunked")["Body"]
+    body = fresh_aws.client("s3").get_object(Bucket=BUCKET, Key="chunked")["Body"]
     assert body.read() == b"hello world"
-    assert proxy.counters()["bytes_received"] == sum(map(len, parts))
+    assert fresh_proxy.counters()["bytes_received"] == sum(map(len, parts))
 
 
-def test_proxy_forwards_aws_chunked_bodies(aws, proxy):
+def test_proxy_forwards_aws_chunked_bodies(fresh_aws, fresh_proxy):
     data = os.urandom(300_000)
     crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big"))
     body = b"%x\r\n%s\r\n0\r\nx-amz-checksum-crc32:%s\r\n\r\n" % (
         len(data), data, crc)
-    assert raw_put(proxy.port, f"/{BUCKET}/aws-chunked", {
+    assert raw_put(fresh_proxy.port, f"/{BUCKET}/aws-chunked", {
         "Content-Length": str(len(body)),
         "Content-Encoding": "aws-chunked",
         "x-amz-decoded-content-length": str(len(data)),
         "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
         "x-amz-trailer": "x-amz-checksum-crc32"}, [body]) == 200
-    stored = aws.client("s3").get_object(Bucket=BUCKET, Key="aws-chunked")
+    stored = fresh_aws.client("s3").get_object(Bucket=BUCKET, Key="aws-chunked")
     assert stored["Body"].read() == data
-    assert proxy.counters()["bytes_received"] == len(body)
+    assert fresh_proxy.counters()["bytes_received"] == len(body)
 
 
-def test_fail_after_breaks_an_upload_midway(aws, proxy, tmp_path):
-    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url, config=NO_RETRIES)
+def test_fail_after_breaks_an_upload_midway(fresh_aws, fresh_proxy, tmp_path):
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url, config=NO_RETRIES)
     volume = tmp_path / "v.7z.001"
     volume.write_bytes(os.urandom(20 * MIB))
-    proxy.fail_after(3)  # create + 2 parts pass, the rest get HTTP 500
+    fresh_proxy.fail_after(3)  # create + 2 parts pass, the rest get HTTP 500
     with pytest.raises(Exception, match="InternalError|500"):
         s3.upload_file(str(volume), BUCKET, "v.7z.001",
                        Config=TransferConfig(multipart_threshold=5 * MIB,
                                              multipart_chunksize=5 * MIB,
                                              max_concurrency=1))
-    counts = proxy.counters()
+    counts = fresh_proxy.counters()
     assert counts["injected_failures"] >= 1
     assert counts["by_kind"]["UploadPart"] >= 3
-    direct = aws.client("s3")
+    direct = fresh_aws.client("s3")
     assert "Contents" not in direct.list_objects_v2(Bucket=BUCKET)
-    # s3transfer's abort went through the broken proxy too, so it is left.
+    # s3transfer's abort went through the broken fresh_proxy too, so it is left.
     assert len(direct.list_multipart_uploads(Bucket=BUCKET)["Uploads"]) == 1
 
     with pytest.raises(ClientError) as excinfo:
@@ -553,57 +556,56 @@ def test_fail_after_breaks_an_upload_midway(aws, proxy, tmp_path):
     with pytest.raises(ClientError) as excinfo:
         s3.list_objects_v2(Bucket=BUCKET)
     assert error_code(excinfo) == "InternalError"
-    proxy.clear_faults()
+    fresh_proxy.clear_faults()
     assert s3.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 0
 
 
-def test_fail_after_other_status(aws, proxy):
-    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url, config=NO_RETRIES)
-    proxy.fail_after(0, status=503)
+def test_fail_after_other_status(fresh_aws, fresh_proxy):
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url, config=NO_RETRIES)
+    fresh_proxy.fail_after(0, status=503)
     with pytest.raises(ClientError) as excinfo:
         s3.put_object(Bucket=BUCKET, Key="x", Body=b"x" * MIB)
     assert (error_code(excinfo), http_status(excinfo)) == (
         "ServiceUnavailable", 503)
-    assert proxy.counters()["bytes_received"] == MIB
+    assert fresh_proxy.counters()["bytes_received"] == MIB
 
 
-def test_stop_responding_and_resume(aws, proxy):
+def test_stop_responding_and_resume(fresh_aws, fresh_proxy):
     quick = Config(connect_timeout=1, read_timeout=0.5,
                    retries={"total_max_attempts": 1, "mode": "standard"})
-    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url, config=quick)
-    proxy.stop_responding()
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url, config=quick)
+    fresh_proxy.stop_responding()
     started = time.monotonic()
     with pytest.raises(ReadTimeoutError):
         s3.list_objects_v2(Bucket=BUCKET)
     assert time.monotonic() - started < 5
-    proxy.resume()
+    fresh_proxy.resume()
     assert s3.list_objects_v2(Bucket=BUCKET)["KeyCount"] == 0
-    assert proxy.counters()["stalled"] == 1
+    assert fresh_proxy.counters()["stalled"] == 1
 
 
-def test_faults_can_spare_ses(aws, proxy):
+def test_faults_can_spare_ses(fresh_aws, fresh_proxy):
     # One local endpoint serves S3 and SES; in AWS they fail separately.
-    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url, config=NO_RETRIES)
-    ses = aws.client("ses", endpoint_url=proxy.endpoint_url,
-                     config=NO_RETRIES)
-    proxy.fail_after(0, services={"s3"})
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url, config=NO_RETRIES)
+    ses = fresh_aws.client("ses", endpoint_url=fresh_proxy.endpoint_url,
+                           config=NO_RETRIES)
+    fresh_proxy.fail_after(0, services={"s3"})
     with pytest.raises(ClientError):
         s3.list_objects_v2(Bucket=BUCKET)
     send_text_email(ses, "S3 broken")
-    proxy.clear_faults()
-    proxy.stop_responding(services="s3")
+    fresh_proxy.clear_faults()
+    fresh_proxy.stop_responding(services="s3")
     send_text_email(ses, "S3 gone")
-    proxy.resume()
-    assert [m["subject"] for m in aws.sent_emails()] == ["S3 broken",
-                                                         "S3 gone"]
-    assert proxy.counters()["stalled"] == 0
+    fresh_proxy.resume()
+    assert [m["subject"] for m in fresh_aws.sent_emails()] == ["S3 broken", "S3 gone"]
+    assert fresh_proxy.counters()["stalled"] == 0
 
 
-def test_reset_counters(aws, proxy):
-    s3 = aws.client("s3", endpoint_url=proxy.endpoint_url)
+def test_reset_counters(fresh_aws, fresh_proxy):
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url)
     s3.list_objects_v2(Bucket=BUCKET)
-    proxy.reset_counters()
-    assert proxy.counters() == {
+    fresh_proxy.reset_counters()
+    assert fresh_proxy.counters() == {
         "requests": 0, "by_method": {}, "by_kind": {}, "bytes_received": 0,
         "bytes_sent": 0, "bytes_received_by_kind": {},
         "injected_failures": 0, "stalled": 0}

@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 
-from test_restore import ONE_STEP, numbered_directories, restore
+import aam_auto_backup as aab
+from conftest import numbered_directories, write_file
 
 
 def mirrored(sandbox, mount, rel=""):
@@ -23,9 +24,7 @@ def log_text(sandbox):
 
 
 def plant(path, data=b"planted\n"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(data)
+    write_file(path, data)
 
 
 def test_keep_false_reports_any_file_the_selection_does_not_hold(sandbox):
@@ -101,7 +100,7 @@ def test_a_full_mirror_drive_still_completes_the_deep_archive_backup(sandbox, ti
     assert sandbox.emails()[-1]["subject"].startswith("FAILURE, ")
     assert len([o for o in sandbox.objects() if "_yes_" in o["Key"]]) == 2
     destination = tmp_path / "restored"
-    restored = restore(sandbox, ONE_STEP, destination)
+    restored = sandbox.restore(aab.ONE_STEP_RESTORE, destination)
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert numbered_directories(destination, tree) == tree.expected
 

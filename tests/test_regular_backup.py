@@ -4,11 +4,10 @@ import os
 import re
 import shutil
 import subprocess
-import time
 
 import pytest
 
-from conftest import ACCESS_KEY_ID, KEY, SECRET, extract
+from conftest import ACCESS_KEY_ID, KEY, SECRET, extract, file_times_pass
 from sample_tree import read_tree
 
 import aam_auto_backup as aab
@@ -108,7 +107,7 @@ def test_second_run_in_the_month_is_an_incremental_of_new_and_changed_files(sand
     assert first.returncode == 0, first.stdout + first.stderr
     full_stamp = INDICATOR_RE.match(next(
         k["Key"] for k in sandbox.objects() if INDICATOR_RE.match(k["Key"])))["full"]
-    time.sleep(0.05)
+    file_times_pass()
     mount = tree.first_mount
     docs = os.path.join(mount, "Documents")
     with open(os.path.join(docs, "report.txt"), "ab") as handle:        # changed
@@ -301,7 +300,7 @@ def test_missing_instruction_file_names_argument_11(sandbox, proxy):
 def test_a_directory_moved_after_the_full_backup_is_in_the_incremental(sandbox, tmp_path):
     tree = sandbox.sample()
     assert sandbox.backup({"send_email": "False"}).returncode == 0
-    time.sleep(0.05)
+    file_times_pass()
     docs = os.path.join(tree.first_mount, "Documents")
     # moved and renamed: the files keep their old times, only the directory's
     # inode change time tells

@@ -13,15 +13,13 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
-import time
 import uuid
 
 import pytest
 
-from conftest import ACCESS_KEY_ID, KEY, PROGRAM, SECRET, SENDER
+from conftest import (ACCESS_KEY_ID, KEY, PROGRAM, SECRET, SENDER, file_times_pass,
+                      numbered_directories, ok, read_until, write_file)
 from local_aws import backup_policy, restore_policy
-from sample_tree import read_tree
 
 import aam_auto_backup as aam
 
@@ -44,26 +42,6 @@ def slow_thaw(aws):
         aws.set_restore_immediate()
 
 
-def restore_env(sandbox, **extra):
-    return sandbox.env(AAM_RESTORE_POLL_SECONDS="1", **extra)
-
-
-def restore(sandbox, operation, destination, changes=None, env=None):
-    return sandbox.run(sandbox.restore_args(operation, destination, changes),
-                       env=env or restore_env(sandbox))
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def write(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(data)
-
-
 def make_history(sandbox, env=None, **sample):
     """Full + two incrementals over two sources; returns what a restore must give.
 
@@ -80,9 +58,9 @@ def make_history(sandbox, env=None, **sample):
     expected[first]["Documents/link-absolute"] = open("/etc/hostname", "rb").read()
     ok(sandbox.backup(env=env))                                     # the full backup
 
-    time.sleep(0.05)
-    write(os.path.join(docs, "report.txt"), b"rewritten report\n")      # changed
-    write(os.path.join(docs, "added in incr 1.txt"), b"new one\n")      # added
+    file_times_pass()
+    write_file(os.path.join(docs, "report.txt"), b"rewritten report\n")      # changed
+    write_file(os.path.join(docs, "added in incr 1.txt"), b"new one\n")      # added
     os.remove(os.path.join(docs, "notes with space.md"))               # deleted
     del expected[first]["Documents/notes with space.md"]
     expected[first]["Documents/report.txt"] = b"rewritten report\n"
@@ -90,10 +68,10 @@ def make_history(sandbox, env=None, **sample):
     expected[first]["Documents/added in incr 1.txt"] = b"new one\n"
     ok(sandbox.backup(env=env))                                     # incremental 1
 
-    time.sleep(0.05)
-    write(os.path.join(second, "docs", "readme.md"), b"second source, edited\n")
-    write(os.path.join(second, "docs", "new", "added in incr 2.md"), b"two\n")
-    write(os.path.join(docs, "report.txt"), b"rewritten twice\n")
+    file_times_pass()
+    write_file(os.path.join(second, "docs", "readme.md"), b"second source, edited\n")
+    write_file(os.path.join(second, "docs", "new", "added in incr 2.md"), b"two\n")
+    write_file(os.path.join(docs, "report.txt"), b"rewritten twice\n")
     expected[second]["docs/readme.md"] = b"second source, edited\n"
     expected[second]["docs/new/added in incr 2.md"] = b"two\n"
     expected[first]["Documents/report.txt"] = b"rewritten twice\n"
@@ -110,16 +88,6 @@ def indicator_keys(sandbox):
 def volume_keys(sandbox):
     return sorted(o["Key"] for o in sandbox.objects()
                   if aam.ObjectName.parse(o["Key"]).volume)
-
-
-def numbered_directories(destination, tree):
-    """{mount: restored tree}, following restore-map.txt."""
-    lines = open(os.path.join(destination, "restore-map.txt"), encoding="utf-8").read()
-    mapping = dict(line.split("\t")[:2][::-1] for line in lines.splitlines()
-                   if not line.startswith("#"))
-    assert set(mapping) == set(tree.mounts)
-    return {mount: read_tree(os.path.join(destination, mapping[mount]))
-            for mount in tree.mounts}
 
 
 def restore_log(sandbox):
@@ -154,8 +122,8 @@ def test_one_step_restores_full_and_incrementals_into_numbered_directories(
     wrapper.chmod(0o755)
     slow_thaw(2)
 
-    result = ok(restore(sandbox, ONE_STEP, destination,
-                        env=restore_env(sandbox, AAM_7ZIP=str(wrapper))))
+    result = ok(sandbox.restore(ONE_STEP, destination,
+                                env=sandbox.restore_env(AAM_7ZIP=str(wrapper))))
 
     assert numbered_directories(destination, tree) == expected
     first = os.path.join(destination, "1")
@@ -213,10 +181,10 @@ def test_status_is_checked_before_the_first_sleep(sandbox, tmp_path):
 def test_re_running_a_finished_one_step_changes_nothing(sandbox, tmp_path, proxy):
     tree, expected = make_history(sandbox)
     destination = tmp_path / "r"
-    ok(restore(sandbox, ONE_STEP, destination, {"send_email": "False"}))
+    ok(sandbox.restore(ONE_STEP, destination, {"send_email": "False"}))
     via_proxy(sandbox, proxy)
     result, kinds = counters_during(
-        proxy, lambda: restore(sandbox, ONE_STEP, destination, {"send_email": "False"}))
+        proxy, lambda: sandbox.restore(ONE_STEP, destination, {"send_email": "False"}))
     ok(result)
     assert "already holds the complete restoration" in result.stdout
     assert kinds == {}                                    # not one S3 request
@@ -225,8 +193,8 @@ def test_re_running_a_finished_one_step_changes_nothing(sandbox, tmp_path, proxy
 
 def test_standard_tier_override_is_used_and_planned(sandbox, tmp_path):
     make_history(sandbox)
-    result = ok(restore(sandbox, ONE_STEP, tmp_path / "r",
-                        env=restore_env(sandbox, AAM_RESTORE_TIER="standard")))
+    result = ok(sandbox.restore(ONE_STEP, tmp_path / "r",
+                                env=sandbox.restore_env(AAM_RESTORE_TIER="standard")))
     assert "Standard tier: expected wait within 12 hours" in result.stdout
     assert "<- this restore" in [l for l in result.stdout.splitlines() if "Standard " in l
                                  and "$0.02/GB" in l][0]
@@ -242,25 +210,25 @@ def test_the_four_steps_give_what_one_step_gives_and_reruns_are_harmless(
     logs_before = sandbox.log_files()
     slow_thaw(3)
 
-    first = ok(restore(sandbox, THAW, multi))
+    first = ok(sandbox.restore(THAW, multi))
     assert "Restore plan" in first.stdout
-    again = ok(restore(sandbox, THAW, multi))             # harmless: nothing re-requested
+    again = ok(sandbox.restore(THAW, multi))              # harmless: nothing re-requested
     assert "0 thaw request(s) made" in again.stdout
-    early = restore(sandbox, DECOMPRESS, multi)           # too early: says so, extracts nothing
+    early = sandbox.restore(DECOMPRESS, multi)            # too early: says so, extracts nothing
     assert early.returncode == EXIT_NOT_READY, early.stdout + early.stderr
     assert "not downloaded yet" in early.stdout
     assert not os.path.exists(multi / "1") and not os.path.exists(multi / "1.incomplete")
 
-    checks = [restore(sandbox, CHECK, multi) for _ in range(4)]
+    checks = [sandbox.restore(CHECK, multi) for _ in range(4)]
     codes = [c.returncode for c in checks]
     assert codes[0] == EXIT_NOT_READY and codes[-1] == 0, [c.stdout for c in checks]
     assert "still in progress" in checks[0].stdout
-    ok(restore(sandbox, DOWNLOAD, multi))
-    ok(restore(sandbox, DOWNLOAD, multi))                 # harmless: nothing to fetch
-    ok(restore(sandbox, DECOMPRESS, multi))
+    ok(sandbox.restore(DOWNLOAD, multi))
+    ok(sandbox.restore(DOWNLOAD, multi))                 # harmless: nothing to fetch
+    ok(sandbox.restore(DECOMPRESS, multi))
 
     assert numbered_directories(multi, tree) == expected
-    ok(restore(sandbox, ONE_STEP, one, {"send_email": "False"}))
+    ok(sandbox.restore(ONE_STEP, one, {"send_email": "False"}))
     assert numbered_directories(multi, tree) == numbered_directories(one, tree)
     one_map = open(one / "restore-map.txt", encoding="utf-8").read()
     multi_map = open(multi / "restore-map.txt", encoding="utf-8").read()
@@ -269,33 +237,33 @@ def test_the_four_steps_give_what_one_step_gives_and_reruns_are_harmless(
     assert os.path.isdir(multi / "downloads")              # multi-step keeps the archives
 
     for operation in MULTI_STEP:                           # each re-run is harmless
-        ok(restore(sandbox, operation, multi))
+        ok(sandbox.restore(operation, multi))
     assert numbered_directories(multi, tree) == expected
     assert len(sandbox.log_files()) == len(logs_before) + 1   # one-step's only
     assert restoration_emails(sandbox) == []               # and no e-mail
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(sandbox, tmp_path, proxy):
-    env = restore_env(sandbox, AAM_VOLUME_SIZE="65536")
+    env = sandbox.restore_env(AAM_VOLUME_SIZE="65536")
     tree, _expected = make_history(sandbox, env, picture_size=300_000)
     destination = tmp_path / "r"
-    ok(restore(sandbox, THAW, destination, env=env))
-    ok(restore(sandbox, DOWNLOAD, destination, env=env))
+    ok(sandbox.restore(THAW, destination, env=env))
+    ok(sandbox.restore(DOWNLOAD, destination, env=env))
     volume = max((os.path.join(d, n) for d, _s, names in os.walk(destination / "downloads")
                   for n in names), key=os.path.getsize)
     size = os.path.getsize(volume)
     with open(volume, "rb") as handle:
         head = handle.read(size // 2)
     os.remove(volume)
-    write(volume + ".part", head)                        # as a killed download leaves it
+    write_file(volume + ".part", head)                        # as a killed download leaves it
 
     via_proxy(sandbox, proxy)
-    result, kinds = counters_during(proxy, lambda: restore(sandbox, DOWNLOAD, destination))
+    result, kinds = counters_during(proxy, lambda: sandbox.restore(DOWNLOAD, destination))
     ok(result)
     assert kinds.get("GetObject") == 1
     assert proxy.counters()["bytes_sent"] < size          # only the missing half came
     assert os.path.getsize(volume) == size and not os.path.exists(volume + ".part")
-    ok(restore(sandbox, DECOMPRESS, destination))
+    ok(sandbox.restore(DECOMPRESS, destination))
 
 
 # ----------------------------------------------------------------- kills
@@ -306,25 +274,10 @@ def start_restore(sandbox, destination, env, email=False):
         stderr=subprocess.STDOUT, text=True)
 
 
-def read_until(process, pattern, timeout=120):
-    """Lines of the process's output up to one matching pattern."""
-    seen = []
-    timer = threading.Timer(timeout, process.kill)
-    timer.start()
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            if re.search(pattern, line):
-                return seen
-    finally:
-        timer.cancel()
-    raise AssertionError("pattern not seen:\n" + "".join(seen))
-
-
 def waiting_restore(sandbox, destination, slow_thaw, checks, email=False):
     """A one-step restore that has requested its thaws and sleeps till the next check."""
     slow_thaw(checks)
-    process = start_restore(sandbox, destination, restore_env(sandbox), email)
+    process = start_restore(sandbox, destination, sandbox.restore_env(), email)
     read_until(process, r"Next check in 1 s")
     return process
 
@@ -339,8 +292,8 @@ def test_sigkill_while_waiting_then_rerun_requests_no_second_thaw(
     process.wait()
     assert proxy.counters()["by_kind"]["RestoreObject"] == len(volume_keys(sandbox))
 
-    result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
-                                                           {"send_email": "False"}))
+    result, kinds = counters_during(proxy, lambda: sandbox.restore(ONE_STEP, destination,
+                                                                   {"send_email": "False"}))
     ok(result)
     assert "RestoreObject" not in kinds
     assert "Continuing the restoration started" in result.stdout
@@ -358,7 +311,7 @@ def test_sigterm_while_waiting_reports_failure_and_a_rerun_finishes(
     assert "run the same command again to continue" in rest
     (message,) = restoration_emails(sandbox)
     assert message["subject"].startswith("FAILURE, ")
-    ok(restore(sandbox, ONE_STEP, destination))
+    ok(sandbox.restore(ONE_STEP, destination))
     assert numbered_directories(destination, tree) == expected
 
 
@@ -378,26 +331,26 @@ def test_s3_failing_during_the_wait_is_retried_at_the_next_check(
 
 def test_sigkill_during_download_then_rerun_fetches_only_what_is_missing(
         sandbox, tmp_path, proxy):
-    env = restore_env(sandbox, AAM_VOLUME_SIZE="65536")
+    env = sandbox.restore_env(AAM_VOLUME_SIZE="65536")
     tree, expected = make_history(sandbox, env, picture_size=300_000)
     via_proxy(sandbox, proxy)
     destination = tmp_path / "r"
-    env = restore_env(sandbox, AAM_VOLUME_SIZE="65536")
+    env = sandbox.restore_env(AAM_VOLUME_SIZE="65536")
     volumes = len(volume_keys(sandbox))
     assert volumes >= 6
     process = start_restore(sandbox, destination, env)
     read_until(process, r"^Downloading .*\.zip\.00[1-9]")
     read_until(process, r"^Downloading ")
     proxy.stop_responding(services="s3")        # the next download hangs...
-    time.sleep(0.5)
+    assert proxy.wait_for(lambda counters: counters["stalled"] >= 1, timeout=60)
     process.send_signal(signal.SIGKILL)         # ...and the power goes
     process.wait()
     proxy.clear_faults()
     kept = downloaded_volumes(destination)
     assert 0 < len(kept) < volumes
 
-    result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
-                                                           {"send_email": "False"}, env=env))
+    result, kinds = counters_during(proxy, lambda: sandbox.restore(
+        ONE_STEP, destination, {"send_email": "False"}, env=env))
     ok(result)
     assert "RestoreObject" not in kinds
     assert kinds["GetObject"] <= volumes - len(kept)      # verified volumes: not again
@@ -416,13 +369,13 @@ def test_kept_volumes_are_not_fetched_again(sandbox, tmp_path, proxy):
     """The inodes of volumes verified before an interruption stay the same."""
     tree, expected = make_history(sandbox)
     destination = tmp_path / "r"
-    ok(restore(sandbox, THAW, destination))
-    ok(restore(sandbox, DOWNLOAD, destination))
+    ok(sandbox.restore(THAW, destination))
+    ok(sandbox.restore(DOWNLOAD, destination))
     before = {os.path.join(d, n): os.stat(os.path.join(d, n)).st_ino
               for d, _s, names in os.walk(destination / "downloads") for n in names}
     via_proxy(sandbox, proxy)
-    result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
-                                                           {"send_email": "False"}))
+    result, kinds = counters_during(proxy, lambda: sandbox.restore(ONE_STEP, destination,
+                                                                   {"send_email": "False"}))
     ok(result)
     assert "GetObject" not in kinds and "RestoreObject" not in kinds
     assert numbered_directories(destination, tree) == expected
@@ -440,8 +393,8 @@ def test_a_wrong_key_is_caught_by_the_catalogue_before_any_thaw(sandbox, tmp_pat
     tree, expected = make_history(sandbox)
     destination = tmp_path / "r"
     via_proxy(sandbox, proxy)
-    wrong, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
-                                                          {"key": "not the key"}))
+    wrong, kinds = counters_during(proxy, lambda: sandbox.restore(ONE_STEP, destination,
+                                                                  {"key": "not the key"}))
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
     assert "The decryption key (argument 8) is wrong" in wrong.stdout
     assert "RestoreObject" not in kinds and "HeadObject" not in kinds
@@ -450,7 +403,7 @@ def test_a_wrong_key_is_caught_by_the_catalogue_before_any_thaw(sandbox, tmp_pat
     (message,) = restoration_emails(sandbox)
     assert message["subject"].startswith("FAILURE, ")
 
-    result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination))
+    result, kinds = counters_during(proxy, lambda: sandbox.restore(ONE_STEP, destination))
     ok(result)
     catalogues = [o["Key"] for o in sandbox.objects()
                   if aam.ObjectName.parse(o["Key"]).catalogue]
@@ -468,7 +421,7 @@ def test_a_changed_byte_in_the_bucket_is_caught_before_extraction(sandbox, tmp_p
     sandbox.s3().put_object(Bucket=sandbox.bucket, Key=key, Body=bytes(data),
                             StorageClass="DEEP_ARCHIVE")
     destination = tmp_path / "r"
-    result = restore(sandbox, ONE_STEP, destination)
+    result = sandbox.restore(ONE_STEP, destination)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"The volume {key} in the bucket does not match its completion indicator" \
         in result.stdout
@@ -480,13 +433,13 @@ def test_a_changed_byte_in_the_bucket_is_caught_before_extraction(sandbox, tmp_p
 def test_a_downloaded_volume_damaged_on_disk_is_caught_before_extraction(sandbox, tmp_path):
     make_history(sandbox)
     destination = tmp_path / "r"
-    ok(restore(sandbox, THAW, destination))
-    ok(restore(sandbox, DOWNLOAD, destination))
+    ok(sandbox.restore(THAW, destination))
+    ok(sandbox.restore(DOWNLOAD, destination))
     volume = sorted(downloaded_volumes(destination))[0]
     data = bytearray(open(volume, "rb").read())
     data[-30] ^= 0x80
-    write(volume, bytes(data))
-    result = restore(sandbox, DECOMPRESS, destination)
+    write_file(volume, bytes(data))
+    result = sandbox.restore(DECOMPRESS, destination)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"do not match their SHA-256 in the completion indicator: {volume}" in result.stdout
     assert_nothing_extracted(destination)
@@ -498,21 +451,21 @@ def test_two_restores_into_one_directory_cannot_run_at_once(sandbox, tmp_path):
     destination = tmp_path / "r"
     os.makedirs(destination)
     with filelock.FileLock(str(destination / ".aam-restore.lock")):
-        result = restore(sandbox, THAW, destination)
+        result = sandbox.restore(THAW, destination)
     assert result.returncode == 1
     assert f"Another restoration is running into {destination}" in result.stdout
 
 
 def test_a_missing_volume_stops_before_any_thaw(sandbox, tmp_path, proxy):
-    env = restore_env(sandbox, AAM_VOLUME_SIZE="65536")
+    env = sandbox.restore_env(AAM_VOLUME_SIZE="65536")
     make_history(sandbox, env, picture_size=300_000)
     key = [k for k in volume_keys(sandbox) if k.endswith(".zip.002")][0]
     sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=key)
     via_proxy(sandbox, proxy)
-    env = restore_env(sandbox)
+    env = sandbox.restore_env()
     destination = tmp_path / "r"
-    result, kinds = counters_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
-                                                           env=env))
+    result, kinds = counters_during(proxy, lambda: sandbox.restore(ONE_STEP, destination,
+                                                                   env=env))
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{key}: missing from the bucket" in result.stdout
     assert "The backup set is damaged; nothing was restored" in result.stdout
@@ -526,13 +479,13 @@ def test_an_incomplete_latest_set_falls_back_to_the_previous_complete_one(
     tree = sandbox.sample()
     ok(sandbox.backup())
     older = indicator_keys(sandbox)
-    write(os.path.join(tree.first_mount, "Documents", "report.txt"), b"newer\n")
+    write_file(os.path.join(tree.first_mount, "Documents", "report.txt"), b"newer\n")
     ok(sandbox.backup({"force_full": "yes"}))                       # a second full backup
     newer = [k for k in indicator_keys(sandbox) if k not in older]
     assert len(newer) == 2
     sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=newer[0])   # as if killed
     destination = tmp_path / "r"
-    result = ok(restore(sandbox, ONE_STEP, destination))
+    result = ok(sandbox.restore(ONE_STEP, destination))
     assert re.search(r"Skipped the full backup \d{8} \d{6}\.\d{6} UTC: it is incomplete "
                      r"\(no completion indicator for .+\)", result.stdout)
     assert numbered_directories(destination, tree) == tree.expected   # the older data
@@ -595,7 +548,7 @@ def test_a_set_five_months_back_is_found(sandbox, tmp_path):
     tree, expected = make_history(sandbox)
     relabel_backups(sandbox, 5, tmp_path)
     destination = tmp_path / "r"
-    ok(restore(sandbox, ONE_STEP, destination))
+    ok(sandbox.restore(ONE_STEP, destination))
     assert numbered_directories(destination, tree) == expected
 
 
@@ -603,7 +556,7 @@ def test_no_set_in_the_last_six_months_exits_5(sandbox, tmp_path):
     sandbox.sample()
     ok(sandbox.backup())
     relabel_backups(sandbox, 6, tmp_path)
-    result = restore(sandbox, ONE_STEP, tmp_path / "r")
+    result = sandbox.restore(ONE_STEP, tmp_path / "r")
     assert result.returncode == 5, result.stdout + result.stderr
     assert (f"No complete full backup of location {sandbox.location} in bucket "
             f"{sandbox.bucket}") in result.stdout
@@ -613,7 +566,7 @@ def test_no_set_in_the_last_six_months_exits_5(sandbox, tmp_path):
 
 def test_an_empty_bucket_exits_5_for_every_step(sandbox, tmp_path):
     for operation in [ONE_STEP] + MULTI_STEP:
-        result = restore(sandbox, operation, tmp_path / "r")
+        result = sandbox.restore(operation, tmp_path / "r")
         assert result.returncode == 5, result.stdout + result.stderr
         assert "nothing to restore" in result.stdout
 
@@ -621,8 +574,8 @@ def test_an_empty_bucket_exits_5_for_every_step(sandbox, tmp_path):
 def test_a_destination_holding_other_data_is_refused(sandbox, tmp_path):
     make_history(sandbox)
     destination = tmp_path / "r"
-    write(str(destination / "1" / "mine.txt"), b"precious\n")
-    result = restore(sandbox, ONE_STEP, destination)
+    write_file(str(destination / "1" / "mine.txt"), b"precious\n")
+    result = sandbox.restore(ONE_STEP, destination)
     assert result.returncode == 1
     assert "already holds 1, which this restoration would write" in result.stdout
     assert open(destination / "1" / "mine.txt", "rb").read() == b"precious\n"
@@ -641,12 +594,12 @@ def test_backup_credentials_cannot_restore_and_the_message_names_the_permission(
                                                restore_policy(sandbox.bucket))
     aws.enable_iam_enforcement()
     try:
-        refused = restore(sandbox, ONE_STEP, tmp_path / "refused",
-                          {"send_email": "False", "access_key_id": backup_keys[0],
-                           "secret_access_key": backup_keys[1]})
-        allowed = restore(sandbox, ONE_STEP, tmp_path / "allowed",
-                          {"send_email": "True", "access_key_id": restore_keys[0],
-                           "secret_access_key": restore_keys[1]})
+        refused = sandbox.restore(ONE_STEP, tmp_path / "refused",
+                                  {"send_email": "False", "access_key_id": backup_keys[0],
+                                   "secret_access_key": backup_keys[1]})
+        allowed = sandbox.restore(ONE_STEP, tmp_path / "allowed",
+                                  {"send_email": "True", "access_key_id": restore_keys[0],
+                                   "secret_access_key": restore_keys[1]})
     finally:
         aws.disable_iam_enforcement()
     assert refused.returncode == 1, refused.stdout + refused.stderr
@@ -675,7 +628,7 @@ def test_a_thaw_already_in_progress_is_fine(sandbox, slow_thaw):
 def test_restore_files_are_private(sandbox, tmp_path):
     make_history(sandbox)
     destination = tmp_path / "r"
-    ok(restore(sandbox, ONE_STEP, destination))
+    ok(sandbox.restore(ONE_STEP, destination))
     for name in ("restore-map.txt", ".aam-restore-state.json"):
         assert stat.S_IMODE(os.stat(destination / name).st_mode) == 0o600
     state = json.load(open(destination / ".aam-restore-state.json"))

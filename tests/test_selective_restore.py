@@ -4,10 +4,9 @@ hold them (small volumes through AAM_VOLUME_SIZE)."""
 import os
 import random
 import re
-import time
 
 import aam_auto_backup as aab
-from conftest import ok, snapshot, write_file
+from conftest import file_times_pass, ok, snapshot, write_file
 
 ONE_STEP = aab.ONE_STEP_RESTORE
 MULTI_STEP = [aab.THAW_STEP, aab.STATUS_STEP, aab.DOWNLOAD_STEP, aab.EXTRACT_STEP]
@@ -28,7 +27,7 @@ def tree():
 
 
 def env(sandbox):
-    return sandbox.env(AAM_VOLUME_SIZE=str(VOLUME), AAM_RESTORE_POLL_SECONDS="1")
+    return sandbox.restore_env(AAM_VOLUME_SIZE=str(VOLUME))
 
 
 def backed_up(sandbox):
@@ -38,9 +37,7 @@ def backed_up(sandbox):
 
 
 def restore(sandbox, operation, destination, selection, point="latest"):
-    return sandbox.restore(operation, destination, {
-        "send_email": "False", "restore_point": point, "selection": selection},
-        env=env(sandbox))
+    return sandbox.restore_chosen(operation, destination, point, selection, env(sandbox))
 
 
 def thawed_during(proxy, run):
@@ -97,7 +94,7 @@ def test_a_directory_across_volumes_restores_exactly_that_directory(
 def test_a_name_pattern_restores_every_match_from_where_it_was_last_changed(
         sandbox, proxy, tmp_path):
     mount = backed_up(sandbox)
-    time.sleep(0.02)
+    file_times_pass()
     letter = os.path.join(mount, "letters", "letter-3.txt")
     write_file(letter, b"rewritten after the full backup\n")
     ok(sandbox.backup({"send_email": "False"}, env=env(sandbox)))

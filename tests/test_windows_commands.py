@@ -18,12 +18,12 @@ Stand-ins, each saying what it emulates:
 """
 
 import os
-import time
 import types
 
 import pytest
 
 import aam_auto_backup as aab
+from conftest import file_times_pass
 from test_instructions import SEED_TEST_CASE_1   # part7.md 1.1.2, as in the seed
 
 PROGRAM_DIR = "C:\\Users\\Allen\\Documents\\AAM Auto Backup"
@@ -123,7 +123,7 @@ def settings():
                         restore_poll_seconds=1800, state_dir="c:\\state")
 
 
-def child_args(mount, scope=aab.Scope.FULL, latest=None):
+def seed_child_args(mount, scope=aab.Scope.FULL, latest=None):
     stamp = aab.parse_arg_stamp(latest) if latest else None
     return aab.child_arguments(
         operation="regular-backup", agent=aab.CHILD_AGENT, latest_full=stamp,
@@ -134,7 +134,7 @@ def child_args(mount, scope=aab.Scope.FULL, latest=None):
 
 
 def shadowspawn_line(machine, mount, **kwargs):
-    argv = child_args(mount, **kwargs).to_argv()
+    argv = seed_child_args(mount, **kwargs).to_argv()
     return machine.child_command(PYTHON, PROGRAM, argv, mount, "q")
 
 
@@ -334,10 +334,10 @@ def test_golden_incremental_list_holds_only_changed_files(machine, tmp_path):
     temp = seed_plan(machine).sources[0]
     plan = child_plan(machine, temp, tmp_path)
     since = aab.utc_now()
-    time.sleep(0.05)
+    file_times_pass(since)
     with open(os.path.join(machine.long_path("q:\\test2"), "new clip.mp4"), "w") as handle:
         handle.write("recorded after the last backup")
-    child = child_args(temp.mount, scope=aab.Scope.INCREMENTAL)
+    child = seed_child_args(temp.mount, scope=aab.Scope.INCREMENTAL)
     child.work_dir = str(tmp_path)
     aab.record_selection(child, "q:\\", plan, machine, since)
     assert read(os.path.join(tmp_path, aab.INCLUSION_LIST)) == b"test2\\new clip.mp4\n"

@@ -10,23 +10,22 @@ README, "Windows under Wine", lists both.
 
 import os
 import subprocess
-import time
 
 import aam_auto_backup as aab
-from conftest import KEY
+from conftest import KEY, file_times_pass, ok, read_until
 from sample_tree import read_tree
 from windows_under_wine import windows_path
 
 ONE_STEP = aab.ONE_STEP_RESTORE
 
 
-def restore_args(sandbox, destination, log_dir):
+def one_step_args(sandbox, destination, log_dir):
     return sandbox.restore_args(ONE_STEP, destination, {"log_dir": log_dir})
 
 
 def windows_env(sandbox, **extra):
     """The sandbox's environment with its paths as Windows sees them."""
-    env = sandbox.env(AAM_RESTORE_POLL_SECONDS="1", **extra)
+    env = sandbox.restore_env(**extra)
     for name in ("AAM_TEMP_ROOT", "AAM_LOCK_FILE"):
         env[name] = windows_path(env[name])
     return env
@@ -44,21 +43,6 @@ def start_windows(wine, args, env):
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, encoding="utf-8",
                             errors="replace")
-
-
-def read_until(process, text):
-    """The process's output up to the first line holding text."""
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"{text!r} never came:\n{''.join(seen)}")
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 def log_text(log_dir, operation, which=0):
@@ -121,7 +105,7 @@ def linux_backups_with_windows_pitfalls(sandbox):
     write_files(tree.first_mount, dict(NEIGHBOURS, **{LONG: b"deep\n", CASE_PAIR[0]: b"A"},
                                        **{p: p.encode() for p in IMPOSSIBLE_ON_WINDOWS}))
     ok(sandbox.backup())
-    time.sleep(0.05)
+    file_times_pass()
     write_files(tree.first_mount, {CASE_PAIR[1]: b"a", "Documents/report.txt": b"changed\n"})
     ok(sandbox.backup())
     return tree
@@ -138,7 +122,7 @@ def test_a_linux_backup_restores_under_windows_as_on_linux_but_names_windows_ref
     drive.mkdir()
     wine.map_drive("r", drive)
     windows_logs = tmp_path / "windows-logs"
-    args = restore_args(sandbox, "R:\\restored", windows_path(windows_logs))
+    args = one_step_args(sandbox, "R:\\restored", windows_path(windows_logs))
     # A first run holds the destination's lock while the thaw is in progress; a
     # second is refused; killed, the first leaves no lock, and a third continues it.
     sandbox.aws.set_restore_progression(10_000)
@@ -160,8 +144,8 @@ def test_a_linux_backup_restores_under_windows_as_on_linux_but_names_windows_ref
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Continuing the restoration started" in result.stdout
     linux_destination = tmp_path / "linux-restore"
-    ok(sandbox.run(restore_args(sandbox, str(linux_destination), sandbox.logs),
-                   env=sandbox.env(AAM_RESTORE_POLL_SECONDS="1")))
+    ok(sandbox.run(one_step_args(sandbox, str(linux_destination), sandbox.logs),
+                   env=sandbox.restore_env()))
     linux = restored_by_number(linux_destination)
     assert linux["1"]["Documents/report.txt"] == b"changed\n"
     log = log_text(windows_logs, ONE_STEP)
@@ -292,7 +276,7 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
     assert read_tree(extracted) == selection
     # The Linux program restores the Windows backup.
     linux_destination = tmp_path / "linux-restore"
-    ok(sandbox.run(restore_args(sandbox, str(linux_destination), sandbox.logs),
-                   env=sandbox.env(AAM_RESTORE_POLL_SECONDS="1")))
+    ok(sandbox.run(one_step_args(sandbox, str(linux_destination), sandbox.logs),
+                   env=sandbox.restore_env()))
     assert read_tree(linux_destination / "1") == selection
     assert f"1\t{mount}\trestored" in (linux_destination / "restore-map.txt").read_text()

@@ -22,6 +22,7 @@ Library use::
         s3 = aws.client("s3", endpoint_url=proxy.endpoint_url)
         ...
         print(proxy.counters())
+        proxy.wait_for(lambda c: c["by_kind"].get("UploadPart", 0) >= 1, 60)  # a part is up
         proxy.fail_after(3)          # 4th and later requests get HTTP 500
         proxy.plant_first("PutObject", "_yes_")   # that key exists when it arrives
 
@@ -688,6 +689,7 @@ class FaultProxy:
         self.upstream_host = upstream.hostname
         self.upstream_port = upstream.port or 80
         self._lock = threading.Lock()
+        self._counted = threading.Condition(self._lock)   # notified at each count
         self._responding = threading.Event()
         self._responding.set()
         self._stall_services = None
@@ -838,33 +840,45 @@ class FaultProxy:
         bodies as sent on the wire), bytes_sent (response bodies),
         bytes_received_by_kind, injected_failures, stalled."""
         with self._lock:
-            return {
-                "requests": self._requests,
-                "by_method": dict(self._by_method),
-                "by_kind": dict(self._by_kind),
-                "bytes_received": self._bytes_received,
-                "bytes_sent": self._bytes_sent,
-                "bytes_received_by_kind": dict(self._bytes_by_kind),
-                "injected_failures": self._injected_failures,
-                "stalled": self._stalled,
-            }
+            return self._snapshot()
+
+    def wait_for(self, condition, timeout):
+        """Wait until condition(counters) holds, e.g. lambda c: c["stalled"] >= 1;
+        False if it does not within timeout seconds."""
+        with self._counted:
+            return self._counted.wait_for(lambda: condition(self._snapshot()), timeout)
+
+    def _snapshot(self):
+        return {
+            "requests": self._requests,
+            "by_method": dict(self._by_method),
+            "by_kind": dict(self._by_kind),
+            "bytes_received": self._bytes_received,
+            "bytes_sent": self._bytes_sent,
+            "bytes_received_by_kind": dict(self._bytes_by_kind),
+            "injected_failures": self._injected_failures,
+            "stalled": self._stalled,
+        }
 
     def _count_request(self, method, kind, path=""):
-        with self._lock:
+        with self._counted:
             self._log.append((method, kind, path))
             self._requests += 1
             self._by_method[method] += 1
             self._by_kind[kind] += 1
+            self._counted.notify_all()
 
     def _count_bytes(self, kind, received=0, sent=0):
-        with self._lock:
+        with self._counted:
             self._bytes_received += received
             self._bytes_by_kind[kind] += received
             self._bytes_sent += sent
+            self._counted.notify_all()
 
     def _count(self, name):
-        with self._lock:
+        with self._counted:
             setattr(self, name, getattr(self, name) + 1)
+            self._counted.notify_all()
 
 
 def _object_key(path):

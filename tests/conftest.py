@@ -31,6 +31,12 @@ SENDER = "backup-report@example.com"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
+def pytest_collection_modifyitems(items):
+    """The Wine tests first: they are the longest, and in a parallel run (tools/test)
+    a long test started last would hold up the end."""
+    items.sort(key=lambda item: "wine" not in item.fixturenames)
+
+
 @pytest.fixture(scope="session")
 def aws():
     with LocalAws() as local:

@@ -11,12 +11,16 @@ README, "Windows under Wine", lists both.
 import os
 import subprocess
 
+import pytest
+
 import aam_auto_backup as aab
 from conftest import KEY, file_times_pass, ok, read_until
 from sample_tree import read_tree
 from windows_under_wine import windows_path
 
 ONE_STEP = aab.ONE_STEP_RESTORE
+# In a parallel run (tools/test) these tests share one worker: one Wine prefix.
+pytestmark = pytest.mark.xdist_group("wine")
 
 
 def one_step_args(sandbox, destination, log_dir):

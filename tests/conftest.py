@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 sys.path.insert(0, REPO)
 
 import aam_auto_backup as aab  # noqa: E402
-from local_aws import FaultProxy, LocalAws  # noqa: E402
+from local_aws import FaultProxy, LocalAws, backup_policy, restore_policy  # noqa: E402
 from sample_tree import build_sample, read_tree  # noqa: E402
 
 PROGRAM = os.path.join(REPO, "aam_auto_backup.py")
@@ -161,6 +161,14 @@ class Sandbox:
 
     def backup(self, changes=None, operation="regular-backup", env=None):
         return self.run(self.backup_args(operation, changes), env=env)
+
+    def user_keys(self):
+        """(backup keys, restore keys): IAM users with README's policies for this
+        bucket, each (key id, secret); made before IAM enforcement is switched on."""
+        return tuple(self.aws.create_user_with_policy(f"{role}-{self.location}",
+                                                      policy(self.bucket))
+                     for role, policy in (("backup", backup_policy),
+                                          ("restore", restore_policy)))
 
     def restore_env(self, **extra):
         """The environment of a restore that checks the thaw status every second."""

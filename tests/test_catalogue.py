@@ -11,7 +11,6 @@ import pytest
 
 import aam_auto_backup as aab
 from conftest import KEY, file_times_pass, ok, snapshot, write_file
-from local_aws import backup_policy, restore_policy
 
 ONE_STEP = aab.ONE_STEP_RESTORE
 MULTI_STEP = [aab.THAW_STEP, aab.STATUS_STEP, aab.DOWNLOAD_STEP, aab.EXTRACT_STEP]
@@ -317,16 +316,10 @@ def test_browse_lists_the_backups_and_the_versions_of_a_file_without_a_thaw(
 def test_browse_with_the_backup_keys_names_the_missing_permission(sandbox, aws):
     mount = sandbox.single_source(START)
     ok(sandbox.backup())
-    backup_keys = aws.create_user_with_policy(f"backup-{sandbox.location}",
-                                              backup_policy(sandbox.bucket))
-    restore_keys = aws.create_user_with_policy(f"restore-{sandbox.location}",
-                                               restore_policy(sandbox.bucket))
-    aws.enable_iam_enforcement()
-    try:
+    backup_keys, restore_keys = sandbox.user_keys()
+    with aws.iam_enforced():
         refused = browse(sandbox, "report.txt", keys=backup_keys)
         allowed = browse(sandbox, "report.txt", keys=restore_keys)
-    finally:
-        aws.disable_iam_enforcement()
     assert refused.returncode == 1
     assert "credentials of arguments 5 and 6 lack the permission s3:GetObject" \
         in refused.stderr

@@ -357,7 +357,7 @@ def test_the_overwrite_denying_bucket_policy_is_enforced(fresh_aws):
 
 # ---------------------------------------------------------------- restore
 
-def restore(s3, key, days=2):
+def request_thaw(s3, key, days=2):
     return s3.restore_object(
         Bucket=BUCKET, Key=key,
         RestoreRequest={"Days": days,
@@ -382,14 +382,14 @@ def test_deep_archive_restore_progression(fresh_aws):
         "InvalidObjectState", 403)
 
     fresh_aws.set_restore_progression(3)
-    answer = restore(s3, "v.7z.001")
+    answer = request_thaw(s3, "v.7z.001")
     assert answer["ResponseMetadata"]["HTTPStatusCode"] == 202
     assert head_restore(s3, "v.7z.001") == 'ongoing-request="true"'
     with pytest.raises(ClientError) as excinfo:  # look-up 2 of 3
         s3.get_object(Bucket=BUCKET, Key="v.7z.001")
     assert error_code(excinfo) == "InvalidObjectState"
     with pytest.raises(ClientError) as excinfo:
-        restore(s3, "v.7z.001")
+        request_thaw(s3, "v.7z.001")
     assert (error_code(excinfo), http_status(excinfo)) == (
         "RestoreAlreadyInProgress", 409)
     assert head_restore(s3, "v.7z.001") == 'ongoing-request="true"'
@@ -401,7 +401,7 @@ def test_deep_archive_restore_progression(fresh_aws):
                          Key="v.7z.001")["Body"].read() == b"secret"
 
     # Restoring a restored object again: 200, and the expiry moves.
-    assert restore(s3, "v.7z.001", days=9)[
+    assert request_thaw(s3, "v.7z.001", days=9)[
         "ResponseMetadata"]["HTTPStatusCode"] == 200
     assert head_restore(s3, "v.7z.001") != done
 
@@ -414,7 +414,7 @@ def test_earlier_look_ups_do_not_shorten_a_restore(fresh_aws):
     for _ in range(5):
         s3.head_object(Bucket=BUCKET, Key="v")
     fresh_aws.sent_emails()  # data.json evaluates every key's state too
-    restore(s3, "v")
+    request_thaw(s3, "v")
     states = [s3.head_object(Bucket=BUCKET, Key="v")["Restore"][:21]
               for _ in range(3)]
     assert states == ['ongoing-request="true'] * 2 + ['ongoing-request="fals']
@@ -424,7 +424,7 @@ def test_restores_are_immediate_by_default(fresh_aws):
     s3 = fresh_aws.client("s3")
     s3.put_object(Bucket=BUCKET, Key="v", Body=b"x",
                   StorageClass="DEEP_ARCHIVE")
-    assert restore(s3, "v")["ResponseMetadata"]["HTTPStatusCode"] == 202
+    assert request_thaw(s3, "v")["ResponseMetadata"]["HTTPStatusCode"] == 202
     assert s3.head_object(Bucket=BUCKET, Key="v")["Restore"].startswith(
         'ongoing-request="false"')
     assert s3.get_object(Bucket=BUCKET, Key="v")["Body"].read() == b"x"
@@ -434,10 +434,10 @@ def test_restoring_a_standard_or_missing_object_fails(fresh_aws):
     s3 = fresh_aws.client("s3")
     s3.put_object(Bucket=BUCKET, Key="std", Body=b"x")
     with pytest.raises(ClientError) as excinfo:
-        restore(s3, "std")
+        request_thaw(s3, "std")
     assert error_code(excinfo) == "InvalidObjectState"
     with pytest.raises(ClientError) as excinfo:
-        restore(s3, "missing")
+        request_thaw(s3, "missing")
     assert error_code(excinfo) == "NoSuchKey"
 
 
@@ -469,7 +469,7 @@ def test_proxy_is_transparent_for_puts_multipart_lists_and_ses(
     assert fresh_aws.sent_emails()[0]["subject"] == "Backup OK"
 
     fresh_aws.set_restore_immediate()
-    restore(fresh_aws.client("s3"), "big")
+    request_thaw(fresh_aws.client("s3"), "big")
     fresh_proxy.reset_counters()
     got = s3.get_object(Bucket=BUCKET, Key="big")["Body"].read()
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()

@@ -13,13 +13,11 @@ import signal
 import stat
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from conftest import (ACCESS_KEY_ID, KEY, PROGRAM, SECRET, SENDER, file_times_pass,
                       numbered_directories, ok, read_until, write_file)
-from local_aws import backup_policy, restore_policy
 
 import aam_auto_backup as aam
 
@@ -587,21 +585,14 @@ def test_a_destination_holding_other_data_is_refused(sandbox, tmp_path):
 def test_backup_credentials_cannot_restore_and_the_message_names_the_permission(
         sandbox, tmp_path, aws):
     tree, expected = make_history(sandbox)
-    suffix = uuid.uuid4().hex[:8]
-    backup_keys = aws.create_user_with_policy(f"backup-{suffix}",
-                                              backup_policy(sandbox.bucket))
-    restore_keys = aws.create_user_with_policy(f"restore-{suffix}",
-                                               restore_policy(sandbox.bucket))
-    aws.enable_iam_enforcement()
-    try:
+    backup_keys, restore_keys = sandbox.user_keys()
+    with aws.iam_enforced():
         refused = sandbox.restore(ONE_STEP, tmp_path / "refused",
                                   {"send_email": "False", "access_key_id": backup_keys[0],
                                    "secret_access_key": backup_keys[1]})
         allowed = sandbox.restore(ONE_STEP, tmp_path / "allowed",
                                   {"send_email": "True", "access_key_id": restore_keys[0],
                                    "secret_access_key": restore_keys[1]})
-    finally:
-        aws.disable_iam_enforcement()
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "lack the permission s3:GetObject" in refused.stdout
     assert "use the restore user's keys" in refused.stdout

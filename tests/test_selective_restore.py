@@ -36,7 +36,7 @@ def backed_up(sandbox):
     return mount
 
 
-def restore(sandbox, operation, destination, selection, point="latest"):
+def restore_selection(sandbox, operation, destination, selection, point="latest"):
     return sandbox.restore_chosen(operation, destination, point, selection, env(sandbox))
 
 
@@ -61,8 +61,8 @@ def test_one_small_file_thaws_at_most_two_volumes_of_the_full_backup(
     sandbox.endpoint_url = proxy.endpoint_url
     destination = tmp_path / "r"
     small = os.path.join(mount, "letters", "small.txt")
-    result, thawed = thawed_during(proxy, lambda: restore(sandbox, ONE_STEP, destination,
-                                                          [small]))
+    result, thawed = thawed_during(proxy, lambda: restore_selection(
+        sandbox, ONE_STEP, destination, [small]))
     ok(result)
     planned = planned_volumes(result.stdout)
     assert sorted(thawed) == sorted(planned)             # only what the plan names
@@ -81,7 +81,7 @@ def test_a_directory_across_volumes_restores_exactly_that_directory(
     mount = backed_up(sandbox)
     sandbox.endpoint_url = proxy.endpoint_url
     destination = tmp_path / "r"
-    result, thawed = thawed_during(proxy, lambda: restore(
+    result, thawed = thawed_during(proxy, lambda: restore_selection(
         sandbox, ONE_STEP, destination, [os.path.join(mount, "albums", "2024") + "/"]))
     ok(result)
     expected = {rel: item for rel, item in snapshot(mount).items()
@@ -103,14 +103,14 @@ def test_a_name_pattern_restores_every_match_from_where_it_was_last_changed(
                            if n.volume and n.incremental is not None]
 
     sandbox.endpoint_url = proxy.endpoint_url
-    latest, thawed = thawed_during(proxy, lambda: restore(
+    latest, thawed = thawed_during(proxy, lambda: restore_selection(
         sandbox, ONE_STEP, tmp_path / "latest", ["letter-3.txt"]))
     ok(latest)
     assert thawed == incremental_volumes                 # from the incremental only
     assert open(tmp_path / "latest" / "1" / "letters" / "letter-3.txt", "rb").read() \
         == b"rewritten after the full backup\n"
 
-    earlier, thawed = thawed_during(proxy, lambda: restore(
+    earlier, thawed = thawed_during(proxy, lambda: restore_selection(
         sandbox, ONE_STEP, tmp_path / "earlier", ["letter-3.txt"], point=full_stamp))
     ok(earlier)
     assert thawed and not set(thawed) & set(incremental_volumes)
@@ -122,7 +122,7 @@ def test_a_selection_that_matches_nothing_says_so_and_thaws_nothing(
         sandbox, proxy, tmp_path):
     mount = backed_up(sandbox)
     sandbox.endpoint_url = proxy.endpoint_url
-    result, thawed = thawed_during(proxy, lambda: restore(
+    result, thawed = thawed_during(proxy, lambda: restore_selection(
         sandbox, ONE_STEP, tmp_path / "r", [os.path.join(mount, "no-such-dir") + "/",
                                              "*.docx"]))
     assert result.returncode == aab.EXIT_NOTHING_SELECTED, result.stdout + result.stderr
@@ -135,9 +135,9 @@ def test_the_multi_step_operations_with_a_selection_give_what_one_step_gives(
         sandbox, tmp_path):
     mount = backed_up(sandbox)
     selection = [os.path.join(mount, "letters") + "/", "photo-1.jpg"]
-    ok(restore(sandbox, ONE_STEP, tmp_path / "one", selection))
+    ok(restore_selection(sandbox, ONE_STEP, tmp_path / "one", selection))
     for operation in MULTI_STEP:
-        ok(restore(sandbox, operation, tmp_path / "steps", selection))
+        ok(restore_selection(sandbox, operation, tmp_path / "steps", selection))
     assert snapshot(tmp_path / "steps" / "1") == snapshot(tmp_path / "one" / "1")
     assert "albums/2023/photo-1.jpg" in snapshot(tmp_path / "one" / "1")
     assert "albums/2023/photo-2.jpg" not in snapshot(tmp_path / "one" / "1")
@@ -146,11 +146,11 @@ def test_the_multi_step_operations_with_a_selection_give_what_one_step_gives(
 def test_a_wider_selection_later_uses_what_was_downloaded(sandbox, proxy, tmp_path):
     mount = backed_up(sandbox)
     destination = tmp_path / "r"
-    ok(restore(sandbox, ONE_STEP, destination, [os.path.join(mount, "letters") + "/"]))
+    ok(restore_selection(sandbox, ONE_STEP, destination, [os.path.join(mount, "letters") + "/"]))
     sandbox.endpoint_url = proxy.endpoint_url
     proxy.reset_counters()
-    wider = ok(restore(sandbox, ONE_STEP, destination,
-                       [os.path.join(mount, "letters") + "/", "photo-0.jpg"]))
+    wider = ok(restore_selection(sandbox, ONE_STEP, destination,
+                                 [os.path.join(mount, "letters") + "/", "photo-0.jpg"]))
     assert "The selection differs" in wider.stdout
     got = snapshot(destination / "1")
     assert "letters/small.txt" in got and "albums/2024/photo-0.jpg" in got

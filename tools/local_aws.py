@@ -49,6 +49,7 @@ until Ctrl-C.
 """
 
 import argparse
+import contextlib
 import email
 import email.policy
 import http.client
@@ -532,6 +533,15 @@ class LocalAws:
 
     def disable_iam_enforcement(self):
         self._moto_api("/moto-api/reset-auth", "inf")
+
+    @contextlib.contextmanager
+    def iam_enforced(self):
+        """IAM enforcement on inside the with block, off again however it ends."""
+        self.enable_iam_enforcement()
+        try:
+            yield self
+        finally:
+            self.disable_iam_enforcement()
 
     # -- Glacier restore simulation
 

@@ -123,7 +123,7 @@ def settings():
                         restore_poll_seconds=1800, state_dir="c:\\state")
 
 
-def seed_child_args(mount, scope=aab.Scope.FULL, latest=None):
+def windows_child_args(mount, scope=aab.Scope.FULL, latest=None):
     stamp = aab.parse_arg_stamp(latest) if latest else None
     return aab.child_arguments(
         operation="regular-backup", agent=aab.CHILD_AGENT, latest_full=stamp,
@@ -134,7 +134,7 @@ def seed_child_args(mount, scope=aab.Scope.FULL, latest=None):
 
 
 def shadowspawn_line(machine, mount, **kwargs):
-    argv = seed_child_args(mount, **kwargs).to_argv()
+    argv = windows_child_args(mount, **kwargs).to_argv()
     return machine.child_command(PYTHON, PROGRAM, argv, mount, "q")
 
 
@@ -337,7 +337,7 @@ def test_golden_incremental_list_holds_only_changed_files(machine, tmp_path):
     file_times_pass(since)
     with open(os.path.join(machine.long_path("q:\\test2"), "new clip.mp4"), "w") as handle:
         handle.write("recorded after the last backup")
-    child = seed_child_args(temp.mount, scope=aab.Scope.INCREMENTAL)
+    child = windows_child_args(temp.mount, scope=aab.Scope.INCREMENTAL)
     child.work_dir = str(tmp_path)
     aab.record_selection(child, "q:\\", plan, machine, since)
     assert read(os.path.join(tmp_path, aab.INCLUSION_LIST)) == b"test2\\new clip.mp4\n"

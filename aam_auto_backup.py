@@ -3147,7 +3147,10 @@ class VolumeThrottle:
     only: without SIGSTOP (Windows) the volumes just wait.
     """
 
-    INTERVAL = 0.02     # seconds: small against the time 7-Zip takes to write a volume
+    # seconds: small against the time 7-Zip takes to write a volume of a useful size (it
+    # writes a few MB at once, so several volumes of the smallest size can finish
+    # between two looks)
+    INTERVAL = 0.02
 
     def __init__(self, process, archive_dir, platform):
         self.process, self.archive_dir, self.platform = process, archive_dir, platform

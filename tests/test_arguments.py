@@ -1,4 +1,4 @@
-"""Arguments of the restore operations and the child pass; odds and ends of issue 2."""
+"""Arguments of the restore operations and the child pass, and the usage text."""
 
 import os
 import re
@@ -55,8 +55,8 @@ def test_bad_child_arguments_are_refused(sandbox, argument, text):
     assert not os.path.exists(sandbox.mirror) and not os.path.exists(sandbox.temp)
 
 
-def test_the_seed_child_arguments_parse():
-    # spec-notes part7.md 1.1.5: " " for no date-time, "local | AWS" with spaces
+def test_the_original_child_arguments_parse():
+    # The original program's tested child line: " " for no date-time, "local | AWS" with spaces
     parsed = aab.parse_child_args([
         "regular-backup", "ShadowSpawn", "20201221 134337.851361", "20201221 134337.851361",
         "20201222 112502.225333", "c:\\temp", "q", "local | AWS", "F:\\backup\\main",
@@ -67,7 +67,7 @@ def test_the_seed_child_arguments_parse():
     assert parsed.scope is aab.Scope.INCREMENTAL and not parsed.keep
 
 
-def test_the_seed_backup_arguments_parse(tmp_path):
+def test_the_original_backup_arguments_parse(tmp_path):
     args = ["incremental-only-backup", "user", sys.executable, "600", "7200",
             str(tmp_path / "logs"), "True", "AAM Backup Report", "autoreporter@allenyong.dev",
             "allenyong@allenyong.dev", str(tmp_path / "instructions.txt"), "q", "local|AWS",

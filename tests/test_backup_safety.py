@@ -1,4 +1,4 @@
-"""Issue 3: the lock, incremental-only, the full/incremental decision rules, crash safety.
+"""The lock, incremental-only, the full/incremental decision rules, crash safety.
 
 Months are simulated through the time stamps in crafted object names, never by
 sleeping or changing the clock.  Crashes are real SIGKILLs: at named checkpoints

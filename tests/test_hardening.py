@@ -1,4 +1,4 @@
-"""Issue 7: least privilege, secret hygiene, hostile inputs."""
+"""Least privilege, secret hygiene, hostile inputs."""
 
 import os
 import pty

@@ -9,9 +9,9 @@ import aam_auto_backup as aab
 POSIX = aab.PosixPlatform()
 WINDOWS = aab.WindowsPlatform()
 
-# The seed's test case 1 instruction file (spec-notes/part7.md 1.1.2), with the
-# two trailing spaces of every line that the seed document carries.
-SEED_TEST_CASE_1 = (
+# The original design's test case 1 instruction file, with the two trailing
+# spaces of every line that its document carries.
+TEST_CASE_1 = (
     "c:\\users\\allen\\documents\\folder1\\folder1-2\\  \n"
     "c:\\users\\allen\\documents\\folder1\\folder1-4\\  \n"
     "c:\\users\\allen\\documents\\folder2\\  \n"
@@ -27,7 +27,7 @@ SEED_TEST_CASE_1 = (
     "~WRL*.tmp\n"
 )
 
-SEED_EXAMPLE_SET = [
+EXAMPLE_SET = [
     "c:\\users\\allen\\documents\\folder1\\folder1-2\\",
     "c:\\users\\allen\\documents\\folder1\\folder1-4\\",
     "c:\\users\\allen\\documents\\folder2\\",
@@ -47,10 +47,10 @@ def mounts(paths, platform):
     return aab.compute_mounts([platform.normalize(p) for p in paths], platform)
 
 
-# -- the seed's examples -------------------------------------------------------
+# -- the original design's examples ---------------------------------------------
 
-def test_seed_test_case_1_parses():
-    parsed = parse(SEED_TEST_CASE_1, WINDOWS)
+def test_original_test_case_1_parses():
+    parsed = parse(TEST_CASE_1, WINDOWS)
     assert len(parsed.backup_dirs) == 9
     assert parsed.backup_dirs[6] == ("C:\\Users\\Allen\\AAM posting\\stock linked files", 7)
     assert [(e.text, e.line, e.is_path) for e in parsed.excluded_dirs] == [
@@ -59,18 +59,18 @@ def test_seed_test_case_1_parses():
         ("~WRL*.tmp", 13, False)]
 
 
-def test_seed_example_set_mounts():
-    # SPEC 4: -> c:\temp and c:\users\allen\documents
-    assert mounts(SEED_EXAMPLE_SET, WINDOWS) == ["c:\\temp", "c:\\users\\allen\\documents"]
+def test_original_example_set_mounts():
+    # the common parents: -> c:\temp and c:\users\allen\documents
+    assert mounts(EXAMPLE_SET, WINDOWS) == ["c:\\temp", "c:\\users\\allen\\documents"]
 
 
-def test_seed_example_set_with_aam_posting_shares_only_c_users_allen():
-    paths = SEED_EXAMPLE_SET + ["c:\\users\\allen\\AAM_posting"]
+def test_original_example_set_with_aam_posting_shares_only_c_users_allen():
+    paths = EXAMPLE_SET + ["c:\\users\\allen\\AAM_posting"]
     assert mounts(paths, WINDOWS) == ["c:\\temp", "c:\\users\\allen"]
 
 
-def test_seed_test_case_1_mounts_compare_case_insensitively():
-    parsed = parse(SEED_TEST_CASE_1, WINDOWS)
+def test_original_test_case_1_mounts_compare_case_insensitively():
+    parsed = parse(TEST_CASE_1, WINDOWS)
     dirs = [p for p, _line in parsed.backup_dirs]
     assert aab.compute_mounts(dirs, WINDOWS) == ["c:\\temp", "c:\\users\\allen"]
 

@@ -179,7 +179,7 @@ def test_email_report_and_no_secret_anywhere(sandbox, tmp_path):
     assert os.listdir(sandbox.temp) == []
 
 
-def test_log_sections_follow_the_seed_order(sandbox):
+def test_log_sections_follow_the_original_order(sandbox):
     sandbox.sample()
     assert sandbox.backup().returncode == 0
     (log,) = sandbox.log_files()

@@ -13,8 +13,8 @@ MULTI_STEP = [aab.THAW_STEP, aab.STATUS_STEP, aab.DOWNLOAD_STEP, aab.EXTRACT_STE
 VOLUME = 65536
 
 
-def noise(seed, size):
-    return random.Random(seed).randbytes(size)
+def noise(stream, size):
+    return random.Random(stream).randbytes(size)
 
 
 def tree():

@@ -1,13 +1,13 @@
-"""The Windows branch: ShadowSpawn, Robocopy and 7z.exe command lines, pinned to the seed.
+"""The Windows branch: ShadowSpawn, Robocopy and 7z.exe command lines, pinned to the originals.
 
-The Windows programs cannot run on the Linux CI.  The golden tests below compare
-what WindowsPlatform generates for the seed's test case 1 instruction file
-(spec-notes/part7.md 1.1.2) with text written out by hand from the seed's
-tested commands (part6.md 1.4, 1.5, 2.2, 3.1, 3.3); every deviation from the
-seed's text is named next to the expected text.
+ShadowSpawn and Robocopy cannot run on the Linux CI (7z.exe and python.exe run
+under Wine in test_wine.py).  The golden tests below compare what
+WindowsPlatform generates for the original design's test case 1 instruction
+file with text written out by hand from the original program's tested command
+lines; every deviation from the original text is named next to the expected text.
 
 Stand-ins, each saying what it emulates:
-- SeedMachine: the file system of the seed's Windows machine (NTFS drive c:,
+- OriginalMachine: the file system of the original Windows machine (NTFS drive c:,
   and ShadowSpawn's q: showing one mount directory), case-insensitive, laid
   out in a temporary directory.  Only path resolution is replaced.
 - shadowspawn_parse / msvcrt_split: how ShadowSpawn 0.2 splits its own
@@ -24,7 +24,7 @@ import pytest
 
 import aam_auto_backup as aab
 from conftest import file_times_pass
-from test_instructions import SEED_TEST_CASE_1   # part7.md 1.1.2, as in the seed
+from test_instructions import TEST_CASE_1
 
 PROGRAM_DIR = "C:\\Users\\Allen\\Documents\\AAM Auto Backup"
 PROGRAM = PROGRAM_DIR + "\\aam_auto_backup.py"
@@ -34,10 +34,10 @@ MIRROR_ROOT = "F:\\backup\\main"
 WORK = "c:\\temp\\main-work-computer20201216_170302.225333"
 START = "20201216 170302.225333"
 
-# The seed machine's disk, as the seed's example implies it (part6.md 6.2's
-# derived example; '/' ends a directory).  Real Windows spells Desktop and
+# The original machine's disk, as the original example implies it ('/' ends a
+# directory).  Real Windows spells Desktop and
 # Documents with capitals, the instruction file does not.
-SEED_DISK = [
+ORIGINAL_DISK = [
     "c/Users/Allen/AAM posting/stock linked files/posting.docx",
     "c/Users/Allen/AAM posting/other/",
     "c/Users/Allen/Desktop/",
@@ -60,11 +60,11 @@ SEED_DISK = [
 ]
 
 
-class SeedMachine(aab.WindowsPlatform):
-    """Stand-in: the seed's Windows disk in a temporary directory (see the module doc).
+class OriginalMachine(aab.WindowsPlatform):
+    """Stand-in: the original Windows disk in a temporary directory (see the module doc).
 
     Drive letters map to directories; names are looked up case-insensitively,
-    as NTFS does.  The console code page is the seed's, 437.
+    as NTFS does.  The console code page is the original machine's, 437.
     """
 
     def __init__(self, drives):
@@ -99,12 +99,12 @@ def build_disk(root, entries):
 
 @pytest.fixture
 def machine(tmp_path):
-    build_disk(str(tmp_path / "disk"), SEED_DISK)
-    return SeedMachine({"c:": str(tmp_path / "disk" / "c")})
+    build_disk(str(tmp_path / "disk"), ORIGINAL_DISK)
+    return OriginalMachine({"c:": str(tmp_path / "disk" / "c")})
 
 
-def seed_plan(machine):
-    instructions = aab.parse_instructions(SEED_TEST_CASE_1, "instructions.txt", machine)
+def original_plan(machine):
+    instructions = aab.parse_instructions(TEST_CASE_1, "instructions.txt", machine)
     return aab.plan_backup(instructions, machine, [WORK, MIRROR_ROOT])
 
 
@@ -154,22 +154,23 @@ def read(path):
         return handle.read()
 
 
-# -- golden: the seed's test case 1 -------------------------------------------
+# -- golden: the original test case 1 ------------------------------------------
 
-def test_seed_test_case_1_has_two_mounts(machine):
-    plan = seed_plan(machine)
+def test_original_test_case_1_has_two_mounts(machine):
+    plan = original_plan(machine)
     assert [s.mount for s in plan.sources] == ["c:\\temp", "c:\\users\\allen"]
 
 
-# Seed (part6.md 1.5, L8937-8940):
+# The original program's tested ShadowSpawn line:
 #   ShadowSpawn.exe "c:\\temp" q: "C:\\...\\python.exe" AAM_auto_backup.py
 #   regular-backup ShadowSpawn " " " " "20201216 170302.225333" "c:\\temp" "q"
 #   "local | AWS" "F:\\backup\\main" "False" "1234abcd1234abcd" "main-work-computer"
 #   "c:\\temp\\main-work-computer20201216_170302.225333" "no" > "shadow_copy_command_output.txt"
 # Differences, each deliberate: ShadowSpawn.exe and the program by full path, quoted;
-# "-X" "utf8" (the child writes UTF-8: seed bug 1); the key as env:NAME (SPEC 8); the
+# "-X" "utf8" (the child writes UTF-8, whatever the code page); the key as env:NAME (never
+# on a command line); the
 # 15th argument (scope, added 12/21/2020); destination types as the shared code spells
-# them; single backslashes (the seed's doubled ones came from a Python string); and no
+# them; single backslashes (the original's doubled ones came from a Python string); and no
 # '> file': the parent passes the output file as ShadowSpawn's standard output.
 GOLDEN_SHADOWSPAWN_TEMP = (
     '"C:\\Users\\Allen\\Documents\\AAM Auto Backup\\ShadowSpawn.exe" "c:\\temp" q: '
@@ -190,23 +191,24 @@ GOLDEN_SHADOWSPAWN_USERS = (
 
 
 def test_golden_shadowspawn_command_lines(machine):
-    temp, users = seed_plan(machine).sources
+    temp, users = original_plan(machine).sources
     assert shadowspawn_line(machine, temp.mount) == GOLDEN_SHADOWSPAWN_TEMP
     assert shadowspawn_line(machine, users.mount, scope=aab.Scope.INCREMENTAL,
                             latest="20201221 134337.851361") == GOLDEN_SHADOWSPAWN_USERS
 
 
-# Seed 1.5 (L4636-4644): "cd /D Q:", "robocopy ...", "7z ..."; tested [success] batch
-# file (L4284-4290): cd /D q:, robocopy "q:" "<dest>" /e /unilog:"<log>", "<7z>" a ...
-# Robocopy (2.2): robocopy "q:" "<dest, no trailing \>" /e /unilog:"<log>" /xd ... /xf ...
-# 7-Zip full backup (3.1, L8543-8554): "<7z>" a "<zip>" -v4000000000b -mcu=on -mem=AES256
+# The original batch file: "cd /D Q:", "robocopy ...", "7z ..."; its tested [success]
+# form: cd /D q:, robocopy "q:" "<dest>" /e /unilog:"<log>", "<7z>" a ...
+# Robocopy: robocopy "q:" "<dest, no trailing \>" /e /unilog:"<log>" /xd ... /xf ...
+# 7-Zip full backup: "<7z>" a "<zip>" -v4000000000b -mcu=on -mem=AES256
 # -p<key> @"<inclusion list>" -xr-@"<non-recursive list>" -xr@"<recursive list>".
 # Added, each deliberate: @echo off and chcp 65001 (any path can be written; set back at
 # the end); cd /D q:\ (the drive's root, whatever its remembered directory); programs by
 # full path (cmd.exe would search the shadow drive first); /purge (keep is False); the
-# scanned /xd and /xf entries (seed 7.4 and SPEC 4); /xjd /r:2 /w:5 /np /tee; the success
+# scanned /xd and /xf entries (Robocopy has no relative exclusions); /xjd /r:2 /w:5 /np /tee; the success
 # markers; the shared 7-Zip switches (-tzip -mx=5 -bb1 -bd -snl -scsUTF-8 -sccUTF-8 -y);
-# and the key on 7z.exe's standard input instead of its command line (SPEC 8).
+# and the key on 7z.exe's standard input instead of its command line (no other
+# process can read it).
 ROBOCOPY_STATUS = ("if errorlevel 8 (echo AAM Auto Backup: Robocopy failed with exit code "
                    "%ERRORLEVEL%.) else (echo AAM Auto Backup: Robocopy execution success.)")
 # 7-Zip's exit code 1 (warnings: a file could not be read, or vanished) still leaves a
@@ -266,7 +268,7 @@ def full_backup_batch_file(machine, source, tmp_path):
 
 
 def test_golden_robocopy_command_lines(machine, tmp_path):
-    temp, users = seed_plan(machine).sources
+    temp, users = original_plan(machine).sources
     for source, expected in ((users, ROBOCOPY_USERS), (temp, ROBOCOPY_TEMP)):
         plan = child_plan(machine, source, tmp_path)
         target = machine.mirror_directory(MIRROR_ROOT, source.mount)
@@ -275,7 +277,7 @@ def test_golden_robocopy_command_lines(machine, tmp_path):
 
 
 def test_golden_robocopy_keeps_files_gone_from_the_source(machine, tmp_path):
-    temp = seed_plan(machine).sources[0]
+    temp = original_plan(machine).sources[0]
     plan = child_plan(machine, temp, tmp_path)
     command = aab.mirror_commands(machine, "q:\\", "F:\\backup\\main\\c\\temp", plan, True,
                                       WORK)[0]
@@ -286,20 +288,20 @@ def test_golden_seven_zip_command_lines(machine):
     assert seven_zip_lines(machine, [aab.INCLUSION_LIST, aab.NON_RECURSIVE_LIST,
                                      aab.RECURSIVE_LIST]) == [KEY_FEED + SEVEN_ZIP_FULL,
                                                               SEVEN_ZIP_STATUS]
-    # Incremental (seed 3.1, L8568-8580): one inclusion list, no exclusion list.
+    # Incremental: one inclusion list, no exclusion list.
     assert seven_zip_lines(machine, [aab.INCLUSION_LIST, None, None]) == [
         KEY_FEED + SEVEN_ZIP_FULL.split(" -xr-@")[0], SEVEN_ZIP_STATUS]
 
 
 def test_golden_batch_files(machine, tmp_path):
-    temp, users = seed_plan(machine).sources
+    temp, users = original_plan(machine).sources
     assert full_backup_batch_file(machine, users, tmp_path) == \
         golden_batch_file(ROBOCOPY_USERS).encode("ascii")
     assert full_backup_batch_file(machine, temp, tmp_path) == \
         golden_batch_file(ROBOCOPY_TEMP).encode("ascii")
 
 
-# Seed 3.3 TEST 1 and 2: directories relative to the mount with a trailing '\', full-path
+# The original list tests 1 and 2: directories relative to the mount with a trailing '\', full-path
 # exclusions made relative (non-recursive list), name patterns (recursive list).
 GOLDEN_LISTS = {
     "c:\\users\\allen": [
@@ -320,7 +322,7 @@ GOLDEN_LISTS = {
 
 
 def test_golden_seven_zip_list_files(machine, tmp_path):
-    for source in seed_plan(machine).sources:
+    for source in original_plan(machine).sources:
         plan = child_plan(machine, source, tmp_path)
         walk = aab.TreeWalk("q:\\", plan, machine)
         walk.files()
@@ -331,7 +333,7 @@ def test_golden_seven_zip_list_files(machine, tmp_path):
 
 
 def test_golden_incremental_list_holds_only_changed_files(machine, tmp_path):
-    temp = seed_plan(machine).sources[0]
+    temp = original_plan(machine).sources[0]
     plan = child_plan(machine, temp, tmp_path)
     since = aab.utc_now()
     file_times_pass(since)
@@ -467,7 +469,7 @@ def test_script_runs_under_cmd_without_autorun_or_delayed_expansion(monkeypatch)
 
 
 def test_batch_file_holds_any_path_in_utf8(tmp_path):
-    machine = SeedMachine({})
+    machine = OriginalMachine({})
     path = str(tmp_path / "x.bat")
     machine.write_script(path, "q:\\", [["echo F:\\Sicherung\\M\u00fcller \u0395\u03bb"]])
     text = read(path)
@@ -476,7 +478,7 @@ def test_batch_file_holds_any_path_in_utf8(tmp_path):
     assert text.endswith(b'chcp.com" 437 >nul\r\n')
 
 
-# -- Robocopy exclusions (seed 7.2, 7.4) ----------------------------------------
+# -- Robocopy exclusions ----------------------------------------------------------
 
 def plan_on_q(listed, dir_patterns=(), file_patterns=(), excluded_dirs=()):
     return aab.SourcePlan(mount="q:\\", listed=list(listed),
@@ -486,14 +488,14 @@ def plan_on_q(listed, dir_patterns=(), file_patterns=(), excluded_dirs=()):
 
 def test_scan_joins_names_to_parents_and_tests_ancestors_up_to_a_separator(tmp_path):
     build_disk(str(tmp_path / "q"), ["test/", "test2/x/keep.txt", "test2/y/", "loose.txt"])
-    machine = SeedMachine({"q:": str(tmp_path / "q")})
+    machine = OriginalMachine({"q:": str(tmp_path / "q")})
     dirs, files, problems = aab.scan_outside_listed(machine, "q:\\", plan_on_q(["TEST2\\X"]))
     assert (dirs, files, problems) == (["test", "test2\\y"], ["loose.txt"], [])
 
 
 def test_scan_of_a_mount_listed_whole_excludes_nothing(tmp_path):
     build_disk(str(tmp_path / "q"), ["a/", "b.txt"])
-    machine = SeedMachine({"q:": str(tmp_path / "q")})
+    machine = OriginalMachine({"q:": str(tmp_path / "q")})
     assert aab.scan_outside_listed(machine, "q:\\", plan_on_q([""])) == ([], [], [])
 
 
@@ -501,7 +503,7 @@ def test_patterns_robocopy_cannot_take_become_exact_paths(tmp_path):
     build_disk(str(tmp_path / "q"), [
         "docs/work/-audio/song.mp3", "docs/work/sub/-video/clip.mp4", "docs/work/-notes.txt",
         "docs/work/docs-old/", "docs/other/", "docs/work/node_modules/"])
-    machine = SeedMachine({"q:": str(tmp_path / "q")})
+    machine = OriginalMachine({"q:": str(tmp_path / "q")})
     # '-*' would be read as a switch; 'doc*' matches 'docs', which leads to the listed
     # directory: both are replaced by what the selection excludes.
     plan = plan_on_q(["docs\\work"], dir_patterns=["-*", "doc*", "node_modules"],
@@ -514,12 +516,12 @@ def test_patterns_robocopy_cannot_take_become_exact_paths(tmp_path):
 
 def test_an_over_long_robocopy_command_is_refused_with_a_reason(tmp_path):
     build_disk(str(tmp_path / "q"), ["listed/"] + [f"{'x' * 60}{n}/" for n in range(150)])
-    machine = SeedMachine({"q:": str(tmp_path / "q")})
+    machine = OriginalMachine({"q:": str(tmp_path / "q")})
     with pytest.raises(aab.AamError, match="over cmd.exe's limit of 8191"):
         aab.mirror_commands(machine, "q:\\", "F:\\m\\c\\x", plan_on_q(["listed"]), True, WORK)
 
 
-# -- paths, times, output decoding (seed bugs 1, 2, 5) -------------------------
+# -- paths, times, output decoding -------------------------------------------
 
 def test_a_300_character_path_gets_the_long_path_prefix():
     windows = aab.WindowsPlatform()
@@ -548,7 +550,8 @@ def test_paths_compare_case_insensitively():
         "AAM Posting\\X"
 
 
-# Seed bug 1: 'utf-8' codec can't decode byte 0x9a ... then 'charmap' ... 0x81.  "Über"
+# The original program failed here: 'utf-8' codec can't decode byte 0x9a ... then
+# 'charmap' ... 0x81.  "Über"
 # and "Müller" in code page 437 hold exactly those bytes.
 CP437_OUTPUT = (
     "ShadowSpawn (c) 2011 Craig Andera. shadowspawn@wangdera.com\r\n"
@@ -559,7 +562,7 @@ CP437_OUTPUT = (
 
 def test_output_file_in_code_page_437_is_read_without_error(tmp_path):
     assert b"\x9a" in CP437_OUTPUT and b"\x81" in CP437_OUTPUT
-    windows = SeedMachine({})
+    windows = OriginalMachine({})
     child_line = "AAM Auto Backup: validation failure: Stra\u00dfe\\\u03b1.txt\r\n".encode()
     path = tmp_path / aab.OUTPUT_FILE
     path.write_bytes(CP437_OUTPUT + child_line)
@@ -579,17 +582,17 @@ def test_a_code_page_with_holes_never_fails_either():
     assert windows.decode_output(b"caf\xe9 \x81") == "caf\u00e9 \ufffd"
 
 
-def test_the_console_code_page_off_windows_is_the_seeds():
+def test_the_console_code_page_off_windows_is_437():
     assert aab.WindowsPlatform().console_code_page() == 437
 
 
-# -- the parent's marker checks (seed 5.4.2, part7.md 5 item 12) -----------------
+# -- the parent's marker checks --------------------------------------------------
 
 MARK_BATCH = "AAM Auto Backup: backup batch file execution success."
 MARK_ROBOCOPY = "AAM Auto Backup: Robocopy execution success."
 MARK_7ZIP = "AAM Auto Backup: 7-Zip execution success."
 RESULT = 'AAM Auto Backup: result: {"files": 3, "failures": 0}'
-SEED_MESSAGES = {
+ORIGINAL_MESSAGES = {
     MARK_BATCH: "No backup batch file execution success message. Aborting backup.",
     MARK_ROBOCOPY: "No Robocopy execution success message. Aborting backup.",
     MARK_7ZIP: "No 7z.exe execution success message. Aborting backup.",
@@ -597,7 +600,7 @@ SEED_MESSAGES = {
 
 
 def backup_run(tmp_path):
-    platform = SeedMachine({})
+    platform = OriginalMachine({})
     args = aab.Arguments(aab.BACKUP_ARGS, [], dict(
         operation="regular-backup", agent="user", python=PYTHON, lock_poll=1, lock_wait=0,
         log_dir=str(tmp_path / "logs"), send_email=False, sender_name="", sender_address="",
@@ -630,12 +633,12 @@ def log_text(run):
         return handle.read()
 
 
-def test_a_missing_batch_file_marker_stops_with_the_seeds_message(tmp_path):
+def test_a_missing_batch_file_marker_stops_with_the_original_message(tmp_path):
     run = backup_run(tmp_path)
     assert stops(run, lambda: run.check_child_output([MARK_ROBOCOPY, MARK_7ZIP, RESULT], 0,
                                                      True))
-    assert run.failures == [SEED_MESSAGES[MARK_BATCH]]
-    assert "ERROR: " + SEED_MESSAGES[MARK_BATCH] in log_text(run)
+    assert run.failures == [ORIGINAL_MESSAGES[MARK_BATCH]]
+    assert "ERROR: " + ORIGINAL_MESSAGES[MARK_BATCH] in log_text(run)
 
 
 @pytest.mark.parametrize("missing, part", [(MARK_ROBOCOPY, "mirror"), (MARK_7ZIP, "archive")])
@@ -647,15 +650,15 @@ def test_a_missing_robocopy_or_7zip_marker_is_that_part_failing(tmp_path, missin
                                                       "failed": [part]}
 
 
-def test_markers_are_checked_in_the_seeds_order(tmp_path):
+def test_markers_are_checked_in_the_original_order(tmp_path):
     run = backup_run(tmp_path)
     assert stops(run, lambda: run.check_child_output([RESULT], 0, True))
-    # every missing message, in the seed's order (batch file, Robocopy, 7z.exe), then the
-    # critical error (spec-notes part7.md 5 item 13)
-    assert run.failures == [SEED_MESSAGES[MARK_BATCH], SEED_MESSAGES[MARK_ROBOCOPY],
-                            SEED_MESSAGES[MARK_7ZIP]]
+    # every missing message, in the original order (batch file, Robocopy, 7z.exe), then the
+    # critical error
+    assert run.failures == [ORIGINAL_MESSAGES[MARK_BATCH], ORIGINAL_MESSAGES[MARK_ROBOCOPY],
+                            ORIGINAL_MESSAGES[MARK_7ZIP]]
     log = log_text(run)
-    positions = [log.index(SEED_MESSAGES[m]) for m in (MARK_BATCH, MARK_ROBOCOPY, MARK_7ZIP)]
+    positions = [log.index(ORIGINAL_MESSAGES[m]) for m in (MARK_BATCH, MARK_ROBOCOPY, MARK_7ZIP)]
     assert positions == sorted(positions)
     assert log.index("Critical error. ShadowSpawn.exe execution failure Aborting") > positions[-1]
 
@@ -704,7 +707,7 @@ def test_the_parent_reads_a_cp437_output_file_and_checks_its_markers(tmp_path, m
     text = log_text(run)
     assert "Datei \u00dcber \u00e4nderung" in text and "1234abcd1234abcd" not in text
     assert run.failures == {
-        None: [], MARK_BATCH: [SEED_MESSAGES[MARK_BATCH]],
+        None: [], MARK_BATCH: [ORIGINAL_MESSAGES[MARK_BATCH]],
         MARK_ROBOCOPY: ["c:\\temp: the local mirror failed (no Robocopy execution success "
                         "message)"],
         MARK_7ZIP: ["c:\\temp: the archive for AWS S3 failed (no 7-Zip execution success "

@@ -1,7 +1,7 @@
 """tools/windows_schedule.py: the Task Scheduler job and the two desktop batch files.
 
-The expected text is the seed's (spec-notes/part1.md 13 and 14, Part II 4.1.1 and
-5.1), filled in by hand with the seed's own example values.
+The expected text is the original design's scheduled task and batch files,
+written out by hand with its own example values.
 """
 
 import datetime as dt
@@ -16,7 +16,7 @@ PROGRAM_DIR = "C:\\Users\\Allen\\Documents\\AAM Auto Backup"
 PYTHON = "C:\\Users\\Allen\\AppData\\Local\\Programs\\Python\\Python39\\python.exe"
 
 
-def seed_settings(**changes):
+def example_settings(**changes):
     values = dict(
         program_dir=PROGRAM_DIR, python=PYTHON, log_dir=PROGRAM_DIR + "\\logs",
         sender="autoreporter@allenyoung.dev", recipient="allenyoung@allenyoung.dev",
@@ -27,7 +27,7 @@ def seed_settings(**changes):
     return ws.ScheduleSettings(**values)
 
 
-# Seed L1174 (Task Scheduler "Add arguments"), with the seed's placeholders filled in and
+# The original design's Task Scheduler "Add arguments", its placeholders filled in and
 # env:NAME references for the three secrets.
 TASK_ARGUMENTS = (
     '"C:\\Users\\Allen\\Documents\\AAM Auto Backup\\aam_auto_backup.py" regular-backup user '
@@ -90,12 +90,12 @@ EXPECTED_TASK_XML = """<?xml version="1.0" encoding="UTF-16"?>
 """
 
 
-def test_task_xml_is_the_seeds_task():
-    assert ws.task_xml(seed_settings(), dt.date(2021, 3, 29)) == EXPECTED_TASK_XML
+def test_task_xml_is_the_original_task():
+    assert ws.task_xml(example_settings(), dt.date(2021, 3, 29)) == EXPECTED_TASK_XML
 
 
-def test_task_xml_is_well_formed_and_says_what_the_seed_asks():
-    xml = ws.task_xml(seed_settings(), dt.date(2021, 3, 29))
+def test_task_xml_is_well_formed_and_says_what_the_design_asks():
+    xml = ws.task_xml(example_settings(), dt.date(2021, 3, 29))
     task = ElementTree.fromstring(xml.split("\n", 1)[1])
     ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
     assert task.find("t:Triggers/t:CalendarTrigger/t:StartBoundary", ns).text.endswith(
@@ -106,31 +106,31 @@ def test_task_xml_is_well_formed_and_says_what_the_seed_asks():
 
 
 def test_schtasks_command_registers_from_xml_and_asks_for_the_password():
-    assert ws.schtasks_command(seed_settings(), PROGRAM_DIR + "\\Daily AAM Auto Backup.xml") == (
+    assert ws.schtasks_command(example_settings(), PROGRAM_DIR + "\\Daily AAM Auto Backup.xml") == (
         'schtasks /Create /TN "Daily AAM Auto Backup" /XML '
         '"C:\\Users\\Allen\\Documents\\AAM Auto Backup\\Daily AAM Auto Backup.xml" '
         '/RU "ALLEN-PC\\Allen" /RP * /F')
 
 
-# Seed L1225-1242: two lines, cd /D to the program directory, then the program through
-# the .py file association (the seed's AAM_auto_backup.py is aam_auto_backup.py here).
+# The original design's batch file: two lines, cd /D to the program directory, then the
+# program through the .py file association (its AAM_auto_backup.py is aam_auto_backup.py).
 ARGUMENTS_2_TO_22 = TASK_ARGUMENTS.split(" regular-backup ", 1)[1]
 
 
 def test_regular_backup_batch_file():
-    assert ws.batch_file_text(seed_settings(), "regular-backup") == (
+    assert ws.batch_file_text(example_settings(), "regular-backup") == (
         'cd /D "C:\\Users\\Allen\\Documents\\AAM Auto Backup"\r\n'
         "aam_auto_backup.py regular-backup " + ARGUMENTS_2_TO_22 + "\r\n")
 
 
 def test_incremental_only_backup_batch_file():
-    assert ws.batch_file_text(seed_settings(), "incremental-only-backup") == (
+    assert ws.batch_file_text(example_settings(), "incremental-only-backup") == (
         'cd /D "C:\\Users\\Allen\\Documents\\AAM Auto Backup"\r\n'
         "aam_auto_backup.py incremental-only-backup " + ARGUMENTS_2_TO_22 + "\r\n")
 
 
 def test_inline_secrets_are_not_echoed_and_percent_survives_cmd():
-    text = ws.batch_file_text(seed_settings(key="100%secret", access_key_id="AKIA",
+    text = ws.batch_file_text(example_settings(key="100%secret", access_key_id="AKIA",
                                             secret_access_key="s^&|<>"), "regular-backup")
     second = text.split("\r\n")[1]
     assert second.startswith("@aam_auto_backup.py regular-backup ")
@@ -139,17 +139,17 @@ def test_inline_secrets_are_not_echoed_and_percent_survives_cmd():
 
 def test_a_secret_with_a_double_quote_must_be_an_env_reference():
     with pytest.raises(ws.SettingsError, match="argument 16 .* env:NAME"):
-        ws.batch_file_text(seed_settings(key='say "hi"'), "regular-backup")
+        ws.batch_file_text(example_settings(key='say "hi"'), "regular-backup")
 
 
 def test_non_ascii_paths_switch_the_batch_file_to_utf8():
-    text = ws.batch_file_text(seed_settings(mirror_dir="F:\\Sicherung\\J\u00fcrgen"),
+    text = ws.batch_file_text(example_settings(mirror_dir="F:\\Sicherung\\J\u00fcrgen"),
                               "regular-backup")
     assert text.startswith("@chcp 65001 >nul\r\ncd /D ")
 
 
-def test_files_are_written_where_the_seed_puts_them(tmp_path):
-    paths = ws.write_files(seed_settings(), str(tmp_path), dt.date(2021, 3, 29))
+def test_files_are_written_where_the_design_puts_them(tmp_path):
+    paths = ws.write_files(example_settings(), str(tmp_path), dt.date(2021, 3, 29))
     assert [os.path.relpath(p, tmp_path) for p in paths] == [
         "Daily AAM Auto Backup.xml",
         os.path.join("backup batch files", "Regular backup.bat"),

@@ -30,6 +30,7 @@ import dataclasses
 import datetime as dt
 import email.utils
 import enum
+import errno
 import hashlib
 import heapq
 import itertools
@@ -219,6 +220,18 @@ MARK_VALIDATION_FAILURE = MARK_PREFIX + "validation failure: "
 MARK_RESULT = MARK_PREFIX + "result: "
 
 
+class HeldFlock:
+    """A held flock: release() gives it up (closing the file would too)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class PosixPlatform:
     """Linux and macOS: no shadow copy; the child reads the live directory."""
 
@@ -316,6 +329,24 @@ class PosixPlatform:
             handle.truncate(size)
 
     # -- processes ---------------------------------------------------------
+    def try_lock(self, path, keep_file=True):
+        """A kernel lock on path (flock), or None while another process holds it.
+
+        The kernel releases it when the process ends, however it ends.  fcntl is
+        called directly: filelock makes the same flock call but its imports
+        (asyncio) cost 80 ms of every run.
+        """
+        import fcntl
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as problem:
+            os.close(fd)
+            if problem.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        return HeldFlock(fd)
+
     def process_alive(self, pid):
         if pid <= 0:
             return False
@@ -518,6 +549,17 @@ class WindowsPlatform(PosixPlatform):
         if self.is_absolute(path):
             return "\\\\?\\" + ntpath.normpath(path)
         return path
+
+    def try_lock(self, path, keep_file=True):
+        """A kernel lock on path (filelock's LockFileEx, which copes with the ways
+        Windows can refuse to open a file), or None while another process holds it."""
+        import filelock
+        lock = filelock.FileLock(path, fallback_to_soft=False, preserve_lock_file=keep_file)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return None
+        return lock
 
     def process_alive(self, pid):
         import ctypes
@@ -3445,6 +3487,7 @@ class ZipIndex:
             self.db = sqlite3.connect(path)
             self.db.execute("CREATE TABLE entry (name BLOB PRIMARY KEY, first INTEGER, "
                             "last INTEGER) WITHOUT ROWID")
+        self.rows = []                # entries read from the last block, not yet stored
         self.buffer, self.buffer_start = b"", 0
         self.next_header = 0          # offset of the next local header
         self.central_directory = None
@@ -3465,6 +3508,9 @@ class ZipIndex:
             self.buffer += data
         while self.read_header():
             pass
+        if self.rows:       # one statement per block, not per entry: less CPU beside 7-Zip
+            self.db.executemany("INSERT OR REPLACE INTO entry VALUES (?, ?, ?)", self.rows)
+            self.rows = []
         drop = self.next_header - self.buffer_start
         if drop >= len(self.buffer):
             self.buffer, self.buffer_start = b"", self.next_header
@@ -3498,8 +3544,7 @@ class ZipIndex:
         if self.on_entry is not None:
             self.on_entry(name)
         elif not name.endswith(b"/"):
-            self.db.execute("INSERT OR REPLACE INTO entry VALUES (?, ?, ?)",
-                            (name, self.volume(self.next_header), self.volume(end - 1)))
+            self.rows.append((name, self.volume(self.next_header), self.volume(end - 1)))
             self.files += 1
         self.next_header = end
         return True
@@ -3523,11 +3568,19 @@ class ZipIndex:
                                 "bytes")
         return self.volume(self.central_directory)
 
-    def lookup(self, path):
-        """(first volume, last volume) of a catalogue path, or None."""
-        row = self.db.execute("SELECT first, last FROM entry WHERE name = ?",
-                              (path.encode("utf-8", "surrogateescape"),)).fetchone()
-        return row
+    def volumes_in_order(self, paths):
+        """(first volume, last volume), or None, of each catalogue path in turn.
+
+        One join in SQLite rather than a query per path: at a million files that
+        is seconds less after 7-Zip has ended.  The paths are kept in this
+        owner-only file (not in a temporary one of SQLite's own)."""
+        self.db.execute("CREATE TABLE wanted (seq INTEGER PRIMARY KEY, name BLOB)")
+        self.db.executemany("INSERT INTO wanted (name) VALUES (?)",
+                            ((path.encode("utf-8", "surrogateescape"),) for path in paths))
+        for first, last in self.db.execute(
+                "SELECT entry.first, entry.last FROM wanted LEFT JOIN entry "
+                "ON entry.name = wanted.name ORDER BY wanted.seq"):
+            yield None if first is None else (first, last)
 
     def close(self):
         self.db.close()
@@ -3681,36 +3734,54 @@ def finalize_catalogue(work_path, index, header, catalogue_path, state_path, exi
     Returns (archived, missing paths, lines in the catalogue).
     """
     stamp, delta = header["backup"], header["kind"] == DELTA
+    located = index.volumes_in_order(archived_paths(work_path)) if index else None
     catalogue = CatalogueWriter(catalogue_path, header)
     state = CatalogueWriter(state_path, dict(header, kind=LISTING, base=None))
     archived, missing = 0, []
     try:
-        with open(work_path, encoding="utf-8", errors="surrogateescape") as work:
-            for raw in work:
-                if raw.startswith("#"):
-                    continue
-                flag, line = raw[0], raw[2:]
-                kind, location = line[0], line.rsplit("\t", 2)[1]
-                if location == ARCHIVED_NOW:
-                    entry = Entry.parse(line)
-                    volumes = index.lookup(entry.path) if index else None
-                    if volumes:
-                        entry = entry._replace(location=f"{stamp}:{volumes[0]}-{volumes[1]}")
-                        archived += 1
-                    elif exists(entry.path):
-                        missing.append(entry.path)
-                        entry = entry._replace(location=MISSING)
-                    else:
-                        flag, entry = CHANGED, Entry(DELETED, entry.path)
-                    kind, line = entry.kind, entry.line()
-                if kind != DELETED:
-                    state.write_line(line)
-                if (flag == CHANGED) if delta else (kind != DELETED):
-                    catalogue.write_line(line)
+        for flag, line in work_lines(work_path):
+            kind = line[0]
+            # Only the location field changes: the line is edited, not parsed and
+            # written again (a million lines wait for this after 7-Zip has ended).
+            head, location, target = line.rsplit("\t", 2)
+            if location == ARCHIVED_NOW:
+                volumes = next(located) if located else None
+                if volumes:
+                    line = f"{head}\t{stamp}:{volumes[0]}-{volumes[1]}\t{target}"
+                    archived += 1
+                elif exists(work_line_path(line)):
+                    missing.append(work_line_path(line))
+                    line = f"{head}\t{MISSING}\t{target}"
+                else:
+                    flag, kind = CHANGED, DELETED
+                    line = Entry(DELETED, work_line_path(line)).line()
+            if kind != DELETED:
+                state.write_line(line)
+            if (flag == CHANGED) if delta else (kind != DELETED):
+                catalogue.write_line(line)
     finally:
         catalogue.close()
         state.close()
     return archived, missing, catalogue.count
+
+
+def work_lines(work_path):
+    """(flag, catalogue line) of each entry of the child's work file, in order."""
+    with open(work_path, encoding="utf-8", errors="surrogateescape") as work:
+        for raw in work:
+            if not raw.startswith("#"):
+                yield raw[0], raw[2:]
+
+
+def work_line_path(line):
+    return unescape_field(line.split("\t", 2)[1])
+
+
+def archived_paths(work_path):
+    """The paths of this run's archive, in the work file's order."""
+    for _flag, line in work_lines(work_path):
+        if line.rsplit("\t", 2)[1] == ARCHIVED_NOW:
+            yield work_line_path(line)
 
 
 class SourceCatalogue:
@@ -3776,7 +3847,9 @@ class SourceCatalogue:
         zip_path = self.path(CATALOGUE_ZIP)
         code, output = run_seven_zip(
             run.settings, run.platform,
-            ["a", "-tzip", "-mx=5", "-mem=AES256", run.platform.password_switch(""),
+            # -mx=1: the catalogue waits in the run's tail; -mx=5 took 1.3 s instead of
+            # 0.3 s for 200,000 files, for a catalogue 8% smaller.
+            ["a", "-tzip", "-mx=1", "-mem=AES256", run.platform.password_switch(""),
              "-bd", "-sccUTF-8", "-y", zip_path, CATALOGUE_FILE], run.args.key,
             cwd=self.work_dir, private=True)
         if code != 0:
@@ -3953,19 +4026,15 @@ class BackupRun:
 
     # -- lock ------------------------------------------------------------
     def acquire_lock(self):
-        import filelock
         path, poll, wait = self.settings.lock_file, self.args.lock_poll, self.args.lock_wait
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        # A kernel lock (flock/LockFileEx): a killed process never leaves it held.
-        lock = filelock.FileLock(path, fallback_to_soft=False, preserve_lock_file=True)
         deadline = time.monotonic() + wait
         asked = False
         while True:
-            try:
-                lock.acquire(timeout=0)
+            # A kernel lock (flock/LockFileEx): a killed process never leaves it held.
+            lock = self.platform.try_lock(path)
+            if lock is not None:
                 return lock
-            except filelock.Timeout:
-                pass
             if not self.regular and is_interactive() and not asked:
                 asked = True
                 answer = input("Another backup is running. Run this incremental-only "
@@ -5648,17 +5717,15 @@ class Restoration:
     # -- opening: lock, backup set, state --------------------------------------
     def open(self):
         """Lock the destination and read its state file, if it has one."""
-        import filelock
         try:
             os.makedirs(self.destination, exist_ok=True)
-            self.lock = filelock.FileLock(os.path.join(self.destination, RESTORE_LOCK_FILE),
-                                          fallback_to_soft=False)
-            self.lock.acquire(timeout=0)
-        except filelock.Timeout:
-            raise AamError(f"Another restoration is running into {self.destination}.")
+            self.lock = self.platform.try_lock(
+                os.path.join(self.destination, RESTORE_LOCK_FILE), keep_file=False)
         except OSError as problem:
             raise AamError(f"The destination directory {self.destination} (argument 13) "
                            f"cannot be used: {problem}")
+        if self.lock is None:
+            raise AamError(f"Another restoration is running into {self.destination}.")
         self.state = RestoreState.load(self.destination)
         if self.state:
             self.check_same_restoration()

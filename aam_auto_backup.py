@@ -248,6 +248,9 @@ class PosixPlatform:
     mirror_tool = "rsync"
     script_kind = "backup script"
     child_runner = "The child pass (aam_auto_backup.py)"   # named by critical errors
+    # The child is this program, started directly: it may start before S3 has
+    # answered and wait at the gate (BackupRun.start_child_early).
+    child_starts_early = True
     mirror_error_re = re.compile(r"rsync( error)?: ")        # rsync's own error lines
 
     # -- paths ---------------------------------------------------------------
@@ -469,6 +472,9 @@ class WindowsPlatform(PosixPlatform):
 
     name = "windows"
     sep = "\\"
+    # The child runs under ShadowSpawn, whose VSS snapshot is not made for a guess
+    # that may be thrown away, and would outlive a parent that died at the gate.
+    child_starts_early = False
     separators = "\\/"
     case_insensitive = True
     list_charset_switch = "-scsUTF-8"
@@ -2214,6 +2220,20 @@ def find_local_state(prefix, full, backup):
     return path
 
 
+def newest_local_state(prefix):
+    """The header of a source's newest local state, or None."""
+    directory, base = os.path.split(prefix)
+    try:
+        mine = sorted(n for n in os.listdir(directory)
+                      if n.startswith(base + ".") and n.endswith(".tsv"))
+    except OSError:
+        return None
+    for name in reversed(mine):
+        with contextlib.suppress(OSError, ValueError):
+            return CatalogueFile(os.path.join(directory, name)).header
+    return None
+
+
 def save_local_state(prefix, work_path, backup):
     """Move a finished state into the state directory; keep the STATE_KEEP newest."""
     os.makedirs(os.path.dirname(prefix), mode=0o700, exist_ok=True)
@@ -2726,6 +2746,9 @@ NON_RECURSIVE_LIST = "non-recursive_exclusion_7z_list_file.txt"
 RECURSIVE_LIST = "recursive_exclusion_7z_list_file.txt"
 MIRROR_RULES = "mirror_filter_rules.txt"
 CATALOGUE_BASE = "catalogue_base.json"       # parent -> child: the state to compare with
+GATE_FILE = "child_gate.txt"   # parent -> a child started early: "wait", then "go"
+GATE_WAIT, GATE_GO = "wait", "go"
+GATE_POLL_SECONDS = 0.005
 CATALOGUE_WORK = "catalogue_work.tsv"        # child -> parent: the walk's catalogue lines
 ARCHIVE_DIR = "archives"
 FINAL_VOLUME = re.compile(r"backup\.zip\.(\d{3,})")   # closed for good: see final_volumes
@@ -3294,6 +3317,8 @@ def run_child(child, platform, settings):
     child_say(f"Source {child.mount}: {child.scope.word} backup"
               + ("" if full else f" of files changed since {describe_stamp(since)}"))
     walk, selected = record_selection(child, view_root, plan, platform, since)
+    if not wait_at_gate(child.work_dir):
+        return EXIT_INTERRUPTED
     for problem in walk.problems:
         child_say(MARK_VALIDATION_FAILURE + problem)
     for special in walk.specials:
@@ -3311,6 +3336,26 @@ def run_child(child, platform, settings):
                                         "failures": len(failures)}))
     sys.stdout.flush()
     return EXIT_OK
+
+
+def wait_at_gate(work_dir):
+    """A child started before S3 answered waits here, its walk done, until the
+    parent has checked the guess it was started on ("go"); on a wrong guess the
+    parent ends it.  True at once for a child not started early; False when the
+    parent is gone."""
+    path = os.path.join(work_dir, GATE_FILE)
+    parent = os.getppid()
+    while True:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                word = handle.read().strip()
+        except FileNotFoundError:
+            return True
+        if word == GATE_GO:
+            return True
+        if os.getppid() != parent:
+            return False
+        time.sleep(GATE_POLL_SECONDS)
 
 
 def child_mirror(child, platform, view_root, plan, walk):
@@ -3794,25 +3839,28 @@ class SourceCatalogue:
         self.prefix = state_file_prefix(run.settings.state_dir, args.bucket, args.location,
                                         name)
         self.base = None          # the local state compared with, if any
+        self.base_note = None     # what the log says of it
         self.work_dir = run.work_dir
 
     def path(self, name):
         return os.path.join(self.work_dir, name)
 
-    def choose_base(self, log):
-        """Tell the child which local state to compare with (none for a full backup)."""
+    def choose_base(self):
+        """Tell the child which local state to compare with (none for a full backup);
+        base_note says which, for the log."""
         run = self.run
         if run.scope is Scope.INCREMENTAL:
             self.base = find_local_state(self.prefix, run.base_full, run.since)
             if self.base:
-                log.line(f"Change detection: compared with the local catalogue of the "
-                         f"backup {describe_stamp(run.since)} ({self.base}).", terminal=False)
+                self.base_note = (f"Change detection: compared with the local catalogue of "
+                                  f"the backup {describe_stamp(run.since)} ({self.base}).")
             else:
-                log.line(f"Change detection for {self.source.mount}: no local catalogue of "
-                         f"the latest complete backup {describe_stamp(run.since)} in "
-                         f"{run.settings.state_dir} (missing, or of another backup); files "
-                         "are selected by their times alone, and this backup's catalogue "
-                         "lists the whole tree.")
+                self.base_note = (
+                    f"Change detection for {self.source.mount}: no local catalogue of the "
+                    f"latest complete backup {describe_stamp(run.since)} in "
+                    f"{run.settings.state_dir} (missing, or of another backup); files are "
+                    "selected by their times alone, and this backup's catalogue lists the "
+                    "whole tree.")
         _write_private_text(self.path(CATALOGUE_BASE), json.dumps({"state": self.base}))
 
     def header(self, full, index_info):
@@ -3890,6 +3938,15 @@ def is_interactive():
     return sys.stdin is not None and sys.stdin.isatty()
 
 
+class EarlyChild(typing.NamedTuple):
+    """The first source's child, started before S3 answered (BackupRun.start_child_early)."""
+
+    source: object
+    argv: list
+    catalogue: object
+    process: object
+
+
 class BackupRun:
     """The user-mode pass of one backup: lock, plan, S3 query, children, upload, report."""
 
@@ -3908,9 +3965,11 @@ class BackupRun:
         self.latest_incremental = None
         self.session = self.s3 = None
         self.work_dir = None
+        self.work_dir_made = False
         self.start = None
         self.log = None
         self.completed_sources = 0
+        self.early = None            # EarlyChild: the first child, started before S3 answered
 
     # -- the whole run -------------------------------------------------------
     def execute(self):
@@ -3959,13 +4018,16 @@ class BackupRun:
 
     def run(self):
         self.begin()
-        plan = self.plan_and_decide()
-        if self.local or self.aws:          # else S3 failed for an AWS-only run: reported
-            try:
-                self.create_work_dir()
-                self.back_up_sources(plan)
-            except SourceStopped as stopped:
-                self.record_stop(stopped)
+        try:
+            plan = self.plan_and_decide()
+            if self.local or self.aws:          # else S3 failed for an AWS-only run: reported
+                try:
+                    self.create_work_dir()
+                    self.back_up_sources(plan)
+                except SourceStopped as stopped:
+                    self.record_stop(stopped)
+        finally:
+            self.stop_early_child()
         self.log_summary()
         if self.regular:
             self.send_report()
@@ -3984,7 +4046,9 @@ class BackupRun:
         """The instruction file's plan, and (with AWS) the full/incremental decision."""
         plan, instruction_problem = self.read_plan()
         if self.aws and plan is not None and instruction_problem is None:
+            self.early = self.start_child_early(plan.sources[0])
             self.query_s3(plan)
+            self.check_early_child()
         self.log_plan(plan)
         if instruction_problem:
             self.log.section(SECTION_INSTRUCTION_ERROR)
@@ -4173,10 +4237,13 @@ class BackupRun:
 
     # -- work directory --------------------------------------------------
     def create_work_dir(self):
+        if self.work_dir_made:
+            return
         try:
             os.makedirs(self.settings.temp_root, exist_ok=True)
             os.mkdir(self.work_dir, 0o700)
             _write_private_text(os.path.join(self.work_dir, WORK_MARKER), f"{os.getpid()}\n")
+            self.work_dir_made = True
         except OSError as problem:
             raise SourceStopped(SECTION_WORK_DIR_ERROR, f"The work directory {self.work_dir} "
                                 f"cannot be created: {problem}")
@@ -4221,11 +4288,18 @@ class BackupRun:
         name = self.platform.source_name(source.mount)
         self.log.section(SECTION_CHILD_OUTPUT)
         self.log.line(f"Source {index} of {len(plan.sources)}: {source.mount}")
-        catalogue = self.prepare_child(source, name)
+        early, self.early = self.early, None
+        if early and early.source is not source:
+            self.early = early
+            self.stop_early_child()
+            early = None
+        catalogue = early.catalogue if early else self.prepare_child(source, name)
+        if catalogue and catalogue.base_note:
+            self.log.line(catalogue.base_note, terminal=catalogue.base is None)
         # Pipelined upload: volumes go up while the child's 7-Zip writes the next.
         uploader = self.volume_uploader(name) if self.aws else None
         try:
-            lines, status = self.run_child(source, uploader)
+            lines, status = self.run_child(source, uploader, early)
             result = self.check_child_output(lines, status, self.aws)
         except SourceStopped:
             self.note_orphans(uploader)
@@ -4250,8 +4324,10 @@ class BackupRun:
                               self.platform)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.work_dir, OUTPUT_FILE))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.work_dir, GATE_FILE))
             if catalogue:
-                catalogue.choose_base(self.log)
+                catalogue.choose_base()
         except OSError as problem:
             raise SourceStopped(SECTION_TEMP_FILE_ERROR,
                                 f"A temporary file cannot be written: {problem}")
@@ -4273,13 +4349,17 @@ class BackupRun:
         return self.platform.child_command(args.python, self.program_path, child.to_argv(),
                                            source.mount, args.drive_letter)
 
-    def run_child(self, source, uploader):
-        """Run the child to its end; (its output lines but 7-Zip's '+ <file>' ones, which
-        are only logged, and its exit status)."""
+    def run_child(self, source, uploader, early=None):
+        """Run the child (or let the one started early go on) to its end; (its output
+        lines but 7-Zip's '+ <file>' ones, which are only logged, and its exit status)."""
         runner, output = self.platform.child_runner, os.path.join(self.work_dir, OUTPUT_FILE)
         try:
             watch = self.while_child_runs(uploader)
-            status = self.run_child_process(self.child_argv(source), output, watch)
+            if early:
+                _write_private_text(os.path.join(self.work_dir, GATE_FILE), GATE_GO)
+                status = self.wait_child_process(early.process, watch)
+            else:
+                status = self.run_child_process(self.child_argv(source), output, watch)
             if watch:
                 watch.close()
         except OSError as problem:
@@ -4311,25 +4391,98 @@ class BackupRun:
 
     def run_child_process(self, argv, output, while_running=None):
         """Run the child to its end, calling while_running every UPLOAD_POLL_SECONDS."""
+        return self.wait_child_process(self.start_child_process(argv, output), while_running)
+
+    def start_child_process(self, argv, output):
         env = dict(os.environ, **{CHILD_KEY_VARIABLE: self.args.key})
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=env,
-                                       **self.platform.group_popen_options())
-            try:
-                while True:
-                    try:
-                        return process.wait(UPLOAD_POLL_SECONDS if while_running else None)
-                    except subprocess.TimeoutExpired:
-                        while_running()
-            except BaseException:
-                if while_running:
-                    while_running.close()
-                self.platform.stop_group(process)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=30)
-                raise
+            return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env,
+                                    **self.platform.group_popen_options())
+
+    def wait_child_process(self, process, while_running=None):
+        try:
+            while True:
+                try:
+                    return process.wait(UPLOAD_POLL_SECONDS if while_running else None)
+                except subprocess.TimeoutExpired:
+                    while_running()
+        except BaseException:
+            if while_running:
+                while_running.close()
+            self.end_child(process)
+            raise
+
+    def end_child(self, process):
+        self.platform.stop_group(process)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+
+    # -- the first child, started before S3 answers -------------------------
+    def start_child_early(self, source):
+        """Start the first source's child on the guess that S3 will name the backup
+        of the newest local state as the latest complete one (every nightly
+        incremental but the first of a month): its walk and change detection
+        then run while boto3 starts and the LIST runs (0.3 s of every run).  It
+        waits at the gate; check_early_child lets it go on only if S3's answer
+        gives it exactly the same command line, else it is ended and started
+        again.  None when there is nothing to guess from."""
+        if not self.platform.child_starts_early:
+            return None
+        name = self.platform.source_name(source.mount)
+        guess = self.guess_from_local_state(name)
+        if guess is None:
+            return None
+        self.scope, self.base_full, self.since = Scope.INCREMENTAL, guess[0], guess[1]
+        self.latest_full = guess[0]
+        try:
+            self.create_work_dir()
+            catalogue = self.prepare_child(source, name)
+            _write_private_text(os.path.join(self.work_dir, GATE_FILE), GATE_WAIT)
+            argv = self.child_argv(source)
+            process = self.start_child_process(argv, os.path.join(self.work_dir, OUTPUT_FILE))
+        except (OSError, SourceStopped):
+            return None                  # the usual path meets and reports the problem
+        finally:
+            self.scope = self.base_full = self.since = self.latest_full = None
+        return EarlyChild(source, argv, catalogue, process)
+
+    def guess_from_local_state(self, name):
+        """(full, backup) of the newest local state, if S3 may well name it the
+        latest complete backup to build on; else None."""
+        header = newest_local_state(state_file_prefix(
+            self.settings.state_dir, self.args.bucket, self.args.location, name))
+        try:
+            full, backup = parse_stamp(header["full_backup"]), parse_stamp(header["backup"])
+        except (TypeError, KeyError, ValueError):
+            return None
+        if self.args.force_full or (self.regular and (full.year, full.month) != (
+                self.start.year, self.start.month)):
+            return None              # a full backup is due: nothing to guess
+        return full, backup
+
+    def check_early_child(self):
+        """After S3 has answered: keep the early child only if it is the child this
+        answer calls for (same command line, same local state to compare with)."""
+        early = self.early
+        if early is None:
+            return
+        source = early.source
+        same = self.aws and self.scope is Scope.INCREMENTAL and \
+            early.argv == self.child_argv(source) and early.catalogue.base == find_local_state(
+                early.catalogue.prefix, self.base_full, self.since)
+        self.log.line(f"The child pass for {source.mount} was started before S3 answered, "
+                      f"on the local catalogue's word; S3 "
+                      + ("confirmed it." if same else "did not: it is started again."),
+                      terminal=False)
+        if not same:
+            self.stop_early_child()
+
+    def stop_early_child(self):
+        if self.early is not None:
+            self.end_child(self.early.process)
+            self.early = None
 
     def check_child_output(self, lines, status, archive_expected):
         """The marker checks, in the original design's order: script, mirror, archive.

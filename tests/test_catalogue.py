@@ -179,6 +179,15 @@ class Discard:
     write_line = write
 
 
+EARLY_CONFIRMED = "was started before S3 answered, on the local catalogue's word; S3 confirmed"
+EARLY_REFUSED = "on the local catalogue's word; S3 did not: it is started again"
+
+
+def last_log(sandbox):
+    with open(sandbox.log_files()[-1], encoding="utf-8") as handle:
+        return handle.read()
+
+
 def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_path):
     mount = sandbox.single_source(START)
     ok(sandbox.backup())
@@ -188,6 +197,8 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     write_file(os.path.join(mount, "report.txt"), b"second version\n")
     ok(sandbox.backup())
     second = snapshot(mount)
+    # The child started before S3 answered, on the local state's word, and S3 agreed.
+    assert EARLY_CONFIRMED in last_log(sandbox)
 
     shutil.rmtree(sandbox.state_dir)                # the state of another backup
     shutil.copytree(after_full, sandbox.state_dir)
@@ -197,6 +208,9 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     result = ok(sandbox.backup())
     assert "no local catalogue of the latest complete backup" in result.stdout
     assert "files are selected by their times alone" in result.stdout
+    # The newest local state (the full's) is not what S3 names: the early child was
+    # ended and a child for S3's answer ran instead (the restores below are exact).
+    assert EARLY_REFUSED in last_log(sandbox) and EARLY_CONFIRMED not in last_log(sandbox)
     third = snapshot(mount)
 
     shutil.rmtree(sandbox.state_dir)                # no state at all

@@ -2220,17 +2220,22 @@ def find_local_state(prefix, full, backup):
     return path
 
 
+def local_state_paths(prefix):
+    """A source's local states, oldest first (the names sort by backup time)."""
+    directory, base = os.path.split(prefix)
+    return [os.path.join(directory, n) for n in sorted(os.listdir(directory))
+            if n.startswith(base + ".") and n.endswith(".tsv")]
+
+
 def newest_local_state(prefix):
     """The header of a source's newest local state, or None."""
-    directory, base = os.path.split(prefix)
     try:
-        mine = sorted(n for n in os.listdir(directory)
-                      if n.startswith(base + ".") and n.endswith(".tsv"))
+        paths = local_state_paths(prefix)
     except OSError:
         return None
-    for name in reversed(mine):
+    for path in reversed(paths):
         with contextlib.suppress(OSError, ValueError):
-            return CatalogueFile(os.path.join(directory, name)).header
+            return CatalogueFile(path).header
     return None
 
 
@@ -2238,12 +2243,9 @@ def save_local_state(prefix, work_path, backup):
     """Move a finished state into the state directory; keep the STATE_KEEP newest."""
     os.makedirs(os.path.dirname(prefix), mode=0o700, exist_ok=True)
     os.replace(work_path, f"{prefix}.{format_stamp(backup)}.tsv")
-    directory, base = os.path.split(prefix)
-    mine = sorted(n for n in os.listdir(directory)
-                  if n.startswith(base + ".") and n.endswith(".tsv"))
-    for name in mine[:-STATE_KEEP]:
+    for path in local_state_paths(prefix)[:-STATE_KEEP]:
         with contextlib.suppress(OSError):
-            os.remove(os.path.join(directory, name))
+            os.remove(path)
 
 
 # -- the child's side: what changed since the previous catalogue -----------------------
@@ -3794,12 +3796,12 @@ def finalize_catalogue(work_path, index, header, catalogue_path, state_path, exi
                 if volumes:
                     line = f"{head}\t{stamp}:{volumes[0]}-{volumes[1]}\t{target}"
                     archived += 1
-                elif exists(work_line_path(line)):
-                    missing.append(work_line_path(line))
+                elif exists(path := work_line_path(line)):
+                    missing.append(path)
                     line = f"{head}\t{MISSING}\t{target}"
                 else:
                     flag, kind = CHANGED, DELETED
-                    line = Entry(DELETED, work_line_path(line)).line()
+                    line = Entry(DELETED, path).line()
             if kind != DELETED:
                 state.write_line(line)
             if (flag == CHANGED) if delta else (kind != DELETED):
@@ -3835,12 +3837,16 @@ class SourceCatalogue:
 
     def __init__(self, run, source, name):
         self.run, self.source, self.name = run, source, name
-        args = run.args
-        self.prefix = state_file_prefix(run.settings.state_dir, args.bucket, args.location,
-                                        name)
+        self.prefix = self.state_prefix(run, name)
         self.base = None          # the local state compared with, if any
         self.base_note = None     # what the log says of it
         self.work_dir = run.work_dir
+
+    @staticmethod
+    def state_prefix(run, name):
+        """Where this source's local states live (state_file_prefix)."""
+        return state_file_prefix(run.settings.state_dir, run.args.bucket, run.args.location,
+                                 name)
 
     def path(self, name):
         return os.path.join(self.work_dir, name)
@@ -4451,8 +4457,7 @@ class BackupRun:
     def guess_from_local_state(self, name):
         """(full, backup) of the newest local state, if S3 may well name it the
         latest complete backup to build on; else None."""
-        header = newest_local_state(state_file_prefix(
-            self.settings.state_dir, self.args.bucket, self.args.location, name))
+        header = newest_local_state(SourceCatalogue.state_prefix(self, name))
         try:
             full, backup = parse_stamp(header["full_backup"]), parse_stamp(header["backup"])
         except (TypeError, KeyError, ValueError):

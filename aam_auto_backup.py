@@ -3856,7 +3856,7 @@ class SourceCatalogue:
         base_note says which, for the log."""
         run = self.run
         if run.scope is Scope.INCREMENTAL:
-            self.base = find_local_state(self.prefix, run.base_full, run.since)
+            self.base = run.local_state_to_compare(self)
             if self.base:
                 self.base_note = (f"Change detection: compared with the local catalogue of "
                                   f"the backup {describe_stamp(run.since)} ({self.base}).")
@@ -4427,21 +4427,21 @@ class BackupRun:
 
     # -- the first child, started before S3 answers -------------------------
     def start_child_early(self, source):
-        """Start the first source's child on the guess that S3 will name the backup
-        of the newest local state as the latest complete one (every nightly
-        incremental but the first of a month): its walk and change detection
-        then run while boto3 starts and the LIST runs (0.3 s of every run).  It
-        waits at the gate; check_early_child lets it go on only if S3's answer
-        gives it exactly the same command line, else it is ended and started
-        again.  None when there is nothing to guess from."""
+        """Start the first source's child on a guess of what S3 will answer, made
+        from the newest local state (the month's first run: a full backup; every
+        other night: an incremental of that state's backup): its walk and change
+        detection then run while boto3 starts and the LIST runs (0.3 s of every
+        run).  It waits at the gate; check_early_child lets it go on only if S3's
+        answer gives it exactly the same command line, else it is ended and
+        started again.  None when there is nothing to guess from."""
         if not self.platform.child_starts_early:
             return None
         name = self.platform.source_name(source.mount)
         guess = self.guess_from_local_state(name)
         if guess is None:
             return None
-        self.scope, self.base_full, self.since = Scope.INCREMENTAL, guess[0], guess[1]
-        self.latest_full = guess[0]
+        self.scope, self.latest_full, self.since = guess
+        self.base_full = self.start if self.scope is Scope.FULL else self.latest_full
         try:
             self.create_work_dir()
             catalogue = self.prepare_child(source, name)
@@ -4455,17 +4455,22 @@ class BackupRun:
         return EarlyChild(source, argv, catalogue, process)
 
     def guess_from_local_state(self, name):
-        """(full, backup) of the newest local state, if S3 may well name it the
-        latest complete backup to build on; else None."""
+        """(scope, latest complete full, latest complete backup) that S3 may well
+        answer, from the newest local state; None for an incremental-only backup
+        without one."""
         header = newest_local_state(SourceCatalogue.state_prefix(self, name))
         try:
             full, backup = parse_stamp(header["full_backup"]), parse_stamp(header["backup"])
         except (TypeError, KeyError, ValueError):
+            full = backup = None
+        this_month = full is not None and (full.year, full.month) == (
+            self.start.year, self.start.month)
+        if self.regular and (self.args.force_full or not this_month):
+            # a full backup; its command line names this month's full, if any
+            return Scope.FULL, full if this_month else None, None
+        if full is None:
             return None
-        if self.args.force_full or (self.regular and (full.year, full.month) != (
-                self.start.year, self.start.month)):
-            return None              # a full backup is due: nothing to guess
-        return full, backup
+        return Scope.INCREMENTAL, full, backup
 
     def check_early_child(self):
         """After S3 has answered: keep the early child only if it is the child this
@@ -4474,15 +4479,20 @@ class BackupRun:
         if early is None:
             return
         source = early.source
-        same = self.aws and self.scope is Scope.INCREMENTAL and \
-            early.argv == self.child_argv(source) and early.catalogue.base == find_local_state(
-                early.catalogue.prefix, self.base_full, self.since)
+        same = self.aws and early.argv == self.child_argv(source) and \
+            early.catalogue.base == self.local_state_to_compare(early.catalogue)
         self.log.line(f"The child pass for {source.mount} was started before S3 answered, "
-                      f"on the local catalogue's word; S3 "
+                      f"on a guess from the local catalogues; S3 "
                       + ("confirmed it." if same else "did not: it is started again."),
                       terminal=False)
         if not same:
             self.stop_early_child()
+
+    def local_state_to_compare(self, catalogue):
+        """The local state S3's answer calls for (none for a full backup)."""
+        if self.scope is not Scope.INCREMENTAL:
+            return None
+        return find_local_state(catalogue.prefix, self.base_full, self.since)
 
     def stop_early_child(self):
         if self.early is not None:

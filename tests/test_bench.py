@@ -149,3 +149,17 @@ def test_the_sink_keeps_sizes_of_deep_archive_volumes_and_bodies_of_the_rest(tmp
         counted = sink.counters()
     assert counted["by_kind"]["UPLOAD_PART"] == 3 and counted["by_kind"]["LIST"] == 1
     assert counted["bytes_received"] >= 11 * 1024 * 1024
+
+
+def test_the_endpoint_at_low_priority_is_low_against_a_tool_in_its_own_session():
+    """AAM's child and its 7-Zip run in a session of their own; with autogroup
+    scheduling a niced server in the bench's session would still take half the
+    cores from them. The server must be niced in a session of its own."""
+    from local_aws import LocalAws
+    with LocalAws(niceness=19) as aws:
+        pid = aws.server_pid
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+        assert os.getsid(pid) == pid != os.getsid(0)
+        if os.path.exists(f"/proc/{pid}/autogroup"):
+            with open(f"/proc/{pid}/autogroup", encoding="ascii") as handle:
+                assert handle.read().split()[-1] == "19"

@@ -179,8 +179,8 @@ class Discard:
     write_line = write
 
 
-EARLY_CONFIRMED = "was started before S3 answered, on the local catalogue's word; S3 confirmed"
-EARLY_REFUSED = "on the local catalogue's word; S3 did not: it is started again"
+EARLY_CONFIRMED = "was started before S3 answered, on a guess from the local catalogues; S3 confirmed"
+EARLY_REFUSED = "on a guess from the local catalogues; S3 did not: it is started again"
 
 
 def last_log(sandbox):
@@ -191,6 +191,8 @@ def last_log(sandbox):
 def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_path):
     mount = sandbox.single_source(START)
     ok(sandbox.backup())
+    # No local state and no backup in S3: the child was started early as a full one.
+    assert EARLY_CONFIRMED in last_log(sandbox)
     after_full = str(tmp_path / "state-after-full")
     shutil.copytree(sandbox.state_dir, after_full)
     file_times_pass()
@@ -218,6 +220,8 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     write_file(os.path.join(mount, "photos", "2024", "b.jpg"), b"fourth\n")
     result = ok(sandbox.backup())
     assert "no local catalogue" in result.stdout
+    # Guessed a full (no local state), but S3 holds this month's full: started again.
+    assert EARLY_REFUSED in last_log(sandbox) and EARLY_CONFIRMED not in last_log(sandbox)
     kinds = [json.loads(sandbox.catalogue(n.key).split("\t", 2)[2].splitlines()[0])["kind"]
              for n in catalogue_objects(sandbox)]
     assert kinds == ["listing", "delta", "listing", "listing"]

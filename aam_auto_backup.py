@@ -4430,7 +4430,7 @@ class BackupRun:
         """Start the first source's child on a guess of what S3 will answer, made
         from the newest local state (the month's first run: a full backup; every
         other night: an incremental of that state's backup): its walk and change
-        detection then run while boto3 starts and the LIST runs (0.3 s of every
+        detection then run while boto3 starts and the LIST runs (0.4 s of every
         run).  It waits at the gate; check_early_child lets it go on only if S3's
         answer gives it exactly the same command line, else it is ended and
         started again.  None when there is nothing to guess from."""

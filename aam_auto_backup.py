@@ -337,7 +337,8 @@ class PosixPlatform:
 
         The kernel releases it when the process ends, however it ends.  fcntl is
         called directly: filelock makes the same flock call but its imports
-        (asyncio) cost 80 ms of every run.
+        (asyncio) cost 80 ms of every run.  The file always stays (keep_file is
+        Windows'): removing a flock's file races with a process about to lock it.
         """
         import fcntl
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -4294,11 +4295,9 @@ class BackupRun:
         name = self.platform.source_name(source.mount)
         self.log.section(SECTION_CHILD_OUTPUT)
         self.log.line(f"Source {index} of {len(plan.sources)}: {source.mount}")
-        early, self.early = self.early, None
-        if early and early.source is not source:
-            self.early = early
+        if self.early and self.early.source is not source:
             self.stop_early_child()
-            early = None
+        early, self.early = self.early, None
         catalogue = early.catalogue if early else self.prepare_child(source, name)
         if catalogue and catalogue.base_note:
             self.log.line(catalogue.base_note, terminal=catalogue.base is None)

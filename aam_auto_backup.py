@@ -76,6 +76,7 @@ DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_REGION = "us-east-1"
 MONTHS_SCANNED = 6          # the current UTC month and the previous five
 DEEP_ARCHIVE = "DEEP_ARCHIVE"
+GROUP_GRACE_SECONDS = 10    # a stopped script (7-Zip, rsync) ends within this, or is killed
 
 
 class AamError(Exception):
@@ -374,6 +375,42 @@ class PosixPlatform:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
 
+    def wait_group_gone(self, process, grace=GROUP_GRACE_SECONDS):
+        """Return once no process of the stopped group is left (SIGKILL after `grace`
+        seconds; a second after that at the latest): 7-Zip acts on SIGTERM only when
+        it next looks, and until then it may still write into the work directory."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline + 1:
+            process.poll()                   # reap the group's leader
+            if not self.group_running(process.pid):
+                return
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    @staticmethod
+    def group_running(group):
+        """Whether a process of the group still runs.  An ended one whose exit status
+        nobody has collected yet (a zombie: 7-Zip, once its shell is gone, is
+        collected by init, in a container perhaps only seconds later) counts for
+        kill() but writes nothing; /proc tells them apart where there is one."""
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        if not os.path.isdir("/proc/self"):
+            return True
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+                    state, _ppid, pgrp = stat.read().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue                     # ended meanwhile
+            if int(pgrp) == group and state != "Z":
+                return True
+        return False
+
     can_pause_group = True
 
     def pause_group(self, process, paused):
@@ -595,6 +632,9 @@ class WindowsPlatform(PosixPlatform):
         # taskkill /T ends the whole tree (ShadowSpawn, python, robocopy, 7z.exe).
         subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_group_gone(self, process, grace=GROUP_GRACE_SECONDS):
+        pass             # taskkill /F has ended the tree when it returns
 
     def is_junction(self, st):
         """A directory junction/mount point: not followed (Robocopy /xjd does the same;
@@ -3234,12 +3274,7 @@ class VolumeThrottle:
         self.release()
 
     def should_pause(self):
-        volumes = {}       # number -> finished?
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(self.archive_dir):
-                match = ANY_VOLUME.fullmatch(name)
-                if match:
-                    volumes[int(match[1])] = not match[2]
+        volumes = volumes_on_disk(self.archive_dir)
         # Pause only while the parent can go on: the lowest volume is finished
         # (7-Zip may still rewrite an earlier .tmp one; it must run to close it).
         return sum(volumes.values()) >= WAITING_VOLUMES and volumes[min(volumes)]
@@ -3261,26 +3296,46 @@ def run_script(argv, env, on_line, platform, archive_dir=None):
     With archive_dir, 7-Zip is paused while its finished volumes wait for upload.
     """
     import threading
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, env=env,
-                               **platform.group_popen_options())
-    throttle = VolumeThrottle(process, archive_dir, platform) if archive_dir else None
+    process = throttle = None
+    output_ended = False
     done = threading.Event()
 
     def stop(*_ignored):
         done.set()
+        if process is None:
+            return
         platform.stop_group(process)
         if throttle:
-            throttle.release()    # a stopped process acts on SIGTERM once continued
+            throttle.release()   # a stopped process acts on SIGTERM once continued
+        if not output_ended:
+            # A refused early child's 7-Zip must be gone before the next child starts.
+            platform.wait_group_gone(process)
 
-    previous = signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(EXIT_INTERRUPTED)))
-    if throttle:
-        threading.Thread(target=throttle.run, args=(done,), daemon=True).start()
-    threading.Thread(target=stop_when_orphaned, args=(os.getppid(), done, stop),
-                     daemon=True).start()
+    def on_sigterm(*_ignored):
+        stop()
+        if process is not None:
+            sys.exit(EXIT_INTERRUPTED)
+        # else the script is being started: it is stopped as soon as it is (below)
+
+    # The handler is in place before the script starts: a SIGTERM at any moment
+    # after that stops it (a child started early may be ended as it starts 7-Zip).
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        started = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=env,
+                                   **platform.group_popen_options())
+        throttle = VolumeThrottle(started, archive_dir, platform) if archive_dir else None
+        process = started
+        if done.is_set():
+            stop()
+            sys.exit(EXIT_INTERRUPTED)
+        if throttle:
+            threading.Thread(target=throttle.run, args=(done,), daemon=True).start()
+        threading.Thread(target=stop_when_orphaned, args=(os.getppid(), done, stop),
+                         daemon=True).start()
         for raw in process.stdout:
             on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+        output_ended = True      # the group has closed its output: nothing to wait for
         return process.wait()
     finally:
         done.set()
@@ -3320,7 +3375,12 @@ def run_child(child, platform, settings):
     child_say(f"Source {child.mount}: {child.scope.word} backup"
               + ("" if full else f" of files changed since {describe_stamp(since)}"))
     walk, selected = record_selection(child, view_root, plan, platform, since)
-    if not wait_at_gate(child.work_dir):
+    # A child started early waits for the parent's go before anything that leaves
+    # the work directory: the mirror changes the user's drive.  7-Zip's volumes stay
+    # in the work directory, and the parent uploads them only once it has confirmed
+    # this child (it ends a refused one and removes its volumes unsent), so without
+    # a mirror 7-Zip need not wait: the child waits after it instead.
+    if "local" in child.destinations and not wait_at_gate(child.work_dir):
         return EXIT_INTERRUPTED
     for problem in walk.problems:
         child_say(MARK_VALIDATION_FAILURE + problem)
@@ -3329,6 +3389,8 @@ def run_child(child, platform, settings):
     target, mirror = child_mirror(child, platform, view_root, plan, walk)
     archive_dir, archive = child_archive(child, platform, settings, plan, walk, selected)
     run_generated_script(child, platform, view_root, mirror + archive, archive_dir)
+    if not wait_at_gate(child.work_dir):
+        return EXIT_INTERRUPTED
     failures = list(walk.problems)
     if target is not None:
         failures += validate_mirror(view_root, target, plan, platform, child.start,
@@ -3342,10 +3404,10 @@ def run_child(child, platform, settings):
 
 
 def wait_at_gate(work_dir):
-    """A child started before S3 answered waits here, its walk done, until the
-    parent has checked the guess it was started on ("go"); on a wrong guess the
-    parent ends it.  True at once for a child not started early; False when the
-    parent is gone."""
+    """A child started before S3 answered waits here (before its mirror, or without
+    one before it ends) until the parent has checked the guess it was started on
+    ("go"); on a wrong guess the parent ends it.  True at once for a child not
+    started early; False when the parent is gone."""
     path = os.path.join(work_dir, GATE_FILE)
     parent = os.getppid()
     while True:
@@ -3481,6 +3543,17 @@ def final_volumes(archive_dir):
             if match:
                 found[int(match[1])] = os.path.join(archive_dir, name)
     return found
+
+
+def volumes_on_disk(archive_dir):
+    """{number: finished?} of the volumes 7-Zip has begun (see final_volumes)."""
+    volumes = {}
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(archive_dir):
+            match = ANY_VOLUME.fullmatch(name)
+            if match:
+                volumes[int(match[1])] = not match[2]
+    return volumes
 
 
 def directory_size(path):
@@ -4331,6 +4404,8 @@ class BackupRun:
                 os.remove(os.path.join(self.work_dir, OUTPUT_FILE))
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.work_dir, GATE_FILE))
+            # what a refused early child's 7-Zip wrote (never uploaded)
+            shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
             if catalogue:
                 catalogue.choose_base()
         except OSError as problem:
@@ -4429,10 +4504,11 @@ class BackupRun:
         """Start the first source's child on a guess of what S3 will answer, made
         from the newest local state (the month's first run: a full backup; every
         other night: an incremental of that state's backup): its walk and change
-        detection then run while boto3 starts and the LIST runs (0.4 s of every
-        run).  It waits at the gate; check_early_child lets it go on only if S3's
-        answer gives it exactly the same command line, else it is ended and
-        started again.  None when there is nothing to guess from."""
+        detection, and without a mirror its 7-Zip too, then run while boto3 starts
+        and the LIST runs (0.3-0.5 s of every run).  It waits at the gate (see
+        wait_at_gate); check_early_child lets it go on only if S3's answer gives it
+        exactly the same command line, else it is ended (its volumes removed
+        unsent) and started again.  None when there is nothing to guess from."""
         if not self.platform.child_starts_early:
             return None
         name = self.platform.source_name(source.mount)
@@ -4480,12 +4556,16 @@ class BackupRun:
         source = early.source
         same = self.aws and early.argv == self.child_argv(source) and \
             early.catalogue.base == self.local_state_to_compare(early.catalogue)
-        self.log.line(f"The child pass for {source.mount} was started before S3 answered, "
-                      f"on a guess from the local catalogues; S3 "
-                      + ("confirmed it." if same else "did not: it is started again."),
-                      terminal=False)
-        if not same:
-            self.stop_early_child()
+        said = (f"The child pass for {source.mount} was started before S3 answered, on a "
+                "guess from the local catalogues; S3 ")
+        if same:
+            self.log.line(said + "confirmed it.", terminal=False)
+            return
+        self.stop_early_child()
+        begun = len(volumes_on_disk(os.path.join(self.work_dir, ARCHIVE_DIR)))
+        self.log.line(said + "did not: it is started again" + (
+            f" (the {begun} volume(s) its 7-Zip had begun are removed unsent)."
+            if begun else "."), terminal=False)
 
     def local_state_to_compare(self, catalogue):
         """The local state S3's answer calls for (none for a full backup)."""

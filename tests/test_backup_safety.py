@@ -499,3 +499,25 @@ def test_an_interrupted_multipart_upload_is_aborted(sandbox, proxy):
     assert uploads == []
     assert complete_sets(sandbox) == {}
     assert work_dirs(sandbox) == []
+
+
+def test_a_stopped_script_group_is_waited_for_until_none_of_it_is_left():
+    """A refused early child's 7-Zip must be gone before the next child writes the same
+    work directory: the wait ends only when the whole group is, with SIGKILL for a
+    process that does not act on SIGTERM."""
+    import aam_auto_backup as aab
+    platform = aab.PosixPlatform()
+    # the shell and its sleep both ignore SIGTERM (an ignored signal stays so across exec)
+    process = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60 & wait"],
+                               **platform.group_popen_options())
+    time.sleep(0.2)
+    platform.stop_group(process)
+    platform.wait_group_gone(process, grace=0.5)
+    assert process.poll() == -signal.SIGKILL          # it did not act on SIGTERM
+    assert not platform.group_running(process.pid)    # nothing of the group runs
+    # (a zombie, ended but not yet collected by init, may still hold the group id)
+    listing = subprocess.run(["ps", "-e", "-o", "pgid=,stat="], capture_output=True,
+                             text=True, check=True).stdout.split("\n")
+    members = [line.split()[1] for line in listing
+               if line.split() and line.split()[0] == str(process.pid)]
+    assert all(state.startswith("Z") for state in members), members

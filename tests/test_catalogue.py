@@ -235,6 +235,47 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     assert restored(tmp_path / "second") == second
 
 
+
+def test_a_refused_early_child_that_had_begun_its_archive_leaves_nothing_behind(
+        sandbox, proxy, tmp_path):
+    """Without a mirror an early child's 7-Zip runs before S3 answers; when S3's answer
+    refuses the guess, those volumes are removed unsent and the right child runs."""
+    mount = sandbox.single_source(START)
+    write_file(os.path.join(mount, "big.bin"), os.urandom(1_000_000))
+    aws_only = {"destinations": "AWS", "mirror_root": ""}
+    # Small volumes: before S3 answers, the guessed full's 7-Zip has written more
+    # than WAITING_VOLUMES and is paused (nothing is uploaded before the go).
+    env = sandbox.env(AWS_ENDPOINT_URL=proxy.endpoint_url, AAM_VOLUME_SIZE="65536")
+    ok(sandbox.backup(aws_only, env=env))
+    assert EARLY_CONFIRMED in last_log(sandbox)
+    file_times_pass()
+    shutil.rmtree(sandbox.state_dir)         # no state: the early child guesses a full
+    write_file(os.path.join(mount, "report.txt"), b"second version\n")
+    os.remove(os.path.join(mount, "notes.md"))
+    proxy.delay_requests(1.5, kinds={"LIST"})   # S3 answers after the guessed 7-Zip began
+    ok(sandbox.backup(aws_only, env=env))
+    log = last_log(sandbox)
+    assert EARLY_REFUSED in log
+    begun = re.search(r"the (\d+) volume\(s\) its 7-Zip had begun are removed unsent", log)
+    assert begun and int(begun[1]) > aab.WAITING_VOLUMES, log
+    # The set S3 holds for this run is the incremental S3 called for: only the changed
+    # file, in exactly the volumes of the indicator (none of the guessed full's).
+    second = snapshot(mount)
+    indicators = sorted((n for n in sandbox.object_names() if n.indicator),
+                        key=lambda n: n.incremental or n.full)
+    manifest = sandbox.indicator(indicators[-1].key)
+    assert manifest["scope"] == "incremental" and manifest["files"] == 1
+    run_volumes = sorted(n.key for n in sandbox.object_names()
+                         if n.incremental == indicators[-1].incremental and not n.indicator
+                         and not n.catalogue)
+    assert run_volumes == sorted(v["name"] for v in manifest["volumes"])
+    assert not os.listdir(sandbox.temp)
+
+    proxy.delay_requests(0)
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == second
+
+
 def strip_catalogues(sandbox):
     """Make the bucket's sets look as version 1.0.0 made them: no catalogue objects and
     no catalogue in the completion indicators (the volumes are the same)."""

@@ -31,6 +31,7 @@ import datetime as dt
 import email.utils
 import enum
 import errno
+import gc
 import hashlib
 import heapq
 import itertools
@@ -6915,7 +6916,12 @@ def main(argv=None):
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
-    return Aam_Auto_Backup(sys.argv[1:] if argv is None else argv).run()
+    status = Aam_Auto_Backup(sys.argv[1:] if argv is None else argv).run()
+    # On exit Python collects every object once more: 0.15 s of every run once boto3's
+    # models are loaded, only to free memory the OS frees anyway.  Frozen objects are
+    # left out of that pass (every file this program writes is closed by now).
+    gc.freeze()
+    return status
 
 
 if __name__ == "__main__":

@@ -235,7 +235,6 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     assert restored(tmp_path / "second") == second
 
 
-
 def test_a_refused_early_child_that_had_begun_its_archive_leaves_nothing_behind(
         sandbox, proxy, tmp_path):
     """Without a mirror an early child's 7-Zip runs before S3 answers; when S3's answer

@@ -5,14 +5,14 @@ Every day the program mirrors the directories listed in an instruction file to a
 local or USB drive and sends encrypted, multi-volume ZIP archives of them to AWS S3
 Glacier Deep Archive: a full backup each calendar month (UTC), incrementals in
 between.  It e-mails a report through AWS SES and restores everything from Deep
-Archive with one command.  See README.md for the command lines.
+Archive with one command.  See README.md for the command lines and docs/ for the details.
 
 The module reads top to bottom in the order the data flows:
 
     settings and errors      -> tunables (environment variables), exit codes
     platform layer           -> the only place where Windows and POSIX differ
-    names and time stamps    -> S3 object names (README: What is stored where)
-    arguments                -> positional arguments of every operation (README: Commands)
+    names and time stamps    -> S3 object names (docs/reference.md, What is stored where)
+    arguments                -> positional arguments of every operation (docs/reference.md)
     instruction file         -> parsing, mount directories, exclusions
     selection                -> which files of a mount are backed up (the walk)
     catalogue                -> each backup's record of its sources; the local state
@@ -71,7 +71,7 @@ EXIT_NOTHING_SELECTED = 8  # restore: the selection matches nothing in the chose
 EXIT_INTERRUPTED = 130    # Ctrl-C or SIGTERM
 
 DEFAULT_VOLUME_SIZE = 4_000_000_000
-# Measured (README, Performance): -mx1 is ~3x faster than -mx5 on mixed data for
+# Measured (docs/performance.md, Compression level): -mx1 is ~3x faster than -mx5 on mixed data for
 # +2.5% size (+0.4% on already-compressed data); -mx3 gives -mx1's output, slower.
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_REGION = "us-east-1"
@@ -647,7 +647,7 @@ class WindowsPlatform(PosixPlatform):
 
     def moved_since(self, st, since_ts):
         # Windows exposes no change time of a directory: a moved directory's files
-        # come back at their old path until the next full backup (README).
+        # come back at their old path until the next full backup (docs/limits.md).
         return False
 
     absolute_links_rewritten = False
@@ -901,7 +901,7 @@ def platform_of_path(path):
 
 
 # ============================================================================
-# Names and time stamps (README: What is stored where)
+# Names and time stamps (docs/reference.md, What is stored where)
 # ============================================================================
 
 STAMP_FORMAT = "%Y%m%d_%H%M%S.%f"        # in object names, UTC
@@ -1002,7 +1002,7 @@ def month_prefixes(location, now, months=MONTHS_SCANNED):
 
 
 # ============================================================================
-# Arguments (README: Commands)
+# Arguments (docs/reference.md, Arguments)
 # ============================================================================
 
 REGULAR_BACKUP = "regular-backup"
@@ -1471,7 +1471,7 @@ def usage_text(operation):
     lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
               for op in BACKUP_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
     lines.append("Run 'aam_auto_backup.py <operation>' to see its arguments; "
-                 "README.md has the details.")
+                 "docs/reference.md has the details.")
     return "\n".join(lines)
 
 
@@ -1486,8 +1486,9 @@ def overview_text():
     for operation, summary in OPERATION_SUMMARIES.items():
         lines += [f"  {operation} ({OPERATION_TABLES[operation].count_text()})",
                   f"      {summary}"]
-    lines += ["", "Run 'aam_auto_backup.py <operation>' for its arguments; README.md "
-              "has the details.", "aam_auto_backup.py --version prints the version."]
+    lines += ["", "Run 'aam_auto_backup.py <operation>' for its arguments; "
+              "docs/reference.md has the details.",
+              "aam_auto_backup.py --version prints the version."]
     return "\n".join(lines)
 
 
@@ -1576,7 +1577,7 @@ def child_arguments(**values):
 
 
 # ============================================================================
-# Instruction file (README: The instruction file)
+# Instruction file (docs/instructions.md)
 # ============================================================================
 
 WILDCARD_CHARS = "*?"
@@ -2419,7 +2420,8 @@ class WorkFile:
 # Log and report
 # ============================================================================
 
-# The log's section headings, in the original program's order (README: Log).
+# The log's section headings, in the original program's order (docs/reference.md, What is
+# stored where: Log).
 SECTION_ARGUMENTS = "user-executed AAM Auto Backup command parameters."
 SECTION_LOCK_FAILURE = "(if applicable) file lock acquisition failure."
 SECTION_START = "Backup execution starting time and date."
@@ -4095,7 +4097,7 @@ class BackupRun:
                           f"is shorter than {STRONG_KEY_LENGTH} characters. ZIP's AES key "
                           "derivation is weak (1,000 rounds of PBKDF2-SHA1), so anyone who "
                           "obtains a volume can guess a short key offline: use "
-                          f"{STRONG_KEY_LENGTH} or more random characters (README, Security).")
+                          f"{STRONG_KEY_LENGTH} or more random characters (docs/security.md).")
 
     def run(self):
         self.begin()
@@ -4731,11 +4733,11 @@ class BackupRun:
 
 
 # ============================================================================
-# Restore operations (README: Restoration)
+# Restore operations (docs/restore.md)
 # ============================================================================
 
 # Deep Archive retrieval prices for us-east-1 as they were recorded
-# from aws.amazon.com/s3/pricing on 2020-10-05 (README lists them): dollars per
+# from aws.amazon.com/s3/pricing on 2020-10-05 (docs/restore.md lists them): dollars per
 # GB retrieved and per 1,000 restore requests.  Only used for the estimate.
 PRICES_TAKEN = "2020-10-05"
 RETRIEVAL_PRICES = {"Bulk": (0.0025, 0.025), "Standard": (0.02, 0.10)}
@@ -4790,7 +4792,7 @@ def restore_aws_error(problem, bucket, key=None, credentials=RESTORE_CREDENTIALS
         return AamError(
             f"{describe_aws_error(problem, where, credentials)}. A restore needs "
             "s3:ListBucket, s3:GetObject and s3:RestoreObject on the bucket: use the "
-            "restore user's keys (README, AWS setup); the backup user is write-only by "
+            "restore user's keys (docs/aws-setup.md); the backup user is write-only by "
             "design.")
     if aws_error_code(problem) in ("404", "NoSuchKey"):
         return AamError(f"{where} does not exist (any more); the backup set is damaged.")
@@ -5246,7 +5248,8 @@ def plan_lines(plan, days, tier):
     lines = [f"Restore plan: {len(volumes)} volume(s), {size:,} bytes "
              f"({size / GB:.3f} GB), thawed for {days} day(s) (argument 7) with the "
              f"{tier} tier: expected wait {EXPECTED_WAIT[tier]}.",
-             f"Estimated retrieval cost (us-east-1 prices of {PRICES_TAKEN}, README):"]
+             f"Estimated retrieval cost (us-east-1 prices of {PRICES_TAKEN}, "
+             "docs/restore.md):"]
     for name in ("Bulk", "Standard"):
         per_gb, per_thousand = RETRIEVAL_PRICES[name]
         chosen = "  <- this restore (AAM_RESTORE_TIER)" if name == tier else ""

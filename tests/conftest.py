@@ -163,7 +163,7 @@ class Sandbox:
         return self.run(self.backup_args(operation, changes), env=env)
 
     def user_keys(self):
-        """(backup keys, restore keys): IAM users with README's policies for this
+        """(backup keys, restore keys): IAM users with docs/aws-setup.md's policies for this
         bucket, each (key id, secret); made before IAM enforcement is switched on."""
         return tuple(self.aws.create_user_with_policy(f"{role}-{self.location}",
                                                       policy(self.bucket))

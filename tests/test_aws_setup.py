@@ -161,12 +161,12 @@ def test_check_names_a_widened_user_policy(set_up):
     check = account.run("--check")
     assert check.returncode == 1, check.stdout
     assert (f"PROBLEM  IAM user {account.backup_user}: policy {USER_POLICY_NAME} exactly "
-            "as in README: missing or different") in check.stdout
+            "as in docs/aws-setup.md: missing or different") in check.stdout
     assert "PROBLEM  backup keys cannot read: it worked" in check.stdout
     assert "PROBLEM  backup keys cannot delete: it worked" in check.stdout
 
 
-def test_check_names_a_policy_attached_besides_readmes(set_up):
+def test_check_names_a_policy_attached_besides_the_documented_one(set_up):
     account, _first = set_up
     iam = account.client("iam")
     arn = iam.create_policy(PolicyName=f"extra-{account.bucket}",
@@ -174,8 +174,9 @@ def test_check_names_a_policy_attached_besides_readmes(set_up):
     iam.attach_user_policy(UserName=account.restore_user, PolicyArn=arn)
     check = account.run("--check")
     assert check.returncode == 1, check.stdout
-    assert re.search(rf"PROBLEM  IAM user {account.restore_user} has more than README's "
-                     rf"policy: attached policy extra-{account.bucket}", check.stdout)
+    assert re.search(rf"PROBLEM  IAM user {account.restore_user} has more than its policy "
+                     rf"in docs/aws-setup\.md: attached policy extra-{account.bucket}",
+                     check.stdout)
     assert "PROBLEM  restore keys cannot write: it worked" in check.stdout
 
 
@@ -228,13 +229,12 @@ def test_a_bucket_in_another_region_is_named(account):
             "--region eu-west-1") in result.stdout
 
 
-def test_readme_holds_exactly_the_policies_the_tool_makes():
-    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    section = text[text.index("## AWS setup"):text.index("## Windows walkthrough")]
+def test_the_aws_setup_page_holds_exactly_the_policies_the_tool_makes():
+    text = open(os.path.join(REPO, "docs", "aws-setup.md"), encoding="utf-8").read()
     documents = [json.loads(block) for block in
-                 re.findall(r"```json\n(.*?)```", section, re.DOTALL)]
-    readme_bucket_policy = next(d for d in documents if "Principal" in d["Statement"][0])
-    assert readme_bucket_policy == bucket_policy("aam-data-backup")
-    assert readme_bucket_policy["Statement"][0]["Sid"] == DENY_REPLACING_SID
+                 re.findall(r"```json\n(.*?)```", text, re.DOTALL)]
+    page_bucket_policy = next(d for d in documents if "Principal" in d["Statement"][0])
+    assert page_bucket_policy == bucket_policy("aam-data-backup")
+    assert page_bucket_policy["Statement"][0]["Sid"] == DENY_REPLACING_SID
     assert backup_user_policy("aam-data-backup") in documents
     assert restore_user_policy("aam-data-backup") in documents

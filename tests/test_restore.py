@@ -599,7 +599,7 @@ def test_backup_credentials_cannot_restore_and_the_message_names_the_permission(
     assert backup_keys[1] not in refused.stdout + refused.stderr
     ok(allowed)
     assert numbered_directories(tmp_path / "allowed", tree) == expected
-    # exactly the README's restore policy is enough, e-mail report included
+    # exactly docs/aws-setup.md's restore policy is enough, e-mail report included
     assert any(m["subject"].startswith("SUCCESS, ") and m["subject"].endswith(
         " data restoration!") for m in sandbox.emails())
 

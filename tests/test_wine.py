@@ -5,7 +5,7 @@ Black-box, like the rest of the suite: the program runs as a Windows process
 HTTP, and the results are compared with what the Linux program gives for the
 same backup set.  What Wine cannot run (Robocopy is a stub, cmd.exe differs from
 Windows' in a few constructs) stays pinned by tests/test_windows_commands.py;
-README, "Windows under Wine", lists both.
+docs/development.md, "Windows under Wine", lists both.
 """
 
 import os

@@ -4,8 +4,8 @@
 names it in .venv/wine-parts.  A test session copies the cached Wine prefix
 (made once by wineboot) into its own directory, so sessions on one machine never
 share drive letters or a wineserver, and lays out a program directory as the
-README's Windows set-up does: aam_auto_backup.py, 7z.exe, 7z.dll and a
-ShadowSpawn.exe stand-in (tests/windows_stand_ins/shadowspawn.py says what it
+Windows walkthrough (docs/scheduling.md) does: aam_auto_backup.py, 7z.exe,
+7z.dll and a ShadowSpawn.exe stand-in (tests/windows_stand_ins/shadowspawn.py says what it
 emulates).  Wine runs headless (no DISPLAY) and quiet (WINEDEBUG=-all).
 
 The Windows Python starts only when its standard output and error are pipes (or

@@ -16,8 +16,8 @@ missing and leaves what is right alone, so a second run changes nothing:
   one that deletes objects after N days);
 - the bucket policy that denies any write without `If-None-Match: *`, so no
   key can replace an existing object;
-- the IAM users `aam-backup` and `aam-restore` with exactly README's
-  policies, and an access key each; a new key's secret is shown once (AWS
+- the IAM users `aam-backup` and `aam-restore` with exactly the policies of
+  docs/aws-setup.md, and an access key each; a new key's secret is shown once (AWS
   never shows it again), or written to the owner-only --keys-file;
 - the SES sender verification and, while the account is in the SES sandbox,
   the recipient's.
@@ -294,7 +294,7 @@ class Setup:
     def user_policy(self, name, policy):
         current = unless_missing(lambda: self.iam.get_user_policy(
             UserName=name, PolicyName=USER_POLICY_NAME)["PolicyDocument"], "NoSuchEntity", None)
-        what = f"IAM user {name}: policy {USER_POLICY_NAME} exactly as in README"
+        what = f"IAM user {name}: policy {USER_POLICY_NAME} exactly as in docs/aws-setup.md"
         if current is not None and same_policy(current, policy):
             self.report.ok(what)
             return
@@ -310,7 +310,7 @@ class Setup:
         others += [f"group {g['GroupName']}" for g in
                    self.iam.list_groups_for_user(UserName=name)["Groups"]]
         if others:
-            self.report.problem(f"IAM user {name} has more than README's policy: "
+            self.report.problem(f"IAM user {name} has more than its policy in docs/aws-setup.md: "
                                 f"{', '.join(others)}; remove it (this tool does not)")
 
     def access_key(self, role, name):
@@ -535,7 +535,7 @@ def expire_days(text):
 def parse_options(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="See README.md, AWS setup.")
+        epilog="See docs/aws-setup.md.")
     parser.add_argument("--region", required=True, help="e.g. eu-west-1; use the same "
                         "region (AWS_REGION) for the program")
     parser.add_argument("--bucket", required=True)

@@ -181,7 +181,7 @@ class SmallFileTree:
     half text (compressible), half random bytes, 100 files per directory.
 
     Contents are slices of two 16 MiB buffers made once, written with os.write:
-    the time goes to the file system, not to Python (see README for 1,000,000).
+    the time goes to the file system, not to Python (see docs/performance.md for 1,000,000).
     """
 
     PER_DIRECTORY = 100

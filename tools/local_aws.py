@@ -308,12 +308,13 @@ def _dummy_aws_env(region):
 # ---------------------------------------------------------------- policies
 
 def backup_policy(bucket, allow_abort=True):
-    """README's write-only policy for the backup user (tools/aws_setup.py makes it)."""
+    """docs/aws-setup.md's write-only policy for the backup user (tools/aws_setup.py makes it)."""
     return backup_user_policy(bucket, allow_abort)
 
 
 def restore_policy(bucket):
-    """README's read/restore policy for the restore user (tools/aws_setup.py makes it)."""
+    """docs/aws-setup.md's read/restore policy for the restore user (tools/aws_setup.py
+    makes it)."""
     return restore_user_policy(bucket)
 
 

@@ -17,8 +17,9 @@ Windows password, so it is on no command line and in no file.
 
 Secrets: by default arguments 16, 19 and 20 are env:NAME references, so neither
 the task nor the batch files contain a secret; set those user environment
-variables once (README, "Windows").  --inline-secrets asks for the values
-(never on the command line) and writes them into the files, if you prefer that.
+variables once (docs/scheduling.md, "Windows walkthrough").  --inline-secrets
+asks for the values (never on the command line) and writes them into the files,
+if you prefer that.
 
     python tools\\windows_schedule.py --python C:\\...\\python.exe --log-dir ... (see --help)
 """
@@ -59,7 +60,7 @@ class SettingsError(Exception):
 
 
 class ScheduleSettings:
-    """The user's values for the 22 backup arguments (README, Commands)."""
+    """The user's values for the 22 backup arguments (docs/reference.md, Arguments)."""
 
     def __init__(self, program_dir, python, log_dir, sender, recipient, instruction_file,
                  mirror_dir, bucket, location, user, *, lock_poll=600, lock_wait=7200,

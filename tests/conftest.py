@@ -399,6 +399,25 @@ def tiny_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def pieces_of(keys):
+    """{piece number: [its volume keys in order]} of volume keys (of one source)."""
+    found = {}
+    for key in keys:
+        name = aab.ObjectName.parse(key)
+        found.setdefault(name.piece, []).append(key)
+    return {piece: sorted(found[piece]) for piece in sorted(found)}
+
+
+def extract_pieces(sandbox, keys, destination, download):
+    """Download the volumes of one source's backup and extract each piece in turn with
+    plain 7-Zip and the key, as docs/restore.md tells a user without this program."""
+    os.makedirs(download, exist_ok=True)
+    for volumes in pieces_of(keys).values():
+        paths = [sandbox.fetch_volume(key, str(download)) for key in volumes]
+        extract(paths[0], str(destination))
+    return destination
+
+
 def extract(archive_first_volume, destination, key=KEY):
     """Open a backup with plain 7-Zip and the key, as a user would."""
     result = subprocess.run(["7zz", "x", f"-p{key}", "-aoa", "-snl", f"-o{destination}",

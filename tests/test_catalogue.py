@@ -319,16 +319,22 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
     assert "has no catalogue, so it cannot be restored in part" in selective.stdout
 
 
-def test_a_reader_of_the_original_object_names_passes_over_catalogues(sandbox):
-    """The object-name pattern version 1.0.0 matched keys with: catalogues are not its."""
+def test_a_reader_of_the_original_object_names_passes_over_catalogues_and_pieces(sandbox):
+    """The object-name pattern versions 1.0.0 and 1.1.0 matched keys with: catalogues and
+    the volumes of pieces are not theirs; the indicator is (and says it is of format 2,
+    which 1.1.0 refuses: use the newer version to restore)."""
     original = re.compile(r"^(?P<location>[^_]+)_(?P<full>\d{8}_\d{6}\.\d{6})_"
                           r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_(?P<flag>no|yes)_(?P<rest>.+)$")
     sandbox.single_source(START)
     ok(sandbox.backup())
     keys = [o["Key"] for o in sandbox.objects()]
-    catalogue = [k for k in keys if aab.ObjectName.parse(k).catalogue]
-    assert catalogue and not any(original.match(k) for k in catalogue)
-    assert all(original.match(k) for k in keys if k not in catalogue)
+    names = {k: aab.ObjectName.parse(k) for k in keys}
+    catalogue = [k for k in keys if names[k].catalogue]
+    pieces = [k for k in keys if names[k].volume is not None]
+    (indicator,) = [k for k in keys if names[k].indicator]
+    assert catalogue and pieces and not any(original.match(k) for k in catalogue + pieces)
+    assert all("_piece0001_" in k for k in pieces) and original.match(indicator)
+    assert sandbox.indicator(indicator)["format_version"] == 2
 
 
 def browse(sandbox, *selection, key=KEY, keys=None):

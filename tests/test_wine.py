@@ -248,7 +248,8 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
         rest = second.stdout.read()
         assert second.wait(timeout=300) == 0, rest
         assert "Backup scope: incremental" in rest
-        assert "(1 files in 1 volumes)" in log_text(sandbox.logs, aab.REGULAR_BACKUP, -1)
+        assert "(1 files in 1 piece(s), 1 volume(s))" in log_text(sandbox.logs,
+                                                                 aab.REGULAR_BACKUP, -1)
     finally:
         gate.touch()
         for process in (first, second):
@@ -260,7 +261,7 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
     assert "+ Documents\\R\u00e9sum\u00e9 na\u00efve \u20ac \u65e5\u672c.txt" in log
     assert "validation failure" not in log and "SUCCESS" in log
     volumes = sorted(o["Key"] for o in sandbox.objects()
-                     if "_no_" in o["Key"] and "_0_0.0_" in o["Key"])      # the full's
+                     if "_piece0001_" in o["Key"] and "_0_0.0_" in o["Key"])   # the full's
     assert len(volumes) > 3
     downloads = tmp_path / "downloads"
     downloads.mkdir()

@@ -144,6 +144,14 @@ def checkpoint(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def backup_clock():
+    """The time a backup run starts: now (UTC).  Tests of a backup begun in one month
+    and continued in the next set AAM_TEST_NOW (tests only: 'YYYYMMDD HHMMSS.ffffff',
+    UTC) for the first run instead of changing the computer's clock."""
+    text = os.environ.get("AAM_TEST_NOW")
+    return parse_arg_stamp(text) if text else utc_now()
+
+
 def _env_int(name, default, minimum):
     text = os.environ.get(name, "").strip()
     if not text:
@@ -4772,7 +4780,7 @@ class BackupRun:
         return EXIT_FAILURE if self.failures else EXIT_OK
 
     def begin(self):
-        self.start = utc_now()
+        self.start = backup_clock()
         self.log.section(SECTION_START)
         self.log.line(f"Backup started {describe_stamp(self.start)} "
                       f"({local_time_text(self.start)})")

@@ -395,14 +395,19 @@ class PosixPlatform:
         """Return once no process of the stopped group is left (SIGKILL after `grace`
         seconds; a second after that at the latest): 7-Zip acts on SIGTERM only when
         it next looks, and until then it may still write into the work directory."""
+        self.kill_group_after(process.pid, grace, reap=process.poll)
+
+    def kill_group_after(self, group, grace, reap=lambda: None):
+        """Return once no process of the group is left: SIGKILL after `grace` seconds,
+        a second after that at the latest (reap: collects the leader, if ours)."""
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline + 1:
-            process.poll()                   # reap the group's leader
-            if not self.group_running(process.pid):
+            reap()
+            if not self.group_running(group):
                 return
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+                    os.killpg(group, signal.SIGKILL)
             time.sleep(0.01)
 
     @classmethod
@@ -462,11 +467,7 @@ class PosixPlatform:
         if not same:
             return []
         members = self.group_members(pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + GROUP_GRACE_SECONDS
-        while self.group_running(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.kill_group_after(pid, 0)
         return [f"{name} (pid {member}{', stopped' if state in 'Tt' else ''})"
                 for member, name, state in members]
 
@@ -4472,7 +4473,7 @@ class BackupRun:
                 continue
             ended = end_recorded_groups(path, self.platform)
             if ended:
-                self.log.line(f"Ended what an interrupted run had left running: "
+                self.log.line("Ended what an interrupted run had left running: "
                               f"{', '.join(ended)}.", terminal=False)
             try:
                 shutil.rmtree(path)

@@ -478,12 +478,15 @@ class PosixPlatform:
         Linux sends the child SIGTERM when the parent dies (PR_SET_PDEATHSIG; run_script
         stops the script group on SIGTERM).  That fires when the thread that started
         the child ends: the parent starts children from its main thread only.  A
-        parent that died before this call has made the child another's already.
-        Elsewhere stop_when_orphaned looks each second while the script runs."""
+        parent that died before this call has left the child to another (init)
+        already: `parent` is the pid the parent wrote into the work directory, not
+        os.getppid().  Elsewhere stop_when_orphaned looks each second while the
+        script runs."""
         if sys.platform.startswith("linux"):
-            import ctypes
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+            with contextlib.suppress(ImportError, OSError, AttributeError):
+                import ctypes            # a Python without it: stop_when_orphaned only
+                pr_set_pdeathsig = 1
+                ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
         return parent if os.getppid() == parent else None
 
     can_pause_group = True

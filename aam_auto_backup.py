@@ -202,9 +202,11 @@ def _write_private_bytes(path, data):
         handle.write(data)
 
 
-def _write_private_text(path, text, encoding="utf-8"):
-    """Create a file readable only by its owner (it may name private paths)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_private_text(path, text, encoding="utf-8", append=False):
+    """Create a file readable only by its owner (it may name private paths), or
+    append to it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC),
+                 0o600)
     with os.fdopen(fd, "w", encoding=encoding, errors="surrogateescape",
                    newline="\n") as handle:
         handle.write(text)
@@ -3447,8 +3449,8 @@ def record_group(work_dir, pid, platform):
     start = platform.process_start(pid)
     if start is not None:
         with contextlib.suppress(OSError):    # unrecorded, it can still end on its own
-            with open(os.path.join(work_dir, PROCESS_GROUPS), "a", encoding="utf-8") as out:
-                out.write(f"{pid} {start}\n")
+            _write_private_text(os.path.join(work_dir, PROCESS_GROUPS), f"{pid} {start}\n",
+                                append=True)
 
 
 def _read_pid(path):

@@ -275,20 +275,6 @@ def test_a_refused_early_child_that_had_begun_its_archive_leaves_nothing_behind(
     assert restored(tmp_path / "latest") == second
 
 
-def strip_catalogues(sandbox):
-    """Make the bucket's sets look as version 1.0.0 made them: no catalogue objects and
-    no catalogue in the completion indicators (the volumes are the same)."""
-    s3 = sandbox.s3()
-    for name in sandbox.object_names():
-        if name.catalogue:
-            s3.delete_object(Bucket=sandbox.bucket, Key=name.key)
-        elif name.indicator:
-            manifest = sandbox.indicator(name.key)
-            del manifest["catalogue"]
-            s3.put_object(Bucket=sandbox.bucket, Key=name.key,
-                          Body=json.dumps(manifest).encode())
-
-
 def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_fail(
         sandbox, tmp_path):
     mount = sandbox.single_source(START)
@@ -300,7 +286,7 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
     write_file(os.path.join(mount, "becomes-file"), b"now a file\n")
     os.remove(os.path.join(mount, "notes.md"))
     ok(sandbox.backup())
-    strip_catalogues(sandbox)
+    sandbox.as_made_by("1.0.0", tmp_path)
 
     destination = tmp_path / "restored"
     result = ok(sandbox.restore_chosen(ONE_STEP, destination))
@@ -317,6 +303,50 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
     selective = sandbox.restore_chosen(ONE_STEP, tmp_path / "part", selection=["report.txt"])
     assert selective.returncode == 1
     assert "has no catalogue, so it cannot be restored in part" in selective.stdout
+
+
+def test_a_set_made_by_1_1_0_restores_whole_in_part_and_as_of_a_point(sandbox, tmp_path):
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    at_full = snapshot(mount)
+    file_times_pass()
+    write_file(os.path.join(mount, "projects", "alpha", "main.py"), b"print('changed')\n")
+    os.remove(os.path.join(mount, "notes.md"))
+    ok(sandbox.backup())
+    sandbox.as_made_by("1.1.0", tmp_path)
+    assert not any("_piece" in o["Key"] for o in sandbox.objects())
+    now = snapshot(mount)
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == now
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "full", sandbox.backup_stamps()[0]))
+    assert restored(tmp_path / "full") == at_full
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "part", selection=["alpha"]))
+    assert {rel for rel in restored(tmp_path / "part")} == {
+        "projects", "projects/alpha", "projects/alpha/main.py", "projects/alpha/data.csv"}
+
+
+def test_incrementals_of_this_version_over_a_full_made_by_1_1_0_restore_exactly(
+        sandbox, tmp_path):
+    """The month's full backup was made by 1.1.0 (before an upgrade): this version's
+    incrementals build on its local state and its archive, and restore exactly."""
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    at_full = snapshot(mount)
+    sandbox.as_made_by("1.1.0", tmp_path)
+    file_times_pass()
+    write_file(os.path.join(mount, "projects", "beta", "readme.txt"), b"beta 2\n")
+    os.remove(os.path.join(mount, "becomes-dir"))
+    write_file(os.path.join(mount, "becomes-dir", "now-inside.txt"), b"inside\n")
+    result = ok(sandbox.backup())
+    assert "Backup scope: incremental" in result.stdout
+    assert "Change detection: compared with the local catalogue" in open(
+        sandbox.log_files()[-1], encoding="utf-8").read()
+    pieces = [n for n in sandbox.object_names() if n.volume is not None and n.incremental]
+    assert pieces and all(n.piece == 1 for n in pieces)
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == snapshot(mount)
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "full", sandbox.backup_stamps()[0]))
+    assert restored(tmp_path / "full") == at_full
 
 
 def test_a_reader_of_the_original_object_names_passes_over_catalogues_and_pieces(sandbox):

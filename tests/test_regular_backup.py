@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import ACCESS_KEY_ID, KEY, SECRET, extract, extract_pieces, file_times_pass
+from conftest import ACCESS_KEY_ID, KEY, SECRET, extract_pieces, file_times_pass
 from sample_tree import read_tree
 
 import aam_auto_backup as aab

@@ -5667,9 +5667,11 @@ class Tally:
     bytes: int = 0
     volumes: dict = dataclasses.field(default_factory=dict)  # (stamp, source) -> {numbers}
     missing: list = dataclasses.field(default_factory=list)  # paths in no archive
+    sources: dict = dataclasses.field(default_factory=dict)  # source number -> entries
 
     def add(self, entry, number):
         self.entries += 1
+        self.sources[number] = self.sources.get(number, 0) + 1
         if entry.kind == DIRECTORY:
             return
         self.files += 1
@@ -5892,8 +5894,9 @@ class RestoreState:
         os.replace(temporary, self.path)
 
 
-def write_restore_map(destination, bucket, restore_set, state):
-    """restore-map.txt: which numbered directory holds which original directory."""
+def write_restore_map(destination, bucket, restore_set, state, untouched=()):
+    """restore-map.txt: which numbered directory holds which original directory; each
+    source keeps its line and number, one the selection left untouched says so."""
     incrementals = ", ".join(describe_stamp(i) for i in restore_set.incrementals) or "none"
     status = (f"complete (finished {state.finished})" if state.finished
               else "NOT complete: run the restoration again to finish it")
@@ -5911,6 +5914,9 @@ def write_restore_map(destination, bucket, restore_set, state):
         "# number<TAB>original directory<TAB>state",
     ]
     for number, _source, path in restore_set.sources:
+        if number in untouched:
+            lines.append(f"{number}\t{path}\tnothing selected (no directory)")
+            continue
         done = "restored" if state.is_done(number) else "not restored yet"
         unrestored = os.path.join(destination, f"{number}{PROBLEMS_SUFFIX}")
         if state.is_done(number) and os.path.exists(unrestored):
@@ -6761,7 +6767,10 @@ class Restoration:
         pending = [n for n, _s, _p in self.set.sources if not self.state.is_done(n)]
         if self.set.exact:
             for number in pending:
-                SourceExtraction(self, number).run()
+                if self.selects_nothing_of(number):
+                    self.remove_numbered_directory(number)
+                else:
+                    SourceExtraction(self, number).run()
                 self.finish_source(number)
         else:
             self.test_archives(pending)
@@ -6769,7 +6778,8 @@ class Restoration:
                 self.replay_source(number)
                 self.finish_source(number)
         self.state.mark_finished()
-        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+        write_restore_map(self.destination, self.args.bucket, self.set, self.state,
+                          self.untouched_sources() if self.set.exact else set())
         self.report_extracted()
         problems = self.not_restored_count()
         if problems:
@@ -6781,10 +6791,32 @@ class Restoration:
 
     def finish_source(self, number):
         self.state.mark_done(number)
-        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+        write_restore_map(self.destination, self.args.bucket, self.set, self.state,
+                          self.untouched_sources())
+
+    def selects_nothing_of(self, number):
+        """A selective restore chose nothing of this source: it gets no directory."""
+        return bool(self.selection) and not self.plan.chosen.sources.get(number)
+
+    def untouched_sources(self):
+        return {n for n, _s, _p in self.set.sources if self.selects_nothing_of(n)}
+
+    def remove_numbered_directory(self, number):
+        """What an earlier selection made for a source this one leaves out (ours: the
+        state file says so)."""
+        target = os.path.join(self.destination, str(number))
+        for leftover in (target, target + INCOMPLETE_SUFFIX, target + PROBLEMS_SUFFIX):
+            if os.path.isdir(leftover) and not os.path.islink(leftover):
+                shutil.rmtree(leftover)
+            elif os.path.lexists(leftover):
+                os.remove(leftover)
 
     def report_extracted(self):
         for number, _source, path in self.set.sources:
+            if self.selects_nothing_of(number):
+                self.out.line(f"Nothing of {path} is selected: no directory "
+                              f"{os.path.join(self.destination, str(number))}")
+                continue
             self.out.line(f"Restored {path} into {os.path.join(self.destination, str(number))}"
                           + (" (the selection only)" if self.selection else ""))
         self.out.line(f"Map of the numbered directories: "
@@ -7002,12 +7034,23 @@ def browse(args, platform, settings):
     for line in backup_table(chains, listing):
         out.line(line)
     if args.selection:
+        found, unknown = 0, []
         with tempfile.TemporaryDirectory(prefix="aam-browse-") as work:
-            found = sum(find_versions(s3, args, platform, settings, chain, listing, work, out)
-                        for chain in chains)
-        if not found:
+            for chain in chains:
+                found += find_versions(s3, args, platform, settings, chain, listing, work,
+                                       out, unknown)
+        wanted = " | ".join(args.selection)
+        if unknown:
+            # Without a catalogue only a thaw could tell what those backups hold.
+            answer = (f"Unknown for the backups without a catalogue (made by version 1.0.0; "
+                      f"only a restore can tell what they hold): {', '.join(unknown)}.")
+            if not found:
+                raise AamError(f"{answer} Nothing in the backups with a catalogue matches "
+                               f"{wanted}.")
+            out.line(answer)
+        elif not found:
             raise NothingSelected(f"Nothing in any backup of {args.location} matches "
-                                  f"{' | '.join(args.selection)}.")
+                                  f"{wanted}.")
     return EXIT_OK
 
 
@@ -7051,21 +7094,27 @@ def backup_table(chains, listing):
     return lines
 
 
-def find_versions(s3, args, platform, settings, chain, listing, work, out):
-    """Print each version of every path the selection matches in one chain; the count."""
+def find_versions(s3, args, platform, settings, chain, listing, work, out, unknown):
+    """Print each version of every path the selection matches in one chain; the count.
+    The backups it could not search (no catalogue) are added to unknown, by source."""
     full, backups = chain
     found = 0
     sources = sorted(backups[0][2].items())
     for source, manifest in sources:
-        catalogues = []
+        catalogues, uncatalogued = [], None
         for backup, incremental, manifests in backups:
-            if source not in manifests or not manifests[source].get("catalogue"):
+            if source not in manifests:
+                break                       # not backed up any more from this backup on
+            if not manifests[source].get("catalogue"):
+                uncatalogued = backup
                 break
             catalogues.append((backup, fetch_browse_catalogue(
                 s3, args, platform, settings, manifests[source]["catalogue"], work)))
-        if len(catalogues) < len(backups):
+        if uncatalogued is not None:
             out.line(f"(the backups of {manifest['source_path']} from "
-                     f"{describe_stamp(full)} have no catalogue: made by version 1.0.0)")
+                     f"{describe_stamp(uncatalogued)} on have no catalogue: made by version "
+                     "1.0.0; whether they hold what is asked for is unknown)")
+            unknown.append(f"{manifest['source_path']} from {describe_stamp(uncatalogued)}")
         match = RestoreSelection(args.selection).matcher(
             manifest["source_path"], manifest.get("platform", "posix"))
         for path, versions in path_versions([c for _b, c in catalogues],

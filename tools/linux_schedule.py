@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import aam_auto_backup as aab  # noqa: E402
+from ask import ask_twice  # noqa: E402
 from aws_setup import KEY_VARIABLES, read_keys_file  # noqa: E402
 
 UNIT = "aam-auto-backup"
@@ -44,7 +45,6 @@ SETTINGS_FILE = "backup.settings"
 SECRET_VARIABLES = ("AAM_ENCRYPTION_KEY",) + KEY_VARIABLES["backup"]
 SECRET_PROMPTS = ("Archive encryption key", "AWS access key ID of the backup user",
                   "AWS secret access key of the backup user")
-ATTEMPTS = 3                       # tries to type a secret the same way twice
 
 
 class ScheduleError(Exception):
@@ -158,18 +158,6 @@ def _env_file_quote(value):
     return "'" + value.replace("'", "'\\''") + "'"
 
 
-def ask_twice(prompt):
-    """A secret typed twice the same way (getpass: never echoed)."""
-    for _attempt in range(ATTEMPTS):
-        first = getpass.getpass(f"{prompt}: ")
-        if first and getpass.getpass(f"{prompt}, again: ") == first:
-            return first
-        print("They differ (or are empty); once more." if first else "It is empty; once more.",
-              file=sys.stderr)
-    raise ScheduleError(f"{prompt}: not typed the same way twice in {ATTEMPTS} tries; "
-                        "nothing was written")
-
-
 def ask_secrets(options):
     """The three secrets: the backup user's keys from --keys-file when it has them."""
     known = read_keys_file(options.keys_file) if options.keys_file else {}
@@ -179,7 +167,11 @@ def ask_secrets(options):
             print(f"{prompt}: from {options.keys_file}")
             values.append(known[name])
         else:
-            values.append(ask_twice(prompt))
+            try:
+                values.append(ask_twice(prompt, warn=lambda text: print(text,
+                                                                          file=sys.stderr)))
+            except ValueError as problem:
+                raise ScheduleError(f"{problem}; nothing was written")
     key_problem = None
     try:
         aab._key(values[0])

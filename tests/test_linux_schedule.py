@@ -152,3 +152,17 @@ def test_the_docstring_offers_only_options_the_tool_takes():
                                  text=True).stdout
     taken = set(re.findall(r"(--[a-z][a-z-]+)", parser_help))
     assert documented and documented <= taken | {"--settings"}, documented - taken
+
+
+def test_the_wrapper_runs_another_operation_by_hand_with_the_same_settings(sandbox, tmp_path):
+    sandbox.sample()
+    config, _units, _printed = make_schedule(sandbox, tmp_path)
+    wrapper = str(config / "aam-auto-backup-daily.sh")
+    ok_full = subprocess.run([wrapper, "regular-backup", "--send-email", "False"],
+                             env=sandbox.env(), capture_output=True, text=True, timeout=300)
+    assert ok_full.returncode == 0, ok_full.stdout + ok_full.stderr
+    assert sandbox.emails() == []                   # the option overrode the settings
+    incremental = subprocess.run([wrapper, "incremental-only-backup"], env=sandbox.env(),
+                                 capture_output=True, text=True, timeout=300)
+    assert incremental.returncode == 0, incremental.stdout + incremental.stderr
+    assert "Backup scope: incremental" in incremental.stdout

@@ -119,16 +119,22 @@ def timer_text():
 
 
 def wrapper_text(options, settings_file, secrets_file):
-    command = " ".join(shlex.quote(a) for a in backup_argv(options, settings_file))
+    """The cron job's script; by hand it also runs another operation on the same settings,
+    secrets and region: '<script> incremental-only-backup', '<script> regular-backup
+    --force-full yes'."""
+    program = " ".join(shlex.quote(a) for a in backup_argv(options, settings_file)[:2])
     return "\n".join([
         "#!/bin/sh",
         "# AAM Auto Backup daily job (for cron); the secrets come from an owner-only file.",
+        "# By hand: this script [operation [--NAME VALUE ...]], e.g. incremental-only-backup.",
         f"AWS_REGION={shlex.quote(options.region)}",
         "export AWS_REGION",
         "set -a",
         f". {shlex.quote(secrets_file)}",
         "set +a",
-        f"exec {command}",
+        f"operation=${{1:-{aab.REGULAR_BACKUP}}}",
+        "[ $# -gt 0 ] && shift",
+        f'exec {program} "$operation" --settings {shlex.quote(settings_file)} "$@"',
         "",
     ])
 

@@ -138,6 +138,9 @@ def test_the_reference_argument_tables_are_the_codes():
     import aam_auto_backup as aab
     tables = reference_tables()
     assert set(tables) == set(TABLE_HEADINGS.values())
+    documented = {id(aab.OPERATION_TABLES[operation]) for operation in tables}
+    assert documented == {id(table) for table in aab.OPERATION_TABLES.values()}, \
+        "an operation's argument table is not in docs/reference.md"
     for operation, rows in tables.items():
         table = aab.OPERATION_TABLES[operation]
         assert [(number, arg.repeated, arg.name) for number, arg in enumerate(table, 1)] \

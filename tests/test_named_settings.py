@@ -248,3 +248,18 @@ def test_a_positional_browse_key_that_starts_with_dashes_stays_positional(sandbo
     assert typo.returncode == 2
     assert "argument 2 starts with '--' but is none of its settings" in typo.stderr
     assert "--bukcet" not in typo.stderr              # it might have been a key
+
+
+def test_the_four_restore_steps_take_the_named_form(sandbox, tmp_path):
+    tree = sandbox.sample()
+    ok(sandbox.backup({"send_email": "False"}))
+    restore = {"log-dir": sandbox.logs, "days": "1", "key": "env:AAM_TEST_KEY",
+               "bucket": sandbox.bucket, "location": sandbox.location,
+               "access-key-id": "env:AAM_TEST_KEY_ID",
+               "secret-access-key": "env:AAM_TEST_SECRET"}
+    path = write_settings(tmp_path / "restore.settings", restore)
+    destination = tmp_path / "steps"
+    for operation in (aab.THAW_STEP, aab.STATUS_STEP, aab.DOWNLOAD_STEP, aab.EXTRACT_STEP):
+        ok(sandbox.run([operation, "--settings", path, "--destination", str(destination)],
+                       env=named_env(sandbox)))
+    assert numbered_directories(destination, tree) == tree.expected

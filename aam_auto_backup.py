@@ -1320,6 +1320,7 @@ _YES_NO = _flag("yes", "no")
 # -- the tables: one row per argument; a row that several operations share is defined once
 
 NAMED_PREFIX = "--"
+NOT_GIVEN = "(not given)"
 SETTINGS_OPTION = "settings"
 HELP_WORDS = ("--help", "-h")
 
@@ -1707,7 +1708,7 @@ class NamedForm:
                 if default is None:
                     missing.append(arg.name)
                 self.texts[arg.field] = default
-                self.origins[arg.field] = f"the setting {arg.name} (not given)"
+                self.origins[arg.field] = f"the setting {arg.name} {NOT_GIVEN}"
         if missing:
             raise self.refuse(f"{self.operation}: missing setting(s) {', '.join(missing)} "
                               f"(aam_auto_backup.py {self.operation} --help says what each "
@@ -1865,7 +1866,8 @@ class Arguments:
 
     def given(self, field):
         """The user gave it (a positional command line gives every argument)."""
-        return not self.named or not self.origins[field].endswith("(not given)")
+        origin = self.origins[field] if self.named else None
+        return not isinstance(origin, str) or not origin.endswith(NOT_GIVEN)
 
     def where(self, field):
         """How a message names one argument: its number, or the setting's place."""

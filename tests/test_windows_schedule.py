@@ -6,6 +6,7 @@ written out by hand with its own example values.
 
 import datetime as dt
 import os
+import re
 import xml.etree.ElementTree as ElementTree
 
 import pytest
@@ -214,3 +215,11 @@ def test_inline_secrets_are_typed_twice(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("getpass.getpass", lambda prompt: next(never))
     assert ws.main(COMMAND_LINE + ["--output", str(tmp_path / "x"), "--inline-secrets"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_the_docstring_offers_only_options_the_tool_takes(capsys):
+    with pytest.raises(SystemExit):
+        ws.parse_command_line(["--help"])
+    taken = set(re.findall(r"(--[a-z][a-z-]+)", capsys.readouterr().out))
+    documented = set(re.findall(r"(--[a-z][a-z-]+)", ws.__doc__))
+    assert documented and documented <= taken, documented - taken

@@ -1618,23 +1618,7 @@ class ArgTable:
             "Positional form: every argument, by number, \"\" for an empty one.", 90)
         out += ["", " #  name                 meaning"]
         for number, arg in enumerate(self.args[1:], 2):
-            text = arg.meaning or arg.label
-            if arg.secret:
-                text += ". Accepts env:NAME (the named form: only that)"
-            if arg.optional or arg.repeated:
-                text += ". Optional"
-            if arg.repeated:
-                text += f"; repeat --{arg.name} (or the line) for each, positionally one " \
-                        "argument each"
-            default = arg.default_text()
-            text += f". Named form: default {default}" if default else \
-                ". Named form: required"
-            if arg.example:
-                text += f". Example: {arg.example}"
-            wrapped = textwrap.wrap(text + ".", 68) or [""]
-            out.append(f"{number:2d}{'+' if arg.repeated else ' '} {arg.name:20s} "
-                       f"{wrapped[0]}")
-            out += [" " * 25 + line for line in wrapped[1:]]
+            out += setting_help(number, arg)
         out += ["", "Example settings file:"]
         out += ["  " + line for line in self.example_settings()]
         out += ["", "Example, positional:",
@@ -1658,6 +1642,25 @@ class ArgTable:
                 break
             texts.append(arg.example or arg.named_default_text({}) or "")
         return texts
+
+
+def setting_help(number, arg):
+    """--help's lines for one setting: number, name, then its meaning, named-form default
+    and example, wrapped under the meaning column."""
+    text = arg.meaning or arg.label
+    if arg.secret:
+        text += ". Accepts env:NAME (the named form: only that)"
+    if arg.optional or arg.repeated:
+        text += ". Optional"
+    if arg.repeated:
+        text += f"; repeat --{arg.name} (or the line) for each, positionally one argument each"
+    default = arg.default_text()
+    text += f". Named form: default {default}" if default else ". Named form: required"
+    if arg.example:
+        text += f". Example: {arg.example}"
+    first, *rest = textwrap.wrap(text + ".", 68, break_on_hyphens=False)
+    return ([f"{number:2d}{'+' if arg.repeated else ' '} {arg.name:20s} {first}"]
+            + [" " * 25 + line for line in rest])
 
 
 def positional_origin(number, arg):

@@ -3079,7 +3079,7 @@ CREATE TABLE entry (source TEXT NOT NULL, key BLOB NOT NULL, piece INTEGER NOT N
     seq INTEGER NOT NULL, line TEXT NOT NULL, PRIMARY KEY (source, key)) WITHOUT ROWID;
 CREATE INDEX entry_order ON entry (source, piece, seq);
 CREATE TABLE source (name TEXT PRIMARY KEY, catalogue TEXT, catalogue_file TEXT,
-    state_file TEXT, indicator BLOB, indicator_up INTEGER NOT NULL DEFAULT 0);
+    state_file TEXT, indicator BLOB);
 CREATE TABLE orphan (name TEXT PRIMARY KEY, size INTEGER NOT NULL);
 """
 
@@ -3128,8 +3128,10 @@ class Journal:
         remove_journal_files(path)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))   # owner-only
         db = sqlite3.connect(path)
-        db.executescript(JOURNAL_SCHEMA)
-        with db:
+        with db:                           # one transaction, one sync
+            db.execute("BEGIN")
+            for statement in filter(str.strip, JOURNAL_SCHEMA.split(";")):
+                db.execute(statement)
             db.execute("INSERT INTO backup VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)", (
                 JOURNAL_FORMAT, VERSION, backup["operation"], backup["scope"],
                 backup["stamp"], backup["full"], backup["since"],
@@ -3213,35 +3215,26 @@ class Journal:
 
     # -- sources -----------------------------------------------------------------
     def source(self, name):
-        """{catalogue, catalogue_file, state_file, indicator, indicator_up} or None."""
-        row = self.db.execute("SELECT catalogue, catalogue_file, state_file, indicator, "
-                              "indicator_up FROM source WHERE name = ?", (name,)).fetchone()
+        """{catalogue, catalogue_file, state_file, indicator} or None."""
+        row = self.db.execute("SELECT catalogue, catalogue_file, state_file, indicator "
+                              "FROM source WHERE name = ?", (name,)).fetchone()
         if row is None:
             return None
         return {"catalogue": json.loads(row[0]) if row[0] else None,
-                "catalogue_file": row[1], "state_file": row[2], "indicator": row[3],
-                "indicator_up": bool(row[4])}
+                "catalogue_file": row[1], "state_file": row[2], "indicator": row[3]}
 
-    def record_catalogue(self, name, described, catalogue_file, state_file):
-        """Before the catalogue's PUT: what it is, and where its file and the finished
-        local state are kept."""
+    def record_source(self, name, described, catalogue_file, state_file, indicator):
+        """Before the catalogue's PUT: what it is, where its file and the finished local
+        state are kept, and the body of the indicator that follows it."""
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO source (name, catalogue, catalogue_file, "
-                            "state_file) VALUES (?, ?, ?, ?)",
-                            (name, json.dumps(described), catalogue_file, state_file))
+            self.db.execute("INSERT OR REPLACE INTO source VALUES (?, ?, ?, ?, ?)",
+                            (name, json.dumps(described), catalogue_file, state_file,
+                             indicator))
 
     def forget_catalogue(self, name):
         """The source's catalogue is made again (a piece it names is gone)."""
         with self.db:
-            self.db.execute("DELETE FROM source WHERE name = ? AND NOT indicator_up", (name,))
-
-    def record_indicator(self, name, body):
-        with self.db:
-            self.db.execute("UPDATE source SET indicator = ? WHERE name = ?", (body, name))
-
-    def indicator_is_up(self, name):
-        with self.db:
-            self.db.execute("UPDATE source SET indicator_up = 1 WHERE name = ?", (name,))
+            self.db.execute("DELETE FROM source WHERE name = ?", (name,))
 
     # -- orphans -----------------------------------------------------------------
     def new_orphans(self, orphans):
@@ -4854,6 +4847,8 @@ class PieceUploader:
                 checkpoint("volume-uploaded")
             except Interrupted:
                 raise
+            except FileNotFoundError:
+                pass    # 7-Zip failed and removed its volumes: the piece's .done says so
             except Exception as problem:     # noqa: BLE001 - reported by finish()
                 self.error = self.error or problem
                 with contextlib.suppress(OSError):
@@ -4874,7 +4869,7 @@ class PieceUploader:
                                     "volume_size": self.volume_size,
                                     "central_directory_volume": central})
                 checkpoint("piece-done")
-            elif self.error is None:
+            elif not done["succeeded"]:
                 self.ledger.failed(self.piece, self.records, done)
         except Interrupted:
             raise
@@ -5879,7 +5874,6 @@ class BackupRun:
             self.log.line(f"{source.mount}: this backup is complete in S3 (its completion "
                           "indicator is there).")
             catalogue.keep_state(recorded and recorded["state_file"])
-            self.journal.indicator_is_up(name)
             self.completed_sources += 1
             return
         try:
@@ -6229,8 +6223,7 @@ class BackupRun:
         full, _incremental = self.backup_times()
         body = indicator_body(run_sources, name, source.mount, archived, pieces, full,
                               self.stamp, self.since, self.platform, described)
-        self.journal.record_catalogue(name, described, zip_path, catalogue.kept_path("tsv"))
-        self.journal.record_indicator(name, body)
+        self.journal.record_source(name, described, zip_path, catalogue.kept_path("tsv"), body)
         return self.journal.source(name)
 
     def put_catalogue_and_indicator(self, catalogue, recorded):
@@ -6261,7 +6254,6 @@ class BackupRun:
         self.log.line(f"Uploaded the completion indicator {indicator.key} "
                       f"({manifest['files']} files in {len(manifest['pieces'])} piece(s), "
                       f"{len(manifest['volumes'])} volume(s))")
-        self.journal.indicator_is_up(name)
         self.completed_sources += 1
         catalogue.keep_state(recorded["state_file"])
 

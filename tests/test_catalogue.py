@@ -425,7 +425,7 @@ def test_browse_with_the_backup_keys_names_the_missing_permission(sandbox, aws):
 def test_browse_of_a_set_without_catalogues_says_the_answer_is_unknown(sandbox, tmp_path):
     mount = sandbox.single_source(START)
     ok(sandbox.backup())
-    strip_catalogues(sandbox)
+    sandbox.as_made_by("1.0.0", tmp_path)
     result = browse(sandbox, "report.txt")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Nothing in any backup" not in result.stdout + result.stderr

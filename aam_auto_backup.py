@@ -54,7 +54,7 @@ import time
 import traceback
 import typing
 
-VERSION = "1.1.0"
+VERSION = "1.2.0"
 PROGRAM_NAME = "AAM Auto Backup"
 
 # ============================================================================
@@ -3067,7 +3067,8 @@ class WorkFile:
 # its PUT (the catalogue and the finished local state are kept beside the journal),
 # then the indicator's body; once every indicator is up, the journal goes.
 JOURNAL_FORMAT = 1
-PIECE_STARTED, PIECE_DONE, PIECE_FAILED = "started", "done", "failed"
+# a piece's states; a dropped one was done, but S3 no longer holds all its volumes
+PIECE_STARTED, PIECE_DONE, PIECE_FAILED, PIECE_DROPPED = "started", "done", "failed", "dropped"
 JOURNAL_SCHEMA = """
 CREATE TABLE backup (one INTEGER PRIMARY KEY CHECK (one = 1), format INTEGER NOT NULL,
     program_version TEXT, operation TEXT, scope TEXT NOT NULL, stamp TEXT NOT NULL,
@@ -3105,9 +3106,7 @@ class Journal:
     """The journal of the pending backup (see above)."""
 
     def __init__(self, path, db):
-        import sqlite3
         self.path, self.db = path, db
-        self.errors = (sqlite3.Error,)
         row = db.execute("SELECT format, program_version, operation, scope, stamp, full, "
                          "since, sources, piece_size, volume_size, attempts "
                          "FROM backup").fetchone()
@@ -3164,10 +3163,15 @@ class Journal:
             self.db.execute("INSERT OR REPLACE INTO piece (number, source, state, volume_size) "
                             "VALUES (?, ?, ?, ?)", (number, source, PIECE_STARTED, volume_size))
 
-    def piece_failed(self, number):
+    def piece_failed(self, number, source, entries=()):
+        """A piece whose 7-Zip failed; entries: (key, line) of what its list held, when
+        nothing of it is archived in another piece (a list of one unreadable file)."""
         with self.db:
-            self.db.execute("UPDATE piece SET state = ? WHERE number = ?",
-                            (PIECE_FAILED, number))
+            self.db.execute("INSERT OR REPLACE INTO piece (number, source, state) "
+                            "VALUES (?, ?, ?)", (number, source, PIECE_FAILED))
+            self.db.executemany("INSERT OR REPLACE INTO entry VALUES (?, ?, ?, ?, ?)",
+                                ((source, journal_key(key), number, seq, line)
+                                 for seq, (key, line) in enumerate(entries)))
 
     def piece_done(self, number, source, volumes, central_directory_volume, entries):
         """One transaction: the piece is done, with its volumes and the final catalogue
@@ -3182,11 +3186,14 @@ class Journal:
                                  for seq, (key, line) in enumerate(entries)))
 
     def drop_piece(self, number, source):
-        """Forget a piece (its volumes are not all in S3): its files are archived again."""
+        """Forget what a piece holds (its volumes are not all in S3): its files are
+        archived again, in new pieces (its number stays taken: a volume of it may be in
+        the bucket)."""
         with self.db:
             self.db.execute("DELETE FROM entry WHERE source = ? AND piece = ?",
                             (source, number))
-            self.db.execute("DELETE FROM piece WHERE number = ?", (number,))
+            self.db.execute("UPDATE piece SET state = ? WHERE number = ?",
+                            (PIECE_DROPPED, number))
 
     def pieces(self, source=None, state=None):
         """[{number, source, state, volume_size, volumes, central_directory_volume}] in
@@ -4424,19 +4431,24 @@ def archive_pieces(child, platform, settings, view_root, lists, parent):
         while True:
             outcome = run_piece(child, platform, settings, view_root, number, list_path,
                                 parent)
-            retry = (outcome.unreadable is not None and not outcome.succeeded
-                     and drop_from_list(list_path, outcome.unreadable, platform))
+            left = None      # entries left in the list without the file 7-Zip could not read
+            if outcome.unreadable is not None and not outcome.succeeded:
+                left = drop_from_list(list_path, outcome.unreadable, view_root, platform)
             write_piece_done(child.work_dir, number, dict(
                 list=list_number, succeeded=outcome.succeeded, code=outcome.code,
-                volumes=outcome.volumes, unreadable=outcome.unreadable, retried=retry))
+                volumes=outcome.volumes, unreadable=outcome.unreadable,
+                retried=bool(left), nothing_left=left == 0))
             number += 1
             if outcome.succeeded:
                 break
-            if not retry:
+            if left is None:
                 return False
             child_say(f"{MARK_PREFIX}7-Zip could not read {outcome.unreadable} "
-                      f"({outcome.error}): piece {number - 1} is made again without it, "
-                      f"as piece {number}.")
+                      f"({outcome.error}): piece {number - 1} "
+                      + (f"is made again without it, as piece {number}." if left else
+                         "held nothing else."))
+            if not left:
+                break
     return True
 
 
@@ -4485,17 +4497,22 @@ def run_piece(child, platform, settings, view_root, number, list_path, parent):
     return outcome
 
 
-def drop_from_list(list_path, name, platform):
-    """Take the file 7-Zip named out of a piece's list; False if no line names it
-    (then the piece cannot be made without it, and the archive fails)."""
+def drop_from_list(list_path, name, view_root, platform):
+    """Take the file 7-Zip named out of a piece's list: the number of lines left, or None
+    if no line names it (then the piece cannot be made without it, and the archive
+    fails).  7-Zip names it as listed, relative to the mount; a full path is taken
+    relative to it too."""
+    root = view_root.rstrip(platform.sep) + platform.sep
+    if platform.comparable(name).startswith(platform.comparable(root)):
+        name = name[len(root):]
     unwanted = list_file_entry(name, False, platform)
     with open(list_path, encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
         lines = handle.read().splitlines()
     kept = [line for line in lines if line != unwanted]
-    if len(kept) == len(lines) or not kept:
-        return False
+    if len(kept) == len(lines):
+        return None
     _write_private_text(list_path, "\n".join(kept) + "\n")
-    return True
+    return len(kept)
 
 
 def write_piece_done(work_dir, number, outcome):
@@ -5212,10 +5229,14 @@ class PieceLedger:
     def started(self, number):
         self.journal.piece_started(number, self.catalogue.name, self.run.settings.volume_size)
 
-    def done(self, number, records, central, index, outcome):
+    def list_lines(self, number):
+        """The work-file lines of the entries the child put into list number."""
         if self.lines is None:        # the child's walk, and so its work file, has ended
             self.lines = PieceLines(self.catalogue.path(CATALOGUE_WORK))
-        located = index.locate(self.lines.of_list(outcome["list"]))
+        return self.lines.of_list(number)
+
+    def done(self, number, records, central, index, outcome):
+        located = index.locate(self.list_lines(outcome["list"]))
         self.journal.piece_done(number, self.catalogue.name, records, central,
                                 self.final_lines(number, located))
 
@@ -5248,8 +5269,14 @@ class PieceLedger:
         return self.catalogue.source.mount.rstrip(sep) + sep + path.replace("/", sep)
 
     def failed(self, number, records, outcome):
-        """A piece whose 7-Zip failed: its volumes already up are of no use."""
-        self.journal.piece_failed(number)
+        """A piece whose 7-Zip failed: its volumes already up are of no use.  When it
+        failed on the one file its list held (unreadable), that list is finished: its
+        entry is recorded, held by no archive."""
+        entries = ()
+        if outcome.get("nothing_left"):
+            entries = self.final_lines(number, ((line, None) for line in self.list_lines(
+                outcome["list"])))
+        self.journal.piece_failed(number, self.catalogue.name, entries)
         orphans = [(record["name"], record["size"]) for record in records]
         if orphans:
             self.announce(f"Piece {number} failed (7-Zip exit code {outcome['code']}); the "

@@ -46,7 +46,7 @@ def pieced_source(sandbox, files=10):
 
 
 def env_through(sandbox, proxy, **extra):
-    return sandbox.env(AWS_ENDPOINT_URL=proxy.endpoint_url, **PIECES, **extra)
+    return sandbox.env(**dict(PIECES, AWS_ENDPOINT_URL=proxy.endpoint_url, **extra))
 
 
 def start_backup(sandbox, env):
@@ -175,6 +175,43 @@ def test_killed_before_the_indicator_uploads_only_the_indicator(sandbox, proxy, 
     assert len(puts) == 1 and aab.ObjectName.parse(puts[0]).indicator   # only the indicator
     assert "is in the bucket already" in result.stdout
     assert_nothing_went_up_twice(sandbox, first, second)
+    assert_restores_exactly(sandbox, tmp_path, mount)
+
+
+def test_a_catalogue_missing_from_the_bucket_is_put_again_from_the_kept_file(
+        sandbox, proxy, tmp_path):
+    """Killed after the catalogue went up, which then vanished (or its PUT never arrived):
+    the next run puts the kept file again, the same bytes under the same name."""
+    mount = pieced_source(sandbox)
+    env = env_through(sandbox, proxy)
+    crashed = sandbox.run(sandbox.backup_args(),
+                          env=dict(env, AAM_TEST_CRASH_AT="before-indicator:1"))
+    assert crashed.returncode == -signal.SIGKILL
+    sandbox.wait_until_no_process_runs()
+    (catalogue,) = [n.key for n in sandbox.object_names() if n.catalogue]
+    first_body = sandbox.s3().get_object(Bucket=sandbox.bucket, Key=catalogue)["Body"].read()
+    sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=catalogue)
+    result, first, second = continue_backup(sandbox, proxy, env)
+    assert second == [] and f"Uploaded the catalogue {catalogue}" in result.stdout
+    again = sandbox.s3().get_object(Bucket=sandbox.bucket, Key=catalogue)["Body"].read()
+    assert again == first_body
+    (manifest,) = manifests(sandbox).values()
+    assert manifest["catalogue"]["name"] == catalogue
+    assert_restores_exactly(sandbox, tmp_path, mount)
+
+
+def test_incremental_only_continues_a_pending_full_backup(sandbox, proxy, tmp_path):
+    """incremental-only-backup never starts a full backup, but it finishes one."""
+    mount = pieced_source(sandbox)
+    env = env_through(sandbox, proxy)
+    crashed = sandbox.run(sandbox.backup_args(), env=dict(env, AAM_TEST_CRASH_AT="piece-done:2"))
+    assert crashed.returncode == -signal.SIGKILL
+    sandbox.wait_until_no_process_runs()
+    first = volume_puts(proxy)
+    proxy.reset_counters()
+    result = ok(sandbox.run(sandbox.backup_args(aab.INCREMENTAL_ONLY_BACKUP), env=env))
+    assert "Backup scope: continuing the full backup" in result.stdout
+    assert_nothing_went_up_twice(sandbox, first, volume_puts(proxy))
     assert_restores_exactly(sandbox, tmp_path, mount)
 
 
@@ -403,6 +440,25 @@ def test_a_file_that_cannot_be_read_costs_only_itself(sandbox, proxy, tmp_path,
     ok(sandbox.run(sandbox.backup_args(), env=env))
     assert "Documents/file01b-bad-sector.bin" in open(sandbox.log_files()[-1]).read()
     assert_restores_exactly(sandbox, tmp_path, mount)
+
+
+def test_an_unreadable_file_alone_in_its_piece_costs_only_itself(sandbox, proxy,
+                                                                  unreadable_file):
+    """Pieces of one entry each (AAM_PIECE_SIZE=1): the unreadable file's piece holds
+    nothing else, so nothing is made again; the set is complete all the same."""
+    mount = pieced_source(sandbox, files=2)
+    unreadable_file(os.path.join(mount, "Documents", "file00b-bad-sector.bin"))
+    env = env_through(sandbox, proxy, AAM_PIECE_SIZE="1")
+    result = sandbox.run(sandbox.backup_args(), env=env)
+    assert result.returncode == aab.EXIT_FAILURE, result.stdout + result.stderr
+    log = open(sandbox.log_files()[-1], encoding="utf-8").read()
+    assert "7-Zip could not read Documents/file00b-bad-sector.bin" in log
+    assert "held nothing else" in log
+    (manifest,) = manifests(sandbox).values()
+    assert manifest["files"] == 3 and len(manifest["pieces"]) == 4    # the directory too
+    catalogue = sandbox.catalogue(manifest["catalogue"]["name"])
+    (line,) = [l for l in catalogue.splitlines() if "file00b-bad-sector.bin" in l]
+    assert line.split("\t")[5] == "!"                  # held by no archive
 
 
 def test_a_file_that_grows_while_it_is_read_restores_as_archived_without_failure(

@@ -507,6 +507,7 @@ class AamTool(Tool):
             "AAM_LOCK_FILE": os.path.join(bench.work, "aam.lock"),
             "AAM_STATE_DIR": os.path.join(bench.work, "aam-state"),
             "AAM_VOLUME_SIZE": str(bench.volume_size),
+            "AAM_PIECE_SIZE": str(bench.options.piece_size),
             "AAM_COMPRESSION_LEVEL": str(bench.level),
             "AAM_RESTORE_POLL_SECONDS": "1",
             "BENCH_ARCHIVE_KEY": ARCHIVE_KEY,
@@ -1107,6 +1108,9 @@ def parse_options(argv):
     parser.add_argument("--volume-size", type=parse_size, default=DEFAULT_VOLUME_SIZE,
                         help="7-Zip volume size for AAM and plain 7-Zip (default 64 MiB: "
                              "the 0.5 GB tree in several volumes, as a real backup is)")
+    parser.add_argument("--piece-size", type=parse_size,
+                        default=getattr(aam, "DEFAULT_PIECE_SIZE", 64 * 1024 * 1024),
+                        help="AAM's piece size (AAM_PIECE_SIZE; default: the program's)")
     parser.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                         help="7-Zip -mx level for AAM and plain 7-Zip (default: AAM's)")
     parser.add_argument("--levels", default="0,1,3,5,7,9",

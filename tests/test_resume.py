@@ -75,6 +75,14 @@ def kill_when(proxy, process, condition, sandbox):
     sandbox.wait_until_no_process_runs()
 
 
+def crash_at(sandbox, env, point, **extra):
+    """A backup killed (SIGKILL) at checkpoint point; what it left running has ended."""
+    crashed = sandbox.run(sandbox.backup_args(),
+                          env=dict(env, AAM_TEST_CRASH_AT=point, **extra))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
+    sandbox.wait_until_no_process_runs()
+
+
 def manifests(sandbox):
     return {name.source: sandbox.indicator(name.key) for name in sandbox.object_names()
             if name and name.indicator}
@@ -147,9 +155,7 @@ def test_killed_during_7zip_of_a_middle_piece_loses_only_that_piece(sandbox, pro
 def test_killed_between_pieces_keeps_every_finished_piece(sandbox, proxy, tmp_path):
     mount = pieced_source(sandbox)
     env = env_through(sandbox, proxy)
-    crashed = sandbox.run(sandbox.backup_args(), env=dict(env, AAM_TEST_CRASH_AT="piece-done:2"))
-    assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr
-    sandbox.wait_until_no_process_runs()
+    crash_at(sandbox, env, "piece-done:2")
     result, first, second = continue_backup(sandbox, proxy, env)
     assert "continuing the full backup" in result.stdout and "2 piece(s)" in result.stdout
     kept = assert_nothing_went_up_twice(sandbox, first, second)
@@ -163,10 +169,7 @@ def test_killed_between_pieces_keeps_every_finished_piece(sandbox, proxy, tmp_pa
 def test_killed_before_the_indicator_uploads_only_the_indicator(sandbox, proxy, tmp_path):
     mount = pieced_source(sandbox)
     env = env_through(sandbox, proxy)
-    crashed = sandbox.run(sandbox.backup_args(),
-                          env=dict(env, AAM_TEST_CRASH_AT="before-indicator:1"))
-    assert crashed.returncode == -signal.SIGKILL
-    sandbox.wait_until_no_process_runs()
+    crash_at(sandbox, env, "before-indicator:1")
     catalogue = [n.key for n in sandbox.object_names() if n.catalogue]
     assert len(catalogue) == 1 and not manifests(sandbox)
     result, first, second = continue_backup(sandbox, proxy, env)
@@ -184,10 +187,7 @@ def test_a_catalogue_missing_from_the_bucket_is_put_again_from_the_kept_file(
     the next run puts the kept file again, the same bytes under the same name."""
     mount = pieced_source(sandbox)
     env = env_through(sandbox, proxy)
-    crashed = sandbox.run(sandbox.backup_args(),
-                          env=dict(env, AAM_TEST_CRASH_AT="before-indicator:1"))
-    assert crashed.returncode == -signal.SIGKILL
-    sandbox.wait_until_no_process_runs()
+    crash_at(sandbox, env, "before-indicator:1")
     (catalogue,) = [n.key for n in sandbox.object_names() if n.catalogue]
     first_body = sandbox.s3().get_object(Bucket=sandbox.bucket, Key=catalogue)["Body"].read()
     sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=catalogue)
@@ -204,9 +204,7 @@ def test_incremental_only_continues_a_pending_full_backup(sandbox, proxy, tmp_pa
     """incremental-only-backup never starts a full backup, but it finishes one."""
     mount = pieced_source(sandbox)
     env = env_through(sandbox, proxy)
-    crashed = sandbox.run(sandbox.backup_args(), env=dict(env, AAM_TEST_CRASH_AT="piece-done:2"))
-    assert crashed.returncode == -signal.SIGKILL
-    sandbox.wait_until_no_process_runs()
+    crash_at(sandbox, env, "piece-done:2")
     first = volume_puts(proxy)
     proxy.reset_counters()
     result = ok(sandbox.run(sandbox.backup_args(aab.INCREMENTAL_ONLY_BACKUP), env=env))
@@ -219,9 +217,7 @@ def test_killed_between_sources_backs_up_only_the_unfinished_source(sandbox, pro
                                                                     tmp_path):
     tree = sandbox.sample(picture_size=300_000)
     env = env_through(sandbox, proxy)
-    crashed = sandbox.run(sandbox.backup_args(), env=dict(env, AAM_TEST_CRASH_AT="source-done:1"))
-    assert crashed.returncode == -signal.SIGKILL
-    sandbox.wait_until_no_process_runs()
+    crash_at(sandbox, env, "source-done:1")
     first_source = aab.PosixPlatform().source_name(tree.first_mount)
     assert set(manifests(sandbox)) == {first_source}     # one indicator: not complete
     result, first, second = continue_backup(sandbox, proxy, env)
@@ -253,8 +249,8 @@ def test_sigterm_stops_the_backup_and_the_next_run_continues_it(sandbox, proxy, 
     assert_restores_exactly(sandbox, tmp_path, mount)
 
 
-def test_an_upload_outage_longer_than_the_retries_is_continued_later(sandbox, proxy,
-                                                                    tmp_path):
+def test_an_upload_outage_longer_than_the_retries_is_continued_later(
+        sandbox, proxy, tmp_path):
     mount = pieced_source(sandbox)
     env = env_through(sandbox, proxy)
     # the LIST and nine volumes (piece 1 and part of piece 2) go through, then HTTP 500
@@ -277,8 +273,8 @@ def sandbox_has(sandbox, key):
     return key in {o["Key"] for o in sandbox.objects()}
 
 
-def test_an_incremental_killed_midway_is_continued_as_that_incremental(sandbox, proxy,
-                                                                      tmp_path):
+def test_an_incremental_killed_midway_is_continued_as_that_incremental(
+        sandbox, proxy, tmp_path):
     mount = pieced_source(sandbox, files=4)
     env = env_through(sandbox, proxy)
     ok(sandbox.run(sandbox.backup_args(), env=env))
@@ -286,9 +282,7 @@ def test_an_incremental_killed_midway_is_continued_as_that_incremental(sandbox, 
     file_times_pass()
     for n in range(4, 12):
         write_file(os.path.join(mount, "Documents", f"file{n:02d}.bin"), noise(n))
-    crashed = sandbox.run(sandbox.backup_args(), env=dict(env, AAM_TEST_CRASH_AT="piece-done:2"))
-    assert crashed.returncode == -signal.SIGKILL
-    sandbox.wait_until_no_process_runs()
+    crash_at(sandbox, env, "piece-done:2")
     result, first, second = continue_backup(sandbox, proxy, env)
     assert "continuing the incremental backup" in result.stdout
     assert_nothing_went_up_twice(sandbox, first, second)
@@ -307,9 +301,7 @@ def test_files_changed_added_and_deleted_before_the_continuation(sandbox, proxy,
     mount = pieced_source(sandbox)
     write_file(os.path.join(mount, "Documents", "a-turns-dir"), b"a file first\n")
     env = env_through(sandbox, proxy)
-    crashed = sandbox.run(sandbox.backup_args(), env=dict(env, AAM_TEST_CRASH_AT="piece-done:2"))
-    assert crashed.returncode == -signal.SIGKILL
-    sandbox.wait_until_no_process_runs()
+    crash_at(sandbox, env, "piece-done:2")
     archived = snapshot(mount)
     docs = os.path.join(mount, "Documents")
     # pieces 1 and 2 hold a-turns-dir, file00 ... file02 (catalogue order)
@@ -339,10 +331,7 @@ def test_a_full_begun_in_one_month_is_finished_in_the_next_and_keeps_its_month(
     now = aab.utc_now()
     last_month = now.replace(day=1) - dt.timedelta(days=1)
     begun = last_month.replace(hour=23, minute=30, second=0, microsecond=0)
-    crashed = sandbox.run(sandbox.backup_args(), env=dict(
-        env, AAM_TEST_NOW=aab.format_arg_stamp(begun), AAM_TEST_CRASH_AT="piece-done:2"))
-    assert crashed.returncode == -signal.SIGKILL
-    sandbox.wait_until_no_process_runs()
+    crash_at(sandbox, env, "piece-done:2", AAM_TEST_NOW=aab.format_arg_stamp(begun))
     result, first, second = continue_backup(sandbox, proxy, env)
     assert f"continuing the full backup {aab.describe_stamp(begun)}" in result.stdout
     assert_nothing_went_up_twice(sandbox, first, second)
@@ -362,9 +351,7 @@ def test_a_pending_incremental_is_given_up_for_a_forced_full(sandbox, proxy, tmp
     file_times_pass()
     for n in range(2, 10):
         write_file(os.path.join(mount, "Documents", f"file{n:02d}.bin"), noise(n))
-    crashed = sandbox.run(sandbox.backup_args(), env=dict(env, AAM_TEST_CRASH_AT="piece-done:2"))
-    assert crashed.returncode == -signal.SIGKILL
-    sandbox.wait_until_no_process_runs()
+    crash_at(sandbox, env, "piece-done:2")
     lost = [k for k in volume_puts(proxy) if "_0_0.0_" not in k and sandbox_has(sandbox, k)]
     forced = ok(sandbox.run(sandbox.backup_args(changes={"force_full": "yes"}), env=env))
     assert "is not continued: argument 21 asks for a full backup" in forced.stdout
@@ -442,8 +429,8 @@ def test_a_file_that_cannot_be_read_costs_only_itself(sandbox, proxy, tmp_path,
     assert_restores_exactly(sandbox, tmp_path, mount)
 
 
-def test_an_unreadable_file_alone_in_its_piece_costs_only_itself(sandbox, proxy,
-                                                                  unreadable_file):
+def test_an_unreadable_file_alone_in_its_piece_costs_only_itself(
+        sandbox, proxy, unreadable_file):
     """Pieces of one entry each (AAM_PIECE_SIZE=1): the unreadable file's piece holds
     nothing else, so nothing is made again; the set is complete all the same."""
     mount = pieced_source(sandbox, files=2)
@@ -457,7 +444,7 @@ def test_an_unreadable_file_alone_in_its_piece_costs_only_itself(sandbox, proxy,
     (manifest,) = manifests(sandbox).values()
     assert manifest["files"] == 3 and len(manifest["pieces"]) == 4    # the directory too
     catalogue = sandbox.catalogue(manifest["catalogue"]["name"])
-    (line,) = [l for l in catalogue.splitlines() if "file00b-bad-sector.bin" in l]
+    (line,) = [t for t in catalogue.splitlines() if "file00b-bad-sector.bin" in t]
     assert line.split("\t")[5] == "!"                  # held by no archive
 
 
@@ -487,8 +474,8 @@ def test_a_file_that_grows_while_it_is_read_restores_as_archived_without_failure
 
 # -- a backup in many pieces: every way to read it back --------------------------
 
-def test_a_set_in_many_pieces_restores_whole_in_part_and_as_of_a_point(sandbox, proxy,
-                                                                      tmp_path):
+def test_a_set_in_many_pieces_restores_whole_in_part_and_as_of_a_point(
+        sandbox, proxy, tmp_path):
     mount = pieced_source(sandbox)
     env = env_through(sandbox, proxy)
     ok(sandbox.run(sandbox.backup_args(), env=env))

@@ -250,8 +250,8 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
         rest = second.stdout.read()
         assert second.wait(timeout=300) == 0, rest
         assert "Backup scope: incremental" in rest
-        assert "(1 files in 1 piece(s), 1 volume(s))" in log_text(sandbox.logs,
-                                                                 aab.REGULAR_BACKUP, -1)
+        incremental_log = log_text(sandbox.logs, aab.REGULAR_BACKUP, -1)
+        assert "(1 files in 1 piece(s), 1 volume(s))" in incremental_log
         (full_indicator,) = [n.key for n in sandbox.object_names()
                              if n.indicator and n.incremental is None]
         assert len(sandbox.indicator(full_indicator)["pieces"]) == 3

@@ -300,12 +300,6 @@ def test_a_failed_piece_is_told_to_the_ledger_with_its_uploaded_volumes(aws, tmp
     assert ledger.heard == [("started", 3), ("failed", 3, ["p3.001"])]
 
 
-def test_reported_volume_count_is_7zips_last_summary_line():
-    lines = ["+ Volumes: 7", "Archive size: 10 bytes", "Volumes: 3", "Everything is Ok"]
-    assert aam.reported_volume_count(lines) == 3
-    assert aam.reported_volume_count(["AAM Auto Backup: no files to back up"]) is None
-
-
 def test_unchanged_incremental_makes_one_list_and_two_puts(sandbox, proxy):
     make_source(sandbox, files=3, size=1000)
     env = backup_env(sandbox, proxy)

@@ -195,7 +195,15 @@ class Sandbox:
                        for n in names if n and n.indicator})
 
     def object_names(self):
-        return [aab.ObjectName.parse(o["Key"]) for o in self.objects()]
+        """The objects of the backup sets (volumes, indicators, catalogues) by name; the
+        key checks are not of a set (keychecks)."""
+        names = [aab.ObjectName.parse(o["Key"]) for o in self.objects()]
+        return [name for name in names if name is not None]
+
+    def keychecks(self):
+        """The key checks in the bucket (one per chain), oldest chain first."""
+        checks = [aab.KeyCheck.parse(o["Key"]) for o in self.objects()]
+        return sorted((c for c in checks if c is not None), key=lambda c: c.full)
 
     # -- looking at the results ----------------------------------------------
     def s3(self):

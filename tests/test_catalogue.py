@@ -81,7 +81,7 @@ def test_a_chain_of_eight_incrementals_restores_exactly_at_any_point(sandbox, tm
         file_times_pass()
         step()
         result = ok(sandbox.backup())
-        assert "no local catalogue" not in result.stdout
+        assert "cannot be used" not in result.stdout
         states.append(snapshot(mount))
     stamps = sandbox.backup_stamps()
     assert len(stamps) == 9
@@ -208,8 +208,9 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     os.remove(os.path.join(mount, "notes.md"))
     write_file(os.path.join(mount, "projects", "new.txt"), b"third\n")
     result = ok(sandbox.backup())
-    assert "no local catalogue of the latest complete backup" in result.stdout
-    assert "files are selected by their times alone" in result.stdout
+    assert "the local catalogue of the latest complete backup" in result.stdout
+    assert "cannot be used: there is none" in result.stdout
+    assert "Files are selected by their times alone" in result.stdout
     # The newest local state (the full's) is not what S3 names: the early child was
     # ended and a child for S3's answer ran instead (the restores below are exact).
     assert EARLY_REFUSED in last_log(sandbox) and EARLY_CONFIRMED not in last_log(sandbox)
@@ -219,7 +220,7 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     file_times_pass()
     write_file(os.path.join(mount, "photos", "2024", "b.jpg"), b"fourth\n")
     result = ok(sandbox.backup())
-    assert "no local catalogue" in result.stdout
+    assert "cannot be used: there is none" in result.stdout
     # Guessed a full (no local state), but S3 holds this month's full: started again.
     assert EARLY_REFUSED in last_log(sandbox) and EARLY_CONFIRMED not in last_log(sandbox)
     kinds = [json.loads(sandbox.catalogue(n.key).split("\t", 2)[2].splitlines()[0])["kind"]
@@ -319,16 +320,21 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
     assert "has no catalogue, so it cannot be restored in part" in selective.stdout
 
 
-def test_a_reader_of_the_original_object_names_passes_over_catalogues(sandbox):
-    """The object-name pattern version 1.0.0 matched keys with: catalogues are not its."""
+def test_a_reader_of_the_original_object_names_passes_over_catalogues_and_key_checks(
+        sandbox):
+    """The object-name pattern version 1.0.0 matched keys with: catalogues and key checks
+    are not its, and a key check is no backup set's object for this version either."""
     original = re.compile(r"^(?P<location>[^_]+)_(?P<full>\d{8}_\d{6}\.\d{6})_"
                           r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_(?P<flag>no|yes)_(?P<rest>.+)$")
     sandbox.single_source(START)
     ok(sandbox.backup())
     keys = [o["Key"] for o in sandbox.objects()]
-    catalogue = [k for k in keys if aab.ObjectName.parse(k).catalogue]
-    assert catalogue and not any(original.match(k) for k in catalogue)
-    assert all(original.match(k) for k in keys if k not in catalogue)
+    catalogue = [k for k in keys if aab.ObjectName.parse(k) and aab.ObjectName.parse(k).catalogue]
+    (keycheck,) = [k for k in keys if aab.KeyCheck.parse(k)]
+    assert aab.ObjectName.parse(keycheck) is None
+    new = catalogue + [keycheck]
+    assert catalogue and not any(original.match(k) for k in new)
+    assert all(original.match(k) for k in keys if k not in new)
 
 
 def browse(sandbox, *selection, key=KEY, keys=None):

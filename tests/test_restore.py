@@ -79,13 +79,11 @@ def make_history(sandbox, env=None, **sample):
 
 
 def indicator_keys(sandbox):
-    return sorted(o["Key"] for o in sandbox.objects()
-                  if aam.ObjectName.parse(o["Key"]).indicator)
+    return sorted(name.key for name in sandbox.object_names() if name.indicator)
 
 
 def volume_keys(sandbox):
-    return sorted(o["Key"] for o in sandbox.objects()
-                  if aam.ObjectName.parse(o["Key"]).volume)
+    return sorted(name.key for name in sandbox.object_names() if name.volume)
 
 
 def restore_log(sandbox):
@@ -387,27 +385,47 @@ def assert_nothing_extracted(destination):
     assert not [n for n in names if re.fullmatch(r"\d+(\.incomplete)?", n)], names
 
 
-def test_a_wrong_key_is_caught_by_the_catalogue_before_any_thaw(sandbox, tmp_path, proxy):
+def test_a_wrong_key_is_caught_by_the_key_check_before_any_download(sandbox, tmp_path, proxy):
     tree, expected = make_history(sandbox)
     destination = tmp_path / "r"
     via_proxy(sandbox, proxy)
-    wrong, kinds = counters_during(proxy, lambda: sandbox.restore(ONE_STEP, destination,
-                                                                  {"key": "not the key"}))
+    proxy.reset_counters()
+    wrong = sandbox.restore(ONE_STEP, destination, {"key": "Incorrect horse battery staple"})
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
-    assert "The decryption key (argument 8) is wrong" in wrong.stdout
-    assert "RestoreObject" not in kinds and "HeadObject" not in kinds
+    (check,) = sandbox.keychecks()
+    assert ("The decryption key (argument 8) is wrong: it is not the key the backups of the "
+            f"full backup {aam.describe_stamp(check.full)} were made with (their key check "
+            f"{check.key}). Nothing was downloaded or thawed.") in wrong.stdout
+    # only the completion indicators were read: no catalogue, no volume, no thaw
+    read = {r["key"] for r in proxy.requests() if r["kind"] in ("GetObject", "HeadObject",
+                                                               "RestoreObject")}
+    assert read and read <= set(indicator_keys(sandbox))
     assert_nothing_extracted(destination)
     assert not downloaded_volumes(destination)
     (message,) = restoration_emails(sandbox)
     assert message["subject"].startswith("FAILURE, ")
 
-    result, kinds = counters_during(proxy, lambda: sandbox.restore(ONE_STEP, destination))
-    ok(result)
-    catalogues = [o["Key"] for o in sandbox.objects()
-                  if aam.ObjectName.parse(o["Key"]).catalogue]
-    # each volume once; the catalogue the wrong key could not open is not fetched again
-    assert kinds["GetObject"] == len(volume_keys(sandbox)) + len(catalogues) - 1
+    proxy.reset_counters()
+    ok(sandbox.restore(ONE_STEP, destination))
+    fetched = [r["key"] for r in proxy.requests() if r["kind"] == "GetObject"]
+    catalogues = [name.key for name in sandbox.object_names() if name.catalogue]
+    # each volume and catalogue once
+    assert sorted(k for k in fetched if k not in indicator_keys(sandbox)) == sorted(
+        volume_keys(sandbox) + catalogues)
     assert numbered_directories(destination, tree) == expected
+
+
+def test_a_wrong_key_on_a_set_without_key_check_is_caught_by_the_catalogue(sandbox, tmp_path):
+    """A chain made by version 1.1.0 has no key check: its catalogue tries the key."""
+    make_history(sandbox)
+    for check in sandbox.keychecks():
+        sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=check.key)
+    destination = tmp_path / "r"
+    wrong = sandbox.restore(ONE_STEP, destination, {"key": "Incorrect horse battery staple"})
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert "The decryption key (argument 8) is wrong: 7-Zip cannot open the catalogue" \
+        in wrong.stdout
+    assert not downloaded_volumes(destination)
 
 
 def test_a_changed_byte_in_the_bucket_is_caught_before_extraction(sandbox, tmp_path):
@@ -515,7 +533,7 @@ def relabel_backups(sandbox, months_back, work):
             text = text.replace(old, new)
         return text
 
-    items = [(item["Key"], aam.ObjectName.parse(item["Key"])) for item in sandbox.objects()]
+    items = [(name.key, name) for name in sandbox.object_names()]
     for key, name in items:                  # volumes first: every stamp becomes known
         if name.volume:
             s3.restore_object(Bucket=sandbox.bucket, Key=key, RestoreRequest={"Days": 1})
@@ -540,6 +558,11 @@ def relabel_backups(sandbox, months_back, work):
             s3.put_object(Bucket=sandbox.bucket, Key=new_key(key),
                           Body=json.dumps(manifest).encode())
             s3.delete_object(Bucket=sandbox.bucket, Key=key)
+    for check in sandbox.keychecks():         # the chain's key check, named by its full
+        moved_check = aam.KeyCheck(check.location, moved(check.full), check.salt,
+                                   check.verifier)
+        s3.put_object(Bucket=sandbox.bucket, Key=moved_check.key, Body=b"")
+        s3.delete_object(Bucket=sandbox.bucket, Key=check.key)
 
 
 def test_a_set_five_months_back_is_found(sandbox, tmp_path):

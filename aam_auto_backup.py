@@ -4895,7 +4895,8 @@ class BackupRun:
             return
         self.stop_early_child()
         begun = len(volumes_on_disk(os.path.join(self.work_dir, ARCHIVE_DIR)))
-        self.log.line(said + ": it is started again" + (
+        again = "it is started again" if self.local or self.aws else "it is ended"
+        self.log.line(f"{said}: {again}" + (
             f" (the {begun} volume(s) its 7-Zip had begun are removed unsent)."
             if begun else "."), terminal=False)
 

@@ -55,8 +55,9 @@ def test_a_volume_is_never_written_over(aws, tmp_path, size, config):
     uploader.config = config or uploader.config
     with pytest.raises(aam.WriteRefused) as refused:
         uploader.finish(1)
-    assert str(refused.value) == (f"s3://{bucket}/vol.001 already exists; this program "
-                                  "never replaces an object, so it was not written (HTTP 412)")
+    assert str(refused.value) == (f"the volume s3://{bucket}/vol.001 already exists; this "
+                                  "program never replaces an object, so it was not written "
+                                  "(HTTP 412)")
     assert body_of(s3, bucket, "vol.001") == b"the first backup"
     assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)   # aborted, not kept
 
@@ -66,14 +67,18 @@ def test_an_indicator_is_never_written_over(aws):
     aws.create_bucket(bucket)
     s3 = aws.client("s3")
     key = "pc_20260101_000000.000000_0_0.0_yes_-home-ann"
-    aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"{}")
+    aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"{}",
+                       "completion indicator")
     with pytest.raises(aam.WriteRefused) as refused:
-        aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"forged")
-    assert f"s3://{bucket}/{key} already exists" in str(refused.value)
+        aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"forged",
+                           "completion indicator")
+    assert f"the completion indicator s3://{bucket}/{key} already exists" in str(refused.value)
     assert body_of(s3, bucket, key) == b"{}"
 
 
-@pytest.mark.parametrize("kind, marker", [("volume", "_no_"), ("indicator", "_yes_")])
+@pytest.mark.parametrize("kind, marker", [("volume", "_no_"), ("completion indicator", "_yes_"),
+                                          ("catalogue", "_catalogue_"),
+                                          ("key check", "_keycheck_")])
 def test_a_run_that_meets_an_existing_name_fails_clearly(sandbox, proxy, kind, marker):
     sandbox.sample()
     proxy.plant_first("PutObject", marker, b"was here first")
@@ -81,9 +86,10 @@ def test_a_run_that_meets_an_existing_name_fails_clearly(sandbox, proxy, kind, m
     assert result.returncode == 1, result.stdout + result.stderr
     (planted,) = [o["Key"] for o in sandbox.objects() if marker in o["Key"]
                   and body_of(sandbox.s3(), sandbox.bucket, o["Key"]) == b"was here first"]
-    assert (f"s3://{sandbox.bucket}/{planted} already exists; this program never replaces "
-            "an object, so it was not written (HTTP 412)") in result.stdout
-    assert "no completion indicator was written" in result.stdout
+    assert (f"the {kind} s3://{sandbox.bucket}/{planted} already exists; this program never "
+            "replaces an object, so it was not written (HTTP 412)") in result.stdout
+    if kind != "key check":       # written before any volume: nothing of the set was sent
+        assert "no completion indicator was written" in result.stdout
     # Each object was asked for once: the refused write was not retried.
     assert proxy.counters()["by_kind"]["PutObject"] == len(sandbox.objects())
     assert sandbox.emails()[-1]["subject"].startswith("FAILURE, ")

@@ -446,6 +446,26 @@ def test_a_changed_byte_in_the_bucket_is_caught_before_extraction(sandbox, tmp_p
     assert "not (completely) restored" in result.stdout
 
 
+def test_a_damaged_catalogue_is_called_a_catalogue(sandbox, tmp_path):
+    make_history(sandbox)
+    key = sorted(name.key for name in sandbox.object_names() if name.catalogue)[-1]
+    data = bytearray(sandbox.s3().get_object(Bucket=sandbox.bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    sandbox.s3().put_object(Bucket=sandbox.bucket, Key=key, Body=bytes(data))
+    result = sandbox.restore(ONE_STEP, tmp_path / "r")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"The catalogue {key} in the bucket does not match its completion indicator" \
+        in result.stdout
+    assert "The volume" not in result.stdout
+    assert_nothing_extracted(tmp_path / "r")
+    browse = sandbox.run(aam.BROWSE_ARGS.argv(
+        operation=aam.BROWSE_OPERATION, key=KEY, bucket=sandbox.bucket,
+        location=sandbox.location, access_key_id="AKIAIOSFODNN7EXAMPLE",
+        secret_access_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCY", selection=["report.txt"]))
+    assert browse.returncode == 1
+    assert f"The catalogue {key} in the bucket does not match" in browse.stdout + browse.stderr
+
+
 def test_a_downloaded_volume_damaged_on_disk_is_caught_before_extraction(sandbox, tmp_path):
     make_history(sandbox)
     destination = tmp_path / "r"

@@ -368,9 +368,12 @@ def sandbox(tmp_path, aws):
         shutil.rmtree(second_root, ignore_errors=True)
 
 
-def snapshot(root):
+def snapshot(root, specials=False):
     """Everything under root as a restore must give it back: {relative path: ('f', bytes,
-    permissions, mtime in µs) | ('d', permissions, mtime in µs) | ('l', target)}."""
+    permissions, mtime in µs) | ('d', permissions, mtime in µs) | ('l', target)}.
+
+    A FIFO, socket or device is never backed up: specials=True passes over them (a
+    source), else one is an error (a restore never makes one)."""
     found = {}
     for directory, dirs, files in os.walk(root):
         for name in dirs + files:
@@ -381,10 +384,12 @@ def snapshot(root):
                 found[rel] = ("l", os.readlink(path))
             elif stat.S_ISDIR(st.st_mode):
                 found[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_mtime_ns // 1000)
-            else:
+            elif stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as handle:
                     found[rel] = ("f", handle.read(), stat.S_IMODE(st.st_mode),
                                   st.st_mtime_ns // 1000)
+            else:
+                assert specials, f"{path} is a special file"
     return found
 
 

@@ -19,7 +19,7 @@ def make_schedule(sandbox, tmp_path):
          "--mirror", sandbox.mirror, "--bucket", sandbox.bucket, "--location",
          sandbox.location, "--sender", "backup-report@example.com", "--recipient",
          sandbox.recipient, "--config-dir", str(config), "--unit-dir", str(units),
-         "--write-secrets"],
+         "--region", "us-east-1", "--write-secrets"],
         input=f"{KEY}\n{ACCESS_KEY_ID}\n{SECRET}\n", capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return config, units, result.stdout
@@ -37,6 +37,10 @@ def test_units_match_the_task_scheduler_job_and_hold_no_secret(sandbox, tmp_path
     assert len(argv) == 2 + 22 and argv[-2:] == ["no", "yes"]
     assert argv[17] == "env:AAM_ENCRYPTION_KEY"
     assert f"EnvironmentFile={config / 'secrets.env'}" in service
+    # the region of the bucket and of the SES sender (a report is sent only from there)
+    assert "Environment=AWS_REGION=us-east-1" in service.splitlines()
+    wrapper = (config / "aam-auto-backup-daily.sh").read_text()
+    assert "AWS_REGION=us-east-1\nexport AWS_REGION\n" in wrapper
     secrets = config / "secrets.env"
     assert os.stat(secrets).st_mode & 0o777 == 0o600
     for path in (units / "aam-auto-backup.service", units / "aam-auto-backup.timer",
@@ -66,3 +70,20 @@ def test_the_cron_wrapper_runs_a_real_backup(sandbox, tmp_path):
     assert KEY not in log and SECRET not in log
     for mount in tree.mounts:
         assert os.path.isdir(os.path.join(sandbox.mirror, mount.lstrip("/")))
+
+
+def test_the_region_is_required_unless_the_shell_has_one(sandbox, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    base = [sys.executable, TOOL, "--instructions", sandbox.instructions, "--log-dir",
+            sandbox.logs, "--bucket", sandbox.bucket, "--location", sandbox.location,
+            "--config-dir", str(tmp_path / "c"), "--unit-dir", str(tmp_path / "u")]
+    missing = subprocess.run(base, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "--region" in missing.stderr
+    wrong = subprocess.run(base + ["--region", "eu west 1"], env=env, capture_output=True,
+                           text=True)
+    assert wrong.returncode == 2 and "is not an AWS region name" in wrong.stderr
+    inherited = subprocess.run(base, env=dict(env, AWS_REGION="eu-central-1"),
+                               capture_output=True, text=True)
+    assert inherited.returncode == 0, inherited.stderr
+    assert "Environment=AWS_REGION=eu-central-1" in (
+        tmp_path / "u" / "aam-auto-backup.service").read_text()

@@ -165,9 +165,17 @@ def test_the_command_line_writes_env_references_by_default(tmp_path, capsys):
         "--program-dir", PROGRAM_DIR, "--python", PYTHON, "--log-dir", "C:\\logs",
         "--sender", "a@example.com", "--recipient", "b@example.com",
         "--instructions", "C:\\i.txt", "--mirror-dir", "F:\\m", "--bucket", "aam-data-backup",
-        "--location", "pc", "--user", "PC\\me", "--output", str(tmp_path)])
+        "--location", "pc", "--user", "PC\\me", "--output", str(tmp_path),
+        "--region", "eu-west-1"])
     assert code == 0
     with open(tmp_path / "backup batch files" / "Regular backup.bat", encoding="utf-8") as f:
         bat = f.read()
     assert '"env:AAM_BACKUP_ENCRYPTION_KEY"' in bat and "@aam" not in bat
-    assert 'schtasks /Create /TN "Daily AAM Auto Backup" /XML' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'schtasks /Create /TN "Daily AAM Auto Backup" /XML' in printed
+    # the region the job's AWS clients (SES's sender) use, set like the secrets
+    assert "    setx AWS_REGION eu-west-1\n" in printed
+    assert ws.main(["--python", PYTHON, "--log-dir", "C:\\logs", "--sender", "a@example.com",
+                    "--recipient", "b@example.com", "--instructions", "C:\\i.txt",
+                    "--bucket", "b-1", "--location", "pc", "--output", str(tmp_path),
+                    "--region", "eu west"]) == 2

@@ -10,7 +10,7 @@ environment file.
     python3 tools/linux_schedule.py --instructions ~/backup-instructions.txt \\
         --log-dir ~/aam-logs --mirror /media/usb/backup --bucket aam-data-backup \\
         --location my-laptop --sender backup@example.com --recipient me@example.com \\
-        [--write-secrets] [--unit-dir DIR] [--system]
+        --region eu-west-1 [--write-secrets] [--unit-dir DIR] [--system]
 
 writes `aam-auto-backup.service`, `aam-auto-backup.timer`, the wrapper script
 `aam-auto-backup-daily.sh` (used by cron) and, with --write-secrets, asks for
@@ -21,6 +21,7 @@ enable the timer, and the equivalent crontab line.
 import argparse
 import getpass
 import os
+import re
 import shlex
 import sys
 
@@ -60,6 +61,9 @@ def service_text(options, secrets_file):
         "",
         "[Service]",
         "Type=oneshot",
+        # the bucket's and the SES sender's region: with none, SES refuses a sender
+        # verified elsewhere and the report is not sent
+        f"Environment=AWS_REGION={options.region}",
         f"EnvironmentFile={secrets_file}",
         f"ExecStart={command}",
         # a backup should not slow the computer down
@@ -91,6 +95,8 @@ def wrapper_text(options, secrets_file):
     return "\n".join([
         "#!/bin/sh",
         "# AAM Auto Backup daily job (for cron); the secrets come from an owner-only file.",
+        f"AWS_REGION={shlex.quote(options.region)}",
+        "export AWS_REGION",
         "set -a",
         f". {shlex.quote(secrets_file)}",
         "set +a",
@@ -139,6 +145,10 @@ def parse_options(argv):
     parser.add_argument("--sender", help="e-mail sender (no e-mail without --recipient)")
     parser.add_argument("--sender-name", default="AAM Backup Report")
     parser.add_argument("--recipient")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    parser.add_argument("--region", default=region, required=not region,
+                        help="the AWS region of the bucket and the SES sender (AWS_REGION "
+                             "of the job; default: this shell's AWS_REGION)")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--poll", type=int, default=600)
     parser.add_argument("--wait", type=int, default=7200)
@@ -150,6 +160,8 @@ def parse_options(argv):
     options = parser.parse_args(argv)
     if options.recipient and not options.sender:
         parser.error("--recipient needs --sender (the SES-verified sender address)")
+    if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", options.region):
+        parser.error(f"--region {options.region!r} is not an AWS region name (e.g. eu-west-1)")
     for name in ("instructions", "log_dir", "mirror", "config_dir", "unit_dir"):
         if getattr(options, name):
             setattr(options, name, os.path.abspath(os.path.expanduser(getattr(options, name))))

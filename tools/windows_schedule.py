@@ -28,6 +28,7 @@ import argparse
 import datetime as dt
 import getpass
 import os
+import re
 import subprocess
 import sys
 from xml.sax.saxutils import escape
@@ -265,7 +266,12 @@ def parse_command_line(argv):
         "secret and write them into the task and the batch files instead")
     add("--output", default=None, help="where to write the files (default: the program "
         "directory)")
-    add("--register", action="store_true", help="run schtasks now (Windows, administrator)")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    add("--region", default=region, required=not region, help="the AWS region of the "
+        "bucket and the SES sender: the user environment variable AWS_REGION the job "
+        "reads (default: this terminal's AWS_REGION)")
+    add("--register", action="store_true", help="run schtasks now, and setx AWS_REGION "
+        "(Windows, administrator)")
     return parser.parse_args(argv)
 
 
@@ -290,6 +296,7 @@ def main(argv=None):
     options = parse_command_line(sys.argv[1:] if argv is None else argv)
     settings = settings_from(options)
     try:
+        region = setx_argv(options.region)
         paths = write_files(settings, options.output or settings.program_dir,
                             dt.date.today())
     except SettingsError as problem:
@@ -301,14 +308,27 @@ def main(argv=None):
         print("These files hold your secrets: keep them private, and delete the XML file "
               "once the task is registered.")
     command = schtasks_command(settings, paths[0])
-    print("\nRegister the daily task from an administrator terminal "
+    # The task runs python.exe directly (no batch file), so the region comes, like the
+    # secrets, from the user's environment; without it SES refuses a sender verified
+    # in another region and the report is not sent.
+    print("\nSet the region the job uses (a user environment variable, like the secrets):"
+          "\n\n    " + " ".join(region) + "\n")
+    print("Register the daily task from an administrator terminal "
           "(schtasks asks for your Windows password):\n\n    " + command + "\n")
     if options.register:
         if os.name != "nt":
             print("error: --register needs Windows (schtasks)", file=sys.stderr)
             return 2
-        return subprocess.run(schtasks_argv(settings, paths[0])).returncode
+        return subprocess.run(region).returncode or \
+            subprocess.run(schtasks_argv(settings, paths[0])).returncode
     return 0
+
+
+def setx_argv(region):
+    """Set the user environment variable AWS_REGION (setx: for new processes)."""
+    if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", region):
+        raise SettingsError(f"--region {region!r} is not an AWS region name (e.g. eu-west-1)")
+    return ["setx", "AWS_REGION", region]
 
 
 if __name__ == "__main__":

@@ -236,6 +236,106 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     assert restored(tmp_path / "second") == second
 
 
+def newest_state(sandbox):
+    """The newest local state file of the sandbox's one source."""
+    return sorted(os.path.join(sandbox.state_dir, n) for n in os.listdir(sandbox.state_dir)
+                  if n.endswith(".tsv"))[-1]
+
+
+def reseal(path, archive_key, bucket, location, source):
+    """Give a state the end line another key, bucket or location would write (a state
+    of another location or key, whole and sound in itself)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    body = data[:data.rindex(b"#end\t")]
+    with open(path, "wb") as handle:
+        handle.write(body)
+    aab.seal_local_state(path, aab.local_state_key(archive_key, bucket, location), source)
+
+
+def truncate(path, _sandbox):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:        # cut in the middle of a line
+        handle.truncate(size * 3 // 5)
+
+
+def garble(path, _sandbox):
+    with open(path, "r+b") as handle:        # one entry's recorded size changes
+        data = handle.read()
+        at = data.index(b"\treport.txt\t") + len(b"\treport.txt\t")
+        handle.seek(at)
+        handle.write(b"9")
+
+
+def another_location(path, sandbox):
+    source = json.loads(open(path, encoding="utf-8").readline().split("\t", 2)[2])["source"]
+    reseal(path, KEY, sandbox.bucket, "another-pc", source)
+
+
+def another_key(path, sandbox):
+    source = json.loads(open(path, encoding="utf-8").readline().split("\t", 2)[2])["source"]
+    reseal(path, "not this backup's key, another one", sandbox.bucket, sandbox.location,
+           source)
+
+
+def written_by_1_1_0(path, _sandbox):
+    with open(path, "rb") as handle:         # no end line: as version 1.1.0 wrote states
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[:data.rindex(b"#end\t")])
+
+
+@pytest.mark.parametrize("damage, said", [
+    (truncate, "it has no end line: it was cut short"),
+    (garble, "its digest does not match"),
+    (another_location, "its digest does not match"),
+    (another_key, "its digest does not match"),
+    (written_by_1_1_0, "or written by version 1.1.0 or earlier"),
+], ids=["truncated", "garbled", "another location", "another key", "version 1.1.0"])
+def test_a_damaged_local_state_is_found_and_the_restore_stays_exact(sandbox, tmp_path,
+                                                                    damage, said):
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    file_times_pass()
+    write_file(os.path.join(mount, "projects", "beta", "readme.txt"), b"beta, second\n")
+    ok(sandbox.backup())                     # an incremental: its state is the newest
+    state = newest_state(sandbox)
+    damage(state, sandbox)
+    file_times_pass()
+    os.remove(os.path.join(mount, "notes.md"))                    # deleted
+    shutil.rmtree(os.path.join(mount, "projects", "alpha"))       # deleted with its files
+    write_file(os.path.join(mount, "report.txt"), b"third version\n")
+    result = ok(sandbox.backup())
+    third = snapshot(mount)
+    assert (f"the local catalogue of the latest complete backup "
+            f"{aab.describe_stamp(aab.parse_arg_stamp(sandbox.backup_stamps()[1]))} cannot be "
+            f"used: {state}: ") in result.stdout
+    assert said in result.stdout
+    assert "Files are selected by their times alone" in result.stdout
+    # The child started before S3 answered compared with the state unread; once read
+    # through, it was ended and started again without it.
+    assert ("S3 confirmed it, but the local catalogue it compares with cannot be used: it "
+            "is started again") in last_log(sandbox)
+    # no false failure for a file 7-Zip was never asked to read
+    assert "validation failure" not in last_log(sandbox) and "not in the archive" not in \
+        result.stdout
+    kinds = [json.loads(sandbox.catalogue(n.key).split("\t", 2)[2].splitlines()[0])["kind"]
+             for n in catalogue_objects(sandbox)]
+    assert kinds == ["listing", "delta", "listing"]
+    # The state this run wrote is sound: the next incremental compares with it.
+    file_times_pass()
+    write_file(os.path.join(mount, "photos", "2024", "b.jpg"), b"fourth\n")
+    result = ok(sandbox.backup())
+    assert "cannot be used" not in result.stdout
+
+    stamps = sandbox.backup_stamps()
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "third", point=stamps[2]))
+    assert restored(tmp_path / "third") == third          # the deleted files stay deleted
+    assert "notes.md" not in restored(tmp_path / "third")
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == snapshot(mount)
+
+
 def test_a_refused_early_child_that_had_begun_its_archive_leaves_nothing_behind(
         sandbox, proxy, tmp_path):
     """Without a mirror an early child's 7-Zip runs before S3 answers; when S3's answer
@@ -277,9 +377,11 @@ def test_a_refused_early_child_that_had_begun_its_archive_leaves_nothing_behind(
 
 
 def strip_catalogues(sandbox):
-    """Make the bucket's sets look as version 1.0.0 made them: no catalogue objects and
-    no catalogue in the completion indicators (the volumes are the same)."""
+    """Make the bucket's sets look as version 1.0.0 made them: no catalogue objects, no
+    key checks and no catalogue in the completion indicators (the volumes are the same)."""
     s3 = sandbox.s3()
+    for check in sandbox.keychecks():
+        s3.delete_object(Bucket=sandbox.bucket, Key=check.key)
     for name in sandbox.object_names():
         if name.catalogue:
             s3.delete_object(Bucket=sandbox.bucket, Key=name.key)
@@ -318,6 +420,69 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
     selective = sandbox.restore_chosen(ONE_STEP, tmp_path / "part", selection=["report.txt"])
     assert selective.returncode == 1
     assert "has no catalogue, so it cannot be restored in part" in selective.stdout
+
+
+def test_a_1_0_0_chain_continued_restores_exactly_from_its_first_listing(sandbox, tmp_path):
+    """Version 1.0.0 made the full backup and an incremental (no catalogue, no local
+    state); this version continues the chain: its first incremental's catalogue is a
+    listing (made without a local state), the next one's a delta."""
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())                                          # 1.0.0: the full
+    file_times_pass()
+    write_file(os.path.join(mount, "report.txt"), b"second version, in 1.0.0's incr\n")
+    os.remove(os.path.join(mount, "notes.md"))                    # deleted before the listing
+    ok(sandbox.backup())                                          # 1.0.0: an incremental
+    strip_catalogues(sandbox)
+    shutil.rmtree(sandbox.state_dir)
+    replayed = snapshot(mount)
+
+    file_times_pass()
+    shutil.rmtree(os.path.join(mount, "projects", "beta"))        # deleted before the listing
+    write_file(os.path.join(mount, "projects", "alpha", "main.py"), b"print('alpha 3')\n")
+    first = ok(sandbox.backup())                                  # this version: a listing
+    assert "cannot be used: there is none" in first.stdout
+    at_listing = snapshot(mount)
+
+    file_times_pass()
+    os.remove(os.path.join(mount, "photos", "2024", "a.jpg"))     # deleted after it
+    write_file(os.path.join(mount, "projects", "new.txt"), b"new\n")
+    ok(sandbox.backup())                                          # this version: a delta
+    latest = snapshot(mount)
+    stamps = sandbox.backup_stamps()
+    assert len(stamps) == 4
+
+    result = ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "at-listing", point=stamps[2]))
+    assert restored(tmp_path / "at-listing") == at_listing
+    assert ("The first backups of this set have no catalogue (made by version 1.0.0); the "
+            "state is exact from the backup") in result.stdout
+    got = restored(tmp_path / "at-listing")
+    assert "notes.md" not in got and "projects/beta" not in got        # deleted stay deleted
+    assert got["report.txt"][1] == b"second version, in 1.0.0's incr\n"  # from 1.0.0's incr
+
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == latest
+
+    # A selection: a file only the 1.0.0 full holds; those archives are thawed whole.
+    part = ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "part", selection=["data.csv"]))
+    assert restored(tmp_path / "part") == {
+        path: latest[path] for path in ("projects", "projects/alpha", "projects/alpha/data.csv")}
+    full_volumes = [n.key for n in sandbox.object_names() if n.volume and n.incremental is None]
+    assert all(key in part.stdout for key in full_volumes)
+
+    # browse shows the versions from the first listing on, and says so
+    found = browse(sandbox, "main.py")
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert "have no catalogue: made by version 1.0.0; versions are shown from that backup " \
+        "on)" in found.stdout
+    assert found.stdout.count(", modified ") == 1     # main.py, as the listing has it
+
+    # Before the first listing the set is replayed, as version 1.0.0 restores it.
+    old = ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "old", point=stamps[1]))
+    assert "This set has no catalogues (made by version 1.0.0)" in old.stdout
+    got = restored(tmp_path / "old")
+    assert {p: e[:2] for p, e in got.items() if e[0] == "f"} == {
+        p: e[:2] for p, e in replayed.items() if e[0] == "f"} | {
+        "notes.md": ("f", START["notes.md"])}            # replay brings a deleted file back
 
 
 def test_a_reader_of_the_original_object_names_passes_over_catalogues_and_key_checks(

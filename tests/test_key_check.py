@@ -150,6 +150,25 @@ def test_a_new_full_backup_must_match_the_latest_chain_unless_forced(sandbox, tm
     assert wrong.returncode == 1
     assert f"their key check {third.key}" in wrong.stdout
 
+    # browse searches the chains the key opens and names the others
+    found = browse(sandbox, NEW_KEY, "notes.md")
+    assert found.returncode == 0, found.stdout + found.stderr
+    for check in (first, second):
+        assert (f"(the backups of the full backup {aab.describe_stamp(check.full)} were made "
+                f"with another key, says their key check {check.key}: not searched)"
+                ) in found.stdout
+    assert f"{mount}/notes.md\n" in found.stdout and found.stdout.count(", modified ") == 1
+    none = browse(sandbox, TYPO, "notes.md")
+    assert none.returncode == 1
+    assert "The decryption key (argument 2) is wrong" in none.stderr
+
+
+def browse(sandbox, key, *selection):
+    return sandbox.run(aab.BROWSE_ARGS.argv(
+        operation=aab.BROWSE_OPERATION, key=key, bucket=sandbox.bucket,
+        location=sandbox.location, access_key_id="AKIAIOSFODNN7EXAMPLE",
+        secret_access_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCY", selection=list(selection)))
+
 
 def test_a_chain_made_before_key_checks_gets_one_for_the_key_in_use(sandbox):
     """Version 1.0.0 and 1.1.0 wrote no key check: the next backup writes one."""

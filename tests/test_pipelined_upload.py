@@ -243,9 +243,9 @@ def test_unchanged_incremental_makes_one_list_and_two_puts(sandbox, proxy):
     proxy.reset_counters()
     second = sandbox.backup(aws_only, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
-    # One prefix query for the current month; no archive object, only the catalogue
-    # (it records that nothing changed) and the indicator.
-    assert proxy.counters()["by_kind"] == {"LIST": 1, "PutObject": 2}
+    # Two prefix queries (the key checks, the current month); no archive object, only
+    # the catalogue (it records that nothing changed) and the indicator.
+    assert proxy.counters()["by_kind"] == {"LIST": 2, "PutObject": 2}
     assert len(keys(sandbox, "no")) == 1
 
 

@@ -6,6 +6,7 @@ written out by hand with its own example values.
 
 import datetime as dt
 import os
+import re
 import xml.etree.ElementTree as ElementTree
 
 import pytest
@@ -165,17 +166,60 @@ def test_the_command_line_writes_env_references_by_default(tmp_path, capsys):
         "--program-dir", PROGRAM_DIR, "--python", PYTHON, "--log-dir", "C:\\logs",
         "--sender", "a@example.com", "--recipient", "b@example.com",
         "--instructions", "C:\\i.txt", "--mirror-dir", "F:\\m", "--bucket", "aam-data-backup",
-        "--location", "pc", "--user", "PC\\me", "--output", str(tmp_path),
-        "--region", "eu-west-1"])
+        "--location", "pc", "--user", "PC\\me", "--output", str(tmp_path)])
     assert code == 0
     with open(tmp_path / "backup batch files" / "Regular backup.bat", encoding="utf-8") as f:
         bat = f.read()
     assert '"env:AAM_BACKUP_ENCRYPTION_KEY"' in bat and "@aam" not in bat
+    assert 'schtasks /Create /TN "Daily AAM Auto Backup" /XML' in capsys.readouterr().out
+
+
+COMMAND_LINE = ["--program-dir", PROGRAM_DIR, "--python", PYTHON, "--log-dir", "C:\\logs",
+                "--sender", "a@example.com", "--recipient", "b@example.com",
+                "--instructions", "C:\\i.txt", "--mirror-dir", "F:\\m",
+                "--bucket", "aam-data-backup", "--location", "pc", "--user", "PC\\me"]
+
+
+def test_dry_run_prints_the_files_and_commands_and_writes_nothing(tmp_path, capsys):
+    output = tmp_path / "out"
+    code = ws.main(COMMAND_LINE + ["--output", str(output), "--region", "eu-west-1",
+                                   "--dry-run"])
+    assert code == 0
     printed = capsys.readouterr().out
-    assert 'schtasks /Create /TN "Daily AAM Auto Backup" /XML' in printed
-    # the region the job's AWS clients (SES's sender) use, set like the secrets
+    assert printed.startswith("Dry run: nothing is written, asked or run.")
+    assert "<Arguments>" in printed and 'set "AWS_REGION=eu-west-1"' in printed
+    assert 'schtasks /Create /TN "Daily AAM Auto Backup"' in printed
     assert "    setx AWS_REGION eu-west-1\n" in printed
-    assert ws.main(["--python", PYTHON, "--log-dir", "C:\\logs", "--sender", "a@example.com",
-                    "--recipient", "b@example.com", "--instructions", "C:\\i.txt",
-                    "--bucket", "b-1", "--location", "pc", "--output", str(tmp_path),
-                    "--region", "eu west"]) == 2
+    assert not output.exists()
+
+
+def test_the_region_is_set_in_the_batch_files(tmp_path):
+    settings = example_settings(region="eu-west-1")
+    text = ws.batch_file_text(settings, "regular-backup")
+    lines = text.split("\r\n")
+    assert lines[1] == 'set "AWS_REGION=eu-west-1"'
+    assert lines[2].startswith("aam_auto_backup.py regular-backup user ")
+    assert ws.task_xml(settings, dt.date(2021, 3, 29)) == EXPECTED_TASK_XML
+
+
+def test_inline_secrets_are_typed_twice(tmp_path, monkeypatch, capsys):
+    typed = iter(["key of twenty characters", "key of twenty characterz",   # a typo
+                  "key of twenty characters", "key of twenty characters",
+                  "AKIDEXAMPLE", "AKIDEXAMPLE", "secret", "secret"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt: next(typed))
+    assert ws.main(COMMAND_LINE + ["--output", str(tmp_path), "--inline-secrets"]) == 0
+    bat = (tmp_path / "backup batch files" / "Regular backup.bat").read_text()
+    assert '"key of twenty characters"' in bat and "characterz" not in bat
+    assert "The two differ; once more." in capsys.readouterr().err
+    never = iter(["a", "b"] * 3)
+    monkeypatch.setattr("getpass.getpass", lambda prompt: next(never))
+    assert ws.main(COMMAND_LINE + ["--output", str(tmp_path / "x"), "--inline-secrets"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_docstring_offers_only_options_the_tool_takes(capsys):
+    with pytest.raises(SystemExit):
+        ws.parse_command_line(["--help"])
+    taken = set(re.findall(r"(--[a-z][a-z-]+)", capsys.readouterr().out))
+    documented = set(re.findall(r"(--[a-z][a-z-]+)", ws.__doc__))
+    assert documented and documented <= taken, documented - taken

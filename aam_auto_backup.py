@@ -3553,9 +3553,11 @@ class BucketListing:
                  if f == full and incr is not None and self.is_complete(f, incr, sources)]
         return sorted(found)
 
-    def newest_keychecks(self):
-        """The key checks of the newest chain that has any ([] when none has)."""
-        return self.keychecks[max(self.keychecks)] if self.keychecks else []
+    def newest_keychecks(self, before):
+        """The key checks of the newest chain begun before that time that has any ([] when
+        none has; one dated later cannot be of an earlier chain)."""
+        fulls = [full for full in self.keychecks if full < before]
+        return self.keychecks[max(fulls)] if fulls else []
 
 
 # ============================================================================
@@ -5179,7 +5181,7 @@ class BackupRun:
         """
         key, incremental = self.args.key, self.scope is Scope.INCREMENTAL
         checks = (listing.keychecks.get(self.base_full, []) if incremental
-                  else listing.newest_keychecks())
+                  else listing.newest_keychecks(self.start))
         matching = next((check for check in checks if check.matches(key)), None)
         if matching is not None:
             self.log.line(f"Key check: the archive key (argument {BACKUP_ARGS.number('key')}) "
@@ -6086,18 +6088,19 @@ def build_restore_set(location, listing, full, chosen, full_manifests, downloads
     return RestoreSet(location, full, [i for i, _m in chosen], sources, archives, indicators)
 
 
-def check_restore_key(key, checks, full, argument=RESTORE_ARGS.number("key")):
-    """The key check of the chain of full that key matches (None when it has none: made
-    before key checks existed; its catalogues then try the key); a key that matches
-    none is refused before any catalogue is read or volume thawed."""
-    if not checks:
-        return None
+def keycheck_verdict(key, checks, full, argument=RESTORE_ARGS.number("key")):
+    """(The key check of the chain of full that key matches, or None; why the key is
+    wrong, or None).  A chain without key checks (made before they existed) gives
+    (None, None): its catalogues try the key."""
     for check in checks:
         if check.matches(key):
-            return check.key
-    raise AamError(f"The decryption key (argument {argument}) is wrong: it is not the key "
-                   f"the backups of the full backup {describe_stamp(full)} were made with "
-                   f"(their key check {checks[0].key}). Nothing was downloaded or thawed.")
+            return check.key, None
+    if not checks:
+        return None, None
+    return None, (f"The decryption key (argument {argument}) is wrong: it is not the key the "
+                  f"backups of the full backup {describe_stamp(full)} were made with (their "
+                  f"key check {checks[0].key}, and their catalogue does not open with it). "
+                  "Nothing was thawed.")
 
 
 def check_incremental_chain(restore_set, manifests_by_backup, out):
@@ -6602,6 +6605,10 @@ def run_seven_zip(settings, platform, argv, key, cwd=None, private=False):
     return result.returncode, platform.decode_output(result.stdout)
 
 
+class WrongKey(AamError):
+    """7-Zip cannot open an archive or a catalogue with the key given."""
+
+
 def seven_zip_failure(code, output, archive_name, key_argument=8):
     """None when 7-Zip succeeded, else an AamError saying what went wrong."""
     if code == 0:
@@ -6609,7 +6616,7 @@ def seven_zip_failure(code, output, archive_name, key_argument=8):
     errors = [line.strip() for line in output.splitlines()
               if line.startswith("ERROR") or "Unexpected end" in line]
     if any(line.startswith("ERROR: Wrong password") for line in errors):
-        return AamError(f"The decryption key (argument {key_argument}) is wrong: 7-Zip "
+        return WrongKey(f"The decryption key (argument {key_argument}) is wrong: 7-Zip "
                         f"cannot open {archive_name}. Nothing was extracted; what was "
                         "downloaded is kept, so a re-run with the right key does not "
                         "download it again.")
@@ -7038,6 +7045,8 @@ class Restoration:
         self.state = None
         self.lock = None
         self.verified = set()      # volumes hashed by this process
+        self.keycheck_problem = None   # the key does not match the chain's key check: why
+        self.catalogues_opened = 0     # with the key given, by this process
 
     # -- opening: lock, backup set, state --------------------------------------
     def open(self):
@@ -7083,8 +7092,13 @@ class Restoration:
             self.set = self.state.restore_set(self.downloads)
             out.line(f"Continuing the restoration started {self.state.data['started']} "
                      f"(state file {self.state.path}).")
-            if self.set.keycheck:
-                check_restore_key(args.key, [KeyCheck.parse(self.set.keycheck)], self.set.full)
+            if self.set.keycheck:      # the key the restoration began with matched it
+                problem = keycheck_verdict(args.key, [KeyCheck.parse(self.set.keycheck)],
+                                           self.set.full)[1]
+                if problem:
+                    raise WrongKey(problem.replace(", and their catalogue does not open with "
+                                                   "it", ", which the key this restoration "
+                                                   "began with matched"))
             return
         # The latest: the last six months, as backups look back, and the key checks; a
         # point: all there is.
@@ -7097,7 +7111,11 @@ class Restoration:
                                                        self.point)
         except NoBackupSet:
             raise NoBackupSet(self.no_set_message(prefixes[:MONTHS_SCANNED])) from None
-        keycheck = check_restore_key(args.key, listing.keychecks.get(full, []), full)
+        # A key that does not match the chain's key check is refused once the first
+        # catalogue confirms it (prepare): a key check written with a mistyped key (the
+        # first backup of a chain made by 1.1.0 writes it) must not refuse the right key.
+        keycheck, self.keycheck_problem = keycheck_verdict(args.key,
+                                                           listing.keychecks.get(full, []), full)
         self.set = build_restore_set(args.location, listing, full, chosen, manifests,
                                      self.downloads)
         self.set.keycheck = keycheck
@@ -7153,7 +7171,17 @@ class Restoration:
             volumes = self.set.volumes
             self.plan = RestorePlan(volumes, Tally(), Tally(), volumes, [])
             return
-        self.plan = make_plan(self)
+        try:
+            self.plan = make_plan(self)
+        except WrongKey:
+            if self.keycheck_problem and not self.catalogues_opened:
+                raise WrongKey(self.keycheck_problem) from None
+            raise                  # a later catalogue: it names the backup made otherwise
+        if self.keycheck_problem:
+            self.out.line("Warning: the key does not match the chain's key check, yet its "
+                          "catalogues open with it: the key check was written with another "
+                          "key (a mistyped key in the backup that wrote it, or an object "
+                          "added by someone else); the restore goes on.")
 
     def report_set(self):
         self.out.section(SECTION_RESTORE_SET)
@@ -7239,6 +7267,7 @@ class Restoration:
         failure = seven_zip_failure(code, output, f"the catalogue {described['name']}")
         if failure:
             raise failure
+        self.catalogues_opened += 1
         os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
         shutil.rmtree(unpacked)
         return text_path
@@ -7645,15 +7674,17 @@ def browse(args, platform, settings):
     for line in backup_table(chains, listing):
         out.line(line)
     if args.selection:
-        searched = [chain for chain in chains if key_opens(args.key, chain[0], listing, out)]
-        if not searched:
-            check_restore_key(args.key, listing.keychecks[chains[-1][0]], chains[-1][0],
-                              BROWSE_ARGS.number("key"))
-        found, unknown = 0, []
+        found, unknown, refused = 0, [], []
         with tempfile.TemporaryDirectory(prefix="aam-browse-") as work:
-            for chain in searched:
-                found += find_versions(s3, args, platform, settings, chain, listing, work,
-                                       out, unknown)
+            for chain in chains:
+                try:
+                    found += find_versions(s3, args, platform, settings, chain, listing,
+                                           work, out, unknown)
+                except WrongKey as problem:       # a chain made before the key changed
+                    refused.append(problem)
+                    out.line(another_key_line(chain[0], listing))
+        if len(refused) == len(chains):
+            raise refused[-1]
         wanted = " | ".join(args.selection)
         if unknown:
             # Without a catalogue only a thaw could tell what those backups hold.
@@ -7709,15 +7740,12 @@ def backup_table(chains, listing):
     return lines
 
 
-def key_opens(key, full, listing, out):
-    """False (and said) when the chain of full was made with another key: its key check
-    does not match (a key changed on purpose starts a new chain)."""
+def another_key_line(full, listing):
+    """Why a chain was not searched: its catalogue does not open with the key given."""
     checks = listing.keychecks.get(full, [])
-    if not checks or any(check.matches(key) for check in checks):
-        return True
-    out.line(f"(the backups of the full backup {describe_stamp(full)} were made with another "
-             f"key, says their key check {checks[0].key}: not searched)")
-    return False
+    said = f", says their key check {checks[0].key}" if checks else ""
+    return (f"(the backups of the full backup {describe_stamp(full)} were made with another "
+            f"key{said}: their catalogue does not open with this one; not searched)")
 
 
 def find_versions(s3, args, platform, settings, chain, listing, work, out, unknown):

@@ -155,12 +155,13 @@ def test_a_new_full_backup_must_match_the_latest_chain_unless_forced(sandbox, tm
     assert found.returncode == 0, found.stdout + found.stderr
     for check in (first, second):
         assert (f"(the backups of the full backup {aab.describe_stamp(check.full)} were made "
-                f"with another key, says their key check {check.key}: not searched)"
-                ) in found.stdout
+                f"with another key, says their key check {check.key}: their catalogue does "
+                "not open with this one; not searched)") in found.stdout
     assert f"{mount}/notes.md\n" in found.stdout and found.stdout.count(", modified ") == 1
     none = browse(sandbox, TYPO, "notes.md")
     assert none.returncode == 1
-    assert "The decryption key (argument 2) is wrong" in none.stderr
+    assert "The decryption key (argument 2) is wrong: 7-Zip cannot open the catalogue" \
+        in none.stderr
 
 
 def browse(sandbox, key, *selection):
@@ -185,6 +186,37 @@ def test_a_chain_made_before_key_checks_gets_one_for_the_key_in_use(sandbox):
             f"{aab.describe_stamp(check.full)}) has none: made by version 1.0.0 or 1.1.0; "
             "written for the archive key in use).") in last_log(sandbox)
     assert sandbox.backup({"key": TYPO}).returncode == 9
+
+
+def test_a_key_check_written_with_a_mistyped_key_does_not_refuse_the_right_key(sandbox,
+                                                                                tmp_path):
+    """The first backup of this version on a chain made by 1.1.0 writes its key check for
+    the key it is given: a typo then is taken for the chain's.  A restore with the right
+    key is refused only when the catalogues do not open with it either."""
+    mount = sandbox.single_source(FILES)
+    ok(sandbox.backup())
+    full = snapshot(mount)
+    (check,) = sandbox.keychecks()
+    sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=check.key)       # made by 1.1.0
+    file_times_pass()
+    write_file(os.path.join(mount, "notes.md"), b"# under a mistyped key\n")
+    ok(sandbox.backup({"key": TYPO}))
+    (written,) = sandbox.keychecks()
+    assert written.matches(TYPO) and not written.matches(KEY)
+    point = sandbox.backup_stamps()[0]
+    result = sandbox.restore(ONE_STEP, tmp_path / "full", {"send_email": "False",
+                                                            "restore_point": point})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Warning: the key does not match the chain's key check, yet its catalogues open " \
+        "with it" in result.stdout
+    assert snapshot(tmp_path / "full" / "1") == full
+    # the incremental made with the typo opens only with the typo: said, not guessed
+    latest = sandbox.restore(ONE_STEP, tmp_path / "latest", {"send_email": "False"})
+    assert latest.returncode == 1
+    assert "The decryption key (argument 8) is wrong: it is not the key the backups of the " \
+        "full backup" not in latest.stdout
+    assert "The decryption key (argument 8) is wrong: 7-Zip cannot open the catalogue" \
+        in latest.stdout
 
 
 def test_the_verifier_is_the_one_zip_aes_stores_beside_each_file(sandbox, tmp_path):

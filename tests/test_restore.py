@@ -385,7 +385,8 @@ def assert_nothing_extracted(destination):
     assert not [n for n in names if re.fullmatch(r"\d+(\.incomplete)?", n)], names
 
 
-def test_a_wrong_key_is_caught_by_the_key_check_before_any_download(sandbox, tmp_path, proxy):
+def test_a_wrong_key_is_refused_by_the_key_check_and_the_catalogue_before_any_thaw(
+        sandbox, tmp_path, proxy):
     tree, expected = make_history(sandbox)
     destination = tmp_path / "r"
     via_proxy(sandbox, proxy)
@@ -395,11 +396,14 @@ def test_a_wrong_key_is_caught_by_the_key_check_before_any_download(sandbox, tmp
     (check,) = sandbox.keychecks()
     assert ("The decryption key (argument 8) is wrong: it is not the key the backups of the "
             f"full backup {aam.describe_stamp(check.full)} were made with (their key check "
-            f"{check.key}). Nothing was downloaded or thawed.") in wrong.stdout
-    # only the completion indicators were read: no catalogue, no volume, no thaw
-    read = {r["key"] for r in proxy.requests() if r["kind"] in ("GetObject", "HeadObject",
-                                                               "RestoreObject")}
-    assert read and read <= set(indicator_keys(sandbox))
+            f"{check.key}, and their catalogue does not open with it). Nothing was thawed."
+            ) in wrong.stdout
+    # the indicators and one catalogue were read: no volume, no thaw
+    kinds = proxy.counters()["by_kind"]
+    assert "RestoreObject" not in kinds and "HeadObject" not in kinds
+    catalogues = sorted(name.key for name in sandbox.object_names() if name.catalogue)
+    read = [r["key"] for r in proxy.requests() if r["kind"] == "GetObject"]
+    assert sorted(set(read) - set(indicator_keys(sandbox))) == catalogues[:1]
     assert_nothing_extracted(destination)
     assert not downloaded_volumes(destination)
     (message,) = restoration_emails(sandbox)
@@ -408,10 +412,8 @@ def test_a_wrong_key_is_caught_by_the_key_check_before_any_download(sandbox, tmp
     proxy.reset_counters()
     ok(sandbox.restore(ONE_STEP, destination))
     fetched = [r["key"] for r in proxy.requests() if r["kind"] == "GetObject"]
-    catalogues = [name.key for name in sandbox.object_names() if name.catalogue]
-    # each volume and catalogue once
-    assert sorted(k for k in fetched if k not in indicator_keys(sandbox)) == sorted(
-        volume_keys(sandbox) + catalogues)
+    # each volume once; the catalogue the wrong key could not open is not fetched again
+    assert sorted(fetched) == sorted(volume_keys(sandbox) + catalogues[1:])
     assert numbered_directories(destination, tree) == expected
 
 

@@ -4549,8 +4549,10 @@ class VolumeUploader:
     raised by finish(), and no indicator is written.
     """
 
-    def __init__(self, s3, bucket, archive_dir, key_for, log, index=None):
+    def __init__(self, s3, bucket, archive_dir, key_for, log, index=None,
+                 before_upload=None):
         self.s3, self.bucket, self.archive_dir = s3, bucket, archive_dir
+        self.before_upload = before_upload   # called before each upload (the key check)
         self.key_for = key_for          # volume number -> S3 key
         self.log = log
         self.index = index              # ZipIndex fed with every volume's bytes, or None
@@ -4595,6 +4597,9 @@ class VolumeUploader:
         return digest.hexdigest()
 
     def upload(self, path, key):
+        said = self.before_upload() if self.before_upload else None
+        if said:
+            self.announce(said)
         size = os.path.getsize(path)
         digest = self.digest_and_index(path)
         self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
@@ -4883,6 +4888,7 @@ class BackupRun:
         self.report_unsent = False
         self.state_verdicts = {}     # local state path -> why it cannot be used (None: it can)
         self.digest_key = None       # of the local states (state_key)
+        self.keycheck_to_write = None  # (KeyCheck, why): the chain's, before the first upload
 
     # -- the whole run -------------------------------------------------------
     def execute(self):
@@ -5187,13 +5193,13 @@ class BackupRun:
             self.log.line(f"Key check: the archive key (argument {BACKUP_ARGS.number('key')}) "
                           f"matches {matching.key}.", terminal=False)
             if not incremental:
-                self.write_keycheck(KeyCheck.for_key(self.args.location, self.start, key,
-                                                     like=matching),
-                                    "this full backup's, for the same key")
+                self.keycheck_to_write = (KeyCheck.for_key(self.args.location, self.start,
+                                                           key, like=matching),
+                                          "this full backup's, for the same key")
             return
         new = KeyCheck.for_key(self.args.location, self.base_full, key)
         if not checks:
-            self.write_keycheck(new, (
+            self.keycheck_to_write = (new, (
                 f"its chain (the full backup {describe_stamp(self.base_full)}) has none: "
                 "made by version 1.0.0 or 1.1.0" if incremental else
                 f"the bucket holds none for location {self.args.location} yet: a first "
@@ -5204,14 +5210,18 @@ class BackupRun:
         else:
             self.refuse_key(checks[0], incremental)
 
-    def write_keycheck(self, check, why):
-        """Put the key check before any volume; a failure ends the AWS part of the run."""
-        try:
-            put_new_object(self.s3, self.args.bucket, check.key, b"", "key check")
-        except aws_errors() + (AamError,) as problem:
-            self.skip_aws(describe_aws_error(problem, credentials=BACKUP_CREDENTIALS))
-            return
-        self.log.line(f"Key check: uploaded {check.key} ({why}).", terminal=False)
+    def write_keycheck(self):
+        """Put the chain's new key check, if it needs one, right before the run's first
+        upload (a volume, or a catalogue when there is none): never before the child
+        has something to send, so a run that uploads nothing writes nothing.  A failure
+        is the upload's (UploadFailed, WriteRefused: named as a key check).  Returns the
+        line for the log (None: nothing to write)."""
+        if self.keycheck_to_write is None:
+            return None
+        check, why = self.keycheck_to_write
+        put_new_object(self.s3, self.args.bucket, check.key, b"", "key check")
+        self.keycheck_to_write = None
+        return f"Key check: uploaded {check.key} ({why})."
 
     def start_new_key_chain(self, newest, new):
         """Argument 21 forces a full backup with another key: the key is changed on purpose."""
@@ -5223,7 +5233,7 @@ class BackupRun:
         self.report_notes.append(
             "WARNING: the archive key changed: this forced full backup starts a new chain "
             "with the new key; restoring an earlier backup needs the old key.")
-        self.write_keycheck(new, "a new chain with a new key")
+        self.keycheck_to_write = (new, "a new chain with a new key")
 
     def refuse_key(self, check, incremental):
         """A key that differs from the chain's: nothing goes to S3 (exit EXIT_WRONG_KEY)."""
@@ -5610,7 +5620,7 @@ class BackupRun:
             self.s3, self.args.bucket, os.path.join(self.work_dir, ARCHIVE_DIR),
             lambda number: ObjectName(self.args.location, full, incremental, False, name,
                                       number).key,
-            self.log, ZipIndex(index_path, self.settings.volume_size))
+            self.log, ZipIndex(index_path, self.settings.volume_size), self.write_keycheck)
 
     def note_orphans(self, uploader):
         """Volumes uploaded before a failure have no indicator, so nothing uses them."""
@@ -5629,6 +5639,9 @@ class BackupRun:
         indicator = ObjectName(self.args.location, full, incremental, True, name)
         try:
             records = uploader.finish(reported_count)
+            said = self.write_keycheck()         # when no volume went up before
+            if said:
+                self.log.line(said, terminal=False)
             files, described = self.upload_catalogue(catalogue, uploader, records)
             body = indicator_body(run_sources, name, source.mount, files, records, full,
                                   self.start, self.since, self.platform, described)

@@ -472,8 +472,8 @@ def test_a_1_0_0_chain_continued_restores_exactly_from_its_first_listing(sandbox
     # browse shows the versions from the first listing on, and says so
     found = browse(sandbox, "main.py")
     assert found.returncode == 0, found.stdout + found.stderr
-    assert "have no catalogue: made by version 1.0.0; versions are shown from that backup " \
-        "on)" in found.stdout
+    assert ("have no catalogue: made by version 1.0.0; whether they hold what is asked for "
+            "is unknown; versions are shown from that backup on)") in found.stdout
     assert found.stdout.count(", modified ") == 1     # main.py, as the listing has it
 
     # Before the first listing the set is replayed, as version 1.0.0 restores it.

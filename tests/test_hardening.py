@@ -12,7 +12,8 @@ import unicodedata
 import pytest
 
 import aam_auto_backup as aab
-from conftest import ACCESS_KEY_ID, KEY, PROGRAM, SECRET, extract, file_times_pass, snapshot
+from conftest import (ACCESS_KEY_ID, KEY, PROGRAM, SECRET, extract, file_times_pass, mirrored,
+                      snapshot)
 from local_aws import backup_policy
 from sample_tree import read_tree
 
@@ -303,7 +304,7 @@ def check_special_files_run(sandbox, tmp_path, device):
     for name, what in specials.items():
         assert f"Not backed up ({what}): {mount}/docs/{name}" in log
     mirror = os.path.join(sandbox.mirror, mount.lstrip("/"))
-    assert snapshot(mirror) == snapshot(mount, specials=True)      # none in the mirror
+    assert mirrored(mirror) == mirrored(mount, specials=True)      # none in the mirror
     assert "validation failure" not in log
 
     file_times_pass()

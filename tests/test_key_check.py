@@ -14,7 +14,7 @@ import struct
 import pytest
 
 import aam_auto_backup as aab
-from conftest import KEY, extract, file_times_pass, ok, snapshot, write_file
+from conftest import KEY, extract, file_times_pass, mirrored, ok, snapshot, write_file
 
 TYPO = KEY[:-1] + "?"                 # one character off
 NEW_KEY = "A new key, changed on purpose 2027"
@@ -73,7 +73,7 @@ def test_a_mistyped_key_is_refused_before_anything_is_uploaded(sandbox, proxy, t
     assert "nothing was written to S3" in email["body"] and check.salt.hex() not in email["body"]
     if destinations == "local|AWS":       # the mirror does not need the key: it is made
         assert "the local mirror is still made" in result.stdout
-        assert snapshot(os.path.join(sandbox.mirror, mount.lstrip("/"))) == snapshot(mount)
+        assert mirrored(os.path.join(sandbox.mirror, mount.lstrip("/"))) == mirrored(mount)
     elif state == "with the local state":  # the early child's 7-Zip ran, for nothing
         assert re.search(r"S3 did not: it is ended \(the \d+ volume\(s\) its 7-Zip had "
                          r"begun are removed unsent\)", last_log(sandbox))

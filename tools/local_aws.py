@@ -25,6 +25,7 @@ Library use::
         proxy.wait_for(lambda c: c["by_kind"].get("UploadPart", 0) >= 1, 60)  # a part is up
         proxy.fail_after(3)          # 4th and later requests get HTTP 500
         proxy.plant_first("PutObject", "_yes_")   # that key exists when it arrives
+        proxy.limit_upload(5_000_000)   # request bodies of all connections: 5 MB/s in sum
 
 IAM enforcement (moto only checks policies once it is switched on)::
 
@@ -43,9 +44,12 @@ fixes to moto 5.2.1 that make this simulation faithful (see below).
 Command line::
 
     python tools/local_aws.py serve [--port P] [--bucket B] [--sender ADDR]
+                                    [--upload-limit RATE]
 
 prints ``AWS_ENDPOINT_URL=...`` (and the dummy credentials) and serves
-until Ctrl-C.
+until Ctrl-C.  With --upload-limit (e.g. 20Mbit, 2.5M: the forms of
+AAM_UPLOAD_LIMIT) the endpoint printed is a FaultProxy whose request bodies
+pass at that rate in sum: a slow uplink in front of the server.
 """
 
 import argparse
@@ -704,6 +708,34 @@ def _object_kind(method, query, headers):
     return f"{method} object"
 
 
+class UploadThrottle:
+    """A token bucket shared by every connection: request bodies pass at `rate` bytes
+    per second in sum, like an uplink (a limit per connection would let parallel
+    multipart parts together exceed it).
+
+    Each caller reserves its bytes and sleeps until the bucket has paid for them, so
+    that over any interval of t seconds at most BURST + rate * t bytes pass.
+    """
+
+    BURST = 64 * 1024
+
+    def __init__(self, rate):
+        self.rate = float(rate)
+        self._lock = threading.Lock()
+        self._tokens = float(self.BURST)
+        self._stamp = time.monotonic()
+
+    def take(self, size):
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.BURST, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= size
+            debt = -self._tokens
+        if debt > 0:
+            time.sleep(debt / self.rate)
+
+
 class FaultProxy:
     """A transparent, counting, fault-injecting reverse proxy (127.0.0.1).
 
@@ -731,6 +763,7 @@ class FaultProxy:
         self._delay = 0.0
         self._delay_kinds = None
         self._plant = None
+        self._throttle = None
         self.reset_counters()
         self._server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", port), _make_handler(self))
@@ -816,6 +849,11 @@ class FaultProxy:
         upstream = f"http://{self.upstream_host}:{self.upstream_port}"
         isolated_client("s3", upstream).put_object(Bucket=bucket, Key=key, Body=body,
                                                    IfNoneMatch="*")
+
+    def limit_upload(self, bytes_per_second):
+        """Let request bodies through at bytes_per_second in sum over all connections
+        (None: no limit), as over a slow uplink; the client's sends back up behind it."""
+        self._throttle = UploadThrottle(bytes_per_second) if bytes_per_second else None
 
     def clear_faults(self):
         with self._lock:
@@ -983,7 +1021,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True  # drop it: the client gave up long ago
 
     def _answer_failure(self, kind, status):
-        received = sum(len(c) for c in self._body_chunks())
+        for _ in self._body_chunks(kind):
+            pass
         body = _error_xml(status)
         self.send_response_only(status)
         self.send_header("Content-Type", "application/xml")
@@ -992,7 +1031,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
         self.proxy._count("_injected_failures")
-        self.proxy._count_bytes(kind, received=received, sent=len(body))
+        self.proxy._count_bytes(kind, sent=len(body))
 
     # -- forwarding
 
@@ -1006,27 +1045,35 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if name.lower() not in HOP_HEADERS:
                     upstream.putheader(name, value)
             upstream.endheaders()
-            received = 0
-            for chunk in self._body_chunks():
+            for chunk in self._body_chunks(kind):
                 upstream.send(chunk)
-                received += len(chunk)
-            self.proxy._count_bytes(kind, received=received)
             response = upstream.getresponse()
             sent = self._relay_response(response)
             self.proxy._count_bytes(kind, sent=sent)
         finally:
             upstream.close()
 
-    def _body_chunks(self):
-        """Yield the request body as it came, framing bytes included."""
+    def _body_chunks(self, kind):
+        """Yield the request body as it came, framing bytes included, each chunk
+        counted as it arrives (a wait on bytes_received sees a body in progress)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            yield from self._raw_chunked_body()
-            return
-        yield from self._exactly(int(self.headers.get("Content-Length") or 0))
+            chunks = self._raw_chunked_body()
+        else:
+            chunks = self._exactly(int(self.headers.get("Content-Length") or 0))
+        for chunk in chunks:
+            self.proxy._count_bytes(kind, received=len(chunk))
+            yield chunk
+
+    def _pass_uplink(self, size):
+        """Wait for the upload limit's leave to read size more bytes (if limited)."""
+        throttle = self.proxy._throttle
+        if throttle is not None:
+            throttle.take(size)
 
     def _exactly(self, remaining):
         """Yield the next `remaining` bytes of the request, in copy-sized chunks."""
         while remaining > 0:
+            self._pass_uplink(min(COPY_CHUNK, remaining))
             chunk = self.rfile.read(min(COPY_CHUNK, remaining))
             if not chunk:
                 raise ConnectionError("client closed mid-body")
@@ -1038,6 +1085,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             size_line = self.rfile.readline()
             if not size_line:
                 raise ConnectionError("client closed mid-body")
+            self._pass_uplink(len(size_line))
             yield size_line
             size = int(size_line.split(b";")[0].strip(), 16)
             if size == 0:

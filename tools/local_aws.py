@@ -764,6 +764,7 @@ class FaultProxy:
         self._delay_kinds = None
         self._plant = None
         self._throttle = None
+        self._connections = set()         # client sockets being served
         self.reset_counters()
         self._server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", port), _make_handler(self))
@@ -854,6 +855,17 @@ class FaultProxy:
         """Let request bodies through at bytes_per_second in sum over all connections
         (None: no limit), as over a slow uplink; the client's sends back up behind it."""
         self._throttle = UploadThrottle(bytes_per_second) if bytes_per_second else None
+
+    def cut_connections(self):
+        """The line goes dead: every client connection open now is closed at once, a
+        body in progress is neither forwarded nor counted further.  With a throttle,
+        what the client had sent but the throttle had not let through (the sockets'
+        buffers) is lost, as at a power cut, not delivered afterwards."""
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def clear_faults(self):
         with self._lock:
@@ -990,6 +1002,16 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def setup(self):
+        super().setup()
+        with self.proxy._lock:
+            self.proxy._connections.add(self.connection)
+
+    def finish(self):
+        with self.proxy._lock:
+            self.proxy._connections.discard(self.connection)
+        super().finish()
 
     def do_request(self):
         kind = classify(self.command, self.path, self.headers)
@@ -1133,15 +1155,21 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 # ---------------------------------------------------------------- CLI
 
-def serve(port=None, bucket=None, sender=None):
+def serve(port=None, bucket=None, sender=None, upload_limit=None):
+    """upload_limit (bytes per second): serve through a FaultProxy limited to it."""
     # SIGTERM, too, should stop the server cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with LocalAws(port=port) as aws:
+    with LocalAws(port=None if upload_limit else port) as aws, contextlib.ExitStack() as stack:
+        endpoint = aws.endpoint_url
+        if upload_limit:
+            proxy = stack.enter_context(FaultProxy(aws.endpoint_url, port or 0))
+            proxy.limit_upload(upload_limit)
+            endpoint = proxy.endpoint_url
         if bucket:
             aws.create_bucket(bucket)
         if sender:
             aws.verify_ses_identity(sender)
-        print(f"AWS_ENDPOINT_URL={aws.endpoint_url}")
+        print(f"AWS_ENDPOINT_URL={endpoint}")
         print(f"AWS_ACCESS_KEY_ID={DUMMY_ACCESS_KEY}")
         print(f"AWS_SECRET_ACCESS_KEY={DUMMY_SECRET_KEY}")
         print(f"AWS_DEFAULT_REGION={aws.region}", flush=True)
@@ -1159,9 +1187,22 @@ def main(argv=None):
     serve_cmd.add_argument("--port", type=int, help="default: a free port")
     serve_cmd.add_argument("--bucket", help="S3 bucket to create")
     serve_cmd.add_argument("--sender", help="SES sender address to verify")
+    serve_cmd.add_argument("--upload-limit", type=_rate, metavar="RATE",
+                           help="request bodies in sum at most this rate, a slow uplink "
+                                "(e.g. 20Mbit, 2.5M: the forms of AAM_UPLOAD_LIMIT)")
     args = parser.parse_args(argv)
-    serve(args.port, args.bucket, args.sender)
+    serve(args.port, args.bucket, args.sender, args.upload_limit)
     return 0
+
+
+def _rate(text):
+    """Bytes per second, read as the program reads AAM_UPLOAD_LIMIT."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from aam_auto_backup import parse_byte_rate
+    try:
+        return parse_byte_rate(text)
+    except ValueError as problem:
+        raise argparse.ArgumentTypeError(str(problem))
 
 
 if __name__ == "__main__":

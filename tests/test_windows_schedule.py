@@ -171,3 +171,37 @@ def test_the_command_line_writes_env_references_by_default(tmp_path, capsys):
         bat = f.read()
     assert '"env:AAM_BACKUP_ENCRYPTION_KEY"' in bat and "@aam" not in bat
     assert 'schtasks /Create /TN "Daily AAM Auto Backup" /XML' in capsys.readouterr().out
+
+
+def test_stop_after_sets_the_tasks_time_limit():
+    xml = ws.task_xml(example_settings(stop_after=390), dt.date(2021, 3, 29))
+    assert xml == EXPECTED_TASK_XML.replace(
+        "<ExecutionTimeLimit>PT72H</ExecutionTimeLimit>",
+        "<ExecutionTimeLimit>PT6H30M</ExecutionTimeLimit>")
+    hours = ws.task_xml(example_settings(stop_after=360), dt.date(2021, 3, 29))
+    assert "<ExecutionTimeLimit>PT6H</ExecutionTimeLimit>" in hours
+    minutes = ws.task_xml(example_settings(stop_after=45), dt.date(2021, 3, 29))
+    assert "<ExecutionTimeLimit>PT45M</ExecutionTimeLimit>" in minutes
+
+
+def test_the_command_line_takes_a_stop_time_and_an_upload_limit(tmp_path, capsys):
+    code = ws.main([
+        "--program-dir", PROGRAM_DIR, "--python", PYTHON, "--log-dir", "C:\\logs",
+        "--sender", "a@example.com", "--recipient", "b@example.com",
+        "--instructions", "C:\\i.txt", "--mirror-dir", "F:\\m", "--bucket", "aam-data-backup",
+        "--location", "pc", "--user", "PC\\me", "--output", str(tmp_path),
+        "--stop-after", "7", "--upload-limit", "20 Mbit/s"])
+    assert code == 0
+    with open(tmp_path / "Daily AAM Auto Backup.xml", "rb") as handle:
+        assert "<ExecutionTimeLimit>PT7H</ExecutionTimeLimit>" in handle.read().decode("utf-16")
+    assert "setx AAM_UPLOAD_LIMIT 2500000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, value", [("--stop-after", "0"), ("--upload-limit", "20")])
+def test_the_command_line_refuses_a_wrong_stop_time_or_limit(tmp_path, option, value):
+    with pytest.raises(SystemExit) as stopped:
+        ws.main(["--python", PYTHON, "--log-dir", "C:\\logs", "--sender", "a@example.com",
+                 "--recipient", "b@example.com", "--instructions", "C:\\i.txt",
+                 "--bucket", "b", "--location", "pc", "--output", str(tmp_path), option, value])
+    assert stopped.value.code == 2
+    assert not os.listdir(tmp_path)

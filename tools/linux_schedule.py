@@ -10,18 +10,22 @@ environment file.
     python3 tools/linux_schedule.py --instructions ~/backup-instructions.txt \\
         --log-dir ~/aam-logs --mirror /media/usb/backup --bucket aam-data-backup \\
         --location my-laptop --sender backup@example.com --recipient me@example.com \\
-        [--write-secrets] [--unit-dir DIR] [--system]
+        [--write-secrets] [--unit-dir DIR] [--upload-limit 20Mbit] [--stop-after 6]
 
 writes `aam-auto-backup.service`, `aam-auto-backup.timer`, the wrapper script
 `aam-auto-backup-daily.sh` (used by cron) and, with --write-secrets, asks for
 the secrets and writes `secrets.env` (mode 0600).  It prints the commands that
-enable the timer, and the equivalent crontab line.
+enable the timer, and the equivalent crontab line.  --upload-limit sets
+AAM_UPLOAD_LIMIT for the job; --stop-after stops a run still going after that many
+hours with SIGTERM, as Ctrl-C stops it (docs/scheduling.md, "Keeping backups to the
+night").
 """
 
 import argparse
 import getpass
 import os
 import shlex
+import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,6 +36,9 @@ import aam_auto_backup as aab  # noqa: E402
 UNIT = "aam-auto-backup"
 SECRET_VARIABLES = ("AAM_ENCRYPTION_KEY", "AAM_BACKUP_ACCESS_KEY_ID",
                     "AAM_BACKUP_SECRET_ACCESS_KEY")
+# After the SIGTERM of --stop-after, the time the program gets to abort its multipart
+# upload and remove its work directory before it is killed.
+STOP_GRACE_MINUTES = 5
 
 
 def backup_argv(options):
@@ -52,6 +59,15 @@ def backup_argv(options):
 
 def service_text(options, secrets_file):
     command = " ".join(_systemd_quote(a) for a in backup_argv(options))
+    limit = ([f"Environment=AAM_UPLOAD_LIMIT={options.upload_limit}"]
+             if options.upload_limit else [])
+    stop = []
+    if options.stop_after:
+        stop = [
+            # Type=oneshot: the whole run is its start-up (RuntimeMaxSec= has no effect)
+            f"TimeoutStartSec={options.stop_after}min",
+            f"TimeoutStopSec={STOP_GRACE_MINUTES}min",
+        ]
     return "\n".join([
         "[Unit]",
         "Description=AAM Auto Backup: daily regular backup",
@@ -61,7 +77,12 @@ def service_text(options, secrets_file):
         "[Service]",
         "Type=oneshot",
         f"EnvironmentFile={secrets_file}",
+        *limit,
         f"ExecStart={command}",
+        # a stop's SIGTERM goes to the program alone, which stops its child pass and
+        # 7-Zip itself, then aborts its upload; what is left afterwards is killed
+        "KillMode=mixed",
+        *stop,
         # a backup should not slow the computer down
         "Nice=10",
         "IOSchedulingClass=idle",
@@ -87,13 +108,22 @@ def timer_text():
 
 
 def wrapper_text(options, secrets_file):
-    command = " ".join(shlex.quote(a) for a in backup_argv(options))
+    argv = backup_argv(options)
+    if options.stop_after:
+        # timeout(1) sends SIGTERM after the time, SIGKILL if the program is still there
+        # STOP_GRACE_MINUTES later
+        argv = [options.timeout, "--signal=TERM", f"--kill-after={STOP_GRACE_MINUTES}m",
+                f"{options.stop_after}m"] + argv
+    command = " ".join(shlex.quote(a) for a in argv)
+    limit = ([f"AAM_UPLOAD_LIMIT={options.upload_limit}", "export AAM_UPLOAD_LIMIT"]
+             if options.upload_limit else [])
     return "\n".join([
         "#!/bin/sh",
         "# AAM Auto Backup daily job (for cron); the secrets come from an owner-only file.",
         "set -a",
         f". {shlex.quote(secrets_file)}",
         "set +a",
+        *limit,
         f"exec {command}",
         "",
     ])
@@ -147,13 +177,43 @@ def parse_options(argv):
     parser.add_argument("--unit-dir", default=os.path.expanduser("~/.config/systemd/user"))
     parser.add_argument("--write-secrets", action="store_true",
                         help="ask for the key and the AWS keys and write secrets.env")
+    parser.add_argument("--upload-limit", type=_upload_limit, metavar="RATE",
+                        help="AAM_UPLOAD_LIMIT for the job: the whole run's upload at most "
+                             "this rate, e.g. 20Mbit or 2.5M (bytes per second)")
+    parser.add_argument("--stop-after", type=_hours, metavar="HOURS",
+                        help="stop a run still going after HOURS (e.g. 6 or 6.5) with "
+                             "SIGTERM, as Ctrl-C does: keeps backups to the night")
     options = parser.parse_args(argv)
     if options.recipient and not options.sender:
         parser.error("--recipient needs --sender (the SES-verified sender address)")
+    options.timeout = shutil.which("timeout")
+    if options.stop_after and not options.timeout:
+        parser.error("--stop-after: the cron wrapper needs timeout(1) from GNU coreutils, "
+                     "which is not on PATH")
     for name in ("instructions", "log_dir", "mirror", "config_dir", "unit_dir"):
         if getattr(options, name):
             setattr(options, name, os.path.abspath(os.path.expanduser(getattr(options, name))))
     return options
+
+
+def _upload_limit(text):
+    """The rate as bytes per second (validated as the program reads AAM_UPLOAD_LIMIT)."""
+    try:
+        return aab.parse_byte_rate(text)
+    except ValueError as problem:
+        raise argparse.ArgumentTypeError(str(problem))
+
+
+def _hours(text):
+    """Hours (a decimal number) as whole minutes, at least one."""
+    try:
+        minutes = round(float(text) * 60)
+    except ValueError:
+        minutes = 0
+    if not 1 <= minutes <= 7 * 24 * 60:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours from 1/60 to "
+                                         "168")
+    return minutes
 
 
 def main(argv=None):
@@ -173,6 +233,12 @@ def main(argv=None):
     write_file(wrapper, wrapper_text(options, secrets_file), 0o700)
     print(f"Wrote {UNIT}.service and {UNIT}.timer in {options.unit_dir},")
     print(f"and {wrapper}. Secrets are read from {secrets_file} (mode 0600).")
+    if options.upload_limit:
+        print(f"Uploads are limited to {options.upload_limit:,} bytes per second "
+              "(AAM_UPLOAD_LIMIT).")
+    if options.stop_after:
+        print(f"A run still going after {options.stop_after / 60:g} hours is stopped "
+              "(SIGTERM, as Ctrl-C).")
     print("Enable the daily timer (and let it run while you are logged out):")
     print(f"  systemctl --user daemon-reload && systemctl --user enable --now {UNIT}.timer")
     print(f"  loginctl enable-linger {getpass.getuser()}")

@@ -21,6 +21,11 @@ variables once (docs/scheduling.md, "Windows walkthrough").  --inline-secrets
 asks for the values (never on the command line) and writes them into the files,
 if you prefer that.
 
+--stop-after HOURS sets the task's "Stop the task if it runs longer than"
+(default 72 hours); --upload-limit RATE prints (and with --register runs) the
+setx command that sets AAM_UPLOAD_LIMIT for your account: a task has no
+environment of its own (docs/scheduling.md, "Keeping backups to the night").
+
     python tools\\windows_schedule.py --python C:\\...\\python.exe --log-dir ... (see --help)
 """
 
@@ -53,6 +58,7 @@ SECRET_ENV_DEFAULTS = {
 # is quoted.
 BARE_POSITIONS = {1, 2, 4, 5, 7, 15}
 WINDOWS = aab.WindowsPlatform()
+DEFAULT_TIME_LIMIT_MINUTES = 72 * 60      # Task Scheduler's own default
 
 
 class SettingsError(Exception):
@@ -66,7 +72,7 @@ class ScheduleSettings:
                  mirror_dir, bucket, location, user, *, lock_poll=600, lock_wait=7200,
                  send_email=True, sender_name="AAM Backup Report", drive_letter="q",
                  destinations="local|AWS", keep=False, key=None, access_key_id=None,
-                 secret_access_key=None):
+                 secret_access_key=None, stop_after=DEFAULT_TIME_LIMIT_MINUTES):
         self.program_dir = program_dir.rstrip("\\") or program_dir
         self.python, self.log_dir = python, log_dir
         self.sender, self.recipient = sender, recipient
@@ -79,6 +85,7 @@ class ScheduleSettings:
         self.access_key_id = access_key_id or "env:" + SECRET_ENV_DEFAULTS["access_key_id"]
         self.secret_access_key = (secret_access_key
                                   or "env:" + SECRET_ENV_DEFAULTS["secret_access_key"])
+        self.stop_after = stop_after      # minutes: the task's execution time limit
 
     @property
     def inline_secrets(self):
@@ -145,9 +152,12 @@ def task_xml(settings, start_date):
     General: run whether the user is logged on or not (password stored), with
     highest privileges, not hidden.  Trigger: daily at 00:30.  Action: python.exe
     in double quotes, the arguments, "Start in" the program directory without
-    quotes.  Conditions: all unchecked.  Settings: the defaults (runs on demand).
+    quotes.  Conditions: all unchecked.  Settings: the defaults (runs on demand),
+    stopped after settings.stop_after minutes (72 hours unless chosen).
     """
     start = f"{start_date.isoformat()}T{TASK_TIME}"
+    hours, minutes = divmod(settings.stop_after, 60)
+    limit = "PT" + (f"{hours}H" if hours else "") + (f"{minutes}M" if minutes else "")
     return f"""<?xml version="1.0" encoding="UTF-16"?>
 <Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
   <RegistrationInfo>
@@ -185,7 +195,7 @@ def task_xml(settings, start_date):
     <Hidden>false</Hidden>
     <RunOnlyIfIdle>false</RunOnlyIfIdle>
     <WakeToRun>false</WakeToRun>
-    <ExecutionTimeLimit>PT72H</ExecutionTimeLimit>
+    <ExecutionTimeLimit>{limit}</ExecutionTimeLimit>
     <Priority>7</Priority>
   </Settings>
   <Actions Context="Author">
@@ -266,7 +276,37 @@ def parse_command_line(argv):
     add("--output", default=None, help="where to write the files (default: the program "
         "directory)")
     add("--register", action="store_true", help="run schtasks now (Windows, administrator)")
+    add("--stop-after", type=_hours, metavar="HOURS", default=DEFAULT_TIME_LIMIT_MINUTES,
+        help="stop a run still going after HOURS, e.g. 6 or 6.5 (default 72, Task "
+             "Scheduler's own)")
+    add("--upload-limit", type=_upload_limit, metavar="RATE", help="AAM_UPLOAD_LIMIT for "
+        "your account: the whole run's upload at most this rate, e.g. 20Mbit or 2.5M")
     return parser.parse_args(argv)
+
+
+def _upload_limit(text):
+    """The rate as bytes per second (validated as the program reads AAM_UPLOAD_LIMIT)."""
+    try:
+        return aab.parse_byte_rate(text)
+    except ValueError as problem:
+        raise argparse.ArgumentTypeError(str(problem))
+
+
+def _hours(text):
+    """Hours (a decimal number) as whole minutes, at least one."""
+    try:
+        minutes = round(float(text) * 60)
+    except ValueError:
+        minutes = 0
+    if not 1 <= minutes <= 7 * 24 * 60:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours from 1/60 to "
+                                         "168")
+    return minutes
+
+
+def setx_argv(upload_limit):
+    """Set AAM_UPLOAD_LIMIT for this account: scheduled tasks and new terminals read it."""
+    return ["setx", "AAM_UPLOAD_LIMIT", str(upload_limit)]
 
 
 def settings_from(options):
@@ -283,7 +323,8 @@ def settings_from(options):
         options.location, options.user, lock_poll=options.lock_poll,
         lock_wait=options.lock_wait, send_email=options.send_email == "True",
         sender_name=options.sender_name, drive_letter=options.drive_letter,
-        destinations=options.destinations, keep=options.keep == "True", **secrets)
+        destinations=options.destinations, keep=options.keep == "True",
+        stop_after=options.stop_after, **secrets)
 
 
 def main(argv=None):
@@ -303,10 +344,16 @@ def main(argv=None):
     command = schtasks_command(settings, paths[0])
     print("\nRegister the daily task from an administrator terminal "
           "(schtasks asks for your Windows password):\n\n    " + command + "\n")
+    if options.upload_limit:
+        print(f"Limit the upload to {options.upload_limit:,} bytes per second (the task and "
+              "the batch files read it from your account's environment):\n\n    "
+              + " ".join(setx_argv(options.upload_limit)) + "\n")
     if options.register:
         if os.name != "nt":
             print("error: --register needs Windows (schtasks)", file=sys.stderr)
             return 2
+        if options.upload_limit and subprocess.run(setx_argv(options.upload_limit)).returncode:
+            return 1
         return subprocess.run(schtasks_argv(settings, paths[0])).returncode
     return 0
 

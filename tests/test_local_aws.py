@@ -5,6 +5,7 @@ restore code depends on it (IAM actions, Deep Archive restores, SES).
 """
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -709,42 +710,39 @@ def test_classify(method, path, headers, kind):
 
 # ---------------------------------------------------------------- CLI
 
-def test_cli_serve_prints_endpoint_and_stops_on_ctrl_c():
+@contextlib.contextmanager
+def serving(*options):
+    """`local_aws.py serve` with these options; its first line (the endpoint); Ctrl-C at
+    the end must stop it cleanly."""
     process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "local_aws.py"), "serve",
-         "--bucket", BUCKET, "--sender", SENDER],
+        [sys.executable, os.path.join(REPO, "tools", "local_aws.py"), "serve", *options],
         stdout=subprocess.PIPE, text=True)
     try:
-        line = process.stdout.readline().strip()
+        yield process.stdout.readline().strip()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+        process.stdout.close()
+
+
+def test_cli_serve_prints_endpoint_and_stops_on_ctrl_c():
+    with serving("--bucket", BUCKET, "--sender", SENDER) as line:
         assert line.startswith("AWS_ENDPOINT_URL=http://127.0.0.1:")
         endpoint = line.partition("=")[2]
         s3 = local_aws.isolated_client("s3", endpoint)
         assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == [BUCKET]
         ses = local_aws.isolated_client("ses", endpoint)
         assert ses.list_identities()["Identities"] == [SENDER]
-    finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(10) == 0
-        process.stdout.close()
 
 
 def test_cli_serve_with_an_upload_limit_serves_through_a_throttled_proxy():
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "local_aws.py"), "serve",
-         "--bucket", BUCKET, "--upload-limit", "8Mbit"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        endpoint = process.stdout.readline().strip().partition("=")[2]
-        s3 = local_aws.isolated_client("s3", endpoint)
+    with serving("--bucket", BUCKET, "--upload-limit", "8Mbit") as line:
+        s3 = local_aws.isolated_client("s3", line.partition("=")[2])
         started = time.monotonic()
         s3.put_object(Bucket=BUCKET, Key="k", Body=os.urandom(2 * MIB))
         # 8 Mbit/s: 1,000,000 bytes per second
         assert 2 * MIB <= local_aws.UploadThrottle.BURST + 1e6 * (time.monotonic() - started)
         assert s3.head_object(Bucket=BUCKET, Key="k")["ContentLength"] == 2 * MIB
-    finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(10) == 0
-        process.stdout.close()
 
 
 def test_cli_serve_refuses_a_wrong_upload_limit():

@@ -86,6 +86,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
 import aam_auto_backup as aam  # noqa: E402
+import option_types  # noqa: E402
 from local_aws import FaultProxy, LocalAws  # noqa: E402
 from s3_sink import S3Sink  # noqa: E402
 
@@ -1467,14 +1468,6 @@ def uplink(options):
 
 # ---------------------------------------------------------------- command line
 
-def parse_rate(text):
-    """A link's rate in bytes per second, in the forms of AAM_UPLOAD_LIMIT."""
-    try:
-        return aam.parse_byte_rate(text)
-    except ValueError as problem:
-        raise argparse.ArgumentTypeError(str(problem))
-
-
 def parse_count_list(text):
     """'10000,100000' or '10k,1M' -> [10000, 100000] (file counts, powers of 1000)."""
     counts = [parse_size(part) for part in text.split(",") if part.strip()]
@@ -1505,7 +1498,7 @@ def parse_options(argv):
                         help="7-Zip volume size for AAM and plain 7-Zip (default 64 MiB: "
                              "the 0.5 GB tree in several volumes, as a real backup is; "
                              "uplink mode 16 MiB)")
-    parser.add_argument("--rate", type=parse_rate, default=DEFAULT_RATE,
+    parser.add_argument("--rate", type=option_types.rate, default=DEFAULT_RATE,
                         help=f"uplink mode: the link's rate, in the forms of AAM_UPLOAD_LIMIT "
                              f"(default {DEFAULT_RATE}: 5,000,000 bytes/s)")
     parser.add_argument("--scenarios", default=",".join(UPLINK_SCENARIOS),

@@ -33,6 +33,7 @@ PROGRAM = os.path.join(os.path.dirname(HERE), "aam_auto_backup.py")
 sys.path.insert(0, os.path.dirname(HERE))
 
 import aam_auto_backup as aab  # noqa: E402
+import option_types  # noqa: E402
 UNIT = "aam-auto-backup"
 SECRET_VARIABLES = ("AAM_ENCRYPTION_KEY", "AAM_BACKUP_ACCESS_KEY_ID",
                     "AAM_BACKUP_SECRET_ACCESS_KEY")
@@ -177,10 +178,10 @@ def parse_options(argv):
     parser.add_argument("--unit-dir", default=os.path.expanduser("~/.config/systemd/user"))
     parser.add_argument("--write-secrets", action="store_true",
                         help="ask for the key and the AWS keys and write secrets.env")
-    parser.add_argument("--upload-limit", type=_upload_limit, metavar="RATE",
+    parser.add_argument("--upload-limit", type=option_types.rate, metavar="RATE",
                         help="AAM_UPLOAD_LIMIT for the job: the whole run's upload at most "
                              "this rate, e.g. 20Mbit or 2.5M (bytes per second)")
-    parser.add_argument("--stop-after", type=_hours, metavar="HOURS",
+    parser.add_argument("--stop-after", type=option_types.hours_as_minutes, metavar="HOURS",
                         help="stop a run still going after HOURS (e.g. 6 or 6.5) with "
                              "SIGTERM, as Ctrl-C does: keeps backups to the night")
     options = parser.parse_args(argv)
@@ -194,26 +195,6 @@ def parse_options(argv):
         if getattr(options, name):
             setattr(options, name, os.path.abspath(os.path.expanduser(getattr(options, name))))
     return options
-
-
-def _upload_limit(text):
-    """The rate as bytes per second (validated as the program reads AAM_UPLOAD_LIMIT)."""
-    try:
-        return aab.parse_byte_rate(text)
-    except ValueError as problem:
-        raise argparse.ArgumentTypeError(str(problem))
-
-
-def _hours(text):
-    """Hours (a decimal number) as whole minutes, at least one."""
-    try:
-        minutes = round(float(text) * 60)
-    except ValueError:
-        minutes = 0
-    if not 1 <= minutes <= 7 * 24 * 60:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours from 1/60 to "
-                                         "168")
-    return minutes
 
 
 def main(argv=None):

@@ -1187,22 +1187,14 @@ def main(argv=None):
     serve_cmd.add_argument("--port", type=int, help="default: a free port")
     serve_cmd.add_argument("--bucket", help="S3 bucket to create")
     serve_cmd.add_argument("--sender", help="SES sender address to verify")
-    serve_cmd.add_argument("--upload-limit", type=_rate, metavar="RATE",
+    from option_types import rate      # the program's own reading of AAM_UPLOAD_LIMIT
+    serve_cmd.add_argument("--upload-limit", type=rate, metavar="RATE",
                            help="request bodies in sum at most this rate, a slow uplink "
                                 "(e.g. 20Mbit, 2.5M: the forms of AAM_UPLOAD_LIMIT)")
     args = parser.parse_args(argv)
     serve(args.port, args.bucket, args.sender, args.upload_limit)
     return 0
 
-
-def _rate(text):
-    """Bytes per second, read as the program reads AAM_UPLOAD_LIMIT."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from aam_auto_backup import parse_byte_rate
-    try:
-        return parse_byte_rate(text)
-    except ValueError as problem:
-        raise argparse.ArgumentTypeError(str(problem))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 import aam_auto_backup as aab  # noqa: E402
+import option_types  # noqa: E402
 
 TASK_NAME = "Daily AAM Auto Backup"
 TASK_TIME = "00:30:00"                   # 12:30 am local time: the computer is on, unused
@@ -276,32 +277,12 @@ def parse_command_line(argv):
     add("--output", default=None, help="where to write the files (default: the program "
         "directory)")
     add("--register", action="store_true", help="run schtasks now (Windows, administrator)")
-    add("--stop-after", type=_hours, metavar="HOURS", default=DEFAULT_TIME_LIMIT_MINUTES,
-        help="stop a run still going after HOURS, e.g. 6 or 6.5 (default 72, Task "
-             "Scheduler's own)")
-    add("--upload-limit", type=_upload_limit, metavar="RATE", help="AAM_UPLOAD_LIMIT for "
+    add("--stop-after", type=option_types.hours_as_minutes, metavar="HOURS",
+        default=DEFAULT_TIME_LIMIT_MINUTES, help="stop a run still going after HOURS, e.g. "
+        "6 or 6.5 (default 72, Task Scheduler's own)")
+    add("--upload-limit", type=option_types.rate, metavar="RATE", help="AAM_UPLOAD_LIMIT for "
         "your account: the whole run's upload at most this rate, e.g. 20Mbit or 2.5M")
     return parser.parse_args(argv)
-
-
-def _upload_limit(text):
-    """The rate as bytes per second (validated as the program reads AAM_UPLOAD_LIMIT)."""
-    try:
-        return aab.parse_byte_rate(text)
-    except ValueError as problem:
-        raise argparse.ArgumentTypeError(str(problem))
-
-
-def _hours(text):
-    """Hours (a decimal number) as whole minutes, at least one."""
-    try:
-        minutes = round(float(text) * 60)
-    except ValueError:
-        minutes = 0
-    if not 1 <= minutes <= 7 * 24 * 60:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours from 1/60 to "
-                                         "168")
-    return minutes
 
 
 def setx_argv(upload_limit):

@@ -245,9 +245,11 @@ def _write_private_bytes(path, data):
         handle.write(data)
 
 
-def _write_private_text(path, text, encoding="utf-8"):
-    """Create a file readable only by its owner (it may name private paths)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_private_text(path, text, encoding="utf-8", append=False):
+    """Create a file readable only by its owner (it may name private paths), or
+    append to it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC),
+                 0o600)
     with os.fdopen(fd, "w", encoding=encoding, errors="surrogateescape",
                    newline="\n") as handle:
         handle.write(text)
@@ -415,26 +417,46 @@ class PosixPlatform:
         """Popen options under which a program creates owner-only files."""
         return {"umask": 0o077}
 
+    def script_popen_options(self):
+        """Start the generated script in a process group of its own inside this child's
+        session.  Should the child die while the upload throttle holds that group
+        stopped, the group is left with no parent in its session, and the kernel
+        sends it SIGHUP and SIGCONT (POSIX: an orphaned process group with a stopped
+        member): the shell and 7-Zip end.  SIGHUP's default action is restored for
+        it, as a run started under nohup would pass the signal on ignored.  (The
+        child has no other thread yet, which preexec_fn needs.)"""
+        def own_group():
+            os.setpgrp()
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        return {"preexec_fn": own_group}
+
     def stop_group(self, process):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        # A stopped process (the upload throttle's) acts on SIGTERM once continued.
+        for sent in (signal.SIGTERM, signal.SIGCONT):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sent)
 
     def wait_group_gone(self, process, grace=GROUP_GRACE_SECONDS):
         """Return once no process of the stopped group is left (SIGKILL after `grace`
         seconds; a second after that at the latest): 7-Zip acts on SIGTERM only when
         it next looks, and until then it may still write into the work directory."""
+        self.kill_group_after(process.pid, grace, reap=process.poll)
+
+    def kill_group_after(self, group, grace, reap=lambda: None):
+        """Return once no process of the group is left: SIGKILL after `grace` seconds,
+        a second after that at the latest (reap: collects the leader, if ours)."""
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline + 1:
-            process.poll()                   # reap the group's leader
-            if not self.group_running(process.pid):
+            reap()
+            if not self.group_running(group):
                 return
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
+                    os.killpg(group, signal.SIGKILL)
             time.sleep(0.01)
 
-    @staticmethod
-    def group_running(group):
+    @classmethod
+    def group_running(cls, group):
         """Whether a process of the group still runs.  An ended one whose exit status
         nobody has collected yet (a zombie: 7-Zip, once its shell is gone, is
         collected by init, in a container perhaps only seconds later) counts for
@@ -443,17 +465,74 @@ class PosixPlatform:
             os.killpg(group, 0)
         except ProcessLookupError:
             return False
-        if not os.path.isdir("/proc/self"):
-            return True
+        return not os.path.isdir("/proc/self") or bool(cls.group_members(group))
+
+    @staticmethod
+    def proc_stat(pid):
+        """/proc/<pid>/stat indexed as proc(5) numbers its fields: [3] the state,
+        [5] the process group, [22] the start time (OSError: no such process)."""
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+        head, tail = text.rsplit(")", 1)      # the name, in (), may hold anything
+        pid_text, name = head.split(" (", 1)
+        return [None, pid_text, name] + tail.split()
+
+    @classmethod
+    def group_members(cls, group):
+        """[(pid, name, state)] of the group's processes that have not ended (/proc)."""
+        found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-                    state, _ppid, pgrp = stat.read().rsplit(")", 1)[1].split()[:3]
+                fields = cls.proc_stat(pid)
             except (OSError, ValueError):
                 continue                     # ended meanwhile
-            if int(pgrp) == group and state != "Z":
-                return True
-        return False
+            if int(fields[5]) == group and fields[3] != "Z":
+                found.append((int(pid), fields[2], fields[3]))
+        return found
+
+    def process_start(self, pid):
+        """What tells a process from any later one given the same pid: this boot's id
+        and the clock tick it started at (/proc/<pid>/stat field 22); None where the
+        system does not say, or when it has ended."""
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+                boot = handle.read().strip()
+            return f"{boot}/{self.proc_stat(pid)[22]}"
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def end_group(self, pid, start):
+        """SIGKILL the process group pid leads, stopped or not, if its leader is still
+        the process that started at `start` (process_start): a pid since reused by
+        another process is left alone.  The processes ended, as 'name (pid N)'."""
+        try:
+            same = self.process_start(pid) == start and int(self.proc_stat(pid)[5]) == pid
+        except (OSError, ValueError):
+            return []
+        if not same:
+            return []
+        members = self.group_members(pid)
+        self.kill_group_after(pid, 0)
+        return [f"{name} (pid {member}{', stopped' if state in 'Tt' else ''})"
+                for member, name, state in members]
+
+    def follow_parent(self, parent):
+        """Tie this child pass to the user-mode pass that started it (pid `parent`):
+        that pid, or None when that pass has ended already.
+
+        Linux sends the child SIGTERM when the parent dies (PR_SET_PDEATHSIG; run_script
+        stops the script group on SIGTERM).  That fires when the thread that started
+        the child ends: the parent starts children from its main thread only.  A
+        parent that died before this call has left the child to another (init)
+        already: `parent` is the pid the parent wrote into the work directory, not
+        os.getppid().  Elsewhere stop_when_orphaned looks each second while the
+        script runs."""
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(ImportError, OSError, AttributeError):
+                import ctypes            # a Python without it: stop_when_orphaned only
+                pr_set_pdeathsig = 1
+                ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        return parent if os.getppid() == parent else None
 
     can_pause_group = True
 
@@ -679,6 +758,15 @@ class WindowsPlatform(PosixPlatform):
 
     def wait_group_gone(self, process, grace=GROUP_GRACE_SECONDS):
         pass             # taskkill /F has ended the tree when it returns
+
+    def script_popen_options(self):
+        return self.group_popen_options()
+
+    def process_start(self, pid):
+        return None      # nothing recorded: taskkill /T ends the child's whole tree
+
+    def follow_parent(self, parent):
+        return os.getppid()      # ShadowSpawn's, which stop_when_orphaned watches
 
     def is_junction(self, st):
         """A directory junction/mount point: not followed (Robocopy /xjd does the same;
@@ -2839,6 +2927,8 @@ FINAL_VOLUME = re.compile(r"backup\.zip\.(\d{3,})")   # closed for good: see fin
 ANY_VOLUME = re.compile(r"backup\.zip\.(\d{3,})((?:\.[0-9A-Fa-f]+)?\.tmp)?")
 WAITING_VOLUMES = 2       # finished volumes on disk awaiting upload before 7-Zip is paused
 WORK_MARKER = ".aam_auto_backup_work"
+# parent and child -> a later run: "<pid> <start>" of each process group they start
+PROCESS_GROUPS = "process_groups.txt"
 CHILD_KEY_VARIABLE = "AAM_CHILD_ENCRYPTION_KEY"
 MTIME_TOLERANCE = 2.0     # seconds: FAT/exFAT USB drives store times to 2 s
 SEVEN_ZIP_ERROR_RE = re.compile(r"ERROR: .|errno=\d+ : ")   # 7-Zip's own error lines
@@ -3329,12 +3419,13 @@ class VolumeThrottle:
         self.paused = paused
 
 
-def run_script(argv, env, on_line, platform, archive_dir=None):
+def run_script(argv, env, on_line, platform, work_dir, parent, archive_dir=None):
     """Run the generated script, passing each output line to on_line.
 
     The script runs in its own process group so that it can be stopped as a
-    whole; if our parent dies (the user-mode pass was killed), stop it too.
-    With archive_dir, 7-Zip is paused while its finished volumes wait for upload.
+    whole; if our parent (pid `parent`) dies, stop it too.  The group is recorded
+    in work_dir, so that it can be ended should this child die.  With
+    archive_dir, 7-Zip is paused while its finished volumes wait for upload.
     """
     import threading
     process = throttle = None
@@ -3346,8 +3437,6 @@ def run_script(argv, env, on_line, platform, archive_dir=None):
         if process is None:
             return
         platform.stop_group(process)
-        if throttle:
-            throttle.release()   # a stopped process acts on SIGTERM once continued
         if not output_ended:
             # A refused early child's 7-Zip must be gone before the next child starts.
             platform.wait_group_gone(process)
@@ -3364,7 +3453,8 @@ def run_script(argv, env, on_line, platform, archive_dir=None):
     try:
         started = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=env,
-                                   **platform.group_popen_options())
+                                   **platform.script_popen_options())
+        record_group(work_dir, started.pid, platform)
         throttle = VolumeThrottle(started, archive_dir, platform) if archive_dir else None
         process = started
         if done.is_set():
@@ -3372,7 +3462,7 @@ def run_script(argv, env, on_line, platform, archive_dir=None):
             sys.exit(EXIT_INTERRUPTED)
         if throttle:
             threading.Thread(target=throttle.run, args=(done,), daemon=True).start()
-        threading.Thread(target=stop_when_orphaned, args=(os.getppid(), done, stop),
+        threading.Thread(target=stop_when_orphaned, args=(parent, done, stop),
                          daemon=True).start()
         for raw in process.stdout:
             on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
@@ -3391,6 +3481,36 @@ def stop_when_orphaned(parent, done, stop):
             return
 
 
+def record_group(work_dir, pid, platform):
+    """Note a process group this run has started (the child pass, its script), so
+    that whoever finds it left over ends exactly it (end_recorded_groups)."""
+    start = platform.process_start(pid)
+    if start is not None:
+        with contextlib.suppress(OSError):    # unrecorded, it can still end on its own
+            _write_private_text(os.path.join(work_dir, PROCESS_GROUPS), f"{pid} {start}\n",
+                                append=True)
+
+
+def _read_pid(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return int(handle.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def end_recorded_groups(work_dir, platform):
+    """End what is left of the process groups recorded in work_dir, the latest
+    first (the script before the child that started it); the processes ended."""
+    try:
+        with open(os.path.join(work_dir, PROCESS_GROUPS), encoding="utf-8") as handle:
+            records = [line.partition(" ") for line in handle.read().splitlines()]
+    except OSError:
+        return []
+    return [ended for pid, _, start in reversed(records) if pid.isdigit()
+            for ended in platform.end_group(int(pid), start)]
+
+
 def exit_codes(lines, status):
     """The exit codes the child's output names ('rsync failed with exit code 11'), else
     the child's own: a child that ran to its end exits 0 even when a tool failed."""
@@ -3405,6 +3525,12 @@ def run_child(child, platform, settings):
     Everything is printed: the parent appends this output to the log and
     checks the success markers.  Exit status 0 means the pass ran to its end.
     """
+    parent = platform.follow_parent(
+        _read_pid(os.path.join(child.work_dir, WORK_MARKER)) or os.getppid())
+    if parent is None:
+        child_say("AAM Auto Backup: the user-mode pass that started this child pass has "
+                  "ended.")
+        return EXIT_INTERRUPTED
     view_root = platform.child_view_root(child.mount, child.drive_letter)
     plan = read_source_plan(os.path.join(child.work_dir, PLAN_FILE), view_root, platform)
     full = child.scope is Scope.FULL
@@ -3421,7 +3547,7 @@ def run_child(child, platform, settings):
     # in the work directory, and the parent uploads them only once it has confirmed
     # this child (it ends a refused one and removes its volumes unsent), so without
     # a mirror 7-Zip need not wait: the child waits after it instead.
-    if "local" in child.destinations and not wait_at_gate(child.work_dir):
+    if "local" in child.destinations and not wait_at_gate(child.work_dir, parent):
         return EXIT_INTERRUPTED
     for problem in walk.problems:
         child_say(MARK_VALIDATION_FAILURE + problem)
@@ -3429,8 +3555,8 @@ def run_child(child, platform, settings):
         child_say(f"Not backed up (not a regular file, directory or link): {special}")
     target, mirror = child_mirror(child, platform, view_root, plan, walk)
     archive_dir, archive = child_archive(child, platform, settings, plan, walk, selected)
-    run_generated_script(child, platform, view_root, mirror + archive, archive_dir)
-    if not wait_at_gate(child.work_dir):
+    run_generated_script(child, platform, view_root, mirror + archive, archive_dir, parent)
+    if not wait_at_gate(child.work_dir, parent):
         return EXIT_INTERRUPTED
     failures = list(walk.problems)
     if target is not None:
@@ -3444,13 +3570,12 @@ def run_child(child, platform, settings):
     return EXIT_OK
 
 
-def wait_at_gate(work_dir):
+def wait_at_gate(work_dir, parent):
     """A child started before S3 answered waits here (before its mirror, or without
     one before it ends) until the parent has checked the guess it was started on
     ("go"); on a wrong guess the parent ends it.  True at once for a child not
-    started early; False when the parent is gone."""
+    started early; False when the parent (pid `parent`) is gone."""
     path = os.path.join(work_dir, GATE_FILE)
-    parent = os.getppid()
     while True:
         try:
             with open(path, encoding="utf-8") as handle:
@@ -3497,12 +3622,13 @@ def child_archive(child, platform, settings, plan, walk, selected):
     return archive_dir, [archive_commands(platform, argv, CHILD_KEY_VARIABLE)]
 
 
-def run_generated_script(child, platform, view_root, commands, archive_dir):
+def run_generated_script(child, platform, view_root, commands, archive_dir, parent):
     """Write the script (the mirror, then 7-Zip) and run it, its output printed."""
     script = os.path.join(child.work_dir, platform.script_name)
     platform.write_script(script, view_root, commands)
     env = dict(os.environ, **{CHILD_KEY_VARIABLE: child.key})
-    status = run_script(platform.script_argv(script), env, child_say, platform, archive_dir)
+    status = run_script(platform.script_argv(script), env, child_say, platform,
+                        child.work_dir, parent, archive_dir)
     if status != 0:
         child_say(f"AAM Auto Backup: the backup script ended with exit code {status}.")
 
@@ -4077,14 +4203,6 @@ class SourceCatalogue:
 # Backup operations: regular-backup and incremental-only-backup
 # ============================================================================
 
-def _read_pid(path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return int(handle.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
 def is_interactive():
     return sys.stdin is not None and sys.stdin.isatty()
 
@@ -4431,6 +4549,10 @@ class BackupRun:
             pid = _read_pid(marker)
             if pid != os.getpid() and self.platform.process_alive(pid):
                 continue
+            ended = end_recorded_groups(path, self.platform)
+            if ended:
+                self.log.line("Ended what an interrupted run had left running: "
+                              f"{', '.join(ended)}.", terminal=False)
             try:
                 shutil.rmtree(path)
                 self.log.line(f"Removed the work directory of an interrupted run: {path}",
@@ -4553,15 +4675,18 @@ class BackupRun:
         env = dict(os.environ, **{CHILD_KEY_VARIABLE: self.args.key})
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env,
-                                    **self.platform.group_popen_options())
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=env,
+                                       **self.platform.group_popen_options())
+        record_group(self.work_dir, process.pid, self.platform)
+        return process
 
     def wait_child_process(self, process, while_running=None):
         try:
             while True:
                 try:
-                    return process.wait(UPLOAD_POLL_SECONDS if while_running else None)
+                    status = process.wait(UPLOAD_POLL_SECONDS if while_running else None)
+                    break
                 except subprocess.TimeoutExpired:
                     while_running()
         except BaseException:
@@ -4569,11 +4694,21 @@ class BackupRun:
                 while_running.close()
             self.end_child(process)
             raise
+        self.end_what_the_child_left()
+        return status
 
     def end_child(self, process):
         self.platform.stop_group(process)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=30)
+        self.end_what_the_child_left()
+
+    def end_what_the_child_left(self):
+        """A child that died (killed, out of memory) leaves its script running, or
+        stopped by the upload throttle: end it (and a child that did not end)."""
+        ended = end_recorded_groups(self.work_dir, self.platform)
+        if ended:
+            self.log.line(f"Ended what the child pass had left running: {', '.join(ended)}.")
 
     # -- the first child, started before S3 answers -------------------------
     def start_child_early(self, source):

@@ -17,6 +17,21 @@ incr-none and restore, and prints three Markdown tables: the figures per
 file count, AAM's time around its 7-Zip run, and how memory and time grow
 per file.  compression measures 7-Zip's levels.
 
+uplink runs AAM and restic on a tree of random files (default 200 files, 200 MB,
+16 MiB volumes) behind the proxy's upload throttle (--rate, default 40 Mbit/s),
+each scenario in a bucket of its own:
+
+    uplink       a full backup over the throttled link
+    cut          the same, cut once 60% of the uncut run's stored bytes are on the
+                 wire (SIGKILL of the whole process tree, and the proxy drops its
+                 connections: a power cut), then run again to its end
+    limit        a full backup under the tool's own upload limit at the same rate
+                 (AAM_UPLOAD_LIMIT, restic --limit-upload), the link not throttled
+
+and reports the bytes on the wire against the archive's (for cut: both runs
+against the uncut run's), the wall time against the wire time of those bytes
+(bytes / rate) and where the rest went, and the rate the own limits achieved.
+
 Each run is one process tree, measured from outside:
 
     wall         elapsed time
@@ -58,6 +73,8 @@ one run, not absolute times; CPU times and RSS are the steadier figures.
     tools/bench.py scale --counts 10k,100k      # without the million
     tools/bench.py scale --endpoint sink        # the same, against the sink
     tools/bench.py compression                  # 7-Zip level against size and time
+    tools/bench.py uplink                       # 40 Mbit/s, cut and continued
+    tools/bench.py uplink --rate 20Mbit --scenarios uplink,cut
 
 Installing restic and duplicity (Debian): tools/setup.sh --bench.
 """

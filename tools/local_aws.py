@@ -765,6 +765,7 @@ class FaultProxy:
         self._plant = None
         self._throttle = None
         self._connections = set()         # client sockets being served
+        self._line_cuts = 0               # cut_connections calls so far
         self.reset_counters()
         self._server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", port), _make_handler(self))
@@ -862,6 +863,7 @@ class FaultProxy:
         what the client had sent but the throttle had not let through (the sockets'
         buffers) is lost, as at a power cut, not delivered afterwards."""
         with self._lock:
+            self._line_cuts += 1
             connections = list(self._connections)
         for connection in connections:
             with contextlib.suppress(OSError):
@@ -918,8 +920,10 @@ class FaultProxy:
 
     def counters(self):
         """A snapshot: requests, by_method, by_kind, bytes_received (request
-        bodies as sent on the wire), bytes_sent (response bodies),
-        bytes_received_by_kind, injected_failures, stalled."""
+        bodies as sent on the wire, counted as they arrive), bytes_sent (response
+        bodies), bytes_received_by_kind, injected_failures, stalled; and
+        open_connections, the client connections open now (not a count: reset_counters
+        leaves it)."""
         with self._lock:
             return self._snapshot()
 
@@ -939,6 +943,7 @@ class FaultProxy:
             "bytes_received_by_kind": dict(self._bytes_by_kind),
             "injected_failures": self._injected_failures,
             "stalled": self._stalled,
+            "open_connections": len(self._connections),
         }
 
     def _count_request(self, method, kind, path=""):
@@ -1005,12 +1010,15 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        with self.proxy._lock:
+        with self.proxy._counted:
             self.proxy._connections.add(self.connection)
+            self.line = self.proxy._line_cuts     # a later cut ends this connection
+            self.proxy._counted.notify_all()
 
     def finish(self):
-        with self.proxy._lock:
+        with self.proxy._counted:
             self.proxy._connections.discard(self.connection)
+            self.proxy._counted.notify_all()
         super().finish()
 
     def do_request(self):
@@ -1083,6 +1091,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         else:
             chunks = self._exactly(int(self.headers.get("Content-Length") or 0))
         for chunk in chunks:
+            # Linux still returns what the socket had received before a shutdown
+            if self.proxy._line_cuts != self.line:
+                raise ConnectionError("the line was cut")
             self.proxy._count_bytes(kind, received=len(chunk))
             yield chunk
 

@@ -28,6 +28,7 @@ The module reads top to bottom in the order the data flows:
 import contextlib
 import dataclasses
 import datetime as dt
+import difflib
 import email.utils
 import enum
 import errno
@@ -49,6 +50,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 import typing
@@ -88,11 +90,13 @@ class AamError(Exception):
 
 
 class UsageError(AamError):
+    """named: about a named-form command line (its usage is the short one)."""
+
     exit_code = EXIT_USAGE
 
-    def __init__(self, message, operation=None):
+    def __init__(self, message, operation=None, named=False):
         super().__init__(message)
-        self.operation = operation
+        self.operation, self.named = operation, named
 
 
 class InstructionError(AamError):
@@ -298,6 +302,9 @@ class PosixPlatform:
     # The child is this program, started directly: it may start before S3 has
     # answered and wait at the gate (BackupRun.start_child_early).
     child_starts_early = True
+    # No shadow copy, so the drive letter (argument 12) is not used: the named form
+    # needs none.
+    drive_letter_default = ""
     mirror_error_re = re.compile(r"rsync( error)?: ")        # rsync's own error lines
 
     # -- paths ---------------------------------------------------------------
@@ -636,6 +643,8 @@ class WindowsPlatform(PosixPlatform):
     # The child runs under ShadowSpawn, whose VSS snapshot is not made for a guess
     # that may be thrown away, and would outlive a parent that died at the gate.
     child_starts_early = False
+    # ShadowSpawn needs a drive letter that is free on this computer: the user chooses it.
+    drive_letter_default = None
     separators = "\\/"
     case_insensitive = True
     list_charset_switch = "-scsUTF-8"
@@ -1234,6 +1243,10 @@ def _executable(text):
     return path
 
 
+# A settings file refuses a relative path for these (see NamedForm).
+_path.takes_path = _optional_path.takes_path = _executable.takes_path = True
+
+
 def _destination_types(text):
     result = []
     for flag in (part.strip() for part in text.split("|")):
@@ -1303,15 +1316,17 @@ _scope.text = lambda value: value.value
 
 
 LATEST = "latest"
+# Every form docs/reference.md lists: the program's own (browse prints it), the object
+# names', and ISO 8601's with ' ' or 'T', seconds and fractions optional.
 _POINT_FORMATS = ("%Y%m%d %H%M%S.%f", "%Y%m%d %H%M%S", "%Y%m%d_%H%M%S.%f", "%Y%m%d_%H%M%S",
                   "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M",
-                  "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M")
+                  "%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M")
 _DATE_FORMATS = ("%Y%m%d", "%Y-%m-%d")
 
 
 def _restore_point(text):
     """None for the latest backup, else the UTC date-time to restore as of."""
-    clean = re.sub(r"\s*(UTC|Z)$", "", text.strip(), flags=re.IGNORECASE)
+    clean = re.sub(r"\s*(UTC|Z|[+-]00:?00)$", "", text.strip(), flags=re.IGNORECASE)
     if clean.lower() in ("", LATEST):
         return None
     for pattern in _POINT_FORMATS:
@@ -1322,8 +1337,8 @@ def _restore_point(text):
             day = dt.datetime.strptime(clean, pattern).replace(tzinfo=dt.timezone.utc)
             return day + dt.timedelta(days=1, microseconds=-1)    # as of that day's end
     raise ValueError("must be 'latest' (or \"\"), a UTC date-time such as "
-                     "'20261115 143000' or '2026-11-15 14:30', or a date such as "
-                     "'2026-11-15' (as of the end of that day)")
+                     "'20261115 143000', '2026-11-15 14:30' or '2026-11-15T14:30:00.5', "
+                     "or a date such as '2026-11-15' (as of the end of that day)")
 
 
 _restore_point.text = lambda value: LATEST if value is None else format_arg_stamp(value)
@@ -1345,17 +1360,29 @@ _BOOL = _flag("True", "False")
 _YES_NO = _flag("yes", "no")
 
 
-# -- the tables: one line per positional argument ----------------------------------
+# -- the tables: one row per argument; a row that several operations share is defined once
+
+NAMED_PREFIX = "--"
+NOT_GIVEN = "(not given)"
+SETTINGS_OPTION = "settings"
+HELP_WORDS = ("--help", "-h")
+
 
 @dataclasses.dataclass(frozen=True)
 class Arg:
-    """One positional argument of an operation.
+    """One argument of an operation.
 
-    check turns the text into the value (or raises ValueError saying what is
-    wrong); a secret also accepts env:NAME and is masked in the log; the
-    check's optional .text attribute turns a value back into its text (the
-    child's command line).  An optional argument may be left out (then it is
-    default); a repeated one, the last, takes all the arguments left (a list).
+    field names it: the attribute of the checked Arguments and, written with '-' for '_',
+    the setting's name in the named form (--log-dir VALUE, or log-dir = VALUE in a settings
+    file).  label: the short description that messages put after the argument's number.
+    check turns the text into the value (or raises ValueError saying what is wrong); its
+    optional .text attribute turns a value back into its text (the child's command line).
+    A secret also accepts env:NAME (the named form only that) and is masked in the log.
+    An optional argument may be left out of the positional form (then it is default); a
+    repeated one, the last, takes all the arguments left (a list).  meaning and example
+    are what --help says of it.  named_default: the named form's text when the setting
+    is not given (a text; a function of the given texts returning one, described by
+    default_note; or None: the setting is required).
     """
 
     field: str
@@ -1365,18 +1392,136 @@ class Arg:
     optional: bool = False
     default: str = ""
     repeated: bool = False
+    meaning: str = ""
+    example: str = ""
+    named_default: object = None
+    default_note: str = ""
+
+    @property
+    def name(self):
+        return self.field.replace("_", "-")
 
     def text(self, value):
         to_text = getattr(self.check, "text", str)
         return [to_text(v) for v in value] if self.repeated else to_text(value)
 
+    def named_default_text(self, given):
+        """The named form's text when the setting is not given; None: it is required."""
+        if self.repeated:
+            return []
+        if self.optional:
+            return self.default
+        if callable(self.named_default):
+            return self.named_default(given)
+        return self.named_default
+
+    def default_text(self):
+        """The named form's default, for --help ('' when the setting is required)."""
+        if self.repeated:
+            return "none"
+        if self.default_note:
+            return self.default_note
+        default = self.default if self.optional else self.named_default
+        if default is None:
+            return ""
+        return default if default else '"" (empty)'
+
+
+def _email_on_with_recipient(given):
+    # Naming a recipient asks for the report; without one there is nobody to send it to.
+    return "True" if given.get("recipient") else "False"
+
+
+def _running_python(_given):
+    return sys.executable
+
+
+def _platform_drive_letter(_given):
+    return current_platform().drive_letter_default
+
+
+OPERATION_ROW = Arg("operation", "operation", meaning="the operation: the command's first word")
+LOG_DIR = Arg("log_dir", "log directory", _path, meaning="the log directory (made if missing)",
+              example="/var/log/aam")
+SEND_EMAIL = Arg("send_email", "send e-mail report (True/False)", _BOOL,
+                 meaning="send an e-mail report through SES: True or False",
+                 named_default=_email_on_with_recipient,
+                 default_note="True when recipient is given, else False", example="True")
+SENDER_NAME = Arg("sender_name", "e-mail sender name", meaning="the report's sender name",
+                  named_default="AAM Auto Backup", example="AAM Backup Report")
+SENDER_ADDRESS = Arg("sender_address", "e-mail sender address",
+                     meaning="the report's sender address, verified in SES (needed when "
+                             "send-email is True)",
+                     named_default="", example="backup@example.com")
+RECIPIENT = Arg("recipient", "e-mail recipient address",
+                meaning="the report's recipient address (needed when send-email is True)",
+                named_default="", example="me@example.com")
+DRIVE_LETTER = Arg("drive_letter", "shadow-copy drive letter", _drive_letter,
+                   meaning="a free drive letter where ShadowSpawn shows the shadow copy "
+                           "(Windows only; ignored on Linux and macOS)",
+                   named_default=_platform_drive_letter,
+                   default_note="none needed on Linux and macOS; required on Windows",
+                   example="q")
+DESTINATIONS = Arg("destinations", "destination types (local, AWS, local|AWS)",
+                   _destination_types,
+                   meaning="where the backup goes: local (the mirror), AWS (Deep Archive), "
+                           "or local|AWS", example="local|AWS")
+MIRROR_ROOT = Arg("mirror_root", "local mirror directory", _optional_path,
+                  meaning="the local mirror directory (needed when destinations includes "
+                          "local; ignored otherwise)",
+                  named_default="", example="/media/usb/backup")
+KEEP = Arg("keep", "keep files gone from the source (True/False)", _BOOL,
+           meaning="True: keep files in the mirror that are gone from the source; False: "
+                   "delete them from the mirror, as the source did",
+           named_default="False", example="False")
+ENCRYPTION_KEY = Arg("key", "archive encryption key", secret=True,
+                     meaning="the archive encryption key (AES-256 password, 1 to 99 printable "
+                             "ASCII characters; 20 or more, see docs/security.md); needed "
+                             "when destinations includes AWS",
+                     named_default="", example="env:AAM_ENCRYPTION_KEY")
+DECRYPTION_KEY = Arg("key", "archive decryption key", _key, secret=True,
+                     meaning="the archive key the backups were made with",
+                     example="env:AAM_ENCRYPTION_KEY")
+BUCKET = Arg("bucket", "S3 bucket", _bucket, meaning="the S3 bucket",
+             example="aam-data-backup")
+LOCATION = Arg("location", "location name", _location,
+               meaning="the computer's name in the bucket: letters, digits, '.' and '-'",
+               example="main-work-computer")
+ACCESS_KEY_ID = Arg("access_key_id", "AWS access key ID", secret=True,
+                    meaning="the AWS access key ID; empty, with secret-access-key empty: "
+                            "boto3's default credentials",
+                    named_default="", example="env:AAM_BACKUP_ACCESS_KEY_ID")
+SECRET_ACCESS_KEY = Arg("secret_access_key", "AWS secret access key", secret=True,
+                        meaning="the AWS secret access key that goes with access-key-id",
+                        named_default="", example="env:AAM_BACKUP_SECRET_ACCESS_KEY")
+FORCE_FULL = Arg("force_full", "force full backup (yes/no)", _YES_NO,
+                 meaning="yes: make a full backup now (regular-backup only; "
+                         "incremental-only-backup refuses yes); no",
+                 named_default="no", example="no")
+RESTORE_KEYS = {"access_key_id": "env:AAM_RESTORE_ACCESS_KEY_ID",
+                "secret_access_key": "env:AAM_RESTORE_SECRET_ACCESS_KEY"}
+
+
+def _restore_user(row):
+    """A credential row as a restore or browse takes it: the restore user's keys."""
+    return dataclasses.replace(row, meaning=row.meaning.replace("the AWS", "the restore "
+                                                                "user's AWS", 1),
+                               example=RESTORE_KEYS[row.field])
+
 
 class ArgTable:
-    """The positional arguments of one kind of operation, argument 1 first."""
+    """The arguments of one kind of operation, argument 1 first.
 
-    def __init__(self, title, *args):
+    A command line gives them in the positional form (argument 2 onwards, in the
+    table's order) or, when argument 2 starts with '--', in the named form
+    (NamedForm): a settings file and --NAME VALUE options.  named=False: the
+    positional form only (the child pass).
+    """
+
+    def __init__(self, title, *args, named=True):
         self.title = title
         self.args = args
+        self.named = named
         self.numbers = {arg.field: number for number, arg in enumerate(args, 1)}
         self.required = sum(1 for arg in args if not (arg.optional or arg.repeated))
         self.repeated = bool(args) and args[-1].repeated
@@ -1390,8 +1535,16 @@ class ArgTable:
     def number(self, field):
         return self.numbers[field]
 
+    def arg(self, field):
+        return self.args[self.numbers[field] - 1]
+
     def label(self, field):
-        return self.args[self.numbers[field] - 1].label
+        return self.arg(field).label
+
+    def field_of(self, name):
+        """The field a setting's name (log-dir or log_dir) stands for, or None."""
+        field = name.replace("-", "_")
+        return field if field in self.numbers and field != OPERATION_ROW.field else None
 
     def count_text(self):
         if self.repeated:
@@ -1400,40 +1553,53 @@ class ArgTable:
             return f"{self.required} to {len(self.args)} arguments"
         return f"{len(self.args)} arguments"
 
-    def error(self, field, problem, operation, text=None):
-        """A UsageError naming the argument by number and label."""
-        shown = "" if text is None else f": {text!r}"
-        return UsageError(f"argument {self.number(field)} ({self.label(field)}) "
-                          f"{problem}{shown}", operation)
-
     def arg_at(self, number):
         """The Arg of position number (1-based; the repeated one for all beyond)."""
         return self.args[min(number, len(self.args)) - 1]
 
+    def is_named_form(self, argv):
+        """Argument 2 starts with '--'.  Where argument 2 is a secret (browse's key,
+        which may itself start so), only a setting's name or --help makes it the
+        named form."""
+        if not self.named or len(argv) < 2 or not argv[1].startswith(NAMED_PREFIX):
+            return False
+        name = argv[1][len(NAMED_PREFIX):].partition("=")[0]
+        return (not self.args[1].secret or argv[1] in HELP_WORDS
+                or name == SETTINGS_OPTION or self.field_of(name) is not None)
+
     def parse(self, argv, operation):
         """The checked values of argv, by field name, or a UsageError."""
+        if self.is_named_form(argv):
+            return NamedForm(self, operation).parse(argv[1:])
         if len(argv) < self.required or (len(argv) > len(self.args) and not self.repeated):
+            hint = ""
+            if self.named and len(argv) > 1 and argv[1].startswith(NAMED_PREFIX):
+                hint = (" (argument 2 starts with '--' but is none of its settings, "
+                        f"{', '.join(arg.name for arg in self.args[1:])}; so it was read as "
+                        "the positional form)")
             raise UsageError(f"{operation} takes {self.count_text()}, {len(argv)} were "
-                             "given", operation)
+                             f"given{hint}", operation)
         values = {arg.field: [] if arg.repeated else arg.check(arg.default)
                   for arg in self.args[len(argv):]}
         for number, text in enumerate(argv, 1):
             arg = self.arg_at(number)
-            value = self.check_one(number, arg, text, operation)
+            value = self.check_text(arg, text, positional_origin(number, arg), operation)
             if arg.repeated:
                 values.setdefault(arg.field, []).append(value)
             else:
                 values[arg.field] = value
         return Arguments(self, list(argv), values)
 
-    def check_one(self, number, arg, text, operation):
-        if arg.secret:
-            text = resolve_secret(text, f"argument {number} ({arg.label})", operation)
+    @staticmethod
+    def check_text(arg, text, origin, operation, named=False):
+        """The value of one argument's text; origin names it in a message."""
         try:
+            if arg.secret:
+                text = resolve_secret(text)
             value = arg.check(text)
         except ValueError as problem:
             shown = "" if arg.secret else f": {text!r}"
-            raise UsageError(f"argument {number} ({arg.label}) {problem}{shown}", operation)
+            raise UsageError(f"{origin} {problem}{shown}", operation, named)
         return Secret(value) if arg.secret else value
 
     def to_argv(self, values):
@@ -1459,6 +1625,7 @@ class ArgTable:
             result += list(value) if arg.repeated else [value]
         return result
 
+    # -- what the user reads: the usage after a wrong command line, and --help ---------
     def usage(self, operation):
         lines = [f"usage: aam_auto_backup.py {operation or self.title} ({self.count_text()}, "
                  "positional; write empty values as \"\"):"]
@@ -1468,16 +1635,273 @@ class ArgTable:
                 note += f"  (optional; left out: {arg.default})"
             if arg.repeated:
                 note += "  (optional; any number of them, one per argument)"
-            lines.append(f"  {number:2d}{'...' if arg.repeated else '.'} {arg.label}{note}")
+            name = f"  [--{arg.name}]" if self.named and number > 1 else ""
+            lines.append(f"  {number:2d}{'...' if arg.repeated else '.'} {arg.label}{note}"
+                         f"{name}")
+        if self.named:
+            lines.append(f"or, named: aam_auto_backup.py {operation or self.title} "
+                         "--settings FILE [--NAME VALUE ...]; "
+                         f"'aam_auto_backup.py {operation or self.title} --help' says "
+                         "what each is")
         return "\n".join(lines)
+
+    def help(self, operation):
+        """--help of one operation: both forms, then each setting's number, name, meaning,
+        named-form default and example, then an example of each form."""
+        out = [f"aam_auto_backup.py {operation}: {OPERATION_SUMMARIES[operation]}", "",
+               f"usage: aam_auto_backup.py {operation} --settings FILE [--NAME VALUE ...]",
+               f"       aam_auto_backup.py {operation} --NAME VALUE ...",
+               f"       aam_auto_backup.py {operation} ARGUMENT ... (positional: "
+               f"{self.count_text()}, in the order below)", ""]
+        out += textwrap.wrap(
+            "Named form: a setting is --NAME VALUE (or --NAME=VALUE) on the command line, or "
+            "a line NAME = VALUE in the settings file (lines starting with # are comments; "
+            "paths are absolute; \"\" is an empty value); an option overrides the file. A "
+            "secret is written env:NAME there: it is read from environment variable NAME. "
+            "Positional form: every argument, by number, \"\" for an empty one.", 90)
+        out += ["", " #  name                 meaning"]
+        for number, arg in enumerate(self.args[1:], 2):
+            out += setting_help(number, arg)
+        out += ["", "Example settings file:"]
+        out += ["  " + line for line in self.example_settings()]
+        out += ["", "Example, positional:",
+                "  aam_auto_backup.py " + " ".join(
+                    quote_for_posix_shell(text) for text in self.example_argv(operation))]
+        out += ["", "docs/reference.md has the details; aam_auto_backup.py --help lists "
+                "the operations."]
+        return "\n".join(out)
+
+    def example_settings(self):
+        """The settings a user writes: the required ones and those needed by a rule (a
+        default of empty); the rest have their defaults."""
+        return [f"{arg.name} = {arg.example}" for arg in self.args[1:]
+                if arg.example and not (arg.optional or arg.repeated)
+                and (arg.named_default_text({}) is None or arg.named_default == "")]
+
+    def example_argv(self, operation):
+        texts = [operation]
+        for arg in self.args[1:]:
+            if arg.optional:
+                break
+            texts.append(arg.example or arg.named_default_text({}) or "")
+        return texts
+
+
+def setting_help(number, arg):
+    """--help's lines for one setting: number, name, then its meaning, named-form default
+    and example, wrapped under the meaning column."""
+    text = arg.meaning or arg.label
+    if arg.secret:
+        text += ". Accepts env:NAME (the named form: only that)"
+    if arg.optional or arg.repeated:
+        text += ". Optional"
+    if arg.repeated:
+        text += f"; repeat --{arg.name} (or the line) for each, positionally one argument each"
+    default = arg.default_text()
+    text += f". Named form: default {default}" if default else ". Named form: required"
+    if arg.example:
+        text += f". Example: {arg.example}"
+    first, *rest = textwrap.wrap(text + ".", 68, break_on_hyphens=False)
+    return ([f"{number:2d}{'+' if arg.repeated else ' '} {arg.name:20s} {first}"]
+            + [" " * 25 + line for line in rest])
+
+
+def positional_origin(number, arg):
+    return f"argument {number} ({arg.label})"
+
+
+def quote_for_posix_shell(text):
+    return shlex.quote(text) if text else '""'
+
+
+class HelpRequested(Exception):
+    """--help after an operation: its help is printed, nothing else is done."""
+
+    def __init__(self, operation):
+        super().__init__(operation)
+        self.operation = operation
+
+
+class NamedForm:
+    """The named form of one command line: a settings file (--settings FILE) and
+    --NAME VALUE options, an option overriding the file.
+
+    The file is plain text, one NAME = VALUE a line, '#' starting a comment line,
+    "..." around a value that must keep its outer spaces or be empty; a line of the
+    repeated setting adds one item.  A line that is not a setting, an unknown name, a
+    setting given twice, a relative path and a secret written out are refused, naming
+    the file and line.  (configparser would need a [section] line and reports no
+    line numbers.)  A setting that is not given takes the named default; one without
+    a default is required.
+    """
+
+    def __init__(self, table, operation):
+        self.table, self.operation = table, operation
+        self.texts, self.origins = {}, {}     # field -> text (a list for the repeated)
+        self.settings_file = None
+
+    def parse(self, words):
+        options, origins = self.read_options(words)
+        if self.settings_file:
+            self.read_file(self.settings_file)
+        for field, text in options.items():
+            self.texts[field], self.origins[field] = text, origins[field]
+        given = dict(self.texts)
+        missing = []
+        for arg in self.table.args[1:]:
+            if arg.field not in self.texts:
+                default = arg.named_default_text(given)
+                if default is None:
+                    missing.append(arg.name)
+                self.texts[arg.field] = default
+                self.origins[arg.field] = f"the setting {arg.name} {NOT_GIVEN}"
+        if missing:
+            raise self.refuse(f"{self.operation}: missing setting(s) {', '.join(missing)} "
+                              f"(aam_auto_backup.py {self.operation} --help says what each "
+                              "is)")
+        return self.checked()
+
+    def refuse(self, text):
+        return UsageError(text, self.operation, named=True)
+
+    def read_options(self, words):
+        options, origins, index = {}, {}, 0
+        while index < len(words):
+            word = words[index]
+            if word in HELP_WORDS:
+                raise HelpRequested(self.operation)
+            if not word.startswith(NAMED_PREFIX):
+                raise self.refuse(
+                    f"argument {index + 2} is not a setting: the named form takes --NAME "
+                    "VALUE (or --NAME=VALUE) only; "
+                    f"aam_auto_backup.py {self.operation} --help lists the names")
+            name, has_value, text = word[len(NAMED_PREFIX):].partition("=")
+            if not has_value:
+                if index + 1 == len(words):
+                    raise self.refuse(f"--{name} needs a value (\"\" for an empty one)")
+                index += 1
+                text = words[index]
+            index += 1
+            if name == SETTINGS_OPTION:
+                if self.settings_file is not None:
+                    raise self.refuse("--settings is given twice")
+                self.settings_file = os.path.abspath(os.path.expanduser(text))
+                continue
+            arg = self.setting(name, f"--{name}")
+            origin = f"--{arg.name}"
+            self.refuse_written_secret(arg, text, origin, "on the command line, where other "
+                                       "users of this computer can read it")
+            if arg.repeated:
+                options.setdefault(arg.field, []).append(text)
+                origins.setdefault(arg.field, []).append(origin)
+            elif arg.field in options:
+                raise self.refuse(f"--{arg.name} is given twice")
+            else:
+                options[arg.field], origins[arg.field] = text, origin
+        return options, origins
+
+    def setting(self, name, where):
+        field = self.table.field_of(name)
+        if field is None:
+            names = [arg.name for arg in self.table.args[1:]]
+            close = difflib.get_close_matches(name.replace("_", "-"), names, 1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise self.refuse(f"{where}: {self.operation} has no setting {name!r}{hint}; "
+                              f"its settings: {', '.join(names)}")
+        return self.table.arg(field)
+
+    def read_file(self, path):
+        try:
+            with open(path, encoding="utf-8-sig") as handle:
+                lines = handle.read().splitlines()
+        except OSError as problem:
+            raise self.refuse(f"--settings: the settings file {path} cannot be read: "
+                              f"{problem.strerror}")
+        except UnicodeDecodeError:
+            raise self.refuse(f"--settings: the settings file {path} is not UTF-8 text")
+        first_line = {}
+        for number, line in enumerate(lines, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            where = f"{path}, line {number}"
+            name, is_setting, value = text.partition("=")
+            name, value = name.strip(), unquote_setting(value.strip())
+            if not is_setting or not name:
+                raise self.refuse(f"{where}: not a setting; write NAME = VALUE (a comment "
+                                  "line starts with #)")
+            arg = self.setting(name, where)
+            origin = f"{where}: {arg.name}"
+            self.refuse_written_secret(arg, value, origin, "in a settings file")
+            self.refuse_relative_path(arg, value, origin)
+            if arg.repeated:
+                self.texts.setdefault(arg.field, []).append(value)
+                self.origins.setdefault(arg.field, []).append(origin)
+            elif arg.field in first_line:
+                raise self.refuse(f"{where}: {arg.name} is set again (first on line "
+                                  f"{first_line[arg.field]})")
+            else:
+                first_line[arg.field] = number
+                self.texts[arg.field], self.origins[arg.field] = value, origin
+
+    def refuse_written_secret(self, arg, text, origin, where):
+        if arg.secret and text and not text.startswith("env:"):
+            raise self.refuse(f"{origin} must be env:NAME (the name of an environment "
+                              f"variable that holds it) or empty: a secret is never written "
+                              f"{where}")
+
+    def refuse_relative_path(self, arg, text, origin):
+        if not getattr(arg.check, "takes_path", False) or not text:
+            return
+        if arg.check is _executable and not any(sep in text for sep in "/\\"):
+            return                          # a bare program name is looked up on PATH
+        if not os.path.isabs(os.path.expanduser(text)):
+            raise self.refuse(f"{origin} must be an absolute path in a settings file (a "
+                              f"scheduled job does not start in your directory): {text!r}")
+
+    def checked(self):
+        values, raw = {}, [self.operation]
+        for arg in self.table.args:
+            if arg is self.table.args[0]:
+                values[arg.field] = ArgTable.check_text(arg, self.operation, "argument 1",
+                                                        self.operation, named=True)
+                continue
+            text, origin = self.texts[arg.field], self.origins[arg.field]
+            if arg.repeated:
+                origins = origin if isinstance(origin, list) else [origin] * len(text)
+                values[arg.field] = [ArgTable.check_text(arg, item, where, self.operation,
+                                                         named=True)
+                                     for item, where in zip(text, origins)]
+                raw += text
+            else:
+                values[arg.field] = ArgTable.check_text(arg, text, origin, self.operation,
+                                                        named=True)
+                raw.append(text)
+        return Arguments(self.table, raw, values, self.origins, self.settings_file or "")
+
+
+def unquote_setting(text):
+    """A settings-file value: "..." around it keeps outer spaces, or makes it empty."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    return text
 
 
 class Arguments:
-    """The checked arguments of one command line, as attributes named by the table."""
+    """The checked arguments of one command line, as attributes named by the table.
 
-    def __init__(self, table, raw, values):
+    raw: the command's texts in the positional order (the named form's too), for the
+    log.  origins: where the named form's values came from (None: positional);
+    settings_file: the named form's settings file, if any."""
+
+    def __init__(self, table, raw, values, origins=None, settings_file=None):
         self.table, self.raw = table, raw
+        self.origins, self.settings_file = origins, settings_file
         self.__dict__.update(values)
+
+    @property
+    def named(self):
+        return self.origins is not None
 
     @property
     def secrets(self):
@@ -1486,91 +1910,132 @@ class Arguments:
     def to_argv(self):
         return self.table.to_argv(vars(self))
 
+    def given(self, field):
+        """The user gave it (a positional command line gives every argument)."""
+        origin = self.origins[field] if self.named else None
+        return not isinstance(origin, str) or not origin.endswith(NOT_GIVEN)
+
+    def where(self, field):
+        """How a message names one argument: its number, or the setting's place."""
+        if not self.named:
+            return positional_origin(self.table.number(field), self.table.arg(field))
+        return self.origins[field]
+
+    def ref(self, field):
+        """How a rule names another argument: 'argument 13', or 'destinations'."""
+        return self.table.arg(field).name if self.named else \
+            f"argument {self.table.number(field)}"
+
+    def error(self, field, problem, text=None):
+        """A UsageError about one argument, named as the command line gave it."""
+        shown = "" if text is None else f": {text!r}"
+        return UsageError(f"{self.where(field)} {problem}{shown}", self.operation, self.named)
+
     def masked(self):
         """The command arguments, one per line, with every secret masked (for the log)."""
-        return [f"{number:2d}. {self.table.arg_at(number).label}: "
-                f"{mask_argument(text, self.table.arg_at(number).secret)}"
-                for number, text in enumerate(self.raw, 1)]
+        lines = []
+        if self.named:
+            lines.append("named form" + (f", settings file {self.settings_file}"
+                                         if self.settings_file else ""))
+        return lines + [f"{number:2d}. {self.table.arg_at(number).label}: "
+                        f"{mask_argument(text, self.table.arg_at(number).secret)}"
+                        for number, text in enumerate(self.raw, 1)]
 
 
 BACKUP_ARGS = ArgTable(
     "regular-backup|incremental-only-backup",
-    Arg("operation", "operation", _choice(*BACKUP_OPERATIONS)),
-    Arg("agent", "execution agent", _choice(USER_AGENT)),
-    Arg("python", "python executable", _executable),
-    Arg("lock_poll", "lock polling period (seconds)", _integer(1)),
-    Arg("lock_wait", "lock total wait (seconds)", _integer(0)),
-    Arg("log_dir", "log directory", _path),
-    Arg("send_email", "send e-mail report (True/False)", _BOOL),
-    Arg("sender_name", "e-mail sender name"),
-    Arg("sender_address", "e-mail sender address"),
-    Arg("recipient", "e-mail recipient address"),
-    Arg("instruction_file", "instruction file", _path),
-    Arg("drive_letter", "shadow-copy drive letter", _drive_letter),
-    Arg("destinations", "destination types (local, AWS, local|AWS)", _destination_types),
-    Arg("mirror_root", "local mirror directory", _optional_path),
-    Arg("keep", "keep files gone from the source (True/False)", _BOOL),
-    Arg("key", "archive encryption key", secret=True),
-    Arg("bucket", "S3 bucket"),
-    Arg("location", "location name", _location),
-    Arg("access_key_id", "AWS access key ID", secret=True),
-    Arg("secret_access_key", "AWS secret access key", secret=True),
-    Arg("force_full", "force full backup (yes/no)", _YES_NO),
-    Arg("auto_force_full", "automatic force full backup (yes/no)", _YES_NO),
+    dataclasses.replace(OPERATION_ROW, check=_choice(*BACKUP_OPERATIONS),
+                        meaning="regular-backup (daily, scheduled) or "
+                                "incremental-only-backup (by hand)"),
+    Arg("agent", "execution agent", _choice(USER_AGENT),
+        meaning="the execution agent: user (the child pass is started with another)",
+        named_default=USER_AGENT),
+    Arg("python", "python executable", _executable,
+        meaning="the Python the child pass is started with: a path, or a name found on PATH",
+        named_default=_running_python, default_note="the Python running this program",
+        example="/usr/bin/python3"),
+    # Polled once a minute, a freed lock is taken within a minute; two hours cover a
+    # night's incremental, and a full backup still running then is left to finish.
+    Arg("lock_poll", "lock polling period (seconds)", _integer(1),
+        meaning="while another backup holds the lock: seconds between tries to take it",
+        named_default="60", example="600"),
+    Arg("lock_wait", "lock total wait (seconds)", _integer(0),
+        meaning="seconds to wait for the lock in all before giving up (exit 4)",
+        named_default="7200", example="7200"),
+    LOG_DIR, SEND_EMAIL, SENDER_NAME, SENDER_ADDRESS, RECIPIENT,
+    Arg("instruction_file", "instruction file", _path,
+        meaning="the instruction file: what to back up (docs/instructions.md)",
+        example="/home/ann/backup-instructions.txt"),
+    DRIVE_LETTER, DESTINATIONS, MIRROR_ROOT, KEEP,
+    ENCRYPTION_KEY,
+    # A backup without AWS uses no bucket: it is checked when destinations includes AWS.
+    dataclasses.replace(BUCKET, check=_text, named_default="",
+                        meaning="the S3 bucket (needed when destinations includes AWS)"),
+    LOCATION, ACCESS_KEY_ID, SECRET_ACCESS_KEY, FORCE_FULL,
+    Arg("auto_force_full", "automatic force full backup (yes/no)", _YES_NO,
+        meaning="yes: a full backup when the instruction file changed after the latest "
+                "complete full one (incremental-only-backup refuses instead, exit 6); no",
+        named_default="yes", example="yes"),
 )
 
 # The child pass (started by the user-mode pass, never typed); the key travels
 # as an env:NAME reference, never as text on the command line.
 CHILD_ARGS = ArgTable(
     "<operation> ShadowSpawn ... (the child pass; never typed)",
-    Arg("operation", "operation", _choice(*BACKUP_OPERATIONS)),
+    dataclasses.replace(OPERATION_ROW, check=_choice(*BACKUP_OPERATIONS)),
     Arg("agent", "execution agent", _choice(CHILD_AGENT)),
     Arg("latest_full", "latest complete full backup (UTC)", _stamp_or_none),
     Arg("latest_incremental", "latest complete incremental backup (UTC)", _stamp_or_none),
     Arg("start", "backup start (UTC)", _stamp),
     Arg("mount", "backup source (mount) directory", _path),
-    Arg("drive_letter", "shadow-copy drive letter", _drive_letter),
-    Arg("destinations", "destination types", _destination_types),
-    Arg("mirror_root", "local mirror directory", _optional_path),
-    Arg("keep", "keep files gone from the source (True/False)", _BOOL),
-    Arg("key", "archive encryption key", secret=True),
-    Arg("location", "location name", _location),
+    DRIVE_LETTER, DESTINATIONS, MIRROR_ROOT, KEEP, ENCRYPTION_KEY, LOCATION,
     Arg("work_dir", "archive work directory", _path),
-    Arg("force_full", "force full backup (yes/no)", _YES_NO),
+    FORCE_FULL,
     Arg("scope", "backup scope", _scope),
+    named=False,
 )
 
 RESTORE_ARGS = ArgTable(
     "|".join(RESTORE_OPERATIONS),
-    Arg("operation", "operation", _choice(*RESTORE_OPERATIONS)),
-    Arg("log_dir", "log directory", _path),
-    Arg("send_email", "send e-mail report (True/False)", _BOOL),
-    Arg("sender_name", "e-mail sender name"),
-    Arg("sender_address", "e-mail sender address"),
-    Arg("recipient", "e-mail recipient address"),
-    Arg("days", "restoration period (days)", _integer(1, 36500)),
-    Arg("key", "archive decryption key", _key, secret=True),
-    Arg("bucket", "S3 bucket", _bucket),
-    Arg("location", "location name", _location),
-    Arg("access_key_id", "AWS access key ID", secret=True),
-    Arg("secret_access_key", "AWS secret access key", secret=True),
-    Arg("destination", "restoration destination directory", _path),
+    dataclasses.replace(OPERATION_ROW, check=_choice(*RESTORE_OPERATIONS)),
+    LOG_DIR,
+    dataclasses.replace(SEND_EMAIL, meaning=SEND_EMAIL.meaning + " (one-step only: the "
+                        "four steps send none)"),
+    SENDER_NAME, SENDER_ADDRESS, RECIPIENT,
+    Arg("days", "restoration period (days)", _integer(1, 36500),
+        meaning="days the thawed copies stay readable in S3 (billed meanwhile)", example="7"),
+    DECRYPTION_KEY, BUCKET, LOCATION,
+    _restore_user(ACCESS_KEY_ID), _restore_user(SECRET_ACCESS_KEY),
+    Arg("destination", "restoration destination directory", _path,
+        meaning="the directory the sources are restored into, as 1, 2, ... "
+                "(restore-map.txt says which is which)",
+        example="/media/usb/restored"),
     Arg("restore_point", "restore point: latest, or a UTC date-time", _restore_point,
-        optional=True, default=LATEST),
+        optional=True, default=LATEST,
+        meaning="latest (or \"\"), a UTC date-time (20261115 143000, 2026-11-15 14:30, "
+                "2026-11-15T14:30:00.5; seconds and fractions optional) or a date "
+                "(2026-11-15: the end of that UTC day): the latest complete backup at or "
+                "before it is restored", example="2026-11-15"),
     Arg("selection", "what to restore: a path as backed up, or a name pattern",
-        _selection_item, repeated=True),
+        _selection_item, repeated=True,
+        meaning="what to restore: an absolute path as it was backed up, or a name (*.xlsx, "
+                "Photos/) matched at any depth; none: everything",
+        example="/home/ann/Documents/taxes/"),
 )
 
 BROWSE_ARGS = ArgTable(
     BROWSE_OPERATION,
-    Arg("operation", "operation", _choice(BROWSE_OPERATION)),
-    Arg("key", "archive decryption key (\"\" to list the backups only)", secret=True),
-    Arg("bucket", "S3 bucket", _bucket),
-    Arg("location", "location name", _location),
-    Arg("access_key_id", "AWS access key ID", secret=True),
-    Arg("secret_access_key", "AWS secret access key", secret=True),
+    dataclasses.replace(OPERATION_ROW, check=_choice(BROWSE_OPERATION)),
+    # Without a key the backups are listed, but no catalogue can be searched.
+    dataclasses.replace(DECRYPTION_KEY, label="archive decryption key (\"\" to list the "
+                        "backups only)", check=_text, named_default="",
+                        meaning=DECRYPTION_KEY.meaning + "; empty: list the backups only"),
+    BUCKET, LOCATION,
+    _restore_user(ACCESS_KEY_ID), _restore_user(SECRET_ACCESS_KEY),
     Arg("selection", "what to find: a path as backed up, or a name pattern",
-        _selection_item, repeated=True),
+        _selection_item, repeated=True,
+        meaning="what to find: a path or name, as in a restore's selection",
+        example="/home/ann/Documents/report.docx"),
 )
 
 OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS, BROWSE_OPERATION: BROWSE_ARGS,
@@ -1597,13 +2062,20 @@ def usage_text(operation):
     table = OPERATION_TABLES.get(operation)
     if table is not None:
         return table.usage(None if operation == CHILD_AGENT else operation)
-    lines = ["usage: aam_auto_backup.py <operation> <arguments...>",
-             "operations (all arguments are positional; write empty values as \"\"):"]
+    lines = ["usage: aam_auto_backup.py <operation> --settings FILE [--NAME VALUE ...]",
+             "   or: aam_auto_backup.py <operation> <arguments...> (positional; write empty "
+             "values as \"\")",
+             "operations:"]
     lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
               for op in BACKUP_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
-    lines.append("Run 'aam_auto_backup.py <operation>' to see its arguments; "
+    lines.append("Run 'aam_auto_backup.py <operation> --help' to see its settings; "
                  "docs/reference.md has the details.")
     return "\n".join(lines)
+
+
+def named_usage_text(operation):
+    return (f"usage: aam_auto_backup.py {operation} --settings FILE [--NAME VALUE ...]\n"
+            f"'aam_auto_backup.py {operation} --help' says what each setting is.")
 
 
 def overview_text():
@@ -1613,22 +2085,25 @@ def overview_text():
              "encrypted, multi-volume ZIP archives of them in AWS S3 Glacier Deep Archive "
              "(a full",
              "backup each month, incrementals between), reports by e-mail, and restores "
-             "exactly.", "", "operations:"]
+             "exactly.", "",
+             "usage: aam_auto_backup.py <operation> --settings FILE [--NAME VALUE ...]",
+             "   or: aam_auto_backup.py <operation> <arguments...> (positional)", "",
+             "operations:"]
     for operation, summary in OPERATION_SUMMARIES.items():
         lines += [f"  {operation} ({OPERATION_TABLES[operation].count_text()})",
                   f"      {summary}"]
-    lines += ["", "Run 'aam_auto_backup.py <operation>' for its arguments; "
+    lines += ["", "Run 'aam_auto_backup.py <operation> --help' for its settings; "
               "docs/reference.md has the details.",
               "aam_auto_backup.py --version prints the version."]
     return "\n".join(lines)
 
 
-def resolve_secret(text, where, operation):
+def resolve_secret(text):
     """'env:NAME' reads the secret from environment variable NAME."""
     if text.startswith("env:"):
         name = text[4:]
         if name not in os.environ:
-            raise UsageError(f"{where}: environment variable {name} is not set", operation)
+            raise ValueError(f"names environment variable {name}, which is not set")
         return os.environ[name]
     return text
 
@@ -1644,21 +2119,25 @@ def mask_argument(text, is_secret):
 def parse_backup_args(argv):
     operation = argv[0] if argv else ""
     args = BACKUP_ARGS.parse(argv, operation)
+    if args.operation == INCREMENTAL_ONLY_BACKUP and args.force_full:
+        raise args.error("force_full", "must be no for incremental-only-backup, which never "
+                         "makes a full backup (run regular-backup for one)", "yes")
     if args.send_email:
-        check_email_addresses(args, BACKUP_ARGS, ("sender_address", "recipient"))
+        check_email_addresses(args, ("sender_address", "recipient"))
     if "local" in args.destinations and not args.mirror_root:
-        raise BACKUP_ARGS.error("mirror_root", "is required when argument "
-                                f"{BACKUP_ARGS.number('destinations')} includes local",
-                                operation)
+        raise args.error("mirror_root", f"is required when {args.ref('destinations')} "
+                         "includes local")
     if "AWS" in args.destinations:
-        aws_rule = f"when argument {BACKUP_ARGS.number('destinations')} includes AWS"
+        aws_rule = f"when {args.ref('destinations')} includes AWS"
         for field, check in (("bucket", _bucket), ("key", _key)):
+            if not args.given(field):
+                raise args.error(field, f"is required {aws_rule}")
             try:
                 check(getattr(args, field))
             except ValueError as problem:
                 shown = None if field == "key" else getattr(args, field)
-                raise BACKUP_ARGS.error(field, f"{problem} {aws_rule}", operation, shown)
-    check_key_pair(args, BACKUP_ARGS)
+                raise args.error(field, f"{problem} {aws_rule}", shown)
+    check_key_pair(args)
     return args
 
 
@@ -1670,8 +2149,8 @@ def parse_restore_args(argv):
     operation = argv[0] if argv else ""
     args = RESTORE_ARGS.parse(argv, operation)
     if args.send_email and operation == ONE_STEP_RESTORE:
-        check_email_addresses(args, RESTORE_ARGS, ("sender_address", "recipient"))
-    check_key_pair(args, RESTORE_ARGS)
+        check_email_addresses(args, ("sender_address", "recipient"))
+    check_key_pair(args)
     return args
 
 
@@ -1681,23 +2160,26 @@ def parse_browse_args(argv):
         try:
             _key(args.key)
         except ValueError as problem:
-            raise BROWSE_ARGS.error("key", f"{problem} (it decrypts the catalogues that "
-                                    "are searched)", BROWSE_OPERATION)
-    check_key_pair(args, BROWSE_ARGS)
+            raise args.error("key", f"{problem} (it decrypts the catalogues that are "
+                             "searched)")
+    check_key_pair(args)
     return args
 
 
-def check_email_addresses(args, table, fields):
+def check_email_addresses(args, fields):
     for field in fields:
         if "@" not in getattr(args, field):
-            raise table.error(field, "must be an e-mail address when argument "
-                              f"{table.number('send_email')} is True", args.operation,
-                              getattr(args, field))
+            raise args.error(field, f"must be an e-mail address when {args.ref('send_email')} "
+                             "is True", getattr(args, field))
 
 
-def check_key_pair(args, table):
+def check_key_pair(args):
     if bool(args.access_key_id) != bool(args.secret_access_key):
-        first = table.number("access_key_id")
+        if args.named:
+            raise UsageError("access-key-id and secret-access-key must both be given, or "
+                             "both be empty to use the default AWS credential chain",
+                             args.operation, named=True)
+        first = args.table.number("access_key_id")
         raise UsageError(f"arguments {first} and {first + 1} must both be given, or both "
                          "be \"\" to use the default AWS credential chain", args.operation)
 
@@ -5401,9 +5883,11 @@ class Tally:
     bytes: int = 0
     volumes: dict = dataclasses.field(default_factory=dict)  # (stamp, source) -> {numbers}
     missing: list = dataclasses.field(default_factory=list)  # paths in no archive
+    sources: dict = dataclasses.field(default_factory=dict)  # source number -> entries
 
     def add(self, entry, number):
         self.entries += 1
+        self.sources[number] = self.sources.get(number, 0) + 1
         if entry.kind == DIRECTORY:
             return
         self.files += 1
@@ -5626,8 +6110,9 @@ class RestoreState:
         os.replace(temporary, self.path)
 
 
-def write_restore_map(destination, bucket, restore_set, state):
-    """restore-map.txt: which numbered directory holds which original directory."""
+def write_restore_map(destination, bucket, restore_set, state, untouched=()):
+    """restore-map.txt: which numbered directory holds which original directory; each
+    source keeps its line and number, one the selection left untouched says so."""
     incrementals = ", ".join(describe_stamp(i) for i in restore_set.incrementals) or "none"
     status = (f"complete (finished {state.finished})" if state.finished
               else "NOT complete: run the restoration again to finish it")
@@ -5645,6 +6130,9 @@ def write_restore_map(destination, bucket, restore_set, state):
         "# number<TAB>original directory<TAB>state",
     ]
     for number, _source, path in restore_set.sources:
+        if number in untouched:
+            lines.append(f"{number}\t{path}\tnothing selected (no directory)")
+            continue
         done = "restored" if state.is_done(number) else "not restored yet"
         unrestored = os.path.join(destination, f"{number}{PROBLEMS_SUFFIX}")
         if state.is_done(number) and os.path.exists(unrestored):
@@ -6495,7 +6983,10 @@ class Restoration:
         pending = [n for n, _s, _p in self.set.sources if not self.state.is_done(n)]
         if self.set.exact:
             for number in pending:
-                SourceExtraction(self, number).run()
+                if self.selects_nothing_of(number):
+                    self.remove_numbered_directory(number)
+                else:
+                    SourceExtraction(self, number).run()
                 self.finish_source(number)
         else:
             self.test_archives(pending)
@@ -6503,7 +6994,8 @@ class Restoration:
                 self.replay_source(number)
                 self.finish_source(number)
         self.state.mark_finished()
-        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+        write_restore_map(self.destination, self.args.bucket, self.set, self.state,
+                          self.untouched_sources() if self.set.exact else set())
         self.report_extracted()
         problems = self.not_restored_count()
         if problems:
@@ -6515,10 +7007,32 @@ class Restoration:
 
     def finish_source(self, number):
         self.state.mark_done(number)
-        write_restore_map(self.destination, self.args.bucket, self.set, self.state)
+        write_restore_map(self.destination, self.args.bucket, self.set, self.state,
+                          self.untouched_sources())
+
+    def selects_nothing_of(self, number):
+        """A selective restore chose nothing of this source: it gets no directory."""
+        return bool(self.selection) and not self.plan.chosen.sources.get(number)
+
+    def untouched_sources(self):
+        return {n for n, _s, _p in self.set.sources if self.selects_nothing_of(n)}
+
+    def remove_numbered_directory(self, number):
+        """What an earlier selection made for a source this one leaves out (ours: the
+        state file says so)."""
+        target = os.path.join(self.destination, str(number))
+        for leftover in (target, target + INCOMPLETE_SUFFIX, target + PROBLEMS_SUFFIX):
+            if os.path.isdir(leftover) and not os.path.islink(leftover):
+                shutil.rmtree(leftover)
+            elif os.path.lexists(leftover):
+                os.remove(leftover)
 
     def report_extracted(self):
         for number, _source, path in self.set.sources:
+            if self.selects_nothing_of(number):
+                self.out.line(f"Nothing of {path} is selected: no directory "
+                              f"{os.path.join(self.destination, str(number))}")
+                continue
             self.out.line(f"Restored {path} into {os.path.join(self.destination, str(number))}"
                           + (" (the selection only)" if self.selection else ""))
         self.out.line(f"Map of the numbered directories: "
@@ -6736,12 +7250,23 @@ def browse(args, platform, settings):
     for line in backup_table(chains, listing):
         out.line(line)
     if args.selection:
+        found, unknown = 0, []
         with tempfile.TemporaryDirectory(prefix="aam-browse-") as work:
-            found = sum(find_versions(s3, args, platform, settings, chain, listing, work, out)
-                        for chain in chains)
-        if not found:
+            for chain in chains:
+                found += find_versions(s3, args, platform, settings, chain, listing, work,
+                                       out, unknown)
+        wanted = " | ".join(args.selection)
+        if unknown:
+            # Without a catalogue only a thaw could tell what those backups hold.
+            answer = (f"Unknown for the backups without a catalogue (made by version 1.0.0; "
+                      f"only a restore can tell what they hold): {', '.join(unknown)}.")
+            if not found:
+                raise AamError(f"{answer} Nothing in the backups with a catalogue matches "
+                               f"{wanted}.")
+            out.line(answer)
+        elif not found:
             raise NothingSelected(f"Nothing in any backup of {args.location} matches "
-                                  f"{' | '.join(args.selection)}.")
+                                  f"{wanted}.")
     return EXIT_OK
 
 
@@ -6785,21 +7310,27 @@ def backup_table(chains, listing):
     return lines
 
 
-def find_versions(s3, args, platform, settings, chain, listing, work, out):
-    """Print each version of every path the selection matches in one chain; the count."""
+def find_versions(s3, args, platform, settings, chain, listing, work, out, unknown):
+    """Print each version of every path the selection matches in one chain; the count.
+    The backups it could not search (no catalogue) are added to unknown, by source."""
     full, backups = chain
     found = 0
     sources = sorted(backups[0][2].items())
     for source, manifest in sources:
-        catalogues = []
+        catalogues, uncatalogued = [], None
         for backup, incremental, manifests in backups:
-            if source not in manifests or not manifests[source].get("catalogue"):
+            if source not in manifests:
+                break                       # not backed up any more from this backup on
+            if not manifests[source].get("catalogue"):
+                uncatalogued = backup
                 break
             catalogues.append((backup, fetch_browse_catalogue(
                 s3, args, platform, settings, manifests[source]["catalogue"], work)))
-        if len(catalogues) < len(backups):
+        if uncatalogued is not None:
             out.line(f"(the backups of {manifest['source_path']} from "
-                     f"{describe_stamp(full)} have no catalogue: made by version 1.0.0)")
+                     f"{describe_stamp(uncatalogued)} on have no catalogue: made by version "
+                     "1.0.0; whether they hold what is asked for is unknown)")
+            unknown.append(f"{manifest['source_path']} from {describe_stamp(uncatalogued)}")
         match = RestoreSelection(args.selection).matcher(
             manifest["source_path"], manifest.get("platform", "posix"))
         for path, versions in path_versions([c for _b, c in catalogues],
@@ -7080,6 +7611,9 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
         if argv == ["--version"]:
             print(f"{PROGRAM_NAME} {VERSION}")
             return EXIT_OK
+        if len(argv) == 2 and argv[1] in HELP_WORDS and operation in OPERATION_SUMMARIES:
+            print(OPERATION_TABLES[operation].help(operation))
+            return EXIT_OK
         try:
             if len(argv) > 1 and argv[1] == CHILD_AGENT:
                 return self.child_pass(parse_child_args(argv))
@@ -7097,9 +7631,13 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
                 return self.with_signals(lambda: browse(args, self.platform, settings))
             raise UsageError(f"unknown operation {operation!r}" if operation
                              else "no operation given")
+        except HelpRequested as request:
+            print(OPERATION_TABLES[request.operation].help(request.operation))
+            return EXIT_OK
         except UsageError as problem:
             print(f"error: {problem}", file=sys.stderr)
-            print(usage_text(problem.operation), file=sys.stderr)
+            print(named_usage_text(problem.operation) if problem.named
+                  else usage_text(problem.operation), file=sys.stderr)
             return EXIT_USAGE
         except AamError as problem:
             print(f"error: {problem}", file=sys.stderr)

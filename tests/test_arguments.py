@@ -1,5 +1,6 @@
 """Arguments of the restore operations and the child pass, and the usage text."""
 
+import datetime as dt
 import os
 import re
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 import aam_auto_backup as aab
-from conftest import KEY, REPO, SECRET
+from conftest import KEY, REPO, SECRET, ok
 from sample_tree import read_tree
 
 RESTORE_OPERATIONS = list(aab.RESTORE_OPERATIONS)
@@ -147,3 +148,41 @@ def test_help_prints_the_overview_and_version_the_version(sandbox):
         assert f"  {operation} (" in helped.stdout
     version = sandbox.run(["--version"])
     assert version.returncode == 0 and version.stdout == f"AAM Auto Backup {aab.VERSION}\n"
+
+
+def thaw_step_args(sandbox, destination, point):
+    """The thaw step into destination, as of point (None: argument 14 left out)."""
+    changes = {"send_email": "False"}
+    if point is not None:
+        changes["restore_point"] = point
+    return sandbox.restore_args(aab.THAW_STEP, destination, changes)
+
+
+def test_every_documented_restore_point_form_chooses_the_backup(sandbox, tmp_path):
+    """Each form docs/reference.md lists, through the CLI: at or after the backup it is
+    chosen; before it, nothing is (exit 5)."""
+    sandbox.single_source({"a.txt": b"a\n"})
+    ok(sandbox.backup({"send_email": "False"}))
+    (stamp,) = sandbox.backup_stamps()
+    made = dt.datetime.strptime(stamp, "%Y%m%d %H%M%S.%f")
+    later = made + dt.timedelta(minutes=1)
+    at_or_after = [
+        None, "latest", "", "LATEST",
+        stamp, stamp + " UTC",                                   # as browse prints it
+        made.strftime("%Y%m%d_%H%M%S.%f"),                       # as object names hold it
+        made.isoformat(), made.isoformat() + "Z", made.isoformat() + "+00:00",
+        made.strftime("%Y-%m-%d %H:%M:%S.%f"),
+        later.strftime("%Y%m%d %H%M%S"), later.strftime("%Y-%m-%d %H:%M:%S"),
+        later.strftime("%Y-%m-%d %H:%M"), later.strftime("%Y-%m-%dT%H:%M:%S"),
+        later.strftime("%Y-%m-%dT%H:%M"), later.strftime("%Y-%m-%dT%H:%M:%S.5"),
+        made.strftime("%Y-%m-%d"), made.strftime("%Y%m%d"),       # the end of that day
+    ]
+    for number, point in enumerate(at_or_after):
+        result = sandbox.run(thaw_step_args(sandbox, tmp_path / f"d{number}", point))
+        assert result.returncode == 0, (point, result.stdout + result.stderr)
+        assert f"the full backup {stamp} UTC." in result.stdout, (point, result.stdout)
+    earlier = made - dt.timedelta(days=1)
+    for number, point in enumerate((earlier.strftime("%Y-%m-%d"),
+                                    earlier.isoformat(timespec="microseconds"))):
+        result = sandbox.run(thaw_step_args(sandbox, tmp_path / f"e{number}", point))
+        assert result.returncode == aab.EXIT_NO_BACKUP_SET, (point, result.stdout)

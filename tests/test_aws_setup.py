@@ -142,7 +142,7 @@ def test_check_names_a_removed_bucket_policy(set_up):
     check = account.run("--check")
     assert check.returncode == 1, check.stdout
     assert ("PROBLEM  bucket policy statement denying writes without If-None-Match: *: "
-            "missing or different") in check.stdout
+            f"missing (no statement {DENY_REPLACING_SID})") in check.stdout
     assert ("PROBLEM  backup keys cannot replace an object (plain PutObject): it worked"
             in check.stdout)
     assert ("PROBLEM  backup keys cannot replace an object (multipart upload): it worked"
@@ -160,8 +160,11 @@ def test_check_names_a_widened_user_policy(set_up):
                                           PolicyDocument=json.dumps(widened))
     check = account.run("--check")
     assert check.returncode == 1, check.stdout
+    objects = f"arn:aws:s3:::{account.bucket}/*"
     assert (f"PROBLEM  IAM user {account.backup_user}: policy {USER_POLICY_NAME} exactly "
-            "as in docs/aws-setup.md: missing or different") in check.stdout
+            f"as in docs/aws-setup.md: beyond docs/aws-setup.md: Allow s3:DeleteObject on "
+            f"{objects}; beyond docs/aws-setup.md: Allow s3:GetObject on {objects}\n") \
+        in check.stdout
     assert "PROBLEM  backup keys cannot read: it worked" in check.stdout
     assert "PROBLEM  backup keys cannot delete: it worked" in check.stdout
 
@@ -238,3 +241,68 @@ def test_the_aws_setup_page_holds_exactly_the_policies_the_tool_makes():
     assert page_bucket_policy["Statement"][0]["Sid"] == DENY_REPLACING_SID
     assert backup_user_policy("aam-data-backup") in documents
     assert restore_user_policy("aam-data-backup") in documents
+
+
+def test_check_names_the_action_a_policy_lost(set_up):
+    account, _first = set_up
+    narrowed = restore_user_policy(account.bucket)
+    narrowed["Statement"][0]["Action"] = ["s3:GetObject"]           # RestoreObject removed
+    account.client("iam").put_user_policy(UserName=account.restore_user,
+                                          PolicyName=USER_POLICY_NAME,
+                                          PolicyDocument=json.dumps(narrowed))
+    policy = account.client("s3").get_bucket_policy(Bucket=account.bucket)["Policy"]
+    document = json.loads(policy)
+    document["Statement"][0]["Condition"].pop("Bool")
+    account.client("s3").put_bucket_policy(Bucket=account.bucket, Policy=json.dumps(document))
+    check = account.run("--check")
+    assert check.returncode == 1, check.stdout
+    assert (f"PROBLEM  IAM user {account.restore_user}: policy {USER_POLICY_NAME} exactly as "
+            f"in docs/aws-setup.md: missing Allow s3:RestoreObject on "
+            f"arn:aws:s3:::{account.bucket}/*\n") in check.stdout
+    assert re.search(r"PROBLEM  bucket policy statement denying writes without "
+                     r"If-None-Match: \*: missing Deny s3:PutObject on .* with condition .*"
+                     r"ObjectCreationOperation.*; beyond docs/aws-setup\.md: Deny "
+                     r"s3:PutObject on .* with condition", check.stdout)
+    assert "PROBLEM  restore keys can restore from Deep Archive: refused" in check.stdout
+
+
+def test_check_of_an_unverified_sender_says_nothing_was_requested(set_up):
+    account, _first = set_up
+    unverified = f"never-{account.sender}"
+    check = account.run("--check", "--sender", unverified)
+    assert check.returncode == 1, check.stdout
+    assert (f"PROBLEM  SES sender {unverified}: not verified in us-east-1 (never requested): "
+            "run this without --check to request it") in check.stdout
+    assert "requested in" not in check.stdout
+    attributes = account.client("ses").get_identity_verification_attributes(
+        Identities=[unverified])["VerificationAttributes"]
+    assert attributes.get(unverified, {}).get("VerificationStatus") is None   # asked nothing
+
+
+def test_check_with_only_the_restore_keys_proves_them_without_false_problems(set_up):
+    account, _first = set_up
+    lines = open(account.keys_file).read().splitlines()
+    with open(account.keys_file, "w") as handle:
+        handle.write("\n".join(l for l in lines if "BACKUP" not in l) + "\n")
+    check = account.run("--check")
+    assert check.returncode == 1, check.stdout
+    problems = [line for line in check.stdout.splitlines() if "PROBLEM" in line]
+    assert problems == ["  PROBLEM  the backup keys were not proven: give --keys-file or set "
+                        "AAM_BACKUP_ACCESS_KEY_ID and AAM_BACKUP_SECRET_ACCESS_KEY"]
+    for proof in ("restore keys can list", "restore keys can read",
+                  "restore keys can restore from Deep Archive"):
+        assert f"ok       {proof}" in check.stdout
+    assert account.client("s3").list_objects_v2(Bucket=account.bucket)["KeyCount"] == 0
+
+
+def test_the_keys_file_holds_the_region_and_check_compares_it(set_up):
+    account, first = set_up
+    text = open(account.keys_file).read()
+    assert "\nAWS_REGION=us-east-1\n" in text
+    assert "AWS_REGION=us-east-1" in first.stdout
+    with open(account.keys_file, "w") as handle:
+        handle.write(text.replace("AWS_REGION=us-east-1", "AWS_REGION=eu-west-1"))
+    check = account.run("--check")
+    assert check.returncode == 1
+    assert (f"PROBLEM  {account.keys_file} says AWS_REGION=eu-west-1, not us-east-1: the "
+            "program would use another region") in check.stdout

@@ -384,3 +384,24 @@ def test_browse_with_the_backup_keys_names_the_missing_permission(sandbox, aws):
     assert backup_keys[1] not in refused.stdout + refused.stderr
     ok(allowed)
     assert os.path.join(mount, "report.txt") in allowed.stdout
+
+
+def test_browse_of_a_set_without_catalogues_says_the_answer_is_unknown(sandbox, tmp_path):
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    strip_catalogues(sandbox)
+    result = browse(sandbox, "report.txt")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Nothing in any backup" not in result.stdout + result.stderr
+    assert re.search(rf"Unknown for the backups without a catalogue \(made by version "
+                     rf"1\.0\.0; only a restore can tell what they hold\): {re.escape(mount)} "
+                     rf"from \d{{8}} \d{{6}}\.\d{{6}} UTC\. Nothing in the backups with a "
+                     rf"catalogue matches report\.txt\.", result.stderr), result.stderr
+    # a later backup with a catalogue is searched, the one without is still named
+    file_times_pass()
+    write_file(os.path.join(mount, "report.txt"), b"changed\n")
+    ok(sandbox.backup({"force_full": "yes"}))
+    found = browse(sandbox, "report.txt")
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert os.path.join(mount, "report.txt") in found.stdout
+    assert "Unknown for the backups without a catalogue" in found.stdout

@@ -99,3 +99,49 @@ def test_the_readme_lists_every_docs_page_and_every_page_links_back():
     assert set(PAGES) - listed == set(), "not in README's Documentation list"
     for page in PAGES:
         assert "../README.md" in relative_links(page), f"{page} does not link back to README"
+
+
+# -- docs/reference.md's argument tables are the code's -----------------------------
+
+REFERENCE = os.path.join(REPO, "docs", "reference.md")
+TABLE_HEADINGS = {   # a heading of docs/reference.md -> the operation whose table it has
+    "regular-backup and incremental-only-backup": "regular-backup",
+    "Restoration": "one-step-aws-data-restoration",
+    "browse-aws-backups": "browse-aws-backups",
+    "The child pass": "ShadowSpawn",
+}
+
+
+def reference_tables():
+    """{operation: [(first number, repeated?, name)]} from each '| # | name |' table."""
+    tables, heading, rows = {}, None, None
+    for line in prose_lines(REFERENCE):
+        if line.startswith("### "):
+            heading = next((op for start, op in TABLE_HEADINGS.items()
+                            if line[4:].startswith(start)), None)
+        elif line.startswith("| # | name |"):
+            assert heading, f"a table of arguments under an unknown heading: {line}"
+            rows = tables.setdefault(heading, [])
+        elif rows is not None and line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            if set(cells[0]) <= set("-"):
+                continue
+            number = re.match(r"\d+", cells[0])
+            assert number and cells[1].startswith("`"), line
+            rows.append((int(number.group()), "…" in cells[0], cells[1].strip("`")))
+        else:
+            rows = None
+    return tables
+
+
+def test_the_reference_argument_tables_are_the_codes():
+    import aam_auto_backup as aab
+    tables = reference_tables()
+    assert set(tables) == set(TABLE_HEADINGS.values())
+    documented = {id(aab.OPERATION_TABLES[operation]) for operation in tables}
+    assert documented == {id(table) for table in aab.OPERATION_TABLES.values()}, \
+        "an operation's argument table is not in docs/reference.md"
+    for operation, rows in tables.items():
+        table = aab.OPERATION_TABLES[operation]
+        assert [(number, arg.repeated, arg.name) for number, arg in enumerate(table, 1)] \
+            == rows, operation

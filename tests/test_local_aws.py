@@ -721,7 +721,8 @@ def serving(*options):
     """`local_aws.py serve` with these options; its first line (the endpoint); Ctrl-C at
     the end must stop it cleanly."""
     process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "local_aws.py"), "serve", *options],
+        [sys.executable, os.path.join(REPO, "tools", "local_aws.py"), "serve", "--port", "0",
+         *options],
         stdout=subprocess.PIPE, text=True)
     try:
         yield process.stdout.readline().strip()
@@ -757,3 +758,82 @@ def test_cli_serve_refuses_a_wrong_upload_limit():
          "--upload-limit", "20Mb"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "'20Mb' is not a rate" in result.stderr
+
+
+def read_variables(text):
+    return dict(line.split("=", 1) for line in text.splitlines()
+                if "=" in line and not line.startswith("#"))
+
+
+def test_cli_serve_with_iam_passes_aws_setup_check_runs_a_backup_and_shows_its_email(
+        tmp_path):
+    """The local quick start: serve --iam, aws_setup.py --check with no PROBLEM, a named
+    backup in the endpoint's region with the keys file, then the e-mail it caught."""
+    tool = os.path.join(REPO, "tools", "local_aws.py")
+    keys_file = tmp_path / "keys.env"
+    process = subprocess.Popen(
+        [sys.executable, tool, "serve", "--port", "0", "--region", "eu-west-1", "--iam",
+         "--bucket", BUCKET, "--sender", SENDER, "--recipient", "me@example.com",
+         "--keys-file", str(keys_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        printed = ""
+        while "# E-mails caught" not in printed:
+            line = process.stdout.readline()
+            assert line, printed
+            printed += line
+        served = read_variables(printed)
+        assert served["AWS_REGION"] == "eu-west-1"
+        endpoint = served["AWS_ENDPOINT_URL"]
+        keys = read_variables(keys_file.read_text())
+        assert keys["AWS_REGION"] == "eu-west-1"
+        assert os.stat(keys_file).st_mode & 0o777 == 0o600
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AAM_"))}
+
+        check = subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", "aws_setup.py"), "--check",
+             "--region", "eu-west-1", "--bucket", BUCKET, "--sender", SENDER,
+             "--recipient", "me@example.com", "--keys-file", str(keys_file)],
+            env=dict(clean, **served), capture_output=True, text=True, timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "PROBLEM" not in check.stdout and "Check passed" in check.stdout
+
+        source = tmp_path / "source"
+        source.mkdir()
+        (source / "a.txt").write_bytes(b"a\n")
+        (tmp_path / "instructions.txt").write_text(f"{source}/\n")
+        (tmp_path / "backup.settings").write_text("\n".join([
+            f"log-dir = {tmp_path / 'logs'}", f"instruction-file = {tmp_path}/instructions.txt",
+            "destinations = AWS", f"bucket = {BUCKET}", "location = pc",
+            "key = env:AAM_ENCRYPTION_KEY", "access-key-id = env:AAM_BACKUP_ACCESS_KEY_ID",
+            "secret-access-key = env:AAM_BACKUP_SECRET_ACCESS_KEY",
+            f"sender-address = {SENDER}", "recipient = me@example.com"]) + "\n")
+        env = dict(clean, **keys, AWS_ENDPOINT_URL=endpoint,
+                   AAM_ENCRYPTION_KEY="a key of twenty or more characters",
+                   AAM_TEMP_ROOT=str(tmp_path / "temp"),
+                   AAM_LOCK_FILE=str(tmp_path / "aam.lock"),
+                   AAM_STATE_DIR=str(tmp_path / "state"))
+        backup = subprocess.run(
+            [sys.executable, os.path.join(REPO, "aam_auto_backup.py"), "regular-backup",
+             "--settings", str(tmp_path / "backup.settings")],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert backup.returncode == 0, backup.stdout + backup.stderr
+        assert "E-mail report sent to me@example.com" in backup.stdout
+
+        emails = subprocess.run([sys.executable, tool, "emails", "--endpoint", endpoint],
+                                capture_output=True, text=True, timeout=60)
+        assert emails.returncode == 0, emails.stderr
+        assert emails.stdout.startswith("--- e-mail 1 of 1\nFrom: AAM Auto Backup <"
+                                        f"{SENDER}>\nTo: me@example.com\nSubject: SUCCESS, ")
+        assert "full backup!" in emails.stdout
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+        process.stdout.close()
+
+
+def test_cli_emails_says_when_no_endpoint_answers():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "local_aws.py"),
+                             "emails", "--endpoint", f"http://127.0.0.1:{local_aws.free_port()}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "error: no local endpoint answers at http://127.0.0.1:" in result.stderr

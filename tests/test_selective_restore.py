@@ -157,3 +157,29 @@ def test_a_wider_selection_later_uses_what_was_downloaded(sandbox, proxy, tmp_pa
     downloaded = [r["key"] for r in proxy.requests() if r["kind"] == "GetObject"]
     first_time = planned_volumes(wider.stdout)
     assert len(downloaded) < len(first_time)             # the letters' volumes are kept
+
+
+def test_a_selection_makes_only_the_numbered_directories_it_fills(sandbox, tmp_path):
+    tree = sandbox.sample()
+    ok(sandbox.backup({"send_email": "False"}))
+    first, second = tree.first_mount, tree.second_mount
+    destination = tmp_path / "r"
+    ok(sandbox.restore_chosen(ONE_STEP, destination,
+                              selection=[os.path.join(first, "Documents", "report.txt")]))
+    assert sorted(n for n in os.listdir(destination) if not n.startswith(".")) == \
+        ["1", "downloads", "restore-map.txt"]
+    lines = open(destination / "restore-map.txt", encoding="utf-8").read().splitlines()
+    assert f"1\t{first}\trestored" in lines
+    assert f"2\t{second}\tnothing selected (no directory)" in lines
+
+    # another selection in the same destination: the directory it leaves out goes
+    result = ok(sandbox.restore_chosen(ONE_STEP, destination,
+                                       selection=[os.path.join(second, "docs") + "/"]))
+    assert f"Nothing of {first} is selected: no directory {destination / '1'}" \
+        in result.stdout
+    assert not (destination / "1").exists()
+    assert sorted(snapshot(destination / "2")) == ["docs", "docs/readme.md"]
+    assert open(destination / "2" / "docs" / "readme.md", "rb").read() == b"second source\n"
+    lines = open(destination / "restore-map.txt", encoding="utf-8").read().splitlines()
+    assert f"1\t{first}\tnothing selected (no directory)" in lines
+    assert f"2\t{second}\trestored" in lines

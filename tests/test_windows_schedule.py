@@ -6,6 +6,7 @@ written out by hand with its own example values.
 
 import datetime as dt
 import os
+import re
 import xml.etree.ElementTree as ElementTree
 
 import pytest
@@ -173,6 +174,57 @@ def test_the_command_line_writes_env_references_by_default(tmp_path, capsys):
     assert 'schtasks /Create /TN "Daily AAM Auto Backup" /XML' in capsys.readouterr().out
 
 
+COMMAND_LINE = ["--program-dir", PROGRAM_DIR, "--python", PYTHON, "--log-dir", "C:\\logs",
+                "--sender", "a@example.com", "--recipient", "b@example.com",
+                "--instructions", "C:\\i.txt", "--mirror-dir", "F:\\m",
+                "--bucket", "aam-data-backup", "--location", "pc", "--user", "PC\\me"]
+
+
+def test_dry_run_prints_the_files_and_commands_and_writes_nothing(tmp_path, capsys):
+    output = tmp_path / "out"
+    code = ws.main(COMMAND_LINE + ["--output", str(output), "--region", "eu-west-1",
+                                   "--dry-run"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Dry run: nothing is written, asked or run.")
+    assert "<Arguments>" in printed and 'set "AWS_REGION=eu-west-1"' in printed
+    assert 'schtasks /Create /TN "Daily AAM Auto Backup"' in printed
+    assert "    setx AWS_REGION eu-west-1\n" in printed
+    assert not output.exists()
+
+
+def test_the_region_is_set_in_the_batch_files(tmp_path):
+    settings = example_settings(region="eu-west-1")
+    text = ws.batch_file_text(settings, "regular-backup")
+    lines = text.split("\r\n")
+    assert lines[1] == 'set "AWS_REGION=eu-west-1"'
+    assert lines[2].startswith("aam_auto_backup.py regular-backup user ")
+    assert ws.task_xml(settings, dt.date(2021, 3, 29)) == EXPECTED_TASK_XML
+
+
+def test_inline_secrets_are_typed_twice(tmp_path, monkeypatch, capsys):
+    typed = iter(["key of twenty characters", "key of twenty characterz",   # a typo
+                  "key of twenty characters", "key of twenty characters",
+                  "AKIDEXAMPLE", "AKIDEXAMPLE", "secret", "secret"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt: next(typed))
+    assert ws.main(COMMAND_LINE + ["--output", str(tmp_path), "--inline-secrets"]) == 0
+    bat = (tmp_path / "backup batch files" / "Regular backup.bat").read_text()
+    assert '"key of twenty characters"' in bat and "characterz" not in bat
+    assert "The two differ; once more." in capsys.readouterr().err
+    never = iter(["a", "b"] * 3)
+    monkeypatch.setattr("getpass.getpass", lambda prompt: next(never))
+    assert ws.main(COMMAND_LINE + ["--output", str(tmp_path / "x"), "--inline-secrets"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_docstring_offers_only_options_the_tool_takes(capsys):
+    with pytest.raises(SystemExit):
+        ws.parse_command_line(["--help"])
+    taken = set(re.findall(r"(--[a-z][a-z-]+)", capsys.readouterr().out))
+    documented = set(re.findall(r"(--[a-z][a-z-]+)", ws.__doc__))
+    assert documented and documented <= taken, documented - taken
+
+
 def test_stop_after_sets_the_tasks_time_limit():
     xml = ws.task_xml(example_settings(stop_after=390), dt.date(2021, 3, 29))
     assert xml == EXPECTED_TASK_XML.replace(
@@ -184,24 +236,22 @@ def test_stop_after_sets_the_tasks_time_limit():
     assert "<ExecutionTimeLimit>PT45M</ExecutionTimeLimit>" in minutes
 
 
-def test_the_command_line_takes_a_stop_time_and_an_upload_limit(tmp_path, capsys):
-    code = ws.main([
-        "--program-dir", PROGRAM_DIR, "--python", PYTHON, "--log-dir", "C:\\logs",
-        "--sender", "a@example.com", "--recipient", "b@example.com",
-        "--instructions", "C:\\i.txt", "--mirror-dir", "F:\\m", "--bucket", "aam-data-backup",
-        "--location", "pc", "--user", "PC\\me", "--output", str(tmp_path),
-        "--stop-after", "7", "--upload-limit", "20 Mbit/s"])
+def test_the_upload_limit_is_set_in_the_batch_files_and_as_the_users(tmp_path, capsys):
+    code = ws.main(COMMAND_LINE + ["--output", str(tmp_path), "--region", "eu-west-1",
+                                   "--stop-after", "7", "--upload-limit", "20 Mbit/s"])
     assert code == 0
     with open(tmp_path / "Daily AAM Auto Backup.xml", "rb") as handle:
         assert "<ExecutionTimeLimit>PT7H</ExecutionTimeLimit>" in handle.read().decode("utf-16")
-    assert "setx AAM_UPLOAD_LIMIT 2500000" in capsys.readouterr().out
+    lines = (tmp_path / "backup batch files" / "Regular backup.bat").read_text().splitlines()
+    assert lines[1:3] == ['set "AWS_REGION=eu-west-1"', 'set "AAM_UPLOAD_LIMIT=2500000"']
+    printed = capsys.readouterr().out
+    assert "make AWS_REGION and AAM_UPLOAD_LIMIT yours" in printed
+    assert "    setx AWS_REGION eu-west-1\n    setx AAM_UPLOAD_LIMIT 2500000\n" in printed
 
 
 @pytest.mark.parametrize("option, value", [("--stop-after", "0"), ("--upload-limit", "20")])
 def test_the_command_line_refuses_a_wrong_stop_time_or_limit(tmp_path, option, value):
     with pytest.raises(SystemExit) as stopped:
-        ws.main(["--python", PYTHON, "--log-dir", "C:\\logs", "--sender", "a@example.com",
-                 "--recipient", "b@example.com", "--instructions", "C:\\i.txt",
-                 "--bucket", "b", "--location", "pc", "--output", str(tmp_path), option, value])
+        ws.main(COMMAND_LINE + ["--output", str(tmp_path), option, value])
     assert stopped.value.code == 2
     assert not os.listdir(tmp_path)

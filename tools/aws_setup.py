@@ -135,6 +135,36 @@ def same_policy(first, second):
     return canonical(first) == canonical(second)
 
 
+def _grants(document):
+    """A policy as a set of (effect, action, resource, principal, condition) rows, one per
+    action and resource, whichever statement or spelling holds them."""
+    statements = document.get("Statement", []) if "Statement" in document else [document]
+    statements = [statements] if isinstance(statements, dict) else statements
+    rows = set()
+    for statement in statements:
+        actions = statement.get("Action", [])
+        resources = statement.get("Resource", [])
+        for action in [actions] if isinstance(actions, str) else actions:
+            for resource in [resources] if isinstance(resources, str) else resources:
+                rows.add((statement.get("Effect"), action, resource,
+                          json.dumps(statement.get("Principal"), sort_keys=True),
+                          json.dumps(canonical(statement.get("Condition")), sort_keys=True)))
+    return rows
+
+
+def policy_differences(current, wanted):
+    """What the current policy lacks and what it has beyond the wanted one, by action and
+    resource (e.g. 'missing Allow s3:PutObject on arn:aws:s3:::b/*')."""
+    def describe(row):
+        effect, action, resource, _principal, condition = row
+        when = "" if condition == "null" else f" with condition {condition}"
+        return f"{effect} {action} on {resource}{when}"
+    have, want = _grants(current), _grants(wanted)
+    return ([f"missing {describe(row)}" for row in sorted(want - have, key=str)]
+            + [f"beyond docs/aws-setup.md: {describe(row)}"
+               for row in sorted(have - want, key=str)])
+
+
 # ---------------------------------------------------------------- report
 
 class Report:
@@ -190,10 +220,11 @@ class Setup:
         self.report = Report()
         self.new_keys = {}               # "backup"/"restore" -> (key id, secret)
 
-    def fix(self, what, apply):
-        """A missing or different piece: a problem with --check, otherwise made now."""
+    def fix(self, what, apply, difference="missing"):
+        """A missing or different piece: a problem with --check (saying what is missing
+        or different), otherwise made now."""
         if self.check:
-            self.report.problem(f"{what}: missing or different")
+            self.report.problem(f"{what}: {difference}")
             return False
         apply()
         self.report.changed(what)
@@ -276,10 +307,18 @@ class Setup:
         if len(ours) == 1 and same_policy(ours[0], wanted):
             self.report.ok(what)
             return
+        if not ours:
+            difference = f"missing (no statement {DENY_REPLACING_SID})"
+        elif len(ours) > 1:
+            difference = f"{len(ours)} statements {DENY_REPLACING_SID}, not one"
+        else:
+            found = policy_differences(ours[0], wanted)
+            difference = "; ".join(found) if found else "different (Sid or Principal)"
         others = [s for s in statements if s.get("Sid") != DENY_REPLACING_SID]
         document["Statement"] = others + [wanted]
         self.fix(what, lambda: self.s3.put_bucket_policy(Bucket=bucket,
-                                                        Policy=json.dumps(document)))
+                                                        Policy=json.dumps(document)),
+                 difference)
 
     # -- the IAM users
     def user(self, role, name, policy):
@@ -298,8 +337,11 @@ class Setup:
         if current is not None and same_policy(current, policy):
             self.report.ok(what)
             return
+        difference = ("missing" if current is None else
+                      "; ".join(policy_differences(current, policy)) or "different")
         self.fix(what, lambda: self.iam.put_user_policy(
-            UserName=name, PolicyName=USER_POLICY_NAME, PolicyDocument=json.dumps(policy)))
+            UserName=name, PolicyName=USER_POLICY_NAME, PolicyDocument=json.dumps(policy)),
+            difference)
 
     def other_permissions(self, name):
         """Anything else granted to the user may widen what its keys can do."""
@@ -345,15 +387,24 @@ class Setup:
         addresses = [address for _role, address in wanted]
         found = self.ses.get_identity_verification_attributes(
             Identities=addresses)["VerificationAttributes"]
+        region = self.options.region
         for role, address in wanted:
             status = found.get(address, {}).get("VerificationStatus")
             what = f"SES {role} {address}"
             if status == "Success":
-                self.report.ok(f"{what} verified in {self.options.region}")
-            elif status == "Pending" and not self.check:
+                self.report.ok(f"{what} verified in {region}")
+            elif status == "Pending" and self.check:
+                self.report.problem(f"{what}: not verified yet in {region}: click the link "
+                                    "in the e-mail AWS sent")
+            elif status == "Pending":
                 self.report.later(f"{what}: click the link in the e-mail AWS sent")
-            elif self.fix(f"{what}: verification requested in {self.options.region}",
-                          lambda a=address: self.ses.verify_email_identity(EmailAddress=a)):
+            elif self.check:
+                state = status or "never requested"
+                self.report.problem(f"{what}: not verified in {region} ({state}): run this "
+                                    "without --check to request it")
+            else:
+                self.ses.verify_email_identity(EmailAddress=address)
+                self.report.changed(f"{what}: verification requested in {region}")
                 self.report.later(f"{what}: click the link in the e-mail AWS sent")
 
 
@@ -374,10 +425,14 @@ def _same_rule(current, wanted):
 
 # ---------------------------------------------------------------- the keys
 
-def write_keys_file(path, new_keys, bucket):
-    """The new keys in an owner-only file (never over an existing one)."""
+def write_keys_file(path, new_keys, bucket, region):
+    """The new keys in an owner-only file (never over an existing one), with the region
+    the bucket and SES identities are in: AWS_REGION, which the program's AWS clients use
+    (docs/reference.md, Environment variables)."""
     lines = [f"# AWS access keys for AAM Auto Backup (bucket {bucket}), made "
-             f"{dt.datetime.now():%Y-%m-%d %H:%M} by tools/aws_setup.py"]
+             f"{dt.datetime.now():%Y-%m-%d %H:%M} by tools/aws_setup.py",
+             "# The region of the bucket and the SES sender: the program must use it too.",
+             f"AWS_REGION={region}"]
     for role, (key_id, secret) in new_keys.items():
         names = KEY_VARIABLES[role]
         lines += [f"{names[0]}={key_id}", f"{names[1]}={secret}"]
@@ -390,26 +445,34 @@ def show_new_keys(options, new_keys):
     if not new_keys:
         return
     if options.keys_file:
-        write_keys_file(options.keys_file, new_keys, options.bucket)
-        print(f"\nThe new access key(s) are in {options.keys_file} (readable only by you). "
-              "Keep the restore key offline, e.g. in a password manager.")
+        write_keys_file(options.keys_file, new_keys, options.bucket, options.region)
+        print(f"\nThe new access key(s) and the region (AWS_REGION={options.region}) are in "
+              f"{options.keys_file} (readable only by you). Keep the restore key offline, "
+              "e.g. in a password manager.")
         return
     print("\nNew access key(s), shown this once (AWS never shows a secret again); "
-          "store them now, the restore key offline:")
+          "store them now, the restore key offline, and use the region "
+          f"AWS_REGION={options.region} for the program:")
     for role, (key_id, secret) in new_keys.items():
         names = KEY_VARIABLES[role]
         print(f"  {names[0]}={key_id}\n  {names[1]}={secret}")
 
 
-def read_keys(path):
-    """{role: (key id, secret)} from --keys-file, else from the environment."""
-    values = dict(os.environ)
+def read_keys_file(path):
+    """NAME=VALUE lines of a keys file ({} without one)."""
+    values = {}
     if path:
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 name, sep, value = line.strip().partition("=")
                 if sep and not name.startswith("#"):
                     values[name.strip()] = value.strip()
+    return values
+
+
+def read_keys(path):
+    """{role: (key id, secret)} from --keys-file, else from the environment."""
+    values = dict(os.environ, **read_keys_file(path))
     return {role: (values[names[0]], values[names[1]])
             for role, names in KEY_VARIABLES.items()
             if values.get(names[0]) and values.get(names[1])}
@@ -444,6 +507,8 @@ class Proof:
             self.report.ok(f"{what} (HTTP {refused} {error_code(outcome)})")
         elif outcome is None:
             self.report.problem(f"{what}: it worked, it must be refused (HTTP {refused})")
+        elif http_status(outcome) == 200:        # answered, but not as it must be
+            self.report.problem(f"{what}: {outcome.response['Error']['Message']}")
         else:
             self.report.problem(f"{what}: refused ({outcome})")
 
@@ -455,6 +520,8 @@ class Proof:
                     self.report.problem(f"the {role} keys were not proven: give --keys-file "
                                         f"or set {names}")
                     continue
+                if role == "restore":
+                    self.put_missing_probes()
                 (self.backup_keys if role == "backup" else self.restore_keys)(
                     self.clients[role])
         finally:
@@ -494,16 +561,32 @@ class Proof:
         self.expect("restore keys cannot delete", lambda: s3.delete_object(
             Bucket=bucket, Key=self.key), 403)
 
+    def put_missing_probes(self):
+        """The restore keys are proven on the probes the backup keys put; a probe that is
+        not there (no backup keys given, a put refused, a delete that wrongly worked) is
+        put with the administrator's keys, so that no backup-key problem is reported
+        again as a restore-key one."""
+        for key, storage in ((self.key, "STANDARD"), (self.deep_key, "DEEP_ARCHIVE")):
+            try:
+                self.setup.s3.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as problem:
+                if http_status(problem) != 404:
+                    raise
+                self.setup.s3.put_object(Bucket=self.bucket, Key=key, Body=PROBE_BODY,
+                                         IfNoneMatch="*", StorageClass=storage)
+
     def listed(self, s3):
         found = s3.list_objects_v2(Bucket=self.bucket, Prefix=self.key).get("Contents", [])
         if self.key not in [item["Key"] for item in found]:
-            raise ClientError({"Error": {"Code": "NotListed", "Message": "probe not listed"},
+            raise ClientError({"Error": {"Code": "NotListed",
+                                         "Message": f"the listing lacks the probe {self.key}"},
                                "ResponseMetadata": {"HTTPStatusCode": 200}}, "ListObjectsV2")
 
     def read_back(self, s3):
         body = s3.get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
         if body != PROBE_BODY:
-            raise ClientError({"Error": {"Code": "Different", "Message": "probe changed"},
+            raise ClientError({"Error": {"Code": "Different",
+                                         "Message": f"the probe {self.key} read back changed"},
                                "ResponseMetadata": {"HTTPStatusCode": 200}}, "GetObject")
 
     def multipart_over(self, s3, key):
@@ -555,8 +638,10 @@ def parse_options(argv):
     return parser.parse_args(argv)
 
 
-def run(options):
-    session = boto3.session.Session(profile_name=options.profile)
+def run(options, session=None):
+    """Set up (or check) everything; session: the administrator's (default: boto3's
+    usual sources, or --profile)."""
+    session = session or boto3.session.Session(profile_name=options.profile)
     setup = Setup(options, session)
     print(f"{'Checking' if options.check else 'Setting up'} AWS for AAM Auto Backup in "
           f"{options.region}:")
@@ -568,6 +653,11 @@ def run(options):
     setup.user("backup", options.backup_user, backup_user_policy(options.bucket))
     setup.user("restore", options.restore_user, restore_user_policy(options.bucket))
     setup.ses_identities()
+    if options.check:
+        keys_region = read_keys_file(options.keys_file).get("AWS_REGION")
+        if keys_region and keys_region != options.region:
+            setup.report.problem(f"{options.keys_file} says AWS_REGION={keys_region}, not "
+                                 f"{options.region}: the program would use another region")
     if options.check and bucket_exists:
         Proof(setup, read_keys(options.keys_file)).run()
     show_new_keys(options, setup.new_keys)

@@ -36,26 +36,33 @@ RECIPIENT = "you@example.com"
 DEMO_KEY_VARIABLE = "AAM_DEMO_ENCRYPTION_KEY"
 
 
-def backup_command(output, instructions):
-    """The 22 positional arguments, as a Task Scheduler entry would pass them."""
-    return [sys.executable, PROGRAM] + aab.BACKUP_ARGS.argv(
-        operation=aab.REGULAR_BACKUP, agent="user", python=sys.executable, lock_poll="5",
-        lock_wait="60", log_dir=os.path.join(output, "logs"), send_email="True",
-        sender_name="AAM Backup Report", sender_address=SENDER, recipient=RECIPIENT,
-        instruction_file=instructions, drive_letter="q", destinations="local|AWS",
-        mirror_root=os.path.join(output, "mirror"), keep="False",
-        key=f"env:{DEMO_KEY_VARIABLE}", bucket=BUCKET, location=LOCATION, access_key_id="",
-        secret_access_key="", force_full="no", auto_force_full="yes")
+def write_backup_settings(output, instructions):
+    """The daily backup's settings file (the program's named form); its path."""
+    path = os.path.join(output, "backup.settings")
+    settings = [("lock-poll", "5"), ("lock-wait", "60"),
+                ("log-dir", os.path.join(output, "logs")), ("sender-address", SENDER),
+                ("recipient", RECIPIENT), ("instruction-file", instructions),
+                ("destinations", "local|AWS"), ("mirror-root", os.path.join(output, "mirror")),
+                ("key", f"env:{DEMO_KEY_VARIABLE}"), ("bucket", BUCKET),
+                ("location", LOCATION)]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("# The demo's backup settings (aam_auto_backup.py regular-backup --help)\n")
+        handle.writelines(f"{name} = {value}\n" for name, value in settings)
+    return path
+
+
+def backup_command(settings_file):
+    """A regular backup in the named form: the settings file."""
+    return [sys.executable, PROGRAM, aab.REGULAR_BACKUP, "--settings", settings_file]
 
 
 def restore_command(output):
-    """The 13 arguments of the one-step restoration."""
-    return [sys.executable, PROGRAM] + aab.RESTORE_ARGS.argv(
-        operation=aab.ONE_STEP_RESTORE, log_dir=os.path.join(output, "logs"),
-        send_email="True", sender_name="AAM Restore Report", sender_address=SENDER,
-        recipient=RECIPIENT, days="2", key=f"env:{DEMO_KEY_VARIABLE}", bucket=BUCKET,
-        location=LOCATION, access_key_id="", secret_access_key="",
-        destination=os.path.join(output, "restored"))
+    """The one-step restoration, by named options."""
+    return [sys.executable, PROGRAM, aab.ONE_STEP_RESTORE,
+            "--log-dir", os.path.join(output, "logs"), "--sender-address", SENDER,
+            "--recipient", RECIPIENT, "--days", "2", "--key", f"env:{DEMO_KEY_VARIABLE}",
+            "--bucket", BUCKET, "--location", LOCATION,
+            "--destination", os.path.join(output, "restored")]
 
 
 def heading(text):
@@ -116,19 +123,23 @@ def main():
             handle.write(tree.instruction_text)
         heading(f"Instruction file {instructions}")
         print(tree.instruction_text)
+        settings_file = write_backup_settings(output, instructions)
+        heading(f"Settings file {settings_file}")
+        with open(settings_file, encoding="utf-8") as handle:
+            print(handle.read())
 
         env = aws.env()
         env.update({DEMO_KEY_VARIABLE: "demo key: use a long passphrase of your own",
                     "AAM_TEMP_ROOT": os.path.join(output, "temp"),
                     "AAM_LOCK_FILE": os.path.join(output, "aam_auto_backup.lock")})
-        codes = [run_backup(backup_command(output, instructions), env,
+        codes = [run_backup(backup_command(settings_file), env,
                             "Run 1: regular backup (the month's full backup)")]
         time.sleep(0.1)
         changed = os.path.join(tree.first_mount, "Documents", "report.txt")
         with open(changed, "a", encoding="utf-8") as handle:
             handle.write("an edit after the full backup\n")
         print(f"\nChanged {changed}")
-        codes.append(run_backup(backup_command(output, instructions), env,
+        codes.append(run_backup(backup_command(settings_file), env,
                                 "Run 2: regular backup again (an incremental backup)"))
         show_objects(aws)
         show_tree("Local mirror " + os.path.join(output, "mirror"),

@@ -41,15 +41,22 @@ restore_object meanwhile gets 409 RestoreAlreadyInProgress as on S3.  The
 server runs as ``python -c SERVER_BOOTSTRAP``: moto.server plus small
 fixes to moto 5.2.1 that make this simulation faithful (see below).
 
-Command line::
+Command line (docs/development.md, "A local endpoint instead of AWS")::
 
-    python tools/local_aws.py serve [--port P] [--bucket B] [--sender ADDR]
+    python tools/local_aws.py serve [--port P] [--region R] [--bucket B] [--sender ADDR]
+                                    [--recipient ADDR] [--iam --keys-file FILE]
                                     [--upload-limit RATE]
+    python tools/local_aws.py emails [--endpoint URL]
 
-prints ``AWS_ENDPOINT_URL=...`` (and the dummy credentials) and serves
-until Ctrl-C.  With --upload-limit (e.g. 20Mbit, 2.5M: the forms of
-AAM_UPLOAD_LIMIT) the endpoint printed is a FaultProxy whose request bodies
-pass at that rate in sum: a slow uplink in front of the server.
+serve prints ``AWS_ENDPOINT_URL=...`` and the credentials to use, and serves until
+Ctrl-C.  With --iam it sets the endpoint up as tools/aws_setup.py sets up AWS
+(the bucket, its policy, the backup and restore users with their policies, SES),
+writes the users' keys and the region to FILE as aws_setup.py does, makes an
+administrator for ``aws_setup.py --check``, and switches IAM enforcement on, so
+that each key can do exactly what it can in AWS.  With --upload-limit (e.g. 20Mbit,
+2.5M: the forms of AAM_UPLOAD_LIMIT) the endpoint printed is a FaultProxy whose
+request bodies pass at that rate in sum: a slow uplink in front of the server.
+emails prints the e-mails the endpoint has caught (SES accepts them but sends none).
 """
 
 import argparse
@@ -58,6 +65,7 @@ import email
 import email.policy
 import http.client
 import http.server
+import importlib.util
 import json
 import os
 import signal
@@ -73,6 +81,7 @@ from collections import Counter
 import boto3
 import botocore.session
 
+import aws_setup
 from aws_setup import backup_user_policy, restore_user_policy
 
 DEFAULT_REGION = "us-east-1"
@@ -514,18 +523,8 @@ class LocalAws:
         self.client("ses").verify_email_identity(EmailAddress=address)
 
     def sent_emails(self):
-        """Every message SES accepted: SendEmail ones, then raw ones.
-
-        Each group is in sending order (moto keeps no timestamps).  Each
-        message is a dict: source, destinations (all addresses), to, subject,
-        body, raw.  moto keeps only one body per SendEmail: the Html part if
-        there is one, else the Text part.  For SendRawEmail, body is the
-        text/plain part (or the first text part) and raw the whole message.
-        """
-        ses = self.model_data().get("ses", {})
-        messages = [_simple_message(m) for m in ses.get("Message", [])]
-        messages += [_raw_message(m) for m in ses.get("RawMessage", [])]
-        return messages
+        """Every message SES accepted (see sent_emails below)."""
+        return sent_emails(self.model_data())
 
     # -- IAM
 
@@ -588,6 +587,21 @@ class LocalAws:
         body = json.dumps({"model_name": RESTORE_MODEL,
                            "transition": transition})
         self._moto_api("/moto-api/state-manager/set-transition", body)
+
+
+def sent_emails(model_data):
+    """Every message SES accepted, from moto's state: SendEmail ones, then raw ones.
+
+    Each group is in sending order (moto keeps no timestamps).  Each
+    message is a dict: source, destinations (all addresses), to, subject,
+    body, raw.  moto keeps only one body per SendEmail: the Html part if
+    there is one, else the Text part.  For SendRawEmail, body is the
+    text/plain part (or the first text part) and raw the whole message.
+    """
+    ses = model_data.get("ses", {})
+    messages = [_simple_message(m) for m in ses.get("Message", [])]
+    messages += [_raw_message(m) for m in ses.get("RawMessage", [])]
+    return messages
 
 
 def _flat_destinations(destinations):
@@ -1166,24 +1180,72 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 # ---------------------------------------------------------------- CLI
 
-def serve(port=None, bucket=None, sender=None, upload_limit=None):
-    """upload_limit (bytes per second): serve through a FaultProxy limited to it."""
+DEFAULT_PORT = 4566                # where the documented commands expect the endpoint
+ADMIN_USER = "aam-local-admin"
+ADMIN_POLICY = {"Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+
+
+class _EndpointSession:
+    """What tools/aws_setup.py asks of a boto3 session, for this endpoint and its
+    dummy root credentials (before IAM enforcement is on)."""
+
+    def __init__(self, aws):
+        self.aws = aws
+
+    def client(self, service, region_name=None):
+        return isolated_client(service, self.aws.endpoint_url, region_name or self.aws.region)
+
+
+def set_up_as_aws_setup_does(aws, bucket, sender, recipient, keys_file):
+    """tools/aws_setup.py's set-up on this endpoint (its users, policies and keys file),
+    plus an administrator for --check; then IAM enforcement on.  Returns the
+    administrator's (key id, secret)."""
+    options = aws_setup.parse_options(
+        ["--region", aws.region, "--bucket", bucket, "--keys-file", keys_file]
+        + (["--sender", sender] if sender else [])
+        + (["--recipient", recipient] if recipient else []))
+    with contextlib.redirect_stdout(sys.stderr):       # its report, not the variables
+        report = aws_setup.run(options, _EndpointSession(aws))
+    if report.problems:
+        raise RuntimeError("the set-up failed: " + "; ".join(report.problems))
+    admin = aws.create_user_with_policy(ADMIN_USER, ADMIN_POLICY)
+    aws.enable_iam_enforcement()
+    return admin
+
+
+def serve(port=None, region=DEFAULT_REGION, bucket=None, sender=None, recipient=None,
+          keys_file=None, upload_limit=None):
+    """upload_limit (bytes per second): serve through a FaultProxy limited to it, on port."""
     # SIGTERM, too, should stop the server cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with LocalAws(port=None if upload_limit else port) as aws, contextlib.ExitStack() as stack:
+    with LocalAws(region=region, port=None if upload_limit else port) as aws, \
+            contextlib.ExitStack() as stack:
         endpoint = aws.endpoint_url
         if upload_limit:
             proxy = stack.enter_context(FaultProxy(aws.endpoint_url, port or 0))
             proxy.limit_upload(upload_limit)
             endpoint = proxy.endpoint_url
-        if bucket:
-            aws.create_bucket(bucket)
-        if sender:
-            aws.verify_ses_identity(sender)
+        if keys_file:
+            key_id, secret = set_up_as_aws_setup_does(aws, bucket, sender, recipient,
+                                                      keys_file)
+        else:
+            key_id, secret = DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY
+            if bucket:
+                aws.create_bucket(bucket)
+            for address in (sender, recipient):
+                if address:
+                    aws.verify_ses_identity(address)
         print(f"AWS_ENDPOINT_URL={endpoint}")
-        print(f"AWS_ACCESS_KEY_ID={DUMMY_ACCESS_KEY}")
-        print(f"AWS_SECRET_ACCESS_KEY={DUMMY_SECRET_KEY}")
-        print(f"AWS_DEFAULT_REGION={aws.region}", flush=True)
+        print(f"AWS_REGION={aws.region}")
+        print(f"AWS_ACCESS_KEY_ID={key_id}")
+        print(f"AWS_SECRET_ACCESS_KEY={secret}")
+        if keys_file:
+            print(f"# IAM is enforced. The keys above are an administrator's (for "
+                  f"tools/aws_setup.py --check); the backup and restore users' keys and "
+                  f"the region are in {keys_file}.")
+        print(f"# E-mails caught: {sys.executable} {os.path.abspath(__file__)} emails "
+              f"--endpoint {endpoint}", flush=True)
         try:
             while aws._process.poll() is None:
                 time.sleep(0.5)
@@ -1191,19 +1253,71 @@ def serve(port=None, bucket=None, sender=None, upload_limit=None):
             pass
 
 
+def print_emails(endpoint_url):
+    """The e-mails a local endpoint caught, oldest first (as far as moto knows)."""
+    parts = urllib.parse.urlsplit(endpoint_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=30)
+    try:
+        conn.request("GET", "/moto-api/data.json")
+        data = json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+    messages = sent_emails(data)
+    for number, message in enumerate(messages, 1):
+        print(f"--- e-mail {number} of {len(messages)}")
+        print(f"From: {message['source']}")
+        print(f"To: {', '.join(message['destinations'])}")
+        print(f"Subject: {message['subject']}")
+        print()
+        print((message["body"] or "").rstrip("\n"))
+    if not messages:
+        print("No e-mail was sent.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run a local AWS endpoint")
-    serve_cmd.add_argument("--port", type=int, help="default: a free port")
+    serve_cmd.add_argument("--port", type=int, default=DEFAULT_PORT,
+                           help="default: %(default)s (0: a free port)")
+    serve_cmd.add_argument("--region", default=DEFAULT_REGION,
+                           help="the region of the bucket and SES (default: %(default)s)")
     serve_cmd.add_argument("--bucket", help="S3 bucket to create")
     serve_cmd.add_argument("--sender", help="SES sender address to verify")
+    serve_cmd.add_argument("--recipient", help="SES recipient address to verify")
+    serve_cmd.add_argument("--iam", action="store_true",
+                           help="set up as tools/aws_setup.py does (needs --bucket and "
+                                "--keys-file) and enforce IAM")
+    serve_cmd.add_argument("--keys-file", help="with --iam: a new file for the backup and "
+                                               "restore users' keys and the region")
     from option_types import rate      # the program's own reading of AAM_UPLOAD_LIMIT
     serve_cmd.add_argument("--upload-limit", type=rate, metavar="RATE",
                            help="request bodies in sum at most this rate, a slow uplink "
                                 "(e.g. 20Mbit, 2.5M: the forms of AAM_UPLOAD_LIMIT)")
+    emails_cmd = commands.add_parser("emails", help="print the e-mails the endpoint caught")
+    emails_cmd.add_argument("--endpoint", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                            help="default: %(default)s")
     args = parser.parse_args(argv)
-    serve(args.port, args.bucket, args.sender, args.upload_limit)
+    if args.command == "emails":
+        try:
+            print_emails(args.endpoint)
+        except OSError as problem:
+            print(f"error: no local endpoint answers at {args.endpoint}: {problem}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if args.iam and not (args.bucket and args.keys_file):
+        parser.error("--iam needs --bucket and --keys-file")
+    if args.keys_file and not args.iam:
+        parser.error("--keys-file goes with --iam")
+    if args.keys_file and os.path.exists(args.keys_file):
+        parser.error(f"--keys-file {args.keys_file} exists: give a new file name")
+    if importlib.util.find_spec("moto") is None:
+        print("error: moto is not installed: run tools/setup.sh, or "
+              ".venv/bin/pip install -r tests/requirements.txt", file=sys.stderr)
+        return 2
+    serve(args.port or None, args.region, args.bucket, args.sender, args.recipient,
+          args.keys_file if args.iam else None, args.upload_limit)
     return 0
 
 

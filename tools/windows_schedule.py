@@ -10,7 +10,8 @@ From your settings it writes, as the original Windows program's set-up had them:
   backup batch files\\Regular backup.bat
   backup batch files\\Incremental-only backup.bat
 
-and prints the schtasks command that registers the task (or runs it: --register).
+and prints the schtasks command that registers the task (or runs it: --register);
+--dry-run prints the files and the command instead, and writes and runs nothing.
 schtasks /TR cannot hold the 22 arguments (it stops at 261 characters) and has no
 "Start in", so the task is registered from XML; /RP * makes schtasks ask for your
 Windows password, so it is on no command line and in no file.
@@ -18,20 +19,21 @@ Windows password, so it is on no command line and in no file.
 Secrets: by default arguments 16, 19 and 20 are env:NAME references, so neither
 the task nor the batch files contain a secret; set those user environment
 variables once (docs/scheduling.md, "Windows walkthrough").  --inline-secrets
-asks for the values (never on the command line) and writes them into the files,
-if you prefer that.
+asks for the values (never on the command line, each typed twice) and writes them
+into the files, if you prefer that.
 
+The region (--region, the one tools/aws_setup.py used): the batch files set
+AWS_REGION, and the task, which runs python.exe directly, reads the user
+environment variable that `setx AWS_REGION <region>` sets (printed, and run with
+--register).  --upload-limit RATE sets AAM_UPLOAD_LIMIT the same way.
 --stop-after HOURS sets the task's "Stop the task if it runs longer than"
-(default 72 hours); --upload-limit RATE prints (and with --register runs) the
-setx command that sets AAM_UPLOAD_LIMIT for your account: a task has no
-environment of its own (docs/scheduling.md, "Keeping backups to the night").
+(default 72 hours; docs/scheduling.md, "Keeping backups to the night").
 
     python tools\\windows_schedule.py --python C:\\...\\python.exe --log-dir ... (see --help)
 """
 
 import argparse
 import datetime as dt
-import getpass
 import os
 import subprocess
 import sys
@@ -40,9 +42,11 @@ from xml.sax.saxutils import escape
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
 
 import aam_auto_backup as aab  # noqa: E402
 import option_types  # noqa: E402
+from ask import ask_twice  # noqa: E402
 
 TASK_NAME = "Daily AAM Auto Backup"
 TASK_TIME = "00:30:00"                   # 12:30 am local time: the computer is on, unused
@@ -73,7 +77,8 @@ class ScheduleSettings:
                  mirror_dir, bucket, location, user, *, lock_poll=600, lock_wait=7200,
                  send_email=True, sender_name="AAM Backup Report", drive_letter="q",
                  destinations="local|AWS", keep=False, key=None, access_key_id=None,
-                 secret_access_key=None, stop_after=DEFAULT_TIME_LIMIT_MINUTES):
+                 secret_access_key=None, region=None, upload_limit=None,
+                 stop_after=DEFAULT_TIME_LIMIT_MINUTES):
         self.program_dir = program_dir.rstrip("\\") or program_dir
         self.python, self.log_dir = python, log_dir
         self.sender, self.recipient = sender, recipient
@@ -86,6 +91,8 @@ class ScheduleSettings:
         self.access_key_id = access_key_id or "env:" + SECRET_ENV_DEFAULTS["access_key_id"]
         self.secret_access_key = (secret_access_key
                                   or "env:" + SECRET_ENV_DEFAULTS["secret_access_key"])
+        self.region = region
+        self.upload_limit = upload_limit  # bytes per second, or None
         self.stop_after = stop_after      # minutes: the task's execution time limit
 
     @property
@@ -133,8 +140,10 @@ def batch_file_text(settings, operation):
     cmd.exe reads a batch file in the console code page.
     """
     command = f"{PROGRAM} " + argument_words(backup_arguments(settings, operation))
-    lines = [f"cd /D {WINDOWS.quote(settings.program_dir)}",
-             ("@" if settings.inline_secrets else "") + command]
+    lines = [f"cd /D {WINDOWS.quote(settings.program_dir)}"]
+    for name, value in user_environment(settings).items():
+        lines.append(f'set "{name}={value}"')
+    lines.append(("@" if settings.inline_secrets else "") + command)
     text = "\r\n".join(line.replace("%", "%%") for line in lines) + "\r\n"
     if not text.isascii():
         text = "@chcp 65001 >nul\r\n" + text
@@ -223,21 +232,40 @@ def schtasks_command(settings, xml_path):
                     for word in schtasks_argv(settings, xml_path))
 
 
-def write_files(settings, output_dir, start_date):
-    """Write the task XML and the two batch files; return their paths."""
+def files_to_write(settings, output_dir, start_date):
+    """[(path, bytes)]: the task XML and the two batch files."""
     batch_dir = os.path.join(output_dir, BATCH_DIRECTORY)
-    os.makedirs(batch_dir, exist_ok=True)
-    xml_path = os.path.join(output_dir, TASK_NAME + ".xml")
     # schtasks reads task XML as UTF-16 with a byte-order mark.
-    aab._write_private_bytes(xml_path, task_xml(settings, start_date)
-                             .replace("\n", "\r\n").encode("utf-16"))
-    paths = [xml_path]
+    files = [(os.path.join(output_dir, TASK_NAME + ".xml"),
+              task_xml(settings, start_date).replace("\n", "\r\n").encode("utf-16"))]
     for name, operation in ((REGULAR_BAT, "regular-backup"),
                             (INCREMENTAL_BAT, "incremental-only-backup")):
-        path = os.path.join(batch_dir, name)
-        aab._write_private_bytes(path, batch_file_text(settings, operation).encode("utf-8"))
-        paths.append(path)
-    return paths
+        files.append((os.path.join(batch_dir, name),
+                      batch_file_text(settings, operation).encode("utf-8")))
+    return files
+
+
+def write_files(settings, output_dir, start_date):
+    """Write the task XML and the two batch files; return their paths."""
+    files = files_to_write(settings, output_dir, start_date)
+    os.makedirs(os.path.join(output_dir, BATCH_DIRECTORY), exist_ok=True)
+    for path, data in files:
+        aab._write_private_bytes(path, data)
+    return [path for path, _data in files]
+
+
+def user_environment(settings):
+    """{name: value} the job needs in its environment: the batch files set them, and the
+    task, which runs python.exe directly with no environment of its own, reads them as
+    the user's environment variables (setx_argvs)."""
+    values = {"AWS_REGION": settings.region,
+              "AAM_UPLOAD_LIMIT": settings.upload_limit and str(settings.upload_limit)}
+    return {name: value for name, value in values.items() if value}
+
+
+def setx_argvs(settings):
+    """Make each of user_environment the user's environment variable, which the task sees."""
+    return [["setx", name, value] for name, value in user_environment(settings).items()]
 
 
 def default_user():
@@ -268,6 +296,8 @@ def parse_command_line(argv):
     add("--sender-name", default="AAM Backup Report", help="argument 8")
     add("--lock-poll", type=int, default=600, help="argument 4, seconds")
     add("--lock-wait", type=int, default=7200, help="argument 5, seconds")
+    add("--region", help="the AWS region of the bucket and SES (tools/aws_setup.py's): "
+        "set in the batch files, and as your AWS_REGION for the task")
     for field, variable in SECRET_ENV_DEFAULTS.items():
         add(f"--{field.replace('_', '-')}-variable", default=variable,
             help=f"environment variable for the {field.replace('_', ' ')} "
@@ -276,66 +306,78 @@ def parse_command_line(argv):
         "secret and write them into the task and the batch files instead")
     add("--output", default=None, help="where to write the files (default: the program "
         "directory)")
-    add("--register", action="store_true", help="run schtasks now (Windows, administrator)")
+    add("--upload-limit", type=option_types.rate, metavar="RATE", help="AAM_UPLOAD_LIMIT: the "
+        "whole run's upload at most this rate, e.g. 20Mbit or 2.5M; set in the batch files, "
+        "and as yours for the task")
     add("--stop-after", type=option_types.hours_as_minutes, metavar="HOURS",
         default=DEFAULT_TIME_LIMIT_MINUTES, help="stop a run still going after HOURS, e.g. "
         "6 or 6.5 (default 72, Task Scheduler's own)")
-    add("--upload-limit", type=option_types.rate, metavar="RATE", help="AAM_UPLOAD_LIMIT for "
-        "your account: the whole run's upload at most this rate, e.g. 20Mbit or 2.5M")
+    add("--register", action="store_true", help="run schtasks (and setx for --region and "
+        "--upload-limit) now (Windows, administrator)")
+    add("--dry-run", action="store_true", help="print the files and the commands; write, "
+        "ask and run nothing")
     return parser.parse_args(argv)
-
-
-def setx_argv(upload_limit):
-    """Set AAM_UPLOAD_LIMIT for this account: scheduled tasks and new terminals read it."""
-    return ["setx", "AAM_UPLOAD_LIMIT", str(upload_limit)]
 
 
 def settings_from(options):
     secrets = {field: "env:" + getattr(options, f"{field}_variable")
                for field in SECRET_ENV_DEFAULTS}
-    if options.inline_secrets:
-        secrets["key"] = getpass.getpass("Archive encryption key (argument 16): ")
-        secrets["access_key_id"] = getpass.getpass("AWS access key ID (argument 19): ")
-        secrets["secret_access_key"] = getpass.getpass("AWS secret access key "
-                                                       "(argument 20): ")
+    if options.inline_secrets and not options.dry_run:
+        number = aab.BACKUP_ARGS.number
+        for field, what in (("key", "Archive encryption key"),
+                            ("access_key_id", "AWS access key ID"),
+                            ("secret_access_key", "AWS secret access key")):
+            secrets[field] = ask_twice(f"{what} (argument {number(field)})",
+                                       warn=lambda text: print(text, file=sys.stderr))
+    elif options.inline_secrets:
+        secrets = {field: "(asked for)" for field in SECRET_ENV_DEFAULTS}
     return ScheduleSettings(
         options.program_dir, options.python, options.log_dir, options.sender,
         options.recipient, options.instructions, options.mirror_dir, options.bucket,
         options.location, options.user, lock_poll=options.lock_poll,
         lock_wait=options.lock_wait, send_email=options.send_email == "True",
         sender_name=options.sender_name, drive_letter=options.drive_letter,
-        destinations=options.destinations, keep=options.keep == "True",
-        stop_after=options.stop_after, **secrets)
+        destinations=options.destinations, keep=options.keep == "True", region=options.region,
+        upload_limit=options.upload_limit, stop_after=options.stop_after, **secrets)
 
 
 def main(argv=None):
     options = parse_command_line(sys.argv[1:] if argv is None else argv)
-    settings = settings_from(options)
-    try:
-        paths = write_files(settings, options.output or settings.program_dir,
-                            dt.date.today())
-    except SettingsError as problem:
-        print(f"error: {problem}", file=sys.stderr)
+    if options.register and options.dry_run:
+        print("error: --register and --dry-run exclude each other", file=sys.stderr)
         return 2
-    for path in paths:
-        print(f"Wrote {path}")
-    if settings.inline_secrets:
+    try:
+        settings = settings_from(options)
+        files = files_to_write(settings, options.output or settings.program_dir,
+                               dt.date.today())
+    except (SettingsError, ValueError) as problem:
+        print(f"error: {problem}; nothing was written", file=sys.stderr)
+        return 2
+    if options.dry_run:
+        print("Dry run: nothing is written, asked or run.")
+        for path, data in files:
+            text = data.decode("utf-16" if path.endswith(".xml") else "utf-8")
+            print(f"\n--- {path}\n{text.replace(chr(13), '')}", end="")
+    else:
+        write_files(settings, options.output or settings.program_dir, dt.date.today())
+        for path, _data in files:
+            print(f"Wrote {path}")
+    if settings.inline_secrets and not options.dry_run:
         print("These files hold your secrets: keep them private, and delete the XML file "
               "once the task is registered.")
-    command = schtasks_command(settings, paths[0])
+    setx = setx_argvs(settings)
+    commands = [schtasks_command(settings, files[0][0])] + [" ".join(argv) for argv in setx]
     print("\nRegister the daily task from an administrator terminal "
-          "(schtasks asks for your Windows password):\n\n    " + command + "\n")
-    if options.upload_limit:
-        print(f"Limit the upload to {options.upload_limit:,} bytes per second (the task and "
-              "the batch files read it from your account's environment):\n\n    "
-              + " ".join(setx_argv(options.upload_limit)) + "\n")
+          "(schtasks asks for your Windows password)"
+          + (f" and make {' and '.join(user_environment(settings))} yours" if setx else "")
+          + ":\n\n" + "".join(f"    {command}\n" for command in commands))
     if options.register:
         if os.name != "nt":
             print("error: --register needs Windows (schtasks)", file=sys.stderr)
             return 2
-        if options.upload_limit and subprocess.run(setx_argv(options.upload_limit)).returncode:
+        if any(subprocess.run(argv).returncode for argv in setx):
             return 1
-        return subprocess.run(schtasks_argv(settings, paths[0])).returncode
+        return subprocess.run(schtasks_argv(settings, files[0][0])).returncode
     return 0
 
 

@@ -36,6 +36,7 @@ import gc
 import hashlib
 import heapq
 import hmac
+import io
 import itertools
 import json
 import ntpath
@@ -160,6 +161,46 @@ def _env_int(name, default, minimum):
     return value
 
 
+# An upload rate: k, M and G are powers of 1000, as an uplink's speed is quoted (20 Mbit/s
+# is 2,500,000 bytes per second); Ki, Mi and Gi are powers of 1024; "bit" divides by 8.
+RATE_PREFIXES = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3,
+                 "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3}
+RATE_FORMAT = re.compile(r"(\d+(?:\.\d+)?) ?(?:([kKmMgG]i?) ?)?(?:(B|[bB]it|)(?:/s)?|(bps))")
+RATE_FORMS = ("bytes per second (2500000), with k, M, G (powers of 1000) or Ki, Mi, Gi "
+              "(powers of 1024), and bit or bps for bits: 2.5M, 2.5MB/s, 20Mbit, "
+              "20 Mbit/s, 20Mbps, 512KiB")
+# Below 1 kB/s a backup would hardly move; such a value is taken for a slip (20 meant as
+# 20 Mbit/s), not a wish.
+MINIMUM_UPLOAD_LIMIT = 1000
+
+
+def parse_byte_rate(text):
+    """Bytes per second from a rate such as '2500000', '2.5M', '20Mbit/s' or '512KiB';
+    ValueError saying what is accepted if it is not one."""
+    match = RATE_FORMAT.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a rate: use {RATE_FORMS}")
+    number, prefix, unit, bps = match.groups()
+    rate = float(number) * RATE_PREFIXES[(prefix or "").lower()]
+    if bps or unit.lower() == "bit":
+        rate /= 8
+    if rate < MINIMUM_UPLOAD_LIMIT:
+        raise ValueError(f"{text!r} is {rate:g} bytes per second; the least is "
+                         f"{MINIMUM_UPLOAD_LIMIT} (1k)")
+    return round(rate)
+
+
+def _env_rate(name):
+    """A rate in bytes per second from the environment (parse_byte_rate), or None."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return parse_byte_rate(text)
+    except ValueError as problem:
+        raise UsageError(f"environment variable {name}: {problem}")
+
+
 @dataclasses.dataclass
 class Settings:
     """Tunables with fixed defaults; each can be overridden by an environment variable."""
@@ -175,6 +216,7 @@ class Settings:
     restore_poll_seconds: int
     state_dir: str
     ses_region_origin: str = ""   # where ses_region came from (a report that is not sent)
+    upload_limit: typing.Optional[int] = None      # bytes per second for a whole run
 
     @classmethod
     def from_environment(cls, platform):
@@ -201,6 +243,7 @@ class Settings:
             restore_tier=tier,
             restore_poll_seconds=_env_int("AAM_RESTORE_POLL_SECONDS", 1800, 1),
             state_dir=os.environ.get("AAM_STATE_DIR") or platform.default_state_dir(),
+            upload_limit=_env_rate("AAM_UPLOAD_LIMIT"),
         )
 
 
@@ -3420,7 +3463,8 @@ def upload_named(bucket, key, kind):
     try:
         yield
     except aws_errors() as problem:
-        # upload_file wraps the ClientError in S3UploadFailedError (raised while handling it)
+        # boto3's upload_file wraps the ClientError in S3UploadFailedError (raised while
+        # handling it); s3transfer's TransferManager raises the ClientError itself
         cause = problem if hasattr(problem, "response") else problem.__context__
         response = getattr(cause, "response", None) or {}
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -3434,12 +3478,6 @@ def upload_named(bucket, key, kind):
                                "may not write it, or the bucket policy denies it") from problem
         raise UploadFailed(f"{where} could not be uploaded: "
                            f"{describe_aws_error(cause or problem)}") from problem
-
-
-def put_new_object(s3, bucket, key, body, kind, **arguments):
-    """PutObject of a name that must not exist yet; a failure names the object."""
-    with upload_named(bucket, key, kind):
-        s3.put_object(Bucket=bucket, Key=key, Body=body, **arguments)
 
 
 def aws_errors():
@@ -4344,11 +4382,47 @@ INDICATOR_FORMAT = "aam-auto-backup-indicator"
 UPLOAD_POLL_SECONDS = 0.1   # how often the parent looks for finished volumes
 
 
-def transfer_config():
-    """Multipart uploads with a few parallel parts; memory stays small."""
+def transfer_config(upload_limit=None):
+    """Multipart uploads with a few parallel parts; memory stays small.  upload_limit:
+    bytes per second for all uploads of the manager together (s3transfer's bandwidth
+    limiter, a leaky bucket the bodies of PutObject and UploadPart are read through)."""
     from boto3.s3.transfer import TransferConfig
     return TransferConfig(multipart_threshold=64 * MIB, multipart_chunksize=16 * MIB,
-                          max_concurrency=4, use_threads=True)
+                          max_concurrency=4, use_threads=True, max_bandwidth=upload_limit)
+
+
+class RunUploads:
+    """Every upload of one backup run (volumes, catalogues, indicators) goes through this
+    one s3transfer TransferManager, so that its one bandwidth limiter caps their sum at
+    AAM_UPLOAD_LIMIT: boto3's upload_file makes a manager, and so a limiter, per call.
+    The manager is s3transfer's own (boto3 may pick its CRT client instead, which ignores
+    the limit).  Nothing is written over an existing object (new_objects_only)."""
+
+    def __init__(self, s3, bucket, config):
+        from s3transfer.manager import TransferManager
+        self.bucket = bucket
+        self.manager = TransferManager(s3, config)       # config: transfer_config(...)
+
+    def upload(self, source, key, progress=None, kind="object", **extra_args):
+        """Upload a file (a path or a binary file object) as key, multipart above the
+        threshold; progress is called with each number of bytes sent.  kind (volume,
+        catalogue, completion indicator, key check) names it in a failure."""
+        from boto3.s3.transfer import ProgressCallbackInvoker
+        subscribers = [ProgressCallbackInvoker(progress)] if progress else None
+        with upload_named(self.bucket, key, kind):
+            future = self.manager.upload(source, self.bucket, key, extra_args, subscribers)
+            try:
+                future.result()
+            except BaseException:
+                # Ctrl-C or SIGTERM too: end the transfer, and wait while s3transfer
+                # aborts its multipart upload (parts left behind would be billed).
+                future.cancel()
+                with contextlib.suppress(Exception):
+                    future.result()
+                raise
+
+    def close(self):
+        self.manager.shutdown()
 
 
 def sha256_of(path):
@@ -4549,14 +4623,12 @@ class VolumeUploader:
     raised by finish(), and no indicator is written.
     """
 
-    def __init__(self, s3, bucket, archive_dir, key_for, log, index=None,
-                 before_upload=None):
-        self.s3, self.bucket, self.archive_dir = s3, bucket, archive_dir
+    def __init__(self, uploads, archive_dir, key_for, log, index=None, before_upload=None):
+        self.uploads, self.archive_dir = uploads, archive_dir     # uploads: RunUploads
         self.before_upload = before_upload   # called before each upload (the key check)
         self.key_for = key_for          # volume number -> S3 key
         self.log = log
         self.index = index              # ZipIndex fed with every volume's bytes, or None
-        self.config = transfer_config()
         self.records = []
         self.next_number = 1
         self.error = None
@@ -4605,10 +4677,8 @@ class VolumeUploader:
         self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
         progress = Progress(f"Uploading volume {key.rsplit('.', 1)[-1]}", size)
         try:
-            with upload_named(self.bucket, key, "volume"):
-                self.s3.upload_file(path, self.bucket, key, Config=self.config,
-                                    Callback=progress.add,
-                                    ExtraArgs={"StorageClass": DEEP_ARCHIVE})
+            self.uploads.upload(path, key, progress.add, kind="volume",
+                                StorageClass=DEEP_ARCHIVE)
         finally:
             progress.close()
         self.records.append({"name": key, "size": size, "sha256": digest})
@@ -4808,7 +4878,7 @@ class SourceCatalogue:
         seal_local_state(self.path(STATE_WORK), self.run.state_key(), self.name)
         return result
 
-    def upload(self, s3, bucket, entries):
+    def upload(self, uploads, entries):
         """Encrypt the catalogue with the archive key and put it (STANDARD, never over
         an existing object); returns its description for the indicator."""
         run = self.run
@@ -4827,8 +4897,7 @@ class SourceCatalogue:
             last = output.strip().splitlines()[-1] if output.strip() else ""
             raise AamError(f"7-Zip could not write the catalogue {key} (exit code {code}): "
                            f"{last}")
-        with open(zip_path, "rb") as body:
-            put_new_object(s3, bucket, key, body, "catalogue", ContentType="application/zip")
+        uploads.upload(zip_path, key, kind="catalogue", ContentType="application/zip")
         return {"name": key, "size": os.path.getsize(zip_path), "sha256": sha256_of(zip_path),
                 "kind": self.kind, "base": format_stamp(run.since) if self.base else None,
                 "entries": entries}
@@ -4877,6 +4946,7 @@ class BackupRun:
         self.latest_full = None      # latest complete sets, for log and report
         self.latest_incremental = None
         self.session = self.s3 = None
+        self.uploads = None          # RunUploads: every upload of the run, one rate limit
         self.work_dir = None
         self.work_dir_made = False
         self.start = None
@@ -4947,6 +5017,8 @@ class BackupRun:
                     self.record_stop(stopped)
         finally:
             self.stop_early_child()
+            if self.uploads:
+                self.uploads.close()
         self.log_summary()
         if self.regular:
             self.send_report()
@@ -5103,6 +5175,8 @@ class BackupRun:
         try:
             self.session = aws_session(self.args.access_key_id, self.args.secret_access_key)
             self.s3 = aws_client(self.session, "s3", self.settings.region)
+            self.uploads = RunUploads(self.s3, self.args.bucket,
+                                      transfer_config(self.settings.upload_limit))
             listing = self.list_bucket(sources)
         except aws_errors() as problem:
             cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
@@ -5219,7 +5293,7 @@ class BackupRun:
         if self.keycheck_to_write is None:
             return None
         check, why = self.keycheck_to_write
-        put_new_object(self.s3, self.args.bucket, check.key, b"", "key check")
+        self.uploads.upload(io.BytesIO(b""), check.key, kind="key check")
         self.keycheck_to_write = None
         return f"Key check: uploaded {check.key} ({why})."
 
@@ -5617,7 +5691,7 @@ class BackupRun:
         if os.path.exists(index_path):
             os.remove(index_path)                # the previous source's
         return VolumeUploader(
-            self.s3, self.args.bucket, os.path.join(self.work_dir, ARCHIVE_DIR),
+            self.uploads, os.path.join(self.work_dir, ARCHIVE_DIR),
             lambda number: ObjectName(self.args.location, full, incremental, False, name,
                                       number).key,
             self.log, ZipIndex(index_path, self.settings.volume_size), self.write_keycheck)
@@ -5634,6 +5708,9 @@ class BackupRun:
         """Volumes first (most went up while 7-Zip ran), then the catalogue, and the
         indicator strictly after both."""
         self.log.section(SECTION_UPLOAD)
+        if self.settings.upload_limit:
+            self.log.line(f"Uploads are limited to {self.settings.upload_limit:,} bytes per "
+                          "second in all (AAM_UPLOAD_LIMIT).")
         uploader.start_log_section()
         full, incremental = self.backup_times()
         indicator = ObjectName(self.args.location, full, incremental, True, name)
@@ -5646,8 +5723,8 @@ class BackupRun:
             body = indicator_body(run_sources, name, source.mount, files, records, full,
                                   self.start, self.since, self.platform, described)
             checkpoint("before-indicator")
-            put_new_object(self.s3, self.args.bucket, indicator.key, body,
-                           "completion indicator", ContentType="application/json")
+            self.uploads.upload(io.BytesIO(body), indicator.key, kind="completion indicator",
+                                ContentType="application/json")
             self.log.line(f"Uploaded the completion indicator {indicator.key} "
                           f"({files} files in {len(records)} volumes)")
             self.completed_sources += 1
@@ -5680,7 +5757,7 @@ class BackupRun:
             self.failures.append(f"{catalogue.source.mount}: {len(missing)} file(s) not in "
                                  "the archive (7-Zip could not read them); see the lines "
                                  "marked 'validation failure' in this log")
-        described = catalogue.upload(self.s3, self.args.bucket, entries)
+        described = catalogue.upload(self.uploads, entries)
         self.log.line(f"Uploaded the catalogue {described['name']} ({described['kind']}, "
                       f"{entries} entries, {described['size']:,} bytes, STANDARD)")
         return archived, described

@@ -6,6 +6,7 @@ tools/local_aws.py, the overwrite-denying bucket policy), the CLI as a subproces
 real 7-Zip.
 """
 
+import io
 import json
 import os
 import uuid
@@ -50,9 +51,9 @@ def test_a_volume_is_never_written_over(aws, tmp_path, size, config):
     archives = tmp_path / "archives"
     archives.mkdir()
     (archives / "backup.zip.001").write_bytes(os.urandom(size))
-    uploader = aam.VolumeUploader(aam.new_objects_only(aws.client("s3")), bucket,
-                                  str(archives), lambda n: f"vol.{n:03d}", ListLog())
-    uploader.config = config or uploader.config
+    uploads = aam.RunUploads(aam.new_objects_only(aws.client("s3")), bucket,
+                             config or aam.transfer_config())
+    uploader = aam.VolumeUploader(uploads, str(archives), lambda n: f"vol.{n:03d}", ListLog())
     with pytest.raises(aam.WriteRefused) as refused:
         uploader.finish(1)
     assert str(refused.value) == (f"the volume s3://{bucket}/vol.001 already exists; this "
@@ -67,11 +68,11 @@ def test_an_indicator_is_never_written_over(aws):
     aws.create_bucket(bucket)
     s3 = aws.client("s3")
     key = "pc_20260101_000000.000000_0_0.0_yes_-home-ann"
-    aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"{}",
-                       "completion indicator")
+    uploads = aam.RunUploads(aam.new_objects_only(aws.client("s3")), bucket,
+                             aam.transfer_config())
+    uploads.upload(io.BytesIO(b"{}"), key, kind="completion indicator")
     with pytest.raises(aam.WriteRefused) as refused:
-        aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"forged",
-                           "completion indicator")
+        uploads.upload(io.BytesIO(b"forged"), key, kind="completion indicator")
     assert f"the completion indicator s3://{bucket}/{key} already exists" in str(refused.value)
     assert body_of(s3, bucket, key) == b"{}"
 

@@ -196,8 +196,8 @@ def test_uploader_takes_only_final_volumes_in_order(aws, tmp_path):
     s3 = aws.client("s3")
     archives = tmp_path / "archives"
     archives.mkdir()
-    uploader = aam.VolumeUploader(s3, "pipeline-unit", str(archives),
-                                  lambda n: f"vol.{n:03d}", ListLog())
+    uploads = aam.RunUploads(s3, "pipeline-unit", aam.transfer_config())
+    uploader = aam.VolumeUploader(uploads, str(archives), lambda n: f"vol.{n:03d}", ListLog())
     (archives / "backup.zip.001.tmp").write_bytes(b"one")
     (archives / "backup.zip.002").write_bytes(b"two")       # 001 is not final yet
     uploader.poll()
@@ -222,8 +222,8 @@ def test_uploader_refuses_fewer_volumes_than_7zip_reported(aws, tmp_path):
     archives = tmp_path / "archives"
     archives.mkdir()
     (archives / "backup.zip.001").write_bytes(b"one")
-    uploader = aam.VolumeUploader(aws.client("s3"), "pipeline-count", str(archives),
-                                  lambda n: f"vol.{n:03d}", ListLog())
+    uploads = aam.RunUploads(aws.client("s3"), "pipeline-count", aam.transfer_config())
+    uploader = aam.VolumeUploader(uploads, str(archives), lambda n: f"vol.{n:03d}", ListLog())
     with pytest.raises(aam.VolumeCountMismatch):
         uploader.finish(2)
 

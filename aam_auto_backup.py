@@ -35,6 +35,8 @@ import errno
 import gc
 import hashlib
 import heapq
+import hmac
+import io
 import itertools
 import json
 import ntpath
@@ -70,6 +72,8 @@ EXIT_NO_BACKUP_SET = 5    # no complete backup set to build on or restore from
 EXIT_REFUSED = 6          # incremental-only: a full backup is required first
 EXIT_NOT_READY = 7        # restore step: thawed copies not all there yet
 EXIT_NOTHING_SELECTED = 8  # restore: the selection matches nothing in the chosen backup
+EXIT_WRONG_KEY = 9        # backup: the key differs from its chain's key check; S3 untouched
+EXIT_REPORT_UNSENT = 10   # all else succeeded, but the e-mail report could not be sent
 EXIT_INTERRUPTED = 130    # Ctrl-C or SIGTERM
 
 DEFAULT_VOLUME_SIZE = 4_000_000_000
@@ -172,6 +176,46 @@ def _env_int(name, default, minimum):
     return value
 
 
+# An upload rate: k, M and G are powers of 1000, as an uplink's speed is quoted (20 Mbit/s
+# is 2,500,000 bytes per second); Ki, Mi and Gi are powers of 1024; "bit" divides by 8.
+RATE_PREFIXES = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3,
+                 "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3}
+RATE_FORMAT = re.compile(r"(\d+(?:\.\d+)?) ?(?:([kKmMgG]i?) ?)?(?:(B|[bB]it|)(?:/s)?|(bps))")
+RATE_FORMS = ("bytes per second (2500000), with k, M, G (powers of 1000) or Ki, Mi, Gi "
+              "(powers of 1024), and bit or bps for bits: 2.5M, 2.5MB/s, 20Mbit, "
+              "20 Mbit/s, 20Mbps, 512KiB")
+# Below 1 kB/s a backup would hardly move; such a value is taken for a slip (20 meant as
+# 20 Mbit/s), not a wish.
+MINIMUM_UPLOAD_LIMIT = 1000
+
+
+def parse_byte_rate(text):
+    """Bytes per second from a rate such as '2500000', '2.5M', '20Mbit/s' or '512KiB';
+    ValueError saying what is accepted if it is not one."""
+    match = RATE_FORMAT.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a rate: use {RATE_FORMS}")
+    number, prefix, unit, bps = match.groups()
+    rate = float(number) * RATE_PREFIXES[(prefix or "").lower()]
+    if bps or unit.lower() == "bit":
+        rate /= 8
+    if rate < MINIMUM_UPLOAD_LIMIT:
+        raise ValueError(f"{text!r} is {rate:g} bytes per second; the least is "
+                         f"{MINIMUM_UPLOAD_LIMIT} (1k)")
+    return round(rate)
+
+
+def _env_rate(name):
+    """A rate in bytes per second from the environment (parse_byte_rate), or None."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return parse_byte_rate(text)
+    except ValueError as problem:
+        raise UsageError(f"environment variable {name}: {problem}")
+
+
 @dataclasses.dataclass
 class Settings:
     """Tunables with fixed defaults; each can be overridden by an environment variable."""
@@ -187,6 +231,8 @@ class Settings:
     restore_tier: str
     restore_poll_seconds: int
     state_dir: str
+    ses_region_origin: str = ""   # where ses_region came from (a report that is not sent)
+    upload_limit: typing.Optional[int] = None      # bytes per second for a whole run
 
     @classmethod
     def from_environment(cls, platform):
@@ -210,10 +256,21 @@ class Settings:
                        or os.path.join(temp_root, "aam_auto_backup.lock")),
             region=region,
             ses_region=os.environ.get("AAM_SES_REGION") or region,
+            ses_region_origin=region_origin(),
             restore_tier=tier,
             restore_poll_seconds=_env_int("AAM_RESTORE_POLL_SECONDS", 1800, 1),
             state_dir=os.environ.get("AAM_STATE_DIR") or platform.default_state_dir(),
+            upload_limit=_env_rate("AAM_UPLOAD_LIMIT"),
         )
+
+
+def region_origin():
+    """Which environment variable set the SES client's region, or that none did."""
+    for name in ("AAM_SES_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        if os.environ.get(name):
+            return f"from {name}"
+    return ("the default: none of AAM_SES_REGION, AWS_REGION and AWS_DEFAULT_REGION is "
+            "set")
 
 
 def _write_private_bytes(path, data):
@@ -336,6 +393,10 @@ class PosixPlatform:
 
     def is_junction(self, st):
         return False
+
+    def special_file_kind(self, st):
+        """What a special file is that the file type does not tell (None: not one)."""
+        return None
 
     def changed_time(self, st):
         # The inode change time catches a file copied in with an old mtime.
@@ -764,6 +825,13 @@ class WindowsPlatform(PosixPlatform):
         # real directories that must be backed up.
         return getattr(st, "st_reparse_tag", 0) == 0xA0000003   # IO_REPARSE_TAG_MOUNT_POINT
 
+    def special_file_kind(self, st):
+        """An AF_UNIX socket (Windows 10 1803 and later) is a reparse point that looks like
+        a file and holds no data; NTFS has no FIFOs or device files."""
+        if getattr(st, "st_reparse_tag", 0) == 0x80000023:       # IO_REPARSE_TAG_AF_UNIX
+            return "a socket"
+        return None
+
     def moved_since(self, st, since_ts):
         # Windows exposes no change time of a directory: a moved directory's files
         # come back at their old path until the next full backup (docs/limits.md).
@@ -1119,6 +1187,74 @@ class ObjectName:
             return None                   # piece numbers start at 1
         return cls(match["location"], full, incr, False, volume["source"],
                    int(volume["number"]), piece=piece)
+
+
+# -- the key check: which archive key a chain of backups was made with ----------------
+
+KEYCHECK_FLAG = "keycheck"
+KEYCHECK_RE = re.compile(
+    r"^(?P<location>[^_]+)_keycheck_(?P<full>\d{8}_\d{6}\.\d{6})_(?P<salt>[0-9a-f]{32})_"
+    r"(?P<verifier>[0-9a-f]{4})$")
+ZIP_AES_SALT_BYTES = 16      # ZIP AES-256's salt
+ZIP_AES_ROUNDS = 1000        # its PBKDF2-HMAC-SHA1 rounds
+
+
+def key_verifier(key, salt):
+    """ZIP AES-256's password verification value of key with salt, as 4 hex digits.
+
+    Exactly what 7-Zip stores beside each file of a volume (the last 2 of the 66
+    bytes PBKDF2-HMAC-SHA1 derives in 1,000 rounds), so a key check is no cheaper
+    to attack than any volume: the same work per guess, and 16 bits that alone
+    cannot confirm a guess.
+    """
+    derived = hashlib.pbkdf2_hmac("sha1", key.encode("utf-8"), salt, ZIP_AES_ROUNDS,
+                                  2 * 32 + 2)
+    return derived[-2:].hex()
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyCheck:
+    """The empty object naming the key of one chain (a full backup and its incrementals).
+
+    The backup keys cannot read objects, only list their names: so the verifier is
+    in the name.  The word in the place of a date keeps every reader of backup
+    sets (OBJECT_NAME_RE, version 1.0.0's pattern too) from taking it for one.
+    """
+
+    location: str
+    full: dt.datetime
+    salt: bytes
+    verifier: str
+
+    @property
+    def key(self):
+        return (f"{self.location}_{KEYCHECK_FLAG}_{format_stamp(self.full)}_"
+                f"{self.salt.hex()}_{self.verifier}")
+
+    @classmethod
+    def parse(cls, key):
+        match = KEYCHECK_RE.match(key)
+        if not match:
+            return None
+        return cls(match["location"], parse_stamp(match["full"]),
+                   bytes.fromhex(match["salt"]), match["verifier"])
+
+    @classmethod
+    def for_key(cls, location, full, archive_key, like=None):
+        """The key check of a new chain; like: an earlier one of the same key, whose salt
+        and verifier are kept (a lister learns 16 bits of a key however many chains
+        it made)."""
+        if like is not None:
+            return cls(location, full, like.salt, like.verifier)
+        salt = os.urandom(ZIP_AES_SALT_BYTES)
+        return cls(location, full, salt, key_verifier(archive_key, salt))
+
+    def matches(self, archive_key):
+        return hmac.compare_digest(key_verifier(archive_key, self.salt), self.verifier)
+
+
+def keycheck_prefix(location):
+    return f"{location}_{KEYCHECK_FLAG}_"
 
 
 def month_prefixes(location, now, months=MONTHS_SCANNED):
@@ -2577,6 +2713,21 @@ class Walked:
     empty: bool        # a directory with no entries at all
 
 
+JUNCTION = "a junction"      # a special directory (Windows): not followed, not backed up
+
+
+def special_kind(mode):
+    """What a directory entry that is neither a file, a directory nor a link is (None
+    for those three): never backed up, named in the log."""
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file, directory or link"
+
+
 class TreeWalk:
     """A walk of a mount's listed directories, in catalogue order, skipping exclusions.
 
@@ -2599,7 +2750,7 @@ class TreeWalk:
         self.since_ts = None if since is None else since.timestamp()
         self.problems = []        # unreadable directories and entries
         self.unreadable = []      # their relative paths: what is under them is unknown
-        self.specials = []        # sockets, FIFOs, devices, junctions: never archived
+        self.specials = []        # (path, what): sockets, FIFOs, devices, junctions
         self.excluded = []        # (relative path, is_dir)
 
     def absolute(self, relative):
@@ -2651,20 +2802,21 @@ class TreeWalk:
             return None
         if stat.S_ISDIR(st.st_mode):
             if self.platform.is_junction(st):
-                self.specials.append(rel)
+                self.specials.append((rel, JUNCTION))
                 return None
             if self.selector.dir_excluded(rel, entry.name):
                 self.excluded.append((rel, True))
                 return None
             moved = cutoff is not None and self.platform.moved_since(st, cutoff)
             return Walked(rel, st, moved or self.is_recent(st, cutoff), False)
-        if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-            if self.selector.file_excluded(rel, entry.name):
-                self.excluded.append((rel, False))
-                return None
-            return Walked(rel, st, self.is_recent(st, cutoff), False)
-        self.specials.append(rel)
-        return None
+        special = self.platform.special_file_kind(st) or special_kind(st.st_mode)
+        if special:
+            self.specials.append((rel, special))
+            return None
+        if self.selector.file_excluded(rel, entry.name):
+            self.excluded.append((rel, False))
+            return None
+        return Walked(rel, st, self.is_recent(st, cutoff), False)
 
     def is_recent(self, st, cutoff):
         return cutoff is None or self.platform.changed_time(st) >= cutoff
@@ -2882,7 +3034,8 @@ def find_local_state(prefix, full, backup):
         header = CatalogueFile(path).header
     except (OSError, ValueError):
         return None
-    if header.get("full_backup") != format_stamp(full) or header.get("kind") != LISTING:
+    if (header.get("full_backup"), header.get("backup"), header.get("kind")) != (
+            format_stamp(full), format_stamp(backup), LISTING):
         return None
     return path
 
@@ -2903,6 +3056,76 @@ def newest_local_state(prefix):
     for path in reversed(paths):
         with contextlib.suppress(OSError, ValueError):
             return CatalogueFile(path).header
+    return None
+
+
+# A local state ends in a line '#end<TAB><entries><TAB><digest>': the digest is an
+# HMAC-SHA256 of every byte before that line, keyed from the archive key, the bucket,
+# the location and the source, so that a state cut short (a full disk, a crash),
+# damaged, or of another source, location, bucket or key is found by its content,
+# never taken for this source's by luck.  Readers of catalogues skip '#' lines.
+STATE_END = "#end"
+# PBKDF2 rounds of the digest's key: the states, like the volumes, must not be a
+# cheaper test of key guesses (ZIP AES: 1,000 rounds of SHA-1); 10 ms once a run.
+STATE_KEY_ROUNDS = 10_000
+
+
+def local_state_key(archive_key, bucket, location):
+    """The key of the local states' digests for one bucket and location."""
+    salt = f"aam-auto-backup local state\0{bucket}\0{location}".encode("utf-8")
+    return hashlib.pbkdf2_hmac("sha256", archive_key.encode("utf-8"), salt,
+                               STATE_KEY_ROUNDS)
+
+
+def state_digest(state_key, source_name, path, length):
+    """(HMAC of the first length bytes of path for this source, their line count)."""
+    mac = hmac.new(state_key, source_name.encode("utf-8", "surrogateescape") + b"\0",
+                   hashlib.sha256)
+    lines = 0
+    with open(path, "rb") as handle:
+        while length > 0:
+            block = handle.read(min(length, MIB))
+            if not block:
+                break
+            mac.update(block)
+            lines += block.count(b"\n")
+            length -= len(block)
+    return mac.hexdigest(), lines
+
+
+def seal_local_state(path, state_key, source_name):
+    """Append the end line (entry count and digest) to a state just written."""
+    digest, lines = state_digest(state_key, source_name, path, os.path.getsize(path))
+    with open(path, "a", encoding="ascii", newline="\n") as handle:
+        handle.write(f"{STATE_END}\t{lines - 2}\t{digest}\n")     # 2 header lines
+
+
+def local_state_problem(path, state_key, source_name):
+    """Why the local state at path cannot be trusted, or None: its end line's entry
+    count and digest must match what it holds (one read; the lines are not parsed)."""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - 256))
+            tail = handle.read()
+    except OSError as problem:
+        return f"it cannot be read ({problem.strerror or problem})"
+    end = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1:]
+    fields = end.rstrip(b"\n").split(b"\t")
+    if not end.endswith(b"\n") or fields[0] != STATE_END.encode() or len(fields) != 3 \
+            or not fields[1].isdigit():
+        return ("it has no end line: it was cut short (a full disk, a crash), or written "
+                "by version 1.1.0 or earlier")
+    try:
+        digest, lines = state_digest(state_key, source_name, path, size - len(end))
+    except OSError as problem:
+        return f"it cannot be read ({problem.strerror or problem})"
+    if lines - 2 != int(fields[1]):
+        return f"it holds {max(lines - 2, 0):,} entries, its end line says {int(fields[1]):,}"
+    if not hmac.compare_digest(digest.encode(), fields[2]):
+        return ("its digest does not match: it was changed or damaged, or belongs to "
+                "another source, location or bucket, or was written with another archive "
+                "key")
     return None
 
 
@@ -3504,8 +3727,9 @@ def open_run_log(args, platform):
 
 def send_report(args, settings, session, log, failed, started, what, body):
     """The SES report: '<SUCCESS|FAILURE>, <local date-time> <what>!' and a short body,
-    nothing else (no tool output, no paths, no secrets).  A failure to send is only
-    logged: the run's result does not depend on the mail."""
+    nothing else (no tool output, no paths, no secrets).  True when it was sent; a
+    failure is logged with the sender and the region (SES refuses a sender verified
+    in another region), and gives the run its own exit code (EXIT_REPORT_UNSENT)."""
     title = f"{'FAILURE' if failed else 'SUCCESS'}, {local_time_text(started)} {what}!"
     text = "\n".join(body + ["For more info, refer to the local backup log."]) + "\n"
     try:
@@ -3517,9 +3741,18 @@ def send_report(args, settings, session, log, failed, started, what, body):
             Message={"Subject": {"Data": title, "Charset": "UTF-8"},
                      "Body": {"Text": {"Data": text, "Charset": "UTF-8"}}})
         log.line(f"E-mail report sent to {args.recipient}: {title}")
-    except Exception as problem:    # noqa: BLE001 - any failure is only logged
+        return True
+    except Exception as problem:    # noqa: BLE001 - any failure is reported, not raised
         log.section(SECTION_EMAIL_ERROR)
-        log.line(f"The e-mail report could not be sent: {describe_aws_error(problem)}")
+        advice = ("; SES sends only from an address (or domain) verified in that region: "
+                  "set AWS_REGION, or AAM_SES_REGION for SES alone, to the region where it "
+                  "is verified (docs/aws-setup.md)"
+                  if aws_error_code(problem) == "MessageRejected" else "")
+        origin = f" ({settings.ses_region_origin})" if settings.ses_region_origin else ""
+        log.line(f"ERROR: The e-mail report could not be sent from {args.sender_address} "
+                 f"through SES in region {settings.ses_region}{origin}: "
+                 f"{describe_aws_error(problem)}{advice}.")
+        return False
 
 
 # ============================================================================
@@ -3568,20 +3801,27 @@ class WriteRefused(AamError):
     """S3 refused to write an object: its name exists, or a policy denies the write."""
 
 
+class UploadFailed(AamError):
+    """An object could not be written after botocore's retries; the message names it."""
+
+
 @contextlib.contextmanager
-def refusal_named(bucket, key):
-    """Turn S3's refusal of a write (412, 403) into a WriteRefused naming the object.
+def upload_named(bucket, key, kind):
+    """Turn a write that fails for good into an error naming the object and its kind
+    (volume, catalogue, completion indicator, key check): S3's refusal (412, 403) is
+    a WriteRefused, any other AWS error an UploadFailed.
 
     The standard retry mode retries neither status, so a refusal is final at once.
     """
     try:
         yield
     except aws_errors() as problem:
-        # upload_file wraps the ClientError in S3UploadFailedError (raised while handling it)
+        # boto3's upload_file wraps the ClientError in S3UploadFailedError (raised while
+        # handling it); s3transfer's TransferManager raises the ClientError itself
         cause = problem if hasattr(problem, "response") else problem.__context__
         response = getattr(cause, "response", None) or {}
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        where = f"s3://{bucket}/{key}"
+        where = f"the {kind} s3://{bucket}/{key}"
         if status == 412:
             raise WriteRefused(f"{where} already exists; this program never replaces an "
                                "object, so it was not written (HTTP 412)") from problem
@@ -3589,13 +3829,8 @@ def refusal_named(bucket, key):
             raise WriteRefused(f"S3 refused to write {where} (HTTP 403 "
                                f"{response.get('Error', {}).get('Code', '')}): the keys "
                                "may not write it, or the bucket policy denies it") from problem
-        raise
-
-
-def put_new_object(s3, bucket, key, body, **arguments):
-    """PutObject of a name that must not exist yet; a refusal names the object."""
-    with refusal_named(bucket, key):
-        s3.put_object(Bucket=bucket, Key=key, Body=body, **arguments)
+        raise UploadFailed(f"{where} could not be uploaded: "
+                           f"{describe_aws_error(cause or problem)}") from problem
 
 
 def aws_errors():
@@ -3659,20 +3894,26 @@ class BucketListing:
         self.indicators = {}     # (full, incremental) -> {source: StoredObject}
         self.volumes = {}        # (full, incremental, source) -> [StoredObject]
         self.catalogues = {}     # (full, incremental, source) -> StoredObject
+        self.keychecks = {}      # full -> [KeyCheck]
 
     @classmethod
     def load(cls, s3, bucket, prefixes):
         listing = cls()
-        paginator = s3.get_paginator("list_objects_v2")
         for prefix in prefixes:
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                for item in page.get("Contents", []):
-                    listing.add(item["Key"], item.get("Size", 0))
+            listing.load_prefix(s3, bucket, prefix)
         return listing
+
+    def load_prefix(self, s3, bucket, prefix):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                self.add(item["Key"], item.get("Size", 0))
 
     def add(self, key, size):
         name = ObjectName.parse(key)
         if name is None:
+            check = KeyCheck.parse(key)
+            if check is not None:
+                self.keychecks.setdefault(check.full, []).append(check)
             return
         stored = StoredObject(name, size)
         if name.catalogue:
@@ -3702,6 +3943,12 @@ class BucketListing:
         found = [incr for (f, incr) in self.indicators
                  if f == full and incr is not None and self.is_complete(f, incr, sources)]
         return sorted(found)
+
+    def newest_keychecks(self, before):
+        """The key checks of the newest chain begun before that time that has any ([] when
+        none has; one dated later cannot be of an earlier chain)."""
+        fulls = [full for full in self.keychecks if full < before]
+        return self.keychecks[max(fulls)] if fulls else []
 
 
 # ============================================================================
@@ -3941,7 +4188,10 @@ def rsync_commands(platform, view_root, target, plan, keep, work_dir, walk=None)
     _write_private_bytes(rules_file, b"".join(
         rule.encode("utf-8", "surrogateescape") + b"\0"
         for rule in rsync_rules(plan, platform)))
-    argv = ["rsync", "-a", "--from0", f"--filter=merge {rules_file}"]
+    # -a includes -D: FIFOs, sockets and devices would be made in the mirror (and a
+    # device read by a tool that later follows it); they are not backed up.
+    argv = ["rsync", "-a", "--no-specials", "--no-devices", "--from0",
+            f"--filter=merge {rules_file}"]
     if not keep:
         argv.append("--delete")
     argv += ["--", "./", target.rstrip("/") + "/"]
@@ -3993,9 +4243,13 @@ def robocopy_exclusions(platform, view_root, plan, walk=None):
     dirs = [platform.view_path(view_root, rel) for rel in outside_dirs] + \
         on_drive(exclusions.paths, True) + exclusions.dir_patterns + \
         on_drive(exclusions.walked, True)
+    # A special file the walk found (an AF_UNIX socket) is not copied either; junctions
+    # are /xjd's.
+    specials = [(rel, False) for rel, what in (walk.specials if walk else ())
+                if what != JUNCTION]
     files = [platform.view_path(view_root, rel) for rel in outside_files] + \
         on_drive(exclusions.paths, False) + exclusions.file_patterns + \
-        on_drive(exclusions.walked, False)
+        on_drive(exclusions.walked, False) + on_drive(specials, False)
     return unique_paths(dirs, platform), unique_paths(files, platform), problems
 
 
@@ -4328,8 +4582,8 @@ def run_child(child, platform, settings):
         return EXIT_INTERRUPTED
     for problem in walk.problems:
         child_say(MARK_VALIDATION_FAILURE + problem)
-    for special in walk.specials:
-        child_say(f"Not backed up (not a regular file, directory or link): {special}")
+    for special, what in walk.specials:
+        child_say(f"Not backed up ({what}): {walk.absolute(special)}")
     target, mirror = child_mirror(child, platform, view_root, plan, walk)
     run_generated_script(child, platform, view_root, mirror, parent)
     archive_failed = False
@@ -4605,11 +4859,47 @@ INDICATOR_VERSION = 2
 UPLOAD_POLL_SECONDS = 0.1   # how often the parent looks for finished volumes
 
 
-def transfer_config():
-    """Multipart uploads with a few parallel parts; memory stays small."""
+def transfer_config(upload_limit=None):
+    """Multipart uploads with a few parallel parts; memory stays small.  upload_limit:
+    bytes per second for all uploads of the manager together (s3transfer's bandwidth
+    limiter, a leaky bucket the bodies of PutObject and UploadPart are read through)."""
     from boto3.s3.transfer import TransferConfig
     return TransferConfig(multipart_threshold=64 * MIB, multipart_chunksize=16 * MIB,
-                          max_concurrency=4, use_threads=True)
+                          max_concurrency=4, use_threads=True, max_bandwidth=upload_limit)
+
+
+class RunUploads:
+    """Every upload of one backup run (volumes, catalogues, indicators) goes through this
+    one s3transfer TransferManager, so that its one bandwidth limiter caps their sum at
+    AAM_UPLOAD_LIMIT: boto3's upload_file makes a manager, and so a limiter, per call.
+    The manager is s3transfer's own (boto3 may pick its CRT client instead, which ignores
+    the limit).  Nothing is written over an existing object (new_objects_only)."""
+
+    def __init__(self, s3, bucket, config):
+        from s3transfer.manager import TransferManager
+        self.bucket = bucket
+        self.manager = TransferManager(s3, config)       # config: transfer_config(...)
+
+    def upload(self, source, key, progress=None, kind="object", **extra_args):
+        """Upload a file (a path or a binary file object) as key, multipart above the
+        threshold; progress is called with each number of bytes sent.  kind (volume,
+        catalogue, completion indicator, key check) names it in a failure."""
+        from boto3.s3.transfer import ProgressCallbackInvoker
+        subscribers = [ProgressCallbackInvoker(progress)] if progress else None
+        with upload_named(self.bucket, key, kind):
+            future = self.manager.upload(source, self.bucket, key, extra_args, subscribers)
+            try:
+                future.result()
+            except BaseException:
+                # Ctrl-C or SIGTERM too: end the transfer, and wait while s3transfer
+                # aborts its multipart upload (parts left behind would be billed).
+                future.cancel()
+                with contextlib.suppress(Exception):
+                    future.result()
+                raise
+
+    def close(self):
+        self.manager.shutdown()
 
 
 def sha256_of(path):
@@ -4819,13 +5109,13 @@ class PieceUploader:
     no indicator is written.
     """
 
-    def __init__(self, s3, bucket, work_dir, key_for, log, ledger, first_piece,
-                 volume_size):
-        self.s3, self.bucket, self.work_dir = s3, bucket, work_dir
+    def __init__(self, uploads, work_dir, key_for, log, ledger, first_piece, volume_size,
+                 before_upload=None):
+        self.uploads, self.work_dir = uploads, work_dir     # uploads: RunUploads
         self.archive_dir = os.path.join(work_dir, ARCHIVE_DIR)
+        self.before_upload = before_upload   # called before each upload (the key check)
         self.key_for = key_for          # (piece, volume number) -> S3 key
         self.log, self.ledger, self.volume_size = log, ledger, volume_size
-        self.config = transfer_config()
         self.piece, self.next_number = first_piece, 1
         self.records = []               # the volumes of this piece uploaded so far
         self.index = None               # this piece's ZipIndex, from its first volume on
@@ -4926,16 +5216,17 @@ class PieceUploader:
         return digest.hexdigest()
 
     def upload(self, path, key):
+        said = self.before_upload() if self.before_upload else None
+        if said:
+            self.announce(said)
         size = os.path.getsize(path)
         digest = self.digest_and_index(path)
         self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
         progress = Progress(f"Uploading volume {self.next_number:03d} of piece {self.piece}",
                             size)
         try:
-            with refusal_named(self.bucket, key):
-                self.s3.upload_file(path, self.bucket, key, Config=self.config,
-                                    Callback=progress.add,
-                                    ExtraArgs={"StorageClass": DEEP_ARCHIVE})
+            self.uploads.upload(path, key, progress.add, kind="volume",
+                                StorageClass=DEEP_ARCHIVE)
         finally:
             progress.close()
         self.records.append({"name": key, "size": size, "sha256": digest})
@@ -5116,23 +5407,26 @@ class SourceCatalogue:
         local state ('tsv') until the indicator is up."""
         return f"{self.prefix}.{format_stamp(self.run.stamp)}.{what}{KEPT_SUFFIX}"
 
-    def choose_base(self):
+    def choose_base(self, verify=True):
         """Tell the child which local state to compare with (none for a full backup),
         the first free piece number and, continuing a backup whose done pieces hold
-        entries of this source, the journal; base_note says which state, for the log."""
+        entries of this source, the journal; base_note says which state, for the log.
+        verify=False: the early child's guess, not read through yet (check_early_child
+        does before it may go on)."""
         run = self.run
         if run.scope is Scope.INCREMENTAL:
-            self.base = run.local_state_to_compare(self)
+            self.base, problem = run.local_state_to_compare(self, verify)
             if self.base:
                 self.base_note = (f"Change detection: compared with the local catalogue of "
                                   f"the backup {describe_stamp(run.since)} ({self.base}).")
             else:
+                why = problem or (f"there is none in {run.settings.state_dir} (missing, or "
+                                  "of another backup)")
                 self.base_note = (
-                    f"Change detection for {self.source.mount}: no local catalogue of the "
-                    f"latest complete backup {describe_stamp(run.since)} in "
-                    f"{run.settings.state_dir} (missing, or of another backup); files are "
-                    "selected by their times alone, and this backup's catalogue lists the "
-                    "whole tree.")
+                    f"Change detection for {self.source.mount}: the local catalogue of the "
+                    f"latest complete backup {describe_stamp(run.since)} cannot be used: "
+                    f"{why}. Files are selected by their times alone, and this backup's "
+                    "catalogue lists the whole tree.")
         journal = run.journal
         self.first_piece = journal.next_piece() if journal else 1
         reuse = journal is not None and journal.has_entries(self.name)
@@ -5161,8 +5455,10 @@ class SourceCatalogue:
                       **({"superseded": True} if p["number"] in superseded else {})}
                      for p in pieces]
         lines = self.run.journal.lines_from(self.name, self.first_piece)
-        return finalize_catalogue(self.path(CATALOGUE_WORK), lines, self.header(described),
-                                  self.path(CATALOGUE_FILE), self.kept_path("tsv"))
+        result = finalize_catalogue(self.path(CATALOGUE_WORK), lines, self.header(described),
+                                    self.path(CATALOGUE_FILE), self.kept_path("tsv"))
+        seal_local_state(self.kept_path("tsv"), self.run.state_key(), self.name)
+        return result
 
     def superseded(self):
         """The earlier pieces the child found holding an entry this backup does not use."""
@@ -5188,7 +5484,8 @@ class SourceCatalogue:
             cwd=self.work_dir, private=True)
         if code != 0:
             last = output.strip().splitlines()[-1] if output.strip() else ""
-            raise AamError(f"7-Zip could not write the catalogue (exit code {code}): {last}")
+            raise AamError(f"7-Zip could not write the catalogue {self.object_key()} "
+                           f"(exit code {code}): {last}")
         return zip_path
 
     def object_key(self):
@@ -5321,6 +5618,7 @@ class BackupRun:
         self.latest_full = None      # latest complete sets, for log and report
         self.latest_incremental = None
         self.session = self.s3 = None
+        self.uploads = None          # RunUploads: every upload of the run, one rate limit
         self.work_dir = None
         self.work_dir_made = False
         self.start = None            # this run's start (the log, the mirror's validation)
@@ -5335,6 +5633,12 @@ class BackupRun:
         self.done_sources = set()    # sources whose indicator is in S3 already
         self.orphans = []            # (name, size): volumes no backup uses, named this run
         self.uploaders = []          # PieceUploader of each source (bytes uploaded)
+        self.key_refused = False     # the key differs from the chain's key check
+        self.report_notes = []       # lines the e-mail report must carry
+        self.report_unsent = False
+        self.state_verdicts = {}     # local state path -> why it cannot be used (None: it can)
+        self.digest_key = None       # of the local states (state_key)
+        self.keycheck_to_write = None  # (KeyCheck, why): the chain's, before the first upload
 
     # -- the whole run -------------------------------------------------------
     def execute(self):
@@ -5397,10 +5701,20 @@ class BackupRun:
                     self.record_stop(stopped)
         finally:
             self.stop_early_child()
+            if self.uploads:
+                self.uploads.close()
         self.log_summary()
         if self.regular:
             self.send_report()
-        return EXIT_FAILURE if self.failures else EXIT_OK
+        return self.exit_code()
+
+    def exit_code(self):
+        """A failure's code wins over an unsent report (the log says both)."""
+        if self.key_refused:
+            return EXIT_WRONG_KEY
+        if self.failures:
+            return EXIT_FAILURE
+        return EXIT_REPORT_UNSENT if self.report_unsent else EXIT_OK
 
     def begin(self):
         self.start = backup_clock()
@@ -5550,24 +5864,15 @@ class BackupRun:
         journal), or a full or an incremental backup as the rules say."""
         self.log.section(SECTION_LATEST)
         sources = [self.platform.source_name(s.mount) for s in plan.sources]
-        months = 1 if self.regular else MONTHS_SCANNED
         try:
             self.session = aws_session(self.args.access_key_id, self.args.secret_access_key)
             self.s3 = aws_client(self.session, "s3", self.settings.region)
-            prefixes = month_prefixes(self.args.location, self.start, months)
-            own = pending and month_prefixes(self.args.location,
-                                             parse_stamp(pending.backup["full"]), 1)[0]
-            if own and own not in prefixes and len(prefixes) < MONTHS_SCANNED:
-                prefixes.append(own)        # a pending backup of an earlier month's full
-            self.listing = BucketListing.load(self.s3, self.args.bucket, prefixes)
+            self.uploads = RunUploads(self.s3, self.args.bucket,
+                                      transfer_config(self.settings.upload_limit))
+            self.listing = self.list_bucket(sources, pending)
         except aws_errors() as problem:
             cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
-            message = (f"AWS S3 cannot be queried ({cause}); the AWS part of this backup "
-                       "is skipped"
-                       + (", the local mirror is still made." if self.local else "."))
-            self.log.line(f"ERROR: {message}")
-            self.failures.append(message)
-            self.aws = False
+            self.skip_aws(f"AWS S3 cannot be queried ({cause})")
             if pending:
                 pending.close()
             return
@@ -5582,11 +5887,39 @@ class BackupRun:
         self.log.line(f"Latest complete full backup {where}: {describe_stamp(full)}")
         self.log.line(f"Latest complete incremental backup of it: "
                       f"{describe_stamp(self.latest_incremental)}")
-        if pending is not None and self.continue_pending(pending, sources):
-            return
-        self.decide_scope(full, sources, where)
-        if pending is None:
-            self.name_lost_volumes()
+        if pending is None or not self.continue_pending(pending, sources):
+            self.decide_scope(full, sources, where)
+            if pending is None:
+                self.name_lost_volumes()
+        self.check_key(listing)
+
+    def list_bucket(self, sources, pending=None):
+        """The key checks, and the months a full backup to build on may lie in: the
+        current UTC month for a regular backup; for incremental-only the newest months
+        back to the first holding a complete full (the latest one), six at most; and
+        the month of the pending backup's full backup, if it is another."""
+        location, bucket = self.args.location, self.args.bucket
+        listing = BucketListing()
+        listing.load_prefix(self.s3, bucket, keycheck_prefix(location))
+        loaded = []
+        for prefix in month_prefixes(location, self.start, 1 if self.regular
+                                     else MONTHS_SCANNED):
+            listing.load_prefix(self.s3, bucket, prefix)
+            loaded.append(prefix)
+            if listing.latest_complete_full(sources):
+                break
+        own = pending and month_prefixes(location, parse_stamp(pending.backup["full"]), 1)[0]
+        if own and own not in loaded and len(loaded) < MONTHS_SCANNED:
+            listing.load_prefix(self.s3, bucket, own)
+        return listing
+
+    def skip_aws(self, reason):
+        """S3 cannot take this run's backup: say why; the local mirror is still made."""
+        message = (f"{reason}; the AWS part of this backup is skipped"
+                   + (", the local mirror is still made." if self.local else "."))
+        self.log.line(f"ERROR: {message}")
+        self.failures.append(message)
+        self.aws = False
 
     # -- the pending backup: continue it, or abandon it ---------------------
     def pending_journal(self):
@@ -5639,9 +5972,15 @@ class BackupRun:
         if (stamp.year, stamp.month) not in {(start.year, start.month),
                                              (previous.year, previous.month)}:
             return f"it began in {stamp:%Y-%m}, before the previous month"
+        full = parse_stamp(backup["full"])
+        checks = self.listing.keychecks.get(full, [])
+        if (self.regular and self.args.force_full and checks
+                and not any(check.matches(self.args.key) for check in checks)):
+            return (f"argument {BACKUP_ARGS.number('force_full')} asks for a full backup, "
+                    "with an archive key other than this backup's (its key check "
+                    f"{checks[0].key}): a new chain")
         if backup["scope"] == Scope.FULL.word:
             return None
-        full = parse_stamp(backup["full"])
         if self.regular and self.args.force_full:
             return (f"argument {BACKUP_ARGS.number('force_full')} asks for a full backup, "
                     "and it is an incremental")
@@ -5787,6 +6126,86 @@ class BackupRun:
                       f"{describe_stamp(full)}; files changed since "
                       f"{describe_stamp(self.since)}.")
 
+    # -- the key check: a wrong key is refused before anything is uploaded --
+    def check_key(self, listing):
+        """Refuse an archive key that is not the key of the chain this backup continues,
+        before anything is written to S3 (the backup keys cannot read a catalogue to
+        try the key on; they can list the key checks).
+
+        An incremental must match its full backup's key check; a new full backup the
+        newest chain's, unless argument 21 forces it: then a different key starts a
+        new chain, said loudly.  A chain without one (made by version 1.0.0 or 1.1.0,
+        or the first backup) gets one for the key in use.  A full backup continued
+        must match the key check its first run wrote, if it wrote one.
+        """
+        key, incremental = self.args.key, self.scope is Scope.INCREMENTAL
+        own = [] if incremental else listing.keychecks.get(self.stamp, [])
+        checks = (listing.keychecks.get(self.base_full, []) if incremental
+                  else own or listing.newest_keychecks(self.stamp))
+        matching = next((check for check in checks if check.matches(key)), None)
+        if matching is not None:
+            self.log.line(f"Key check: the archive key (argument {BACKUP_ARGS.number('key')}) "
+                          f"matches {matching.key}.", terminal=False)
+            if not (incremental or own):
+                self.keycheck_to_write = (KeyCheck.for_key(self.args.location, self.stamp,
+                                                           key, like=matching),
+                                          "this full backup's, for the same key")
+            return
+        new = KeyCheck.for_key(self.args.location, self.base_full, key)
+        if not checks:
+            self.keycheck_to_write = (new, (
+                f"its chain (the full backup {describe_stamp(self.base_full)}) has none: "
+                "made by version 1.0.0 or 1.1.0" if incremental else
+                f"the bucket holds none for location {self.args.location} yet: a first "
+                "backup, or the backups were made by version 1.0.0 or 1.1.0") +
+                "; written for the archive key in use")
+        elif not (incremental or own) and self.regular and self.args.force_full:
+            self.start_new_key_chain(checks[0], new)
+        else:
+            self.refuse_key(checks[0], incremental)
+
+    def write_keycheck(self):
+        """Put the chain's new key check, if it needs one, right before the run's first
+        upload (a volume, or a catalogue when there is none): never before the child
+        has something to send, so a run that uploads nothing writes nothing.  A failure
+        is the upload's (UploadFailed, WriteRefused: named as a key check).  Returns the
+        line for the log (None: nothing to write)."""
+        if self.keycheck_to_write is None:
+            return None
+        check, why = self.keycheck_to_write
+        self.uploads.upload(io.BytesIO(b""), check.key, kind="key check")
+        self.keycheck_to_write = None
+        return f"Key check: uploaded {check.key} ({why})."
+
+    def start_new_key_chain(self, newest, new):
+        """Argument 21 forces a full backup with another key: the key is changed on purpose."""
+        self.log.line(f"WARNING: the archive key (argument {BACKUP_ARGS.number('key')}) is "
+                      f"not the key of the latest chain (key check {newest.key}). This full "
+                      f"backup is forced (argument {BACKUP_ARGS.number('force_full')}), so it "
+                      "starts a new chain with the new key. Restoring a backup made before it "
+                      "needs the old key (docs/security.md).")
+        self.report_notes.append(
+            "WARNING: the archive key changed: this forced full backup starts a new chain "
+            "with the new key; restoring an earlier backup needs the old key.")
+        self.keycheck_to_write = (new, "a new chain with a new key")
+
+    def refuse_key(self, check, incremental):
+        """A key that differs from the chain's: nothing goes to S3 (exit EXIT_WRONG_KEY)."""
+        chain = (f"the full backup {describe_stamp(check.full)} this incremental builds on"
+                 if incremental else f"the latest chain (full backup "
+                 f"{describe_stamp(check.full)})")
+        self.key_refused = True
+        self.skip_aws(
+            f"The archive key (argument {BACKUP_ARGS.number('key')}) is not the key of "
+            f"{chain}: it does not match the key check s3://{self.args.bucket}/{check.key}, "
+            "so nothing was written to S3. If the key was mistyped, correct it; to change "
+            "the key on purpose, run regular-backup with argument "
+            f"{BACKUP_ARGS.number('force_full')} (force full backup) yes, which starts a new "
+            "chain (docs/security.md)")
+        self.report_notes.append(
+            "The archive key is not the key of the backups this one would continue (their "
+            "key check in S3): nothing was written to S3. See the log.")
+
     def instruction_file_changed(self):
         st = os.stat(self.args.instruction_file)
         return dt.datetime.fromtimestamp(self.platform.changed_time(st), dt.timezone.utc)
@@ -5912,9 +6331,10 @@ class BackupRun:
         return ((full, incremental, name) in self.listing.catalogues
                 or os.path.exists(recorded["catalogue_file"]))
 
-    def prepare_child(self, source, name, archive=True):
+    def prepare_child(self, source, name, archive=True, verify=True):
         """The files the child reads: its part of the plan, and the state to compare
-        with (the catalogue of this source, when the child archives for AWS)."""
+        with (the catalogue of this source, when the child archives for AWS; verify: see
+        SourceCatalogue.choose_base)."""
         view_root = self.platform.child_view_root(source.mount, self.args.drive_letter)
         catalogue = SourceCatalogue(self, source, name) if self.aws and archive else None
         try:
@@ -5928,7 +6348,7 @@ class BackupRun:
             for leftover in (ARCHIVE_DIR, PIECES_DIR):
                 shutil.rmtree(os.path.join(self.work_dir, leftover), ignore_errors=True)
             if catalogue:
-                catalogue.choose_base()
+                catalogue.choose_base(verify)
         except OSError as problem:
             raise SourceStopped(SECTION_TEMP_FILE_ERROR,
                                 f"A temporary file cannot be written: {problem}")
@@ -6054,7 +6474,7 @@ class BackupRun:
         self.base_full = self.start if self.scope is Scope.FULL else self.latest_full
         try:
             self.create_work_dir()
-            catalogue = self.prepare_child(source, name)
+            catalogue = self.prepare_child(source, name, verify=False)
             _write_private_text(os.path.join(self.work_dir, GATE_FILE), GATE_WAIT)
             argv = self.child_argv(source)
             process = self.start_child_process(argv, os.path.join(self.work_dir, OUTPUT_FILE))
@@ -6089,24 +6509,43 @@ class BackupRun:
         if early is None:
             return
         source = early.source
-        same = self.aws and early.argv == self.child_argv(source) and \
-            early.catalogue.base == self.local_state_to_compare(early.catalogue)
         said = (f"The child pass for {source.mount} was started before S3 answered, on a "
-                "guess from the local catalogues; S3 ")
-        if same:
-            self.log.line(said + "confirmed it.", terminal=False)
+                "guess from the local catalogues; ")
+        if not (self.aws and early.argv == self.child_argv(source)):
+            said += "S3 did not"
+        elif early.catalogue.base != self.local_state_to_compare(early.catalogue)[0]:
+            said += "S3 confirmed it, but the local catalogue it compares with cannot be used"
+        else:
+            self.log.line(said + "S3 confirmed it.", terminal=False)
             return
         self.stop_early_child()
         begun = len(volumes_on_disk(os.path.join(self.work_dir, ARCHIVE_DIR)))
-        self.log.line(said + "did not: it is started again" + (
+        again = "it is started again" if self.local or self.aws else "it is ended"
+        self.log.line(f"{said}: {again}" + (
             f" (the {begun} volume(s) its 7-Zip had begun are removed unsent)."
             if begun else "."), terminal=False)
 
-    def local_state_to_compare(self, catalogue):
-        """The local state S3's answer calls for (none for a full backup)."""
+    def local_state_to_compare(self, catalogue, verify=True):
+        """(The local state S3's answer calls for, or None: none for a full backup, or
+        none that can be used; why the one found cannot be, or None).  Each state is
+        read through once a run (local_state_problem); verify=False only finds it."""
         if self.scope is not Scope.INCREMENTAL:
-            return None
-        return find_local_state(catalogue.prefix, self.base_full, self.since)
+            return None, None
+        path = find_local_state(catalogue.prefix, self.base_full, self.since)
+        if path is None or not verify:
+            return path, None
+        if path not in self.state_verdicts:
+            self.state_verdicts[path] = local_state_problem(path, self.state_key(),
+                                                            catalogue.name)
+        problem = self.state_verdicts[path]
+        return (None, f"{path}: {problem}") if problem else (path, None)
+
+    def state_key(self):
+        """The key of this run's local state digests (derived once a run)."""
+        if self.digest_key is None:
+            self.digest_key = local_state_key(self.args.key, self.args.bucket,
+                                              self.args.location)
+        return self.digest_key
 
     def stop_early_child(self):
         if self.early is not None:
@@ -6179,10 +6618,11 @@ class BackupRun:
         full, incremental = self.backup_times()
         ledger = PieceLedger(self, catalogue)
         uploader = PieceUploader(
-            self.s3, self.args.bucket, self.work_dir,
+            self.uploads, self.work_dir,
             lambda piece, number: ObjectName(self.args.location, full, incremental, False,
                                              catalogue.name, number, piece=piece).key,
-            self.log, ledger, catalogue.first_piece, self.settings.volume_size)
+            self.log, ledger, catalogue.first_piece, self.settings.volume_size,
+            self.write_keycheck)
         ledger.announce = uploader.announce
         self.uploaders.append(uploader)
         return uploader
@@ -6206,6 +6646,9 @@ class BackupRun:
         """Volumes first (most went up while 7-Zip ran), then the catalogue, and the
         indicator strictly after both."""
         self.log.section(SECTION_UPLOAD)
+        if self.settings.upload_limit:
+            self.log.line(f"Uploads are limited to {self.settings.upload_limit:,} bytes per "
+                          "second in all (AAM_UPLOAD_LIMIT).")
         uploader.start_log_section()
         try:
             uploader.finish()
@@ -6264,9 +6707,11 @@ class BackupRun:
                            "journal records; this backup cannot be completed (see "
                            "docs/backup.md, Interrupted backups).")
         if listed is None:
-            with open(recorded["catalogue_file"], "rb") as body:
-                put_new_object(self.s3, self.args.bucket, described["name"], body,
-                               ContentType="application/zip")
+            said = self.write_keycheck()         # when no volume went up before
+            if said:
+                self.log.line(said, terminal=False)
+            self.uploads.upload(recorded["catalogue_file"], described["name"], kind="catalogue",
+                                ContentType="application/zip")
             self.log.line(f"Uploaded the catalogue {described['name']} ({described['kind']}, "
                           f"{described['entries']} entries, {described['size']:,} bytes, "
                           "STANDARD)")
@@ -6274,8 +6719,8 @@ class BackupRun:
             self.log.line(f"The catalogue {described['name']} is in the bucket already.")
         indicator = ObjectName(self.args.location, full, incremental, True, name)
         checkpoint("before-indicator")
-        put_new_object(self.s3, self.args.bucket, indicator.key, recorded["indicator"],
-                       ContentType="application/json")
+        self.uploads.upload(io.BytesIO(recorded["indicator"]), indicator.key,
+                            kind="completion indicator", ContentType="application/json")
         manifest = json.loads(recorded["indicator"])
         self.log.line(f"Uploaded the completion indicator {indicator.key} "
                       f"({manifest['files']} files in {len(manifest['pieces'])} piece(s), "
@@ -6334,8 +6779,14 @@ class BackupRun:
             body.append("Latest complete AWS S3 incremental backup: "
                         f"{describe_stamp(self.latest_incremental)}")
             body += self.progress_lines(REPORTED_ORPHANS)
-        send_report(self.args, self.settings, self.session, self.log, bool(self.failures),
-                    self.start or utc_now(), f"{scope}backup", body)
+        body += self.report_notes
+        if send_report(self.args, self.settings, self.session, self.log,
+                       bool(self.failures), self.start or utc_now(), f"{scope}backup", body):
+            return
+        self.report_unsent = True
+        if not self.failures:
+            self.log.line(f"Everything else succeeded; the exit code is {EXIT_REPORT_UNSENT} "
+                          "because the report was not sent.")
 
 
 # ============================================================================
@@ -6391,9 +6842,11 @@ def is_transient(problem):
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
 
 
-def restore_aws_error(problem, bucket, key=None, credentials=RESTORE_CREDENTIALS):
-    """An AamError for a failed S3 call of a restore, naming a missing permission."""
-    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+def restore_aws_error(problem, bucket, key=None, credentials=RESTORE_CREDENTIALS,
+                      kind="object"):
+    """An AamError for a failed S3 call of a restore, naming the object (by its kind)
+    and a missing permission."""
+    where = f"the {kind} s3://{bucket}/{key}" if key else f"s3://{bucket}"
     if aws_error_code(problem) in DENIED_CODES:
         return AamError(
             f"{describe_aws_error(problem, where, credentials)}. A restore needs "
@@ -6401,15 +6854,18 @@ def restore_aws_error(problem, bucket, key=None, credentials=RESTORE_CREDENTIALS
             "restore user's keys (docs/aws-setup.md); the backup user is write-only by "
             "design.")
     if aws_error_code(problem) in ("404", "NoSuchKey"):
-        return AamError(f"{where} does not exist (any more); the backup set is damaged.")
+        return AamError(f"The {kind} s3://{bucket}/{key} does not exist (any more); the "
+                        "backup set is damaged.")
     if aws_error_code(problem) == "NoSuchBucket":
         return AamError(f"The bucket {bucket} (argument 9) does not exist.")
     return AamError(f"AWS S3 request on {where} failed: {describe_aws_error(problem)}")
 
 
 @contextlib.contextmanager
-def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS):
-    """Turn a refused or failed S3 call into a clear AamError; transient ones pass on."""
+def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS, kind="object"):
+    """Turn a refused or failed S3 call on the bucket, or on one object of that kind
+    (volume, catalogue, completion indicator), into a clear AamError naming it;
+    transient ones pass on."""
     try:
         yield
     except AamError:
@@ -6417,7 +6873,7 @@ def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS):
     except Exception as problem:     # noqa: BLE001 - boto3 raises many kinds
         if is_transient(problem):
             raise
-        raise restore_aws_error(problem, bucket, key, credentials) from None
+        raise restore_aws_error(problem, bucket, key, credentials, kind) from None
 
 
 class TerminalOutput:
@@ -6545,6 +7001,7 @@ class RestoreSet:
     sources: list        # [(number, source name, original path)]
     archives: list       # the full's first, then each incremental's
     indicators: list     # indicator keys
+    keycheck: str = None  # the chain's key check the key matched (None: it has none)
 
     @property
     def volumes(self):
@@ -6556,25 +7013,48 @@ class RestoreSet:
 
     @property
     def exact(self):
-        """Every archive has its catalogue: the restore follows them, not a replay."""
-        return all(archive.catalogue for archive in self.archives)
+        """Every source's state at the restore point is known from catalogues: the
+        restore follows them, not a replay (exact_from)."""
+        return all(self.exact_from(number) is not None for number, _s, _p in self.sources)
+
+    def exact_from(self, number):
+        """Where the catalogues of source number give its exact state: the index, among
+        its archives, of the first whose catalogue is a listing and after which every
+        archive has one (0 for a set made by version 1.1 or later); None: no such
+        archive (a set made by version 1.0.0, replayed).  The archives before it are
+        of a 1.0.0 chain continued by a later version (listing_start)."""
+        return listing_start([a.catalogue for a in self.archives_of(number)])
 
     def archives_of(self, number):
         return [a for a in self.archives if a.number == number]
 
-    def catalogue_archives(self, number):
-        """One archive per backup of source number (the pieces share its catalogue)."""
+    def catalogue_archives(self, number, start=0):
+        """One archive per backup of source number (the pieces share its catalogue),
+        from its archive start on (see exact_from)."""
         seen, found = set(), []
-        for archive in self.archives_of(number):
+        for archive in self.archives_of(number)[start:]:
             if archive.backup not in seen:
                 seen.add(archive.backup)
                 found.append(archive)
         return found
 
 
+def listing_start(catalogues):
+    """The index of the first listing among catalogue descriptions (oldest first) from
+    which none is missing, or None: a 1.0.0 chain continued by a later version is
+    exact from its first listing on (RestoreSet.exact_from)."""
+    start = None
+    for index in range(len(catalogues) - 1, -1, -1):
+        if not catalogues[index]:
+            break
+        if catalogues[index].get("kind") == LISTING:
+            start = index
+    return start
+
+
 def read_manifest(s3, bucket, key, credentials=RESTORE_CREDENTIALS):
     """The JSON manifest of one indicator, checked enough to be trusted."""
-    with s3_call(bucket, key, credentials):
+    with s3_call(bucket, key, credentials, "completion indicator"):
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     try:
         manifest = json.loads(body.decode("utf-8"))
@@ -6732,6 +7212,21 @@ def build_restore_set(location, listing, full, chosen, full_manifests, downloads
     return RestoreSet(location, full, [i for i, _m in chosen], sources, archives, indicators)
 
 
+def keycheck_verdict(key, checks, full, argument=RESTORE_ARGS.number("key")):
+    """(The key check of the chain of full that key matches, or None; why the key is
+    wrong, or None).  A chain without key checks (made before they existed) gives
+    (None, None): its catalogues try the key."""
+    for check in checks:
+        if check.matches(key):
+            return check.key, None
+    if not checks:
+        return None, None
+    return None, (f"The decryption key (argument {argument}) is wrong: it is not the key the "
+                  f"backups of the full backup {describe_stamp(full)} were made with (their "
+                  f"key check {checks[0].key}, and their catalogue does not open with it). "
+                  "Nothing was thawed.")
+
+
 def check_incremental_chain(restore_set, manifests_by_backup, out):
     """Warn when an incremental was made against a backup that is not in the set."""
     previous = restore_set.full
@@ -6764,12 +7259,15 @@ class NothingSelected(AamError):
     exit_code = EXIT_NOTHING_SELECTED
 
 
-def reconstruct(catalogues):
+def reconstruct(catalogues, earlier_archives=False):
     """The state a chain of catalogues (oldest first) describes at its last backup.
 
     One pass over all of them at once, in catalogue order: for each path, each
     catalogue in turn adds, changes or deletes it (a listing also deletes what
-    it does not name); memory holds one line per catalogue.
+    it does not name); memory holds one line per catalogue.  earlier_archives:
+    archives without catalogues come before the first (a 1.0.0 chain continued),
+    so what the first names as held by an earlier backup ('?') stays UNKNOWN, to
+    be found by path in them.
     """
     listings = [catalogue.header["kind"] == LISTING for catalogue in catalogues]
     streams = [keyed_entries(catalogue, index) for index, catalogue in enumerate(catalogues)]
@@ -6784,7 +7282,8 @@ def reconstruct(catalogues):
                 state = None
             else:
                 if entry.location == UNKNOWN:
-                    entry = entry._replace(location=resolve_unknown(entry, state))
+                    entry = entry._replace(location=resolve_unknown(
+                        entry, state, UNKNOWN if earlier_archives and index == 0 else MISSING))
                 state = entry
         if state is not None:
             yield state
@@ -6796,11 +7295,13 @@ def keyed_entries(catalogue, index):
         yield entry.key, index, entry
 
 
-def resolve_unknown(entry, earlier):
+def resolve_unknown(entry, earlier, unresolved=MISSING):
     """Where a file of a listing made without a local state has its bytes: in the
-    backup that held it before with the same type, size and time; else nowhere."""
-    if (earlier is not None and (earlier.kind, earlier.size, earlier.mtime)
-            == (entry.kind, entry.size, entry.mtime) and earlier.location != UNKNOWN):
+    backup that held it before with the same type, size and time (UNKNOWN when that
+    is one without a catalogue); else unresolved (MISSING: nowhere)."""
+    if earlier is None:
+        return unresolved
+    if (earlier.kind, earlier.size, earlier.mtime) == (entry.kind, entry.size, entry.mtime):
         return earlier.location
     return MISSING
 
@@ -6825,6 +7326,8 @@ class Tally:
     # (backup stamp, source number, piece) -> {volume numbers}
     volumes: dict = dataclasses.field(default_factory=dict)
     missing: list = dataclasses.field(default_factory=list)  # paths in no archive
+    earlier: set = dataclasses.field(default_factory=set)    # sources with files found by
+    # path in the archives before their first listing (RestoreSet.exact_from)
     sources: dict = dataclasses.field(default_factory=dict)  # source number -> entries
 
     def add(self, entry, number):
@@ -6837,6 +7340,8 @@ class Tally:
         place = parse_location(entry.location)
         if entry.location == MISSING:
             self.missing.append(entry.path)
+        elif entry.location == UNKNOWN and entry.kind == FILE:
+            self.earlier.add(number)
         elif place and entry.kind == FILE:     # links are made from the catalogue
             stamp, piece, first, last = place
             self.volumes.setdefault((stamp, number, piece), set()).update(
@@ -6854,7 +7359,8 @@ def openable_volumes(tally, archives, central_directory):
     chosen = {}
     for key, numbers in tally.volumes.items():
         count = len(archives[key].volumes)
-        chosen[key] = numbers | set(range(central_directory[key], count + 1))
+        # (an archive without a catalogue is thawed whole: its volumes are all chosen)
+        chosen[key] = numbers | set(range(central_directory.get(key, count + 1), count + 1))
     return chosen
 
 
@@ -6933,6 +7439,17 @@ def set_lines(restore_set, volumes):
         lines.append("This set has no catalogues (made by version 1.0.0): its archives are "
                      "replayed in time order; a file deleted after the full backup comes "
                      "back, and a later backup wins where a path changed type.")
+    else:
+        listings = [restore_set.archives_of(number)[restore_set.exact_from(number)].backup
+                    for number, _s, _p in restore_set.sources]
+        first = max(listings)
+        if first != restore_set.full:
+            lines.append(
+                "The first backups of this set have no catalogue (made by version 1.0.0); "
+                f"the state is exact from the backup {describe_stamp(first)} on, whose "
+                "catalogue lists every file: a file it names as held by an earlier backup "
+                "is taken by its path from the newest of those archives, which are thawed "
+                "whole.")
     for number, source, path in restore_set.sources:
         lines.append(f"  source {number}: {path} ({source})")
     lines.append("Objects used:")
@@ -6954,6 +7471,7 @@ def set_to_json(restore_set):
         "incrementals": [format_stamp(i) for i in restore_set.incrementals],
         "sources": [list(source) for source in restore_set.sources],
         "indicators": list(restore_set.indicators),
+        "keycheck": restore_set.keycheck,
         "archives": [{"backup": format_stamp(a.backup), "number": a.number,
                       "source": a.source, "catalogue": a.catalogue, "piece": a.piece,
                       "volumes": [{"name": v.key, "size": v.size, "sha256": v.sha256}
@@ -6975,7 +7493,7 @@ def set_from_json(data, downloads):
     return RestoreSet(data["location"], parse_stamp(data["full"]),
                       [parse_stamp(i) for i in data["incrementals"]],
                       [tuple(source) for source in data["sources"]], archives,
-                      data["indicators"])
+                      data["indicators"], data.get("keycheck"))
 
 
 # -- the destination directory and the restoration state ----------------------
@@ -7121,7 +7639,7 @@ def request_thaw(s3, bucket, key, days, tier):
             return IN_PROGRESS
         if is_transient(problem):
             raise
-        raise restore_aws_error(problem, bucket, key) from None
+        raise restore_aws_error(problem, bucket, key, kind="volume") from None
     # 202: a new thaw started; 200: the object was thawed already.
     status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return AVAILABLE if status == 200 else IN_PROGRESS
@@ -7159,8 +7677,9 @@ def stream_to_part(s3, bucket, volume, part):
         progress.close()
 
 
-def download_volume(s3, bucket, volume):
-    """Download one thawed volume and verify it; it gets its final name only then.
+def download_volume(s3, bucket, volume, kind="volume"):
+    """Download one thawed volume (or a catalogue: kind) and verify it; it gets its
+    final name only then.
 
     A resumed download that does not verify is fetched once more from the
     start; a fresh one that does not verify means the copy in S3 is damaged.
@@ -7177,7 +7696,7 @@ def download_volume(s3, bucket, volume):
         os.remove(part)
         if not resumed:
             break
-    raise AamError(f"The volume {volume.key} in the bucket does not match its completion "
+    raise AamError(f"The {kind} {volume.key} in the bucket does not match its completion "
                    f"indicator (SHA-256 {actual}, expected {volume.sha256}): the copy in S3 "
                    "is damaged. Nothing was extracted.")
 
@@ -7209,6 +7728,10 @@ def run_seven_zip(settings, platform, argv, key, cwd=None, private=False):
     return result.returncode, platform.decode_output(result.stdout)
 
 
+class WrongKey(AamError):
+    """7-Zip cannot open an archive or a catalogue with the key given."""
+
+
 def seven_zip_failure(code, output, archive_name, key_argument=8):
     """None when 7-Zip succeeded, else an AamError saying what went wrong."""
     if code == 0:
@@ -7216,7 +7739,7 @@ def seven_zip_failure(code, output, archive_name, key_argument=8):
     errors = [line.strip() for line in output.splitlines()
               if line.startswith("ERROR") or "Unexpected end" in line]
     if any(line.startswith("ERROR: Wrong password") for line in errors):
-        return AamError(f"The decryption key (argument {key_argument}) is wrong: 7-Zip "
+        return WrongKey(f"The decryption key (argument {key_argument}) is wrong: 7-Zip "
                         f"cannot open {archive_name}. Nothing was extracted; what was "
                         "downloaded is kept, so a re-run with the right key does not "
                         "download it again.")
@@ -7278,6 +7801,7 @@ class SourceExtraction:
         self.state_path = restoration.state_path(number)
         self.problems = read_refused(restoration.refused_path(number))   # (path, why)
         self.known_dirs = set()
+        self.unknown = None         # found_by_path
 
     def entries(self, kinds=None):
         for entry in CatalogueFile(self.state_path):
@@ -7300,13 +7824,17 @@ class SourceExtraction:
         os.mkdir(self.staging)
         by_name = bool(self.restoration.selection) or self.platform.refuses_names
         plan, full = self.restoration.plan, self.restoration.set.full
-        for archive in self.restoration.set.archives_of(self.number):
+        start = self.restoration.set.exact_from(self.number)
+        for index, archive in enumerate(self.restoration.set.archives_of(self.number)):
             if archive.key not in plan.chosen.volumes:
                 continue                          # holds nothing restored: not opened
             # The full backup's pieces hold disjoint files: straight into place, unless
             # a piece holds entries its backup no longer uses (continued after changes)
             if archive.backup == full and not by_name and archive.key not in plan.superseded:
                 self.extract(archive, self.staging, None)
+                continue
+            if index < start:
+                self.extract_found_by_path(archive, by_name)
                 continue
             names = (e.path for e in self.archive_files(archive)) if by_name else None
             self.extract(archive, self.scratch, names)
@@ -7333,6 +7861,31 @@ class SourceExtraction:
             argv += unlisted
         self.restoration.out.line(f"Extracting {self.restoration.archive_name(archive)}")
         self.restoration.seven_zip(argv, archive)
+
+    def extract_found_by_path(self, archive, by_name):
+        """An archive before the source's first listing (a 1.0.0 chain continued): the
+        files the listing says an earlier backup holds ('?') are taken from it by path,
+        over what an older one gave (the archives come oldest first)."""
+        wanted = self.found_by_path()
+        names = None
+        if by_name:
+            names = [name for name in archive_entry_names(
+                [v.path for v in archive.volumes], archive.volumes[0].size) if name in wanted]
+            if not names:
+                return
+        self.extract(archive, self.scratch, names)
+        for path in wanted:
+            source = self.native(self.scratch, path)
+            if os.path.lexists(source) and not os.path.isdir(source):
+                os.replace(source, self.make_room(path))
+        shutil.rmtree(self.scratch)
+
+    def found_by_path(self):
+        """The paths of the files whose content is in an archive without a catalogue."""
+        if self.unknown is None:
+            self.unknown = {entry.path for entry in self.entries((FILE,))
+                            if entry.location == UNKNOWN}
+        return self.unknown
 
     def move_in(self, archive):
         """Move the files whose content this archive holds from the scratch directory."""
@@ -7428,6 +7981,9 @@ class SourceExtraction:
         if entry.location == MISSING:
             self.problems.append((entry.path, "no archive holds it: it could not be read "
                                   "when it was backed up"))
+        elif entry.location == UNKNOWN:
+            self.problems.append((entry.path, "none of the archives made before the first "
+                                  "catalogue of this source holds it"))
         else:
             self.problems.append((entry.path, "7-Zip did not extract it"))
 
@@ -7615,6 +8171,8 @@ class Restoration:
         self.state = None
         self.lock = None
         self.verified = set()      # volumes hashed by this process
+        self.keycheck_problem = None   # the key does not match the chain's key check: why
+        self.catalogues_opened = 0     # with the key given, by this process
 
     # -- opening: lock, backup set, state --------------------------------------
     def open(self):
@@ -7660,19 +8218,33 @@ class Restoration:
             self.set = self.state.restore_set(self.downloads)
             out.line(f"Continuing the restoration started {self.state.data['started']} "
                      f"(state file {self.state.path}).")
+            if self.set.keycheck:      # the key the restoration began with matched it
+                problem = keycheck_verdict(args.key, [KeyCheck.parse(self.set.keycheck)],
+                                           self.set.full)[1]
+                if problem:
+                    raise WrongKey(problem.replace(", and their catalogue does not open with "
+                                                   "it", ", which the key this restoration "
+                                                   "began with matched"))
             return
-        # The latest: the last six months, as backups look back; a point: all there is.
-        prefixes = (month_prefixes(args.location, utc_now()) if self.point is None
-                    else [f"{args.location}_"])
+        # The latest: the last six months, as backups look back, and the key checks; a
+        # point: all there is.
+        prefixes = (month_prefixes(args.location, utc_now()) + [keycheck_prefix(args.location)]
+                    if self.point is None else [f"{args.location}_"])
         with s3_call(args.bucket):
             listing = BucketListing.load(self.s3, args.bucket, prefixes)
         try:
             full, manifests, chosen = find_restore_set(self.s3, args.bucket, listing, out,
                                                        self.point)
         except NoBackupSet:
-            raise NoBackupSet(self.no_set_message(prefixes)) from None
+            raise NoBackupSet(self.no_set_message(prefixes[:MONTHS_SCANNED])) from None
+        # A key that does not match the chain's key check is refused once the first
+        # catalogue confirms it (prepare): a key check written with a mistyped key (the
+        # first backup of a chain made by 1.1.0 writes it) must not refuse the right key.
+        keycheck, self.keycheck_problem = keycheck_verdict(args.key,
+                                                           listing.keychecks.get(full, []), full)
         self.set = build_restore_set(args.location, listing, full, chosen, manifests,
                                      self.downloads)
+        self.set.keycheck = keycheck
         check_incremental_chain(self.set, chosen, out)
 
     def no_set_message(self, prefixes):
@@ -7725,7 +8297,17 @@ class Restoration:
             volumes = self.set.volumes
             self.plan = RestorePlan(volumes, Tally(), Tally(), volumes, [])
             return
-        self.plan = make_plan(self)
+        try:
+            self.plan = make_plan(self)
+        except WrongKey:
+            if self.keycheck_problem and not self.catalogues_opened:
+                raise WrongKey(self.keycheck_problem) from None
+            raise                  # a later catalogue: it names the backup made otherwise
+        if self.keycheck_problem:
+            self.out.line("Warning: the key does not match the chain's key check, yet its "
+                          "catalogues open with it: the key check was written with another "
+                          "key (a mistyped key in the backup that wrote it, or an object "
+                          "added by someone else); the restore goes on.")
 
     def report_set(self):
         self.out.section(SECTION_RESTORE_SET)
@@ -7802,8 +8384,8 @@ class Restoration:
         volume = RestoreVolume(described["name"], described["size"], described["sha256"],
                                zip_path)
         if not file_matches(zip_path, volume):
-            with s3_call(self.args.bucket, volume.key):
-                download_volume(self.s3, self.args.bucket, volume)
+            with s3_call(self.args.bucket, volume.key, kind="catalogue"):
+                download_volume(self.s3, self.args.bucket, volume, "catalogue")
         unpacked = os.path.join(directory, "unpacking")
         code, output = run_seven_zip(self.settings, self.platform,
                                      ["x", zip_path, f"-o{unpacked}", "-y", "-bd",
@@ -7811,6 +8393,7 @@ class Restoration:
         failure = seven_zip_failure(code, output, f"the catalogue {described['name']}")
         if failure:
             raise failure
+        self.catalogues_opened += 1
         os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
         shutil.rmtree(unpacked)
         return text_path
@@ -7826,7 +8409,7 @@ class Restoration:
             if self.is_downloaded(volume):
                 found[volume.key] = DOWNLOADED
                 continue
-            with s3_call(self.args.bucket, volume.key):
+            with s3_call(self.args.bucket, volume.key, kind="volume"):
                 head = self.s3.head_object(Bucket=self.args.bucket, Key=volume.key)
             found[volume.key] = parse_restore_header(head)
         return found
@@ -7864,7 +8447,7 @@ class Restoration:
             if statuses[volume.key] != AVAILABLE:
                 continue
             self.out.line(f"Downloading {volume.key} ({volume.size:,} bytes)")
-            with s3_call(self.args.bucket, volume.key):
+            with s3_call(self.args.bucket, volume.key, kind="volume"):
                 download_volume(self.s3, self.args.bucket, volume)
             self.verified.add(volume.key)
             statuses[volume.key] = DOWNLOADED
@@ -8063,6 +8646,8 @@ def make_plan(restoration):
     chosen, whole, central, superseded = Tally(), Tally(), {}, set()
     for number, _source, path in restore_set.sources:
         central.update(plan_source(restoration, number, path, chosen, whole, superseded))
+    for tally in (chosen, whole):
+        add_earlier_archives(tally, restore_set)
     if selection and not chosen.entries:
         raise NothingSelected(
             f"Nothing in the backup as of {describe_stamp(restore_set.last_backup)} matches "
@@ -8080,13 +8665,24 @@ def make_plan(restoration):
                        volumes_in(restore_set, everything), selection.items, superseded)
 
 
+def add_earlier_archives(tally, restore_set):
+    """The archives before a source's first listing, whole, when a file to restore is
+    found by path in them: their names are unknown until they are thawed."""
+    for number in tally.earlier:
+        for archive in restore_set.archives_of(number)[:restore_set.exact_from(number)]:
+            if archive.volumes:
+                tally.volumes[archive.key] = {volume.number for volume in archive.volumes}
+
+
 def plan_source(restoration, number, path, chosen, whole, superseded):
     """One source: its state at the restore point into its state file (the selected
     entries, and the directories leading to them), counted into chosen and whole;
     the pieces holding entries their backup does not use added to superseded.
     Returns {(backup stamp, number, piece): the volume where its central directory
-    starts}."""
-    archives = restoration.set.catalogue_archives(number)
+    starts}.  Only the backups from the source's first listing on have catalogues to
+    read (RestoreSet.exact_from)."""
+    start = restoration.set.exact_from(number)
+    archives = restoration.set.catalogue_archives(number, start)
     catalogues = [CatalogueFile(restoration.fetch_catalogue(a)) for a in archives]
     check_catalogue_chain(catalogues, archives)
     central = {}
@@ -8107,7 +8703,7 @@ def plan_source(restoration, number, path, chosen, whole, superseded):
     names = NameChecker(restoration.platform) if restoration.platform.refuses_names \
         else None
     try:
-        for entry in reconstruct(catalogues):
+        for entry in reconstruct(catalogues, earlier_archives=start > 0):
             whole.add(entry, number)
             chosen_one = match(entry.path, entry.kind) and (
                 names is None or writer.creatable(entry, names))
@@ -8218,11 +8814,17 @@ def browse(args, platform, settings):
     for line in backup_table(chains, listing):
         out.line(line)
     if args.selection:
-        found, unknown = 0, []
+        found, unknown, refused = 0, [], []
         with tempfile.TemporaryDirectory(prefix="aam-browse-") as work:
             for chain in chains:
-                found += find_versions(s3, args, platform, settings, chain, listing, work,
-                                       out, unknown)
+                try:
+                    found += find_versions(s3, args, platform, settings, chain, listing,
+                                           work, out, unknown)
+                except WrongKey as problem:       # a chain made before the key changed
+                    refused.append(problem)
+                    out.line(another_key_line(chain[0], listing))
+        if len(refused) == len(chains):
+            raise refused[-1]
         wanted = " | ".join(args.selection)
         if unknown:
             # Without a catalogue only a thaw could tell what those backups hold.
@@ -8278,27 +8880,44 @@ def backup_table(chains, listing):
     return lines
 
 
+def another_key_line(full, listing):
+    """Why a chain was not searched: its catalogue does not open with the key given."""
+    checks = listing.keychecks.get(full, [])
+    said = f", says their key check {checks[0].key}" if checks else ""
+    return (f"(the backups of the full backup {describe_stamp(full)} were made with another "
+            f"key{said}: their catalogue does not open with this one; not searched)")
+
+
 def find_versions(s3, args, platform, settings, chain, listing, work, out, unknown):
     """Print each version of every path the selection matches in one chain; the count.
-    The backups it could not search (no catalogue) are added to unknown, by source."""
+    The backups it could not search (no catalogue) are added to unknown, by source: a
+    1.0.0 chain continued by a later version is searched from its first listing on
+    (RestoreSet.exact_from), and what is before it is unknown."""
     full, backups = chain
     found = 0
     sources = sorted(backups[0][2].items())
     for source, manifest in sources:
-        catalogues, uncatalogued = [], None
-        for backup, incremental, manifests in backups:
-            if source not in manifests:
-                break                       # not backed up any more from this backup on
-            if not manifests[source].get("catalogue"):
-                uncatalogued = backup
-                break
-            catalogues.append((backup, fetch_browse_catalogue(
-                s3, args, platform, settings, manifests[source]["catalogue"], work)))
-        if uncatalogued is not None:
-            out.line(f"(the backups of {manifest['source_path']} from "
-                     f"{describe_stamp(uncatalogued)} on have no catalogue: made by version "
-                     "1.0.0; whether they hold what is asked for is unknown)")
-            unknown.append(f"{manifest['source_path']} from {describe_stamp(uncatalogued)}")
+        held = list(itertools.takewhile(lambda backup: source in backup[2], backups))
+        described = [manifests[source].get("catalogue") for _b, _i, manifests in held]
+        start = listing_start(described)
+        if start is None:         # catalogues from the full on, up to the first without
+            start, end = 0, described.index(None) if None in described else len(held)
+        else:                     # a 1.0.0 chain continued: from the first listing on
+            end = len(held)
+        catalogues = [(backup, fetch_browse_catalogue(s3, args, platform, settings,
+                                                      manifests[source]["catalogue"], work))
+                      for backup, _i, manifests in held[start:end]]
+        where = manifest["source_path"]
+        if start:
+            out.line(f"(the backups of {where} before {describe_stamp(held[start][0])} have "
+                     "no catalogue: made by version 1.0.0; whether they hold what is asked "
+                     "for is unknown; versions are shown from that backup on)")
+            unknown.append(f"{where} before {describe_stamp(held[start][0])}")
+        if end < len(held):
+            out.line(f"(the backups of {where} from {describe_stamp(held[end][0])} on have no "
+                     "catalogue: made by version 1.0.0; whether they hold what is asked for "
+                     "is unknown)")
+            unknown.append(f"{where} from {describe_stamp(held[end][0])}")
         match = RestoreSelection(args.selection).matcher(
             manifest["source_path"], manifest.get("platform", "posix"))
         for path, versions in path_versions([c for _b, c in catalogues],
@@ -8361,8 +8980,8 @@ def fetch_browse_catalogue(s3, args, platform, settings, described, work):
     os.makedirs(directory)
     path = os.path.join(directory, CATALOGUE_ZIP)
     volume = RestoreVolume(described["name"], described["size"], described["sha256"], path)
-    with s3_call(args.bucket, volume.key, credentials=BROWSE_CREDENTIALS):
-        download_volume(s3, args.bucket, volume)
+    with s3_call(args.bucket, volume.key, BROWSE_CREDENTIALS, "catalogue"):
+        download_volume(s3, args.bucket, volume, "catalogue")
     code, output = run_seven_zip(settings, platform, ["x", path, f"-o{directory}", "-y",
                                                       "-bd", "-sccUTF-8"], args.key)
     failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
@@ -8483,7 +9102,7 @@ def run_multi_step(restoration, operation):
 
 
 def restore_email(args, restoration, failed, start, out):
-    """The restoration's report: which set was used."""
+    """The restoration's report: which set was used.  True when it was sent."""
     restore_set = restoration.set or (restoration.state and
                                       restoration.state.restore_set(restoration.downloads))
     if restore_set:
@@ -8493,8 +9112,8 @@ def restore_email(args, restoration, failed, start, out):
         full, incrementals = "none", ""
     body = [f"Unique Backup-Set Prefix: {args.location}", f"Full backup used: {full}",
             f"Incremental backups used: {incrementals or 'none'}"]
-    send_report(args, restoration.settings, restoration.session, out, failed, start,
-                "data restoration", body)
+    return send_report(args, restoration.settings, restoration.session, out, failed, start,
+                       "data restoration", body)
 
 
 def failure_text(problem):
@@ -8534,8 +9153,11 @@ def run_restore(args, platform, settings):
         out.section(SECTION_SUMMARY)
         out.line("SUCCESS: the data is restored." if code == EXIT_OK
                  else "FAILURE: the data is not (completely) restored; see above.")
-        if args.send_email:
-            restore_email(args, restoration, code != EXIT_OK, start, out)
+        if args.send_email and not restore_email(args, restoration, code != EXIT_OK, start,
+                                                 out) and code == EXIT_OK:
+            code = EXIT_REPORT_UNSENT
+            out.line(f"The data is restored; the exit code is {EXIT_REPORT_UNSENT} because "
+                     "the report was not sent.")
         out.line(f"Log file: {out.path}")
         out.close()
     return code

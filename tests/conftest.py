@@ -196,7 +196,15 @@ class Sandbox:
                        for n in names if n and n.indicator})
 
     def object_names(self):
-        return [aab.ObjectName.parse(o["Key"]) for o in self.objects()]
+        """The objects of the backup sets (volumes, indicators, catalogues) by name; the
+        key checks are not of a set (keychecks)."""
+        names = [aab.ObjectName.parse(o["Key"]) for o in self.objects()]
+        return [name for name in names if name is not None]
+
+    def keychecks(self):
+        """The key checks in the bucket (one per chain), oldest chain first."""
+        checks = [aab.KeyCheck.parse(o["Key"]) for o in self.objects()]
+        return sorted((c for c in checks if c is not None), key=lambda c: c.full)
 
     # -- looking at the results ----------------------------------------------
     def s3(self):
@@ -244,10 +252,13 @@ class Sandbox:
         """Rewrite every backup in the bucket, and the local states, as version 1.1.0 or
         1.0.0 made them (tests that these still restore): one archive per source and
         backup (its volumes named _no_), format 1 indicators and catalogues (locations
-        <backup>:<first>-<last>); 1.0.0 had no catalogue and no local state.  Each
-        backup must be of one piece per source (the default piece size)."""
+        <backup>:<first>-<last>), no key check, local states without an end line; 1.0.0
+        had no catalogue and no local state.  Each backup must be of one piece per
+        source (the default piece size)."""
         import hashlib
         s3 = self.s3()
+        for check in self.keychecks():
+            s3.delete_object(Bucket=self.bucket, Key=check.key)
         legacy_location = re.compile(r"(\d{8}_\d{6}\.\d{6}):\d+:(\d+-\d+)")
         names = {name.key: name for name in self.object_names() if name}
         renamed = {}
@@ -298,6 +309,8 @@ class Sandbox:
                 continue
             with open(path, encoding="utf-8", errors="surrogateescape") as handle:
                 text = handle.read()
+            text = "".join(line for line in text.splitlines(True)
+                           if not line.startswith(aab.STATE_END + "\t"))
             with open(path, "w", encoding="utf-8", errors="surrogateescape",
                       newline="\n") as handle:
                 handle.write(legacy_catalogue(text))
@@ -423,9 +436,12 @@ def sandbox(tmp_path, aws):
         shutil.rmtree(second_root, ignore_errors=True)
 
 
-def snapshot(root):
+def snapshot(root, specials=False):
     """Everything under root as a restore must give it back: {relative path: ('f', bytes,
-    permissions, mtime in µs) | ('d', permissions, mtime in µs) | ('l', target)}."""
+    permissions, mtime in µs) | ('d', permissions, mtime in µs) | ('l', target)}.
+
+    A FIFO, socket or device is never backed up: specials=True passes over them (a
+    source), else one is an error (a restore never makes one)."""
     found = {}
     for directory, dirs, files in os.walk(root):
         for name in dirs + files:
@@ -436,11 +452,22 @@ def snapshot(root):
                 found[rel] = ("l", os.readlink(path))
             elif stat.S_ISDIR(st.st_mode):
                 found[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_mtime_ns // 1000)
-            else:
+            elif stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as handle:
                     found[rel] = ("f", handle.read(), stat.S_IMODE(st.st_mode),
                                   st.st_mtime_ns // 1000)
+            else:
+                assert specials, f"{path} is a special file"
     return found
+
+
+def mirrored(root, specials=False):
+    """snapshot() without the directories' times: what a mirror must hold.  rsync leaves
+    a directory it creates with the time of its copy when the source's changed within
+    the same second or so (measured with rsync 3.5.0), and the mirror check compares
+    files, not directories."""
+    return {path: entry[:2] if entry[0] == "d" else entry
+            for path, entry in snapshot(root, specials).items()}
 
 
 @pytest.fixture

@@ -105,16 +105,50 @@ def test_aws_only_backup_makes_no_mirror(sandbox):
     assert "Backup destination types: AWS S3" in message["body"]
 
 
-def test_an_email_that_cannot_be_sent_is_logged_and_not_fatal(sandbox):
+def test_an_unsent_report_has_its_own_exit_code_and_the_log_says_why(sandbox, tmp_path):
     tree = sandbox.sample()
     result = sandbox.backup({"sender_address": "never-verified@example.com"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "The e-mail report could not be sent" in result.stdout
-    log = open(sandbox.log_files()[0], encoding="utf-8").read()
+    assert result.returncode == aab.EXIT_REPORT_UNSENT == 10, result.stdout + result.stderr
+    log = open(sandbox.log_files()[-1], encoding="utf-8").read()
     assert "(if applicable) email report sending error." in log
-    assert "MessageRejected" in log
+    assert ("ERROR: The e-mail report could not be sent from never-verified@example.com "
+            "through SES in region us-east-1 (from AWS_REGION): ") in log
+    assert "MessageRejected" in log and "verified in that region" in log
+    assert "Everything else succeeded; the exit code is 10" in result.stdout
+    # everything else was done: the mirror and the complete backup
     for mount in tree.mounts:
         assert read_tree(os.path.join(sandbox.mirror, mount.lstrip("/"))) == tree.expected[mount]
+    assert len([o for o in sandbox.objects() if "_yes_" in o["Key"]]) == 2
+
+    # The sender is verified in us-east-1 only: with the region unset the default is
+    # us-east-1, so the report is sent; another region for SES refuses it, and says so.
+    unset = {k: v for k, v in sandbox.env().items() if k != "AWS_REGION"}
+    sent = sandbox.backup(env=unset)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    refused = sandbox.backup(env=sandbox.env(AAM_SES_REGION="eu-west-1"))
+    assert refused.returncode == 10, refused.stdout + refused.stderr
+    assert ("could not be sent from backup-report@example.com through SES in region "
+            "eu-west-1 (from AAM_SES_REGION)") in refused.stdout
+    default = sandbox.backup({"sender_address": "never-verified@example.com"}, env=unset)
+    assert default.returncode == 10
+    assert ("through SES in region us-east-1 (the default: none of AAM_SES_REGION, AWS_REGION "
+            "and AWS_DEFAULT_REGION is set)") in default.stdout
+
+    # A one-step restore whose report cannot be sent: the data is restored, exit 10.
+    restored = sandbox.restore(aab.ONE_STEP_RESTORE, tmp_path / "r",
+                               {"sender_address": "never-verified@example.com"})
+    assert restored.returncode == 10, restored.stdout + restored.stderr
+    assert "The data is restored; the exit code is 10" in restored.stdout
+
+
+def test_a_failed_run_keeps_its_failure_code_when_the_report_is_not_sent_either(sandbox):
+    sandbox.sample()
+    sandbox.endpoint_url = "http://127.0.0.1:9"        # neither S3 nor SES answers
+    result = sandbox.backup()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "AWS S3 cannot be queried" in result.stdout
+    assert "The e-mail report could not be sent" in result.stdout
+    assert "Everything else succeeded" not in result.stdout
 
 
 def test_no_email_when_reports_are_off(sandbox):

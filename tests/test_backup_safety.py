@@ -466,10 +466,14 @@ def test_a_crash_during_an_incremental_backup_loses_no_change(sandbox, tmp_path,
 def test_s3_failing_mid_upload_leaves_no_indicator_and_reports_it(sandbox, proxy):
     tree = sandbox.sample(picture_size=300_000)
     sandbox.endpoint_url = proxy.endpoint_url
-    proxy.fail_after(3, services={"s3"})        # LIST, two volumes, then HTTP 500s
+    proxy.fail_after(5, services={"s3"})   # 2 LISTs, the key check, two volumes, then 500s
     result = sandbox.run(sandbox.backup_args(), env=sandbox.env(AAM_VOLUME_SIZE="65536"))
     assert result.returncode == 1
     assert "Upload to s3://" in result.stdout and "no completion indicator" in result.stdout
+    (failed,) = {r["key"] for r in proxy.requests() if r["kind"] == "PutObject"
+                 and r["key"].endswith(".zip.003")}
+    assert f"the volume s3://{sandbox.bucket}/{failed} could not be uploaded: " \
+        "PutObject failed, InternalError" in result.stdout
     assert complete_sets(sandbox) == {}
     assert not [i for i in sandbox.objects() if "_yes_" in i["Key"]]
     (message,) = sandbox.emails()
@@ -482,6 +486,28 @@ def test_s3_failing_mid_upload_leaves_no_indicator_and_reports_it(sandbox, proxy
     proxy.clear_faults()
     assert sandbox.run(sandbox.backup_args()).returncode == 0      # the next run repairs it
     assert len(complete_sets(sandbox)) == 1
+
+
+@pytest.mark.parametrize("kind, after", [("key check", 2), ("volume", 3), ("catalogue", 4),
+                                         ("completion indicator", 5)])
+def test_an_upload_that_fails_for_good_names_the_object_and_its_kind(sandbox, proxy, kind,
+                                                                       after):
+    """A first full backup of one small source writes, after the two LISTs: the key
+    check, one volume, the catalogue, the indicator; S3 fails from the nth on."""
+    sandbox.single_source({"a.txt": b"a small file\n"})
+    sandbox.endpoint_url = proxy.endpoint_url
+    proxy.fail_after(after, services={"s3"})
+    result = sandbox.backup()
+    assert result.returncode == 1, result.stdout + result.stderr
+    puts = [r["key"] for r in proxy.requests() if r["kind"] == "PutObject"]
+    failed = puts[-1]              # retried by botocore, then given up
+    assert puts.count(failed) > 1 and len(set(puts)) == after - 1
+    message = (f"the {kind} s3://{sandbox.bucket}/{failed} could not be uploaded: "
+               "PutObject failed, InternalError")
+    assert message in result.stdout
+    log = open(sandbox.log_files()[0], encoding="utf-8").read()
+    assert message in log and sandbox.emails()[-1]["subject"].startswith("FAILURE, ")
+    assert complete_sets(sandbox) == {}
 
 
 def test_an_interrupted_multipart_upload_is_aborted(sandbox, proxy):

@@ -59,7 +59,7 @@ def test_a_tiny_bench_measures_every_tool(tmp_path):
         check_ran(key, measured)
         if not key.endswith("/7zip") and key not in NOT_APPLICABLE:
             assert measured["requests"] > 0, key
-    assert data["results"]["full/aam"]["lists"] == 1
+    assert data["results"]["full/aam"]["lists"] == 2       # the key checks, the month
     assert data["results"]["full/aam"]["uploaded"] > 0
     assert "| full | aam |" in stdout
 
@@ -119,7 +119,7 @@ def test_against_the_sink_backups_run_and_restore_is_left_out(tmp_path):
     full, nothing = results["full/aam"], results["incr-none/aam"]
     assert full["uploaded"] > 300 * 1000 // 4      # the archive went up
     # nothing changed: the sink listed the full backup, so only an indicator went up
-    assert 0 < nothing["uploaded"] < 10_000 and nothing["lists"] == 1
+    assert 0 < nothing["uploaded"] < 10_000 and nothing["lists"] == 2
     assert full["endpoint_server_cpu"] == 0 and full["endpoint_local_cpu"] is not None
 
 
@@ -163,3 +163,30 @@ def test_the_endpoint_at_low_priority_is_low_against_a_tool_in_its_own_session()
         if os.path.exists(f"/proc/{pid}/autogroup"):
             with open(f"/proc/{pid}/autogroup", encoding="ascii") as handle:
                 assert handle.read().split()[-1] == "19"
+
+
+def test_the_uplink_mode_cuts_a_run_and_continues_it(tmp_path):
+    """AAM and restic (where installed) over a throttled link: uncut, cut at 60% of the
+    stored bytes by killing the tree, run again; and under their own upload limit."""
+    data, stdout = run_bench(tmp_path, "uplink", "--files", "12", "--total-bytes", "1200k",
+                             "--volume-size", "256k", "--rate", "4M")
+    assert data["mode"] == "uplink" and data["rate"] == 4_000_000
+    ran = data["tools"]
+    assert ran[0] == "aam"
+    if os.environ.get("CI"):
+        assert ran == ["aam", "restic"]
+    runs = {(run["scenario"], run["tool"]): run for run in data["runs"]}
+    assert set(runs) == {(s, t) for s in bench.UPLINK_SCENARIOS for t in ran}
+    for (scenario, tool), run in runs.items():
+        measured = run["runs"]
+        assert len(measured) == (2 if scenario == "cut" else 1), (scenario, tool)
+        assert measured[-1]["status"] == 0, (scenario, tool, measured[-1]["note"])
+        assert run["wire"] > 1_200_000 * 0.9 and run["stored"] > 0, (scenario, tool)
+        assert measured[0]["wire_first"] is not None, (scenario, tool)
+        if scenario == "cut":
+            # killed with its tree once 60% of an uncut run's stored bytes were on the wire
+            first = measured[0]
+            assert first["cut"] and first["status"] == -9, tool
+            assert first["uploaded"] >= 0.6 * runs[("uplink", tool)]["stored"], tool
+    assert "| cut | aam | 2 |" in stdout and "busiest 5 s ÷ limit" in stdout
+    assert "AAM cut and continued:" in stdout

@@ -81,7 +81,7 @@ def test_a_chain_of_eight_incrementals_restores_exactly_at_any_point(sandbox, tm
         file_times_pass()
         step()
         result = ok(sandbox.backup())
-        assert "no local catalogue" not in result.stdout
+        assert "cannot be used" not in result.stdout
         states.append(snapshot(mount))
     stamps = sandbox.backup_stamps()
     assert len(stamps) == 9
@@ -208,8 +208,9 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     os.remove(os.path.join(mount, "notes.md"))
     write_file(os.path.join(mount, "projects", "new.txt"), b"third\n")
     result = ok(sandbox.backup())
-    assert "no local catalogue of the latest complete backup" in result.stdout
-    assert "files are selected by their times alone" in result.stdout
+    assert "the local catalogue of the latest complete backup" in result.stdout
+    assert "cannot be used: there is none" in result.stdout
+    assert "Files are selected by their times alone" in result.stdout
     # The newest local state (the full's) is not what S3 names: the early child was
     # ended and a child for S3's answer ran instead (the restores below are exact).
     assert EARLY_REFUSED in last_log(sandbox) and EARLY_CONFIRMED not in last_log(sandbox)
@@ -219,7 +220,7 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     file_times_pass()
     write_file(os.path.join(mount, "photos", "2024", "b.jpg"), b"fourth\n")
     result = ok(sandbox.backup())
-    assert "no local catalogue" in result.stdout
+    assert "cannot be used: there is none" in result.stdout
     # Guessed a full (no local state), but S3 holds this month's full: started again.
     assert EARLY_REFUSED in last_log(sandbox) and EARLY_CONFIRMED not in last_log(sandbox)
     kinds = [json.loads(sandbox.catalogue(n.key).split("\t", 2)[2].splitlines()[0])["kind"]
@@ -233,6 +234,106 @@ def test_missing_or_foreign_local_state_falls_back_and_stays_exact(sandbox, tmp_
     assert restored(tmp_path / "third") == third
     ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "second", point=stamps[1]))
     assert restored(tmp_path / "second") == second
+
+
+def newest_state(sandbox):
+    """The newest local state file of the sandbox's one source."""
+    return sorted(os.path.join(sandbox.state_dir, n) for n in os.listdir(sandbox.state_dir)
+                  if n.endswith(".tsv"))[-1]
+
+
+def reseal(path, archive_key, bucket, location, source):
+    """Give a state the end line another key, bucket or location would write (a state
+    of another location or key, whole and sound in itself)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    body = data[:data.rindex(b"#end\t")]
+    with open(path, "wb") as handle:
+        handle.write(body)
+    aab.seal_local_state(path, aab.local_state_key(archive_key, bucket, location), source)
+
+
+def truncate(path, _sandbox):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:        # cut in the middle of a line
+        handle.truncate(size * 3 // 5)
+
+
+def garble(path, _sandbox):
+    with open(path, "r+b") as handle:        # one entry's recorded size changes
+        data = handle.read()
+        at = data.index(b"\treport.txt\t") + len(b"\treport.txt\t")
+        handle.seek(at)
+        handle.write(b"9")
+
+
+def another_location(path, sandbox):
+    source = json.loads(open(path, encoding="utf-8").readline().split("\t", 2)[2])["source"]
+    reseal(path, KEY, sandbox.bucket, "another-pc", source)
+
+
+def another_key(path, sandbox):
+    source = json.loads(open(path, encoding="utf-8").readline().split("\t", 2)[2])["source"]
+    reseal(path, "not this backup's key, another one", sandbox.bucket, sandbox.location,
+           source)
+
+
+def written_by_1_1_0(path, _sandbox):
+    with open(path, "rb") as handle:         # no end line: as version 1.1.0 wrote states
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[:data.rindex(b"#end\t")])
+
+
+@pytest.mark.parametrize("damage, said", [
+    (truncate, "it has no end line: it was cut short"),
+    (garble, "its digest does not match"),
+    (another_location, "its digest does not match"),
+    (another_key, "its digest does not match"),
+    (written_by_1_1_0, "or written by version 1.1.0 or earlier"),
+], ids=["truncated", "garbled", "another location", "another key", "version 1.1.0"])
+def test_a_damaged_local_state_is_found_and_the_restore_stays_exact(sandbox, tmp_path,
+                                                                    damage, said):
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    file_times_pass()
+    write_file(os.path.join(mount, "projects", "beta", "readme.txt"), b"beta, second\n")
+    ok(sandbox.backup())                     # an incremental: its state is the newest
+    state = newest_state(sandbox)
+    damage(state, sandbox)
+    file_times_pass()
+    os.remove(os.path.join(mount, "notes.md"))                    # deleted
+    shutil.rmtree(os.path.join(mount, "projects", "alpha"))       # deleted with its files
+    write_file(os.path.join(mount, "report.txt"), b"third version\n")
+    result = ok(sandbox.backup())
+    third = snapshot(mount)
+    assert (f"the local catalogue of the latest complete backup "
+            f"{aab.describe_stamp(aab.parse_arg_stamp(sandbox.backup_stamps()[1]))} cannot be "
+            f"used: {state}: ") in result.stdout
+    assert said in result.stdout
+    assert "Files are selected by their times alone" in result.stdout
+    # The child started before S3 answered compared with the state unread; once read
+    # through, it was ended and started again without it.
+    assert ("S3 confirmed it, but the local catalogue it compares with cannot be used: it "
+            "is started again") in last_log(sandbox)
+    # no false failure for a file 7-Zip was never asked to read
+    assert "validation failure" not in last_log(sandbox) and "not in the archive" not in \
+        result.stdout
+    kinds = [json.loads(sandbox.catalogue(n.key).split("\t", 2)[2].splitlines()[0])["kind"]
+             for n in catalogue_objects(sandbox)]
+    assert kinds == ["listing", "delta", "listing"]
+    # The state this run wrote is sound: the next incremental compares with it.
+    file_times_pass()
+    write_file(os.path.join(mount, "photos", "2024", "b.jpg"), b"fourth\n")
+    result = ok(sandbox.backup())
+    assert "cannot be used" not in result.stdout
+
+    stamps = sandbox.backup_stamps()
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "third", point=stamps[2]))
+    assert restored(tmp_path / "third") == third          # the deleted files stay deleted
+    assert "notes.md" not in restored(tmp_path / "third")
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == snapshot(mount)
 
 
 def test_a_refused_early_child_that_had_begun_its_archive_leaves_nothing_behind(
@@ -328,7 +429,8 @@ def test_a_set_made_by_1_1_0_restores_whole_in_part_and_as_of_a_point(sandbox, t
 def test_incrementals_of_this_version_over_a_full_made_by_1_1_0_restore_exactly(
         sandbox, tmp_path):
     """The month's full backup was made by 1.1.0 (before an upgrade): this version's
-    incrementals build on its local state and its archive, and restore exactly."""
+    incrementals build on its archive (its local state has no end line: the first
+    incremental is a listing made by the time rule) and restore exactly."""
     mount = sandbox.single_source(START)
     ok(sandbox.backup())
     at_full = snapshot(mount)
@@ -339,8 +441,7 @@ def test_incrementals_of_this_version_over_a_full_made_by_1_1_0_restore_exactly(
     write_file(os.path.join(mount, "becomes-dir", "now-inside.txt"), b"inside\n")
     result = ok(sandbox.backup())
     assert "Backup scope: incremental" in result.stdout
-    assert "Change detection: compared with the local catalogue" in open(
-        sandbox.log_files()[-1], encoding="utf-8").read()
+    assert "written by version 1.1.0 or earlier" in result.stdout
     pieces = [n for n in sandbox.object_names() if n.volume is not None and n.incremental]
     assert pieces and all(n.piece == 1 for n in pieces)
     ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
@@ -349,20 +450,91 @@ def test_incrementals_of_this_version_over_a_full_made_by_1_1_0_restore_exactly(
     assert restored(tmp_path / "full") == at_full
 
 
+def test_a_1_0_0_chain_continued_restores_exactly_from_its_first_listing(sandbox, tmp_path):
+    """Version 1.0.0 made the full backup and an incremental (no catalogue, no local
+    state); this version continues the chain: its first incremental's catalogue is a
+    listing (made without a local state), the next one's a delta."""
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())                                          # 1.0.0: the full
+    file_times_pass()
+    write_file(os.path.join(mount, "report.txt"), b"second version, in 1.0.0's incr\n")
+    os.remove(os.path.join(mount, "notes.md"))                    # deleted before the listing
+    ok(sandbox.backup())                                          # 1.0.0: an incremental
+    sandbox.as_made_by("1.0.0", tmp_path)
+    replayed = snapshot(mount)
+
+    file_times_pass()
+    shutil.rmtree(os.path.join(mount, "projects", "beta"))        # deleted before the listing
+    write_file(os.path.join(mount, "projects", "alpha", "main.py"), b"print('alpha 3')\n")
+    first = ok(sandbox.backup())                                  # this version: a listing
+    assert "cannot be used: there is none" in first.stdout
+    at_listing = snapshot(mount)
+
+    file_times_pass()
+    os.remove(os.path.join(mount, "photos", "2024", "a.jpg"))     # deleted after it
+    write_file(os.path.join(mount, "projects", "new.txt"), b"new\n")
+    ok(sandbox.backup())                                          # this version: a delta
+    latest = snapshot(mount)
+    stamps = sandbox.backup_stamps()
+    assert len(stamps) == 4
+
+    result = ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "at-listing", point=stamps[2]))
+    assert restored(tmp_path / "at-listing") == at_listing
+    assert ("The first backups of this set have no catalogue (made by version 1.0.0); the "
+            "state is exact from the backup") in result.stdout
+    got = restored(tmp_path / "at-listing")
+    assert "notes.md" not in got and "projects/beta" not in got        # deleted stay deleted
+    assert got["report.txt"][1] == b"second version, in 1.0.0's incr\n"  # from 1.0.0's incr
+
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == latest
+
+    # A selection: a file only the 1.0.0 full holds; those archives are thawed whole.
+    part = ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "part", selection=["data.csv"]))
+    assert restored(tmp_path / "part") == {
+        path: latest[path] for path in ("projects", "projects/alpha", "projects/alpha/data.csv")}
+    full_volumes = [n.key for n in sandbox.object_names() if n.volume and n.incremental is None]
+    assert all(key in part.stdout for key in full_volumes)
+
+    # browse shows the versions from the first listing on, and says so
+    found = browse(sandbox, "main.py")
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert ("have no catalogue: made by version 1.0.0; whether they hold what is asked for "
+            "is unknown; versions are shown from that backup on)") in found.stdout
+    assert found.stdout.count(", modified ") == 1     # main.py, as the listing has it
+
+    # Before the first listing the set is replayed, as version 1.0.0 restores it.
+    old = ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "old", point=stamps[1]))
+    assert "This set has no catalogues (made by version 1.0.0)" in old.stdout
+    got = restored(tmp_path / "old")
+    assert {p: e[:2] for p, e in got.items() if e[0] == "f"} == {
+        p: e[:2] for p, e in replayed.items() if e[0] == "f"} | {
+        "notes.md": ("f", START["notes.md"])}            # replay brings a deleted file back
+
+
+def test_a_reader_of_the_original_object_names_passes_over_catalogues_and_key_checks(
+        sandbox):
+    """The object-name pattern version 1.0.0 matched keys with: catalogues and key checks
+    are not its, and a key check is no backup set's object for this version either."""
+
+
 def test_a_reader_of_the_original_object_names_passes_over_catalogues_and_pieces(sandbox):
-    """The object-name pattern versions 1.0.0 and 1.1.0 matched keys with: catalogues and
-    the volumes of pieces are not theirs; the indicator is (and says it is of format 2,
-    which 1.1.0 refuses: use the newer version to restore)."""
+    """The object-name pattern versions 1.0.0 and 1.1.0 matched keys with: catalogues, key
+    checks and the volumes of pieces are not theirs; the indicator is (and says it is of
+    format 2, which 1.1.0 refuses: use the newer version to restore)."""
     original = re.compile(r"^(?P<location>[^_]+)_(?P<full>\d{8}_\d{6}\.\d{6})_"
                           r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_(?P<flag>no|yes)_(?P<rest>.+)$")
     sandbox.single_source(START)
     ok(sandbox.backup())
     keys = [o["Key"] for o in sandbox.objects()]
     names = {k: aab.ObjectName.parse(k) for k in keys}
-    catalogue = [k for k in keys if names[k].catalogue]
-    pieces = [k for k in keys if names[k].volume is not None]
-    (indicator,) = [k for k in keys if names[k].indicator]
-    assert catalogue and pieces and not any(original.match(k) for k in catalogue + pieces)
+    catalogue = [k for k in keys if names[k] and names[k].catalogue]
+    pieces = [k for k in keys if names[k] and names[k].volume is not None]
+    (indicator,) = [k for k in keys if names[k] and names[k].indicator]
+    (keycheck,) = [k for k in keys if aab.KeyCheck.parse(k)]
+    assert names[keycheck] is None
+    new = catalogue + pieces + [keycheck]
+    assert catalogue and pieces and not any(original.match(k) for k in new)
     assert all("_piece0001_" in k for k in pieces) and original.match(indicator)
     assert sandbox.indicator(indicator)["format_version"] == 2
 

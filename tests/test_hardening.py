@@ -3,6 +3,7 @@
 import os
 import pty
 import re
+import stat
 import subprocess
 import sys
 import threading
@@ -10,7 +11,9 @@ import unicodedata
 
 import pytest
 
-from conftest import ACCESS_KEY_ID, KEY, PROGRAM, SECRET, extract, file_times_pass
+import aam_auto_backup as aab
+from conftest import (ACCESS_KEY_ID, KEY, PROGRAM, SECRET, extract, file_times_pass, mirrored,
+                      snapshot)
 from local_aws import backup_policy
 from sample_tree import read_tree
 
@@ -271,6 +274,63 @@ def test_unreadable_file_and_directory_are_reported_and_the_rest_is_kept(sandbox
     assert read_tree(str(restored))["fine.txt"] == b"fine\n"
     assert "locked.txt" not in read_tree(str(restored))
     assert os.path.exists(os.path.join(sandbox.mirror, source.lstrip("/"), "fine.txt"))
+
+
+def make_special_files(directory, device):
+    """A FIFO, a socket and (device=True, as root) a character device like /dev/zero in
+    directory: 7-Zip would wait on the FIFO for ever and read the device without end.
+    Returns {name: what the log calls it}."""
+    import socket
+    os.makedirs(directory, exist_ok=True)
+    os.mkfifo(os.path.join(directory, "a-fifo"))
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(os.path.join(directory, "a-socket"))
+    made = {"a-fifo": "a FIFO (named pipe)", "a-socket": "a socket"}
+    if device:
+        zero = os.stat("/dev/zero").st_rdev
+        os.mknod(os.path.join(directory, "zero-device"), 0o666 | stat.S_IFCHR, zero)
+        made["zero-device"] = "a character device"
+    return made
+
+
+def check_special_files_run(sandbox, tmp_path, device):
+    """A full backup (7-Zip recursing) and an incremental, each with special files in
+    the source: both finish, name them, and restore exactly the rest."""
+    mount = sandbox.single_source({"docs/a.txt": b"a\n", "b.txt": b"b\n"})
+    specials = make_special_files(os.path.join(mount, "docs"), device)
+    full = sandbox.run(sandbox.backup_args(), timeout=120)
+    assert full.returncode == 0, full.stdout + full.stderr
+    log = open(sandbox.log_files()[-1], encoding="utf-8").read()
+    for name, what in specials.items():
+        assert f"Not backed up ({what}): {mount}/docs/{name}" in log
+    mirror = os.path.join(sandbox.mirror, mount.lstrip("/"))
+    assert mirrored(mirror) == mirrored(mount, specials=True)      # none in the mirror
+    assert "validation failure" not in log
+
+    file_times_pass()
+    later = make_special_files(os.path.join(mount, "new"), device)
+    with open(os.path.join(mount, "docs", "a.txt"), "ab") as handle:
+        handle.write(b"changed\n")
+    incremental = sandbox.run(sandbox.backup_args(), timeout=120)
+    assert incremental.returncode == 0, incremental.stdout + incremental.stderr
+    log = open(sandbox.log_files()[-1], encoding="utf-8").read()
+    for name, what in later.items():
+        assert f"Not backed up ({what}): {mount}/new/{name}" in log
+    expected = snapshot(mount, specials=True)
+    destination = tmp_path / "restored"
+    restored = sandbox.restore_chosen(aab.ONE_STEP_RESTORE, destination)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert snapshot(destination / "1") == expected
+
+
+def test_fifos_and_sockets_in_a_source_are_named_and_never_block(sandbox, tmp_path):
+    check_special_files_run(sandbox, tmp_path, device=False)
+
+
+def test_a_device_in_a_source_is_named_and_never_read(sandbox, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("making a device file needs root (CI runs the suite as root)")
+    check_special_files_run(sandbox, tmp_path, device=True)
 
 
 def seven_zip_stand_in(tmp_path, action):

@@ -5,9 +5,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
+import pytest
 
 from conftest import ACCESS_KEY_ID, KEY, REPO, SECRET
 
@@ -23,11 +25,11 @@ def schedule_args(sandbox, tmp_path, *extra):
             str(units), "--region", "us-east-1", *extra]
 
 
-def make_schedule(sandbox, tmp_path, typed=None):
+def make_schedule(sandbox, tmp_path, typed=None, extra=()):
     """The schedule with --write-secrets, each secret typed twice."""
     typed = typed or f"{KEY}\n{KEY}\n{ACCESS_KEY_ID}\n{ACCESS_KEY_ID}\n{SECRET}\n{SECRET}\n"
-    result = subprocess.run(schedule_args(sandbox, tmp_path, "--write-secrets"), input=typed,
-                            capture_output=True, text=True)
+    result = subprocess.run(schedule_args(sandbox, tmp_path, "--write-secrets", *extra),
+                            input=typed, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return tmp_path / "config", tmp_path / "units", result.stdout
 
@@ -166,3 +168,60 @@ def test_the_wrapper_runs_another_operation_by_hand_with_the_same_settings(sandb
                                  capture_output=True, text=True, timeout=300)
     assert incremental.returncode == 0, incremental.stdout + incremental.stderr
     assert "Backup scope: incremental" in incremental.stdout
+
+
+def test_the_upload_limit_and_the_stop_time_reach_the_job(sandbox, tmp_path):
+    sandbox.sample()
+    config, units, printed = make_schedule(
+        sandbox, tmp_path, extra=("--upload-limit", "20Mbit", "--stop-after", "6.5"))
+    service = (units / "aam-auto-backup.service").read_text().splitlines()
+    # Type=oneshot: the run is the unit's start-up, so TimeoutStartSec= stops it
+    assert "Type=oneshot" in service and "TimeoutStartSec=390min" in service
+    assert "Environment=AAM_UPLOAD_LIMIT=2500000" in service
+    assert "KillMode=mixed" in service            # SIGTERM to the program alone
+    wrapper = (config / "aam-auto-backup-daily.sh").read_text()
+    assert "AAM_UPLOAD_LIMIT=2500000\nexport AAM_UPLOAD_LIMIT\n" in wrapper
+    assert f"exec {shutil.which('timeout')} --signal=TERM --kill-after=5m 390m " in wrapper
+    assert "2,500,000 bytes per second" in printed and "after 6.5 hours" in printed
+    if shutil.which("systemd-analyze"):
+        check = subprocess.run(["systemd-analyze", "verify",
+                                str(units / "aam-auto-backup.service")], capture_output=True)
+        assert b"error" not in check.stderr.lower() and b"unknown" not in check.stderr.lower()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--upload-limit", "20Mb", "'20Mb' is not a rate"),
+    ("--stop-after", "0", "'0' is not a number of hours"),
+    ("--stop-after", "night", "'night' is not a number of hours")])
+def test_a_wrong_limit_or_stop_time_writes_nothing(sandbox, tmp_path, option, value, message):
+    result = subprocess.run(schedule_args(sandbox, tmp_path, option, value),
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "units").exists() and not (tmp_path / "config").exists()
+
+
+def test_the_stop_time_ends_a_run_as_ctrl_c_does_and_the_next_run_completes(
+        sandbox, proxy, tmp_path):
+    """timeout(1) passes the SIGTERM it gets, or sends at the stop time, to the program."""
+    sandbox.sample(picture_size=3_000_000)
+    config, _units, _printed = make_schedule(sandbox, tmp_path,
+                                             extra=("--upload-limit", "10M", "--stop-after", "6"))
+    proxy.limit_upload(1_000_000)                 # the night's slow uplink
+    env = sandbox.env(AWS_ENDPOINT_URL=proxy.endpoint_url)
+    job = subprocess.Popen([str(config / "aam-auto-backup-daily.sh")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proxy.wait_for(lambda c: c["bytes_received"] >= 1_000_000, 300)
+    job.send_signal(signal.SIGTERM)               # the wrapper is timeout(1) now (exec)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 130, out
+    assert "Uploads are limited to 10,000,000 bytes per second" in out
+    assert "ERROR: interrupted" in out
+    assert not any("_yes_" in item["Key"] for item in sandbox.objects())
+    assert sandbox.s3().list_multipart_uploads(Bucket=sandbox.bucket).get("Uploads", []) == []
+    assert not os.listdir(sandbox.temp)
+    proxy.limit_upload(None)
+    again = subprocess.run([str(config / "aam-auto-backup-daily.sh")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert any("_yes_" in item["Key"] for item in sandbox.objects())
+

@@ -5,6 +5,7 @@ restore code depends on it (IAM actions, Deep Archive restores, SES).
 """
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -12,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -477,6 +479,77 @@ def test_proxy_is_transparent_for_puts_multipart_lists_and_ses(
     assert fresh_proxy.counters()["by_kind"] == {"GetObject": 1}
 
 
+def put_at_once(s3, bodies):
+    """PutObject each (key, body) at the same time, one connection each."""
+    def put(key, body):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+    threads = [threading.Thread(target=put, args=item) for item in bodies.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def test_limit_upload_holds_the_sum_of_concurrent_uploads(fresh_aws, fresh_proxy):
+    rate = 2_000_000
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url,
+                          config=Config(max_pool_connections=4))
+    bodies = {f"k{n}": os.urandom(MIB + n) for n in range(4)}
+    fresh_proxy.limit_upload(rate)
+    started = time.monotonic()
+    put_at_once(s3, bodies)
+    elapsed = time.monotonic() - started
+    received = fresh_proxy.counters()["bytes_received"]
+    assert received >= sum(map(len, bodies.values()))
+    # the four connections together, never one limit each
+    assert received <= local_aws.UploadThrottle.BURST + rate * elapsed
+    listed = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert listed == {key: len(body) for key, body in bodies.items()}
+
+
+def test_bytes_received_count_a_body_while_it_arrives(fresh_aws, fresh_proxy):
+    """A benchmark can cut a run at N bytes on the wire: the count moves mid-request."""
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url)
+    fresh_proxy.limit_upload(1_000_000)
+    put = threading.Thread(target=s3.put_object,
+                           kwargs={"Bucket": BUCKET, "Key": "slow", "Body": os.urandom(4 * MIB)})
+    put.start()
+    assert fresh_proxy.wait_for(lambda c: c["bytes_received"] >= MIB, 60)
+    # 3 MiB are still to pass the 1 MB/s limit: the PUT has not been forwarded whole
+    assert put.is_alive()
+    assert "Contents" not in fresh_aws.client("s3").list_objects_v2(Bucket=BUCKET)
+    put.join()
+    assert fresh_proxy.counters()["bytes_received_by_kind"]["PutObject"] == 4 * MIB
+
+
+def test_cut_connections_drops_a_body_in_progress(fresh_aws, fresh_proxy):
+    """A power cut: what the client had sent beyond the throttle never arrives."""
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url, config=NO_RETRIES)
+    fresh_proxy.limit_upload(1_000_000)
+    failures = []
+
+    def put():
+        try:
+            s3.put_object(Bucket=BUCKET, Key="cut", Body=os.urandom(4 * MIB))
+        except Exception as problem:        # noqa: BLE001 - the test looks at it
+            failures.append(problem)
+    thread = threading.Thread(target=put)
+    thread.start()
+    assert fresh_proxy.wait_for(lambda c: c["bytes_received"] >= MIB, 60)
+    fresh_proxy.cut_connections()
+    at_cut = fresh_proxy.counters()["bytes_received"]
+    thread.join()
+    assert failures, "the PUT went through"
+    assert fresh_proxy.wait_for(lambda c: c["open_connections"] == 0, 60)
+    # nothing more is counted: not even what the socket had buffered (at most the one
+    # chunk being counted as the line was cut)
+    assert fresh_proxy.counters()["bytes_received"] - at_cut <= local_aws.COPY_CHUNK
+    assert "Contents" not in fresh_aws.client("s3").list_objects_v2(Bucket=BUCKET)
+    fresh_proxy.limit_upload(None)
+    s3.put_object(Bucket=BUCKET, Key="after", Body=b"the line is back")   # new connections
+    assert fresh_aws.client("s3").head_object(Bucket=BUCKET, Key="after")["ContentLength"] == 16
+
+
 def test_signatures_made_for_the_proxy_still_verify(fresh_aws, fresh_proxy):
     backup = fresh_aws.create_user_with_policy("backup", backup_policy(BUCKET))
     fresh_aws.enable_iam_enforcement()
@@ -605,7 +678,9 @@ def test_reset_counters(fresh_aws, fresh_proxy):
     s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url)
     s3.list_objects_v2(Bucket=BUCKET)
     fresh_proxy.reset_counters()
-    assert fresh_proxy.counters() == {
+    counters = fresh_proxy.counters()
+    assert counters.pop("open_connections") == 1        # the client keeps its connection
+    assert counters == {
         "requests": 0, "by_method": {}, "by_kind": {}, "bytes_received": 0,
         "bytes_sent": 0, "bytes_received_by_kind": {},
         "injected_failures": 0, "stalled": 0}
@@ -641,24 +716,48 @@ def test_classify(method, path, headers, kind):
 
 # ---------------------------------------------------------------- CLI
 
-def test_cli_serve_prints_endpoint_and_stops_on_ctrl_c():
+@contextlib.contextmanager
+def serving(*options):
+    """`local_aws.py serve` with these options; its first line (the endpoint); Ctrl-C at
+    the end must stop it cleanly."""
     process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "local_aws.py"), "serve",
-         "--port", "0", "--bucket", BUCKET, "--sender", SENDER],
+        [sys.executable, os.path.join(REPO, "tools", "local_aws.py"), "serve", "--port", "0",
+         *options],
         stdout=subprocess.PIPE, text=True)
     try:
-        line = process.stdout.readline().strip()
+        yield process.stdout.readline().strip()
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+        process.stdout.close()
+
+
+def test_cli_serve_prints_endpoint_and_stops_on_ctrl_c():
+    with serving("--bucket", BUCKET, "--sender", SENDER) as line:
         assert line.startswith("AWS_ENDPOINT_URL=http://127.0.0.1:")
         endpoint = line.partition("=")[2]
         s3 = local_aws.isolated_client("s3", endpoint)
         assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == [BUCKET]
         ses = local_aws.isolated_client("ses", endpoint)
         assert ses.list_identities()["Identities"] == [SENDER]
-    finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(10) == 0
-        process.stdout.close()
 
+
+def test_cli_serve_with_an_upload_limit_serves_through_a_throttled_proxy():
+    with serving("--bucket", BUCKET, "--upload-limit", "8Mbit") as line:
+        s3 = local_aws.isolated_client("s3", line.partition("=")[2])
+        started = time.monotonic()
+        s3.put_object(Bucket=BUCKET, Key="k", Body=os.urandom(2 * MIB))
+        # 8 Mbit/s: 1,000,000 bytes per second
+        assert 2 * MIB <= local_aws.UploadThrottle.BURST + 1e6 * (time.monotonic() - started)
+        assert s3.head_object(Bucket=BUCKET, Key="k")["ContentLength"] == 2 * MIB
+
+
+def test_cli_serve_refuses_a_wrong_upload_limit():
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "local_aws.py"), "serve",
+         "--upload-limit", "20Mb"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "'20Mb' is not a rate" in result.stderr
 
 
 def read_variables(text):

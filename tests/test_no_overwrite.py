@@ -6,6 +6,7 @@ tools/local_aws.py, the overwrite-denying bucket policy), the CLI as a subproces
 real 7-Zip.
 """
 
+import io
 import json
 import os
 import uuid
@@ -51,14 +52,15 @@ def test_a_volume_is_never_written_over(aws, tmp_path, size, config):
     (archives / "1").mkdir(parents=True)
     zip_volumes(archives / "1", {"random.bin": os.urandom(size)}, volume_size=64 * MIB)
     piece_done(archives, 1, volumes=1)
-    uploader = aam.PieceUploader(aam.new_objects_only(aws.client("s3")), bucket,
-                                 str(tmp_path), lambda _piece, n: f"vol.{n:03d}", ListLog(),
-                                 ListLedger(), 1, aam.DEFAULT_VOLUME_SIZE)
-    uploader.config = config or uploader.config
+    uploads = aam.RunUploads(aam.new_objects_only(aws.client("s3")), bucket,
+                             config or aam.transfer_config())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda _piece, n: f"vol.{n:03d}",
+                                 ListLog(), ListLedger(), 1, aam.DEFAULT_VOLUME_SIZE)
     with pytest.raises(aam.WriteRefused) as refused:
         uploader.finish()
-    assert str(refused.value) == (f"s3://{bucket}/vol.001 already exists; this program "
-                                  "never replaces an object, so it was not written (HTTP 412)")
+    assert str(refused.value) == (f"the volume s3://{bucket}/vol.001 already exists; this "
+                                  "program never replaces an object, so it was not written "
+                                  "(HTTP 412)")
     assert body_of(s3, bucket, "vol.001") == b"the first backup"
     assert "Uploads" not in s3.list_multipart_uploads(Bucket=bucket)   # aborted, not kept
 
@@ -68,14 +70,19 @@ def test_an_indicator_is_never_written_over(aws):
     aws.create_bucket(bucket)
     s3 = aws.client("s3")
     key = "pc_20260101_000000.000000_0_0.0_yes_-home-ann"
-    aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"{}")
+    uploads = aam.RunUploads(aam.new_objects_only(aws.client("s3")), bucket,
+                             aam.transfer_config())
+    uploads.upload(io.BytesIO(b"{}"), key, kind="completion indicator")
     with pytest.raises(aam.WriteRefused) as refused:
-        aam.put_new_object(aam.new_objects_only(aws.client("s3")), bucket, key, b"forged")
-    assert f"s3://{bucket}/{key} already exists" in str(refused.value)
+        uploads.upload(io.BytesIO(b"forged"), key, kind="completion indicator")
+    assert f"the completion indicator s3://{bucket}/{key} already exists" in str(refused.value)
     assert body_of(s3, bucket, key) == b"{}"
 
 
-@pytest.mark.parametrize("kind, marker", [("volume", "_piece0001_"), ("indicator", "_yes_")])
+@pytest.mark.parametrize("kind, marker", [("volume", "_piece0001_"),
+                                          ("completion indicator", "_yes_"),
+                                          ("catalogue", "_catalogue_"),
+                                          ("key check", "_keycheck_")])
 def test_a_run_that_meets_an_existing_name_fails_clearly(sandbox, proxy, kind, marker):
     sandbox.sample()
     proxy.plant_first("PutObject", marker, b"was here first")
@@ -83,9 +90,10 @@ def test_a_run_that_meets_an_existing_name_fails_clearly(sandbox, proxy, kind, m
     assert result.returncode == 1, result.stdout + result.stderr
     (planted,) = [o["Key"] for o in sandbox.objects() if marker in o["Key"]
                   and body_of(sandbox.s3(), sandbox.bucket, o["Key"]) == b"was here first"]
-    assert (f"s3://{sandbox.bucket}/{planted} already exists; this program never replaces "
-            "an object, so it was not written (HTTP 412)") in result.stdout
-    assert "no completion indicator was written" in result.stdout
+    assert (f"the {kind} s3://{sandbox.bucket}/{planted} already exists; this program never "
+            "replaces an object, so it was not written (HTTP 412)") in result.stdout
+    if kind != "key check":       # written before any volume: nothing of the set was sent
+        assert "no completion indicator was written" in result.stdout
     # Each object was asked for once: the refused write was not retried.
     assert proxy.counters()["by_kind"]["PutObject"] == len(sandbox.objects())
     assert sandbox.emails()[-1]["subject"].startswith("FAILURE, ")

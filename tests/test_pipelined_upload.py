@@ -248,9 +248,9 @@ def test_uploader_takes_final_volumes_in_order_piece_after_piece(aws, tmp_path):
     zip_volumes(second, {"b.bin": b"small"})
     assert names == ["backup.zip.001", "backup.zip.002"]
     ledger = ListLedger()
-    uploader = aam.PieceUploader(s3, "pipeline-unit", str(tmp_path),
-                                 lambda piece, n: f"p{piece}.{n:03d}", ListLog(), ledger,
-                                 1, 65536)
+    uploads = aam.RunUploads(s3, "pipeline-unit", aam.transfer_config())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda piece, n: f"p{piece}.{n:03d}",
+                                 ListLog(), ledger, 1, 65536)
     (first / "backup.zip.001").rename(first / "backup.zip.001.tmp")   # not final yet
     uploader.poll()
     assert ledger.heard == []
@@ -277,9 +277,9 @@ def test_uploader_refuses_fewer_volumes_than_7zip_reported(aws, tmp_path):
     zip_volumes(archives / "1", {"a.bin": b"one"})
     piece_done(archives, 1, volumes=2)
     ledger = ListLedger()
-    uploader = aam.PieceUploader(aws.client("s3"), "pipeline-count", str(tmp_path),
-                                 lambda piece, n: f"p{piece}.{n:03d}", ListLog(), ledger,
-                                 1, 65536)
+    uploads = aam.RunUploads(aws.client("s3"), "pipeline-count", aam.transfer_config())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda piece, n: f"p{piece}.{n:03d}",
+                                 ListLog(), ledger, 1, 65536)
     with pytest.raises(aam.VolumeCountMismatch):
         uploader.finish()
     assert ledger.heard == [("started", 1)]              # never done
@@ -293,9 +293,9 @@ def test_a_failed_piece_is_told_to_the_ledger_with_its_uploaded_volumes(aws, tmp
     os.remove(archives / "3" / "backup.zip.002")        # 7-Zip failed: it removed the rest
     piece_done(archives, 3, succeeded=False, code=2)
     ledger = ListLedger()
-    uploader = aam.PieceUploader(aws.client("s3"), "pipeline-failed", str(tmp_path),
-                                 lambda piece, n: f"p{piece}.{n:03d}", ListLog(), ledger,
-                                 3, 65536)
+    uploads = aam.RunUploads(aws.client("s3"), "pipeline-failed", aam.transfer_config())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda piece, n: f"p{piece}.{n:03d}",
+                                 ListLog(), ledger, 3, 65536)
     assert uploader.finish() == []
     assert ledger.heard == [("started", 3), ("failed", 3, ["p3.001"])]
 
@@ -309,9 +309,9 @@ def test_unchanged_incremental_makes_one_list_and_two_puts(sandbox, proxy):
     proxy.reset_counters()
     second = sandbox.backup(aws_only, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
-    # One prefix query for the current month; no archive object, only the catalogue
-    # (it records that nothing changed) and the indicator.
-    assert proxy.counters()["by_kind"] == {"LIST": 1, "PutObject": 2}
+    # Two prefix queries (the key checks, the current month); no archive object, only
+    # the catalogue (it records that nothing changed) and the indicator.
+    assert proxy.counters()["by_kind"] == {"LIST": 2, "PutObject": 2}
     assert len(keys(sandbox, "piece")) == 1
 
 

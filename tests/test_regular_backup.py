@@ -19,6 +19,8 @@ INDICATOR_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{
                           r"(?P<source>.+)$")
 CATALOGUE_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})"
                           r"_catalogue_(?P<source>.+)\.zip$")
+KEYCHECK_RE = re.compile(rf"^(?P<loc>[^_]+)_keycheck_(?P<full>{STAMP})_[0-9a-f]{{32}}_"
+                         r"[0-9a-f]{4}$")
 
 
 def source_name(mount):
@@ -50,11 +52,14 @@ def test_full_backup_of_a_multi_directory_tree(sandbox, tmp_path):
     objects = sandbox.objects()
     keys = [item["Key"] for item in objects]
     for key in keys:      # every object name matches its documented format
-        assert VOLUME_RE.match(key) or INDICATOR_RE.match(key) or CATALOGUE_RE.match(key), key
+        assert VOLUME_RE.match(key) or INDICATOR_RE.match(key) or CATALOGUE_RE.match(key) \
+            or KEYCHECK_RE.match(key), key
+    assert len([k for k in keys if KEYCHECK_RE.match(k)]) == 1       # one per chain
     classes = {item["Key"]: item.get("StorageClass", "STANDARD") for item in objects}
     assert {classes[k] for k in keys if VOLUME_RE.match(k)} == {"DEEP_ARCHIVE"}
     assert {classes[k] for k in keys if INDICATOR_RE.match(k)} == {"STANDARD"}
     assert {classes[k] for k in keys if CATALOGUE_RE.match(k)} == {"STANDARD"}
+    assert {classes[k] for k in keys if KEYCHECK_RE.match(k)} == {"STANDARD"}
 
     sources = {source_name(m): m for m in tree.mounts}
     indicators = [INDICATOR_RE.match(k) for k in keys if INDICATOR_RE.match(k)]

@@ -79,13 +79,11 @@ def make_history(sandbox, env=None, **sample):
 
 
 def indicator_keys(sandbox):
-    return sorted(o["Key"] for o in sandbox.objects()
-                  if aam.ObjectName.parse(o["Key"]).indicator)
+    return sorted(name.key for name in sandbox.object_names() if name.indicator)
 
 
 def volume_keys(sandbox):
-    return sorted(o["Key"] for o in sandbox.objects()
-                  if aam.ObjectName.parse(o["Key"]).volume)
+    return sorted(name.key for name in sandbox.object_names() if name.volume)
 
 
 def restore_log(sandbox):
@@ -387,27 +385,49 @@ def assert_nothing_extracted(destination):
     assert not [n for n in names if re.fullmatch(r"\d+(\.incomplete)?", n)], names
 
 
-def test_a_wrong_key_is_caught_by_the_catalogue_before_any_thaw(sandbox, tmp_path, proxy):
+def test_a_wrong_key_is_refused_by_the_key_check_and_the_catalogue_before_any_thaw(
+        sandbox, tmp_path, proxy):
     tree, expected = make_history(sandbox)
     destination = tmp_path / "r"
     via_proxy(sandbox, proxy)
-    wrong, kinds = counters_during(proxy, lambda: sandbox.restore(ONE_STEP, destination,
-                                                                  {"key": "not the key"}))
+    proxy.reset_counters()
+    wrong = sandbox.restore(ONE_STEP, destination, {"key": "Incorrect horse battery staple"})
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
-    assert "The decryption key (argument 8) is wrong" in wrong.stdout
+    (check,) = sandbox.keychecks()
+    assert ("The decryption key (argument 8) is wrong: it is not the key the backups of the "
+            f"full backup {aam.describe_stamp(check.full)} were made with (their key check "
+            f"{check.key}, and their catalogue does not open with it). Nothing was thawed."
+            ) in wrong.stdout
+    # the indicators and one catalogue were read: no volume, no thaw
+    kinds = proxy.counters()["by_kind"]
     assert "RestoreObject" not in kinds and "HeadObject" not in kinds
+    catalogues = sorted(name.key for name in sandbox.object_names() if name.catalogue)
+    read = [r["key"] for r in proxy.requests() if r["kind"] == "GetObject"]
+    assert sorted(set(read) - set(indicator_keys(sandbox))) == catalogues[:1]
     assert_nothing_extracted(destination)
     assert not downloaded_volumes(destination)
     (message,) = restoration_emails(sandbox)
     assert message["subject"].startswith("FAILURE, ")
 
-    result, kinds = counters_during(proxy, lambda: sandbox.restore(ONE_STEP, destination))
-    ok(result)
-    catalogues = [o["Key"] for o in sandbox.objects()
-                  if aam.ObjectName.parse(o["Key"]).catalogue]
+    proxy.reset_counters()
+    ok(sandbox.restore(ONE_STEP, destination))
+    fetched = [r["key"] for r in proxy.requests() if r["kind"] == "GetObject"]
     # each volume once; the catalogue the wrong key could not open is not fetched again
-    assert kinds["GetObject"] == len(volume_keys(sandbox)) + len(catalogues) - 1
+    assert sorted(fetched) == sorted(volume_keys(sandbox) + catalogues[1:])
     assert numbered_directories(destination, tree) == expected
+
+
+def test_a_wrong_key_on_a_set_without_key_check_is_caught_by_the_catalogue(sandbox, tmp_path):
+    """A chain made by version 1.1.0 has no key check: its catalogue tries the key."""
+    make_history(sandbox)
+    for check in sandbox.keychecks():
+        sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=check.key)
+    destination = tmp_path / "r"
+    wrong = sandbox.restore(ONE_STEP, destination, {"key": "Incorrect horse battery staple"})
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert "The decryption key (argument 8) is wrong: 7-Zip cannot open the catalogue" \
+        in wrong.stdout
+    assert not downloaded_volumes(destination)
 
 
 def test_a_changed_byte_in_the_bucket_is_caught_before_extraction(sandbox, tmp_path):
@@ -426,6 +446,26 @@ def test_a_changed_byte_in_the_bucket_is_caught_before_extraction(sandbox, tmp_p
     assert "Nothing was extracted" in result.stdout
     assert_nothing_extracted(destination)
     assert "not (completely) restored" in result.stdout
+
+
+def test_a_damaged_catalogue_is_called_a_catalogue(sandbox, tmp_path):
+    make_history(sandbox)
+    key = sorted(name.key for name in sandbox.object_names() if name.catalogue)[-1]
+    data = bytearray(sandbox.s3().get_object(Bucket=sandbox.bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01
+    sandbox.s3().put_object(Bucket=sandbox.bucket, Key=key, Body=bytes(data))
+    result = sandbox.restore(ONE_STEP, tmp_path / "r")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"The catalogue {key} in the bucket does not match its completion indicator" \
+        in result.stdout
+    assert "The volume" not in result.stdout
+    assert_nothing_extracted(tmp_path / "r")
+    browse = sandbox.run(aam.BROWSE_ARGS.argv(
+        operation=aam.BROWSE_OPERATION, key=KEY, bucket=sandbox.bucket,
+        location=sandbox.location, access_key_id="AKIAIOSFODNN7EXAMPLE",
+        secret_access_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCY", selection=["report.txt"]))
+    assert browse.returncode == 1
+    assert f"The catalogue {key} in the bucket does not match" in browse.stdout + browse.stderr
 
 
 def test_a_downloaded_volume_damaged_on_disk_is_caught_before_extraction(sandbox, tmp_path):
@@ -515,7 +555,7 @@ def relabel_backups(sandbox, months_back, work):
             text = text.replace(old, new)
         return text
 
-    items = [(item["Key"], aam.ObjectName.parse(item["Key"])) for item in sandbox.objects()]
+    items = [(name.key, name) for name in sandbox.object_names()]
     for key, name in items:                  # volumes first: every stamp becomes known
         if name.volume:
             s3.restore_object(Bucket=sandbox.bucket, Key=key, RestoreRequest={"Days": 1})
@@ -540,6 +580,11 @@ def relabel_backups(sandbox, months_back, work):
             s3.put_object(Bucket=sandbox.bucket, Key=new_key(key),
                           Body=json.dumps(manifest).encode())
             s3.delete_object(Bucket=sandbox.bucket, Key=key)
+    for check in sandbox.keychecks():         # the chain's key check, named by its full
+        moved_check = aam.KeyCheck(check.location, moved(check.full), check.salt,
+                                   check.verifier)
+        s3.put_object(Bucket=sandbox.bucket, Key=moved_check.key, Body=b"")
+        s3.delete_object(Bucket=sandbox.bucket, Key=check.key)
 
 
 def test_a_set_five_months_back_is_found(sandbox, tmp_path):

@@ -223,3 +223,35 @@ def test_the_docstring_offers_only_options_the_tool_takes(capsys):
     taken = set(re.findall(r"(--[a-z][a-z-]+)", capsys.readouterr().out))
     documented = set(re.findall(r"(--[a-z][a-z-]+)", ws.__doc__))
     assert documented and documented <= taken, documented - taken
+
+
+def test_stop_after_sets_the_tasks_time_limit():
+    xml = ws.task_xml(example_settings(stop_after=390), dt.date(2021, 3, 29))
+    assert xml == EXPECTED_TASK_XML.replace(
+        "<ExecutionTimeLimit>PT72H</ExecutionTimeLimit>",
+        "<ExecutionTimeLimit>PT6H30M</ExecutionTimeLimit>")
+    hours = ws.task_xml(example_settings(stop_after=360), dt.date(2021, 3, 29))
+    assert "<ExecutionTimeLimit>PT6H</ExecutionTimeLimit>" in hours
+    minutes = ws.task_xml(example_settings(stop_after=45), dt.date(2021, 3, 29))
+    assert "<ExecutionTimeLimit>PT45M</ExecutionTimeLimit>" in minutes
+
+
+def test_the_upload_limit_is_set_in_the_batch_files_and_as_the_users(tmp_path, capsys):
+    code = ws.main(COMMAND_LINE + ["--output", str(tmp_path), "--region", "eu-west-1",
+                                   "--stop-after", "7", "--upload-limit", "20 Mbit/s"])
+    assert code == 0
+    with open(tmp_path / "Daily AAM Auto Backup.xml", "rb") as handle:
+        assert "<ExecutionTimeLimit>PT7H</ExecutionTimeLimit>" in handle.read().decode("utf-16")
+    lines = (tmp_path / "backup batch files" / "Regular backup.bat").read_text().splitlines()
+    assert lines[1:3] == ['set "AWS_REGION=eu-west-1"', 'set "AAM_UPLOAD_LIMIT=2500000"']
+    printed = capsys.readouterr().out
+    assert "make AWS_REGION and AAM_UPLOAD_LIMIT yours" in printed
+    assert "    setx AWS_REGION eu-west-1\n    setx AAM_UPLOAD_LIMIT 2500000\n" in printed
+
+
+@pytest.mark.parametrize("option, value", [("--stop-after", "0"), ("--upload-limit", "20")])
+def test_the_command_line_refuses_a_wrong_stop_time_or_limit(tmp_path, option, value):
+    with pytest.raises(SystemExit) as stopped:
+        ws.main(COMMAND_LINE + ["--output", str(tmp_path), option, value])
+    assert stopped.value.code == 2
+    assert not os.listdir(tmp_path)

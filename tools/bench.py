@@ -17,6 +17,21 @@ incr-none and restore, and prints three Markdown tables: the figures per
 file count, AAM's time around its 7-Zip run, and how memory and time grow
 per file.  compression measures 7-Zip's levels.
 
+uplink runs AAM and restic on a tree of random files (default 200 files, 200 MB,
+16 MiB volumes) behind the proxy's upload throttle (--rate, default 40 Mbit/s),
+each scenario in a bucket of its own:
+
+    uplink       a full backup over the throttled link
+    cut          the same, cut once 60% of the uncut run's stored bytes are on the
+                 wire (SIGKILL of the whole process tree, and the proxy drops its
+                 connections: a power cut), then run again to its end
+    limit        a full backup under the tool's own upload limit at the same rate
+                 (AAM_UPLOAD_LIMIT, restic --limit-upload), the link not throttled
+
+and reports the bytes on the wire against the archive's (for cut: both runs
+against the uncut run's), the wall time against the wire time of those bytes
+(bytes / rate) and where the rest went, and the rate the own limits achieved.
+
 Each run is one process tree, measured from outside:
 
     wall         elapsed time
@@ -58,6 +73,8 @@ one run, not absolute times; CPU times and RSS are the steadier figures.
     tools/bench.py scale --counts 10k,100k      # without the million
     tools/bench.py scale --endpoint sink        # the same, against the sink
     tools/bench.py compression                  # 7-Zip level against size and time
+    tools/bench.py uplink                       # 40 Mbit/s, cut and continued
+    tools/bench.py uplink --rate 20Mbit --scenarios uplink,cut
 
 Installing restic and duplicity (Debian): tools/setup.sh --bench.
 """
@@ -71,6 +88,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,6 +103,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
 import aam_auto_backup as aam  # noqa: E402
+import option_types  # noqa: E402
 from local_aws import FaultProxy, LocalAws  # noqa: E402
 from s3_sink import S3Sink  # noqa: E402
 
@@ -93,6 +112,11 @@ SCENARIOS = ("full", "incr-1%", "incr-none", "restore")
 # The local S3 endpoint stands in for a remote service: on a 2-core machine it must
 # not take CPU from the tool being measured, so it runs at the lowest priority.
 ENDPOINT_NICENESS = 19
+# Over a throttled link the CPU is not what limits a backup, and S3's answer to a PUT does
+# not wait for this machine's load; a niced server's does (measured: its answers came up to
+# a second late on a busy machine, idling the link between volumes). So the uplink mode
+# runs the server at normal priority: ~1.4 s of CPU for 200 MB.
+UPLINK_ENDPOINT_NICENESS = 0
 MIN_SIZE, MAX_SIZE = 200, 200_000
 ARCHIVE_KEY = "bench archive key, not a secret 42!"
 ACCESS_KEY_ID, SECRET_KEY = "testing", "testing"
@@ -379,6 +403,10 @@ class Result:
         self.endpoint_cpu = self.before_7zip = self.after_7zip = None
         self.endpoint_server_cpu = self.endpoint_local_cpu = None
         self.seven_zip_paused = None
+        self.cut = False            # killed on purpose (measure's cut_after)
+        self.wire_first = self.wire_last = None     # s after the start: first, last byte up
+        self.peak_rate = None       # bytes/s over the busiest WireWatch.PEAK_WINDOW
+        self.stored = None          # bytes the run added to the bucket
         self.load = None            # 1-minute load average when the run started
         self.processes = []         # [command, class, peak RSS, CPU s] per process
 
@@ -388,7 +416,7 @@ class Result:
 
     @property
     def ok(self):
-        return self.status == 0 and self.wall is not None
+        return (self.status == 0 or self.cut) and self.wall is not None
 
     def take_samples(self, sampler, ended):
         """The per-process figures; a run shorter than one sampling period has none."""
@@ -418,8 +446,11 @@ def load_average():
 
 
 def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=None,
-            period=SAMPLE_SECONDS):
-    """Run argv to its end; a Result with everything measured about its tree."""
+            period=SAMPLE_SECONDS, cut_after=None):
+    """Run argv to its end; a Result with everything measured about its tree.
+
+    cut_after: once that many request bytes have reached the proxy, the whole tree is
+    killed (kill_tree), as a power cut would end it."""
     before = proxy.counters() if proxy else None
     endpoint_before = endpoint.cpu() if endpoint else None
     load = load_average()
@@ -433,9 +464,12 @@ def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=N
                                    stdin=subprocess.PIPE if stdin_text else subprocess.DEVNULL)
         sampler = ProcessSampler(process.pid, started, period)
         sampler.start()
+        wire = WireWatch(proxy, started) if proxy else None
         if stdin_text:
             process.stdin.write(stdin_text.encode())
             process.stdin.close()
+        cut = cut_after is not None and cut_when_sent(
+            process, proxy, before["bytes_received"] + cut_after)
         status = process.wait()
     ended = time.perf_counter()
     sampler.stop()
@@ -450,13 +484,133 @@ def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=N
         result.endpoint_local_cpu = local - local_before - sampler.own_cpu
         result.endpoint_cpu = result.endpoint_server_cpu + result.endpoint_local_cpu
     if proxy:
+        wire.stop()
+        result.wire_first, result.wire_last = wire.first, wire.last
+        result.peak_rate = wire.peak_rate()
         after = proxy.counters()
         result.uploaded = after["bytes_received"] - before["bytes_received"]
         result.requests = after["requests"] - before["requests"]
         result.lists = (after["by_kind"].get("LIST", 0) - before["by_kind"].get("LIST", 0))
-    if status != 0:
+    if cut:
+        result.cut, result.note = True, f"cut after {result.uploaded:,} bytes on the wire"
+    elif status != 0:
         result.note = f"exit code {status}, see {output}"
     return result
+
+
+class WireWatch(threading.Thread):
+    """When request bytes of a run reached the proxy (seconds after started): the first
+    and the last (the upload's own time, without the tool's start and end), and the
+    highest rate over any PEAK_WINDOW seconds."""
+
+    PEAK_WINDOW = 5.0
+
+    def __init__(self, proxy, started):
+        super().__init__(daemon=True)
+        self.proxy, self.started = proxy, started
+        self.samples = [(0.0, proxy.counters()["bytes_received"])]    # (s, bytes so far)
+        self.done = threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.done.is_set():
+            seen = self.samples[-1][1]
+            if self.proxy.wait_for(lambda c: c["bytes_received"] != seen, 0.2):
+                self.samples.append((time.perf_counter() - self.started,
+                                     self.proxy.counters()["bytes_received"]))
+
+    def stop(self):
+        self.done.set()
+        self.join()
+
+    @property
+    def first(self):
+        return self.samples[1][0] if len(self.samples) > 1 else None
+
+    @property
+    def last(self):
+        return self.samples[-1][0] if len(self.samples) > 1 else None
+
+    def peak_rate(self):
+        """Bytes per second over the busiest PEAK_WINDOW seconds (None if the upload
+        was shorter): a rate limit holds if this stays under it."""
+        peak, later = None, 1
+        for at, sent in self.samples[1:]:
+            while later < len(self.samples) and self.samples[later][0] < at + self.PEAK_WINDOW:
+                later += 1
+            if later == len(self.samples):
+                break
+            # the bytes counted from just after `at` up to the window's end
+            end_at, end_sent = self.samples[later - 1]
+            if end_at > at:
+                rate = (end_sent - sent) / self.PEAK_WINDOW
+                peak = rate if peak is None else max(peak, rate)
+        return peak
+
+
+def cut_when_sent(process, proxy, total):
+    """Wait until the proxy has received total request bytes, then cut the power: the
+    process's tree is killed and the line goes dead (what the tool had sent but the
+    throttle had not let through is lost).  False if the process ended first."""
+    while process.poll() is None:
+        if proxy.wait_for(lambda c: c["bytes_received"] >= total, 0.5):
+            kill_tree(process.pid, while_stopped=proxy.cut_connections)
+            return True
+    return False
+
+
+def kill_tree(root, while_stopped=None):
+    """SIGKILL a process and every descendant at once, as a power cut ends them: each
+    is stopped first (SIGSTOP), so that none forks, nor acts on another's death, before
+    all are killed; while_stopped() is called then.  The descendants are reaped here;
+    the caller waits for the root."""
+    become_subreaper()
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+            tree.append(pid)
+            seen = read_process(pid)
+            pending.extend(seen.children if seen else [])
+    if while_stopped:
+        while_stopped()
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in tree[1:]:
+        reap(pid, tree)
+
+
+def reap(pid, tree):
+    """Wait for a process of a killed tree: it becomes this process's child (a
+    subreaper's) once its parent in the tree has died."""
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except ChildProcessError:
+            parent = parent_of(pid)
+            if parent is None or parent not in tree:
+                return                  # gone, or not ours to wait for
+            time.sleep(0.01)            # its parent is still dying
+
+
+def parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def become_subreaper():
+    """Orphans of this process's descendants become its children (prctl
+    PR_SET_CHILD_SUBREAPER), so that the processes of a killed tree are reaped here,
+    not left as zombies where the container's init does not reap."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
 
 
 # ---------------------------------------------------------------- the tools
@@ -464,9 +618,12 @@ def measure(argv, env, output, proxy=None, endpoint=None, cwd=None, stdin_text=N
 class Tool:
     name = ""
 
-    def __init__(self, bench):
+    def __init__(self, bench, tag=""):
+        """tag: a repository (bucket, local state) of its own, e.g. one per scenario."""
         self.bench = bench
-        self.output = os.path.join(bench.work, f"{self.name}-output.txt")
+        self.suffix = f"-{tag}" if tag else ""
+        self.output = os.path.join(bench.work, f"{self.name}{self.suffix}-output.txt")
+        self.upload_limit = None        # bytes per second: the tool's own upload limit
 
     def available(self):
         return None     # or why not
@@ -505,7 +662,7 @@ class AamTool(Tool):
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
             "AAM_TEMP_ROOT": os.path.join(bench.work, "aam-temp"),
             "AAM_LOCK_FILE": os.path.join(bench.work, "aam.lock"),
-            "AAM_STATE_DIR": os.path.join(bench.work, "aam-state"),
+            "AAM_STATE_DIR": os.path.join(bench.work, f"aam-state{self.suffix}"),
             "AAM_VOLUME_SIZE": str(bench.volume_size),
             "AAM_PIECE_SIZE": str(bench.options.piece_size),
             "AAM_COMPRESSION_LEVEL": str(bench.level),
@@ -514,6 +671,8 @@ class AamTool(Tool):
             "BENCH_KEY_ID": ACCESS_KEY_ID,
             "BENCH_SECRET": SECRET_KEY,
         })
+        if self.upload_limit:
+            env["AAM_UPLOAD_LIMIT"] = str(self.upload_limit)
         return env
 
     def prepare(self):
@@ -524,16 +683,16 @@ class AamTool(Tool):
 
     @property
     def bucket(self):
-        return "bench-aam"
+        return f"bench-aam{self.suffix}"
 
-    def backup(self, _scenario):
+    def backup(self, _scenario, **measuring):
         bench = self.bench
         argv = [sys.executable, PROGRAM, "regular-backup", "user", sys.executable, "1", "0",
                 os.path.join(bench.work, "aam-logs"), "False", "Bench", "bench@example.com",
                 "owner@example.com", self.instructions, "q", "AWS", "", "False",
                 "env:BENCH_ARCHIVE_KEY", self.bucket, LOCATION, "env:BENCH_KEY_ID",
                 "env:BENCH_SECRET", "no", "no"]
-        return self.run(argv, proxy=self.bench.proxy)
+        return self.run(argv, proxy=self.bench.proxy, **measuring)
 
     def restored_tree(self, target):
         # one numbered directory per source, beside restore-map.txt
@@ -623,7 +782,7 @@ class ResticTool(Tool):
         bench = self.bench
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RESTIC_"))}
         env.update({
-            "RESTIC_REPOSITORY": f"s3:{bench.proxy.endpoint_url}/bench-restic",
+            "RESTIC_REPOSITORY": f"s3:{bench.proxy.endpoint_url}/{self.bucket}",
             "RESTIC_PASSWORD": ARCHIVE_KEY,
             "RESTIC_CACHE_DIR": os.path.join(bench.work, "restic-cache"),
             "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
@@ -632,15 +791,21 @@ class ResticTool(Tool):
         })
         return env
 
+    @property
+    def bucket(self):
+        return f"bench-restic{self.suffix}"
+
     def prepare(self):
-        self.bench.aws.create_bucket("bench-restic")
+        self.bench.aws.create_bucket(self.bucket)
         result = self.run(["restic", "init"])
         if not result.ok:
             raise RuntimeError(f"restic init failed: {result.note}")
 
-    def backup(self, _scenario):
-        return self.run(["restic", "backup", "--host", LOCATION, "--quiet", "."],
-                        cwd=self.bench.source, proxy=self.bench.proxy)
+    def backup(self, _scenario, **measuring):
+        # --limit-upload is in KiB/s
+        limit = ["--limit-upload", str(self.upload_limit // 1024)] if self.upload_limit else []
+        return self.run(["restic", "backup", "--host", LOCATION, "--quiet"] + limit + ["."],
+                        cwd=self.bench.source, proxy=self.bench.proxy, **measuring)
 
     def restore(self, target):
         return self.run(["restic", "restore", "latest", "--host", LOCATION, "--target",
@@ -823,7 +988,8 @@ def scan_time(source):
 def failures(results):
     """The runs that failed: a non-zero exit, or a restore that is not the tree."""
     return [key for key, result in results.items()
-            if result.status not in (0, None) or (key[0] == "restore" and result.note)]
+            if not (result.ok or result.status is None)
+            or (key[0] == "restore" and result.note)]
 
 
 def endpoint_text(options):
@@ -1080,6 +1246,249 @@ def write_json(path, data):
         json.dump(data, handle, indent=1)
 
 
+# ---------------------------------------------------------------- uplink: a slow line, cut
+
+UPLINK_SCENARIOS = ("uplink", "cut", "limit")
+UPLINK_TOOLS = ("aam", "restic")
+DEFAULT_RATE = "40Mbit"
+UPLINK_VOLUME_SIZE = 16 * 1024 * 1024
+CUT_FRACTION = 0.6
+# The issue's targets: a cut and continued full puts at most 1.10x an uncut one's bytes
+# on the wire; an uncut full takes at most 1.05x the wire time of its bytes.
+CUT_TARGET, UPLINK_TARGET = 1.10, 1.05
+
+
+def incompressible_tree(root, files, total_bytes, seed):
+    """files of random bytes (nothing to compress: the bytes on the wire are the
+    tree's), sizes uniform in 1/4..7/4 of the mean, 100 per directory; their total."""
+    rng = random.Random(seed)
+    mean = total_bytes // files
+    total = 0
+    for index in range(files):
+        size = rng.randint(max(1, mean // 4), max(1, mean * 7 // 4))
+        path = os.path.join(root, f"d{index // 100:03d}", f"r{index:05d}.bin")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(rng.randbytes(size))
+        total += size
+    os.sync()
+    return total
+
+
+class UplinkRun:
+    """One tool in one uplink scenario: its runs (two for a cut one) and the bucket."""
+
+    def __init__(self, scenario, tool, runs, stored):
+        self.scenario, self.tool, self.runs, self.stored = scenario, tool, runs, stored
+
+    @property
+    def ok(self):
+        return all(run.ok for run in self.runs)
+
+    @property
+    def wall(self):
+        return sum(run.wall for run in self.runs)
+
+    @property
+    def wire(self):
+        return sum(run.uploaded for run in self.runs)
+
+    def upload_seconds(self):
+        """From the first to the last request byte (one run)."""
+        run = self.runs[0]
+        return None if run.wire_first is None else run.wire_last - run.wire_first
+
+    def time_split(self, rate):
+        """Seconds (before the first request byte, the link idle between the first and
+        the last byte, after the last byte), summed over the runs; with the bytes' wire
+        time they add up to the wall time."""
+        before = idle = after = 0.0
+        for run in self.runs:
+            if run.wire_first is None:
+                before += run.wall
+                continue
+            before += run.wire_first
+            idle += run.wire_last - run.wire_first - run.uploaded / rate
+            after += run.wall - run.wire_last
+        return before, idle, after
+
+    def as_dict(self):
+        return {"scenario": self.scenario, "tool": self.tool, "stored": self.stored,
+                "wall": self.wall, "wire": self.wire,
+                "runs": [run.as_dict() for run in self.runs]}
+
+
+def bucket_bytes(s3, bucket):
+    """{key: size} of a bucket."""
+    sizes = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        sizes.update((item["Key"], item["Size"]) for item in page.get("Contents", []))
+    return sizes
+
+
+class UplinkBench(Bench):
+    """The tools over a throttled link: a full backup (uplink), one cut at CUT_FRACTION
+    of its bytes and run again (cut), and one under the tool's own limit (limit)."""
+
+    def __init__(self, options):
+        super().__init__(options, ())
+        self.rate = options.rate
+        self.s3 = None
+
+    def run(self, _tree=None):
+        """[UplinkRun] per tool and scenario, {name: tool}."""
+        runs, tools = [], {}
+        scenarios = self.options.scenarios
+        with self.local_s3() as (self.aws, self.proxy, self.endpoint):
+            self.s3 = self.aws.client("s3")
+            for name in self.options.tools:
+                why_not = TOOL_CLASSES[name](self).available()
+                if why_not:
+                    say(f"Skipping {name}: {why_not}")
+                    continue
+                tools[name] = name
+                uncut = None
+                if "uplink" in scenarios or "cut" in scenarios:
+                    uncut = self.scenario(name, "uplink")
+                    runs.append(uncut)
+                if "cut" in scenarios and uncut.ok:
+                    runs.append(self.scenario(name, "cut", round(CUT_FRACTION * uncut.stored)))
+                if "limit" in scenarios:
+                    runs.append(self.scenario(name, "limit"))
+        return runs, tools
+
+    def scenario(self, name, scenario, cut_after=None):
+        """Run one tool through one scenario in a bucket of its own; the bucket is
+        emptied afterwards (the server keeps objects in memory)."""
+        tool = TOOL_CLASSES[name](self, tag=scenario)
+        if scenario == "limit":
+            tool.upload_limit = self.rate
+        self.proxy.limit_upload(None if scenario == "limit" else self.rate)
+        try:
+            tool.prepare()
+            before = bucket_bytes(self.s3, tool.bucket)
+            runs = [self.backup(tool, f"{scenario} run 1", cut_after=cut_after)]
+            if runs[0].cut:
+                runs.append(self.backup(tool, f"{scenario} run 2"))
+            after = bucket_bytes(self.s3, tool.bucket)
+            stored = sum(size for key, size in after.items() if before.get(key) != size)
+            for key in after:
+                self.s3.delete_object(Bucket=tool.bucket, Key=key)
+        finally:
+            self.proxy.limit_upload(None)
+            tool.cleanup()
+        return UplinkRun(scenario, name, runs, stored)
+
+    def backup(self, tool, label, cut_after=None):
+        say(f"{label:13} {tool.name:7} ...", end="")
+        result = tool.backup("full", cut_after=cut_after)
+        say(f" {describe(result)}")
+        return result
+
+
+def uplink_table(runs, rate):
+    """The throttled runs: bytes on the wire against the archive's, wall time against
+    the wire time of those bytes, and where the difference went: before the first
+    byte, the link idle between the first and the last, after the last byte."""
+    uncut = {run.tool: run for run in runs if run.scenario == "uplink" and run.ok}
+    lines = ["| scenario | tool | runs | wall s | on the wire MB | stored MB | "
+             "wire ÷ archive | wire time s | wall ÷ wire time | before first byte s | "
+             "link idle s | after last byte s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        if run.scenario == "limit":
+            continue
+        head = f"| {run.scenario} | {run.tool} | {len(run.runs)} |"
+        if not run.ok:
+            lines.append(head + " n/a |" + " |" * 8)
+            continue
+        wire_time = run.wire / rate
+        # the archive: what an uncut run stored; a cut run's pair against an uncut run
+        base = run.stored if run.scenario == "uplink" else getattr(uncut.get(run.tool),
+                                                                   "wire", None)
+        ratio = f"{run.wire / base:.2f}" if base else "n/a"
+        before, idle, after = run.time_split(rate)
+        lines.append(f"{head} {run.wall:.1f} | {run.wire / 1e6:.1f} | {run.stored / 1e6:.1f} | "
+                     f"{ratio} | {wire_time:.1f} | {run.wall / wire_time:.2f} | {before:.1f} | "
+                     f"{idle:.1f} | {after:.1f} |")
+    return "\n".join(lines)
+
+
+def limit_table(runs, rate):
+    """The tools' own upload limit over an unthrottled link: the rate achieved, its
+    busiest seconds, and the upload's time against the same tool's over the throttled
+    link (about 1: the limit paces the upload as a link of that rate would)."""
+    uncut = {run.tool: run for run in runs if run.scenario == "uplink" and run.ok}
+    lines = ["| tool | its limit (bytes/s) | on the wire MB | first to last byte s | "
+             "mean ÷ limit | busiest 5 s ÷ limit | first to last byte ÷ uplink run's |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        if run.scenario != "limit":
+            continue
+        seconds = run.upload_seconds() if run.ok else None
+        if not seconds:
+            lines.append(f"| {run.tool} | {rate:,} | n/a | | | | |")
+            continue
+        # restic takes KiB/s: its limit is the rate rounded down to whole KiB
+        limit = rate // 1024 * 1024 if run.tool == "restic" else rate
+        peak = run.runs[0].peak_rate
+        base = uncut.get(run.tool)
+        lines.append(f"| {run.tool} | {limit:,} | {run.wire / 1e6:.1f} | {seconds:.1f} | "
+                     f"{run.wire / seconds / limit:.3f} | "
+                     f"{'n/a' if peak is None else f'{peak / limit:.3f}'} | "
+                     f"{f'{seconds / base.upload_seconds():.3f}' if base else 'n/a'} |")
+    return "\n".join(lines)
+
+
+def uplink_targets(runs, rate):
+    """AAM's figures against the issue's targets."""
+    ours = {run.scenario: run for run in runs if run.tool == "aam" and run.ok}
+    lines = []
+    if "uplink" in ours and "cut" in ours:
+        ratio = ours["cut"].wire / ours["uplink"].wire
+        lines.append(f"AAM cut and continued: {ratio:.2f}x the bytes of an uncut full "
+                     f"(target <= {CUT_TARGET:.2f}).")
+    if "uplink" in ours:
+        run = ours["uplink"]
+        lines.append(f"AAM uncut full: {run.wall / (run.wire / rate):.2f}x its bytes' wire "
+                     f"time (target <= {UPLINK_TARGET:.2f}).")
+    return lines
+
+
+def uplink(options):
+    bench = UplinkBench(options)
+    try:
+        say(f"Generating {options.files:,} files of random bytes (~{options.total_bytes / 1e6:,.0f}"
+            f" MB) in {bench.source} ...")
+        total = incompressible_tree(bench.source, options.files, options.total_bytes,
+                                    options.seed)
+        say(f"  {total / 1e6:,.1f} MB; link {options.rate:,} bytes/s "
+            f"({options.rate * 8 / 1e6:g} Mbit/s)")
+        runs, tools = bench.run()
+    finally:
+        if not options.keep:
+            shutil.rmtree(bench.work, ignore_errors=True)
+    print()
+    print(uplink_table(runs, options.rate))
+    if any(run.scenario == "limit" for run in runs):
+        print("\nThe tool's own upload limit at the same rate, the link not throttled:\n")
+        print(limit_table(runs, options.rate))
+    print()
+    for line in uplink_targets(runs, options.rate):
+        print(line)
+    print(f"Tree: {options.files:,} files of random bytes, {total / 1e6:,.1f} MB; volume size "
+          f"{options.volume_size:,} bytes; link {options.rate:,} bytes/s; cut at "
+          f"{CUT_FRACTION:.0%} of the stored bytes of an uncut run; endpoint "
+          f"{endpoint_text(options)}; load average at the end {load_average():.2f}.")
+    print(f"Machine: {machine()}")
+    if options.json:
+        write_json(options.json, {
+            "mode": "uplink", "tools": list(tools), "files": options.files, "bytes": total,
+            "volume_size": options.volume_size, "rate": options.rate,
+            "runs": [run.as_dict() for run in runs]})
+    return 0 if all(run.ok for run in runs) else 1
+
+
 # ---------------------------------------------------------------- command line
 
 def parse_count_list(text):
@@ -1094,23 +1503,35 @@ def parse_options(argv):
     parser = argparse.ArgumentParser(
         description="Benchmark AAM Auto Backup against restic, duplicity and plain 7-Zip.")
     parser.add_argument("mode", nargs="?", default="compare",
-                        choices=("compare", "compression", "scale"),
+                        choices=("compare", "compression", "scale", "uplink"),
                         help="compare (default): the four tools; compression: 7-Zip levels; "
-                             "scale: AAM and plain 7-Zip against the number of small files")
-    parser.add_argument("--files", type=int, default=10_000, help="files in the tree")
+                             "scale: AAM and plain 7-Zip against the number of small files; "
+                             "uplink: AAM and restic over a throttled link, cut and continued")
+    parser.add_argument("--files", type=int,
+                        help="files in the tree (default 10,000; uplink mode 200)")
     parser.add_argument("--total-bytes", type=parse_size,
-                        help="tree size, e.g. 500M or 5G (default: 50 KB per file)")
+                        help="tree size, e.g. 500M or 5G (default: 50 KB per file; uplink "
+                             "mode 200M)")
     parser.add_argument("--counts", type=parse_count_list, default=[10_000, 100_000, 1_000_000],
                         help="scale mode: file counts, e.g. 10k,100k (default 10k,100k,1M)")
     parser.add_argument("--mean-size", type=parse_size, default=4000,
                         help="scale mode: mean file size (default 4k; uniform in 1/4..7/4 "
                              "of it)")
-    parser.add_argument("--volume-size", type=parse_size, default=DEFAULT_VOLUME_SIZE,
+    parser.add_argument("--volume-size", type=parse_size,
                         help="7-Zip volume size for AAM and plain 7-Zip (default 64 MiB: "
-                             "the 0.5 GB tree in several volumes, as a real backup is)")
+                             "the 0.5 GB tree in several volumes, as a real backup is; "
+                             "uplink mode 16 MiB)")
     parser.add_argument("--piece-size", type=parse_size,
                         default=getattr(aam, "DEFAULT_PIECE_SIZE", 64 * 1024 * 1024),
                         help="AAM's piece size (AAM_PIECE_SIZE; default: the program's)")
+    parser.add_argument("--rate", type=option_types.rate, default=DEFAULT_RATE,
+                        help=f"uplink mode: the link's rate, in the forms of AAM_UPLOAD_LIMIT "
+                             f"(default {DEFAULT_RATE}: 5,000,000 bytes/s)")
+    parser.add_argument("--scenarios", default=",".join(UPLINK_SCENARIOS),
+                        help="uplink mode: from uplink (a full backup over the throttled "
+                             "link), cut (cut at 60%% of its bytes, run again; runs uplink "
+                             "too), limit (the tool's own limit at the rate, the link not "
+                             "throttled); default: all")
     parser.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                         help="7-Zip -mx level for AAM and plain 7-Zip (default: AAM's)")
     parser.add_argument("--levels", default="0,1,3,5,7,9",
@@ -1121,8 +1542,9 @@ def parse_options(argv):
                         help="the local S3 endpoint: moto (default; every scenario) or sink "
                              "(tools/s3_sink.py: discards the volumes at a fraction of moto's "
                              "CPU; no restore)")
-    parser.add_argument("--endpoint-niceness", type=int, default=ENDPOINT_NICENESS,
-                        help=f"niceness of the local S3 endpoint (default {ENDPOINT_NICENESS}; "
+    parser.add_argument("--endpoint-niceness", type=int,
+                        help=f"niceness of the local S3 endpoint (default {ENDPOINT_NICENESS}, "
+                             f"uplink mode {UPLINK_ENDPOINT_NICENESS}; "
                              "0 to check that a ratio does not depend on it)")
     parser.add_argument("--sample-seconds", type=float, default=SAMPLE_SECONDS,
                         help=f"how often /proc is sampled (default {SAMPLE_SECONDS}; a tiny "
@@ -1132,12 +1554,26 @@ def parse_options(argv):
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", help="also write the results to this file")
     options = parser.parse_args(argv)
+    uplink_mode = options.mode == "uplink"
+    if options.files is None:
+        options.files = 200 if uplink_mode else 10_000
     if options.total_bytes is None:
-        options.total_bytes = options.files * 50_000
-    default_tools = "aam,7zip" if options.mode == "scale" else ",".join(TOOLS)
+        options.total_bytes = 200_000_000 if uplink_mode else options.files * 50_000
+    if options.volume_size is None:
+        options.volume_size = UPLINK_VOLUME_SIZE if uplink_mode else DEFAULT_VOLUME_SIZE
+    if options.endpoint_niceness is None:
+        options.endpoint_niceness = (UPLINK_ENDPOINT_NICENESS if uplink_mode
+                                     else ENDPOINT_NICENESS)
+    if uplink_mode and options.endpoint == "sink":
+        parser.error("the uplink mode needs the proxy's throttle: --endpoint moto")
+    options.scenarios = [s.strip() for s in options.scenarios.split(",") if s.strip()]
+    if set(options.scenarios) - set(UPLINK_SCENARIOS):
+        parser.error(f"--scenarios: choose from {','.join(UPLINK_SCENARIOS)}")
+    default_tools = {"scale": "aam,7zip", "uplink": ",".join(UPLINK_TOOLS)}.get(
+        options.mode, ",".join(TOOLS))
     options.tools = [t.strip() for t in (options.tools or default_tools).split(",")
                      if t.strip()]
-    unknown = set(options.tools) - set(TOOLS)
+    unknown = set(options.tools) - set(UPLINK_TOOLS if uplink_mode else TOOLS)
     if unknown or "aam" not in options.tools:
         parser.error(f"--tools: unknown {sorted(unknown)}" if unknown
                      else "--tools must include aam")
@@ -1178,7 +1614,8 @@ def compare(options):
 
 def main(argv=None):
     options = parse_options(sys.argv[1:] if argv is None else argv)
-    modes = {"compare": compare, "compression": compression_sweep, "scale": scale}
+    modes = {"compare": compare, "compression": compression_sweep, "scale": scale,
+             "uplink": uplink}
     return modes[options.mode](options)
 
 

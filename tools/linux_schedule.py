@@ -11,7 +11,8 @@ the values come from an owner-only environment file.
     .venv/bin/python tools/linux_schedule.py --instructions ~/backup-instructions.txt \\
         --log-dir ~/aam-logs --mirror /media/usb/backup --bucket aam-data-backup \\
         --location my-laptop --sender backup@example.com --recipient me@example.com \\
-        --keys-file ~/aam-keys.env --write-secrets [--region R] [--dry-run]
+        --keys-file ~/aam-keys.env --write-secrets [--region R] [--dry-run] \\
+        [--upload-limit 20Mbit] [--stop-after 6.5]
 
 writes, in --config-dir (~/.config/aam-auto-backup), `backup.settings` and the
 wrapper script `aam-auto-backup-daily.sh` (used by cron), and in --unit-dir
@@ -21,13 +22,17 @@ wrapper script `aam-auto-backup-daily.sh` (used by cron), and in --unit-dir
 (mode 0600).  The region (AWS_REGION) comes from --region, else from --keys-file
 (tools/aws_setup.py writes it there), else from AWS_REGION; the job is given it.
 --dry-run prints what would be written and asks for nothing.  It prints the
-commands that enable the timer, and the equivalent crontab line.
+commands that enable the timer, and the equivalent crontab line.  --upload-limit
+gives the job AAM_UPLOAD_LIMIT; --stop-after stops a run still going after that
+many hours with SIGTERM, as Ctrl-C stops it (docs/scheduling.md, "Keeping backups
+to the night").
 """
 
 import argparse
 import getpass
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 
@@ -37,6 +42,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import aam_auto_backup as aab  # noqa: E402
+import option_types  # noqa: E402
 from ask import ask_twice  # noqa: E402
 from aws_setup import KEY_VARIABLES, read_keys_file  # noqa: E402
 
@@ -45,6 +51,9 @@ SETTINGS_FILE = "backup.settings"
 SECRET_VARIABLES = ("AAM_ENCRYPTION_KEY",) + KEY_VARIABLES["backup"]
 SECRET_PROMPTS = ("Archive encryption key", "AWS access key ID of the backup user",
                   "AWS secret access key of the backup user")
+# After the SIGTERM of --stop-after, the time the program gets to abort its multipart
+# upload and remove its work directory before it is killed.
+STOP_GRACE_MINUTES = 5
 
 
 class ScheduleError(Exception):
@@ -82,6 +91,15 @@ def backup_argv(options, settings_file):
 
 def service_text(options, settings_file, secrets_file):
     command = " ".join(_systemd_quote(a) for a in backup_argv(options, settings_file))
+    limit = ([f"Environment=AAM_UPLOAD_LIMIT={options.upload_limit}"]
+             if options.upload_limit else [])
+    stop = []
+    if options.stop_after:
+        stop = [
+            # Type=oneshot: the whole run is its start-up (RuntimeMaxSec= has no effect)
+            f"TimeoutStartSec={options.stop_after}min",
+            f"TimeoutStopSec={STOP_GRACE_MINUTES}min",
+        ]
     return "\n".join([
         "[Unit]",
         "Description=AAM Auto Backup: daily regular backup",
@@ -93,7 +111,12 @@ def service_text(options, settings_file, secrets_file):
         # the region of the bucket and the SES sender (tools/aws_setup.py's)
         f"Environment={_systemd_quote('AWS_REGION=' + options.region)}",
         f"EnvironmentFile={secrets_file}",
+        *limit,
         f"ExecStart={command}",
+        # a stop's SIGTERM goes to the program alone, which stops its child pass and
+        # 7-Zip itself, then aborts its upload; what is left afterwards is killed
+        "KillMode=mixed",
+        *stop,
         # a backup should not slow the computer down
         "Nice=10",
         "IOSchedulingClass=idle",
@@ -122,13 +145,22 @@ def wrapper_text(options, settings_file, secrets_file):
     """The cron job's script; by hand it also runs another operation on the same settings,
     secrets and region: '<script> incremental-only-backup', '<script> regular-backup
     --force-full yes'."""
-    program = " ".join(shlex.quote(a) for a in backup_argv(options, settings_file)[:2])
+    program = backup_argv(options, settings_file)[:2]
+    if options.stop_after:
+        # timeout(1) sends SIGTERM after the time, SIGKILL if the program is still there
+        # STOP_GRACE_MINUTES later
+        program = [options.timeout, "--signal=TERM", f"--kill-after={STOP_GRACE_MINUTES}m",
+                   f"{options.stop_after}m"] + program
+    program = " ".join(shlex.quote(a) for a in program)
+    limit = ([f"AAM_UPLOAD_LIMIT={options.upload_limit}", "export AAM_UPLOAD_LIMIT"]
+             if options.upload_limit else [])
     return "\n".join([
         "#!/bin/sh",
         "# AAM Auto Backup daily job (for cron); the secrets come from an owner-only file.",
         "# By hand: this script [operation [--NAME VALUE ...]], e.g. incremental-only-backup.",
         f"AWS_REGION={shlex.quote(options.region)}",
         "export AWS_REGION",
+        *limit,
         "set -a",
         f". {shlex.quote(secrets_file)}",
         "set +a",
@@ -227,9 +259,19 @@ def parse_options(argv):
                         help="ask for the key and the AWS keys and write secrets.env")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be written; write and ask nothing")
+    parser.add_argument("--upload-limit", type=option_types.rate, metavar="RATE",
+                        help="AAM_UPLOAD_LIMIT for the job: the whole run's upload at most "
+                             "this rate, e.g. 20Mbit or 2.5M (bytes per second)")
+    parser.add_argument("--stop-after", type=option_types.hours_as_minutes, metavar="HOURS",
+                        help="stop a run still going after HOURS (e.g. 6 or 6.5) with "
+                             "SIGTERM, as Ctrl-C does: keeps backups to the night")
     options = parser.parse_args(argv)
     if options.recipient and not options.sender:
         parser.error("--recipient needs --sender (the SES-verified sender address)")
+    options.timeout = shutil.which("timeout")
+    if options.stop_after and not options.timeout:
+        parser.error("--stop-after: the cron wrapper needs timeout(1) from GNU coreutils, "
+                     "which is not on PATH")
     for name in ("instructions", "log_dir", "mirror", "config_dir", "unit_dir", "keys_file"):
         if getattr(options, name):
             setattr(options, name, os.path.abspath(os.path.expanduser(getattr(options, name))))
@@ -319,6 +361,12 @@ def write_all(files, settings_file, secrets_file, options):
     print(f"{UNIT}.service and {UNIT}.timer in {options.unit_dir}, and {files[3][0]}.")
     print(f"Secrets are read from {secrets_file} (mode 0600); the region is "
           f"AWS_REGION={options.region}.")
+    if options.upload_limit:
+        print(f"Uploads are limited to {options.upload_limit:,} bytes per second "
+              "(AAM_UPLOAD_LIMIT).")
+    if options.stop_after:
+        print(f"A run still going after {options.stop_after / 60:g} hours is stopped "
+              "(SIGTERM, as Ctrl-C).")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Library use::
         proxy.wait_for(lambda c: c["by_kind"].get("UploadPart", 0) >= 1, 60)  # a part is up
         proxy.fail_after(3)          # 4th and later requests get HTTP 500
         proxy.plant_first("PutObject", "_yes_")   # that key exists when it arrives
+        proxy.limit_upload(5_000_000)   # request bodies of all connections: 5 MB/s in sum
 
 IAM enforcement (moto only checks policies once it is switched on)::
 
@@ -44,6 +45,7 @@ Command line (docs/development.md, "A local endpoint instead of AWS")::
 
     python tools/local_aws.py serve [--port P] [--region R] [--bucket B] [--sender ADDR]
                                     [--recipient ADDR] [--iam --keys-file FILE]
+                                    [--upload-limit RATE]
     python tools/local_aws.py emails [--endpoint URL]
 
 serve prints ``AWS_ENDPOINT_URL=...`` and the credentials to use, and serves until
@@ -51,8 +53,10 @@ Ctrl-C.  With --iam it sets the endpoint up as tools/aws_setup.py sets up AWS
 (the bucket, its policy, the backup and restore users with their policies, SES),
 writes the users' keys and the region to FILE as aws_setup.py does, makes an
 administrator for ``aws_setup.py --check``, and switches IAM enforcement on, so
-that each key can do exactly what it can in AWS.  emails prints the e-mails the
-endpoint has caught (SES accepts them but sends none).
+that each key can do exactly what it can in AWS.  With --upload-limit (e.g. 20Mbit,
+2.5M: the forms of AAM_UPLOAD_LIMIT) the endpoint printed is a FaultProxy whose
+request bodies pass at that rate in sum: a slow uplink in front of the server.
+emails prints the e-mails the endpoint has caught (SES accepts them but sends none).
 """
 
 import argparse
@@ -718,6 +722,34 @@ def _object_kind(method, query, headers):
     return f"{method} object"
 
 
+class UploadThrottle:
+    """A token bucket shared by every connection: request bodies pass at `rate` bytes
+    per second in sum, like an uplink (a limit per connection would let parallel
+    multipart parts together exceed it).
+
+    Each caller reserves its bytes and sleeps until the bucket has paid for them, so
+    that over any interval of t seconds at most BURST + rate * t bytes pass.
+    """
+
+    BURST = 64 * 1024
+
+    def __init__(self, rate):
+        self.rate = float(rate)
+        self._lock = threading.Lock()
+        self._tokens = float(self.BURST)
+        self._stamp = time.monotonic()
+
+    def take(self, size):
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.BURST, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= size
+            debt = -self._tokens
+        if debt > 0:
+            time.sleep(debt / self.rate)
+
+
 class FaultProxy:
     """A transparent, counting, fault-injecting reverse proxy (127.0.0.1).
 
@@ -745,6 +777,9 @@ class FaultProxy:
         self._delay = 0.0
         self._delay_kinds = None
         self._plant = None
+        self._throttle = None
+        self._connections = set()         # client sockets being served
+        self._line_cuts = 0               # cut_connections calls so far
         self.reset_counters()
         self._server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", port), _make_handler(self))
@@ -831,6 +866,23 @@ class FaultProxy:
         isolated_client("s3", upstream).put_object(Bucket=bucket, Key=key, Body=body,
                                                    IfNoneMatch="*")
 
+    def limit_upload(self, bytes_per_second):
+        """Let request bodies through at bytes_per_second in sum over all connections
+        (None: no limit), as over a slow uplink; the client's sends back up behind it."""
+        self._throttle = UploadThrottle(bytes_per_second) if bytes_per_second else None
+
+    def cut_connections(self):
+        """The line goes dead: every client connection open now is closed at once, a
+        body in progress is neither forwarded nor counted further.  With a throttle,
+        what the client had sent but the throttle had not let through (the sockets'
+        buffers) is lost, as at a power cut, not delivered afterwards."""
+        with self._lock:
+            self._line_cuts += 1
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
     def clear_faults(self):
         with self._lock:
             self._fail_after = None
@@ -882,8 +934,10 @@ class FaultProxy:
 
     def counters(self):
         """A snapshot: requests, by_method, by_kind, bytes_received (request
-        bodies as sent on the wire), bytes_sent (response bodies),
-        bytes_received_by_kind, injected_failures, stalled."""
+        bodies as sent on the wire, counted as they arrive), bytes_sent (response
+        bodies), bytes_received_by_kind, injected_failures, stalled; and
+        open_connections, the client connections open now (not a count: reset_counters
+        leaves it)."""
         with self._lock:
             return self._snapshot()
 
@@ -903,6 +957,7 @@ class FaultProxy:
             "bytes_received_by_kind": dict(self._bytes_by_kind),
             "injected_failures": self._injected_failures,
             "stalled": self._stalled,
+            "open_connections": len(self._connections),
         }
 
     def _count_request(self, method, kind, path=""):
@@ -967,6 +1022,19 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def setup(self):
+        super().setup()
+        with self.proxy._counted:
+            self.proxy._connections.add(self.connection)
+            self.line = self.proxy._line_cuts     # a later cut ends this connection
+            self.proxy._counted.notify_all()
+
+    def finish(self):
+        with self.proxy._counted:
+            self.proxy._connections.discard(self.connection)
+            self.proxy._counted.notify_all()
+        super().finish()
+
     def do_request(self):
         kind = classify(self.command, self.path, self.headers)
         service = request_service(self.headers)
@@ -997,7 +1065,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True  # drop it: the client gave up long ago
 
     def _answer_failure(self, kind, status):
-        received = sum(len(c) for c in self._body_chunks())
+        for _ in self._body_chunks(kind):
+            pass
         body = _error_xml(status)
         self.send_response_only(status)
         self.send_header("Content-Type", "application/xml")
@@ -1006,7 +1075,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
         self.proxy._count("_injected_failures")
-        self.proxy._count_bytes(kind, received=received, sent=len(body))
+        self.proxy._count_bytes(kind, sent=len(body))
 
     # -- forwarding
 
@@ -1020,27 +1089,38 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 if name.lower() not in HOP_HEADERS:
                     upstream.putheader(name, value)
             upstream.endheaders()
-            received = 0
-            for chunk in self._body_chunks():
+            for chunk in self._body_chunks(kind):
                 upstream.send(chunk)
-                received += len(chunk)
-            self.proxy._count_bytes(kind, received=received)
             response = upstream.getresponse()
             sent = self._relay_response(response)
             self.proxy._count_bytes(kind, sent=sent)
         finally:
             upstream.close()
 
-    def _body_chunks(self):
-        """Yield the request body as it came, framing bytes included."""
+    def _body_chunks(self, kind):
+        """Yield the request body as it came, framing bytes included, each chunk
+        counted as it arrives (a wait on bytes_received sees a body in progress)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            yield from self._raw_chunked_body()
-            return
-        yield from self._exactly(int(self.headers.get("Content-Length") or 0))
+            chunks = self._raw_chunked_body()
+        else:
+            chunks = self._exactly(int(self.headers.get("Content-Length") or 0))
+        for chunk in chunks:
+            # Linux still returns what the socket had received before a shutdown
+            if self.proxy._line_cuts != self.line:
+                raise ConnectionError("the line was cut")
+            self.proxy._count_bytes(kind, received=len(chunk))
+            yield chunk
+
+    def _pass_uplink(self, size):
+        """Wait for the upload limit's leave to read size more bytes (if limited)."""
+        throttle = self.proxy._throttle
+        if throttle is not None:
+            throttle.take(size)
 
     def _exactly(self, remaining):
         """Yield the next `remaining` bytes of the request, in copy-sized chunks."""
         while remaining > 0:
+            self._pass_uplink(min(COPY_CHUNK, remaining))
             chunk = self.rfile.read(min(COPY_CHUNK, remaining))
             if not chunk:
                 raise ConnectionError("client closed mid-body")
@@ -1052,6 +1132,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             size_line = self.rfile.readline()
             if not size_line:
                 raise ConnectionError("client closed mid-body")
+            self._pass_uplink(len(size_line))
             yield size_line
             size = int(size_line.split(b";")[0].strip(), 16)
             if size == 0:
@@ -1134,10 +1215,17 @@ def set_up_as_aws_setup_does(aws, bucket, sender, recipient, keys_file):
 
 
 def serve(port=None, region=DEFAULT_REGION, bucket=None, sender=None, recipient=None,
-          keys_file=None):
+          keys_file=None, upload_limit=None):
+    """upload_limit (bytes per second): serve through a FaultProxy limited to it, on port."""
     # SIGTERM, too, should stop the server cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with LocalAws(region=region, port=port) as aws:
+    with LocalAws(region=region, port=None if upload_limit else port) as aws, \
+            contextlib.ExitStack() as stack:
+        endpoint = aws.endpoint_url
+        if upload_limit:
+            proxy = stack.enter_context(FaultProxy(aws.endpoint_url, port or 0))
+            proxy.limit_upload(upload_limit)
+            endpoint = proxy.endpoint_url
         if keys_file:
             key_id, secret = set_up_as_aws_setup_does(aws, bucket, sender, recipient,
                                                       keys_file)
@@ -1148,7 +1236,7 @@ def serve(port=None, region=DEFAULT_REGION, bucket=None, sender=None, recipient=
             for address in (sender, recipient):
                 if address:
                     aws.verify_ses_identity(address)
-        print(f"AWS_ENDPOINT_URL={aws.endpoint_url}")
+        print(f"AWS_ENDPOINT_URL={endpoint}")
         print(f"AWS_REGION={aws.region}")
         print(f"AWS_ACCESS_KEY_ID={key_id}")
         print(f"AWS_SECRET_ACCESS_KEY={secret}")
@@ -1157,7 +1245,7 @@ def serve(port=None, region=DEFAULT_REGION, bucket=None, sender=None, recipient=
                   f"tools/aws_setup.py --check); the backup and restore users' keys and "
                   f"the region are in {keys_file}.")
         print(f"# E-mails caught: {sys.executable} {os.path.abspath(__file__)} emails "
-              f"--endpoint {aws.endpoint_url}", flush=True)
+              f"--endpoint {endpoint}", flush=True)
         try:
             while aws._process.poll() is None:
                 time.sleep(0.5)
@@ -1202,6 +1290,10 @@ def main(argv=None):
                                 "--keys-file) and enforce IAM")
     serve_cmd.add_argument("--keys-file", help="with --iam: a new file for the backup and "
                                                "restore users' keys and the region")
+    from option_types import rate      # the program's own reading of AAM_UPLOAD_LIMIT
+    serve_cmd.add_argument("--upload-limit", type=rate, metavar="RATE",
+                           help="request bodies in sum at most this rate, a slow uplink "
+                                "(e.g. 20Mbit, 2.5M: the forms of AAM_UPLOAD_LIMIT)")
     emails_cmd = commands.add_parser("emails", help="print the e-mails the endpoint caught")
     emails_cmd.add_argument("--endpoint", default=f"http://127.0.0.1:{DEFAULT_PORT}",
                             help="default: %(default)s")
@@ -1225,8 +1317,9 @@ def main(argv=None):
               ".venv/bin/pip install -r tests/requirements.txt", file=sys.stderr)
         return 2
     serve(args.port or None, args.region, args.bucket, args.sender, args.recipient,
-          args.keys_file if args.iam else None)
+          args.keys_file if args.iam else None, args.upload_limit)
     return 0
+
 
 
 if __name__ == "__main__":

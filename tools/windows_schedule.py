@@ -25,7 +25,9 @@ into the files, if you prefer that.
 The region (--region, the one tools/aws_setup.py used): the batch files set
 AWS_REGION, and the task, which runs python.exe directly, reads the user
 environment variable that `setx AWS_REGION <region>` sets (printed, and run with
---register).
+--register).  --upload-limit RATE sets AAM_UPLOAD_LIMIT the same way.
+--stop-after HOURS sets the task's "Stop the task if it runs longer than"
+(default 72 hours; docs/scheduling.md, "Keeping backups to the night").
 
     python tools\\windows_schedule.py --python C:\\...\\python.exe --log-dir ... (see --help)
 """
@@ -43,6 +45,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 import aam_auto_backup as aab  # noqa: E402
+import option_types  # noqa: E402
 from ask import ask_twice  # noqa: E402
 
 TASK_NAME = "Daily AAM Auto Backup"
@@ -60,6 +63,7 @@ SECRET_ENV_DEFAULTS = {
 # is quoted.
 BARE_POSITIONS = {1, 2, 4, 5, 7, 15}
 WINDOWS = aab.WindowsPlatform()
+DEFAULT_TIME_LIMIT_MINUTES = 72 * 60      # Task Scheduler's own default
 
 
 class SettingsError(Exception):
@@ -73,7 +77,8 @@ class ScheduleSettings:
                  mirror_dir, bucket, location, user, *, lock_poll=600, lock_wait=7200,
                  send_email=True, sender_name="AAM Backup Report", drive_letter="q",
                  destinations="local|AWS", keep=False, key=None, access_key_id=None,
-                 secret_access_key=None, region=None):
+                 secret_access_key=None, region=None, upload_limit=None,
+                 stop_after=DEFAULT_TIME_LIMIT_MINUTES):
         self.program_dir = program_dir.rstrip("\\") or program_dir
         self.python, self.log_dir = python, log_dir
         self.sender, self.recipient = sender, recipient
@@ -87,6 +92,8 @@ class ScheduleSettings:
         self.secret_access_key = (secret_access_key
                                   or "env:" + SECRET_ENV_DEFAULTS["secret_access_key"])
         self.region = region
+        self.upload_limit = upload_limit  # bytes per second, or None
+        self.stop_after = stop_after      # minutes: the task's execution time limit
 
     @property
     def inline_secrets(self):
@@ -134,8 +141,8 @@ def batch_file_text(settings, operation):
     """
     command = f"{PROGRAM} " + argument_words(backup_arguments(settings, operation))
     lines = [f"cd /D {WINDOWS.quote(settings.program_dir)}"]
-    if settings.region:
-        lines.append(f'set "AWS_REGION={settings.region}"')
+    for name, value in user_environment(settings).items():
+        lines.append(f'set "{name}={value}"')
     lines.append(("@" if settings.inline_secrets else "") + command)
     text = "\r\n".join(line.replace("%", "%%") for line in lines) + "\r\n"
     if not text.isascii():
@@ -155,9 +162,12 @@ def task_xml(settings, start_date):
     General: run whether the user is logged on or not (password stored), with
     highest privileges, not hidden.  Trigger: daily at 00:30.  Action: python.exe
     in double quotes, the arguments, "Start in" the program directory without
-    quotes.  Conditions: all unchecked.  Settings: the defaults (runs on demand).
+    quotes.  Conditions: all unchecked.  Settings: the defaults (runs on demand),
+    stopped after settings.stop_after minutes (72 hours unless chosen).
     """
     start = f"{start_date.isoformat()}T{TASK_TIME}"
+    hours, minutes = divmod(settings.stop_after, 60)
+    limit = "PT" + (f"{hours}H" if hours else "") + (f"{minutes}M" if minutes else "")
     return f"""<?xml version="1.0" encoding="UTF-16"?>
 <Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
   <RegistrationInfo>
@@ -195,7 +205,7 @@ def task_xml(settings, start_date):
     <Hidden>false</Hidden>
     <RunOnlyIfIdle>false</RunOnlyIfIdle>
     <WakeToRun>false</WakeToRun>
-    <ExecutionTimeLimit>PT72H</ExecutionTimeLimit>
+    <ExecutionTimeLimit>{limit}</ExecutionTimeLimit>
     <Priority>7</Priority>
   </Settings>
   <Actions Context="Author">
@@ -244,9 +254,18 @@ def write_files(settings, output_dir, start_date):
     return [path for path, _data in files]
 
 
-def setx_argv(settings):
-    """Makes the region the user's environment variable, which the task sees."""
-    return ["setx", "AWS_REGION", settings.region]
+def user_environment(settings):
+    """{name: value} the job needs in its environment: the batch files set them, and the
+    task, which runs python.exe directly with no environment of its own, reads them as
+    the user's environment variables (setx_argvs)."""
+    values = {"AWS_REGION": settings.region,
+              "AAM_UPLOAD_LIMIT": settings.upload_limit and str(settings.upload_limit)}
+    return {name: value for name, value in values.items() if value}
+
+
+def setx_argvs(settings):
+    """Make each of user_environment the user's environment variable, which the task sees."""
+    return [["setx", name, value] for name, value in user_environment(settings).items()]
 
 
 def default_user():
@@ -287,8 +306,14 @@ def parse_command_line(argv):
         "secret and write them into the task and the batch files instead")
     add("--output", default=None, help="where to write the files (default: the program "
         "directory)")
-    add("--register", action="store_true", help="run schtasks (and setx for --region) now "
-        "(Windows, administrator)")
+    add("--upload-limit", type=option_types.rate, metavar="RATE", help="AAM_UPLOAD_LIMIT: the "
+        "whole run's upload at most this rate, e.g. 20Mbit or 2.5M; set in the batch files, "
+        "and as yours for the task")
+    add("--stop-after", type=option_types.hours_as_minutes, metavar="HOURS",
+        default=DEFAULT_TIME_LIMIT_MINUTES, help="stop a run still going after HOURS, e.g. "
+        "6 or 6.5 (default 72, Task Scheduler's own)")
+    add("--register", action="store_true", help="run schtasks (and setx for --region and "
+        "--upload-limit) now (Windows, administrator)")
     add("--dry-run", action="store_true", help="print the files and the commands; write, "
         "ask and run nothing")
     return parser.parse_args(argv)
@@ -313,7 +338,7 @@ def settings_from(options):
         lock_wait=options.lock_wait, send_email=options.send_email == "True",
         sender_name=options.sender_name, drive_letter=options.drive_letter,
         destinations=options.destinations, keep=options.keep == "True", region=options.region,
-        **secrets)
+        upload_limit=options.upload_limit, stop_after=options.stop_after, **secrets)
 
 
 def main(argv=None):
@@ -340,18 +365,17 @@ def main(argv=None):
     if settings.inline_secrets and not options.dry_run:
         print("These files hold your secrets: keep them private, and delete the XML file "
               "once the task is registered.")
-    commands = [schtasks_command(settings, files[0][0])]
-    if settings.region:
-        commands.append(" ".join(setx_argv(settings)))
+    setx = setx_argvs(settings)
+    commands = [schtasks_command(settings, files[0][0])] + [" ".join(argv) for argv in setx]
     print("\nRegister the daily task from an administrator terminal "
           "(schtasks asks for your Windows password)"
-          + (" and make the region yours" if settings.region else "") + ":\n\n"
-          + "".join(f"    {command}\n" for command in commands))
+          + (f" and make {' and '.join(user_environment(settings))} yours" if setx else "")
+          + ":\n\n" + "".join(f"    {command}\n" for command in commands))
     if options.register:
         if os.name != "nt":
             print("error: --register needs Windows (schtasks)", file=sys.stderr)
             return 2
-        if settings.region and subprocess.run(setx_argv(settings)).returncode:
+        if any(subprocess.run(argv).returncode for argv in setx):
             return 1
         return subprocess.run(schtasks_argv(settings, files[0][0])).returncode
     return 0

@@ -1667,6 +1667,15 @@ class ArgTable:
     def label(self, field):
         return self.arg(field).label
 
+    def ref(self, field):
+        """How a message names one argument by its number: 'argument 13'."""
+        return f"argument {self.number(field)}"
+
+    def credentials_ref(self):
+        """How a message names the AWS keys a request was made with: 'arguments 19 and 20'."""
+        return (f"arguments {self.number('access_key_id')} and "
+                f"{self.number('secret_access_key')}")
+
     def field_of(self, name):
         """The field a setting's name (log-dir or log_dir) stands for, or None."""
         field = name.replace("-", "_")
@@ -2049,8 +2058,7 @@ class Arguments:
 
     def ref(self, field):
         """How a rule names another argument: 'argument 13', or 'destinations'."""
-        return self.table.arg(field).name if self.named else \
-            f"argument {self.table.number(field)}"
+        return self.table.arg(field).name if self.named else self.table.ref(field)
 
     def error(self, field, problem, text=None):
         """A UsageError about one argument, named as the command line gave it."""
@@ -2305,8 +2313,7 @@ def check_key_pair(args):
             raise UsageError("access-key-id and secret-access-key must both be given, or "
                              "both be empty to use the default AWS credential chain",
                              args.operation, named=True)
-        first = args.table.number("access_key_id")
-        raise UsageError(f"arguments {first} and {first + 1} must both be given, or both "
+        raise UsageError(f"{args.table.credentials_ref()} must both be given, or both "
                          "be \"\" to use the default AWS credential chain", args.operation)
 
 
@@ -2341,9 +2348,11 @@ def read_instruction_file(path):
         with open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
-        raise InstructionError(f"argument 11: the instruction file {path} does not exist")
+        raise InstructionError(f"{BACKUP_ARGS.ref('instruction_file')}: the instruction "
+                               f"file {path} does not exist")
     except OSError as problem:
-        raise InstructionError(f"argument 11: the instruction file {path} cannot be read: "
+        raise InstructionError(f"{BACKUP_ARGS.ref('instruction_file')}: the instruction "
+                               f"file {path} cannot be read: "
                                f"{problem.strerror}")
     try:
         return data.decode("utf-8-sig")
@@ -3849,9 +3858,6 @@ AWS_PERMISSIONS = {
     "CompleteMultipartUpload": "s3:PutObject", "SendEmail": "ses:SendEmail",
 }
 DENIED_CODES = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled")
-BACKUP_CREDENTIALS = "arguments 19 and 20"        # the keys a refused request was made with
-RESTORE_CREDENTIALS = "arguments 11 and 12"
-BROWSE_CREDENTIALS = "arguments 5 and 6"
 
 
 def aws_error_code(problem):
@@ -3874,7 +3880,7 @@ def describe_aws_error(problem, where="", credentials=""):
     if aws_error_code(problem) in DENIED_CODES:
         keys = f"the credentials of {credentials}" if credentials else "the credentials"
         permission = AWS_PERMISSIONS.get(operation, "it needs")
-        return (f"AWS refused {operation or 'the request'}{on} (access denied): {keys} "
+        return (f"AWS refused {operation or 'the request'}{on}, access denied: {keys} "
                 f"lack the permission {permission}")
     error = response["Error"]
     text = f"{error.get('Code', 'Error')}: {error.get('Message', '')}".strip()
@@ -4366,7 +4372,7 @@ def mirror_extras(view_root, target, plan, platform, keep, start_ts):
             elif not keep and not in_source and platform.changed_time(
                     entry.stat(follow_symlinks=False)) < start_ts:
                 extras.append(f"{shown}: in the mirror {target} but not in the source "
-                              f"(argument {BACKUP_ARGS.number('keep')} is False); delete it "
+                              f"({BACKUP_ARGS.ref('keep')} is False); delete it "
                               "there")
             elif is_dir and wanted:
                 pending.append((rel, inside or listed))
@@ -4568,7 +4574,8 @@ def run_child(child, platform, settings):
     since = None if full else (child.latest_incremental or child.latest_full)
     if not full and since is None:
         child_say("AAM Auto Backup: an incremental backup needs the latest complete "
-                  "backup time (arguments 3 and 4).")
+                  f"backup time ({CHILD_ARGS.ref('latest_full')} or "
+                  f"{CHILD_ARGS.number('latest_incremental')}).")
         return EXIT_FAILURE
     child_say(f"Source {child.mount}: {child.scope.word} backup"
               + ("" if full else f" of files changed since {describe_stamp(since)}"))
@@ -5681,7 +5688,7 @@ class BackupRun:
 
     def warn_about_a_short_key(self):
         if self.aws_asked and len(self.args.key) < STRONG_KEY_LENGTH:
-            self.log.line(f"WARNING: the archive key (argument {BACKUP_ARGS.number('key')}) "
+            self.log.line(f"WARNING: the archive key ({BACKUP_ARGS.ref('key')}) "
                           f"is shorter than {STRONG_KEY_LENGTH} characters. ZIP's AES key "
                           "derivation is weak (1,000 rounds of PBKDF2-SHA1), so anyone who "
                           "obtains a volume can guess a short key offline: use "
@@ -5798,7 +5805,8 @@ class BackupRun:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LockTimeout(f"Another backup held the lock {path} for the whole "
-                                  f"wait of {wait} seconds (argument 5); giving up.")
+                                  f"wait of {wait} seconds ({BACKUP_ARGS.ref('lock_wait')}); "
+                                  "giving up.")
             pause = min(poll, remaining)
             self.log.line(f"Another backup is running (lock {path}); waiting "
                           f"{pause:.0f} s before the next check, at most "
@@ -5871,7 +5879,7 @@ class BackupRun:
                                       transfer_config(self.settings.upload_limit))
             self.listing = self.list_bucket(sources, pending)
         except aws_errors() as problem:
-            cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
+            cause = describe_aws_error(problem, credentials=BACKUP_ARGS.credentials_ref())
             self.skip_aws(f"AWS S3 cannot be queried ({cause})")
             if pending:
                 pending.close()
@@ -5976,13 +5984,13 @@ class BackupRun:
         checks = self.listing.keychecks.get(full, [])
         if (self.regular and self.args.force_full and checks
                 and not any(check.matches(self.args.key) for check in checks)):
-            return (f"argument {BACKUP_ARGS.number('force_full')} asks for a full backup, "
+            return (f"{BACKUP_ARGS.ref('force_full')} asks for a full backup, "
                     "with an archive key other than this backup's (its key check "
                     f"{checks[0].key}): a new chain")
         if backup["scope"] == Scope.FULL.word:
             return None
         if self.regular and self.args.force_full:
-            return (f"argument {BACKUP_ARGS.number('force_full')} asks for a full backup, "
+            return (f"{BACKUP_ARGS.ref('force_full')} asks for a full backup, "
                     "and it is an incremental")
         if self.args.auto_force_full and self.instruction_file_changed() > full:
             return (f"the instruction file changed after its full backup (argument "
@@ -6099,12 +6107,13 @@ class BackupRun:
         changed = self.instruction_file_changed()
         if self.regular:
             if self.args.force_full:
-                reason = "forced by argument 21"
+                reason = f"forced by {BACKUP_ARGS.ref('force_full')}"
             elif full is None:
                 reason = f"no complete full backup of the {len(sources)} current sources {where}"
             elif self.args.auto_force_full and changed > full:
                 reason = (f"the instruction file changed ({describe_stamp(changed)}) after "
-                          "the latest complete full backup (argument 22)")
+                          "the latest complete full backup "
+                          f"({BACKUP_ARGS.ref('auto_force_full')})")
             else:
                 reason = None
             if reason:
@@ -6119,7 +6128,8 @@ class BackupRun:
             if self.args.auto_force_full and changed > full:
                 raise Refused(f"The instruction file changed ({describe_stamp(changed)}) "
                               "after the latest complete full backup, so a full backup is "
-                              "required (argument 22); run a regular backup instead.")
+                              f"required ({BACKUP_ARGS.ref('auto_force_full')}); run a "
+                              "regular backup instead.")
         self.scope, self.base_full = Scope.INCREMENTAL, full
         self.since = self.latest_incremental or full
         self.log.line(f"Backup scope: incremental, based on the full backup "
@@ -6144,7 +6154,7 @@ class BackupRun:
                   else own or listing.newest_keychecks(self.stamp))
         matching = next((check for check in checks if check.matches(key)), None)
         if matching is not None:
-            self.log.line(f"Key check: the archive key (argument {BACKUP_ARGS.number('key')}) "
+            self.log.line(f"Key check: the archive key ({BACKUP_ARGS.ref('key')}) "
                           f"matches {matching.key}.", terminal=False)
             if not (incremental or own):
                 self.keycheck_to_write = (KeyCheck.for_key(self.args.location, self.stamp,
@@ -6179,9 +6189,9 @@ class BackupRun:
 
     def start_new_key_chain(self, newest, new):
         """Argument 21 forces a full backup with another key: the key is changed on purpose."""
-        self.log.line(f"WARNING: the archive key (argument {BACKUP_ARGS.number('key')}) is "
+        self.log.line(f"WARNING: the archive key ({BACKUP_ARGS.ref('key')}) is "
                       f"not the key of the latest chain (key check {newest.key}). This full "
-                      f"backup is forced (argument {BACKUP_ARGS.number('force_full')}), so it "
+                      f"backup is forced ({BACKUP_ARGS.ref('force_full')}), so it "
                       "starts a new chain with the new key. Restoring a backup made before it "
                       "needs the old key (docs/security.md).")
         self.report_notes.append(
@@ -6196,7 +6206,7 @@ class BackupRun:
                  f"{describe_stamp(check.full)})")
         self.key_refused = True
         self.skip_aws(
-            f"The archive key (argument {BACKUP_ARGS.number('key')}) is not the key of "
+            f"The archive key ({BACKUP_ARGS.ref('key')}) is not the key of "
             f"{chain}: it does not match the key check s3://{self.args.bucket}/{check.key}, "
             "so nothing was written to S3. If the key was mistyped, correct it; to change "
             "the key on purpose, run regular-backup with argument "
@@ -6660,7 +6670,7 @@ class BackupRun:
 
     def upload_failed(self, source, problem):
         self.log.section(SECTION_UPLOAD_ERROR)
-        cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
+        cause = describe_aws_error(problem, credentials=BACKUP_ARGS.credentials_ref())
         message = (f"Upload to s3://{self.args.bucket} failed for {source.mount} "
                    f"({cause}); no completion indicator was written, so this backup is "
                    "not complete; no further uploads in this run (the next run continues "
@@ -6842,14 +6852,15 @@ def is_transient(problem):
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
 
 
-def restore_aws_error(problem, bucket, key=None, credentials=RESTORE_CREDENTIALS,
-                      kind="object"):
-    """An AamError for a failed S3 call of a restore, naming the object (by its kind)
-    and a missing permission."""
-    where = f"the {kind} s3://{bucket}/{key}" if key else f"s3://{bucket}"
+def restore_aws_error(problem, bucket, key=None, table=None, kind="object"):
+    """An AamError for a failed S3 call of a restore or browse (table: its arguments,
+    RESTORE_ARGS when None), naming the object (by its kind) and a missing permission."""
+    table = table or RESTORE_ARGS
+    where = (f"the {kind} s3://{bucket}/{key}" if key
+             else f"the bucket {bucket} ({table.ref('bucket')})")
     if aws_error_code(problem) in DENIED_CODES:
         return AamError(
-            f"{describe_aws_error(problem, where, credentials)}. A restore needs "
+            f"{describe_aws_error(problem, where, table.credentials_ref())}. A restore needs "
             "s3:ListBucket, s3:GetObject and s3:RestoreObject on the bucket: use the "
             "restore user's keys (docs/aws-setup.md); the backup user is write-only by "
             "design.")
@@ -6857,12 +6868,12 @@ def restore_aws_error(problem, bucket, key=None, credentials=RESTORE_CREDENTIALS
         return AamError(f"The {kind} s3://{bucket}/{key} does not exist (any more); the "
                         "backup set is damaged.")
     if aws_error_code(problem) == "NoSuchBucket":
-        return AamError(f"The bucket {bucket} (argument 9) does not exist.")
+        return AamError(f"The bucket {bucket} ({table.ref('bucket')}) does not exist.")
     return AamError(f"AWS S3 request on {where} failed: {describe_aws_error(problem)}")
 
 
 @contextlib.contextmanager
-def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS, kind="object"):
+def s3_call(bucket, key=None, table=None, kind="object"):
     """Turn a refused or failed S3 call on the bucket, or on one object of that kind
     (volume, catalogue, completion indicator), into a clear AamError naming it;
     transient ones pass on."""
@@ -6873,7 +6884,7 @@ def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS, kind="object"):
     except Exception as problem:     # noqa: BLE001 - boto3 raises many kinds
         if is_transient(problem):
             raise
-        raise restore_aws_error(problem, bucket, key, credentials, kind) from None
+        raise restore_aws_error(problem, bucket, key, table, kind) from None
 
 
 class TerminalOutput:
@@ -7052,9 +7063,9 @@ def listing_start(catalogues):
     return start
 
 
-def read_manifest(s3, bucket, key, credentials=RESTORE_CREDENTIALS):
+def read_manifest(s3, bucket, key, table=None):
     """The JSON manifest of one indicator, checked enough to be trusted."""
-    with s3_call(bucket, key, credentials, "completion indicator"):
+    with s3_call(bucket, key, table, "completion indicator"):
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     try:
         manifest = json.loads(body.decode("utf-8"))
@@ -7071,10 +7082,10 @@ def read_manifest(s3, bucket, key, credentials=RESTORE_CREDENTIALS):
         raise AamError(f"The completion indicator {key} cannot be used: {problem}")
 
 
-def complete_backup(s3, bucket, listing, full, incremental, credentials=RESTORE_CREDENTIALS):
+def complete_backup(s3, bucket, listing, full, incremental, table=None):
     """({source: manifest}, None) when one backup is complete, else (None, reason)."""
     present = listing.indicators.get((full, incremental), {})
-    manifests = {source: read_manifest(s3, bucket, stored.name.key, credentials)
+    manifests = {source: read_manifest(s3, bucket, stored.name.key, table)
                  for source, stored in sorted(present.items())}
     declared = {tuple(m["sources"]) for m in manifests.values()}
     if len(declared) != 1:
@@ -7212,7 +7223,7 @@ def build_restore_set(location, listing, full, chosen, full_manifests, downloads
     return RestoreSet(location, full, [i for i, _m in chosen], sources, archives, indicators)
 
 
-def keycheck_verdict(key, checks, full, argument=RESTORE_ARGS.number("key")):
+def keycheck_verdict(key, checks, full):
     """(The key check of the chain of full that key matches, or None; why the key is
     wrong, or None).  A chain without key checks (made before they existed) gives
     (None, None): its catalogues try the key."""
@@ -7221,9 +7232,9 @@ def keycheck_verdict(key, checks, full, argument=RESTORE_ARGS.number("key")):
             return check.key, None
     if not checks:
         return None, None
-    return None, (f"The decryption key (argument {argument}) is wrong: it is not the key the "
-                  f"backups of the full backup {describe_stamp(full)} were made with (their "
-                  f"key check {checks[0].key}, and their catalogue does not open with it). "
+    return None, (f"The decryption key ({RESTORE_ARGS.ref('key')}) is wrong: it is not the "
+                  f"key the backups of the full backup {describe_stamp(full)} were made with "
+                  f"(their key check {checks[0].key}, and their catalogue does not open with it). "
                   "Nothing was thawed.")
 
 
@@ -7246,7 +7257,8 @@ def point_lines(restore_set, point):
                              if restore_set.incrementals else None)
     if point is None:
         return [f"Restore point: the latest complete backup, the {chosen}."]
-    return [f"Restore point {describe_stamp(point)} (argument 14): the latest complete "
+    return [f"Restore point {describe_stamp(point)} ({RESTORE_ARGS.ref('restore_point')}): "
+            "the latest complete "
             f"backup at or before it is the {chosen}."]
 
 
@@ -7393,7 +7405,8 @@ def plan_lines(plan, days, tier):
     volumes = plan.volumes
     size = sum(v.size for v in volumes)
     lines = [f"Restore plan: {len(volumes)} volume(s), {size:,} bytes "
-             f"({size / GB:.3f} GB), thawed for {days} day(s) (argument 7) with the "
+             f"({size / GB:.3f} GB), thawed for {days} day(s) ({RESTORE_ARGS.ref('days')}) "
+             "with the "
              f"{tier} tier: expected wait {EXPECTED_WAIT[tier]}.",
              f"Estimated retrieval cost (us-east-1 prices of {PRICES_TAKEN}, "
              "docs/restore.md):"]
@@ -7732,15 +7745,16 @@ class WrongKey(AamError):
     """7-Zip cannot open an archive or a catalogue with the key given."""
 
 
-def seven_zip_failure(code, output, archive_name, key_argument=8):
+def seven_zip_failure(code, output, archive_name, table=None):
     """None when 7-Zip succeeded, else an AamError saying what went wrong."""
     if code == 0:
         return None
     errors = [line.strip() for line in output.splitlines()
               if line.startswith("ERROR") or "Unexpected end" in line]
     if any(line.startswith("ERROR: Wrong password") for line in errors):
-        return WrongKey(f"The decryption key (argument {key_argument}) is wrong: 7-Zip "
-                        f"cannot open {archive_name}. Nothing was extracted; what was "
+        key = (table or RESTORE_ARGS).ref("key")
+        return WrongKey(f"The decryption key ({key}) is wrong: 7-Zip cannot open"
+                        f" {archive_name}. Nothing was extracted; what was "
                         "downloaded is kept, so a re-run with the right key does not "
                         "download it again.")
     shown = "; ".join(errors[:5]) or f"exit code {code}"
@@ -8182,7 +8196,8 @@ class Restoration:
             self.lock = self.platform.try_lock(
                 os.path.join(self.destination, RESTORE_LOCK_FILE), keep_file=False)
         except OSError as problem:
-            raise AamError(f"The destination directory {self.destination} (argument 13) "
+            raise AamError(f"The destination directory {self.destination} "
+                           f"({RESTORE_ARGS.ref('destination')}) "
                            f"cannot be used: {problem}")
         if self.lock is None:
             raise AamError(f"Another restoration is running into {self.destination}.")
@@ -8199,7 +8214,8 @@ class Restoration:
                            "destination.")
         if self.state.point_text != _restore_point.text(self.point):
             raise AamError(f"{self.destination} holds a restoration as of "
-                           f"{self.state.point_text} (argument 14); give the same restore "
+                           f"{self.state.point_text} ({RESTORE_ARGS.ref('restore_point')}); "
+                           "give the same restore "
                            "point to continue it, or choose another destination.")
 
     def close(self):
@@ -8254,7 +8270,8 @@ class Restoration:
                     f"{args.bucket} in the months {prefixes[-1][-6:]} to "
                     f"{prefixes[0][-6:]} (UTC); nothing to restore.")
         return (f"No complete backup of location {args.location} in bucket {args.bucket} "
-                f"at or before {describe_stamp(self.point)} (argument 14); nothing to "
+                f"at or before {describe_stamp(self.point)} "
+                f"({RESTORE_ARGS.ref('restore_point')}); nothing to "
                 "restore.")
 
     def warn_about_space(self):
@@ -8278,7 +8295,8 @@ class Restoration:
         taken = [name for name in claimed_names(self.set)
                  if os.path.lexists(os.path.join(self.destination, name))]
         if taken:
-            raise AamError(f"The destination {self.destination} (argument 13) already holds "
+            raise AamError(f"The destination {self.destination} "
+                           f"({RESTORE_ARGS.ref('destination')}) already holds "
                            f"{', '.join(taken)}, which this restoration would write; choose "
                            "an empty or new directory.")
         self.state = RestoreState.new(self.destination, self.args.bucket, self.set,
@@ -8293,7 +8311,8 @@ class Restoration:
             if self.selection:
                 raise AamError("This backup set was made by version 1.0.0 and has no "
                                "catalogue, so it cannot be restored in part: leave out the "
-                               "selection (arguments 15 and later) to restore all of it.")
+                               f"selection ({RESTORE_ARGS.ref('selection')} and later) to "
+                               "restore all of it.")
             volumes = self.set.volumes
             self.plan = RestorePlan(volumes, Tally(), Tally(), volumes, [])
             return
@@ -8805,7 +8824,7 @@ def browse(args, platform, settings):
     out = TerminalOutput(args.secrets)
     session = aws_session(args.access_key_id, args.secret_access_key)
     s3 = aws_client(session, "s3", settings.region)
-    with s3_call(args.bucket, credentials=BROWSE_CREDENTIALS):
+    with s3_call(args.bucket, table=BROWSE_ARGS):
         listing = BucketListing.load(s3, args.bucket, [f"{args.location}_"])
     chains = complete_chains(s3, args.bucket, listing)
     if not chains:
@@ -8846,14 +8865,14 @@ def complete_chains(s3, bucket, listing):
     chains = []
     for full in sorted(listing.fulls()):
         manifests, _reason = complete_backup(s3, bucket, listing, full, None,
-                                             BROWSE_CREDENTIALS)
+                                             BROWSE_ARGS)
         if not manifests:
             continue
         backups = [(full, None, manifests)]
         for incremental in sorted({i for (f, i) in listing.indicators
                                    if f == full and i is not None}):
             found, _reason = complete_backup(s3, bucket, listing, full, incremental,
-                                             BROWSE_CREDENTIALS)
+                                             BROWSE_ARGS)
             if found:
                 backups.append((incremental, incremental, found))
         chains.append((full, backups))
@@ -8980,12 +8999,12 @@ def fetch_browse_catalogue(s3, args, platform, settings, described, work):
     os.makedirs(directory)
     path = os.path.join(directory, CATALOGUE_ZIP)
     volume = RestoreVolume(described["name"], described["size"], described["sha256"], path)
-    with s3_call(args.bucket, volume.key, BROWSE_CREDENTIALS, "catalogue"):
+    with s3_call(args.bucket, volume.key, BROWSE_ARGS, "catalogue"):
         download_volume(s3, args.bucket, volume, "catalogue")
     code, output = run_seven_zip(settings, platform, ["x", path, f"-o{directory}", "-y",
                                                       "-bd", "-sccUTF-8"], args.key)
     failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
-                                BROWSE_ARGS.number("key"))
+                                BROWSE_ARGS)
     if failure:
         raise failure
     return CatalogueFile(os.path.join(directory, CATALOGUE_FILE))

@@ -540,9 +540,13 @@ def test_a_reader_of_the_original_object_names_passes_over_catalogues_and_pieces
 
 
 def browse(sandbox, *selection, key=KEY, keys=None):
+    return browse_bucket(sandbox, sandbox.bucket, keys, *selection, key=key)
+
+
+def browse_bucket(sandbox, bucket, keys=None, *selection, key=KEY):
     key_id, secret = keys or ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCY")
     return sandbox.run(aab.BROWSE_ARGS.argv(
-        operation=aab.BROWSE_OPERATION, key=key, bucket=sandbox.bucket,
+        operation=aab.BROWSE_OPERATION, key=key, bucket=bucket,
         location=sandbox.location, access_key_id=key_id, secret_access_key=secret,
         selection=list(selection)))
 
@@ -613,3 +617,28 @@ def test_browse_of_a_set_without_catalogues_says_the_answer_is_unknown(sandbox, 
     assert found.returncode == 0, found.stdout + found.stderr
     assert os.path.join(mount, "report.txt") in found.stdout
     assert "Unknown for the backups without a catalogue" in found.stdout
+
+
+def test_a_missing_or_forbidden_bucket_is_named_by_its_argument_number(
+        sandbox, aws, tmp_path):
+    # The bucket is argument 3 of a browse and argument 9 of a restore: each message
+    # names the operation's own.
+    assert (aab.BROWSE_ARGS.number("bucket"), aab.RESTORE_ARGS.number("bucket")) == (3, 9)
+    missing = f"{sandbox.bucket}-gone"
+    browse_missing = browse_bucket(sandbox, missing)
+    assert browse_missing.returncode == 1
+    assert f"The bucket {missing} (argument 3) does not exist." in browse_missing.stderr
+    restore_missing = sandbox.restore(aab.THAW_STEP, tmp_path / "restored",
+                                      {"bucket": missing})
+    assert restore_missing.returncode == 1
+    assert f"ERROR: The bucket {missing} (argument 9) does not exist." in restore_missing.stdout
+
+    # Another's bucket: the restore keys of this one are refused there.
+    other = f"{sandbox.bucket}-other"
+    aws.create_bucket(other)
+    _backup_keys, restore_keys = sandbox.user_keys()
+    with aws.iam_enforced():
+        forbidden = browse_bucket(sandbox, other, restore_keys)
+    assert forbidden.returncode == 1
+    assert (f"on the bucket {other} (argument 3), access denied: the credentials of "
+            "arguments 5 and 6 lack the permission s3:ListBucket") in forbidden.stderr

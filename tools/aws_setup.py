@@ -375,7 +375,7 @@ class Setup:
     # -- SES
     def ses_identities(self):
         if not self.options.sender:
-            self.report.ok("SES left alone: no --sender (e-mail reports off, argument 7 False)")
+            self.report.ok("SES left alone: no --sender (e-mail reports off, send-email False)")
             return
         sandbox = self.ses.get_send_quota()["Max24HourSend"] <= SES_SANDBOX_QUOTA
         wanted = [("sender", self.options.sender)]

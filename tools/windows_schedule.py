@@ -276,26 +276,30 @@ def default_user():
 def parse_command_line(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
+    ref = aab.BACKUP_ARGS.ref
     add("--program-dir", default=REPO, help="where aam_auto_backup.py, ShadowSpawn.exe "
         "and 7z.exe are (default: this checkout)")
-    add("--python", required=True, help="python.exe full path (argument 3; the task's "
-        "program)")
-    add("--log-dir", required=True, help="argument 6")
-    add("--sender", required=True, help="argument 9: the SES-verified sender address")
-    add("--recipient", required=True, help="argument 10")
-    add("--instructions", required=True, help="argument 11: the instruction file")
-    add("--mirror-dir", default="", help="argument 14: the local mirror directory")
-    add("--bucket", required=True, help="argument 17")
-    add("--location", required=True, help="argument 18: this computer's name, no '_'")
+    add("--python", required=True, help=f"python.exe full path ({ref('python')}; the "
+        "task's program)")
+    add("--log-dir", required=True, help=ref("log_dir"))
+    add("--sender", required=True, help=f"{ref('sender_address')}: the SES-verified sender "
+        "address")
+    add("--recipient", required=True, help=ref("recipient"))
+    add("--instructions", required=True, help=f"{ref('instruction_file')}: the instruction "
+        "file")
+    add("--mirror-dir", default="", help=f"{ref('mirror_root')}: the local mirror directory")
+    add("--bucket", required=True, help=ref("bucket"))
+    add("--location", required=True, help=f"{ref('location')}: this computer's name, no '_'")
     add("--user", default=default_user(), help="the Windows account the task runs as "
         "(default: %(default)s)")
-    add("--destinations", default="local|AWS", help="argument 13 (default: %(default)s)")
-    add("--drive-letter", default="q", help="argument 12 (default: %(default)s)")
-    add("--keep", choices=("True", "False"), default="False", help="argument 15")
-    add("--send-email", choices=("True", "False"), default="True", help="argument 7")
-    add("--sender-name", default="AAM Backup Report", help="argument 8")
-    add("--lock-poll", type=int, default=600, help="argument 4, seconds")
-    add("--lock-wait", type=int, default=7200, help="argument 5, seconds")
+    add("--destinations", default="local|AWS", help=f"{ref('destinations')} (default: "
+        "%(default)s)")
+    add("--drive-letter", default="q", help=f"{ref('drive_letter')} (default: %(default)s)")
+    add("--keep", choices=("True", "False"), default="False", help=ref("keep"))
+    add("--send-email", choices=("True", "False"), default="True", help=ref("send_email"))
+    add("--sender-name", default="AAM Backup Report", help=ref("sender_name"))
+    add("--lock-poll", type=int, default=600, help=f"{ref('lock_poll')}, seconds")
+    add("--lock-wait", type=int, default=7200, help=f"{ref('lock_wait')}, seconds")
     add("--region", help="the AWS region of the bucket and SES (tools/aws_setup.py's): "
         "set in the batch files, and as your AWS_REGION for the task")
     for field, variable in SECRET_ENV_DEFAULTS.items():
@@ -323,11 +327,11 @@ def settings_from(options):
     secrets = {field: "env:" + getattr(options, f"{field}_variable")
                for field in SECRET_ENV_DEFAULTS}
     if options.inline_secrets and not options.dry_run:
-        number = aab.BACKUP_ARGS.number
+        ref = aab.BACKUP_ARGS.ref
         for field, what in (("key", "Archive encryption key"),
                             ("access_key_id", "AWS access key ID"),
                             ("secret_access_key", "AWS secret access key")):
-            secrets[field] = ask_twice(f"{what} (argument {number(field)})",
+            secrets[field] = ask_twice(f"{what} ({ref(field)})",
                                        warn=lambda text: print(text, file=sys.stderr))
     elif options.inline_secrets:
         secrets = {field: "(asked for)" for field in SECRET_ENV_DEFAULTS}

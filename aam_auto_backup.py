@@ -273,20 +273,32 @@ def region_origin():
             "set")
 
 
+def open_private(path, mode="w", exclusive=False, encoding="utf-8",
+                 errors="surrogateescape", newline="\n"):
+    """Open a file for writing that only its owner may read (what this program writes
+    may name private paths, or hold a key check): created so, never widened later.
+
+    mode: 'w' or 'wb' (truncated), 'a' (appended to); exclusive: FileExistsError when
+    the file exists.  A text file is UTF-8 with '\\n' line ends by default, names that
+    are not valid UTF-8 kept as they are (surrogateescape).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags | (os.O_EXCL if exclusive else 0), 0o600)
+    if "b" in mode:
+        return os.fdopen(fd, mode)
+    return os.fdopen(fd, mode, encoding=encoding, errors=errors, newline=newline)
+
+
 def _write_private_bytes(path, data):
     """Create a file readable only by its owner (it may name private paths)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
+    with open_private(path, "wb") as handle:
         handle.write(data)
 
 
 def _write_private_text(path, text, encoding="utf-8", append=False):
     """Create a file readable only by its owner (it may name private paths), or
     append to it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC),
-                 0o600)
-    with os.fdopen(fd, "w", encoding=encoding, errors="surrogateescape",
-                   newline="\n") as handle:
+    with open_private(path, "a" if append else "w", encoding=encoding) as handle:
         handle.write(text)
 
 
@@ -314,7 +326,67 @@ class HeldFlock:
             self.fd = None
 
 
-class PosixPlatform:
+def drive_letter_of(path):
+    """The drive letter a Windows path starts with ('C:\\Users' -> 'C'), else '': the one
+    rule that tells a Windows path from a POSIX one."""
+    return path[0] if re.match(r"[A-Za-z]:", path) else ""
+
+
+class Platform:
+    """An operating system as this program meets it: its paths and names, its processes,
+    its script language, and the tool that mirrors a source.
+
+    PosixPlatform and WindowsPlatform are siblings: each states its own facts (the
+    class attributes below, and every method a subclass defines).  What is here holds
+    on both.
+    """
+
+    name = ""               # recorded in indicators and catalogues: 'posix' or 'windows'
+    sep = ""                # the separator of the paths it makes
+    separators = ""         # what may separate names in a path typed by a user
+    case_insensitive = False   # the file system ignores letter case in names
+    list_charset_switch = ""   # 7-Zip's list-file character set switch
+    invalid_name_chars = ""    # characters a name cannot hold
+    refuses_names = False      # a restore must check each name with cannot_create
+    script_name = ""           # the generated script's file name
+    mirror_tool = ""           # the tool mirror_commands runs, as messages name it
+    script_kind = ""           # how messages name the generated script
+    child_runner = ""          # what runs the child pass, named by critical errors
+    child_starts_early = False  # the child may start before S3 has answered
+    drive_letter_default = ""   # the named form's drive letter (None: required)
+    can_pause_group = False     # the upload throttle can stop the script's group
+
+    # -- generated script --------------------------------------------------
+    def marker(self, kind):
+        """The line the generated script prints when 'script', 'mirror' or 'archive'
+        succeeded; the parent checks for exactly these lines."""
+        return f"{MARK_PREFIX}{self.tool_name(kind)} execution success."
+
+    def tool_name(self, kind):
+        return {"script": self.script_kind, "mirror": self.mirror_tool,
+                "archive": "7-Zip"}[kind]
+
+    def password_switch(self, key_variable):
+        """7-Zip reads the key from its standard input (feed_secret)."""
+        return "-p"
+
+    # -- restore -------------------------------------------------------------
+    def refusal(self, path, seen, key_of=None):
+        """Why path ('/' between names) cannot be created here, or None.
+
+        seen maps the names already created beside it, as comparable() gives them,
+        to their spelling: where the file system ignores case, a name that differs
+        from one of them only in letter case would overwrite it.  key_of: what of
+        path is compared (the whole path by default).
+        """
+        reason = self.cannot_create(path)
+        key = self.comparable(path if key_of is None else key_of)
+        if reason is None and seen.setdefault(key, path) != path:
+            reason = f"differs only in letter case from {seen[key]}"
+        return reason
+
+
+class PosixPlatform(Platform):
     """Linux and macOS: no shadow copy; the child reads the live directory."""
 
     name = "posix"
@@ -599,14 +671,9 @@ class PosixPlatform:
         return [python, "-c", code] + list(child_args)
 
     # -- generated script --------------------------------------------------
-    def marker(self, kind):
-        """The line the generated script prints when 'script', 'mirror' or 'archive'
-        succeeded; the parent checks for exactly these lines."""
-        return f"{MARK_PREFIX}{self.tool_name(kind)} execution success."
-
-    def tool_name(self, kind):
-        return {"script": self.script_kind, "mirror": self.mirror_tool,
-                "archive": "7-Zip"}[kind]
+    def mirror_commands(self, view_root, target, plan, keep, work_dir, walk=None):
+        """The mirror tool's lines of the generated script: rsync."""
+        return rsync_commands(self, target, plan, keep, work_dir)
 
     def quote(self, text):
         return shlex.quote(text)
@@ -642,9 +709,6 @@ class PosixPlatform:
     def check_command_length(self, command, what, advice):
         """POSIX shells take any command line length the script needs."""
 
-    def password_switch(self, key_variable):
-        return "-p"
-
     def missing_marker_messages(self):
         return {
             "script": "No backup script execution success message. Aborting backup.",
@@ -666,7 +730,7 @@ class PosixPlatform:
         return None
 
 
-class WindowsPlatform(PosixPlatform):
+class WindowsPlatform(Platform):
     """Windows, as the original program ran there: ShadowSpawn (VSS), Robocopy, 7z.exe.
 
     The command lines are the ones the original program's author tested by
@@ -720,12 +784,12 @@ class WindowsPlatform(PosixPlatform):
         return local if os.path.exists(local) else (shutil.which("7z") or "7z.exe")
 
     def is_absolute(self, path):
-        return re.match(r"^[A-Za-z]:\\", path) is not None
+        return bool(drive_letter_of(path)) and path[2:3] == "\\"
 
     def normalize(self, path):
         path = re.sub(r"\\+", "\\\\", path.replace("/", "\\"))
         path = path.rstrip("\\")
-        return path + "\\" if re.fullmatch(r"[A-Za-z]:", path) else path
+        return path + "\\" if len(path) == 2 and drive_letter_of(path) else path
 
     def comparable(self, path):
         return path.lower()
@@ -741,15 +805,16 @@ class WindowsPlatform(PosixPlatform):
 
     def mirror_directory(self, mirror_root, mount):
         """<dest>\\<drive letter>\\<rest of the path>, e.g. F:\\backup\\main\\c\\users."""
-        drive, rest = mount[0], mount[2:].lstrip("\\")
+        drive, rest = drive_letter_of(mount), mount[2:].lstrip("\\")
         return ntpath.join(mirror_root, drive.lower(), rest) if rest else \
             ntpath.join(mirror_root, drive.lower())
 
     def check_drive_letter(self, text):
         """Argument 12: the free drive letter ShadowSpawn shows the shadow copy at."""
-        if not re.fullmatch(r"[A-Za-z]:?", text):
+        letter = text.removesuffix(":")
+        if len(letter) != 1 or not drive_letter_of(letter + ":"):
             raise ValueError("must be one drive letter, such as q")
-        return text.rstrip(":").lower()
+        return letter.lower()
 
     def long_path(self, path):
         """The extended-length form (\\\\?\\C:\\...) of a path long enough to hit MAX_PATH.
@@ -797,8 +862,8 @@ class WindowsPlatform(PosixPlatform):
         # A new file inherits the directory's access list: the work directory is the user's.
         return {}
 
-    # No SIGSTOP on Windows: finished volumes just wait for the upload.
-    can_pause_group = False
+    # No SIGSTOP on Windows (can_pause_group stays False): finished volumes just wait
+    # for the upload.
 
     def stop_group(self, process):
         # taskkill /T ends the whole tree (ShadowSpawn, python, robocopy, 7z.exe).
@@ -813,6 +878,9 @@ class WindowsPlatform(PosixPlatform):
 
     def process_start(self, pid):
         return None      # nothing recorded: taskkill /T ends the child's whole tree
+
+    def end_group(self, pid, start):
+        return []        # none recorded (process_start)
 
     def follow_parent(self, parent):
         return os.getppid()      # ShadowSpawn's, which stop_when_orphaned watches
@@ -964,6 +1032,10 @@ class WindowsPlatform(PosixPlatform):
         return " ".join(words)
 
     # -- the generated batch file --------------------------------------------
+    def mirror_commands(self, view_root, target, plan, keep, work_dir, walk=None):
+        """The mirror tool's lines of the generated batch file: Robocopy."""
+        return robocopy_commands(self, view_root, target, plan, keep, work_dir, walk)
+
     def bat_quote(self, text):
         """quote() for a batch-file line: '%' doubled so cmd.exe keeps it."""
         return self.quote(text).replace("%", "%%")
@@ -1084,7 +1156,7 @@ def platform_named(name):
 
 def platform_of_path(path):
     """The platform an absolute path belongs to: a drive letter means Windows."""
-    return WindowsPlatform() if re.match(r"^[A-Za-z]:", path) else PosixPlatform()
+    return WindowsPlatform() if drive_letter_of(path) else PosixPlatform()
 
 
 # ============================================================================
@@ -1475,7 +1547,7 @@ def _selection_item(text):
     item = text.strip()
     if not item:
         raise ValueError("must not be empty: give an absolute path or a name")
-    absolute = item.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", item)
+    absolute = item.startswith("/") or (drive_letter_of(item) and item[2:3] in ("\\", "/"))
     if not absolute and "/" in item.rstrip("/\\"):
         raise ValueError("is a relative path; give the path as it was backed up (absolute) "
                          "or a file or directory name")
@@ -3003,9 +3075,7 @@ class CatalogueWriter:
     """Writes catalogue lines (owner-only file: the names are private)."""
 
     def __init__(self, path, header):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.handle = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
-                                newline="\n")
+        self.handle = open_private(path)
         self.handle.write(catalogue_header(header))
         self.count = 0
 
@@ -3360,7 +3430,7 @@ class Journal:
         import sqlite3
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         remove_journal_files(path)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))   # owner-only
+        open_private(path, "wb", exclusive=True).close()
         db = sqlite3.connect(path)
         with db:                           # one transaction, one sync
             db.execute("BEGIN")
@@ -3619,11 +3689,10 @@ class RunLog:
         while True:
             self.path = base + (".log" if counter == 1 else f"_{counter}.log")
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                self.handle = open_private(self.path, exclusive=True, errors="strict")
                 break
             except FileExistsError:
                 counter += 1
-        self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
 
     def scrub(self, text):
         for secret in self.secrets:
@@ -4181,13 +4250,7 @@ ROBOCOPY_RETRIES = ("/r:2", "/w:5")
 ROBOCOPY_LOG = "robocopy_log.txt"
 
 
-def mirror_commands(platform, view_root, target, plan, keep, work_dir, walk=None):
-    """The mirror tool's lines of the generated script (rsync or Robocopy)."""
-    build = robocopy_commands if platform.mirror_tool == "Robocopy" else rsync_commands
-    return build(platform, view_root, target, plan, keep, work_dir, walk)
-
-
-def rsync_commands(platform, view_root, target, plan, keep, work_dir, walk=None):
+def rsync_commands(platform, target, plan, keep, work_dir):
     """rsync with the same inclusion/exclusion result as the selection."""
     rules_file = os.path.join(work_dir, MIRROR_RULES)
     # NUL-separated (--from0) so that any file name, even with a newline, fits.
@@ -4640,8 +4703,8 @@ def child_mirror(child, platform, view_root, plan, walk):
     target = platform.mirror_directory(child.mirror_root, child.mount)
     try:
         os.makedirs(platform.long_path(target), exist_ok=True)
-        return target, [mirror_commands(platform, view_root, target, plan, child.keep,
-                                        child.work_dir, walk)]
+        return target, [platform.mirror_commands(view_root, target, plan, child.keep,
+                                                 child.work_dir, walk)]
     except OSError as problem:      # a missing or read-only drive: the archive goes on
         child_say(f"{MARK_PREFIX}{platform.mirror_tool} failed: the mirror directory "
                   f"{target} cannot be created ({problem.strerror or problem}).")
@@ -4667,10 +4730,7 @@ class PieceWriter:
             self.handle.close()
             self.handle, self.number, self.bytes = None, self.number + 1, 0
         if self.handle is None:
-            fd = os.open(piece_list(self.directory, self.number),
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            self.handle = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
-                                    newline="\n")
+            self.handle = open_private(piece_list(self.directory, self.number))
             self.numbers.append(self.number)
         is_dir = stat.S_ISDIR(walked.st.st_mode)
         self.handle.write(list_file_entry(walked.path, is_dir, self.platform) + "\n")
@@ -4993,7 +5053,7 @@ class ZipIndex:
         self.on_entry = on_entry        # instead of the table: called with every name
         self.db = None
         if on_entry is None:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # owner-only
+            open_private(path, "wb", exclusive=True).close()
             self.db = sqlite3.connect(path)
             self.db.execute("CREATE TABLE entry (name BLOB PRIMARY KEY, first INTEGER, "
                             "last INTEGER, size INTEGER) WITHOUT ROWID")
@@ -6427,8 +6487,7 @@ class BackupRun:
 
     def start_child_process(self, argv, output):
         env = dict(os.environ, **{CHILD_KEY_VARIABLE: self.args.key})
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
+        with open_private(output, "wb") as out:
             process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env=env,
                                        **self.platform.group_popen_options())
@@ -6944,7 +7003,7 @@ class RestoreSelection:
     def rule(item, source_path, source):
         is_dir = item.endswith(("/", "\\"))
         trimmed = item.rstrip("/\\") or item[:1]
-        absolute = trimmed.startswith("/") or re.match(r"^[A-Za-z]:", trimmed)
+        absolute = trimmed.startswith("/") or drive_letter_of(trimmed)
         split = f"[{re.escape(source.separators)}]"
         parts = [p for p in re.split(split, trimmed) if p]
         regexes = [wildcard_regex(p, source.case_insensitive) for p in parts]
@@ -7772,9 +7831,7 @@ def write_name_list(path, names, sep):
     """A 7-Zip list file of exact names (with -spd); the names a list file cannot hold
     are returned, for 7-Zip's command line."""
     unlisted = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
-                   newline="\n") as handle:
+    with open_private(path) as handle:
         for name in names:
             if list_file_can_hold(name):
                 handle.write(name.replace("/", sep) + "\n")
@@ -8132,12 +8189,7 @@ class NameChecker:
         self.refused = [d for d in self.refused if self.is_above(d, path)]
         if self.refused:
             return f"it is inside {self.refused[-1]}, which is not restored"
-        reason = self.platform.cannot_create(path)
-        spellings = self.seen.setdefault(parent, {})
-        folded = self.platform.comparable(name)
-        if reason is None and spellings.setdefault(folded, path) != path:
-            reason = f"differs only in letter case from {spellings[folded]}"
-        return reason
+        return self.platform.refusal(path, self.seen.setdefault(parent, {}), name)
 
     @staticmethod
     def is_above(directory, path):
@@ -8158,10 +8210,7 @@ def names_to_skip(names, platform, seen):
     skipped = {}
     for name in names:
         path = name.rstrip("/")
-        reason = platform.cannot_create(path)
-        key = platform.comparable(path)
-        if reason is None and seen.setdefault(key, path) != path:
-            reason = f"differs only in letter case from {seen[key]}"
+        reason = platform.refusal(path, seen)
         if reason:
             skipped[path] = reason
     return skipped
@@ -8759,9 +8808,8 @@ class StateWriter:
         if entry.kind == DIRECTORY:
             names.refuse(entry.path)
         if self.refused is None:
-            fd = os.open(self.restoration.refused_path(self.number),
-                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            self.refused = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape")
+            self.refused = open_private(self.restoration.refused_path(self.number),
+                                        newline=None)
         self.refused.write(f"{escape_field(entry.path)}\t{reason}\n")
         return False
 

@@ -259,7 +259,7 @@ def full_backup_batch_files(machine, source, tmp_path):
     plan = child_plan(machine, source, tmp_path)
     target = machine.mirror_directory(MIRROR_ROOT, source.mount)
     written = []
-    for commands in ([aab.mirror_commands(machine, "q:\\", target, plan, False, WORK)],
+    for commands in ([machine.mirror_commands("q:\\", target, plan, False, WORK)],
                      [seven_zip_lines(machine)]):
         path = str(tmp_path / machine.script_name)
         machine.write_script(path, "q:\\", commands)
@@ -272,14 +272,14 @@ def test_golden_robocopy_command_lines(machine, tmp_path):
     for source, expected in ((users, ROBOCOPY_USERS), (temp, ROBOCOPY_TEMP)):
         plan = child_plan(machine, source, tmp_path)
         target = machine.mirror_directory(MIRROR_ROOT, source.mount)
-        assert aab.mirror_commands(machine, "q:\\", target, plan, False, WORK) == [
+        assert machine.mirror_commands("q:\\", target, plan, False, WORK) == [
             expected, ROBOCOPY_STATUS]
 
 
 def test_golden_robocopy_keeps_files_gone_from_the_source(machine, tmp_path):
     temp = original_plan(machine).sources[0]
     plan = child_plan(machine, temp, tmp_path)
-    command = aab.mirror_commands(machine, "q:\\", "F:\\backup\\main\\c\\temp", plan, True,
+    command = machine.mirror_commands("q:\\", "F:\\backup\\main\\c\\temp", plan, True,
                                       WORK)[0]
     assert command == ROBOCOPY_TEMP.replace(" /purge", "")
 
@@ -514,7 +514,7 @@ def test_an_over_long_robocopy_command_is_refused_with_a_reason(tmp_path):
     build_disk(str(tmp_path / "q"), ["listed/"] + [f"{'x' * 60}{n}/" for n in range(150)])
     machine = OriginalMachine({"q:": str(tmp_path / "q")})
     with pytest.raises(aab.AamError, match="over cmd.exe's limit of 8191"):
-        aab.mirror_commands(machine, "q:\\", "F:\\m\\c\\x", plan_on_q(["listed"]), True, WORK)
+        machine.mirror_commands("q:\\", "F:\\m\\c\\x", plan_on_q(["listed"]), True, WORK)
 
 
 # -- paths, times, output decoding -------------------------------------------

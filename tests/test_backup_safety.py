@@ -537,7 +537,10 @@ def test_a_stopped_script_group_is_waited_for_until_none_of_it_is_left():
     # the shell and its sleep both ignore SIGTERM (an ignored signal stays so across exec)
     process = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60 & wait"],
                                **platform.group_popen_options())
-    time.sleep(0.2)
+    # The sleep is started after the trap: once it runs, both ignore SIGTERM.
+    wait_for(lambda: any(name == "sleep" for _, name, _ in
+                         platform.group_members(process.pid)), 60,
+             "the group's sleep never started")
     platform.stop_group(process)
     platform.wait_group_gone(process, grace=0.5)
     assert process.poll() == -signal.SIGKILL          # it did not act on SIGTERM

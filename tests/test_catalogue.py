@@ -5,12 +5,14 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 
 import aam_auto_backup as aab
-from conftest import KEY, file_times_pass, ok, snapshot, write_file
+from conftest import KEY, PROGRAM, file_times_pass, ok, snapshot, wait_for, write_file
 
 ONE_STEP = aab.ONE_STEP_RESTORE
 MULTI_STEP = [aab.THAW_STEP, aab.STATUS_STEP, aab.DOWNLOAD_STEP, aab.EXTRACT_STEP]
@@ -352,8 +354,18 @@ def test_a_refused_early_child_that_had_begun_its_archive_leaves_nothing_behind(
     shutil.rmtree(sandbox.state_dir)         # no state: the early child guesses a full
     write_file(os.path.join(mount, "report.txt"), b"second version\n")
     os.remove(os.path.join(mount, "notes.md"))
-    proxy.delay_requests(3, kinds={"LIST"})     # S3 answers after the guessed 7-Zip began
-    ok(sandbox.backup(aws_only, env=env))
+    # S3 answers once the guessed full's 7-Zip has begun WAITING_VOLUMES volumes.
+    proxy.hold_requests({"LIST"})
+    backup = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(
+        changes=aws_only), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    wait_for(lambda: (volumes_begun(sandbox) >= aab.WAITING_VOLUMES
+                      or backup.poll() is not None),
+             120, "the guessed full's 7-Zip never began its volumes")
+    assert backup.poll() is None, "the backup ended before S3 answered"
+    proxy.release_requests()
+    output = backup.communicate(timeout=300)[0]
+    assert backup.returncode == 0, output
     log = last_log(sandbox)
     assert EARLY_REFUSED in log
     begun = re.search(r"the (\d+) volume\(s\) its 7-Zip had begun are removed unsent", log)
@@ -371,9 +383,14 @@ def test_a_refused_early_child_that_had_begun_its_archive_leaves_nothing_behind(
     assert run_volumes == sorted(v["name"] for v in manifest["volumes"])
     assert not os.listdir(sandbox.temp)
 
-    proxy.delay_requests(0)
     ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
     assert restored(tmp_path / "latest") == second
+
+
+def volumes_begun(sandbox):
+    """The volumes 7-Zip has begun in the work directories of the sandbox's runs."""
+    return sum(len(aab.volumes_on_disk(os.path.join(sandbox.temp, work, aab.ARCHIVE_DIR)))
+               for work in os.listdir(sandbox.temp)) if os.path.isdir(sandbox.temp) else 0
 
 
 def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_fail(

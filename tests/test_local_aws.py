@@ -657,6 +657,23 @@ def test_stop_responding_and_resume(fresh_aws, fresh_proxy):
     assert fresh_proxy.counters()["stalled"] == 1
 
 
+def test_held_requests_are_answered_once_released(fresh_aws, fresh_proxy):
+    s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url)
+    s3.put_object(Bucket=BUCKET, Key="k", Body=b"x")
+    fresh_proxy.hold_requests({"LIST"})
+    answers = []
+    lister = threading.Thread(target=lambda: answers.append(
+        s3.list_objects_v2(Bucket=BUCKET)["KeyCount"]))
+    lister.start()
+    assert fresh_proxy.wait_for(lambda c: c["held"] == 1, 60)
+    assert s3.get_object(Bucket=BUCKET, Key="k")["Body"].read() == b"x"   # not held
+    assert answers == []
+    fresh_proxy.release_requests()
+    lister.join(60)
+    assert answers == [1]
+    assert fresh_proxy.counters()["held"] == 1
+
+
 def test_faults_can_spare_ses(fresh_aws, fresh_proxy):
     # One local endpoint serves S3 and SES; in AWS they fail separately.
     s3 = fresh_aws.client("s3", endpoint_url=fresh_proxy.endpoint_url, config=NO_RETRIES)
@@ -683,7 +700,7 @@ def test_reset_counters(fresh_aws, fresh_proxy):
     assert counters == {
         "requests": 0, "by_method": {}, "by_kind": {}, "bytes_received": 0,
         "bytes_sent": 0, "bytes_received_by_kind": {},
-        "injected_failures": 0, "stalled": 0}
+        "injected_failures": 0, "stalled": 0, "held": 0}
 
 
 @pytest.mark.parametrize("method, path, headers, kind", [

@@ -776,6 +776,9 @@ class FaultProxy:
         self._seen_since_fault = 0
         self._delay = 0.0
         self._delay_kinds = None
+        self._released = threading.Event()
+        self._released.set()
+        self._hold_kinds = None
         self._plant = None
         self._throttle = None
         self._connections = set()         # client sockets being served
@@ -810,6 +813,7 @@ class FaultProxy:
 
     def close(self):
         self._responding.set()  # let stalled handlers finish and drop out
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -845,6 +849,27 @@ class FaultProxy:
         with self._lock:
             self._delay = seconds
             self._delay_kinds = _service_set(kinds)
+
+    def hold_requests(self, kinds):
+        """Hold each request of these kinds (e.g. {"LIST"}) until release_requests():
+        S3 answers late, exactly when the test has seen what it waits for.  Counted
+        as "held" when it arrives."""
+        with self._lock:
+            self._hold_kinds = _service_set(kinds)
+            self._released.clear()
+
+    def release_requests(self):
+        """Forward the held requests, and hold no more."""
+        with self._lock:
+            self._hold_kinds = None
+        self._released.set()
+
+    def _hold(self, kind):
+        with self._lock:
+            held = not self._released.is_set() and _in_services(kind, self._hold_kinds)
+        if held:
+            self._count("_held")
+            self._released.wait()
 
     def plant_first(self, kind, key_contains, body=b"planted by FaultProxy"):
         """Another writer gets there first: before forwarding the first request of
@@ -887,6 +912,7 @@ class FaultProxy:
         with self._lock:
             self._fail_after = None
             self._delay = 0.0
+        self.release_requests()
         self.resume()
 
     def _delay_for(self, kind):
@@ -923,6 +949,7 @@ class FaultProxy:
             self._bytes_sent = 0
             self._injected_failures = 0
             self._stalled = 0
+            self._held = 0
             self._log = []
 
     def requests(self):
@@ -935,7 +962,7 @@ class FaultProxy:
     def counters(self):
         """A snapshot: requests, by_method, by_kind, bytes_received (request
         bodies as sent on the wire, counted as they arrive), bytes_sent (response
-        bodies), bytes_received_by_kind, injected_failures, stalled; and
+        bodies), bytes_received_by_kind, injected_failures, stalled, held; and
         open_connections, the client connections open now (not a count: reset_counters
         leaves it)."""
         with self._lock:
@@ -957,6 +984,7 @@ class FaultProxy:
             "bytes_received_by_kind": dict(self._bytes_by_kind),
             "injected_failures": self._injected_failures,
             "stalled": self._stalled,
+            "held": self._held,
             "open_connections": len(self._connections),
         }
 
@@ -1044,6 +1072,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self._stall()
                 return
             time.sleep(self.proxy._delay_for(kind))
+            self.proxy._hold(kind)
             status = self.proxy._should_fail(service)
             if status is not None:
                 self._answer_failure(kind, status)

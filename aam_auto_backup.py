@@ -355,6 +355,9 @@ class Platform:
     child_starts_early = False  # the child may start before S3 has answered
     drive_letter_default = ""   # the named form's drive letter (None: required)
     can_pause_group = False     # the upload throttle can stop the script's group
+    mirror_error_re = None      # the mirror tool's error lines
+    read_error_re = None        # 7-Zip's line when reading a file fails (a bad sector)
+    absolute_links_rewritten = False   # 7-Zip extracts an absolute link inside its output
 
     # -- generated script --------------------------------------------------
     def marker(self, kind):

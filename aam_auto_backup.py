@@ -5722,13 +5722,13 @@ class BackupRun:
             return self.interrupted(None)
         except LockTimeout as problem:
             self.log.section(SECTION_LOCK_FAILURE)
-            return self.ends_with(problem, lock=None)
+            return self.end_before_sources(problem, lock=None)
         try:
             return self.run()
         except (KeyboardInterrupt, Interrupted):
             return self.interrupted(lock)
         except (NoBackupSet, Refused, InstructionError) as problem:
-            return self.ends_with(problem, lock)
+            return self.end_before_sources(problem, lock)
         except Exception as problem:     # noqa: BLE001 - logged, then re-raised
             self.log.line(f"ERROR: unexpected {type(problem).__name__}: {problem}")
             raise
@@ -5739,7 +5739,7 @@ class BackupRun:
             lock.release()
             self.finish()
 
-    def ends_with(self, problem, lock):
+    def end_before_sources(self, problem, lock):
         """An error that stops the run before any source: logged, reported, its code."""
         self.log.line(f"ERROR: {problem}")
         self.failures.append(str(problem))

@@ -7505,7 +7505,7 @@ def comparison_lines(plan):
     return lines
 
 
-def set_lines(restore_set, volumes):
+def backup_set_lines(restore_set, volumes):
     """The objects chosen, for the terminal and the log."""
     lines = [f"Backup set used: the {describe_backup(restore_set.full, None)} and "
              f"{len(restore_set.incrementals)} complete incremental backup(s) of it; the "
@@ -8382,7 +8382,7 @@ class Restoration:
 
     def report_set(self):
         self.out.section(SECTION_RESTORE_SET)
-        for line in point_lines(self.set, self.point) + set_lines(self.set, self.plan.volumes):
+        for line in point_lines(self.set, self.point) + backup_set_lines(self.set, self.plan.volumes):
             self.out.line(line)
 
     def already_finished(self):

@@ -7391,7 +7391,7 @@ def check_catalogue_chain(catalogues, archives):
 
 
 @dataclasses.dataclass
-class Tally:
+class RestoreTotals:
     """What a restore takes: entries, files, their bytes, and where their bytes lie."""
 
     entries: int = 0
@@ -7445,8 +7445,8 @@ class RestorePlan:
     """The volumes a restore thaws, downloads and verifies, and what they hold."""
 
     volumes: list                 # RestoreVolume, in set order
-    chosen: Tally                 # the files restored
-    whole: Tally                  # the whole set's files, for comparison
+    chosen: RestoreTotals                 # the files restored
+    whole: RestoreTotals                  # the whole set's files, for comparison
     whole_volumes: list           # what restoring everything would thaw
     selection: list               # the items (empty: everything)
     # archive keys of pieces holding entries their backup does not use (a backup
@@ -8366,7 +8366,7 @@ class Restoration:
                                f"selection ({RESTORE_ARGS.ref('selection')} and later) to "
                                "restore all of it.")
             volumes = self.set.volumes
-            self.plan = RestorePlan(volumes, Tally(), Tally(), volumes, [])
+            self.plan = RestorePlan(volumes, RestoreTotals(), RestoreTotals(), volumes, [])
             return
         try:
             self.plan = make_plan(self)
@@ -8714,7 +8714,7 @@ def make_plan(restoration):
     """Reconstruct each source's state at the restore point (written to a state file,
     the selection only) and choose the volumes it needs."""
     restore_set, selection = restoration.set, restoration.selection
-    chosen, whole, central, superseded = Tally(), Tally(), {}, set()
+    chosen, whole, central, superseded = RestoreTotals(), RestoreTotals(), {}, set()
     for number, _source, path in restore_set.sources:
         central.update(plan_source(restoration, number, path, chosen, whole, superseded))
     for tally in (chosen, whole):

@@ -8010,7 +8010,7 @@ class SourceExtraction:
 
     def reconcile(self):
         """Walk staging beside the state: remove what it does not hold, check the rest."""
-        expected = Peekable(self.entries())
+        expected = CatalogueCursor(self.entries())
         stack = [("", iter(sorted_listing(self.staging)))]
         while stack:
             parent, listing = stack[-1]
@@ -8075,7 +8075,7 @@ class SourceExtraction:
 KIND_NAMES = {FILE: "file", DIRECTORY: "directory", LINK: "symbolic link"}
 
 
-class Peekable:
+class CatalogueCursor:
     """Catalogue entries in order, taken by key as a walk meets them."""
 
     def __init__(self, entries):

@@ -3343,7 +3343,7 @@ def previous_lines(path):
                 yield catalogue_key(unescape_field(fields[1])), fields, line
 
 
-class WorkFile:
+class CatalogueWorkFile:
     """The child's catalogue work file: a flag, a tab, then a catalogue line."""
 
     def __init__(self, path, header):
@@ -4894,7 +4894,7 @@ def record_selection(child, view_root, plan, platform, since):
     walk = TreeWalk(view_root, plan, platform, since)
     done = DoneEntries(base["journal"], base["source"]) if base.get("journal") else None
     recorder = ChangeRecorder(walk, None if full else previous, platform, full, done)
-    work = WorkFile(os.path.join(work_dir, CATALOGUE_WORK), {"source_path": child.mount})
+    work = CatalogueWorkFile(os.path.join(work_dir, CATALOGUE_WORK), {"source_path": child.mount})
     pieces = PieceWriter(os.path.join(work_dir, PIECES_DIR), base.get("first_piece", 1),
                          base.get("piece_size", DEFAULT_PIECE_SIZE), platform)
     try:

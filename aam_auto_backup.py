@@ -2787,7 +2787,7 @@ def any_of(patterns, case_insensitive):
 
 
 @dataclasses.dataclass
-class Walked:
+class WalkedEntry:
     """One selected directory, file or symbolic link met by a TreeWalk."""
 
     __slots__ = ("path", "st", "recent", "empty")
@@ -2815,7 +2815,7 @@ def special_kind(mode):
 class TreeWalk:
     """A walk of a mount's listed directories, in catalogue order, skipping exclusions.
 
-    Iterating yields a Walked for every selected directory (the listed ones
+    Iterating yields a WalkedEntry for every selected directory (the listed ones
     included), file and symbolic link; links are never followed.  Entries come
     depth first with the names of each directory sorted, which is the order of
     catalogue_key, so that a walk can be merged with the previous catalogue
@@ -2851,7 +2851,7 @@ class TreeWalk:
                 continue
             entries = self.listing(top)
             if top:
-                yield Walked(top, st, self.is_recent(st, self.since_ts), not entries)
+                yield WalkedEntry(top, st, self.is_recent(st, self.since_ts), not entries)
             yield from self.descend(top, entries, self.since_ts)
 
     def descend(self, top, entries, cutoff):
@@ -2877,7 +2877,7 @@ class TreeWalk:
                 yield walked
 
     def visit(self, parent, entry, cutoff):
-        """The Walked for one directory entry, or None (excluded, special, unreadable)."""
+        """The WalkedEntry for one directory entry, or None (excluded, special, unreadable)."""
         rel = parent + self.platform.sep + entry.name if parent else entry.name
         try:
             st = entry.stat(follow_symlinks=False)
@@ -2892,7 +2892,7 @@ class TreeWalk:
                 self.excluded.append((rel, True))
                 return None
             moved = cutoff is not None and self.platform.moved_since(st, cutoff)
-            return Walked(rel, st, moved or self.is_recent(st, cutoff), False)
+            return WalkedEntry(rel, st, moved or self.is_recent(st, cutoff), False)
         special = self.platform.special_file_kind(st) or special_kind(st.st_mode)
         if special:
             self.specials.append((rel, special))
@@ -2900,7 +2900,7 @@ class TreeWalk:
         if self.selector.file_excluded(rel, entry.name):
             self.excluded.append((rel, False))
             return None
-        return Walked(rel, st, self.is_recent(st, cutoff), False)
+        return WalkedEntry(rel, st, self.is_recent(st, cutoff), False)
 
     def is_recent(self, st, cutoff):
         return cutoff is None or self.platform.changed_time(st) >= cutoff

@@ -2441,7 +2441,7 @@ def _is_comment(line):
     return line.startswith("#") and (len(line) == 1 or line[1] in " \t")
 
 
-def _blocks(text, path):
+def _split_blocks(text, path):
     """Split the text into its three blocks: [(line number, entry), ...] each.
 
     One empty line separates blocks; an empty exclusion block is one more empty
@@ -2494,7 +2494,7 @@ def _line_groups(text):
 
 def parse_instructions(text, path, platform):
     """Parse and check the instruction file; errors name the line."""
-    listed, excluded_dirs, excluded_files = _blocks(text, path)
+    listed, excluded_dirs, excluded_files = _split_blocks(text, path)
     backup_dirs = []
     for number, entry in listed:
         where = f"{path}, line {number}"

@@ -8382,7 +8382,8 @@ class Restoration:
 
     def report_set(self):
         self.out.section(SECTION_RESTORE_SET)
-        for line in point_lines(self.set, self.point) + backup_set_lines(self.set, self.plan.volumes):
+        for line in (point_lines(self.set, self.point)
+                     + backup_set_lines(self.set, self.plan.volumes)):
             self.out.line(line)
 
     def already_finished(self):

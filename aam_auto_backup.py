@@ -1241,6 +1241,10 @@ def month_prefixes(location, now, months=MONTHS_SCANNED):
 REGULAR_BACKUP = "regular-backup"
 INCREMENTAL_ONLY_BACKUP = "incremental-only-backup"
 BACKUP_OPERATIONS = (REGULAR_BACKUP, INCREMENTAL_ONLY_BACKUP)
+# What a regular-backup with the same arguments would do, told without doing it: it takes
+# the backup's table, so that a scheduled command line or settings file is tried as it is.
+PREVIEW_BACKUP = "preview-backup"
+BACKUP_TABLE_OPERATIONS = BACKUP_OPERATIONS + (PREVIEW_BACKUP,)
 ONE_STEP_RESTORE = "one-step-aws-data-restoration"
 THAW_STEP = "restore-to-aws-s3-from-aws-s3-glacier-deep-archive"
 STATUS_STEP = "check-aws-s3-restoration-status"
@@ -2036,10 +2040,11 @@ class Arguments:
 
 
 BACKUP_ARGS = ArgTable(
-    "regular-backup|incremental-only-backup",
-    dataclasses.replace(OPERATION_ROW, check=_choice(*BACKUP_OPERATIONS),
-                        meaning="regular-backup (daily, scheduled) or "
-                                "incremental-only-backup (by hand)"),
+    "|".join(BACKUP_TABLE_OPERATIONS),
+    dataclasses.replace(OPERATION_ROW, check=_choice(*BACKUP_TABLE_OPERATIONS),
+                        meaning="regular-backup (daily, scheduled), "
+                                "incremental-only-backup (by hand), or preview-backup "
+                                "(what regular-backup would do, doing nothing)"),
     Arg("agent", "execution agent", _choice(USER_AGENT),
         meaning="the execution agent: user (the child pass is started with another)",
         named_default=USER_AGENT),
@@ -2132,7 +2137,7 @@ BROWSE_ARGS = ArgTable(
 )
 
 OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS, BROWSE_OPERATION: BROWSE_ARGS,
-                    **{op: BACKUP_ARGS for op in BACKUP_OPERATIONS},
+                    **{op: BACKUP_ARGS for op in BACKUP_TABLE_OPERATIONS},
                     **{op: RESTORE_ARGS for op in RESTORE_OPERATIONS}}
 
 
@@ -2140,6 +2145,9 @@ OPERATION_SUMMARIES = {
     REGULAR_BACKUP: "the daily backup: the mirror, and a full or incremental backup to "
                     "S3 Glacier Deep Archive",
     INCREMENTAL_ONLY_BACKUP: "a quick incremental backup by hand (never a full one)",
+    PREVIEW_BACKUP: "what regular-backup would do with the same settings: sources, "
+                    "selection, exclusions, full or incremental, upload and cost; "
+                    "writes nothing, only lists S3",
     ONE_STEP_RESTORE: "restore from Deep Archive in one command (thaw, wait, download, "
                       "extract)",
     THAW_STEP: "restore, step 1: plan and request the thaw",
@@ -2160,7 +2168,7 @@ def usage_text(operation):
              "values as \"\")",
              "operations:"]
     lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
-              for op in BACKUP_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
+              for op in BACKUP_TABLE_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
     lines.append("Run 'aam_auto_backup.py <operation> --help' to see its settings; "
                  "docs/reference.md has the details.")
     return "\n".join(lines)
@@ -2465,6 +2473,7 @@ class BackupPlan:
     sources: list                 # SourcePlan, in mount order
     notes: list                   # lines for the log (ignored, covered, excluded)
     listed: list                  # the existing directories to back up
+    instructions: object = None   # the Instructions it was made from (their line numbers)
 
 
 def _relative(path, mount, platform):
@@ -2514,7 +2523,7 @@ def plan_backup(instructions, platform, extra_excluded=()):
         excluded_file_paths=relative_to(mount, file_paths),
         dir_patterns=dir_patterns, file_patterns=file_patterns)
         for mount in compute_mounts(covered, platform)]
-    return BackupPlan(sources, notes, covered)
+    return BackupPlan(sources, notes, covered, instructions)
 
 
 def existing_listed(instructions, platform, notes):
@@ -3290,6 +3299,31 @@ class RunLog:
     def close(self):
         if not self.handle.closed:
             self.handle.close()
+
+
+class TerminalOutput:
+    """The multi-step operations write no log (the original design's choice): terminal only.
+
+    Same interface as RunLog; tool output (terminal=False) is not shown.
+    """
+
+    path = None
+
+    def __init__(self, secrets):
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len,
+                              reverse=True)
+
+    scrub = RunLog.scrub
+
+    def section(self, heading):
+        pass
+
+    def line(self, text="", terminal=True):
+        if terminal:
+            print(self.scrub(str(text)), flush=True)
+
+    def close(self):
+        pass
 
 
 def format_bytes(count):
@@ -4835,6 +4869,12 @@ class SourceCatalogue:
         """Tell the child which local state to compare with (none for a full backup);
         base_note says which, for the log.  verify=False: the early child's guess, not
         read through yet (check_early_child does before it may go on)."""
+        self.find_base(verify)
+        _write_private_text(self.path(CATALOGUE_BASE), json.dumps({"state": self.base}))
+
+    def find_base(self, verify=True):
+        """Find the local state to compare with, and say which (base, base_note); only
+        reads (a preview uses it too)."""
         run = self.run
         if run.scope is Scope.INCREMENTAL:
             self.base, problem = run.local_state_to_compare(self, verify)
@@ -4849,7 +4889,6 @@ class SourceCatalogue:
                     f"latest complete backup {describe_stamp(run.since)} cannot be used: "
                     f"{why}. Files are selected by their times alone, and this backup's "
                     "catalogue lists the whole tree.")
-        _write_private_text(self.path(CATALOGUE_BASE), json.dumps({"state": self.base}))
 
     def header(self, full, index_info):
         run = self.run
@@ -4946,6 +4985,7 @@ class BackupRun:
         self.latest_full = None      # latest complete sets, for log and report
         self.latest_incremental = None
         self.session = self.s3 = None
+        self.listing = None          # BucketListing of what query_s3 listed
         self.uploads = None          # RunUploads: every upload of the run, one rate limit
         self.work_dir = None
         self.work_dir_made = False
@@ -5011,6 +5051,9 @@ class BackupRun:
             plan = self.plan_and_decide()
             if self.local or self.aws:          # else S3 failed for an AWS-only run: reported
                 try:
+                    if self.aws:
+                        self.uploads = RunUploads(self.s3, self.args.bucket,
+                                                  transfer_config(self.settings.upload_limit))
                     self.create_work_dir()
                     self.back_up_sources(plan)
                 except SourceStopped as stopped:
@@ -5037,9 +5080,13 @@ class BackupRun:
         self.log.section(SECTION_START)
         self.log.line(f"Backup started {describe_stamp(self.start)} "
                       f"({local_time_text(self.start)})")
-        self.work_dir = os.path.join(self.settings.temp_root,
-                                     f"{self.args.location}{format_stamp(self.start)}")
+        self.work_dir = self.work_dir_path()
         self.remove_leftovers()
+
+    def work_dir_path(self):
+        """This run's work directory: made when first needed; the plan excludes it."""
+        return os.path.join(self.settings.temp_root,
+                            f"{self.args.location}{format_stamp(self.start)}")
 
     def plan_and_decide(self):
         """The instruction file's plan, and (with AWS) the full/incremental decision."""
@@ -5175,9 +5222,7 @@ class BackupRun:
         try:
             self.session = aws_session(self.args.access_key_id, self.args.secret_access_key)
             self.s3 = aws_client(self.session, "s3", self.settings.region)
-            self.uploads = RunUploads(self.s3, self.args.bucket,
-                                      transfer_config(self.settings.upload_limit))
-            listing = self.list_bucket(sources)
+            listing = self.listing = self.list_bucket(sources)
         except aws_errors() as problem:
             cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
             self.skip_aws(f"AWS S3 cannot be queried ({cause})")
@@ -5221,12 +5266,13 @@ class BackupRun:
         changed = self.instruction_file_changed()
         if self.regular:
             if self.args.force_full:
-                reason = "forced by argument 21"
+                reason = f"forced by argument {BACKUP_ARGS.number('force_full')}"
             elif full is None:
                 reason = f"no complete full backup of the {len(sources)} current sources {where}"
             elif self.args.auto_force_full and changed > full:
                 reason = (f"the instruction file changed ({describe_stamp(changed)}) after "
-                          "the latest complete full backup (argument 22)")
+                          "the latest complete full backup (argument "
+                          f"{BACKUP_ARGS.number('auto_force_full')})")
             else:
                 reason = None
             if reason:
@@ -5241,7 +5287,8 @@ class BackupRun:
             if self.args.auto_force_full and changed > full:
                 raise Refused(f"The instruction file changed ({describe_stamp(changed)}) "
                               "after the latest complete full backup, so a full backup is "
-                              "required (argument 22); run a regular backup instead.")
+                              f"required (argument {BACKUP_ARGS.number('auto_force_full')}); "
+                              "run a regular backup instead.")
         self.scope, self.base_full = Scope.INCREMENTAL, full
         self.since = self.latest_incremental or full
         self.log.line(f"Backup scope: incremental, based on the full backup "
@@ -5793,6 +5840,364 @@ class BackupRun:
                           "because the report was not sent.")
 
 
+# -- preview-backup: what a regular-backup would do, told without doing it -------------
+
+EXAMPLES_SHOWN = 3       # paths shown of what each exclusion removed
+# What a ZIP entry adds to its bytes with AES-256 (7-Zip, measured: about 160 bytes and its
+# path twice, in its local and its central header; Zip64 fields for a big file): 256 and
+# the path twice bound it.  Data that does not compress is stored as it is (-mx1 gives
+# -mx0's size on random bytes), so no file's bytes grow.
+ZIP_ENTRY_BYTES = 256
+ZIP_END_BYTES = 1024     # the end of the central directory, its Zip64 records included
+
+
+class PreviewOutput(TerminalOutput):
+    """The preview's one output, the terminal (it writes no log file, as browse does not):
+    everything the backup's steps say, the lines a backup writes to its log alone too."""
+
+    def line(self, text="", terminal=True):
+        super().line(text)
+
+
+class Counted:
+    """Files (a symbolic link counts as one, as in a backup's file count) and bytes."""
+
+    def __init__(self):
+        self.files = self.bytes = 0
+
+    def add(self, st):
+        self.files += 1
+        self.bytes += st.st_size
+
+    def text(self):
+        return f"{self.files:,} file(s), {exact_bytes(self.bytes)}"
+
+
+def exact_bytes(count):
+    """'950 B', or '1.2 MB (1,234,567 bytes)': short, and exact."""
+    short = format_bytes(count)
+    return short if count < 1000 else f"{short} ({count:,} bytes)"
+
+
+class CountingWalk(TreeWalk):
+    """The selection's walk, counting what it selects: the files and their bytes, the
+    directories (a full backup's archive holds them too), and the paths' length."""
+
+    def __init__(self, root, plan, platform, since=None):
+        super().__init__(root, plan, platform, since)
+        self.selected, self.directories, self.name_bytes = Counted(), 0, 0
+
+    def __iter__(self):
+        for walked in super().__iter__():
+            if stat.S_ISDIR(walked.st.st_mode):
+                self.directories += 1
+            else:
+                self.selected.add(walked.st)
+            self.name_bytes += len(walked.path.encode("utf-8", "surrogateescape"))
+            yield walked
+
+
+class ChangeCounter:
+    """ChangeRecorder's work file and list callback in a preview: nothing is written.  It
+    counts what the backup would archive, and the entries it would record as gone."""
+
+    def __init__(self):
+        self.archived, self.entries, self.name_bytes, self.gone = Counted(), 0, 0, 0
+
+    def archive(self, walked):
+        if not stat.S_ISDIR(walked.st.st_mode):
+            self.archived.add(walked.st)
+        self.entries += 1
+        self.name_bytes += len(walked.path.encode("utf-8", "surrogateescape"))
+
+    def write(self, flag, entry):
+        """A new or changed entry's line: counted by archive() if it is archived."""
+
+    def write_line(self, flag, line):
+        self.gone += flag == CHANGED and line.startswith(DELETED + "\t")
+
+
+def at_most(dollars):
+    """An upper bound of a cost: 'at most $1.23', or 'less than $0.01'."""
+    text = format_dollars(dollars)
+    return text if text.startswith("less") else f"at most {text}"
+
+
+def archive_bound(content, entries, name_bytes):
+    """At most the bytes of a ZIP archive of entries holding content bytes in all, their
+    paths name_bytes long in all (compression can only make it smaller)."""
+    if not entries:
+        return 0
+    return content + entries * ZIP_ENTRY_BYTES + 2 * name_bytes + ZIP_END_BYTES
+
+
+class ExclusionTally:
+    """What one exclusion (an instruction-file line; None: the program's own, the mirror
+    directory inside a source) removed from the walks: the entries it met, what they held,
+    and the first few of them."""
+
+    def __init__(self, exclusion, is_dir, platform):
+        self.exclusion, self.is_dir, self.platform = exclusion, is_dir, platform
+        self.removed, self.content, self.examples = 0, Counted(), []
+        self.name = None if exclusion is None or exclusion.is_path else wildcard_regex(
+            exclusion.text, platform.case_insensitive)
+
+    def matches(self, path, is_dir):
+        """It excludes path when the walk meets it."""
+        if self.exclusion is None or is_dir != self.is_dir:
+            return False
+        if self.name is not None:
+            return bool(self.name.fullmatch(self.platform.split(path)[-1]))
+        return self.platform.comparable(path) == self.platform.comparable(self.exclusion.text)
+
+    def takes_out(self, listed):
+        """It takes a listed directory out of the plan (not_excluded: the exclusion wins),
+        the listed directory being it or inside it."""
+        return self.matches(listed, True) or (
+            self.is_dir and self.name is None
+            and _relative(listed, self.exclusion.text, self.platform) is not None)
+
+    def add(self, path, note=""):
+        self.removed += 1
+        if len(self.examples) < EXAMPLES_SHOWN:
+            self.examples.append(path + note)
+        if not self.is_dir:
+            with contextlib.suppress(OSError):
+                self.content.add(os.lstat(self.platform.long_path(path)))
+            return
+        # the whole tree below it, as the selection's walk sees a tree
+        for walked in TreeWalk(path, SourcePlan(path, [""], [], [], [], []), self.platform):
+            if not stat.S_ISDIR(walked.st.st_mode):
+                self.content.add(walked.st)
+
+    def lines(self):
+        """What it removed, then the first few of those paths."""
+        platform = self.platform
+        if self.exclusion is None:
+            what = "the local mirror directory, inside a source (excluded by the program)"
+        else:
+            what = f"line {self.exclusion.line}, {self.exclusion.text}" + (
+                platform.sep if self.is_dir else "")
+        if not self.removed:
+            gone = self.exclusion.is_path and not os.path.lexists(
+                platform.long_path(self.exclusion.text))
+            return [f"{what}: nothing" + (" (it does not exist)" if gone else "")]
+        kind = ("directory" if self.removed == 1 else "directories") if self.is_dir else \
+            "file(s)"
+        held = f", holding {self.content.text()}" if self.is_dir else \
+            f", {exact_bytes(self.content.bytes)}"
+        return ([f"{what}: {self.removed:,} {kind}{held}"]
+                + [f"    {path}" for path in self.examples]
+                + ([f"    ... and {self.removed - len(self.examples):,} more"]
+                   if self.removed > len(self.examples) else []))
+
+
+class RemovedByExclusions:
+    """What each exclusion removed from the selection's walks (TreeWalk.excluded), by
+    instruction-file line; an entry that two lines exclude counts under the earlier."""
+
+    def __init__(self, instructions, platform):
+        self.platform = platform
+        self.tallies = [ExclusionTally(exclusion, is_dir, platform)
+                        for is_dir, exclusions in ((True, instructions.excluded_dirs),
+                                                   (False, instructions.excluded_files))
+                        for exclusion in exclusions]
+        self.own = ExclusionTally(None, True, platform)
+        self.counted = set()        # each removed path once (a listed one, then met)
+        for path, number in instructions.backup_dirs:
+            tally = next((t for t in self.tallies if t.takes_out(path)), None)
+            if tally and os.path.isdir(platform.long_path(path)):
+                self.count(tally, path, f" (listed on line {number})")
+
+    def add(self, walk):
+        for rel, is_dir in walk.excluded:
+            path = walk.absolute(rel)
+            self.count(next((t for t in self.tallies if t.matches(path, is_dir)), self.own),
+                       path)
+
+    def count(self, tally, path, note=""):
+        key = self.platform.comparable(path)
+        if key not in self.counted:
+            self.counted.add(key)
+            tally.add(path, note)
+
+    def lines(self):
+        tallies = sorted(self.tallies, key=lambda t: t.exclusion.line)
+        return [line for tally in tallies + ([self.own] if self.own.removed else [])
+                for line in tally.lines()]
+
+
+@dataclasses.dataclass
+class SourcePreview:
+    """One source's part of the preview: what is selected, what would be archived."""
+
+    selected: Counted
+    archived: Counted
+    archive_bytes: int         # at most: the archive of what would be archived
+    volumes: int               # at most
+
+
+class BackupPreview(BackupRun):
+    """preview-backup: what a regular-backup with the same arguments would do now, told
+    without doing it.
+
+    It takes the backup's own steps up to the point where a backup starts to write: the
+    plan (read_plan, log_plan), the listing, the full/incremental decision and the key
+    check (query_s3), the local state that change detection compares with
+    (SourceCatalogue.find_base); then it walks each source as the child does (TreeWalk,
+    ChangeRecorder) and counts instead of archiving.  It writes nothing: no lock (so it
+    may run beside a backup), no log file (the terminal only), no work directory, no
+    local state, no S3 object; S3 is read by LIST alone, with the backup keys.  Its exit
+    code is what the backup's decision would end with: 9 for a key its chain's key check
+    refuses, 1 when S3 cannot be listed (it says what it could not tell), 3 for an
+    instruction file that cannot be used.
+    """
+
+    def __init__(self, args, platform, settings, program_path=None):
+        super().__init__(args, platform, settings, program_path)
+        self.regular = True            # what it previews is a regular-backup
+
+    def execute(self):
+        self.log = PreviewOutput(self.args.secrets)
+        self.start = utc_now()
+        # Never made; the plan excludes it from a source, as a backup's plan does.
+        self.work_dir = self.work_dir_path()
+        self.log.line(f"{PREVIEW_BACKUP}: what regular-backup would do now with these "
+                      "settings. Nothing is mirrored, archived, uploaded or written (no "
+                      "lock, log file, work directory or local state)"
+                      + ("; S3 is only listed." if self.aws else "."))
+        self.warn_about_a_short_key()
+        plan, problem = self.read_plan()
+        self.heading("Sources: the mount directories, and what the instruction file "
+                     "selects in each")
+        self.log_plan(plan)
+        if problem:
+            raise problem
+        if self.aws:
+            self.heading(f"The decision, from the listing of s3://{self.args.bucket} for "
+                         f"location {self.args.location} (the backup keys, LIST only)")
+            self.query_s3(plan)
+        removed = RemovedByExclusions(plan.instructions, self.platform)
+        sources = [self.preview_source(index, source, len(plan.sources), removed)
+                   for index, source in enumerate(plan.sources, 1)]
+        self.heading("Exclusions: what each one removed from the selection")
+        for line in removed.lines() or ["(the instruction file excludes nothing)"]:
+            self.log.line(line)
+        self.heading("In all")
+        self.say_totals(sources)
+        if self.aws_asked:
+            self.say_upload_and_cost(sources)
+        return self.exit_code()
+
+    def heading(self, text):
+        self.log.line()
+        self.log.line(f"== {text}")
+
+    def skip_aws(self, reason):
+        super().skip_aws(reason)
+        if not self.key_refused:
+            self.log.line("Not told without the listing: whether the backup would be full or "
+                          "incremental, whether the archive key matches its chain's key "
+                          "check, and what the month holds in S3. The upload below is what a "
+                          "full backup would archive (an incremental, less).")
+
+    def preview_source(self, index, source, count, removed):
+        """Walk one source as the child would, counting; say what it selects and what
+        would be archived."""
+        name = self.platform.source_name(source.mount)
+        incremental = self.scope is Scope.INCREMENTAL
+        self.heading(f"Source {index} of {count}: {source.mount} (S3 name {name})")
+        if self.local:
+            mirror = self.platform.mirror_directory(self.args.mirror_root, source.mount)
+            self.log.line(f"Mirror directory: {mirror}")
+        previous = None
+        if incremental:
+            catalogue = SourceCatalogue(self, source, name)
+            catalogue.find_base()
+            self.log.line(catalogue.base_note)
+            previous = catalogue.base
+        walk = CountingWalk(source.mount, source, self.platform,
+                            self.since if incremental else None)
+        counter = ChangeCounter()
+        ChangeRecorder(walk, previous, self.platform, not incremental).run(counter,
+                                                                          counter.archive)
+        removed.add(walk)
+        self.log.line(f"Selected: {walk.selected.text()}, in {walk.directories:,} "
+                      f"director{'y' if walk.directories == 1 else 'ies'} (the listed ones "
+                      "and those below them)")
+        for special, what in walk.specials:
+            self.log.line(f"Not backed up ({what}): {walk.absolute(special)}")
+        for problem in walk.problems:
+            self.log.line(f"WARNING: {problem}: a backup reports this as a FAILURE")
+        if incremental:
+            gone = (f"; {counter.gone:,} path(s) gone since the local catalogue"
+                    if previous else "")
+            self.log.line(f"An incremental backup would archive {counter.archived.text()}"
+                          f"{gone}.")
+            bound = archive_bound(counter.archived.bytes, counter.entries, counter.name_bytes)
+            archived = counter.archived
+        else:
+            bound = archive_bound(walk.selected.bytes,
+                                  walk.selected.files + walk.directories, walk.name_bytes)
+            archived = walk.selected
+        volumes = -(-bound // self.settings.volume_size)
+        return SourcePreview(walk.selected, archived, bound, volumes)
+
+    def say_totals(self, sources):
+        selected, archived = Counted(), Counted()
+        for source in sources:
+            for total, part in ((selected, source.selected), (archived, source.archived)):
+                total.files += part.files
+                total.bytes += part.bytes
+        self.log.line(f"Selected: {selected.text()} in {len(sources)} source(s).")
+        if self.aws_asked and self.scope is Scope.INCREMENTAL:
+            self.log.line(f"An incremental backup would archive {archived.text()}.")
+
+    def say_upload_and_cost(self, sources):
+        """The upload (at most: compression is unknown before 7-Zip runs), the requests
+        it takes, and what it and the month's objects cost in storage."""
+        upload = sum(source.archive_bytes for source in sources)
+        volumes = sum(source.volumes for source in sources)
+        if self.key_refused:
+            self.log.line("Upload: nothing (the archive key is refused, see above).")
+            return
+        level = self.settings.compression_level
+        how = ("stored as they are (compression level 0, AAM_COMPRESSION_LEVEL)" if not level
+               else f"compression level {level} (AAM_COMPRESSION_LEVEL) makes it smaller as "
+               "far as the files compress")
+        self.log.line(f"Upload: at most {exact_bytes(upload)} in at most "
+                      f"{volumes} volume(s) of up to {self.settings.volume_size:,} bytes "
+                      f"(AAM_VOLUME_SIZE): the files' bytes and ZIP's headers; {how}. And "
+                      "for each source a catalogue and a completion indicator (STANDARD, "
+                      "small).")
+        if not upload and self.scope is Scope.INCREMENTAL:
+            self.log.line("(No file changed: the backup would upload no volume, only the "
+                          "catalogues and completion indicators.)")
+        requests = sum(upload_requests(size) for source in sources
+                       for size in volume_sizes(source.archive_bytes,
+                                                self.settings.volume_size))
+        month = storage_cost(upload, volumes)
+        minimum = month * DEEP_ARCHIVE_MINIMUM_DAYS / DAYS_A_MONTH
+        self.log.line(f"Estimated cost (us-east-1 prices of {PRICES_TAKEN}: Deep Archive "
+                      f"${STORAGE_PRICES[DEEP_ARCHIVE]} per GB-month; docs/backup.md):")
+        self.log.line(f"  this backup's volumes: {at_most(month)} a month, billed for "
+                      f"{DEEP_ARCHIVE_MINIMUM_DAYS} days at least (Deep Archive's minimum): "
+                      f"{at_most(minimum)} for those")
+        put = requests / 1000 * PUT_PRICES[DEEP_ARCHIVE]
+        self.log.line(f"  its upload: at most {requests:,} PUT request(s) (the volumes' "
+                      f"multipart parts): {at_most(put)}, once")
+        if self.listing is None:
+            return
+        stored = StoredBytes.of(self.listing)
+        month_text = f"{self.start:%Y-%m}"
+        self.log.line(f"  stored in {month_text} (this month's listing): {stored.volumes} "
+                      f"volume(s), {exact_bytes(stored.volume_bytes)}, and {stored.others} "
+                      f"STANDARD object(s), {exact_bytes(stored.other_bytes)}: "
+                      f"{format_dollars(stored.cost())} a month; with this backup "
+                      f"{format_dollars(stored.cost() + month)} (earlier months are not "
+                      "listed, and are billed too)")
+
+
 # ============================================================================
 # Restore operations (docs/restore.md)
 # ============================================================================
@@ -5805,6 +6210,56 @@ RETRIEVAL_PRICES = {"Bulk": (0.0025, 0.025), "Standard": (0.02, 0.10)}
 TRANSFER_OUT_PER_GB = 0.09
 EXPECTED_WAIT = {"Bulk": "within 48 hours", "Standard": "within 12 hours"}
 GB = 1024 ** 3                    # AWS bills a GB as 2^30 bytes
+# Storage and upload prices recorded the same way and day (docs/backup.md lists them):
+# dollars per GB-month (the first 50 TB a month), and per 1,000 PUT requests (each part of
+# a multipart upload is one).  Volumes are DEEP_ARCHIVE; catalogues, completion
+# indicators and key checks STANDARD.  Deep Archive bills 40 KB more for each object it
+# holds: 32 KB at its own price and 8 KB at STANDARD's.
+STORAGE_PRICES = {DEEP_ARCHIVE: 0.00099, "STANDARD": 0.023}
+PUT_PRICES = {DEEP_ARCHIVE: 0.05, "STANDARD": 0.005}
+ARCHIVED_OBJECT_EXTRA = {DEEP_ARCHIVE: 32 * 1024, "STANDARD": 8 * 1024}
+
+
+def storage_cost(archived_bytes, archived_objects, standard_bytes=0):
+    """Dollars a month for Deep Archive objects and STANDARD bytes (prices above)."""
+    archived = archived_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA[DEEP_ARCHIVE]
+    standard = standard_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA["STANDARD"]
+    return (archived * STORAGE_PRICES[DEEP_ARCHIVE] + standard * STORAGE_PRICES["STANDARD"]) / GB
+
+
+def upload_requests(size):
+    """The PUT requests an upload of size bytes takes (RunUploads' multipart rule)."""
+    config = transfer_config()
+    if size < config.multipart_threshold:
+        return 1
+    return -(-size // config.multipart_chunksize) + 2      # the parts, begin and end
+
+
+def volume_sizes(archive_bytes, volume_size):
+    """The sizes of the volumes an archive of archive_bytes is split into."""
+    whole, rest = divmod(archive_bytes, volume_size)
+    return [volume_size] * whole + ([rest] if rest else [])
+
+
+@dataclasses.dataclass
+class StoredBytes:
+    """The backup objects of a listing: volumes (DEEP_ARCHIVE) and the rest (STANDARD)."""
+
+    volumes: int
+    volume_bytes: int
+    others: int
+    other_bytes: int
+
+    @classmethod
+    def of(cls, listing):
+        volumes = [v for stored in listing.volumes.values() for v in stored]
+        others = list(listing.catalogues.values()) + [
+            o for by_source in listing.indicators.values() for o in by_source.values()]
+        return cls(len(volumes), sum(v.size for v in volumes), len(others),
+                   sum(o.size for o in others))
+
+    def cost(self):
+        return storage_cost(self.volume_bytes, self.volumes, self.other_bytes)
 
 RESTORE_STATE_FILE = ".aam-restore-state.json"
 RESTORE_STATE_FORMAT = "aam-auto-backup-restore-state"
@@ -5878,31 +6333,6 @@ def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS, kind="object"):
         if is_transient(problem):
             raise
         raise restore_aws_error(problem, bucket, key, credentials, kind) from None
-
-
-class TerminalOutput:
-    """The multi-step operations write no log (the original design's choice): terminal only.
-
-    Same interface as RunLog; tool output (terminal=False) is not shown.
-    """
-
-    path = None
-
-    def __init__(self, secrets):
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len,
-                              reverse=True)
-
-    scrub = RunLog.scrub
-
-    def section(self, heading):
-        pass
-
-    def line(self, text="", terminal=True):
-        if terminal:
-            print(self.scrub(str(text)), flush=True)
-
-    def close(self):
-        pass
 
 
 # -- what to restore: the restore point and the selection --------------------------
@@ -7747,6 +8177,7 @@ def volumes_in(restore_set, numbers):
 # -- browse: the backups in the bucket, and the versions of chosen files ------------
 
 DEEP_ARCHIVE_MINIMUM_DAYS = 180     # Deep Archive bills every object for 180 days at least
+DAYS_A_MONTH = 365.25 / 12
 
 
 def browse(args, platform, settings):
@@ -8161,6 +8592,10 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
                 args = parse_backup_args(argv)
                 return self.with_signals(BackupRun(args, self.platform, self.settings(),
                                                    self.program_path).execute)
+            if operation == PREVIEW_BACKUP:
+                args = parse_backup_args(argv)
+                return self.with_signals(BackupPreview(args, self.platform, self.settings(),
+                                                       self.program_path).execute)
             if operation in RESTORE_OPERATIONS:
                 args = parse_restore_args(argv)
                 settings = self.settings()

@@ -1,0 +1,312 @@
+"""preview-backup: what a regular-backup would do, told without doing it.
+
+Real parts: the CLI as a subprocess with regular-backup's own arguments, the moto server
+over HTTP behind the counting FaultProxy (a preview may only LIST), and real backups
+before and after it, whose indicators say what was archived.  "Nothing was written" is
+proved on the whole sandbox (sources, logs, lock, work and state directories, mirror):
+its snapshot, file contents and times, is the same after a preview as before.
+"""
+
+import os
+import re
+import socket
+
+import pytest
+
+import aam_auto_backup as aab
+from conftest import ACCESS_KEY_ID, SECRET, file_times_pass, ok, snapshot, write_file
+from local_aws import backup_policy
+
+PREVIEW = aab.PREVIEW_BACKUP
+
+
+def preview(sandbox, proxy=None, changes=None, env=None):
+    """preview-backup with the sandbox's regular-backup arguments (through the proxy)."""
+    env = env or sandbox.env(**({"AWS_ENDPOINT_URL": proxy.endpoint_url} if proxy else {}))
+    return sandbox.run(sandbox.backup_args(PREVIEW, changes), env=env)
+
+
+def everything(sandbox):
+    """The sandbox's files and directories, with their times, and the bucket's objects."""
+    roots = [sandbox.root] + ([sandbox.second_root] if sandbox.tree else [])
+    return [snapshot(root) for root in roots], sorted(o["Key"] for o in sandbox.objects())
+
+
+def s3_requests(proxy):
+    return [r["kind"] for r in proxy.requests()]
+
+
+def section(output, heading):
+    """The lines under one '== heading' of the preview, up to the next heading."""
+    start = output.index(f"== {heading}")
+    end = output.find("\n== ", start + 1)
+    return output[start:end if end >= 0 else None]
+
+
+def files_and_bytes(tree):
+    contents = [data for files in tree.expected.values() for data in files.values()
+                if data is not None]
+    return len(contents), sum(len(data) for data in contents)
+
+
+def volumes_in_bucket(sandbox, backup=None):
+    """(count, bytes) of the volumes in the bucket (of one backup: its date-time)."""
+    sizes = [o["Size"] for o in sandbox.objects()
+             if (name := aab.ObjectName.parse(o["Key"])) and not name.indicator
+             and not name.catalogue and backup in (None, name.incremental or name.full)]
+    return len(sizes), sum(sizes)
+
+
+def archived_files(sandbox, backup):
+    """The files the completion indicators of one backup say were archived, in all."""
+    names = [aab.ObjectName.parse(o["Key"]) for o in sandbox.objects()]
+    return sum(sandbox.indicator(name.key)["files"] for name in names
+               if name and name.indicator and (name.incremental or name.full) == backup)
+
+
+def upload_bound(output):
+    return int(re.search(r"Upload: at most \S+ \S+ \(([\d,]+) bytes\)", output)[1]
+               .replace(",", ""))
+
+
+def sizes(tree, mount, *paths):
+    """The bytes of excluded files of the sample, as the preview shows them."""
+    return aab.exact_bytes(sum(len(tree.excluded[mount][path]) for path in paths))
+
+
+def test_a_fresh_bucket_is_previewed_as_a_full_backup_with_the_backup_keys(sandbox, proxy,
+                                                                             aws):
+    tree = sandbox.sample()
+    key_id, secret = aws.create_user_with_policy(f"backup-{sandbox.location}",
+                                                 backup_policy(sandbox.bucket))
+    keys = {"access_key_id": key_id, "secret_access_key": secret}
+    before = everything(sandbox)
+    aws.enable_iam_enforcement()          # the backup user's write-only policy: LIST it may
+    try:
+        result = preview(sandbox, proxy, keys)
+    finally:
+        aws.disable_iam_enforcement()
+    out = ok(result).stdout
+    # Nothing was written anywhere, and S3 was listed twice (the key checks, the month).
+    assert everything(sandbox) == before
+    assert s3_requests(proxy) == ["LIST", "LIST"]
+    assert not os.path.exists(sandbox.logs) and not os.path.exists(sandbox.temp)
+
+    month = f"{aab.utc_now():%Y-%m}"
+    assert f"Backup scope: full (no complete full backup of the 2 current sources in {month} " \
+           "(UTC))." in out
+    for mount in tree.mounts:
+        assert f"Source (mount directory) {mount} -> " in out
+        assert f"Mirror directory: {os.path.join(sandbox.mirror, mount.lstrip('/'))}" in out
+    files, size = files_and_bytes(tree)
+    assert f"Selected: {files:,} file(s), {aab.exact_bytes(size)} in 2 source(s)." in out
+    first, second = tree.mounts
+    assert section(out, "Exclusions") == "\n".join([
+        "== Exclusions: what each one removed from the selection",
+        f"line 6, {first}/Documents/private/: 1 directory, holding 1 file(s), "
+        + sizes(tree, first, "Documents/private/secret-plan.txt"),
+        f"    {first}/Documents/private",
+        f"line 7, {first}/Music/: 1 directory, holding 1 file(s), "
+        + sizes(tree, first, "Music/song.flac"),
+        f"    {first}/Music (listed on line 3)",
+        "line 8, -*/: 2 directories, holding 2 file(s), "
+        + sizes(tree, first, "Documents/-audio/song.mp3", "Documents/sub/-video/clip.mp4"),
+        f"    {first}/Documents/-audio",
+        f"    {first}/Documents/sub/-video",
+        "line 9, cache/: 2 directories, holding 2 file(s), "
+        + sizes(tree, second, "cache/blob.bin", "docs/cache/inner.bin"),
+        f"    {second}/cache",
+        f"    {second}/docs/cache",
+        "line 11, ~WRL*.tmp: 2 file(s), "
+        + sizes(tree, first, "Documents/~WRL1234.tmp", "Documents/sub/~WRL9.tmp"),
+        f"    {first}/Documents/sub/~WRL9.tmp",
+        f"    {first}/Documents/~WRL1234.tmp",
+        f"line 12, {first}/Documents/passwords.kdbx: 1 file(s), "
+        + sizes(tree, first, "Documents/passwords.kdbx"),
+        f"    {first}/Documents/passwords.kdbx", ""])
+    assert f"stored in {month} (this month's listing): 0 volume(s), 0 B, and 0 STANDARD " \
+           "object(s), 0 B: $0.00 a month" in out
+
+    # The backup it previewed: every selected file archived, in no more bytes than told.
+    ok(sandbox.backup())
+    (stamp,) = {n.full for n in sandbox.object_names()}
+    assert archived_files(sandbox, stamp) == files
+    count, stored = volumes_in_bucket(sandbox)
+    assert size < stored <= upload_bound(out)
+    again = ok(preview(sandbox)).stdout
+    assert f"stored in {month} (this month's listing): {count} volume(s), " \
+           f"{aab.exact_bytes(stored)}, and 4 STANDARD object(s)" in again
+
+
+def test_after_a_backup_the_incremental_is_counted_exactly(sandbox, proxy):
+    tree = sandbox.sample()
+    first, second = tree.mounts
+    ok(sandbox.backup())
+    (full,) = {n.full for n in sandbox.object_names()}
+    file_times_pass()
+    write_file(os.path.join(first, "Documents", "report.txt"), b"rewritten tonight\n")
+    write_file(os.path.join(first, "Documents", "sub", "deep", "new.txt"), b"new " * 1000)
+    write_file(os.path.join(second, "docs", "readme.md"), b"second source, changed\n")
+    write_file(os.path.join(first, "Documents", "~WRL5.tmp"), b"excluded, changed or not")
+    os.remove(os.path.join(first, "Documents", "notes with space.md"))
+    changed = len(b"rewritten tonight\n") + 4000 + len(b"second source, changed\n")
+    before = everything(sandbox)
+    proxy.reset_counters()
+
+    out = ok(preview(sandbox, proxy)).stdout
+    assert everything(sandbox) == before
+    assert s3_requests(proxy) == ["LIST", "LIST"]
+    assert (f"Backup scope: incremental, based on the full backup {aab.describe_stamp(full)}; "
+            f"files changed since {aab.describe_stamp(full)}.") in out
+    assert f"Change detection: compared with the local catalogue of the backup " \
+           f"{aab.describe_stamp(full)}" in out
+    assert "An incremental backup would archive 2 file(s), 4.0 KB (4,018 bytes); 1 path(s) " \
+           "gone since the local catalogue." in section(out, f"Source 1 of 2: {first}")
+    assert "An incremental backup would archive 1 file(s), 23 B; 0 path(s) gone since the " \
+           "local catalogue." in section(out, f"Source 2 of 2: {second}")
+    assert f"An incremental backup would archive 3 file(s), {aab.exact_bytes(changed)}." in out
+    assert "line 11, ~WRL*.tmp: 3 file(s)" in out
+
+    ok(sandbox.backup())
+    incremental = max(n.incremental for n in sandbox.object_names() if n.incremental)
+    assert archived_files(sandbox, incremental) == 3
+    assert volumes_in_bucket(sandbox, incremental)[1] <= upload_bound(out)
+
+
+def test_an_unchanged_source_uploads_no_volume(sandbox, proxy):
+    sandbox.single_source({"a.txt": b"a", "b/c.txt": b"c"})
+    ok(sandbox.backup())
+    proxy.reset_counters()
+    out = ok(preview(sandbox, proxy)).stdout
+    assert "An incremental backup would archive 0 file(s), 0 B; 0 path(s) gone" in out
+    assert "Upload: at most 0 B in at most 0 volume(s)" in out
+    assert "No file changed: the backup would upload no volume" in out
+    assert s3_requests(proxy) == ["LIST", "LIST"]
+
+
+def test_exclusions_are_counted_by_line_with_a_few_examples(sandbox, proxy):
+    files = {f"logs/{n}.tmp": b"x" * n for n in range(1, 6)}
+    files.update({"keep.txt": b"kept", "build/out.o": b"o" * 10, "src/build/x.o": b"oo",
+                  "src/main.c": b"int main;", "notes.bak": b"bak"})
+    mount = sandbox.single_source(files)
+    sandbox.write_instructions("\n".join([
+        f"{mount}/", "", "build/", f"{mount}/nothing-here/", "", "*.tmp", "*.t?p",
+        "*.exe", f"{mount}/notes.bak"]) + "\n")
+    before = everything(sandbox)
+    # A local backup alone: no S3 part, and not one request.
+    result = preview(sandbox, proxy, {"destinations": "local"})
+    out = ok(result).stdout
+    assert everything(sandbox) == before and s3_requests(proxy) == []
+    assert section(out, "Exclusions") == "\n".join([
+        "== Exclusions: what each one removed from the selection",
+        "line 3, build/: 2 directories, holding 2 file(s), 12 B",
+        f"    {mount}/build",
+        f"    {mount}/src/build",
+        f"line 4, {mount}/nothing-here/: nothing (it does not exist)",
+        "line 6, *.tmp: 5 file(s), 15 B",
+        f"    {mount}/logs/1.tmp",
+        f"    {mount}/logs/2.tmp",
+        f"    {mount}/logs/3.tmp",
+        "    ... and 2 more",
+        "line 7, *.t?p: nothing",           # what it matches, line 6 took first
+        "line 8, *.exe: nothing",
+        f"line 9, {mount}/notes.bak: 1 file(s), 3 B",
+        f"    {mount}/notes.bak", ""])
+    assert "Selected: 2 file(s), 13 B in 1 source(s)." in out
+    assert "Upload" not in out and "s3://" not in out
+
+
+def test_a_missing_instruction_file_is_exit_3_and_touches_nothing(sandbox, proxy):
+    sandbox.single_source({"a.txt": b"a"})
+    os.remove(sandbox.instructions)
+    before = everything(sandbox)
+    result = preview(sandbox, proxy)
+    assert result.returncode == aab.EXIT_INSTRUCTIONS == 3, result.stdout + result.stderr
+    assert f"the instruction file {sandbox.instructions} does not exist" in result.stderr
+    assert everything(sandbox) == before and s3_requests(proxy) == []
+
+
+def test_wrong_arguments_are_refused_as_a_backup_refuses_them(sandbox):
+    sandbox.single_source({"a.txt": b"a"})
+    result = sandbox.run(sandbox.backup_args(PREVIEW, {"destinations": "AWS|tape"}))
+    assert result.returncode == aab.EXIT_USAGE, result.stdout + result.stderr
+    assert "argument 13 (destination types (local, AWS, local|AWS))" in result.stderr
+    assert "preview-backup" in result.stderr
+    named = sandbox.run([PREVIEW, "--instruction-file", sandbox.instructions,
+                         "--destinations", "local", "--mirror-root", sandbox.mirror,
+                         "--log-dir", sandbox.logs, "--location", sandbox.location],
+                        env=sandbox.env())
+    assert "Selected: 1 file(s), 1 B in 1 source(s)." in ok(named).stdout
+    assert "Named form: default" in ok(sandbox.run([PREVIEW, "--help"])).stdout
+
+
+def closed_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_s3_is_said_and_the_local_part_still_shown(sandbox):
+    tree = sandbox.sample()
+    before = everything(sandbox)
+    result = preview(sandbox, env=sandbox.env(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed_port()}"))
+    assert result.returncode == aab.EXIT_FAILURE, result.stdout + result.stderr
+    out = result.stdout
+    assert "AWS S3 cannot be queried (" in out
+    assert "Not told without the listing: whether the backup would be full or incremental" \
+        in out
+    files, size = files_and_bytes(tree)
+    assert f"Selected: {files:,} file(s), {aab.format_bytes(size)} ({size:,} bytes)" in out
+    assert "line 8, -*/: 2 directories" in out
+    assert upload_bound(out) > size and "this month's listing" not in out
+    assert everything(sandbox) == before
+
+
+def test_keys_that_cannot_list_are_named(sandbox, proxy, aws):
+    sandbox.single_source({"a.txt": b"a"})
+    key_id, secret = aws.create_user_with_policy(f"put-only-{sandbox.location}", {
+        "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": "s3:PutObject",
+            "Resource": f"arn:aws:s3:::{sandbox.bucket}/*"}]})
+    aws.enable_iam_enforcement()
+    try:
+        result = preview(sandbox, proxy, {"access_key_id": key_id,
+                                          "secret_access_key": secret})
+    finally:
+        aws.disable_iam_enforcement()
+    assert result.returncode == aab.EXIT_FAILURE, result.stdout + result.stderr
+    assert "AWS refused ListObjectsV2 (access denied): the credentials of arguments 19 and " \
+           "20 lack the permission s3:ListBucket" in result.stdout
+    assert "Selected: 1 file(s)" in result.stdout
+    assert set(s3_requests(proxy)) == {"LIST"}
+
+
+def test_a_wrong_key_is_exit_9_with_the_key_checks_message(sandbox, proxy):
+    sandbox.single_source({"a.txt": b"a"})
+    ok(sandbox.backup())
+    (check,) = sandbox.keychecks()
+    proxy.reset_counters()
+    result = preview(sandbox, proxy, {"key": "Not the key of this chain at all"})
+    assert result.returncode == aab.EXIT_WRONG_KEY == 9, result.stdout + result.stderr
+    assert f"does not match the key check s3://{sandbox.bucket}/{check.key}" in result.stdout
+    assert "Upload: nothing (the archive key is refused, see above)." in result.stdout
+    assert s3_requests(proxy) == ["LIST", "LIST"]
+
+
+def test_no_secret_reaches_the_terminal(sandbox):
+    sandbox.single_source({"a.txt": b"a"})
+    key = "A key nobody may see 123"
+    result = ok(preview(sandbox, changes={"key": key}))
+    for secret in (key, SECRET, ACCESS_KEY_ID):
+        assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("level, how", [
+    ("0", "stored as they are (compression level 0, AAM_COMPRESSION_LEVEL)"),
+    ("5", "compression level 5 (AAM_COMPRESSION_LEVEL) makes it smaller")])
+def test_the_upload_says_how_the_compression_level_bears_on_it(sandbox, level, how):
+    sandbox.single_source({"a.txt": b"a" * 1000})
+    out = ok(sandbox.run(sandbox.backup_args(PREVIEW),
+                         env=sandbox.env(AAM_COMPRESSION_LEVEL=level))).stdout
+    assert how in out

@@ -2145,9 +2145,8 @@ OPERATION_SUMMARIES = {
     REGULAR_BACKUP: "the daily backup: the mirror, and a full or incremental backup to "
                     "S3 Glacier Deep Archive",
     INCREMENTAL_ONLY_BACKUP: "a quick incremental backup by hand (never a full one)",
-    PREVIEW_BACKUP: "what regular-backup would do with the same settings: sources, "
-                    "selection, exclusions, full or incremental, upload and cost; "
-                    "writes nothing, only lists S3",
+    PREVIEW_BACKUP: "what regular-backup would do with the same settings, doing "
+                    "nothing (it only lists S3)",
     ONE_STEP_RESTORE: "restore from Deep Archive in one command (thaw, wait, download, "
                       "extract)",
     THAW_STEP: "restore, step 1: plan and request the thaw",
@@ -6077,6 +6076,9 @@ class BackupPreview(BackupRun):
             self.heading(f"The decision, from the listing of s3://{self.args.bucket} for "
                          f"location {self.args.location} (the backup keys, LIST only)")
             self.query_s3(plan)
+            if self.keycheck_to_write:
+                self.log.line("Key check: the backup would write one right before its first "
+                              f"upload ({self.keycheck_to_write[1]}).")
         removed = RemovedByExclusions(plan.instructions, self.platform)
         sources = [self.preview_source(index, source, len(plan.sources), removed)
                    for index, source in enumerate(plan.sources, 1)]

@@ -95,6 +95,8 @@ def test_a_fresh_bucket_is_previewed_as_a_full_backup_with_the_backup_keys(sandb
     month = f"{aab.utc_now():%Y-%m}"
     assert f"Backup scope: full (no complete full backup of the 2 current sources in {month} " \
            "(UTC))." in out
+    assert "Key check: the backup would write one right before its first upload (the bucket " \
+           f"holds none for location {sandbox.location} yet" in out
     for mount in tree.mounts:
         assert f"Source (mount directory) {mount} -> " in out
         assert f"Mirror directory: {os.path.join(sandbox.mirror, mount.lstrip('/'))}" in out

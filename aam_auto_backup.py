@@ -3301,7 +3301,8 @@ class RunLog:
 
 
 class TerminalOutput:
-    """The multi-step operations write no log (the original design's choice): terminal only.
+    """The multi-step operations write no log (the original design's choice), nor do browse
+    and the preview: terminal only.
 
     Same interface as RunLog; tool output (terminal=False) is not shown.
     """
@@ -5919,7 +5920,7 @@ class ChangeCounter:
 def at_most(dollars):
     """An upper bound of a cost: 'at most $1.23', or 'less than $0.01'."""
     text = format_dollars(dollars)
-    return text if text.startswith("less") else f"at most {text}"
+    return text if not dollars or text.startswith("less") else f"at most {text}"
 
 
 def archive_bound(content, entries, name_bytes):
@@ -6262,6 +6263,7 @@ class StoredBytes:
 
     def cost(self):
         return storage_cost(self.volume_bytes, self.volumes, self.other_bytes)
+
 
 RESTORE_STATE_FILE = ".aam-restore-state.json"
 RESTORE_STATE_FORMAT = "aam-auto-backup-restore-state"

@@ -129,12 +129,18 @@ def test_a_fresh_bucket_is_previewed_as_a_full_backup_with_the_backup_keys(sandb
     assert f"stored in {month} (this month's listing): 0 volume(s), 0 B, and 0 STANDARD " \
            "object(s), 0 B: $0.00 a month" in out
 
-    # The backup it previewed: every selected file archived, in no more bytes than told.
-    ok(sandbox.backup())
+    # The backup it previewed: every selected file archived, in no more bytes, volumes and
+    # PUT requests than told.
+    proxy.reset_counters()
+    ok(sandbox.backup(env=sandbox.env(AWS_ENDPOINT_URL=proxy.endpoint_url)))
     (stamp,) = {n.full for n in sandbox.object_names()}
     assert archived_files(sandbox, stamp) == files
     count, stored = volumes_in_bucket(sandbox)
     assert size < stored <= upload_bound(out)
+    assert f"in at most {count} volume(s)" in out
+    puts = [r for r in proxy.requests() if ".zip." in (r["key"] or "")]
+    assert {r["kind"] for r in puts} == {"PutObject"}
+    assert f"its upload: at most {len(puts)} PUT request(s)" in out
     again = ok(preview(sandbox)).stdout
     assert f"stored in {month} (this month's listing): {count} volume(s), " \
            f"{aab.exact_bytes(stored)}, and 4 STANDARD object(s)" in again

@@ -56,7 +56,7 @@ import time
 import traceback
 import typing
 
-VERSION = "1.1.0"
+VERSION = "1.2.0"
 PROGRAM_NAME = "AAM Auto Backup"
 
 # ============================================================================
@@ -77,6 +77,13 @@ EXIT_REPORT_UNSENT = 10   # all else succeeded, but the e-mail report could not 
 EXIT_INTERRUPTED = 130    # Ctrl-C or SIGTERM
 
 DEFAULT_VOLUME_SIZE = 4_000_000_000
+# A backup is made in pieces of about this much file content, each a self-contained 7-Zip
+# archive: an interruption loses at most the piece in progress.  Measured (docs/
+# performance.md, Piece size): a piece costs about 0.05 s of CPU, so smaller pieces cost
+# little time but many more objects and requests; 60 MiB keeps a piece's archive, a few
+# MB of headers over its files, under the 64 MiB above which a volume goes up in parts
+# (transfer_config): one PutObject per piece, and 25 s of upload at risk at 20 Mbit/s.
+DEFAULT_PIECE_SIZE = 60 * 1024 * 1024
 # Measured (docs/performance.md, Compression level): -mx1 is ~3x faster than -mx5 on mixed data for
 # +2.5% size (+0.4% on already-compressed data); -mx3 gives -mx1's output, slower.
 DEFAULT_COMPRESSION_LEVEL = 1
@@ -148,6 +155,14 @@ def checkpoint(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def backup_clock():
+    """The time a backup run starts: now (UTC).  Tests of a backup begun in one month
+    and continued in the next set AAM_TEST_NOW (tests only: 'YYYYMMDD HHMMSS.ffffff',
+    UTC) for the first run instead of changing the computer's clock."""
+    text = os.environ.get("AAM_TEST_NOW")
+    return parse_arg_stamp(text) if text else utc_now()
+
+
 def _env_int(name, default, minimum):
     text = os.environ.get(name, "").strip()
     if not text:
@@ -206,6 +221,7 @@ class Settings:
     """Tunables with fixed defaults; each can be overridden by an environment variable."""
 
     volume_size: int
+    piece_size: int
     compression_level: int
     temp_root: str
     seven_zip: str
@@ -232,6 +248,7 @@ class Settings:
             raise UsageError("environment variable AAM_COMPRESSION_LEVEL must be 0 to 9")
         return cls(
             volume_size=_env_int("AAM_VOLUME_SIZE", DEFAULT_VOLUME_SIZE, 65536),
+            piece_size=_env_int("AAM_PIECE_SIZE", DEFAULT_PIECE_SIZE, 1),
             compression_level=level,
             temp_root=temp_root,
             seven_zip=os.environ.get("AAM_7ZIP") or platform.find_seven_zip(),
@@ -320,6 +337,8 @@ class PosixPlatform:
     # needs none.
     drive_letter_default = ""
     mirror_error_re = re.compile(r"rsync( error)?: ")        # rsync's own error lines
+    # 7-Zip's error when reading a file fails (a bad sector): 'ERROR: errno=5 : ...'
+    read_error_re = re.compile(r"\berrno=5 :")
 
     # -- paths ---------------------------------------------------------------
     def default_temp_root(self):
@@ -674,6 +693,9 @@ class WindowsPlatform(PosixPlatform):
     shadow_spawn_name = "ShadowSpawn.exe"
     child_runner = shadow_spawn_name
     mirror_error_re = re.compile(r".*\bERROR \d+ \(0x[0-9A-Fa-f]+\)")   # Robocopy's
+    # 7z.exe's error when reading a file fails: Windows' text for ERROR_CRC (23, a bad
+    # sector) or ERROR_IO_DEVICE (1117)
+    read_error_re = re.compile(r"cyclic redundancy check|I/O device error", re.IGNORECASE)
     # A US English machine's console code page: the one used when none can be read.
     fallback_code_page = 437
     # MAX_PATH (260) minus the 12 characters CreateDirectory keeps for a file name.
@@ -1075,7 +1097,8 @@ NO_STAMP_ARG = " "                        # "none" in child arguments 3-4
 
 OBJECT_NAME_RE = re.compile(
     r"^(?P<location>[^_]+)_(?P<full>\d{8}_\d{6}\.\d{6})_"
-    r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_(?P<flag>no|yes|catalogue)_(?P<rest>.+)$")
+    r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_"
+    r"(?P<flag>no|yes|catalogue|piece(?P<piece>\d{4,}))_(?P<rest>.+)$")
 VOLUME_SUFFIX_RE = re.compile(r"^(?P<source>.+)\.zip\.(?P<number>\d{3,})$")
 
 
@@ -1107,12 +1130,17 @@ def describe_stamp(moment):
     return "none" if moment is None else moment.strftime("%Y%m%d %H%M%S.%f UTC")
 
 
+LEGACY_PIECE = 0      # the one archive of a source in a backup made before pieces (1.0.0, 1.1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectName:
     """One S3 object of a backup: a volume, a completion indicator or a catalogue.
 
     The catalogue's flag word is neither 'no' nor 'yes', so a reader that knows
-    only volumes and indicators (version 1.0.0) passes over it.
+    only volumes and indicators (version 1.0.0) passes over it; so is a piece's
+    volume's ('piece0001'): versions before pieces pass over those too.  The
+    volumes of a backup made before pieces ('no') are its LEGACY_PIECE.
     """
 
     location: str
@@ -1122,11 +1150,13 @@ class ObjectName:
     source: str
     volume: object = None        # int for volumes, None for indicators and catalogues
     catalogue: bool = False
+    piece: int = LEGACY_PIECE    # the piece a volume belongs to
 
     @property
     def key(self):
         incr = "0_0.0" if self.incremental is None else format_stamp(self.incremental)
-        flag = "catalogue" if self.catalogue else "yes" if self.indicator else "no"
+        flag = "catalogue" if self.catalogue else "yes" if self.indicator else \
+            f"piece{self.piece:04d}" if self.piece != LEGACY_PIECE else "no"
         key = f"{self.location}_{format_stamp(self.full)}_{incr}_{flag}_{self.source}"
         if self.catalogue:
             return key + ".zip"
@@ -1152,8 +1182,11 @@ class ObjectName:
         volume = VOLUME_SUFFIX_RE.match(match["rest"])
         if not volume:
             return None
+        piece = int(match["piece"]) if match["piece"] else LEGACY_PIECE
+        if match["piece"] and piece == LEGACY_PIECE:
+            return None                   # piece numbers start at 1
         return cls(match["location"], full, incr, False, volume["source"],
-                   int(volume["number"]))
+                   int(volume["number"]), piece=piece)
 
 
 # -- the key check: which archive key a chain of backups was made with ----------------
@@ -2711,8 +2744,8 @@ class TreeWalk:
     depth first with the names of each directory sorted, which is the order of
     catalogue_key, so that a walk can be merged with the previous catalogue
     line by line, and memory holds one directory listing per level, never the
-    whole tree.  Unreadable directories, sockets and the like, excluded entries
-    and the names of all directories met are gathered as the walk goes.
+    whole tree.  Unreadable directories, sockets and the like and excluded entries
+    are gathered as the walk goes.
 
     since: 'recent' means changed at or after it (platform.changed_time), and
     everything under a directory moved or renamed since then is recent too
@@ -2727,7 +2760,6 @@ class TreeWalk:
         self.unreadable = []      # their relative paths: what is under them is unknown
         self.specials = []        # (path, what): sockets, FIFOs, devices, junctions
         self.excluded = []        # (relative path, is_dir)
-        self.dir_names = set()    # every directory name seen
 
     def absolute(self, relative):
         sep = self.platform.sep
@@ -2780,7 +2812,6 @@ class TreeWalk:
             if self.platform.is_junction(st):
                 self.specials.append((rel, JUNCTION))
                 return None
-            self.dir_names.add(entry.name)
             if self.selector.dir_excluded(rel, entry.name):
                 self.excluded.append((rel, True))
                 return None
@@ -2828,6 +2859,10 @@ class TreeWalk:
 # with the changes, not with the tree.  The latest state is kept locally too,
 # because the backup keys cannot read S3.  Lines are sorted by catalogue_key.
 CATALOGUE_FORMAT = "aam-auto-backup-catalogue"
+# 2: a backup's archive is made of pieces: the header's "pieces" replaces "archive", and
+# a location names its piece (<backup>:<piece>:<first>-<last>).  Version 1's locations
+# (<backup>:<first>-<last>) stay valid: they name the legacy piece of an earlier backup.
+CATALOGUE_VERSION = 2
 CATALOGUE_COLUMNS = ("type", "path", "size", "mtime_ns", "mode", "location", "target")
 LISTING, DELTA = "listing", "delta"
 FILE, DIRECTORY, LINK, DELETED = "f", "d", "l", "-"
@@ -2917,9 +2952,27 @@ def entry_from_stat(path, st, target=""):
                  ARCHIVED_NOW, target)
 
 
+def located(stamp, piece, first, last):
+    """The location of content in volumes first to last of a piece of the backup stamp."""
+    return f"{stamp}:{piece}:{first}-{last}"
+
+
+def parse_location(location):
+    """(backup stamp, piece, first volume, last volume) of a location, or None (a
+    directory's, a missing file's).  A version 1 location names the legacy piece."""
+    parts = location.split(":")
+    if len(parts) == 2:
+        parts.insert(1, LEGACY_PIECE)
+    if len(parts) != 3:
+        return None
+    first, _, last = parts[2].partition("-")
+    return parts[0], int(parts[1]), int(first), int(last)
+
+
 def catalogue_header(header):
     """The first line: the format, its version, and what the catalogue describes."""
-    return (f"#{CATALOGUE_FORMAT}\t1\t{json.dumps(header, sort_keys=True)}\n"
+    return (f"#{CATALOGUE_FORMAT}\t{CATALOGUE_VERSION}\t"
+            f"{json.dumps(header, sort_keys=True)}\n"
             "#" + "\t".join(CATALOGUE_COLUMNS) + "\n")
 
 
@@ -2933,8 +2986,9 @@ class CatalogueFile:
         parts = first.rstrip("\n").split("\t", 2)
         if len(parts) != 3 or parts[0] != "#" + CATALOGUE_FORMAT:
             raise ValueError(f"{path} is not an AAM Auto Backup catalogue")
-        if int(parts[1]) > 1:
+        if int(parts[1]) > CATALOGUE_VERSION:
             raise ValueError(f"{path} was written by a newer version of AAM Auto Backup")
+        self.version = int(parts[1])
         self.header = json.loads(parts[2])
 
     def __iter__(self):
@@ -3109,13 +3163,20 @@ class ChangeRecorder:
     state: then only the time rule decides, and every line is written with
     UNKNOWN).  An unchanged entry's line is the previous one, copied as it is:
     most of a nightly backup's entries are, and it is what keeps it fast.
+
+    done: for a continued backup, the entries its done pieces already hold
+    (DoneEntries, a third stream in the same order); an entry this backup would
+    archive that one of them holds is not archived again: its line is taken.
+    list_file(walked) puts an entry to archive into a piece and returns the
+    piece's list number, which its work-file line carries (+<n>).
     """
 
-    def __init__(self, walk, previous, platform, archive_all):
+    def __init__(self, walk, previous, platform, archive_all, done=None):
         self.walk, self.platform, self.archive_all = walk, platform, archive_all
         self.known = previous is not None
         self.previous = previous_lines(previous) if self.known else iter(())
         self.pending = next(self.previous, None)     # (key, fields, line)
+        self.done = done
         self.to_archive_count = 0
 
     def run(self, work_file, list_file):
@@ -3133,18 +3194,24 @@ class ChangeRecorder:
                 previous[1][2:5] == fields[1:] and (target == "" or unescape_field(
                     previous[1][6]) == target)
             archive = self.to_archive(fields[0], same, previous, walked)
-            if archive:
-                list_file(walked)
+            held = self.done.held(key, fields[0], archive) if self.done else None
+            if held is not None and fields[0] != DIRECTORY:
+                work_file.write_line(CHANGED, held)     # as that piece holds it
+                continue
+            location = NO_CONTENT if fields[0] == DIRECTORY else \
+                previous[1][5] if previous else UNKNOWN
+            if archive and held is None:
+                location = f"{ARCHIVED_NOW}{list_file(walked)}"
                 self.to_archive_count += fields[0] != DIRECTORY
-            if same and not archive:
+            elif same and not archive:
                 work_file.write_line(UNCHANGED, previous[2])
                 continue
-            location = NO_CONTENT if fields[0] == DIRECTORY else ARCHIVED_NOW if archive \
-                else previous[1][5] if previous else UNKNOWN
             work_file.write(CHANGED, Entry(fields[0], path, int(fields[1]), int(fields[2]),
                                            int(fields[3], 8), location, target))
         for flag, line in self.passed(None):
             work_file.write_line(flag, line)
+        if self.done:
+            self.done.finish()
 
     def link_target(self, walked):
         with contextlib.suppress(OSError):
@@ -3152,13 +3219,14 @@ class ChangeRecorder:
         return ""
 
     def to_archive(self, kind, same, previous, walked):
-        """Full: every file.  Incremental: the time rule, and with a previous state
-        also every new path and every file whose size, time or type changed."""
+        """Full: every file and link.  Incremental: the time rule, and with a previous
+        state also every new path and every file whose size, time or type changed."""
         if kind == DIRECTORY:
-            # A new empty directory goes into an incremental archive too, so that a
-            # reader of the archives alone (plain 7-Zip) sees it.
-            return not self.archive_all and walked.empty and (
-                walked.recent or (self.known and previous is None))
+            # An empty directory goes into the archive too (a full backup's every one,
+            # an incremental's new ones), so that a reader of the archives alone (plain
+            # 7-Zip) sees it; the others come with the files in them.
+            return walked.empty and (self.archive_all or walked.recent or (
+                self.known and previous is None))
         if self.archive_all or walked.recent:
             return True
         return self.known and (not same or previous[1][5] == MISSING)
@@ -3215,6 +3283,291 @@ class WorkFile:
 
     def close(self):
         self.writer.close()
+
+
+# ============================================================================
+# Journal: the backup in progress, and what survives a kill
+# ============================================================================
+
+# A backup in progress has a journal in the state directory (never in the temp root:
+# a reboot may wipe it): one SQLite file per bucket and location.  Each SQLite
+# transaction is atomic and durable (rollback journal, synchronous FULL), so after a
+# kill, a power cut, Ctrl-C, 7-Zip failing or an upload that failed for good, the next
+# run knows which pieces are whole in S3 and what each holds, and continues that
+# backup instead of starting it again.  Order of writes for a piece: "started"
+# before its first volume goes up; after its last one, one transaction: "done" with
+# its volumes and the catalogue line of every entry it holds.  A kill in between
+# loses that piece alone.  Per source, the catalogue's description is written before
+# its PUT (the catalogue and the finished local state are kept beside the journal),
+# then the indicator's body; once every indicator is up, the journal goes.
+JOURNAL_FORMAT = 1
+# a piece's states; a dropped one was done, but S3 no longer holds all its volumes
+PIECE_STARTED, PIECE_DONE, PIECE_FAILED, PIECE_DROPPED = "started", "done", "failed", "dropped"
+JOURNAL_SCHEMA = """
+CREATE TABLE backup (one INTEGER PRIMARY KEY CHECK (one = 1), format INTEGER NOT NULL,
+    program_version TEXT, operation TEXT, scope TEXT NOT NULL, stamp TEXT NOT NULL,
+    full TEXT NOT NULL, since TEXT, sources TEXT NOT NULL, piece_size INTEGER,
+    volume_size INTEGER, attempts INTEGER NOT NULL);
+CREATE TABLE piece (number INTEGER PRIMARY KEY, source TEXT NOT NULL, state TEXT NOT NULL,
+    volume_size INTEGER, volumes TEXT, central_directory_volume INTEGER);
+CREATE TABLE entry (source TEXT NOT NULL, key BLOB NOT NULL, piece INTEGER NOT NULL,
+    line TEXT NOT NULL);
+CREATE UNIQUE INDEX entry_key ON entry (source, key);
+CREATE TABLE source (name TEXT PRIMARY KEY, catalogue TEXT, catalogue_file TEXT,
+    state_file TEXT, indicator BLOB);
+CREATE TABLE orphan (name TEXT PRIMARY KEY, size INTEGER NOT NULL);
+"""
+
+
+class JournalDamaged(AamError):
+    """The journal cannot be read: the backup it records cannot be continued."""
+
+
+def journal_path(state_dir, bucket, location):
+    """The journal of a bucket and location (a digest, as the local states' names)."""
+    digest = hashlib.sha256(f"{bucket}\0{location}".encode(
+        "utf-8", "surrogateescape")).hexdigest()[:24]
+    return os.path.join(state_dir, f"{location}-{digest}.pending.sqlite")
+
+
+def journal_key(key):
+    """A catalogue key as the journal stores it: its UTF-8 bytes (the lone surrogates
+    of POSIX names not in UTF-8 passed through), which sort as the keys do."""
+    return key.encode("utf-8", "surrogatepass")
+
+
+class Journal:
+    """The journal of the pending backup (see above)."""
+
+    def __init__(self, path, db):
+        self.path, self.db = path, db
+        row = db.execute("SELECT format, program_version, operation, scope, stamp, full, "
+                         "since, sources, piece_size, volume_size, attempts "
+                         "FROM backup").fetchone()
+        if row is None:
+            raise JournalDamaged(f"the journal {path} records no backup")
+        if row[0] != JOURNAL_FORMAT:
+            raise JournalDamaged(f"the journal {path} is of format {row[0]}")
+        fields = ("format", "program_version", "operation", "scope", "stamp", "full",
+                  "since", "sources", "piece_size", "volume_size", "attempts")
+        self.backup = dict(zip(fields, row))
+        self.backup["sources"] = [tuple(pair) for pair in json.loads(self.backup["sources"])]
+
+    @classmethod
+    def create(cls, path, backup):
+        """A new journal (a stale file in its place is replaced)."""
+        import sqlite3
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        remove_journal_files(path)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))   # owner-only
+        db = sqlite3.connect(path)
+        with db:                           # one transaction, one sync
+            db.execute("BEGIN")
+            for statement in filter(str.strip, JOURNAL_SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute("INSERT INTO backup VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)", (
+                JOURNAL_FORMAT, VERSION, backup["operation"], backup["scope"],
+                backup["stamp"], backup["full"], backup["since"],
+                json.dumps(backup["sources"]), backup["piece_size"], backup["volume_size"]))
+        return cls(path, db)
+
+    @classmethod
+    def open(cls, path):
+        """The journal at path, or None when there is none (JournalDamaged: unreadable)."""
+        import sqlite3
+        if not os.path.exists(path):
+            return None
+        try:
+            return cls(path, sqlite3.connect(path))
+        except (sqlite3.Error, ValueError, TypeError) as problem:
+            raise JournalDamaged(f"the journal {path} cannot be read ({problem})")
+
+    def new_attempt(self):
+        with self.db:
+            self.db.execute("UPDATE backup SET attempts = attempts + 1")
+        self.backup["attempts"] += 1
+
+    # -- pieces ------------------------------------------------------------------
+    def next_piece(self):
+        """The first piece number not used yet (numbers are never used twice)."""
+        return self.db.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM piece").fetchone()[0]
+
+    def piece_started(self, number, source, volume_size):
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO piece (number, source, state, volume_size) "
+                            "VALUES (?, ?, ?, ?)", (number, source, PIECE_STARTED, volume_size))
+
+    def piece_failed(self, number, source, entries=()):
+        """A piece whose 7-Zip failed; entries: (key, line) of what its list held, when
+        nothing of it is archived in another piece (a list of one unreadable file)."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO piece (number, source, state) "
+                            "VALUES (?, ?, ?)", (number, source, PIECE_FAILED))
+            self.add_entries(number, source, entries)
+
+    def piece_done(self, number, source, volumes, central_directory_volume, entries):
+        """One transaction: the piece is done, with its volumes and the final catalogue
+        line of each entry it holds ((key, line) in order)."""
+        with self.db:
+            self.db.execute("UPDATE piece SET state = ?, volumes = ?, "
+                            "central_directory_volume = ? WHERE number = ?",
+                            (PIECE_DONE, json.dumps(volumes), central_directory_volume,
+                             number))
+            self.add_entries(number, source, entries)
+
+    def add_entries(self, number, source, entries):
+        """Rows are added in the order the pieces are made, each piece's in its order:
+        the table's own (rowid) order is the catalogue's, for lines_from."""
+        self.db.executemany("INSERT OR REPLACE INTO entry VALUES (?, ?, ?, ?)",
+                            ((source, journal_key(key), number, line)
+                             for key, line in entries))
+
+    def drop_piece(self, number, source):
+        """Forget what a piece holds (its volumes are not all in S3): its files are
+        archived again, in new pieces (its number stays taken: a volume of it may be in
+        the bucket)."""
+        with self.db:
+            self.db.execute("DELETE FROM entry WHERE source = ? AND piece = ?",
+                            (source, number))
+            self.db.execute("UPDATE piece SET state = ? WHERE number = ?",
+                            (PIECE_DROPPED, number))
+
+    def pieces(self, source=None, state=None):
+        """[{number, source, state, volume_size, volumes, central_directory_volume}] in
+        number order, of one source and one state when given."""
+        rows = self.db.execute("SELECT number, source, state, volume_size, volumes, "
+                               "central_directory_volume FROM piece ORDER BY number")
+        found = []
+        for number, name, piece_state, volume_size, volumes, central in rows:
+            if source in (None, name) and state in (None, piece_state):
+                found.append({"number": number, "source": name, "state": piece_state,
+                              "volume_size": volume_size,
+                              "volumes": json.loads(volumes) if volumes else [],
+                              "central_directory_volume": central})
+        return found
+
+    def has_entries(self, source):
+        return self.db.execute("SELECT 1 FROM entry WHERE source = ? LIMIT 1",
+                               (source,)).fetchone() is not None
+
+    def lines_from(self, source, first_piece):
+        """The catalogue lines of the entries of pieces first_piece and later, in the
+        order the pieces were made (the order of their work-file lines): one pass over
+        the table in its own order, no sort and no index look-up per line."""
+        return (row[0] for row in self.db.execute(
+            "SELECT line FROM entry WHERE source = ? AND piece >= ? ORDER BY rowid",
+            (source, first_piece)))
+
+    # -- sources -----------------------------------------------------------------
+    def source(self, name):
+        """{catalogue, catalogue_file, state_file, indicator} or None."""
+        row = self.db.execute("SELECT catalogue, catalogue_file, state_file, indicator "
+                              "FROM source WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return None
+        return {"catalogue": json.loads(row[0]) if row[0] else None,
+                "catalogue_file": row[1], "state_file": row[2], "indicator": row[3]}
+
+    def record_source(self, name, described, catalogue_file, state_file, indicator):
+        """Before the catalogue's PUT: what it is, where its file and the finished local
+        state are kept, and the body of the indicator that follows it."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO source VALUES (?, ?, ?, ?, ?)",
+                            (name, json.dumps(described), catalogue_file, state_file,
+                             indicator))
+
+    def forget_catalogue(self, name):
+        """The source's catalogue is made again (a piece it names is gone)."""
+        with self.db:
+            self.db.execute("DELETE FROM source WHERE name = ?", (name,))
+
+    # -- orphans -----------------------------------------------------------------
+    def new_orphans(self, orphans):
+        """The (name, size) of orphans not named before; they are recorded as named."""
+        fresh = [(name, size) for name, size in orphans if self.db.execute(
+            "SELECT 1 FROM orphan WHERE name = ?", (name,)).fetchone() is None]
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO orphan VALUES (?, ?)", fresh)
+        return fresh
+
+    def delete(self):
+        """The backup is complete (or abandoned): the journal and its kept files go."""
+        kept = [path for row in self.db.execute(
+            "SELECT catalogue_file, state_file FROM source") for path in row if path]
+        self.db.close()
+        for path in kept:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        remove_journal_files(self.path)
+
+    def close(self):
+        self.db.close()
+
+
+def journal_errors():
+    """The exceptions of SQLite (the journal's file is damaged, the disk is full)."""
+    import sqlite3
+    return (sqlite3.Error,)
+
+
+def remove_journal_files(path):
+    for name in (path, path + "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+
+
+class DoneEntries:
+    """The entries that the done pieces of a continued backup hold for one source, met
+    in catalogue order beside the walk (the child's side of the journal).
+
+    held() gives the line of an entry the walk would archive when a done piece
+    holds it as the walk found it (same type; a file or link whose content was
+    archived, or an empty directory): it is not archived again.  A piece holding
+    an entry that is not used so (gone since, changed type, no longer archived)
+    is superseded: a restore must not extract it whole (docs/restore.md).
+    """
+
+    def __init__(self, journal_file, source):
+        import sqlite3
+        import pathlib
+        uri = pathlib.Path(os.path.abspath(journal_file)).as_uri() + "?mode=ro"
+        self.db = sqlite3.connect(uri, uri=True)
+        self.rows = self.db.execute("SELECT key, piece, line FROM entry WHERE source = ? "
+                                    "ORDER BY key", (source,))
+        self.pending = self.next_row()
+        self.superseded = set()
+
+    def next_row(self):
+        row = self.rows.fetchone()
+        return None if row is None else (row[0].decode("utf-8", "surrogatepass"),
+                                         row[1], row[2])
+
+    def held(self, key, kind, archive):
+        while self.pending is not None and self.pending[0] < key:
+            self.unused(self.pending)
+            self.pending = self.next_row()
+        if self.pending is None or self.pending[0] != key:
+            return None
+        found, self.pending = self.pending, self.next_row()
+        line = found[2]
+        content = line[0] == DIRECTORY or (line[0] in (FILE, LINK) and
+                                           parse_location(line.rsplit("\t", 2)[1]))
+        if archive and content and line[0] == kind:
+            return line
+        self.unused(found)
+        return None
+
+    def unused(self, row):
+        line = row[2]
+        if line[0] == DIRECTORY or (line[0] in (FILE, LINK) and
+                                    parse_location(line.rsplit("\t", 2)[1])):
+            self.superseded.add(row[1])
+
+    def finish(self):
+        while self.pending is not None:
+            self.unused(self.pending)
+            self.pending = self.next_row()
+        self.db.close()
 
 
 # ============================================================================
@@ -3638,16 +3991,19 @@ class BucketListing:
 
 PLAN_FILE = "shadow_copy_instruction.txt"
 OUTPUT_FILE = "shadow_copy_command_output.txt"
-INCLUSION_LIST = "inclusion_7z_list_file.txt"
-NON_RECURSIVE_LIST = "non-recursive_exclusion_7z_list_file.txt"
-RECURSIVE_LIST = "recursive_exclusion_7z_list_file.txt"
+PIECES_DIR = "pieces"            # pieces/<n>.lst: the 7-Zip list of the files of piece n
 MIRROR_RULES = "mirror_filter_rules.txt"
-CATALOGUE_BASE = "catalogue_base.json"       # parent -> child: the state to compare with
+# parent -> child: the state to compare with, the first free piece number, the piece
+# size, and for a continued backup the journal whose done pieces it reuses
+CATALOGUE_BASE = "catalogue_base.json"
 GATE_FILE = "child_gate.txt"   # parent -> a child started early: "wait", then "go"
 GATE_WAIT, GATE_GO = "wait", "go"
 GATE_POLL_SECONDS = 0.005
 CATALOGUE_WORK = "catalogue_work.tsv"        # child -> parent: the walk's catalogue lines
-ARCHIVE_DIR = "archives"
+# child -> parent: the earlier pieces that hold an entry this backup no longer uses
+SUPERSEDED_FILE = "superseded_pieces.json"
+ARCHIVE_DIR = "archives"       # archives/<n>/backup.zip.NNN, then archives/<n>.done
+DONE_SUFFIX = ".done"          # written by the child once a piece's 7-Zip has ended
 FINAL_VOLUME = re.compile(r"backup\.zip\.(\d{3,})")   # closed for good: see final_volumes
 ANY_VOLUME = re.compile(r"backup\.zip\.(\d{3,})((?:\.[0-9A-Fa-f]+)?\.tmp)?")
 WAITING_VOLUMES = 2       # finished volumes on disk awaiting upload before 7-Zip is paused
@@ -3658,6 +4014,7 @@ CHILD_KEY_VARIABLE = "AAM_CHILD_ENCRYPTION_KEY"
 MTIME_TOLERANCE = 2.0     # seconds: FAT/exFAT USB drives store times to 2 s
 SEVEN_ZIP_ERROR_RE = re.compile(r"ERROR: .|errno=\d+ : ")   # 7-Zip's own error lines
 MESSAGES_QUOTED = 3       # a failed tool's own messages quoted in the summary (all in the log)
+REPORTED_ORPHANS = 20     # unused volumes named in the e-mail (all in the log)
 
 
 def child_say(text):
@@ -3666,19 +4023,18 @@ def child_say(text):
     print(text)
 
 
-def seven_zip_add_argv(settings, archive_path, list_files, password_switch, platform):
-    """7-Zip 'add' with the original design's switches: ZIP, AES-256, UTF-8 names, volumes."""
-    argv = [settings.seven_zip, "a", "-tzip", f"-mx={settings.compression_level}",
+def seven_zip_add_argv(settings, archive_path, list_file, password_switch, platform):
+    """7-Zip 'add' with the original design's switches: ZIP, AES-256, UTF-8 names, volumes.
+
+    The list file names every file, symbolic link and empty directory of one piece
+    (the original design gave a full backup the listed directories with exclusion
+    lists and let 7-Zip recurse; a piece, a slice of the selection, cannot be
+    written that way).  A non-empty directory is never named: 7-Zip would recurse.
+    """
+    return [settings.seven_zip, "a", "-tzip", f"-mx={settings.compression_level}",
             "-mem=AES256", "-mcu=on", password_switch, f"-v{settings.volume_size}b",
             "-bb1", "-bd", "-snl", platform.list_charset_switch, "-sccUTF-8", "-y",
-            archive_path]
-    inclusion, non_recursive, recursive = list_files
-    argv.append("@" + inclusion)
-    if non_recursive:
-        argv.append("-xr-@" + non_recursive)
-    if recursive:
-        argv.append("-xr@" + recursive)
-    return argv
+            archive_path, "@" + list_file]
 
 
 # -- one exclusion compiler, printed for rsync, Robocopy and 7-Zip -------------------
@@ -3706,13 +4062,6 @@ def _matches_an_ancestor(_pattern, regex, ancestors, _walk):
     return any(regex.fullmatch(name) for name in ancestors)
 
 
-# 7-Zip matches a recursive pattern against every name in a path, the listed
-# directories' parents included, and a pattern without a trailing separator
-# matches directories too.
-SEVEN_ZIP_LIMITS = PatternLimits(
-    _matches_an_ancestor,
-    lambda p, regex, ancestors, walk: any(regex.fullmatch(name)
-                                          for name in walk().dir_names | ancestors))
 # Robocopy drops a listed directory below a directory the pattern matches, and
 # takes a word starting with '-' for one of its switches.
 ROBOCOPY_LIMITS = PatternLimits(
@@ -3761,29 +4110,6 @@ def walked_exclusions(walked, exact, platform):
         if any(regex.fullmatch(name) for regex in exact[0 if is_dir else 1]):
             found.append((rel, is_dir))
     return found
-
-
-def write_full_lists(work_dir, plan, walk, platform):
-    """A full backup's three 7-Zip list files: inclusion, non-recursive exclusion (full
-    paths) and recursive exclusion (name patterns), as the original design has them."""
-    exclusions = compile_exclusions(plan, platform, SEVEN_ZIP_LIMITS, walk)
-    # 7-Zip would open a FIFO and wait for a writer for ever, or read a device such as
-    # /dev/zero without end: what the walk found that is not a file, directory or
-    # link is excluded by its path (as a file: the pattern also matches a junction).
-    specials = [(rel, False) for rel, _what in walk.specials]
-    non_recursive = [list_file_entry(rel, is_dir, platform)
-                     for rel, is_dir in exclusions.paths + exclusions.walked + specials]
-    recursive = [platform.list_file_line(p, True) for p in exclusions.dir_patterns] + \
-        exclusions.file_patterns
-    included = [list_file_entry(r, True, platform) if r else "*" for r in plan.listed]
-    lists = [os.path.join(work_dir, INCLUSION_LIST), None, None]
-    _write_private_text(lists[0], "\n".join(included) + "\n")
-    for index, (name, lines) in enumerate(((NON_RECURSIVE_LIST, non_recursive),
-                                          (RECURSIVE_LIST, recursive)), 1):
-        if lines:
-            lists[index] = os.path.join(work_dir, name)
-            _write_private_text(lists[index], "\n".join(lines) + "\n")
-    return lists
 
 
 def list_file_entry(relative, is_dir, platform):
@@ -4118,8 +4444,10 @@ class VolumeThrottle:
 
     The parent uploads and deletes each finished volume; when the upload is
     slower than 7-Zip, stopping the script's process group (SIGSTOP) until
-    the parent catches up bounds the temporary disk to a few volumes.  POSIX
-    only: without SIGSTOP (Windows) the volumes just wait.
+    the parent catches up bounds the temporary disk to a few volumes.  The
+    volumes of every piece count: the next piece's 7-Zip runs while the last
+    volumes of the one before go up (the link never idles).  POSIX only:
+    without SIGSTOP (Windows) the volumes just wait.
     """
 
     # seconds: small against the time 7-Zip takes to write a volume of a useful size (it
@@ -4142,8 +4470,9 @@ class VolumeThrottle:
 
     def should_pause(self):
         volumes = volumes_on_disk(self.archive_dir)
-        # Pause only while the parent can go on: the lowest volume is finished
-        # (7-Zip may still rewrite an earlier .tmp one; it must run to close it).
+        # Pause only while the parent can go on: the lowest volume (of the lowest
+        # piece) is finished (7-Zip may still rewrite an earlier .tmp one; it must
+        # run to close it).
         return sum(volumes.values()) >= WAITING_VOLUMES and volumes[min(volumes)]
 
     def release(self):
@@ -4277,7 +4606,7 @@ def run_child(child, platform, settings):
         return EXIT_FAILURE
     child_say(f"Source {child.mount}: {child.scope.word} backup"
               + ("" if full else f" of files changed since {describe_stamp(since)}"))
-    walk, selected = record_selection(child, view_root, plan, platform, since)
+    walk, selected, pieces = record_selection(child, view_root, plan, platform, since)
     # A child started early waits for the parent's go before anything that leaves
     # the work directory: the mirror changes the user's drive.  7-Zip's volumes stay
     # in the work directory, and the parent uploads them only once it has confirmed
@@ -4290,8 +4619,13 @@ def run_child(child, platform, settings):
     for special, what in walk.specials:
         child_say(f"Not backed up ({what}): {walk.absolute(special)}")
     target, mirror = child_mirror(child, platform, view_root, plan, walk)
-    archive_dir, archive = child_archive(child, platform, settings, plan, walk, selected)
-    run_generated_script(child, platform, view_root, mirror + archive, archive_dir, parent)
+    run_generated_script(child, platform, view_root, mirror, parent)
+    archive_failed = False
+    if "AWS" in child.destinations:
+        if not pieces:
+            child_say(MARK_NOTHING_TO_ARCHIVE)
+        archive_failed = not archive_pieces(child, platform, settings, view_root, pieces,
+                                            parent)
     if not wait_at_gate(child.work_dir, parent):
         return EXIT_INTERRUPTED
     failures = list(walk.problems)
@@ -4300,8 +4634,9 @@ def run_child(child, platform, settings):
                                     child.keep)
     for failure in failures[len(walk.problems):]:
         child_say(MARK_VALIDATION_FAILURE + failure)
-    child_say(MARK_RESULT + json.dumps({"files": selected if archive_dir else 0,
-                                        "failures": len(failures)}))
+    child_say(MARK_RESULT + json.dumps({
+        "files": selected if "AWS" in child.destinations else 0,
+        "failures": len(failures), "archive_failed": archive_failed}))
     sys.stdout.flush()
     return EXIT_OK
 
@@ -4340,66 +4675,206 @@ def child_mirror(child, platform, view_root, plan, walk):
         return None, []
 
 
-def child_archive(child, platform, settings, plan, walk, selected):
-    """(the archive directory, the script's 7-Zip commands); (None, []) when there is
-    nothing to archive."""
-    full = child.scope is Scope.FULL
-    if "AWS" not in child.destinations:
-        return None, []
-    if not (full or selected):
-        child_say(MARK_NOTHING_TO_ARCHIVE)
-        return None, []
-    archive_dir = os.path.join(child.work_dir, ARCHIVE_DIR)
-    os.makedirs(archive_dir, mode=0o700, exist_ok=True)
-    lists = (write_full_lists(child.work_dir, plan, walk, platform) if full
-             else [os.path.join(child.work_dir, INCLUSION_LIST), None, None])
-    argv = seven_zip_add_argv(settings, os.path.join(archive_dir, "backup.zip"), lists,
+class PieceWriter:
+    """Puts the entries to archive into pieces as the walk lists them, in catalogue
+    order: pieces/<n>.lst, one 7-Zip list per piece, each of about piece_size bytes
+    of file content at most (a larger file is a piece of its own).  Lists are
+    numbered from first (the parent's first free piece number)."""
+
+    def __init__(self, directory, first, piece_size, platform):
+        self.directory, self.piece_size, self.platform = directory, piece_size, platform
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.number, self.bytes, self.handle = first, 0, None
+        self.numbers = []
+
+    def add(self, walked):
+        """List one entry; the number of the list it went into."""
+        size = 0 if stat.S_ISDIR(walked.st.st_mode) else walked.st.st_size
+        if self.handle is not None and self.bytes + size > self.piece_size:
+            self.handle.close()
+            self.handle, self.number, self.bytes = None, self.number + 1, 0
+        if self.handle is None:
+            fd = os.open(piece_list(self.directory, self.number),
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self.handle = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
+                                    newline="\n")
+            self.numbers.append(self.number)
+        is_dir = stat.S_ISDIR(walked.st.st_mode)
+        self.handle.write(list_file_entry(walked.path, is_dir, self.platform) + "\n")
+        self.bytes += size
+        return self.number
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+
+
+def piece_list(directory, number):
+    return os.path.join(directory, f"{number}.lst")
+
+
+def archive_pieces(child, platform, settings, view_root, lists, parent):
+    """Run 7-Zip on each list in turn, piece n into archives/<n>/, and write
+    archives/<n>.done once its 7-Zip has ended.  Pieces are numbered from the first
+    list's number on, one per 7-Zip run: a piece whose 7-Zip cannot read a file
+    (a bad sector, EIO) is made again without it as the next piece, so that one
+    unreadable file costs only itself.  False when 7-Zip failed otherwise (no
+    further piece is made)."""
+    number = lists[0] if lists else 0
+    for list_number in lists:
+        list_path = piece_list(os.path.join(child.work_dir, PIECES_DIR), list_number)
+        while True:
+            outcome = run_piece(child, platform, settings, view_root, number, list_path,
+                                parent)
+            left = None      # entries left in the list without the file 7-Zip could not read
+            if outcome.unreadable is not None and not outcome.succeeded:
+                left = drop_from_list(list_path, outcome.unreadable, view_root, platform)
+            write_piece_done(child.work_dir, number, dict(
+                list=list_number, succeeded=outcome.succeeded, code=outcome.code,
+                volumes=outcome.volumes, unreadable=outcome.unreadable,
+                retried=bool(left), nothing_left=left == 0))
+            number += 1
+            if outcome.succeeded:
+                break
+            if left is None:
+                return False
+            child_say(f"{MARK_PREFIX}7-Zip could not read {outcome.unreadable} "
+                      f"({outcome.error}): piece {number - 1} "
+                      + (f"is made again without it, as piece {number}." if left else
+                         "held nothing else."))
+            if not left:
+                break
+    return True
+
+
+class PieceOutcome:
+    """What one piece's 7-Zip said, read from the script's output as it comes (one
+    line at a time: 7-Zip prints a line per file)."""
+
+    def __init__(self, platform):
+        self.platform = platform
+        self.succeeded, self.code, self.volumes = False, None, None
+        self.unreadable = self.error = None
+        self.name_follows = False
+        failed = re.escape(f"{MARK_PREFIX}{platform.tool_name('archive')} failed with "
+                           "exit code ")
+        self.failed_re = re.compile(failed + r"(-?\d+)\.")
+
+    def line(self, text):
+        child_say(text)
+        if text[:2] == "+ ":
+            return                  # a file added (7-Zip's line per file): nothing to read
+        if self.name_follows and text.strip():
+            # 7-Zip names the file it could not read on the line after its error (the
+            # last '+ ' line may be another file: it compresses several at once)
+            self.unreadable, self.name_follows = text, False
+        elif text.startswith("ERROR: ") and self.platform.read_error_re.search(text):
+            self.error, self.name_follows = text[len("ERROR: "):].strip(), True
+        elif text == self.platform.marker("archive"):
+            self.succeeded = True
+        elif self.failed_re.match(text):
+            self.code = int(self.failed_re.match(text)[1])
+        elif text.startswith("Volumes: "):
+            self.volumes = int(text.split()[1])
+
+
+def run_piece(child, platform, settings, view_root, number, list_path, parent):
+    """7-Zip on one piece's list, in a generated script of its own."""
+    archive_root = os.path.join(child.work_dir, ARCHIVE_DIR)
+    directory = os.path.join(archive_root, str(number))
+    for owner_only in (archive_root, directory):      # (makedirs gives parents 0o755)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(owner_only, 0o700)
+    argv = seven_zip_add_argv(settings, os.path.join(directory, "backup.zip"), list_path,
                               platform.password_switch(CHILD_KEY_VARIABLE), platform)
-    return archive_dir, [archive_commands(platform, argv, CHILD_KEY_VARIABLE)]
+    outcome = PieceOutcome(platform)
+    run_generated_script(child, platform, view_root,
+                         [archive_commands(platform, argv, CHILD_KEY_VARIABLE)], parent,
+                         archive_root, outcome.line)
+    return outcome
 
 
-def run_generated_script(child, platform, view_root, commands, archive_dir, parent):
-    """Write the script (the mirror, then 7-Zip) and run it, its output printed."""
+def drop_from_list(list_path, name, view_root, platform):
+    """Take the file 7-Zip named out of a piece's list: the number of lines left, or None
+    if no line names it (then the piece cannot be made without it, and the archive
+    fails).  7-Zip names it as listed, relative to the mount; a full path is taken
+    relative to it too."""
+    root = view_root.rstrip(platform.sep) + platform.sep
+    if platform.comparable(name).startswith(platform.comparable(root)):
+        name = name[len(root):]
+    unwanted = list_file_entry(name, False, platform)
+    with open(list_path, encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
+        lines = handle.read().splitlines()
+    kept = [line for line in lines if line != unwanted]
+    if len(kept) == len(lines):
+        return None
+    _write_private_text(list_path, "\n".join(kept) + "\n")
+    return len(kept)
+
+
+def write_piece_done(work_dir, number, outcome):
+    """archives/<n>.done, whole or not at all (the parent may read it at any time)."""
+    path = os.path.join(work_dir, ARCHIVE_DIR, f"{number}{DONE_SUFFIX}")
+    _write_private_text(path + ".tmp", json.dumps(outcome))
+    os.replace(path + ".tmp", path)
+
+
+def read_piece_done(archive_root, number):
+    """What the child wrote of piece number once its 7-Zip ended, or None (not yet)."""
+    try:
+        with open(os.path.join(archive_root, f"{number}{DONE_SUFFIX}"),
+                  encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+def run_generated_script(child, platform, view_root, commands, parent, archive_root=None,
+                         on_line=child_say):
+    """Write a script (the mirror, or one piece's 7-Zip) and run it, its output printed;
+    with archive_root, 7-Zip is paused while finished volumes wait for the upload."""
     script = os.path.join(child.work_dir, platform.script_name)
     platform.write_script(script, view_root, commands)
     env = dict(os.environ, **{CHILD_KEY_VARIABLE: child.key})
-    status = run_script(platform.script_argv(script), env, child_say, platform,
-                        child.work_dir, parent, archive_dir)
+    status = run_script(platform.script_argv(script), env, on_line, platform,
+                        child.work_dir, parent, archive_root)
     if status != 0:
         child_say(f"AAM Auto Backup: the backup script ended with exit code {status}.")
 
 
 def record_selection(child, view_root, plan, platform, since):
-    """Walk the mount once: the catalogue work file and, for an incremental, the list
-    of what 7-Zip must archive.  Returns the walk and the number of files to archive.
+    """Walk the mount once: the catalogue work file and, with AWS as a destination,
+    the pieces' 7-Zip lists.  Returns the walk, the number of files to archive and
+    the lists' numbers.
 
     The parent names the local state to compare with (CATALOGUE_BASE); without
-    one, an incremental selects by the time rule alone.
+    one, an incremental selects by the time rule alone.  For a continued backup it
+    names the journal too: what its done pieces hold is not archived again.
     """
     work_dir = child.work_dir
     base = read_catalogue_base(work_dir)
     previous = base.get("state") or None
     full = child.scope is Scope.FULL
     walk = TreeWalk(view_root, plan, platform, since)
-    recorder = ChangeRecorder(walk, None if full else previous, platform, full)
+    done = DoneEntries(base["journal"], base["source"]) if base.get("journal") else None
+    recorder = ChangeRecorder(walk, None if full else previous, platform, full, done)
     work = WorkFile(os.path.join(work_dir, CATALOGUE_WORK), {"source_path": child.mount})
-    list_path = os.path.join(work_dir, INCLUSION_LIST)
-    fd = os.open(list_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
-                   newline="\n") as listing:
-        def add(walked):
-            if not full:
-                is_dir = stat.S_ISDIR(walked.st.st_mode)
-                listing.write(list_file_entry(walked.path, is_dir, platform) + "\n")
-        try:
-            recorder.run(work, add)
-        finally:
-            work.close()
-    return walk, recorder.to_archive_count
+    pieces = PieceWriter(os.path.join(work_dir, PIECES_DIR), base.get("first_piece", 1),
+                         base.get("piece_size", DEFAULT_PIECE_SIZE), platform)
+    try:
+        recorder.run(work, pieces.add if "AWS" in child.destinations else lambda _w: 0)
+    finally:
+        work.close()
+        pieces.close()
+    if done:
+        _write_private_text(os.path.join(work_dir, SUPERSEDED_FILE),
+                            json.dumps(sorted(done.superseded)))
+    return walk, recorder.to_archive_count, pieces.numbers
 
 
 def read_catalogue_base(work_dir):
-    """The parent's word on what to compare with: {"state": path or None}."""
+    """The parent's word (CATALOGUE_BASE): {"state": path or None, "first_piece",
+    "piece_size", and for a continued backup "journal" and "source"}."""
     try:
         with open(os.path.join(work_dir, CATALOGUE_BASE), encoding="utf-8") as handle:
             return json.load(handle)
@@ -4413,6 +4888,8 @@ def read_catalogue_base(work_dir):
 
 MIB = 1024 * 1024
 INDICATOR_FORMAT = "aam-auto-backup-indicator"
+# 2: the archive is in pieces ("pieces"); readers accept 1 and 2
+INDICATOR_VERSION = 2
 UPLOAD_POLL_SECONDS = 0.1   # how often the parent looks for finished volumes
 
 
@@ -4484,35 +4961,35 @@ def final_volumes(archive_dir):
     return found
 
 
-def volumes_on_disk(archive_dir):
-    """{number: finished?} of the volumes 7-Zip has begun (see final_volumes)."""
+def volumes_on_disk(archive_root):
+    """{(piece, volume number): finished?} of the volumes 7-Zip has begun in every
+    piece's directory (see final_volumes)."""
     volumes = {}
     with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(archive_dir):
-            match = ANY_VOLUME.fullmatch(name)
-            if match:
-                volumes[int(match[1])] = not match[2]
+        for piece in os.listdir(archive_root):
+            if not piece.isdigit():
+                continue
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for name in os.listdir(os.path.join(archive_root, piece)):
+                    match = ANY_VOLUME.fullmatch(name)
+                    if match:
+                        volumes[(int(piece), int(match[1]))] = not match[2]
     return volumes
 
 
 def directory_size(path):
-    """Bytes in the files of a directory (7-Zip's volumes, finished or not)."""
+    """Bytes in the files of a directory and of its directories (7-Zip's volumes of
+    every piece, finished or not)."""
     total = 0
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         with os.scandir(path) as entries:
             for entry in entries:
                 with contextlib.suppress(FileNotFoundError):
-                    total += entry.stat().st_size
+                    if entry.is_dir(follow_symlinks=False):
+                        total += directory_size(entry.path)
+                    else:
+                        total += entry.stat().st_size
     return total
-
-
-def reported_volume_count(lines):
-    """The number of volumes 7-Zip reported ('Volumes: N', its last summary line)."""
-    for line in reversed(lines):
-        match = re.fullmatch(r"Volumes: (\d+)", line.strip())
-        if match:
-            return int(match[1])
-    return None
 
 
 class VolumeCountMismatch(AamError):
@@ -4546,7 +5023,7 @@ class ZipIndex:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # owner-only
             self.db = sqlite3.connect(path)
             self.db.execute("CREATE TABLE entry (name BLOB PRIMARY KEY, first INTEGER, "
-                            "last INTEGER) WITHOUT ROWID")
+                            "last INTEGER, size INTEGER) WITHOUT ROWID")
         self.rows = []                # entries read from the last block, not yet stored
         self.buffer, self.buffer_start = b"", 0
         self.next_header = 0          # offset of the next local header
@@ -4569,7 +5046,8 @@ class ZipIndex:
         while self.read_header():
             pass
         if self.rows:       # one statement per block, not per entry: less CPU beside 7-Zip
-            self.db.executemany("INSERT OR REPLACE INTO entry VALUES (?, ?, ?)", self.rows)
+            self.db.executemany("INSERT OR REPLACE INTO entry VALUES (?, ?, ?, ?)",
+                                self.rows)
             self.rows = []
         drop = self.next_header - self.buffer_start
         if drop >= len(self.buffer):
@@ -4590,33 +5068,34 @@ class ZipIndex:
             raise ZipIndexError(f"no ZIP header at byte {self.next_header:,}")
         if len(self.buffer) < at + 30:
             return False
-        (flags, compressed, name_length, extra_length) = struct.unpack(
-            "<6xH10xI4xHH", self.buffer[at:at + 30])
+        (flags, compressed, size, name_length, extra_length) = struct.unpack(
+            "<6xH10xIIHH", self.buffer[at:at + 30])
         header_end = at + 30 + name_length + extra_length
         if len(self.buffer) < header_end:
             return False
         if flags & 0x08:
             raise ZipIndexError("an entry's sizes are not in its local header")
         name = self.buffer[at + 30:at + 30 + name_length]
-        if compressed == 0xFFFFFFFF:
-            compressed = self.zip64_size(self.buffer[at + 30 + name_length:header_end])
+        if 0xFFFFFFFF in (compressed, size):
+            size, compressed = self.zip64_sizes(self.buffer[at + 30 + name_length:header_end])
         end = self.next_header + 30 + name_length + extra_length + compressed
         if self.on_entry is not None:
             self.on_entry(name)
         elif not name.endswith(b"/"):
-            self.rows.append((name, self.volume(self.next_header), self.volume(end - 1)))
+            self.rows.append((name, self.volume(self.next_header), self.volume(end - 1),
+                              size))
             self.files += 1
         self.next_header = end
         return True
 
     @staticmethod
-    def zip64_size(extra):
-        """The compressed size from a ZIP64 extra field (tag 1: sizes, uncompressed first)."""
+    def zip64_sizes(extra):
+        """(uncompressed, compressed) sizes from a ZIP64 extra field (tag 1)."""
         at = 0
         while at + 4 <= len(extra):
             tag, size = struct.unpack("<HH", extra[at:at + 4])
             if tag == 1 and size >= 16:
-                return struct.unpack("<Q", extra[at + 12:at + 20])[0]
+                return struct.unpack("<QQ", extra[at + 4:at + 20])
             at += 4 + size
         raise ZipIndexError("an entry over 4 GB has no ZIP64 sizes")
 
@@ -4628,77 +5107,145 @@ class ZipIndex:
                                 "bytes")
         return self.volume(self.central_directory)
 
-    def volumes_in_order(self, paths):
-        """(first volume, last volume), or None, of each catalogue path in turn.
+    def locate(self, lines):
+        """(line, (first volume, last volume, size as archived) or None) for each work-file
+        line in turn.
 
         One join in SQLite rather than a query per path: at a million files that
-        is seconds less after 7-Zip has ended.  The paths are kept in this
-        owner-only file (not in a temporary one of SQLite's own)."""
-        self.db.execute("CREATE TABLE wanted (seq INTEGER PRIMARY KEY, name BLOB)")
-        self.db.executemany("INSERT INTO wanted (name) VALUES (?)",
-                            ((path.encode("utf-8", "surrogateescape"),) for path in paths))
-        for first, last in self.db.execute(
-                "SELECT entry.first, entry.last FROM wanted LEFT JOIN entry "
-                "ON entry.name = wanted.name ORDER BY wanted.seq"):
-            yield None if first is None else (first, last)
+        is seconds less.  The lines are kept in this owner-only file (not in a
+        temporary one of SQLite's own)."""
+        self.db.execute("CREATE TABLE wanted (seq INTEGER PRIMARY KEY, name BLOB, line TEXT)")
+        self.db.executemany("INSERT INTO wanted (name, line) VALUES (?, ?)",
+                            ((work_line_path(line).encode("utf-8", "surrogateescape"), line)
+                             for line in lines))
+        for line, first, last, size in self.db.execute(
+                "SELECT wanted.line, entry.first, entry.last, entry.size FROM wanted "
+                "LEFT JOIN entry ON entry.name = wanted.name ORDER BY wanted.seq"):
+            yield line, None if first is None else (first, last, size)
 
     def close(self):
         self.db.close()
 
 
-class VolumeUploader:
-    """Uploads 7-Zip's volumes while 7-Zip writes the next ones (pipelined upload).
+class PieceUploader:
+    """Uploads 7-Zip's volumes while 7-Zip writes the next ones (pipelined upload),
+    piece after piece.
 
-    poll() is called every UPLOAD_POLL_SECONDS while the child runs: each final
-    volume goes up in number order and is deleted once uploaded, so the disk
+    The child writes piece n's volumes into archives/<n>/ and, once its 7-Zip has
+    ended, archives/<n>.done.  poll() is called every UPLOAD_POLL_SECONDS while the
+    child runs: each final volume goes up in order (the pieces in number order, a
+    piece's volumes in number order) and is deleted once uploaded, so the disk
     holds a few volumes, not the whole archive (the child pauses 7-Zip while
-    WAITING_VOLUMES finished ones wait).  After an upload error the remaining
-    volumes are deleted unread, so 7-Zip is never left paused; the error is
-    raised by finish(), and no indicator is written.
+    WAITING_VOLUMES finished ones wait).  The ledger hears of each piece: started
+    (before its first volume goes up), done (after its last, with its archive
+    index) or failed.  After an upload error the remaining volumes are deleted
+    unread, so 7-Zip is never left paused; the error is raised by finish(), and
+    no indicator is written.
     """
 
-    def __init__(self, uploads, archive_dir, key_for, log, index=None, before_upload=None):
-        self.uploads, self.archive_dir = uploads, archive_dir     # uploads: RunUploads
+    def __init__(self, uploads, work_dir, key_for, log, ledger, first_piece, volume_size,
+                 before_upload=None):
+        self.uploads, self.work_dir = uploads, work_dir     # uploads: RunUploads
+        self.archive_dir = os.path.join(work_dir, ARCHIVE_DIR)
         self.before_upload = before_upload   # called before each upload (the key check)
-        self.key_for = key_for          # volume number -> S3 key
-        self.log = log
-        self.index = index              # ZipIndex fed with every volume's bytes, or None
-        self.records = []
-        self.next_number = 1
+        self.key_for = key_for          # (piece, volume number) -> S3 key
+        self.log, self.ledger, self.volume_size = log, ledger, volume_size
+        self.piece, self.next_number = first_piece, 1
+        self.records = []               # the volumes of this piece uploaded so far
+        self.index = None               # this piece's ZipIndex, from its first volume on
+        self.pieces = []                # the pieces done: {number, volumes, central...}
+        self.uploaded = 0               # bytes uploaded by this run, every piece
         self.error = None
         self.held_lines = []            # announced while the child ran; logged later
         self.live = False
 
     def uploaded_bytes(self):
-        return sum(record["size"] for record in self.records)
+        return self.uploaded
 
     def poll(self):
-        """Upload (or, after an error, discard) every final volume next in order."""
-        volumes = final_volumes(self.archive_dir)
+        """Upload (or, after an error, discard) every final volume next in order, and
+        hand each piece its 7-Zip has ended to the ledger."""
+        while True:
+            directory = os.path.join(self.archive_dir, str(self.piece))
+            self.upload_final(directory)
+            done = read_piece_done(self.archive_dir, self.piece)
+            if done is None:
+                return
+            self.upload_final(directory)    # 7-Zip has ended: what is left is final
+            self.end_piece(directory, done)
+
+    def upload_final(self, directory):
+        volumes = final_volumes(directory)
         while self.next_number in volumes:
             path = volumes.pop(self.next_number)
             try:
                 if self.error is None:
-                    self.upload(path, self.key_for(self.next_number))
+                    if self.next_number == 1:
+                        self.ledger.started(self.piece)
+                        self.index = ZipIndex(self.index_path(), self.volume_size)
+                    self.upload(path, self.key_for(self.piece, self.next_number))
                 os.remove(path)
                 checkpoint("volume-uploaded")
             except Interrupted:
                 raise
+            except FileNotFoundError:
+                pass    # 7-Zip failed and removed its volumes: the piece's .done says so
             except Exception as problem:     # noqa: BLE001 - reported by finish()
                 self.error = self.error or problem
                 with contextlib.suppress(OSError):
                     os.remove(path)
             self.next_number += 1
 
+    def index_path(self):
+        return os.path.join(self.work_dir, f"archive_index_{self.piece}.sqlite")
+
+    def end_piece(self, directory, done):
+        """Piece self.piece's 7-Zip has ended and its volumes are up: done or failed."""
+        try:
+            if self.error is None and done["succeeded"]:
+                self.check_volumes(directory, done["volumes"])
+                central = self.index.finish(sum(r["size"] for r in self.records))
+                self.ledger.done(self.piece, self.records, central, self.index, done)
+                self.pieces.append({"number": self.piece, "volumes": self.records,
+                                    "volume_size": self.volume_size,
+                                    "central_directory_volume": central})
+                checkpoint("piece-done")
+            elif not done["succeeded"]:
+                self.ledger.failed(self.piece, self.records, done)
+        except Interrupted:
+            raise
+        except Exception as problem:     # noqa: BLE001 - reported by finish()
+            self.error = self.error or problem
+        if self.index is not None:
+            self.index.close()
+        for leftover in (self.index_path(), os.path.join(
+                self.archive_dir, f"{self.piece}{DONE_SUFFIX}")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        shutil.rmtree(directory, ignore_errors=True)
+        self.piece, self.next_number, self.records, self.index = self.piece + 1, 1, [], None
+
+    def check_volumes(self, directory, reported_count):
+        """The volumes uploaded are exactly 7-Zip's, each of the volume size but the last."""
+        uploaded = len(self.records)
+        leftovers = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        expected = uploaded if reported_count is None else reported_count
+        if leftovers or uploaded != expected or not uploaded:
+            raise VolumeCountMismatch(
+                f"7-Zip reported {reported_count} volume(s) of piece {self.piece}, "
+                f"{uploaded} were uploaded"
+                + (f", and {', '.join(leftovers)} remained" if leftovers else ""))
+        if any(r["size"] != self.volume_size for r in self.records[:-1]):
+            raise ZipIndexError("7-Zip's volumes are not all of the volume size")
+
     def digest_and_index(self, path):
-        """The volume's SHA-256, read once; its bytes also go to the archive index."""
+        """The volume's SHA-256, read once; its bytes also go to the piece's index."""
         digest = hashlib.sha256()
-        offset = self.uploaded_bytes()
+        offset = sum(record["size"] for record in self.records)
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(MIB), b""):
                 digest.update(block)
-                if self.index:
-                    self.index.feed(block, offset)
+                self.index.feed(block, offset)
                 offset += len(block)
         return digest.hexdigest()
 
@@ -4709,13 +5256,15 @@ class VolumeUploader:
         size = os.path.getsize(path)
         digest = self.digest_and_index(path)
         self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
-        progress = Progress(f"Uploading volume {key.rsplit('.', 1)[-1]}", size)
+        progress = Progress(f"Uploading volume {self.next_number:03d} of piece {self.piece}",
+                            size)
         try:
             self.uploads.upload(path, key, progress.add, kind="volume",
                                 StorageClass=DEEP_ARCHIVE)
         finally:
             progress.close()
         self.records.append({"name": key, "size": size, "sha256": digest})
+        self.uploaded += size
 
     def announce(self, text):
         """Live on the terminal; in the log under the upload section (its order)."""
@@ -4731,37 +5280,34 @@ class VolumeUploader:
             self.log.line(text, terminal=False)
         self.held_lines = []
 
-    def finish(self, reported_count):
-        """Upload what is left; the volume records, exactly 7-Zip's volumes."""
+    def finish(self):
+        """Upload what is left; the pieces done (an upload error is raised here)."""
         self.poll()
         if self.error is not None:
             raise self.error
-        uploaded = self.next_number - 1
         leftovers = sorted(os.listdir(self.archive_dir)) if os.path.isdir(
             self.archive_dir) else []
-        expected = uploaded if reported_count is None else reported_count
-        if leftovers or uploaded != expected:
-            raise VolumeCountMismatch(
-                f"7-Zip reported {reported_count} volume(s), {uploaded} were uploaded"
-                + (f", and {', '.join(leftovers)} remained" if leftovers else ""))
-        if self.index and any(r["size"] != self.index.volume_size
-                              for r in self.records[:-1]):
-            raise ZipIndexError("7-Zip's volumes are not all of the volume size")
-        return self.records
+        if leftovers:
+            raise VolumeCountMismatch(f"{', '.join(leftovers)} remained in "
+                                      f"{self.archive_dir} after the last piece")
+        return self.pieces
 
 
-def indicator_body(run_sources, source_name, source_path, files, volumes, full, backup,
+def indicator_body(run_sources, source_name, source_path, files, pieces, full, backup,
                    since, platform, catalogue=None):
     """The indicator's JSON manifest: what a restore needs to trust this source.
 
+    Format 2: the archive is in pieces, each a self-contained 7-Zip archive of
+    its own volumes; "volumes" still lists every volume (of every piece, in
+    order), so that a reader summing sizes need not know pieces.  Version 1.1.0
+    refuses format 2 with a clear message (use the newer version to restore).
     catalogue: the catalogue object of this source in this backup (name, size,
-    SHA-256, kind); a set is complete only with it (readers of format 1 that
-    know no catalogue ignore the field and restore by replaying the archives).
+    SHA-256, kind); a set is complete only with it.
     """
     extra = {"catalogue": catalogue} if catalogue else {}
     return json.dumps({
         "format": INDICATOR_FORMAT,
-        "format_version": 1,
+        "format_version": INDICATOR_VERSION,
         "program_version": VERSION,
         "platform": platform.name,
         "scope": "full" if backup == full else "incremental",
@@ -4772,7 +5318,10 @@ def indicator_body(run_sources, source_name, source_path, files, volumes, full, 
         "source": source_name,
         "source_path": source_path,
         "files": files,
-        "volumes": volumes,
+        "volumes": [volume for piece in pieces for volume in piece["volumes"]],
+        "pieces": [{"number": piece["number"], "volumes": piece["volumes"],
+                    "central_directory_volume": piece["central_directory_volume"]}
+                   for piece in pieces],
         **extra,
     }, indent=1).encode("utf-8")
 
@@ -4781,41 +5330,41 @@ def indicator_body(run_sources, source_name, source_path, files, volumes, full, 
 
 CATALOGUE_FILE = "catalogue.tsv"             # its name inside the encrypted ZIP
 CATALOGUE_ZIP = "catalogue.zip"
-STATE_WORK = "state_work.tsv"
-INDEX_FILE = "archive_index.sqlite"
+KEPT_SUFFIX = ".pending"    # the catalogue and the state kept beside the journal
 
 
-def finalize_catalogue(work_path, index, header, catalogue_path, state_path, exists):
+def finalize_catalogue(work_path, lines, header, catalogue_path, state_path):
     """The catalogue for S3 and the next local state, from the child's work file.
 
-    Each archived path gets the volumes its bytes lie in (from the archive
-    index).  A path the archive lacks is MISSING when it still exists (7-Zip
-    could not read it: the next backup tries again) and gone when it does not
-    (it vanished before 7-Zip came to it).  Every other line is copied as it is.
-    Returns (archived, missing paths, lines in the catalogue).
+    Each line the child labelled for a piece (+<n>) is replaced by the one the
+    journal holds for it (lines: in the work file's order, as the pieces were
+    made): with the piece and volumes its bytes lie in, MISSING (7-Zip could not
+    read it), or gone (it vanished before 7-Zip came to it).  Every other line is
+    copied as it is.  Returns (files archived in this backup, missing paths,
+    lines in the catalogue).
     """
     stamp, delta = header["backup"], header["kind"] == DELTA
-    located = index.volumes_in_order(archived_paths(work_path)) if index else None
+    ours = stamp + ":"
     catalogue = CatalogueWriter(catalogue_path, header)
     state = CatalogueWriter(state_path, dict(header, kind=LISTING, base=None))
     archived, missing = 0, []
     try:
         for flag, line in work_lines(work_path):
-            kind = line[0]
-            # Only the location field changes: the line is edited, not parsed and
+            # Only the location field changes: a line is copied, not parsed and
             # written again (a million lines wait for this after 7-Zip has ended).
-            head, location, target = line.rsplit("\t", 2)
-            if location == ARCHIVED_NOW:
-                volumes = next(located) if located else None
-                if volumes:
-                    line = f"{head}\t{stamp}:{volumes[0]}-{volumes[1]}\t{target}"
-                    archived += 1
-                elif exists(path := work_line_path(line)):
-                    missing.append(path)
-                    line = f"{head}\t{MISSING}\t{target}"
-                else:
-                    flag, kind = CHANGED, DELETED
-                    line = Entry(DELETED, path).line()
+            location = line.rsplit("\t", 2)[1]
+            if location[:1] == ARCHIVED_NOW:
+                final = next(lines, None)
+                if final is None or final.split("\t", 2)[1] != line.split("\t", 2)[1]:
+                    raise ZipIndexError(f"the journal holds no line for "
+                                        f"{work_line_path(line)} of this run's pieces")
+                line, location = final, final.rsplit("\t", 2)[1]
+                if line[0] == DELETED:
+                    flag = CHANGED
+                elif location == MISSING:
+                    missing.append(work_line_path(line))
+            kind = line[0]
+            archived += location.startswith(ours)
             if kind != DELETED:
                 state.write_line(line)
             if (flag == CHANGED) if delta else (kind != DELETED):
@@ -4838,11 +5387,31 @@ def work_line_path(line):
     return unescape_field(line.split("\t", 2)[1])
 
 
-def archived_paths(work_path):
-    """The paths of this run's archive, in the work file's order."""
-    for _flag, line in work_lines(work_path):
-        if line.rsplit("\t", 2)[1] == ARCHIVED_NOW:
-            yield work_line_path(line)
+class PieceLines:
+    """The work-file lines of each piece's list in turn (a forward cursor: the lists
+    were made in catalogue order, so each one's lines follow the one before's)."""
+
+    def __init__(self, work_path):
+        self.lines = work_lines(work_path)
+        self.pending = None
+
+    def of_list(self, number):
+        label = f"{ARCHIVED_NOW}{number}"
+        while True:
+            if self.pending is None:
+                self.pending = next(self.lines, None)
+                if self.pending is None:
+                    return
+            line = self.pending[1]
+            location = line.rsplit("\t", 2)[1]
+            if location[:1] == ARCHIVED_NOW and int(location[1:]) > number:
+                return
+            self.pending = None
+            if location == label:
+                yield line
+
+    def close(self):
+        self.lines.close()
 
 
 class SourceCatalogue:
@@ -4855,6 +5424,8 @@ class SourceCatalogue:
         self.base = None          # the local state compared with, if any
         self.base_note = None     # what the log says of it
         self.work_dir = run.work_dir
+        self.first_piece = 1      # the first piece this run makes of the source
+        self.kind = None
 
     @staticmethod
     def state_prefix(run, name):
@@ -4865,12 +5436,26 @@ class SourceCatalogue:
     def path(self, name):
         return os.path.join(self.work_dir, name)
 
+    def kept_path(self, what):
+        """Beside the journal: this backup's catalogue ('catalogue.zip') or finished
+        local state ('tsv') until the indicator is up."""
+        return f"{self.prefix}.{format_stamp(self.run.stamp)}.{what}{KEPT_SUFFIX}"
+
     def choose_base(self, verify=True):
-        """Tell the child which local state to compare with (none for a full backup);
-        base_note says which, for the log.  verify=False: the early child's guess, not
-        read through yet (check_early_child does before it may go on)."""
+        """Tell the child which local state to compare with (none for a full backup),
+        the first free piece number and, continuing a backup whose done pieces hold
+        entries of this source, the journal; base_note says which state, for the log.
+        verify=False: the early child's guess, not read through yet (check_early_child
+        does before it may go on)."""
         self.find_base(verify)
-        _write_private_text(self.path(CATALOGUE_BASE), json.dumps({"state": self.base}))
+        run = self.run
+        journal = run.journal
+        self.first_piece = journal.next_piece() if journal else 1
+        reuse = journal is not None and journal.has_entries(self.name)
+        _write_private_text(self.path(CATALOGUE_BASE), json.dumps({
+            "state": self.base, "first_piece": self.first_piece,
+            "piece_size": run.settings.piece_size,
+            "journal": journal.path if reuse else None, "source": self.name}))
 
     def find_base(self, verify=True):
         """Find the local state to compare with, and say which (base, base_note); only
@@ -4890,41 +5475,46 @@ class SourceCatalogue:
                     f"{why}. Files are selected by their times alone, and this backup's "
                     "catalogue lists the whole tree.")
 
-    def header(self, full, index_info):
+    def header(self, pieces):
         run = self.run
+        full, _incremental = run.backup_times()
         return {"kind": DELTA if self.base else LISTING, "source": self.name,
                 "source_path": self.source.mount, "platform": run.platform.name,
-                "full_backup": format_stamp(full), "backup": format_stamp(run.start),
+                "full_backup": format_stamp(full), "backup": format_stamp(run.stamp),
                 "base": format_stamp(run.since) if self.base else None,
-                "archive": index_info, "program_version": VERSION}
+                "pieces": pieces, "program_version": VERSION}
 
-    def finalize(self, index, records, central_directory_volume):
-        """Write the catalogue and the state; returns (archived, missing paths, entries)."""
-        full, _incremental = self.run.backup_times()
-        info = None if not records else {
-            "volumes": len(records), "volume_size": index.volume_size,
-            "central_directory_volume": central_directory_volume}
+    def finalize(self, pieces):
+        """Write the catalogue and the finished state (kept beside the journal);
+        returns (archived, missing paths, entries)."""
         self.kind = DELTA if self.base else LISTING
-        sep = self.run.platform.sep
-
-        def exists(path):
-            live = self.source.mount.rstrip(sep) + sep + path.replace("/", sep)
-            return os.path.lexists(self.run.platform.long_path(live))
-
-        result = finalize_catalogue(self.path(CATALOGUE_WORK), index if records else None,
-                                    self.header(full, info), self.path(CATALOGUE_FILE),
-                                    self.path(STATE_WORK), exists)
-        seal_local_state(self.path(STATE_WORK), self.run.state_key(), self.name)
+        superseded = set(self.superseded())
+        described = [{"number": p["number"], "volumes": len(p["volumes"]),
+                      "volume_size": p["volume_size"],
+                      "central_directory_volume": p["central_directory_volume"],
+                      **({"superseded": True} if p["number"] in superseded else {})}
+                     for p in pieces]
+        lines = self.run.journal.lines_from(self.name, self.first_piece)
+        result = finalize_catalogue(self.path(CATALOGUE_WORK), lines, self.header(described),
+                                    self.path(CATALOGUE_FILE), self.kept_path("tsv"))
+        seal_local_state(self.kept_path("tsv"), self.run.state_key(), self.name)
         return result
 
-    def upload(self, uploads, entries):
-        """Encrypt the catalogue with the archive key and put it (STANDARD, never over
-        an existing object); returns its description for the indicator."""
+    def superseded(self):
+        """The earlier pieces the child found holding an entry this backup does not use."""
+        try:
+            with open(self.path(SUPERSEDED_FILE), encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return []
+
+    def make_zip(self):
+        """Encrypt the catalogue with the archive key, into its kept file (owner-only);
+        returns its description for the journal and the indicator."""
         run = self.run
-        zip_path = self.path(CATALOGUE_ZIP)
-        full, incremental = run.backup_times()
-        key = ObjectName(run.args.location, full, incremental, False, self.name,
-                         catalogue=True).key
+        zip_path = self.kept_path("catalogue.zip")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(zip_path)            # 7-Zip would add to an earlier attempt's
         code, output = run_seven_zip(
             run.settings, run.platform,
             # -mx=1: the catalogue waits in the run's tail; -mx=5 took 1.3 s instead of
@@ -4934,21 +5524,104 @@ class SourceCatalogue:
             cwd=self.work_dir, private=True)
         if code != 0:
             last = output.strip().splitlines()[-1] if output.strip() else ""
-            raise AamError(f"7-Zip could not write the catalogue {key} (exit code {code}): "
-                           f"{last}")
-        uploads.upload(zip_path, key, kind="catalogue", ContentType="application/zip")
-        return {"name": key, "size": os.path.getsize(zip_path), "sha256": sha256_of(zip_path),
-                "kind": self.kind, "base": format_stamp(run.since) if self.base else None,
-                "entries": entries}
+            raise AamError(f"7-Zip could not write the catalogue {self.object_key()} "
+                           f"(exit code {code}): {last}")
+        return zip_path
 
-    def keep_state(self):
+    def object_key(self):
+        full, incremental = self.run.backup_times()
+        return ObjectName(self.run.args.location, full, incremental, False, self.name,
+                          catalogue=True).key
+
+    def describe(self, zip_path, entries):
+        run = self.run
+        return {"name": self.object_key(), "size": os.path.getsize(zip_path),
+                "sha256": sha256_of(zip_path), "kind": self.kind,
+                "base": format_stamp(run.since) if self.base else None, "entries": entries}
+
+    def keep_state(self, state_file):
         """Once the indicator is up: this backup's state is what the next one compares with."""
+        if not state_file or not os.path.exists(state_file):
+            return
         try:
-            save_local_state(self.prefix, self.path(STATE_WORK), self.run.start)
+            save_local_state(self.prefix, state_file, self.run.stamp)
         except OSError as problem:
             self.run.log.line(f"Warning: the local catalogue cannot be kept in "
                               f"{self.run.settings.state_dir} ({problem}); the next "
                               "incremental selects files by their times alone.")
+
+
+class PieceLedger:
+    """What the journal records of one source's pieces as the upload finishes them
+    (PieceUploader's ledger): a piece's entries, each with the piece and volumes its
+    bytes lie in, from the child's work-file lines of this run."""
+
+    def __init__(self, run, catalogue):
+        self.run, self.catalogue, self.journal = run, catalogue, run.journal
+        self.stamp = format_stamp(run.stamp)
+        self.lines = None             # PieceLines, from the first piece done on
+        self.announce = run.log.line
+
+    def started(self, number):
+        self.journal.piece_started(number, self.catalogue.name, self.run.settings.volume_size)
+
+    def list_lines(self, number):
+        """The work-file lines of the entries the child put into list number."""
+        if self.lines is None:        # the child's walk, and so its work file, has ended
+            self.lines = PieceLines(self.catalogue.path(CATALOGUE_WORK))
+        return self.lines.of_list(number)
+
+    def done(self, number, records, central, index, outcome):
+        located = index.locate(self.list_lines(outcome["list"]))
+        self.journal.piece_done(number, self.catalogue.name, records, central,
+                                self.final_lines(number, located))
+
+    def final_lines(self, number, placed):
+        """(key, catalogue line) of each entry of the piece, as the catalogue will have it."""
+        for line, place in placed:
+            head, _location, target = line.rsplit("\t", 2)
+            path = work_line_path(line)
+            if line[0] == DIRECTORY:
+                final = f"{head}\t{NO_CONTENT}\t{target}"
+            elif place:
+                first, last, size = place
+                kind, name, walked, rest = head.split("\t", 3)
+                if kind == FILE and size != int(walked):
+                    # 7-Zip read it while it changed: the archive holds what it read
+                    self.announce(f"Changed while it was read: {self.live(path)} ({int(walked):,} "
+                                  f"bytes when listed, {size:,} archived); the catalogue "
+                                  "has the archived size, and the next backup takes it "
+                                  "again.")
+                    head = "\t".join((kind, name, str(size), rest))
+                final = f"{head}\t{located(self.stamp, number, first, last)}\t{target}"
+            elif os.path.lexists(self.run.platform.long_path(self.live(path))):
+                final = f"{head}\t{MISSING}\t{target}"       # 7-Zip could not read it
+            else:
+                final = Entry(DELETED, path).line()             # gone before 7-Zip came
+            yield catalogue_key(path), final
+
+    def live(self, path):
+        sep = self.run.platform.sep
+        return self.catalogue.source.mount.rstrip(sep) + sep + path.replace("/", sep)
+
+    def failed(self, number, records, outcome):
+        """A piece whose 7-Zip failed: its volumes already up are of no use.  When it
+        failed on the one file its list held (unreadable), that list is finished: its
+        entry is recorded, held by no archive."""
+        entries = ()
+        if outcome.get("nothing_left"):
+            entries = self.final_lines(number, ((line, None) for line in self.list_lines(
+                outcome["list"])))
+        self.journal.piece_failed(number, self.catalogue.name, entries)
+        orphans = [(record["name"], record["size"]) for record in records]
+        if orphans:
+            self.announce(f"Piece {number} failed (7-Zip exit code {outcome['code']}); the "
+                          f"{len(orphans)} volume(s) of it uploaded before stay unused:")
+            self.run.name_orphans(self.journal.new_orphans(orphans), log=self.announce)
+
+    def close(self):
+        if self.lines is not None:
+            self.lines.close()
 
 
 # ============================================================================
@@ -4989,10 +5662,18 @@ class BackupRun:
         self.uploads = None          # RunUploads: every upload of the run, one rate limit
         self.work_dir = None
         self.work_dir_made = False
-        self.start = None
+        self.start = None            # this run's start (the log, the mirror's validation)
+        self.stamp = None            # the backup's time in object names (a continued
+        #                              backup keeps its first run's start)
         self.log = None
         self.completed_sources = 0
         self.early = None            # EarlyChild: the first child, started before S3 answered
+        self.listing = None          # BucketListing of the months looked at
+        self.journal = None          # Journal of the backup this run makes or continues
+        self.continued = None        # what the journal already held, for the log and report
+        self.done_sources = set()    # sources whose indicator is in S3 already
+        self.orphans = []            # (name, size): volumes no backup uses, named this run
+        self.uploaders = []          # PieceUploader of each source (bytes uploaded)
         self.key_refused = False     # the key differs from the chain's key check
         self.report_notes = []       # lines the e-mail report must carry
         self.report_unsent = False
@@ -5024,6 +5705,8 @@ class BackupRun:
             raise
         finally:
             self.remove_work_dir()
+            if self.journal:
+                self.journal.close()
             lock.release()
             self.finish()
 
@@ -5049,6 +5732,8 @@ class BackupRun:
         self.begin()
         try:
             plan = self.plan_and_decide()
+            if self.aws:
+                self.open_journal_for(plan)
             if self.local or self.aws:          # else S3 failed for an AWS-only run: reported
                 try:
                     if self.aws:
@@ -5076,7 +5761,7 @@ class BackupRun:
         return EXIT_REPORT_UNSENT if self.report_unsent else EXIT_OK
 
     def begin(self):
-        self.start = utc_now()
+        self.start = backup_clock()
         self.log.section(SECTION_START)
         self.log.line(f"Backup started {describe_stamp(self.start)} "
                       f"({local_time_text(self.start)})")
@@ -5092,8 +5777,10 @@ class BackupRun:
         """The instruction file's plan, and (with AWS) the full/incremental decision."""
         plan, instruction_problem = self.read_plan()
         if self.aws and plan is not None and instruction_problem is None:
-            self.early = self.start_child_early(plan.sources[0])
-            self.query_s3(plan)
+            pending = self.pending_journal()
+            if pending is None:
+                self.early = self.start_child_early(plan.sources[0])
+            self.query_s3(plan, pending)
             self.check_early_child()
         self.log_plan(plan)
         if instruction_problem:
@@ -5108,9 +5795,11 @@ class BackupRun:
             checkpoint("source-done")
         if self.aws and self.completed_sources == len(plan.sources):
             if self.scope is Scope.FULL:
-                self.latest_full, self.latest_incremental = self.start, None
+                self.latest_full, self.latest_incremental = self.stamp, None
             else:
-                self.latest_incremental = self.start
+                self.latest_incremental = self.stamp
+            self.journal.delete()            # the backup is complete: nothing to continue
+            self.journal = None
 
     def record_stop(self, stopped):
         """Log an error that ended the per-source loop; the run goes on to cleanup."""
@@ -5121,7 +5810,9 @@ class BackupRun:
 
     def interrupted(self, lock):
         """Ctrl-C or SIGTERM: say so; the caller's cleanup still runs."""
-        self.log.line("ERROR: interrupted; nothing of this run counts as a complete backup.")
+        self.log.line("ERROR: interrupted; the backup is not complete"
+                      + ("; the next run continues it from its journal "
+                         f"{self.journal.path}." if self.journal else "."))
         if lock is None:
             self.finish()
         return EXIT_INTERRUPTED
@@ -5183,7 +5874,7 @@ class BackupRun:
     def check_key_lengths(self, plan):
         for source in plan.sources:
             name = ObjectName(self.args.location, self.start, self.start, False,
-                              self.platform.source_name(source.mount), 999)
+                              self.platform.source_name(source.mount), 999, piece=99999)
             if len(name.key.encode("utf-8")) > 1024:
                 raise InstructionError(f"{source.mount}: the S3 object names for this "
                                        "source would exceed 1024 bytes; back up a "
@@ -5216,17 +5907,22 @@ class BackupRun:
                 self.log.line(note, terminal=False)
 
     # -- S3 query and the full/incremental decision ----------------------
-    def query_s3(self, plan):
+    def query_s3(self, plan, pending=None):
+        """List the months that matter, then decide: continue the pending backup (its
+        journal), or a full or an incremental backup as the rules say."""
         self.log.section(SECTION_LATEST)
         sources = [self.platform.source_name(s.mount) for s in plan.sources]
         try:
             self.session = aws_session(self.args.access_key_id, self.args.secret_access_key)
             self.s3 = aws_client(self.session, "s3", self.settings.region)
-            listing = self.listing = self.list_bucket(sources)
+            self.listing = self.list_bucket(sources, pending)
         except aws_errors() as problem:
             cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
             self.skip_aws(f"AWS S3 cannot be queried ({cause})")
+            if pending:
+                pending.close()
             return
+        listing = self.listing
         month = (self.start.year, self.start.month)
         full = listing.latest_complete_full(sources, month if self.regular else None)
         incrementals = listing.complete_incrementals(full, sources) if full else []
@@ -5237,21 +5933,30 @@ class BackupRun:
         self.log.line(f"Latest complete full backup {where}: {describe_stamp(full)}")
         self.log.line(f"Latest complete incremental backup of it: "
                       f"{describe_stamp(self.latest_incremental)}")
-        self.decide_scope(full, sources, where)
+        if pending is None or not self.continue_pending(pending, sources):
+            self.decide_scope(full, sources, where)
+            if pending is None:
+                self.name_lost_volumes()
         self.check_key(listing)
 
-    def list_bucket(self, sources):
+    def list_bucket(self, sources, pending=None):
         """The key checks, and the months a full backup to build on may lie in: the
         current UTC month for a regular backup; for incremental-only the newest months
-        back to the first holding a complete full (the latest one), six at most."""
+        back to the first holding a complete full (the latest one), six at most; and
+        the month of the pending backup's full backup, if it is another."""
         location, bucket = self.args.location, self.args.bucket
         listing = BucketListing()
         listing.load_prefix(self.s3, bucket, keycheck_prefix(location))
+        loaded = []
         for prefix in month_prefixes(location, self.start, 1 if self.regular
                                      else MONTHS_SCANNED):
             listing.load_prefix(self.s3, bucket, prefix)
+            loaded.append(prefix)
             if listing.latest_complete_full(sources):
                 break
+        own = pending and month_prefixes(location, parse_stamp(pending.backup["full"]), 1)[0]
+        if own and own not in loaded and len(loaded) < MONTHS_SCANNED:
+            listing.load_prefix(self.s3, bucket, own)
         return listing
 
     def skip_aws(self, reason):
@@ -5262,7 +5967,181 @@ class BackupRun:
         self.failures.append(message)
         self.aws = False
 
+    # -- the pending backup: continue it, or abandon it ---------------------
+    def pending_journal(self):
+        """The journal of a backup an earlier run did not finish, or None."""
+        path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+        try:
+            return Journal.open(path)
+        except JournalDamaged as problem:
+            self.log.line(f"Warning: {problem}: the backup it records cannot be continued; "
+                          "the journal is removed, and the volumes that backup left in S3 "
+                          "are named below as unused.")
+            remove_journal_files(path)
+            return None
+
+    def continue_pending(self, journal, sources):
+        """Continue the pending backup when the rules allow (True), else abandon it."""
+        backup = journal.backup
+        reason = self.abandon_reason(backup, sources)
+        if reason:
+            self.abandon(journal, reason)
+            return False
+        self.journal = journal
+        self.scope = Scope.FULL if backup["scope"] == Scope.FULL.word else Scope.INCREMENTAL
+        self.stamp = parse_stamp(backup["stamp"])
+        self.base_full = parse_stamp(backup["full"])
+        self.since = parse_stamp(backup["since"]) if backup["since"] else None
+        full, incremental = self.backup_times()
+        present = self.listing.indicators.get((full, incremental), {})
+        self.done_sources = {name for name in sources if name in present}
+        pieces, size = self.keep_done_pieces(journal, sources)
+        self.continued = {"pieces": pieces, "bytes": size}
+        what = f"the {self.scope.word} backup {describe_stamp(self.stamp)}"
+        self.log.line(f"Backup scope: continuing {what}, begun "
+                      f"{local_time_text(self.stamp)} and interrupted "
+                      f"{backup['attempts']} time(s): {pieces} piece(s) ({format_bytes(size)}) "
+                      "already in S3" + (f"; complete for {', '.join(sorted(self.done_sources))}"
+                                         if self.done_sources else "") + ".")
+        if self.since:
+            self.log.line(f"It is an incremental of the full backup "
+                          f"{describe_stamp(self.base_full)}: files changed since "
+                          f"{describe_stamp(self.since)}.")
+        return True
+
+    def abandon_reason(self, backup, sources):
+        """Why the pending backup cannot be continued, or None."""
+        if sorted(name for name, _path in backup["sources"]) != sorted(sources):
+            return "the instruction file's sources have changed since it began"
+        stamp, start = parse_stamp(backup["stamp"]), self.start
+        previous = start.replace(day=1) - dt.timedelta(days=1)
+        if (stamp.year, stamp.month) not in {(start.year, start.month),
+                                             (previous.year, previous.month)}:
+            return f"it began in {stamp:%Y-%m}, before the previous month"
+        full = parse_stamp(backup["full"])
+        checks = self.listing.keychecks.get(full, [])
+        if (self.regular and self.args.force_full and checks
+                and not any(check.matches(self.args.key) for check in checks)):
+            return (f"argument {BACKUP_ARGS.number('force_full')} asks for a full backup, "
+                    "with an archive key other than this backup's (its key check "
+                    f"{checks[0].key}): a new chain")
+        if backup["scope"] == Scope.FULL.word:
+            return None
+        if self.regular and self.args.force_full:
+            return (f"argument {BACKUP_ARGS.number('force_full')} asks for a full backup, "
+                    "and it is an incremental")
+        if self.args.auto_force_full and self.instruction_file_changed() > full:
+            return (f"the instruction file changed after its full backup (argument "
+                    f"{BACKUP_ARGS.number('auto_force_full')}), and it is an incremental")
+        since = parse_stamp(backup["since"])
+        for base in (None, since) if since != full else (None,):
+            if not self.listing.is_complete(full, base, sources):
+                return (f"the {describe_backup(full, base)} it builds on is not a complete "
+                        "set in the bucket (or not in the months looked at)")
+        return None
+
+    def abandon(self, journal, reason):
+        """Name what the pending backup left in S3 as unused, and drop its journal."""
+        backup = journal.backup
+        full = parse_stamp(backup["full"])
+        incremental = None if backup["scope"] == Scope.FULL.word else parse_stamp(
+            backup["stamp"])
+        listed = [(stored.name.key, stored.size)
+                  for (f, i, _source), volumes in self.listing.volumes.items()
+                  if (f, i) == (full, incremental) for stored in volumes]
+        fresh = journal.new_orphans(listed)
+        begun = describe_stamp(parse_stamp(backup["stamp"]))
+        self.log.line(f"The pending {backup['scope']} backup {begun} is not continued: "
+                      f"{reason}. It is given up; a new backup is decided below.")
+        self.name_orphans(fresh, len(listed) - len(fresh))
+        journal.delete()
+
+    def keep_done_pieces(self, journal, sources):
+        """Keep the done pieces whose volumes are all in the bucket at their sizes (a
+        piece that is not is forgotten: its files are archived again); name every
+        other volume of this backup in S3 as unused.  (pieces kept, their bytes)"""
+        full, incremental = self.backup_times()
+        listed = {stored.name.key: stored.size
+                  for (f, i, _source), volumes in self.listing.volumes.items()
+                  if (f, i) == (full, incremental) for stored in volumes}
+        kept, size, used = 0, 0, set()
+        for piece in journal.pieces(state=PIECE_DONE):
+            wrong = [v for v in piece["volumes"] if listed.get(v["name"]) != v["size"]]
+            if wrong and piece["source"] not in self.done_sources:
+                found = listed.get(wrong[0]["name"])
+                self.log.line(f"Piece {piece['number']} of {piece['source']} is not kept: "
+                              f"{wrong[0]['name']} is "
+                              + ("missing from the bucket" if found is None else
+                                 f"{found:,} bytes in the bucket, {wrong[0]['size']:,} "
+                                 "in the journal") + "; its files are archived again.")
+                journal.drop_piece(piece["number"], piece["source"])
+                journal.forget_catalogue(piece["source"])
+                continue
+            kept += 1
+            size += sum(v["size"] for v in piece["volumes"])
+            used.update(v["name"] for v in piece["volumes"])
+        unused = sorted((name, listed[name]) for name in listed if name not in used)
+        fresh = journal.new_orphans(unused)
+        self.name_orphans(fresh, len(unused) - len(fresh))
+        return kept, size
+
+    def name_lost_volumes(self):
+        """Without a journal: volumes of a backup this month (or the months looked at)
+        that never got its indicator, made after the latest complete backup (a run
+        killed before this version, or a journal lost), are named as unused."""
+        latest = self.latest_incremental or self.latest_full
+        lost = []
+        for (full, incremental, source), volumes in self.listing.volumes.items():
+            made = incremental or full
+            if (latest and made <= latest) or source in self.listing.indicators.get(
+                    (full, incremental), {}):
+                continue
+            lost += [(stored.name.key, stored.size) for stored in volumes]
+        self.name_orphans(lost)
+
+    def name_orphans(self, orphans, named_before=0, log=None):
+        """Log volumes no backup uses, with their bytes (the report names them too)."""
+        log = log or self.log.line
+        if named_before:
+            log(f"({named_before} more unused volume(s) of this backup were named by an "
+                "earlier run.)")
+        if not orphans:
+            return
+        self.orphans += orphans
+        log(f"Unused volumes in S3: {len(orphans)} volume(s), "
+            f"{sum(size for _n, size in orphans):,} bytes, of a piece that was lost "
+            "(interrupted or failed before it was whole); no backup or restore reads them. "
+            "Deep Archive bills each for 180 days; the backup user cannot delete them "
+            "(docs/backup.md):")
+        for name, size in orphans:
+            log(f"  {name} ({size:,} bytes)")
+
+    def open_journal_for(self, plan):
+        """The journal of this backup: the pending one continued, or a new one."""
+        if self.journal is not None:
+            self.journal.new_attempt()
+            return
+        backup = {"operation": self.args.operation, "scope": self.scope.word,
+                  "stamp": format_stamp(self.stamp), "full": format_stamp(self.base_full),
+                  "since": format_stamp(self.since) if self.since else None,
+                  "sources": [(self.platform.source_name(s.mount), s.mount)
+                              for s in plan.sources],
+                  "piece_size": self.settings.piece_size,
+                  "volume_size": self.settings.volume_size}
+        path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+        try:
+            self.journal = Journal.create(path, backup)
+        except (OSError, AamError) + journal_errors() as problem:
+            message = (f"The journal {path} cannot be written ({problem}); the AWS part of "
+                       "this backup is skipped" + (", the local mirror is still made."
+                                                   if self.local else "."))
+            self.log.line(f"ERROR: {message}")
+            self.failures.append(message)
+            self.aws = False
+            self.stop_early_child()
+
     def decide_scope(self, full, sources, where):
+        self.stamp = self.start
         changed = self.instruction_file_changed()
         if self.regular:
             if self.args.force_full:
@@ -5304,17 +6183,19 @@ class BackupRun:
         An incremental must match its full backup's key check; a new full backup the
         newest chain's, unless argument 21 forces it: then a different key starts a
         new chain, said loudly.  A chain without one (made by version 1.0.0 or 1.1.0,
-        or the first backup) gets one for the key in use.
+        or the first backup) gets one for the key in use.  A full backup continued
+        must match the key check its first run wrote, if it wrote one.
         """
         key, incremental = self.args.key, self.scope is Scope.INCREMENTAL
+        own = [] if incremental else listing.keychecks.get(self.stamp, [])
         checks = (listing.keychecks.get(self.base_full, []) if incremental
-                  else listing.newest_keychecks(self.start))
+                  else own or listing.newest_keychecks(self.stamp))
         matching = next((check for check in checks if check.matches(key)), None)
         if matching is not None:
             self.log.line(f"Key check: the archive key (argument {BACKUP_ARGS.number('key')}) "
                           f"matches {matching.key}.", terminal=False)
-            if not incremental:
-                self.keycheck_to_write = (KeyCheck.for_key(self.args.location, self.start,
+            if not (incremental or own):
+                self.keycheck_to_write = (KeyCheck.for_key(self.args.location, self.stamp,
                                                            key, like=matching),
                                           "this full backup's, for the same key")
             return
@@ -5326,7 +6207,7 @@ class BackupRun:
                 f"the bucket holds none for location {self.args.location} yet: a first "
                 "backup, or the backups were made by version 1.0.0 or 1.1.0") +
                 "; written for the archive key in use")
-        elif not incremental and self.regular and self.args.force_full:
+        elif not (incremental or own) and self.regular and self.args.force_full:
             self.start_new_key_chain(checks[0], new)
         else:
             self.refuse_key(checks[0], incremental)
@@ -5437,16 +6318,26 @@ class BackupRun:
         if self.early and self.early.source is not source:
             self.stop_early_child()
         early, self.early = self.early, None
+        recorded = self.journal.source(name) if self.aws else None
+        if recorded and recorded["catalogue"] and not self.catalogue_at_hand(name, recorded):
+            self.log.line(f"The catalogue of {source.mount} that the journal records is "
+                          "neither in the bucket nor kept beside the journal: it is made "
+                          "again from the pieces in S3.")
+            self.journal.forget_catalogue(name)
+            recorded = None
+        if self.aws and (name in self.done_sources or (recorded and recorded["catalogue"])):
+            self.finish_source_in_s3(source, name, recorded, run_sources)
+            return
         catalogue = early.catalogue if early else self.prepare_child(source, name)
         if catalogue and catalogue.base_note:
             self.log.line(catalogue.base_note, terminal=catalogue.base is None)
         # Pipelined upload: volumes go up while the child's 7-Zip writes the next.
-        uploader = self.volume_uploader(name) if self.aws else None
+        uploader = self.piece_uploader(catalogue) if self.aws else None
         try:
             lines, status = self.run_child(source, uploader, early)
             result = self.check_child_output(lines, status, self.aws)
         except SourceStopped:
-            self.note_orphans(uploader)
+            self.note_unfinished(uploader)
             raise
         checkpoint("child-done")
         if result["failures"]:
@@ -5455,24 +6346,55 @@ class BackupRun:
                                  "failure' in this log")
         self.report_failed_parts(source, result["failed"], lines, uploader)
         if self.aws:
-            self.upload_source(source, name, catalogue, run_sources, uploader,
-                               reported_volume_count(lines))
+            self.upload_source(source, name, catalogue, run_sources, uploader)
 
-    def prepare_child(self, source, name, verify=True):
+    def finish_source_in_s3(self, source, name, recorded, run_sources):
+        """A source of the continued backup whose pieces are all in S3 already: its
+        mirror is made as every run makes it, then its catalogue and indicator go up
+        unless they are there."""
+        if self.local:
+            self.prepare_child(source, name, archive=False)
+            lines, status = self.run_child(source, None, archive=False)
+            result = self.check_child_output(lines, status, False)
+            if result["failures"]:
+                self.failures.append(f"{source.mount}: {result['failures']} validation "
+                                     "failure(s); see the lines marked 'validation "
+                                     "failure' in this log")
+            self.report_failed_parts(source, result["failed"], lines, None)
+        catalogue = SourceCatalogue(self, source, name)
+        self.log.section(SECTION_UPLOAD)
+        if name in self.done_sources:
+            self.log.line(f"{source.mount}: this backup is complete in S3 (its completion "
+                          "indicator is there).")
+            catalogue.keep_state(recorded and recorded["state_file"])
+            self.completed_sources += 1
+            return
+        try:
+            self.put_catalogue_and_indicator(catalogue, recorded)
+        except aws_errors() + (OSError, AamError) + journal_errors() as problem:
+            self.upload_failed(source, problem)
+
+    def catalogue_at_hand(self, name, recorded):
+        full, incremental = self.backup_times()
+        return ((full, incremental, name) in self.listing.catalogues
+                or os.path.exists(recorded["catalogue_file"]))
+
+    def prepare_child(self, source, name, archive=True, verify=True):
         """The files the child reads: its part of the plan, and the state to compare
-        with (the catalogue of this source, when AWS is a destination; verify: see
+        with (the catalogue of this source, when the child archives for AWS; verify: see
         SourceCatalogue.choose_base)."""
         view_root = self.platform.child_view_root(source.mount, self.args.drive_letter)
-        catalogue = SourceCatalogue(self, source, name) if self.aws else None
+        catalogue = SourceCatalogue(self, source, name) if self.aws and archive else None
         try:
             write_source_plan(os.path.join(self.work_dir, PLAN_FILE), source, view_root,
                               self.platform)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.work_dir, OUTPUT_FILE))
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.work_dir, GATE_FILE))
-            # what a refused early child's 7-Zip wrote (never uploaded)
-            shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
+            for leftover in (OUTPUT_FILE, GATE_FILE, CATALOGUE_BASE, SUPERSEDED_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.work_dir, leftover))
+            # what a refused early child's 7-Zip wrote (never uploaded), or the source
+            # before's lists
+            for leftover in (ARCHIVE_DIR, PIECES_DIR):
+                shutil.rmtree(os.path.join(self.work_dir, leftover), ignore_errors=True)
             if catalogue:
                 catalogue.choose_base(verify)
         except OSError as problem:
@@ -5480,11 +6402,11 @@ class BackupRun:
                                 f"A temporary file cannot be written: {problem}")
         return catalogue
 
-    def child_argv(self, source):
+    def child_argv(self, source, archive=True):
         """The child's command line (through ShadowSpawn on Windows)."""
         args, incremental = self.args, self.scope is Scope.INCREMENTAL
         destinations = frozenset(({"local"} if self.local else set())
-                                 | ({"AWS"} if self.aws else set()))
+                                 | ({"AWS"} if self.aws and archive else set()))
         child = child_arguments(
             operation=args.operation, agent=CHILD_AGENT, latest_full=self.latest_full,
             latest_incremental=self.since if incremental else None,
@@ -5496,7 +6418,7 @@ class BackupRun:
         return self.platform.child_command(args.python, self.program_path, child.to_argv(),
                                            source.mount, args.drive_letter)
 
-    def run_child(self, source, uploader, early=None):
+    def run_child(self, source, uploader, early=None, archive=True):
         """Run the child (or let the one started early go on) to its end; (its output
         lines but 7-Zip's '+ <file>' ones, which are only logged, and its exit status)."""
         runner, output = self.platform.child_runner, os.path.join(self.work_dir, OUTPUT_FILE)
@@ -5506,7 +6428,8 @@ class BackupRun:
                 _write_private_text(os.path.join(self.work_dir, GATE_FILE), GATE_GO)
                 status = self.wait_child_process(early.process, watch)
             else:
-                status = self.run_child_process(self.child_argv(source), output, watch)
+                status = self.run_child_process(self.child_argv(source, archive), output,
+                                                watch)
             if watch:
                 watch.close()
         except OSError as problem:
@@ -5700,7 +6623,10 @@ class BackupRun:
                                 f"{self.args.operation} operation. "
                                 f"({exit_codes(lines, status)})",
                                 [messages[k] for k in missing])
-        return dict(json.loads(results[-1]), failed=missing)
+        result = json.loads(results[-1])
+        if result.get("archive_failed") and "archive" not in missing:
+            missing.append("archive")
+        return dict(result, failed=missing)
 
     def report_failed_parts(self, source, failed, lines, uploader):
         """A failed mirror or archive is a FAILURE with the tool's own messages; the
@@ -5711,47 +6637,60 @@ class BackupRun:
         for kind in failed:
             tool = self.platform.tool_name(kind)
             own = self.platform.mirror_error_re if kind == "mirror" else SEVEN_ZIP_ERROR_RE
+            # the last: a piece made again without a file it could not read failed first
             details = [line[len(MARK_PREFIX):].rstrip(".") for line in lines
-                       if line.startswith(f"{MARK_PREFIX}{tool} failed")]
-            details += [line for line in lines if own.match(line)][:MESSAGES_QUOTED]
+                       if line.startswith(f"{MARK_PREFIX}{tool} failed")][-1:]
+            details += [line for line in lines if own.match(line)][-MESSAGES_QUOTED:]
             reason = "; ".join(details) or f"no {tool} execution success message"
             part = "local mirror" if kind == "mirror" else "archive for AWS S3"
             message = f"{source.mount}: the {part} failed ({reason})"
             if kind == "archive":
+                if uploader:
+                    with contextlib.suppress(Exception):
+                        uploader.finish()         # the pieces done before it are kept
                 message += ("; no completion indicator was written and nothing more is "
                             "uploaded in this run")
-                self.note_orphans(uploader)
+                self.note_unfinished(uploader)
                 self.aws = False
                 shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
             self.log.line(f"ERROR: {message}")
             self.failures.append(message)
 
     def backup_times(self):
-        """(full, incremental) date-times of this run's S3 object names."""
+        """(full, incremental) date-times of this backup's S3 object names."""
         if self.scope is Scope.FULL:
-            return self.start, None
-        return self.base_full, self.start
+            return self.stamp, None
+        return self.base_full, self.stamp
 
-    def volume_uploader(self, name):
+    def piece_uploader(self, catalogue):
         full, incremental = self.backup_times()
-        index_path = os.path.join(self.work_dir, INDEX_FILE)
-        if os.path.exists(index_path):
-            os.remove(index_path)                # the previous source's
-        return VolumeUploader(
-            self.uploads, os.path.join(self.work_dir, ARCHIVE_DIR),
-            lambda number: ObjectName(self.args.location, full, incremental, False, name,
-                                      number).key,
-            self.log, ZipIndex(index_path, self.settings.volume_size), self.write_keycheck)
+        ledger = PieceLedger(self, catalogue)
+        uploader = PieceUploader(
+            self.uploads, self.work_dir,
+            lambda piece, number: ObjectName(self.args.location, full, incremental, False,
+                                             catalogue.name, number, piece=piece).key,
+            self.log, ledger, catalogue.first_piece, self.settings.volume_size,
+            self.write_keycheck)
+        ledger.announce = uploader.announce
+        self.uploaders.append(uploader)
+        return uploader
 
-    def note_orphans(self, uploader):
-        """Volumes uploaded before a failure have no indicator, so nothing uses them."""
-        if uploader and uploader.records:
-            uploader.start_log_section()
-            self.log.line(f"{len(uploader.records)} volume(s) uploaded before the failure "
-                          "stay in the bucket without a completion indicator; no backup or "
-                          "restore uses them (the backup user cannot delete them).")
+    def note_unfinished(self, uploader):
+        """After a failure: what of this source stays in S3 for the next run."""
+        if uploader is None:
+            return
+        uploader.start_log_section()
+        if not (uploader.pieces or uploader.records):
+            return
+        done = uploader.pieces
+        self.log.line(
+            f"The {len(done)} piece(s) of this source finished before the failure "
+            f"({format_bytes(sum(v['size'] for p in done for v in p['volumes']))}) are "
+            "recorded in the journal: the next run continues this backup from there"
+            + (f"; the {len(uploader.records)} volume(s) of piece {uploader.piece} it had "
+               "begun are named then, as unused." if uploader.records else "."))
 
-    def upload_source(self, source, name, catalogue, run_sources, uploader, reported_count):
+    def upload_source(self, source, name, catalogue, run_sources, uploader):
         """Volumes first (most went up while 7-Zip ran), then the catalogue, and the
         indicator strictly after both."""
         self.log.section(SECTION_UPLOAD)
@@ -5759,59 +6698,116 @@ class BackupRun:
             self.log.line(f"Uploads are limited to {self.settings.upload_limit:,} bytes per "
                           "second in all (AAM_UPLOAD_LIMIT).")
         uploader.start_log_section()
-        full, incremental = self.backup_times()
-        indicator = ObjectName(self.args.location, full, incremental, True, name)
         try:
-            records = uploader.finish(reported_count)
-            said = self.write_keycheck()         # when no volume went up before
-            if said:
-                self.log.line(said, terminal=False)
-            files, described = self.upload_catalogue(catalogue, uploader, records)
-            body = indicator_body(run_sources, name, source.mount, files, records, full,
-                                  self.start, self.since, self.platform, described)
-            checkpoint("before-indicator")
-            self.uploads.upload(io.BytesIO(body), indicator.key, kind="completion indicator",
-                                ContentType="application/json")
-            self.log.line(f"Uploaded the completion indicator {indicator.key} "
-                          f"({files} files in {len(records)} volumes)")
-            self.completed_sources += 1
-            catalogue.keep_state()
-        except aws_errors() + (OSError, AamError) as problem:
-            self.log.section(SECTION_UPLOAD_ERROR)
-            cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
-            message = (f"Upload to s3://{self.args.bucket} failed for {source.mount} "
-                       f"({cause}); no completion indicator was written, so this backup "
-                       "set is not used; no further uploads.")
-            self.note_orphans(uploader)
-            self.log.line(f"ERROR: {message}")
-            self.failures.append(message)
-            self.aws = False     # the local mirror of the next sources is still made
-            shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
+            uploader.finish()
+            recorded = self.write_catalogue(catalogue, run_sources)
+            self.put_catalogue_and_indicator(catalogue, recorded)
+        except aws_errors() + (OSError, AamError) + journal_errors() as problem:
+            self.note_unfinished(uploader)
+            self.upload_failed(source, problem)
 
-    def upload_catalogue(self, catalogue, uploader, records):
-        """Where each archived file lies, checked against the selection, then uploaded.
+    def upload_failed(self, source, problem):
+        self.log.section(SECTION_UPLOAD_ERROR)
+        cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
+        message = (f"Upload to s3://{self.args.bucket} failed for {source.mount} "
+                   f"({cause}); no completion indicator was written, so this backup is "
+                   "not complete; no further uploads in this run (the next run continues "
+                   "it).")
+        self.log.line(f"ERROR: {message}")
+        self.failures.append(message)
+        self.aws = False     # the local mirror of the next sources is still made
+        shutil.rmtree(os.path.join(self.work_dir, ARCHIVE_DIR), ignore_errors=True)
 
-        Returns the number of files archived and the catalogue's description.
-        """
-        index = uploader.index
-        central = index.finish(uploader.uploaded_bytes()) if records else None
-        archived, missing, entries = catalogue.finalize(index, records, central)
-        index.close()
+    def write_catalogue(self, catalogue, run_sources):
+        """Where each archived file lies, checked against the selection: the catalogue
+        and the finished state, kept beside the journal with the indicator's body
+        (before the catalogue's PUT).  Returns what the journal records."""
+        name, source = catalogue.name, catalogue.source
+        pieces = self.journal.pieces(name, PIECE_DONE)
+        archived, missing, entries = catalogue.finalize(pieces)
         for path in missing:
             self.log.line(f"{MARK_VALIDATION_FAILURE}{path}: not in the archive (7-Zip could "
                           "not read it)", terminal=False)
         if missing:
-            self.failures.append(f"{catalogue.source.mount}: {len(missing)} file(s) not in "
-                                 "the archive (7-Zip could not read them); see the lines "
-                                 "marked 'validation failure' in this log")
-        described = catalogue.upload(self.uploads, entries)
-        self.log.line(f"Uploaded the catalogue {described['name']} ({described['kind']}, "
-                      f"{entries} entries, {described['size']:,} bytes, STANDARD)")
-        return archived, described
+            more = ", ..." if len(missing) > MESSAGES_QUOTED else ""
+            shown = ", ".join(missing[:MESSAGES_QUOTED]) + more
+            self.failures.append(f"{source.mount}: {len(missing)} file(s) not in the "
+                                 f"archive (7-Zip could not read them: {shown}); each is "
+                                 "marked 'validation failure' in this log, and the next "
+                                 "backup tries it again")
+        zip_path = catalogue.make_zip()
+        described = catalogue.describe(zip_path, entries)
+        full, _incremental = self.backup_times()
+        body = indicator_body(run_sources, name, source.mount, archived, pieces, full,
+                              self.stamp, self.since, self.platform, described)
+        self.journal.record_source(name, described, zip_path, catalogue.kept_path("tsv"), body)
+        return self.journal.source(name)
+
+    def put_catalogue_and_indicator(self, catalogue, recorded):
+        """The catalogue (unless S3 has it, as the journal describes it), then the
+        indicator; then this backup's state is the one the next compares with."""
+        name, described = catalogue.name, recorded["catalogue"]
+        full, incremental = self.backup_times()
+        listed = self.listing.catalogues.get((full, incremental, name))
+        if listed is not None and listed.size != described["size"]:
+            raise AamError(f"The catalogue {described['name']} is in the bucket with "
+                           f"{listed.size:,} bytes, not the {described['size']:,} the "
+                           "journal records; this backup cannot be completed (see "
+                           "docs/backup.md, Interrupted backups).")
+        if listed is None:
+            said = self.write_keycheck()         # when no volume went up before
+            if said:
+                self.log.line(said, terminal=False)
+            self.uploads.upload(recorded["catalogue_file"], described["name"], kind="catalogue",
+                                ContentType="application/zip")
+            self.log.line(f"Uploaded the catalogue {described['name']} ({described['kind']}, "
+                          f"{described['entries']} entries, {described['size']:,} bytes, "
+                          "STANDARD)")
+        else:
+            self.log.line(f"The catalogue {described['name']} is in the bucket already.")
+        indicator = ObjectName(self.args.location, full, incremental, True, name)
+        checkpoint("before-indicator")
+        self.uploads.upload(io.BytesIO(recorded["indicator"]), indicator.key,
+                            kind="completion indicator", ContentType="application/json")
+        manifest = json.loads(recorded["indicator"])
+        self.log.line(f"Uploaded the completion indicator {indicator.key} "
+                      f"({manifest['files']} files in {len(manifest['pieces'])} piece(s), "
+                      f"{len(manifest['volumes'])} volume(s))")
+        self.completed_sources += 1
+        catalogue.keep_state(recorded["state_file"])
 
     # -- summary and report ----------------------------------------------
+    def progress_lines(self, names_shown=None):
+        """What this run added to a backup made in several runs, what is left for the
+        next, and the unused volumes named (all, or the first names_shown)."""
+        lines = []
+        uploaded = sum(uploader.uploaded_bytes() for uploader in self.uploaders)
+        if self.continued:
+            lines.append(f"Continued the {self.scope.word} backup {describe_stamp(self.stamp)} "
+                         f"begun {local_time_text(self.stamp)}: {self.continued['pieces']} "
+                         f"piece(s) ({format_bytes(self.continued['bytes'])}) were already "
+                         f"in S3; this run uploaded {format_bytes(uploaded)}.")
+        if self.journal is not None and self.aws_asked:
+            done = self.journal.pieces(state=PIECE_DONE)
+            lines.append(f"The {self.scope.word} backup {describe_stamp(self.stamp)} is not "
+                         f"complete: the next run continues it ({len(done)} piece(s), "
+                         f"{format_bytes(sum(v['size'] for p in done for v in p['volumes']))} "
+                         "in S3 so far).")
+        if self.orphans:
+            lines.append(f"Unused volumes in S3 (of a lost piece; no backup uses them): "
+                         f"{len(self.orphans)} volume(s), "
+                         f"{sum(size for _n, size in self.orphans):,} bytes:")
+            shown = self.orphans[:names_shown] if names_shown else self.orphans
+            lines += [f"  {name} ({size:,} bytes)" for name, size in shown]
+            if len(shown) < len(self.orphans):
+                lines.append(f"  and {len(self.orphans) - len(shown)} more (the log names "
+                             "them all)")
+        return lines
+
     def log_summary(self):
         self.log.section(SECTION_SUMMARY)
+        for line in self.progress_lines():
+            self.log.line(line)
         if self.failures:
             self.log.line(f"FAILURE: {len(self.failures)} problem(s):")
             for failure in self.failures:
@@ -5830,6 +6826,7 @@ class BackupRun:
             body.append(f"Latest complete AWS S3 full backup: {describe_stamp(self.latest_full)}")
             body.append("Latest complete AWS S3 incremental backup: "
                         f"{describe_stamp(self.latest_incremental)}")
+            body += self.progress_lines(REPORTED_ORPHANS)
         body += self.report_notes
         if send_report(self.args, self.settings, self.session, self.log,
                        bool(self.failures), self.start or utc_now(), f"{scope}backup", body):
@@ -6413,13 +7410,22 @@ class RestoreVolume:
 
 @dataclasses.dataclass
 class RestoreArchive:
-    """One source's archive in one backup of the set (no volumes: nothing changed)."""
+    """One piece of one source's archive in one backup of the set: a self-contained
+    7-Zip archive.  A backup made before pieces has one, the legacy piece (no
+    volumes: nothing changed); a backup in pieces with nothing to archive has one
+    without volumes too, for its catalogue."""
 
     backup: dt.datetime
     number: int          # the source's numbered directory
     source: str
     volumes: list
     catalogue: object = None     # {"name", "size", "sha256", "kind", ...}; None: 1.0.0
+    piece: int = LEGACY_PIECE
+
+    @property
+    def key(self):
+        """(backup stamp, source number, piece): how plans and tallies name it."""
+        return format_stamp(self.backup), self.number, self.piece
 
 
 @dataclasses.dataclass
@@ -6457,6 +7463,16 @@ class RestoreSet:
     def archives_of(self, number):
         return [a for a in self.archives if a.number == number]
 
+    def catalogue_archives(self, number, start=0):
+        """One archive per backup of source number (the pieces share its catalogue),
+        from its archive start on (see exact_from)."""
+        seen, found = set(), []
+        for archive in self.archives_of(number)[start:]:
+            if archive.backup not in seen:
+                seen.add(archive.backup)
+                found.append(archive)
+        return found
+
 
 def listing_start(catalogues):
     """The index of the first listing among catalogue descriptions (oldest first) from
@@ -6479,7 +7495,7 @@ def read_manifest(s3, bucket, key, credentials=RESTORE_CREDENTIALS):
         manifest = json.loads(body.decode("utf-8"))
         if manifest.get("format") != INDICATOR_FORMAT:
             raise ValueError("not an AAM Auto Backup indicator")
-        if int(manifest.get("format_version", 0)) > 1:
+        if int(manifest.get("format_version", 0)) > INDICATOR_VERSION:
             raise ValueError("written by a newer version of AAM Auto Backup; use it to "
                              "restore")
         for field in ("sources", "source", "source_path", "volumes"):
@@ -6539,25 +7555,40 @@ def find_restore_set(s3, bucket, listing, out, point=None):
     return full, manifests, chosen
 
 
-def archive_directory(downloads, backup, number):
-    """downloads/<backup stamp>/<source number>: one archive's files (short, any path)."""
-    return os.path.join(downloads, format_stamp(backup), str(number))
+def archive_directory(downloads, backup, number, piece=LEGACY_PIECE):
+    """downloads/<backup stamp>/<source number>: one backup's catalogue and legacy
+    archive; .../<piece> below it: a piece's volumes (short, any path)."""
+    directory = os.path.join(downloads, format_stamp(backup), str(number))
+    return directory if piece == LEGACY_PIECE else os.path.join(directory, str(piece))
 
 
 def volume_path(downloads, backup, number, key):
-    return os.path.join(archive_directory(downloads, backup, number),
-                        f"backup.zip.{ObjectName.parse(key).volume:03d}")
+    name = ObjectName.parse(key)
+    return os.path.join(archive_directory(downloads, backup, number, name.piece),
+                        f"backup.zip.{name.volume:03d}")
 
 
-def volumes_of(manifest, listing, full, incremental, path_of):
-    """The manifest's volumes, each checked against the bucket listing."""
+def manifest_pieces(manifest):
+    """[(piece number, its volume records)] of a manifest: a format 1 one has the
+    legacy piece; a format 2 one with no piece (nothing archived), a piece-less
+    entry for the catalogue alone."""
+    if "pieces" not in manifest:
+        return [(LEGACY_PIECE, manifest["volumes"])]
+    return [(piece["number"], piece["volumes"]) for piece in manifest["pieces"]] or [
+        (LEGACY_PIECE, [])]
+
+
+def volumes_of(manifest, listing, full, incremental, path_of, piece=LEGACY_PIECE,
+               entries=None):
+    """The volumes of one piece the manifest names, each checked against the listing."""
     listed = {stored.name.key: stored.size
               for stored in listing.volumes.get((full, incremental, manifest["source"]), [])}
     volumes, problems = [], []
-    for entry in manifest["volumes"]:
+    for entry in manifest["volumes"] if entries is None else entries:
         name = ObjectName.parse(entry["name"])
         if (name is None or name.indicator or name.catalogue or name.full != full
-                or name.incremental != incremental or name.source != manifest["source"]):
+                or name.incremental != incremental or name.source != manifest["source"]
+                or name.piece != piece):
             problems.append(f"{entry['name']}: the manifest names a volume of another backup")
             continue
         problems += listed_problems(entry, listed.get(entry["name"]))
@@ -6600,12 +7631,16 @@ def build_restore_set(location, listing, full, chosen, full_manifests, downloads
                                 f"{source}, which its full backup does not")
                 continue
             number = numbers[source]
-            volumes, found = volumes_of(
-                manifest, listing, full, incremental,
-                lambda key, b=backup, n=number: volume_path(downloads, b, n, key))
             catalogue, missing = catalogue_of(manifest, listing, full, incremental)
-            problems += found + missing
-            archives.append(RestoreArchive(backup, number, source, volumes, catalogue))
+            problems += missing
+            for piece, entries in manifest_pieces(manifest):
+                volumes, found = volumes_of(
+                    manifest, listing, full, incremental,
+                    lambda key, b=backup, n=number: volume_path(downloads, b, n, key),
+                    piece, entries)
+                problems += found
+                archives.append(RestoreArchive(backup, number, source, volumes, catalogue,
+                                               piece))
     if problems:
         raise AamError("The backup set is damaged; nothing was restored:\n  "
                        + "\n  ".join(problems))
@@ -6657,15 +7692,6 @@ RESTORE_STATES_DIR = "states"        # downloads/states/<n>.tsv: what source n r
 
 class NothingSelected(AamError):
     exit_code = EXIT_NOTHING_SELECTED
-
-
-def parse_location(location):
-    """(backup stamp, first volume, last volume) of a catalogue location, or None."""
-    stamp, _, volumes = location.partition(":")
-    if not volumes:
-        return None
-    first, _, last = volumes.partition("-")
-    return stamp, int(first), int(last)
 
 
 def reconstruct(catalogues, earlier_archives=False):
@@ -6732,7 +7758,8 @@ class Tally:
     entries: int = 0
     files: int = 0
     bytes: int = 0
-    volumes: dict = dataclasses.field(default_factory=dict)  # (stamp, source) -> {numbers}
+    # (backup stamp, source number, piece) -> {volume numbers}
+    volumes: dict = dataclasses.field(default_factory=dict)
     missing: list = dataclasses.field(default_factory=list)  # paths in no archive
     earlier: set = dataclasses.field(default_factory=set)    # sources with files found by
     # path in the archives before their first listing (RestoreSet.exact_from)
@@ -6751,8 +7778,9 @@ class Tally:
         elif entry.location == UNKNOWN and entry.kind == FILE:
             self.earlier.add(number)
         elif place and entry.kind == FILE:     # links are made from the catalogue
-            stamp, first, last = place
-            self.volumes.setdefault((stamp, number), set()).update(range(first, last + 1))
+            stamp, piece, first, last = place
+            self.volumes.setdefault((stamp, number, piece), set()).update(
+                range(first, last + 1))
 
 
 def complete_volumes(tally, archives):
@@ -6782,6 +7810,9 @@ class RestorePlan:
     whole: Tally                  # the whole set's files, for comparison
     whole_volumes: list           # what restoring everything would thaw
     selection: list               # the items (empty: everything)
+    # archive keys of pieces holding entries their backup does not use (a backup
+    # continued after changes): never extracted whole into place
+    superseded: set = dataclasses.field(default_factory=set)
 
 
 def format_dollars(amount):
@@ -6859,8 +7890,10 @@ def set_lines(restore_set, volumes):
     lines.append("Objects used:")
     for key in restore_set.indicators:
         lines.append(f"  {key}  (completion indicator)")
+    shown = set()
     for archive in restore_set.archives:
-        if archive.catalogue:
+        if archive.catalogue and archive.catalogue["name"] not in shown:
+            shown.add(archive.catalogue["name"])
             lines.append(f"  {archive.catalogue['name']}  (catalogue)")
     for volume in volumes:
         lines.append(f"  {volume.key}  ({volume.size:,} bytes)")
@@ -6875,7 +7908,7 @@ def set_to_json(restore_set):
         "indicators": list(restore_set.indicators),
         "keycheck": restore_set.keycheck,
         "archives": [{"backup": format_stamp(a.backup), "number": a.number,
-                      "source": a.source, "catalogue": a.catalogue,
+                      "source": a.source, "catalogue": a.catalogue, "piece": a.piece,
                       "volumes": [{"name": v.key, "size": v.size, "sha256": v.sha256}
                                   for v in a.volumes]}
                      for a in restore_set.archives],
@@ -6890,7 +7923,8 @@ def set_from_json(data, downloads):
                                  volume_path(downloads, backup, entry["number"], v["name"]))
                    for v in entry["volumes"]]
         archives.append(RestoreArchive(backup, entry["number"], entry["source"], volumes,
-                                       entry.get("catalogue")))
+                                       entry.get("catalogue"),
+                                       entry.get("piece", LEGACY_PIECE)))
     return RestoreSet(data["location"], parse_stamp(data["full"]),
                       [parse_stamp(i) for i in data["incrementals"]],
                       [tuple(source) for source in data["sources"]], archives,
@@ -7209,9 +8243,10 @@ class SourceExtraction:
             if not kinds or entry.kind in kinds:
                 yield entry
 
-    def archive_files(self, stamp):
-        """The files whose content the archive of that backup holds."""
-        path = self.restoration.state_path(self.number, stamp)
+    def archive_files(self, archive):
+        """The files whose content this archive (a piece of a backup) holds."""
+        path = self.restoration.state_path(self.number, format_stamp(archive.backup),
+                                           archive.piece)
         return iter(CatalogueFile(path)) if os.path.exists(path) else iter(())
 
     def native(self, root, path):
@@ -7223,20 +8258,22 @@ class SourceExtraction:
                 shutil.rmtree(leftover)
         os.mkdir(self.staging)
         by_name = bool(self.restoration.selection) or self.platform.refuses_names
+        plan, full = self.restoration.plan, self.restoration.set.full
         start = self.restoration.set.exact_from(self.number)
         for index, archive in enumerate(self.restoration.set.archives_of(self.number)):
-            stamp = format_stamp(archive.backup)
-            if (stamp, self.number) not in self.restoration.plan.chosen.volumes:
+            if archive.key not in plan.chosen.volumes:
                 continue                          # holds nothing restored: not opened
-            if index == 0 and not by_name:
+            # The full backup's pieces hold disjoint files: straight into place, unless
+            # a piece holds entries its backup no longer uses (continued after changes)
+            if archive.backup == full and not by_name and archive.key not in plan.superseded:
                 self.extract(archive, self.staging, None)
                 continue
             if index < start:
                 self.extract_found_by_path(archive, by_name)
                 continue
-            names = (e.path for e in self.archive_files(stamp)) if by_name else None
+            names = (e.path for e in self.archive_files(archive)) if by_name else None
             self.extract(archive, self.scratch, names)
-            self.move_in(stamp)
+            self.move_in(archive)
             shutil.rmtree(self.scratch)
         self.make_links_and_directories()
         self.reconcile()
@@ -7285,9 +8322,9 @@ class SourceExtraction:
                             if entry.location == UNKNOWN}
         return self.unknown
 
-    def move_in(self, stamp):
+    def move_in(self, archive):
         """Move the files whose content this archive holds from the scratch directory."""
-        for entry in self.archive_files(stamp):
+        for entry in self.archive_files(archive):
             source = self.native(self.scratch, entry.path)
             if os.path.lexists(source):
                 os.replace(source, self.make_room(entry.path))
@@ -7764,10 +8801,10 @@ class Restoration:
                     count += sum(1 for line in handle if not line.startswith("#"))
         return count
 
-    def state_path(self, number, stamp=None):
+    def state_path(self, number, stamp=None, piece=LEGACY_PIECE):
         """The state of source number to restore; with a stamp, the files of it that
-        the archive of that backup holds."""
-        name = f"{number}.tsv" if stamp is None else f"{number}.{stamp}.tsv"
+        the archive (the piece) of that backup holds."""
+        name = f"{number}.tsv" if stamp is None else f"{number}.{stamp}.{piece}.tsv"
         return os.path.join(self.downloads, RESTORE_STATES_DIR, name)
 
     def fetch_catalogue(self, archive):
@@ -7876,8 +8913,9 @@ class Restoration:
 
     def archive_name(self, archive):
         kind = "full" if archive.backup == self.set.full else "incremental"
+        piece = f", piece {archive.piece}" if archive.piece != LEGACY_PIECE else ""
         return (f"the {kind} backup {describe_stamp(archive.backup)} of source "
-                f"{archive.number} ({archive.source})")
+                f"{archive.number} ({archive.source}){piece}")
 
     def seven_zip(self, argv, archive):
         code, output = run_seven_zip(self.settings, self.platform, argv, self.args.key)
@@ -7895,7 +8933,7 @@ class Restoration:
         if all(v.key in present for v in archive.volumes):
             return archive.volumes[0].path
         directory = os.path.join(archive_directory(self.downloads, archive.backup,
-                                                   archive.number), OPEN_DIR)
+                                                   archive.number, archive.piece), OPEN_DIR)
         if os.path.lexists(directory):
             shutil.rmtree(directory)
         os.mkdir(directory)
@@ -8040,21 +9078,26 @@ def make_plan(restoration):
     """Reconstruct each source's state at the restore point (written to a state file,
     the selection only) and choose the volumes it needs."""
     restore_set, selection = restoration.set, restoration.selection
-    chosen, whole, central = Tally(), Tally(), {}
+    chosen, whole, central, superseded = Tally(), Tally(), {}, set()
     for number, _source, path in restore_set.sources:
-        central.update(plan_source(restoration, number, path, chosen, whole))
+        central.update(plan_source(restoration, number, path, chosen, whole, superseded))
     for tally in (chosen, whole):
         add_earlier_archives(tally, restore_set)
     if selection and not chosen.entries:
         raise NothingSelected(
             f"Nothing in the backup as of {describe_stamp(restore_set.last_backup)} matches "
             f"the selection ({' | '.join(selection.items)}); nothing was thawed.")
-    by_key = {(format_stamp(a.backup), a.number): a for a in restore_set.archives}
+    by_key = {a.key: a for a in restore_set.archives}
+    missing = sorted(set(whole.volumes) - set(by_key))
+    if missing:
+        raise AamError(f"The catalogue of the backup {missing[0][0]} of source "
+                       f"{missing[0][1]} names piece {missing[0][2]}, which its completion "
+                       "indicator does not list; the backup set is damaged.")
     wanted = (openable_volumes(chosen, by_key, central) if selection
               else complete_volumes(chosen, by_key))
     everything = complete_volumes(whole, by_key)
     return RestorePlan(volumes_in(restore_set, wanted), chosen, whole,
-                       volumes_in(restore_set, everything), selection.items)
+                       volumes_in(restore_set, everything), selection.items, superseded)
 
 
 def add_earlier_archives(tally, restore_set):
@@ -8063,22 +9106,30 @@ def add_earlier_archives(tally, restore_set):
     for number in tally.earlier:
         for archive in restore_set.archives_of(number)[:restore_set.exact_from(number)]:
             if archive.volumes:
-                tally.volumes[(format_stamp(archive.backup), number)] = {
-                    volume.number for volume in archive.volumes}
+                tally.volumes[archive.key] = {volume.number for volume in archive.volumes}
 
 
-def plan_source(restoration, number, path, chosen, whole):
+def plan_source(restoration, number, path, chosen, whole, superseded):
     """One source: its state at the restore point into its state file (the selected
-    entries, and the directories leading to them), counted into chosen and whole.
-    Returns {(backup stamp, number): the volume where its central directory starts}.
-    Only the archives from the source's first listing on have catalogues to read
-    (RestoreSet.exact_from)."""
+    entries, and the directories leading to them), counted into chosen and whole;
+    the pieces holding entries their backup does not use added to superseded.
+    Returns {(backup stamp, number, piece): the volume where its central directory
+    starts}.  Only the backups from the source's first listing on have catalogues to
+    read (RestoreSet.exact_from)."""
     start = restoration.set.exact_from(number)
-    archives = restoration.set.archives_of(number)[start:]
+    archives = restoration.set.catalogue_archives(number, start)
     catalogues = [CatalogueFile(restoration.fetch_catalogue(a)) for a in archives]
     check_catalogue_chain(catalogues, archives)
-    central = {(format_stamp(a.backup), number): c.header["archive"]["central_directory_volume"]
-               for a, c in zip(archives, catalogues) if c.header.get("archive")}
+    central = {}
+    for archive, catalogue in zip(archives, catalogues):
+        stamp = format_stamp(archive.backup)
+        if catalogue.header.get("archive"):       # version 1: the legacy piece
+            central[(stamp, number, LEGACY_PIECE)] = \
+                catalogue.header["archive"]["central_directory_volume"]
+        for piece in catalogue.header.get("pieces") or []:
+            central[(stamp, number, piece["number"])] = piece["central_directory_volume"]
+            if piece.get("superseded"):
+                superseded.add((stamp, number, piece["number"]))
     selection = restoration.selection
     match = selection.matcher(path, catalogues[0].header.get("platform", "posix"))
     writer = StateWriter(restoration, number, {"kind": LISTING, "source_path": path,
@@ -8134,10 +9185,11 @@ class StateWriter:
         self.state.write(entry)
         place = parse_location(entry.location)
         if entry.kind == FILE and place:
-            if place[0] not in self.by_archive:
-                self.by_archive[place[0]] = CatalogueWriter(
-                    self.restoration.state_path(self.number, place[0]), self.header)
-            self.by_archive[place[0]].write(entry)
+            stamp, piece = place[:2]
+            if (stamp, piece) not in self.by_archive:
+                self.by_archive[(stamp, piece)] = CatalogueWriter(
+                    self.restoration.state_path(self.number, stamp, piece), self.header)
+            self.by_archive[(stamp, piece)].write(entry)
 
     def close(self):
         for writer in [self.state, self.refused] + list(self.by_archive.values()):
@@ -8174,8 +9226,7 @@ class OpenDirectories:
 def volumes_in(restore_set, numbers):
     """The set's volumes whose numbers are chosen, in set order."""
     return [volume for archive in restore_set.archives for volume in archive.volumes
-            if volume.number in numbers.get((format_stamp(archive.backup), archive.number),
-                                            ())]
+            if volume.number in numbers.get(archive.key, ())]
 
 
 # -- browse: the backups in the bucket, and the versions of chosen files ------------

@@ -1,5 +1,6 @@
 """Shared fixtures: a real moto server over HTTP, sandboxes, and the CLI as a subprocess."""
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -247,6 +248,73 @@ class Sandbox:
         with open(os.path.join(directory, "catalogue.zip"), "rb") as handle:
             return handle.read()
 
+    def as_made_by(self, version, work):
+        """Rewrite every backup in the bucket, and the local states, as version 1.1.0 or
+        1.0.0 made them (tests that these still restore): one archive per source and
+        backup (its volumes named _no_), format 1 indicators and catalogues (locations
+        <backup>:<first>-<last>), no key check, local states without an end line; 1.0.0
+        had no catalogue and no local state.  Each backup must be of one piece per
+        source (the default piece size)."""
+        import hashlib
+        s3 = self.s3()
+        for check in self.keychecks():
+            s3.delete_object(Bucket=self.bucket, Key=check.key)
+        legacy_location = re.compile(r"(\d{8}_\d{6}\.\d{6}):\d+:(\d+-\d+)")
+        names = {name.key: name for name in self.object_names() if name}
+        renamed = {}
+        for key, name in names.items():
+            if name.volume is not None and name.piece != aab.LEGACY_PIECE:
+                new = dataclasses.replace(name, piece=aab.LEGACY_PIECE).key
+                s3.restore_object(Bucket=self.bucket, Key=key, RestoreRequest={"Days": 1})
+                body = s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+                s3.put_object(Bucket=self.bucket, Key=new, Body=body,
+                              StorageClass="DEEP_ARCHIVE")
+                s3.delete_object(Bucket=self.bucket, Key=key)
+                renamed[key] = new
+
+        def legacy_catalogue(text):
+            head, rest = text.split("\n", 1)
+            fields = head.split("\t", 2)
+            header = json.loads(fields[2])
+            pieces = header.pop("pieces", None)
+            assert not pieces or len(pieces) == 1, "a backup of one piece per source"
+            header["archive"] = pieces and {k: pieces[0][k] for k in (
+                "volumes", "volume_size", "central_directory_volume")}
+            header["program_version"] = version
+            return (f"{fields[0]}\t1\t{json.dumps(header, sort_keys=True)}\n"
+                    + legacy_location.sub(r"\1:\2", rest))
+
+        for key, name in names.items():
+            if not name.indicator:
+                continue
+            manifest = self.indicator(key)
+            assert len(manifest.pop("pieces")) <= 1, "a backup of one piece per source"
+            for volume in manifest["volumes"]:
+                volume["name"] = renamed[volume["name"]]
+            manifest.update(format_version=1, program_version=version)
+            catalogue = manifest.get("catalogue")
+            if catalogue and version == "1.0.0":
+                del manifest["catalogue"]
+                s3.delete_object(Bucket=self.bucket, Key=catalogue["name"])
+            elif catalogue:
+                body = self.encrypt_catalogue(legacy_catalogue(self.catalogue(
+                    catalogue["name"])), work)
+                s3.put_object(Bucket=self.bucket, Key=catalogue["name"], Body=body)
+                catalogue.update(size=len(body), sha256=hashlib.sha256(body).hexdigest())
+            s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(manifest).encode())
+        for state in os.listdir(self.state_dir) if os.path.isdir(self.state_dir) else []:
+            path = os.path.join(self.state_dir, state)
+            if version == "1.0.0" or not state.endswith(".tsv"):
+                os.remove(path)
+                continue
+            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+                text = handle.read()
+            text = "".join(line for line in text.splitlines(True)
+                           if not line.startswith(aab.STATE_END + "\t"))
+            with open(path, "w", encoding="utf-8", errors="surrogateescape",
+                      newline="\n") as handle:
+                handle.write(legacy_catalogue(text))
+
     def emails(self):
         return [m for m in self.aws.sent_emails() if self.recipient in m["destinations"]]
 
@@ -419,6 +487,25 @@ def tiny_tmpfs(tmp_path):
         yield str(path)
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def pieces_of(keys):
+    """{piece number: [its volume keys in order]} of volume keys (of one source)."""
+    found = {}
+    for key in keys:
+        name = aab.ObjectName.parse(key)
+        found.setdefault(name.piece, []).append(key)
+    return {piece: sorted(found[piece]) for piece in sorted(found)}
+
+
+def extract_pieces(sandbox, keys, destination, download):
+    """Download the volumes of one source's backup and extract each piece in turn with
+    plain 7-Zip and the key, as docs/restore.md tells a user without this program."""
+    os.makedirs(download, exist_ok=True)
+    for volumes in pieces_of(keys).values():
+        paths = [sandbox.fetch_volume(key, str(download)) for key in volumes]
+        extract(paths[0], str(destination))
+    return destination
 
 
 def extract(archive_first_volume, destination, key=KEY):

@@ -59,7 +59,8 @@ def complete_sets(sandbox):
 
 
 def restore_latest(sandbox, tmp_path):
-    """Extract the latest complete full set and its incrementals with plain 7-Zip."""
+    """Extract the latest complete full set and its incrementals with plain 7-Zip: every
+    piece of the full backup, then of each incremental in time order."""
     sets = complete_sets(sandbox)
     assert sets, "no complete backup set"
     full = max(sets)
@@ -73,9 +74,9 @@ def restore_latest(sandbox, tmp_path):
             manifest = sandbox.indicator(key)
             target = tmp_path / "restore" / manifest["source"]
             target.mkdir(parents=True, exist_ok=True)
-            volumes = [sandbox.fetch_volume(v["name"], str(tmp_path))
-                       for v in manifest["volumes"]]
-            if volumes:
+            for piece in manifest["pieces"]:
+                volumes = [sandbox.fetch_volume(v["name"], str(tmp_path))
+                           for v in piece["volumes"]]
                 extract(volumes[0], str(target))
             restored[manifest["source_path"]] = target
     return {mount: read_tree(str(path)) for mount, path in restored.items()}
@@ -438,7 +439,7 @@ def test_a_crash_during_a_full_backup_is_repaired_by_the_next_run(sandbox, tmp_p
     crash(sandbox, point)
     assert complete_sets(sandbox) == {}                 # nothing counts as complete
     result = normal_run(sandbox)
-    assert "Backup scope: full" in result.stdout        # the month's full is redone
+    assert "Backup scope: continuing the full backup" in result.stdout
     assert_restores_to(sandbox, tmp_path, expected_now(tree))
     assert work_dirs(sandbox) == []                     # the killed run's leftovers are gone
 
@@ -457,7 +458,7 @@ def test_a_crash_during_an_incremental_backup_loses_no_change(sandbox, tmp_path,
     crash(sandbox, point)
     assert complete_sets(sandbox) == sets_before        # the crashed incremental does not count
     result = normal_run(sandbox)
-    assert "Backup scope: incremental" in result.stdout
+    assert "Backup scope: continuing the incremental backup" in result.stdout
     assert_restores_to(sandbox, tmp_path, expected_now(tree))
     assert work_dirs(sandbox) == []
 

@@ -376,22 +376,6 @@ def test_a_refused_early_child_that_had_begun_its_archive_leaves_nothing_behind(
     assert restored(tmp_path / "latest") == second
 
 
-def strip_catalogues(sandbox):
-    """Make the bucket's sets look as version 1.0.0 made them: no catalogue objects, no
-    key checks and no catalogue in the completion indicators (the volumes are the same)."""
-    s3 = sandbox.s3()
-    for check in sandbox.keychecks():
-        s3.delete_object(Bucket=sandbox.bucket, Key=check.key)
-    for name in sandbox.object_names():
-        if name.catalogue:
-            s3.delete_object(Bucket=sandbox.bucket, Key=name.key)
-        elif name.indicator:
-            manifest = sandbox.indicator(name.key)
-            del manifest["catalogue"]
-            s3.put_object(Bucket=sandbox.bucket, Key=name.key,
-                          Body=json.dumps(manifest).encode())
-
-
 def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_fail(
         sandbox, tmp_path):
     mount = sandbox.single_source(START)
@@ -403,7 +387,7 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
     write_file(os.path.join(mount, "becomes-file"), b"now a file\n")
     os.remove(os.path.join(mount, "notes.md"))
     ok(sandbox.backup())
-    strip_catalogues(sandbox)
+    sandbox.as_made_by("1.0.0", tmp_path)
 
     destination = tmp_path / "restored"
     result = ok(sandbox.restore_chosen(ONE_STEP, destination))
@@ -422,6 +406,50 @@ def test_a_set_without_catalogues_restores_by_replay_and_a_type_change_does_not_
     assert "has no catalogue, so it cannot be restored in part" in selective.stdout
 
 
+def test_a_set_made_by_1_1_0_restores_whole_in_part_and_as_of_a_point(sandbox, tmp_path):
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    at_full = snapshot(mount)
+    file_times_pass()
+    write_file(os.path.join(mount, "projects", "alpha", "main.py"), b"print('changed')\n")
+    os.remove(os.path.join(mount, "notes.md"))
+    ok(sandbox.backup())
+    sandbox.as_made_by("1.1.0", tmp_path)
+    assert not any("_piece" in o["Key"] for o in sandbox.objects())
+    now = snapshot(mount)
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == now
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "full", sandbox.backup_stamps()[0]))
+    assert restored(tmp_path / "full") == at_full
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "part", selection=["alpha"]))
+    assert {rel for rel in restored(tmp_path / "part")} == {
+        "projects", "projects/alpha", "projects/alpha/main.py", "projects/alpha/data.csv"}
+
+
+def test_incrementals_of_this_version_over_a_full_made_by_1_1_0_restore_exactly(
+        sandbox, tmp_path):
+    """The month's full backup was made by 1.1.0 (before an upgrade): this version's
+    incrementals build on its archive (its local state has no end line: the first
+    incremental is a listing made by the time rule) and restore exactly."""
+    mount = sandbox.single_source(START)
+    ok(sandbox.backup())
+    at_full = snapshot(mount)
+    sandbox.as_made_by("1.1.0", tmp_path)
+    file_times_pass()
+    write_file(os.path.join(mount, "projects", "beta", "readme.txt"), b"beta 2\n")
+    os.remove(os.path.join(mount, "becomes-dir"))
+    write_file(os.path.join(mount, "becomes-dir", "now-inside.txt"), b"inside\n")
+    result = ok(sandbox.backup())
+    assert "Backup scope: incremental" in result.stdout
+    assert "written by version 1.1.0 or earlier" in result.stdout
+    pieces = [n for n in sandbox.object_names() if n.volume is not None and n.incremental]
+    assert pieces and all(n.piece == 1 for n in pieces)
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "latest"))
+    assert restored(tmp_path / "latest") == snapshot(mount)
+    ok(sandbox.restore_chosen(ONE_STEP, tmp_path / "full", sandbox.backup_stamps()[0]))
+    assert restored(tmp_path / "full") == at_full
+
+
 def test_a_1_0_0_chain_continued_restores_exactly_from_its_first_listing(sandbox, tmp_path):
     """Version 1.0.0 made the full backup and an incremental (no catalogue, no local
     state); this version continues the chain: its first incremental's catalogue is a
@@ -432,8 +460,7 @@ def test_a_1_0_0_chain_continued_restores_exactly_from_its_first_listing(sandbox
     write_file(os.path.join(mount, "report.txt"), b"second version, in 1.0.0's incr\n")
     os.remove(os.path.join(mount, "notes.md"))                    # deleted before the listing
     ok(sandbox.backup())                                          # 1.0.0: an incremental
-    strip_catalogues(sandbox)
-    shutil.rmtree(sandbox.state_dir)
+    sandbox.as_made_by("1.0.0", tmp_path)
     replayed = snapshot(mount)
 
     file_times_pass()
@@ -489,17 +516,27 @@ def test_a_reader_of_the_original_object_names_passes_over_catalogues_and_key_ch
         sandbox):
     """The object-name pattern version 1.0.0 matched keys with: catalogues and key checks
     are not its, and a key check is no backup set's object for this version either."""
+
+
+def test_a_reader_of_the_original_object_names_passes_over_catalogues_and_pieces(sandbox):
+    """The object-name pattern versions 1.0.0 and 1.1.0 matched keys with: catalogues, key
+    checks and the volumes of pieces are not theirs; the indicator is (and says it is of
+    format 2, which 1.1.0 refuses: use the newer version to restore)."""
     original = re.compile(r"^(?P<location>[^_]+)_(?P<full>\d{8}_\d{6}\.\d{6})_"
                           r"(?P<incr>0_0\.0|\d{8}_\d{6}\.\d{6})_(?P<flag>no|yes)_(?P<rest>.+)$")
     sandbox.single_source(START)
     ok(sandbox.backup())
     keys = [o["Key"] for o in sandbox.objects()]
-    catalogue = [k for k in keys if aab.ObjectName.parse(k) and aab.ObjectName.parse(k).catalogue]
+    names = {k: aab.ObjectName.parse(k) for k in keys}
+    catalogue = [k for k in keys if names[k] and names[k].catalogue]
+    pieces = [k for k in keys if names[k] and names[k].volume is not None]
+    (indicator,) = [k for k in keys if names[k] and names[k].indicator]
     (keycheck,) = [k for k in keys if aab.KeyCheck.parse(k)]
-    assert aab.ObjectName.parse(keycheck) is None
-    new = catalogue + [keycheck]
-    assert catalogue and not any(original.match(k) for k in new)
-    assert all(original.match(k) for k in keys if k not in new)
+    assert names[keycheck] is None
+    new = catalogue + pieces + [keycheck]
+    assert catalogue and pieces and not any(original.match(k) for k in new)
+    assert all("_piece0001_" in k for k in pieces) and original.match(indicator)
+    assert sandbox.indicator(indicator)["format_version"] == 2
 
 
 def browse(sandbox, *selection, key=KEY, keys=None):
@@ -560,7 +597,7 @@ def test_browse_with_the_backup_keys_names_the_missing_permission(sandbox, aws):
 def test_browse_of_a_set_without_catalogues_says_the_answer_is_unknown(sandbox, tmp_path):
     mount = sandbox.single_source(START)
     ok(sandbox.backup())
-    strip_catalogues(sandbox)
+    sandbox.as_made_by("1.0.0", tmp_path)
     result = browse(sandbox, "report.txt")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Nothing in any backup" not in result.stdout + result.stderr

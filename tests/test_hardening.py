@@ -168,7 +168,7 @@ def test_hostile_file_names_are_backed_up_mirrored_and_restored(sandbox, tmp_pat
     result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert read_tree(os.path.join(sandbox.mirror, source.lstrip("/"))) == expected
-    (volume,) = [i["Key"] for i in sandbox.objects() if "_no_" in i["Key"]]
+    (volume,) = [i["Key"] for i in sandbox.objects() if "_piece" in i["Key"]]
     extract(sandbox.fetch_volume(volume, str(tmp_path)), str(tmp_path / "restored"))
     assert read_tree(str(tmp_path / "restored")) == expected
 
@@ -181,7 +181,7 @@ def test_hostile_file_names_are_backed_up_mirrored_and_restored(sandbox, tmp_pat
     result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     incremental = [i["Key"] for i in sandbox.objects()
-                   if "_no_" in i["Key"] and "_0_0.0_" not in i["Key"]]
+                   if "_piece" in i["Key"] and "_0_0.0_" not in i["Key"]]
     (volume,) = incremental
     extract(sandbox.fetch_volume(volume, str(tmp_path)), str(tmp_path / "restored"))
     assert read_tree(str(tmp_path / "restored")) == expected
@@ -223,7 +223,7 @@ def test_symbolic_links_are_stored_as_links_and_never_followed(sandbox, tmp_path
     result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert read_links_tree(os.path.join(sandbox.mirror, source.lstrip("/"))) == expected
-    (volume,) = [i["Key"] for i in sandbox.objects() if "_no_" in i["Key"]]
+    (volume,) = [i["Key"] for i in sandbox.objects() if "_piece" in i["Key"]]
     path = sandbox.fetch_volume(volume, str(tmp_path))
     restored = tmp_path / "restored"
     subprocess.run(["7zz", "x", f"-p{KEY}", "-aoa", "-snld20", f"-o{restored}", path],
@@ -268,7 +268,7 @@ def test_unreadable_file_and_directory_are_reported_and_the_rest_is_kept(sandbox
     # the readable part is a complete backup, in the archive and in the mirror
     indicator = [i["Key"] for i in sandbox.objects() if "_yes_" in i["Key"]]
     assert len(indicator) == 1 and sandbox.indicator(indicator[0])["files"] == 1
-    (volume,) = [i["Key"] for i in sandbox.objects() if "_no_" in i["Key"]]
+    (volume,) = [i["Key"] for i in sandbox.objects() if "_piece" in i["Key"]]
     restored = tmp_path / "restored"
     extract(sandbox.fetch_volume(volume, str(tmp_path)), str(restored))
     assert read_tree(str(restored))["fine.txt"] == b"fine\n"
@@ -358,7 +358,7 @@ def test_a_file_that_vanishes_or_grows_before_7zip_reads_it(sandbox, tmp_path):
     log = open(sandbox.log_files()[-1], encoding="utf-8").read()
     assert "No such file or directory" in log                         # 7-Zip's warning
     increments = [i["Key"] for i in sandbox.objects()
-                  if "_no_" in i["Key"] and "_0_0.0_" not in i["Key"]]
+                  if "_piece" in i["Key"] and "_0_0.0_" not in i["Key"]]
     (volume,) = increments
     restored = tmp_path / "restored"
     extract(sandbox.fetch_volume(volume, str(tmp_path)), str(restored))
@@ -382,7 +382,7 @@ def test_a_mirror_inside_a_source_is_not_copied_into_itself(sandbox, tmp_path):
     copied = read_tree(mirror)
     assert copied == {os.path.join(source.lstrip("/"), "docs", "a.txt"): b"a\n"}
     for item in sandbox.objects():
-        if "_no_" in item["Key"]:
+        if "_piece" in item["Key"]:
             path = sandbox.fetch_volume(item["Key"], str(tmp_path))
             listing = subprocess.run(["7zz", "l", "-ba", path], capture_output=True,
                                      text=True).stdout
@@ -452,11 +452,11 @@ def test_progress_is_plain_lines_when_not_a_terminal(sandbox):
     result = sandbox.backup({"send_email": "False"})
     assert result.returncode == 0, result.stdout + result.stderr
     quarters = [line for line in result.stdout.splitlines()
-                if line.startswith("Uploading volume 001: ")]
+                if line.startswith("Uploading volume 001 of piece 1: ")]
     assert [line.split(":")[1].split("%")[0].strip() for line in quarters] == ["25", "50", "75"]
     assert "\r" not in result.stdout and "\x1b[" not in result.stdout
     log = open(sandbox.log_files()[0], encoding="utf-8").read()
-    assert "Uploading volume 001: " not in log            # progress stays out of the log
+    assert "Uploading volume 001 of piece 1: " not in log     # progress stays out of the log
 
 
 def test_progress_is_rewritten_in_place_on_a_terminal(sandbox):

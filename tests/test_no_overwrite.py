@@ -16,7 +16,7 @@ from boto3.s3.transfer import TransferConfig
 
 import aam_auto_backup as aam
 from aws_setup import bucket_policy
-from test_pipelined_upload import ListLog
+from test_pipelined_upload import ListLedger, ListLog, piece_done, zip_volumes
 
 MIB = 1024 * 1024
 SMALL_PARTS = TransferConfig(multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB)
@@ -37,7 +37,7 @@ def test_a_backup_writes_every_object_under_the_overwrite_denying_policy(sandbox
     result = sandbox.backup(env=sandbox.env(AAM_VOLUME_SIZE="65536"))
     assert result.returncode == 0, result.stdout + result.stderr
     keys = [item["Key"] for item in sandbox.objects()]
-    assert sum("_yes_" in k for k in keys) == 2 and sum("_no_" in k for k in keys) > 2
+    assert sum("_yes_" in k for k in keys) == 2 and sum("_piece" in k for k in keys) > 2
 
 
 @pytest.mark.parametrize("size, config", [(1000, None), (6 * MIB, SMALL_PARTS)],
@@ -49,13 +49,15 @@ def test_a_volume_is_never_written_over(aws, tmp_path, size, config):
     deny_overwrites(s3, bucket)
     s3.put_object(Bucket=bucket, Key="vol.001", Body=b"the first backup", IfNoneMatch="*")
     archives = tmp_path / "archives"
-    archives.mkdir()
-    (archives / "backup.zip.001").write_bytes(os.urandom(size))
+    (archives / "1").mkdir(parents=True)
+    zip_volumes(archives / "1", {"random.bin": os.urandom(size)}, volume_size=64 * MIB)
+    piece_done(archives, 1, volumes=1)
     uploads = aam.RunUploads(aam.new_objects_only(aws.client("s3")), bucket,
                              config or aam.transfer_config())
-    uploader = aam.VolumeUploader(uploads, str(archives), lambda n: f"vol.{n:03d}", ListLog())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda _piece, n: f"vol.{n:03d}",
+                                 ListLog(), ListLedger(), 1, aam.DEFAULT_VOLUME_SIZE)
     with pytest.raises(aam.WriteRefused) as refused:
-        uploader.finish(1)
+        uploader.finish()
     assert str(refused.value) == (f"the volume s3://{bucket}/vol.001 already exists; this "
                                   "program never replaces an object, so it was not written "
                                   "(HTTP 412)")
@@ -77,7 +79,8 @@ def test_an_indicator_is_never_written_over(aws):
     assert body_of(s3, bucket, key) == b"{}"
 
 
-@pytest.mark.parametrize("kind, marker", [("volume", "_no_"), ("completion indicator", "_yes_"),
+@pytest.mark.parametrize("kind, marker", [("volume", "_piece0001_"),
+                                          ("completion indicator", "_yes_"),
                                           ("catalogue", "_catalogue_"),
                                           ("key check", "_keycheck_")])
 def test_a_run_that_meets_an_existing_name_fails_clearly(sandbox, proxy, kind, marker):

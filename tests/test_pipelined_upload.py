@@ -5,9 +5,11 @@ behind the counting proxy (which also plays a slow uplink).
 """
 
 import glob
+import json
 import os
 import random
 import re
+import subprocess
 import sys
 import threading
 
@@ -39,7 +41,8 @@ def make_source(sandbox, files=30, size=1_000_000):
 
 
 class ArchiveDirWatcher(threading.Thread):
-    """Samples the work directories' archives/ every 10 ms while a backup runs.
+    """Samples the volumes in the work directories' archives/<piece>/ every 10 ms while
+    a backup runs.
 
     A state the bound is about (finished volumes waiting while 7-Zip is paused)
     lasts at least one slowed upload (SLOW_PUT_SECONDS), many times 10 ms."""
@@ -60,7 +63,9 @@ class ArchiveDirWatcher(threading.Thread):
 
     def sample(self, archive_dir):
         try:
-            names = os.listdir(archive_dir)
+            names = [os.path.join(piece, name) for piece in os.listdir(archive_dir)
+                     if os.path.isdir(os.path.join(archive_dir, piece))
+                     for name in os.listdir(os.path.join(archive_dir, piece))]
             sizes = [os.path.getsize(os.path.join(archive_dir, n)) for n in names]
         except OSError:
             return
@@ -82,7 +87,9 @@ def backup_env(sandbox, proxy, **extra):
 
 
 def keys(sandbox, marker):
-    return sorted(o["Key"] for o in sandbox.objects() if f"_{marker}_" in o["Key"])
+    """The keys of one kind: 'piece' (volumes), 'yes' (indicators), 'catalogue'."""
+    pattern = re.compile(rf"_{marker}\d*_")
+    return sorted(o["Key"] for o in sandbox.objects() if pattern.search(o["Key"]))
 
 
 def test_volumes_upload_while_7zip_writes_and_the_disk_holds_a_few(sandbox, proxy, tmp_path):
@@ -96,7 +103,7 @@ def test_volumes_upload_while_7zip_writes_and_the_disk_holds_a_few(sandbox, prox
     finally:
         watcher.stop()
     assert result.returncode == 0, result.stdout + result.stderr
-    volumes = keys(sandbox, "no")
+    volumes = keys(sandbox, "piece")
     assert len(volumes) >= 14
     # Uploads started while 7-Zip was still writing (a .tmp volume existed).
     assert watcher.uploads_while_writing >= 3
@@ -157,12 +164,18 @@ def test_7zip_failing_midway_leaves_uploaded_volumes_without_indicator(sandbox, 
     assert os.path.exists(marker), "7-Zip finished before it could be stopped"
     assert result.returncode == aam.EXIT_FAILURE, result.stdout + result.stderr
     assert keys(sandbox, "yes") == []
-    assert keys(sandbox, "no"), "no volume was uploaded before the failure"
+    uploaded = keys(sandbox, "piece")
+    assert uploaded, "no volume was uploaded before the failure"
     (log,) = sandbox.log_files()
     with open(log, encoding="utf-8") as handle:
         text = handle.read()
     assert "7-Zip failed with exit code 255" in text
-    assert "without a completion indicator" in text
+    assert "no completion indicator was written" in text
+    # the failed piece's volumes are of no use: named with their bytes
+    sizes = {o["Key"]: o["Size"] for o in sandbox.objects()}
+    assert f"Unused volumes in S3: {len(uploaded)} volume(s), " \
+        f"{sum(sizes[k] for k in uploaded):,} bytes" in text
+    assert all(f"  {key} ({sizes[key]:,} bytes)" in text for key in uploaded)
     assert not glob.glob(os.path.join(sandbox.temp, "*", "*"))
 
 
@@ -179,7 +192,7 @@ def test_upload_failure_midway_discards_the_rest_and_writes_no_indicator(sandbox
 
 
 class ListLog:
-    """Just enough of RunLog for VolumeUploader."""
+    """Just enough of RunLog for PieceUploader."""
 
     def __init__(self):
         self.lines = []
@@ -191,47 +204,100 @@ class ListLog:
         self.lines.append(text)
 
 
-def test_uploader_takes_only_final_volumes_in_order(aws, tmp_path):
+class ListLedger:
+    """What PieceUploader tells its ledger (the journal, in a backup), as a list."""
+
+    def __init__(self):
+        self.heard = []
+
+    def started(self, number):
+        self.heard.append(("started", number))
+
+    def done(self, number, records, central, index, outcome):
+        self.heard.append(("done", number, [r["name"] for r in records]))
+
+    def failed(self, number, records, outcome):
+        self.heard.append(("failed", number, [r["name"] for r in records]))
+
+
+def zip_volumes(directory, files, volume_size=65536):
+    """A real 7-Zip archive of files {name: bytes} split into volumes in directory."""
+    source = directory.parent.parent / f"source-{directory.name}"
+    source.mkdir()
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    subprocess.run(["7zz", "a", "-tzip", f"-v{volume_size}b", str(directory / "backup.zip")]
+                   + list(files), cwd=source, check=True, capture_output=True)
+    return sorted(os.listdir(directory))
+
+
+def piece_done(archives, number, **outcome):
+    (archives / f"{number}.done").write_text(json.dumps(dict(
+        {"list": number, "succeeded": True, "code": 0, "volumes": None,
+         "unreadable": None, "retried": False}, **outcome)))
+
+
+def test_uploader_takes_final_volumes_in_order_piece_after_piece(aws, tmp_path):
     aws.create_bucket("pipeline-unit")
     s3 = aws.client("s3")
     archives = tmp_path / "archives"
-    archives.mkdir()
+    first, second = archives / "1", archives / "2"
+    first.mkdir(parents=True)
+    second.mkdir()
+    names = zip_volumes(first, {"a.bin": random.Random(1).randbytes(100_000)})
+    zip_volumes(second, {"b.bin": b"small"})
+    assert names == ["backup.zip.001", "backup.zip.002"]
+    ledger = ListLedger()
     uploads = aam.RunUploads(s3, "pipeline-unit", aam.transfer_config())
-    uploader = aam.VolumeUploader(uploads, str(archives), lambda n: f"vol.{n:03d}", ListLog())
-    (archives / "backup.zip.001.tmp").write_bytes(b"one")
-    (archives / "backup.zip.002").write_bytes(b"two")       # 001 is not final yet
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda piece, n: f"p{piece}.{n:03d}",
+                                 ListLog(), ledger, 1, 65536)
+    (first / "backup.zip.001").rename(first / "backup.zip.001.tmp")   # not final yet
     uploader.poll()
-    assert uploader.records == []
-    (archives / "backup.zip.001.tmp").rename(archives / "backup.zip.001")
-    (archives / "backup.zip.003.0123abcd.tmp").write_bytes(b"thr")
-    uploader.poll()
-    assert [r["name"] for r in uploader.records] == ["vol.001", "vol.002"]
-    assert sorted(os.listdir(archives)) == ["backup.zip.003.0123abcd.tmp"]
-    with pytest.raises(aam.VolumeCountMismatch):
-        uploader.finish(3)                               # a .tmp volume remains
-    (archives / "backup.zip.003.0123abcd.tmp").rename(archives / "backup.zip.003")
-    records = uploader.finish(3)
-    assert [r["name"] for r in records] == ["vol.001", "vol.002", "vol.003"]
-    stored = s3.head_object(Bucket="pipeline-unit", Key="vol.003")
-    assert (stored["ContentLength"], stored["StorageClass"]) == (3, "DEEP_ARCHIVE")
+    assert ledger.heard == []
+    (first / "backup.zip.001.tmp").rename(first / "backup.zip.001")
+    uploader.poll()                 # both volumes go up; piece 1 is not ended yet
+    assert ledger.heard == [("started", 1)] and sorted(os.listdir(first)) == []
+    piece_done(archives, 1, volumes=2)
+    uploader.poll()                 # piece 1 is done; piece 2's volume goes up too
+    assert ledger.heard[1] == ("done", 1, ["p1.001", "p1.002"])
+    assert ledger.heard[2:] == [("started", 2)]
+    piece_done(archives, 2)
+    pieces = uploader.finish()
+    assert [p["number"] for p in pieces] == [1, 2]
+    assert pieces[0]["central_directory_volume"] == 2
+    stored = s3.head_object(Bucket="pipeline-unit", Key="p2.001")
+    assert stored["StorageClass"] == "DEEP_ARCHIVE"
     assert os.listdir(archives) == []
 
 
 def test_uploader_refuses_fewer_volumes_than_7zip_reported(aws, tmp_path):
     aws.create_bucket("pipeline-count")
     archives = tmp_path / "archives"
-    archives.mkdir()
-    (archives / "backup.zip.001").write_bytes(b"one")
+    (archives / "1").mkdir(parents=True)
+    zip_volumes(archives / "1", {"a.bin": b"one"})
+    piece_done(archives, 1, volumes=2)
+    ledger = ListLedger()
     uploads = aam.RunUploads(aws.client("s3"), "pipeline-count", aam.transfer_config())
-    uploader = aam.VolumeUploader(uploads, str(archives), lambda n: f"vol.{n:03d}", ListLog())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda piece, n: f"p{piece}.{n:03d}",
+                                 ListLog(), ledger, 1, 65536)
     with pytest.raises(aam.VolumeCountMismatch):
-        uploader.finish(2)
+        uploader.finish()
+    assert ledger.heard == [("started", 1)]              # never done
 
 
-def test_reported_volume_count_is_7zips_last_summary_line():
-    lines = ["+ Volumes: 7", "Archive size: 10 bytes", "Volumes: 3", "Everything is Ok"]
-    assert aam.reported_volume_count(lines) == 3
-    assert aam.reported_volume_count(["AAM Auto Backup: no files to back up"]) is None
+def test_a_failed_piece_is_told_to_the_ledger_with_its_uploaded_volumes(aws, tmp_path):
+    aws.create_bucket("pipeline-failed")
+    archives = tmp_path / "archives"
+    (archives / "3").mkdir(parents=True)
+    zip_volumes(archives / "3", {"a.bin": random.Random(2).randbytes(100_000)})
+    os.remove(archives / "3" / "backup.zip.002")        # 7-Zip failed: it removed the rest
+    piece_done(archives, 3, succeeded=False, code=2)
+    ledger = ListLedger()
+    uploads = aam.RunUploads(aws.client("s3"), "pipeline-failed", aam.transfer_config())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda piece, n: f"p{piece}.{n:03d}",
+                                 ListLog(), ledger, 3, 65536)
+    assert uploader.finish() == []
+    assert ledger.heard == [("started", 3), ("failed", 3, ["p3.001"])]
 
 
 def test_unchanged_incremental_makes_one_list_and_two_puts(sandbox, proxy):
@@ -246,7 +312,7 @@ def test_unchanged_incremental_makes_one_list_and_two_puts(sandbox, proxy):
     # Two prefix queries (the key checks, the current month); no archive object, only
     # the catalogue (it records that nothing changed) and the indicator.
     assert proxy.counters()["by_kind"] == {"LIST": 2, "PutObject": 2}
-    assert len(keys(sandbox, "no")) == 1
+    assert len(keys(sandbox, "piece")) == 1
 
 
 def test_a_large_volume_goes_up_in_concurrent_parts(sandbox, proxy):

@@ -7,14 +7,14 @@ import subprocess
 
 import pytest
 
-from conftest import ACCESS_KEY_ID, KEY, SECRET, extract, file_times_pass
+from conftest import ACCESS_KEY_ID, KEY, SECRET, extract_pieces, file_times_pass
 from sample_tree import read_tree
 
 import aam_auto_backup as aab
 
 STAMP = r"\d{8}_\d{6}\.\d{6}"
-VOLUME_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})_no_"
-                       r"(?P<source>.+)\.zip\.(?P<n>\d{3})$")
+VOLUME_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})_"
+                       r"piece(?P<piece>\d{4,})_(?P<source>.+)\.zip\.(?P<n>\d{3})$")
 INDICATOR_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})_yes_"
                           r"(?P<source>.+)$")
 CATALOGUE_RE = re.compile(rf"^(?P<loc>[^_]+)_(?P<full>{STAMP})_(?P<incr>0_0\.0|{STAMP})"
@@ -28,7 +28,7 @@ def source_name(mount):
 
 
 def volumes_by_source(sandbox, objects, full=None, incremental="0_0.0"):
-    """{source name: [keys in volume order]} of one backup."""
+    """{source name: [keys in piece and volume order]} of one backup."""
     found = {}
     for item in objects:
         match = VOLUME_RE.match(item["Key"])
@@ -38,11 +38,9 @@ def volumes_by_source(sandbox, objects, full=None, incremental="0_0.0"):
 
 
 def restore_source(sandbox, keys, destination, tmp_path):
-    """Download one source's volumes and extract them with plain 7-Zip."""
+    """Download one source's volumes and extract each piece with plain 7-Zip."""
     download = tmp_path / f"download-{len(os.listdir(tmp_path))}"
-    download.mkdir()
-    paths = [sandbox.fetch_volume(key, str(download)) for key in keys]
-    extract(paths[0], str(destination))
+    extract_pieces(sandbox, keys, destination, download)
     return read_tree(str(destination))
 
 
@@ -157,6 +155,45 @@ def test_small_volume_size_spans_three_volumes_and_restores_intact(sandbox, tmp_
     assert len(volumes[name]) >= 3
     restored = restore_source(sandbox, volumes[name], tmp_path / "multi", tmp_path)
     assert restored == tree.expected[tree.first_mount]
+
+
+def test_small_pieces_each_open_on_their_own_and_together_hold_the_tree(sandbox, tmp_path):
+    """A piece holds about AAM_PIECE_SIZE bytes of files (a larger file is one of its
+    own), in catalogue order; each piece is a 7-Zip archive of its own, with its own
+    volumes, that plain 7-Zip opens with the key alone."""
+    tree = sandbox.sample(picture_size=200_000)
+    for number in range(3):             # 100 KB each: two do not fit in one piece
+        data = os.urandom(100_000)
+        with open(os.path.join(tree.first_mount, "Documents", f"media{number}.bin"),
+                  "wb") as handle:
+            handle.write(data)
+        tree.expected[tree.first_mount][f"Documents/media{number}.bin"] = data
+    env = sandbox.env(AAM_VOLUME_SIZE="65536", AAM_PIECE_SIZE="150000")
+    result = sandbox.run(sandbox.backup_args(), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    name = source_name(tree.first_mount)
+    keys = volumes_by_source(sandbox, sandbox.objects())[name]
+    pieces = {}
+    for key in keys:
+        pieces.setdefault(int(VOLUME_RE.match(key)["piece"]), []).append(key)
+    assert len(pieces) >= 4
+    seen = {}
+    for number, volumes in sorted(pieces.items()):
+        alone = restore_source(sandbox, volumes, tmp_path / f"piece{number}", tmp_path)
+        files = {path: data for path, data in alone.items() if data is not None}
+        assert files and not set(files) & set(seen)         # disjoint slices
+        # a piece holds one file larger than the piece size, or files that fit in it
+        assert len(files) == 1 or sum(len(data) for data in files.values()) <= 150_000
+        seen.update(alone)
+    expected = tree.expected[tree.first_mount]
+    assert {p: d for p, d in seen.items() if d is not None} == {
+        p: d for p, d in expected.items() if d is not None}
+    indicator = next(o["Key"] for o in sandbox.objects()
+                     if INDICATOR_RE.match(o["Key"]) and name in o["Key"])
+    manifest = sandbox.indicator(indicator)
+    assert [p["number"] for p in manifest["pieces"]] == sorted(pieces)
+    assert [v["name"] for p in manifest["pieces"] for v in p["volumes"]] == \
+        [v["name"] for v in manifest["volumes"]] == keys
 
 
 def test_email_report_and_no_secret_anywhere(sandbox, tmp_path):

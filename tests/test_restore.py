@@ -548,7 +548,7 @@ def relabel_backups(sandbox, months_back, work):
         name = aam.ObjectName.parse(key)
         return aam.ObjectName(name.location, moved(name.full),
                               name.incremental and moved(name.incremental), name.indicator,
-                              name.source, name.volume, name.catalogue).key
+                              name.source, name.volume, name.catalogue, name.piece).key
 
     def relabelled(text):
         for old, new in stamps.items():

@@ -70,7 +70,7 @@ def test_the_limit_caps_a_whole_run(sandbox, proxy):
     assert "UploadPart" not in counters["by_kind"] and counters["by_kind"]["PutObject"] >= 6
     assert counters["bytes_received"] > 8_000_000
     assert counters["bytes_received"] <= TOLERANCE * limit * (ended - first.at)
-    assert len(keys(sandbox, "no")) >= 4
+    assert len(keys(sandbox, "piece")) >= 4
     assert ("Uploads are limited to 1,000,000 bytes per second in all (AAM_UPLOAD_LIMIT)."
             in result.stdout)
 

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 import aam_auto_backup as aab
-from conftest import KEY, file_times_pass, ok, read_until
+from conftest import KEY, file_times_pass, ok, pieces_of, read_until
 from sample_tree import read_tree
 from windows_under_wine import windows_path
 
@@ -228,7 +228,9 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
     gate = tmp_path / "snapshot-done"
     added = tmp_path / "s-drive" / MOUNT_NAME / "Documents" / "ajout\u00e9 pendant.txt"
     args = windows_backup_args(sandbox, wine, instructions)
-    env = windows_env(sandbox, AAM_VOLUME_SIZE="65536")
+    # pieces of 150 KB of files: big.bin is one of its own, the files before and after
+    # it make two more, each made by a batch file of its own
+    env = windows_env(sandbox, AAM_VOLUME_SIZE="65536", AAM_PIECE_SIZE="150000")
     first = start_windows(wine, args, dict(env, SHADOWSPAWN_STAND_IN_GATE=windows_path(gate)))
     second = None
     try:
@@ -248,7 +250,11 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
         rest = second.stdout.read()
         assert second.wait(timeout=300) == 0, rest
         assert "Backup scope: incremental" in rest
-        assert "(1 files in 1 volumes)" in log_text(sandbox.logs, aab.REGULAR_BACKUP, -1)
+        incremental_log = log_text(sandbox.logs, aab.REGULAR_BACKUP, -1)
+        assert "(1 files in 1 piece(s), 1 volume(s))" in incremental_log
+        (full_indicator,) = [n.key for n in sandbox.object_names()
+                             if n.indicator and n.incremental is None]
+        assert len(sandbox.indicator(full_indicator)["pieces"]) == 3
     finally:
         gate.touch()
         for process in (first, second):
@@ -260,21 +266,25 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
     assert "+ Documents\\R\u00e9sum\u00e9 na\u00efve \u20ac \u65e5\u672c.txt" in log
     assert "validation failure" not in log and "SUCCESS" in log
     volumes = sorted(o["Key"] for o in sandbox.objects()
-                     if "_no_" in o["Key"] and "_0_0.0_" in o["Key"])      # the full's
+                     if "_piece" in o["Key"] and "_0_0.0_" in o["Key"])   # the full's
     assert len(volumes) > 3
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    paths = [sandbox.fetch_volume(key, str(downloads)) for key in volumes]
-    listing = subprocess.run(["7zz", "l", "-ba", "-slt", paths[0]], capture_output=True,
-                             text=True, check=True).stdout
-    stored = {line[7:] for line in listing.splitlines() if line.startswith("Path = ")}
+    stored, firsts = set(), []
+    for piece in pieces_of(volumes).values():       # each piece opens on its own
+        paths = [sandbox.fetch_volume(key, str(downloads)) for key in piece]
+        listing = subprocess.run(["7zz", "l", "-ba", "-slt", paths[0]], capture_output=True,
+                                 text=True, check=True).stdout
+        stored |= {line[7:] for line in listing.splitlines() if line.startswith("Path = ")}
+        firsts.append(paths[0])
     expected = set(SOURCE_FILES) | {"Documents/empty-dir", "Documents/" + added.name}
     ancestors = {rel.rsplit("/", n)[0] for rel in expected for n in range(1, rel.count("/") + 1)}
     # exactly the selection, with (some of) the directories leading to it
     assert expected <= stored <= expected | ancestors
     extracted = tmp_path / "extracted"
-    assert subprocess.run(["7zz", "x", f"-p{KEY}", f"-o{extracted}", paths[0]],
-                          capture_output=True).returncode == 0
+    for first in firsts:
+        assert subprocess.run(["7zz", "x", f"-p{KEY}", f"-o{extracted}", first],
+                              capture_output=True).returncode == 0
     selection = {**SOURCE_FILES, "Documents/empty-dir": None,
                  os.path.relpath(added, added.parents[1]): added.read_bytes()}
     assert read_tree(extracted) == selection
@@ -315,3 +325,33 @@ def test_a_windows_preview_counts_as_the_windows_walk_selects(sandbox, wine, tmp
             f"{len(EXCLUDED_FILES['Documents/-audio/song.mp3'])} B") in out
     assert (f"line 7, ~wrl*.TMP: 1 file(s), {len(EXCLUDED_FILES['Documents/~WRL1234.tmp'])} B"
             f"\r\n    {mount}\\Documents\\~WRL1234.tmp") in out
+
+
+def test_a_windows_backup_cut_off_by_an_outage_is_continued_by_the_next_run(
+        sandbox, wine, proxy, tmp_path):
+    """The journal under Windows: the next run reads what the done pieces hold (the child
+    opens the journal read-only by a file URI with a drive letter) and uploads only the
+    rest; Linux restores the continued backup exactly."""
+    mount, instructions = windows_source(tmp_path, wine)
+    args = windows_backup_args(sandbox, wine, instructions, {"send_email": "False"})
+    env = dict(windows_env(sandbox, AAM_VOLUME_SIZE="65536", AAM_PIECE_SIZE="150000"),
+               AWS_ENDPOINT_URL=proxy.endpoint_url)
+    proxy.fail_after(4, services={"s3"})   # the LIST, piece 1 (one volume), two of piece 2
+    cut = run_windows(wine, args, env)
+    assert cut.returncode == 1, cut.stdout + cut.stderr
+    assert "the next run continues it" in cut.stdout
+    proxy.clear_faults()
+    first = {r["key"] for r in proxy.requests() if r["kind"] == "PutObject"}
+    proxy.reset_counters()
+    again = run_windows(wine, args, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Backup scope: continuing the full backup" in again.stdout
+    assert any("_piece0001_" in key for key in first)
+    # piece 1 was kept and nothing of it archived again: the next run made big.bin's
+    # piece and the last one, numbered after piece 2 that the outage cut off
+    (indicator,) = [n.key for n in sandbox.object_names() if n.indicator]
+    assert [p["number"] for p in sandbox.indicator(indicator)["pieces"]] == [1, 3, 4]
+    linux_destination = tmp_path / "linux-restore"
+    ok(sandbox.run(one_step_args(sandbox, str(linux_destination), sandbox.logs),
+                   env=sandbox.restore_env()))
+    assert read_tree(linux_destination / "1") == {**SOURCE_FILES, "Documents/empty-dir": None}

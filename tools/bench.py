@@ -664,6 +664,7 @@ class AamTool(Tool):
             "AAM_LOCK_FILE": os.path.join(bench.work, "aam.lock"),
             "AAM_STATE_DIR": os.path.join(bench.work, f"aam-state{self.suffix}"),
             "AAM_VOLUME_SIZE": str(bench.volume_size),
+            "AAM_PIECE_SIZE": str(bench.options.piece_size),
             "AAM_COMPRESSION_LEVEL": str(bench.level),
             "AAM_RESTORE_POLL_SECONDS": "1",
             "BENCH_ARCHIVE_KEY": ARCHIVE_KEY,
@@ -1520,6 +1521,9 @@ def parse_options(argv):
                         help="7-Zip volume size for AAM and plain 7-Zip (default 64 MiB: "
                              "the 0.5 GB tree in several volumes, as a real backup is; "
                              "uplink mode 16 MiB)")
+    parser.add_argument("--piece-size", type=parse_size,
+                        default=getattr(aam, "DEFAULT_PIECE_SIZE", 64 * 1024 * 1024),
+                        help="AAM's piece size (AAM_PIECE_SIZE; default: the program's)")
     parser.add_argument("--rate", type=option_types.rate, default=DEFAULT_RATE,
                         help=f"uplink mode: the link's rate, in the forms of AAM_UPLOAD_LIMIT "
                              f"(default {DEFAULT_RATE}: 5,000,000 bytes/s)")

@@ -25,6 +25,7 @@ The module reads top to bottom in the order the data flows:
     Aam_Auto_Backup          -> dispatch on the operation argument
 """
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -3378,9 +3379,14 @@ class Journal:
         if not os.path.exists(path):
             return None
         try:
-            return cls(path, sqlite3.connect(path))
+            return cls(path, cls.connect(path))
         except (sqlite3.Error, ValueError, TypeError) as problem:
             raise JournalDamaged(f"the journal {path} cannot be read ({problem})")
+
+    @staticmethod
+    def connect(path):
+        import sqlite3
+        return sqlite3.connect(path)
 
     def new_attempt(self):
         with self.db:
@@ -3504,6 +3510,46 @@ class Journal:
         self.db.close()
 
 
+class JournalView(Journal):
+    """The pending backup's journal opened read-only, for a preview: the backup's own
+    decision code (continue_pending, abandon, keep_done_pieces) runs on it unchanged, and
+    what it would write is kept here instead: the pieces it would drop, whether it would
+    give the backup up.  SQLite refuses any write on the connection (mode=ro), so a
+    preview cannot change the journal even by mistake."""
+
+    def __init__(self, path, db):
+        super().__init__(path, db)
+        self.dropped = set()          # numbers of the done pieces a backup would drop
+        self.given_up = False
+
+    @staticmethod
+    def connect(path):
+        return read_only_connection(path)
+
+    def drop_piece(self, number, source):
+        self.dropped.add(number)
+
+    def forget_catalogue(self, name):
+        pass                          # a backup makes the source's catalogue again
+
+    def new_orphans(self, orphans):
+        """The (name, size) of orphans a backup would name now (not named before)."""
+        return [(name, size) for name, size in orphans if self.db.execute(
+            "SELECT 1 FROM orphan WHERE name = ?", (name,)).fetchone() is None]
+
+    def delete(self):
+        self.given_up = True
+        self.db.close()
+
+
+def read_only_connection(path):
+    """An SQLite connection that cannot write the file (nor make a -journal beside it)."""
+    import pathlib
+    import sqlite3
+    uri = pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+    return sqlite3.connect(uri, uri=True)
+
+
 def journal_errors():
     """The exceptions of SQLite (the journal's file is damaged, the disk is full)."""
     import sqlite3
@@ -3527,18 +3573,18 @@ class DoneEntries:
     is superseded: a restore must not extract it whole (docs/restore.md).
     """
 
-    def __init__(self, journal_file, source):
-        import sqlite3
-        import pathlib
-        uri = pathlib.Path(os.path.abspath(journal_file)).as_uri() + "?mode=ro"
-        self.db = sqlite3.connect(uri, uri=True)
+    def __init__(self, journal_file, source, dropped=()):
+        self.db = read_only_connection(journal_file)
         self.rows = self.db.execute("SELECT key, piece, line FROM entry WHERE source = ? "
                                     "ORDER BY key", (source,))
+        self.dropped = set(dropped)   # a preview's: pieces a backup would drop (JournalView)
         self.pending = self.next_row()
         self.superseded = set()
 
     def next_row(self):
         row = self.rows.fetchone()
+        while row is not None and row[1] in self.dropped:
+            row = self.rows.fetchone()
         return None if row is None else (row[0].decode("utf-8", "surrogatepass"),
                                          row[1], row[2])
 
@@ -4689,8 +4735,8 @@ class PieceWriter:
 
     def add(self, walked):
         """List one entry; the number of the list it went into."""
-        size = 0 if stat.S_ISDIR(walked.st.st_mode) else walked.st.st_size
-        if self.handle is not None and self.bytes + size > self.piece_size:
+        size = content_size(walked.st)
+        if self.handle is not None and starts_a_piece(self.bytes, size, self.piece_size):
             self.handle.close()
             self.handle, self.number, self.bytes = None, self.number + 1, 0
         if self.handle is None:
@@ -4707,6 +4753,18 @@ class PieceWriter:
     def close(self):
         if self.handle is not None:
             self.handle.close()
+
+
+def content_size(st):
+    """The bytes of file content an entry puts into a piece (a directory: none)."""
+    return 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+
+
+def starts_a_piece(piece_bytes, size, piece_size):
+    """Whether an entry of size bytes begins a new piece after the open one, which holds
+    piece_bytes: a piece holds about piece_size bytes of file content at most (a larger
+    file is a piece of its own)."""
+    return piece_bytes + size > piece_size
 
 
 def piece_list(directory, number):
@@ -5968,9 +6026,12 @@ class BackupRun:
         self.aws = False
 
     # -- the pending backup: continue it, or abandon it ---------------------
+    def journal_path(self):
+        return journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+
     def pending_journal(self):
         """The journal of a backup an earlier run did not finish, or None."""
-        path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+        path = self.journal_path()
         try:
             return Journal.open(path)
         except JournalDamaged as problem:
@@ -6128,7 +6189,7 @@ class BackupRun:
                               for s in plan.sources],
                   "piece_size": self.settings.piece_size,
                   "volume_size": self.settings.volume_size}
-        path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+        path = self.journal_path()
         try:
             self.journal = Journal.create(path, backup)
         except (OSError, AamError) + journal_errors() as problem:
@@ -6896,22 +6957,36 @@ class CountingWalk(TreeWalk):
 
 class ChangeCounter:
     """ChangeRecorder's work file and list callback in a preview: nothing is written.  It
-    counts what the backup would archive, and the entries it would record as gone."""
+    counts what the backup would archive, cut into pieces as PieceWriter cuts them, the
+    entries it would record as gone, and those a kept piece of a continued backup holds."""
 
-    def __init__(self):
-        self.archived, self.entries, self.name_bytes, self.gone = Counted(), 0, 0, 0
+    def __init__(self, piece_size):
+        self.piece_size = piece_size
+        self.archived, self.gone, self.held = Counted(), 0, 0
+        self.pieces = []            # [content bytes, entries, name bytes] of each piece
 
     def archive(self, walked):
+        size = content_size(walked.st)
         if not stat.S_ISDIR(walked.st.st_mode):
             self.archived.add(walked.st)
-        self.entries += 1
-        self.name_bytes += len(walked.path.encode("utf-8", "surrogateescape"))
+        if not self.pieces or starts_a_piece(self.pieces[-1][0], size, self.piece_size):
+            self.pieces.append([0, 0, 0])
+        piece = self.pieces[-1]
+        piece[0] += size
+        piece[1] += 1
+        piece[2] += len(walked.path.encode("utf-8", "surrogateescape"))
 
     def write(self, flag, entry):
         """A new or changed entry's line: counted by archive() if it is archived."""
 
     def write_line(self, flag, line):
-        self.gone += flag == CHANGED and line.startswith(DELETED + "\t")
+        gone = line.startswith(DELETED + "\t")
+        self.gone += flag == CHANGED and gone
+        self.held += flag == CHANGED and not gone      # as a kept piece holds it
+
+    def piece_bounds(self):
+        """At most the bytes of each piece's archive."""
+        return [archive_bound(*piece) for piece in self.pieces]
 
 
 def at_most(dollars):
@@ -7026,12 +7101,21 @@ class RemovedByExclusions:
 
 @dataclasses.dataclass
 class SourcePreview:
-    """One source's part of the preview: what is selected, what would be archived."""
+    """One source's part of the preview: what is selected, what would be archived (at
+    most the bytes of each piece's archive)."""
 
     selected: Counted
     archived: Counted
-    archive_bytes: int         # at most: the archive of what would be archived
-    volumes: int               # at most
+    piece_bytes: list
+
+    @property
+    def archive_bytes(self):
+        return sum(self.piece_bytes)
+
+    def volume_sizes(self, volume_size):
+        """The sizes of the volumes at most: each piece is split into volumes of its own."""
+        return [size for piece in self.piece_bytes
+                for size in volume_sizes(piece, volume_size)]
 
 
 class BackupPreview(BackupRun):
@@ -7039,12 +7123,14 @@ class BackupPreview(BackupRun):
     without doing it.
 
     It takes the backup's own steps up to the point where a backup starts to write: the
-    plan (read_plan, log_plan), the listing, the full/incremental decision and the key
-    check (query_s3), the local state that change detection compares with
+    plan (read_plan, log_plan), the listing, the decision (query_s3: continue or give up
+    a pending backup, on its journal opened read-only (JournalView); else full or
+    incremental) and the key check, the local state that change detection compares with
     (SourceCatalogue.find_base); then it walks each source as the child does (TreeWalk,
-    ChangeRecorder) and counts instead of archiving.  It writes nothing: no lock (so it
-    may run beside a backup), no log file (the terminal only), no work directory, no
-    local state, no S3 object; S3 is read by LIST alone, with the backup keys.  Its exit
+    ChangeRecorder, with the kept pieces' entries of a continued backup) and counts
+    instead of archiving.  It writes nothing: no lock (so it may run beside a backup),
+    no log file (the terminal only), no work directory, no local state, no journal, no
+    S3 object; S3 is read by LIST alone, with the backup keys.  Its exit
     code is what the backup's decision would end with: 9 for a key its chain's key check
     refuses, 1 when S3 cannot be listed (it says what it could not tell), 3 for an
     instruction file that cannot be used.
@@ -7053,15 +7139,23 @@ class BackupPreview(BackupRun):
     def __init__(self, args, platform, settings, program_path=None):
         super().__init__(args, platform, settings, program_path)
         self.regular = True            # what it previews is a regular-backup
+        self.given_up = None           # why a backup would give the pending backup up
 
     def execute(self):
+        try:
+            return self.preview()
+        finally:
+            if self.journal:
+                self.journal.close()
+
+    def preview(self):
         self.log = PreviewOutput(self.args.secrets)
         self.start = utc_now()
         # Never made; the plan excludes it from a source, as a backup's plan does.
         self.work_dir = self.work_dir_path()
         self.log.line(f"{PREVIEW_BACKUP}: what regular-backup would do now with these "
                       "settings. Nothing is mirrored, archived, uploaded or written (no "
-                      "lock, log file, work directory or local state)"
+                      "lock, log file, work directory, local state or journal)"
                       + ("; S3 is only listed." if self.aws else "."))
         self.warn_about_a_short_key()
         plan, problem = self.read_plan()
@@ -7073,7 +7167,9 @@ class BackupPreview(BackupRun):
         if self.aws:
             self.heading(f"The decision, from the listing of s3://{self.args.bucket} for "
                          f"location {self.args.location} (the backup keys, LIST only)")
-            self.query_s3(plan)
+            pending = self.pending_journal()
+            self.query_s3(plan, pending)
+            self.say_pending(pending)
             if self.keycheck_to_write:
                 self.log.line("Key check: the backup would write one right before its first "
                               f"upload ({self.keycheck_to_write[1]}).")
@@ -7093,6 +7189,42 @@ class BackupPreview(BackupRun):
         self.log.line()
         self.log.line(f"== {text}")
 
+    # -- a pending backup: the backup's own decision, on its journal read-only -----
+    def pending_journal(self):
+        path = self.journal_path()
+        try:
+            return JournalView.open(path)
+        except JournalDamaged as problem:
+            self.log.line(f"Warning: {problem}: a backup could not continue the backup it "
+                          "records; it would remove the journal, decide as below, and name "
+                          "the volumes that backup left in S3 as unused.")
+            return None
+
+    def abandon(self, journal, reason):
+        self.given_up = reason
+        super().abandon(journal, reason)
+
+    def say_pending(self, pending):
+        """What a backup would do with the pending backup, in one line (the decision's
+        lines above say it in detail)."""
+        if pending is None:
+            return
+        backup = pending.backup
+        what = (f"the pending {backup['scope']} backup "
+                f"{describe_stamp(parse_stamp(backup['stamp']))}")
+        if self.listing is None:
+            self.log.line(f"Pending: {what} (journal {pending.path}); whether a backup "
+                          "would continue it is not told without the listing.")
+        elif self.given_up:
+            self.log.line(f"Pending: a backup would give up {what}: {self.given_up}. It "
+                          "would remove its journal and decide anew, as said here.")
+        else:
+            self.log.line(f"Pending: a backup would continue {what}: "
+                          f"{self.continued['pieces']} piece(s) "
+                          f"({format_bytes(self.continued['bytes'])}) already in S3, "
+                          f"{len(self.done_sources)} source(s) done; it would archive only "
+                          "what no kept piece holds.")
+
     def skip_aws(self, reason):
         super().skip_aws(reason)
         if not self.key_refused:
@@ -7111,16 +7243,23 @@ class BackupPreview(BackupRun):
             mirror = self.platform.mirror_directory(self.args.mirror_root, source.mount)
             self.log.line(f"Mirror directory: {mirror}")
         previous = None
-        if incremental:
+        if incremental and name not in self.done_sources:
             catalogue = SourceCatalogue(self, source, name)
             catalogue.find_base()
             self.log.line(catalogue.base_note)
             previous = catalogue.base
         walk = CountingWalk(source.mount, source, self.platform,
                             self.since if incremental else None)
-        counter = ChangeCounter()
-        ChangeRecorder(walk, previous, self.platform, not incremental).run(counter,
-                                                                          counter.archive)
+        counter = ChangeCounter(self.settings.piece_size)
+        journal = self.journal
+        if name in self.done_sources:
+            collections.deque(walk, maxlen=0)   # counted; its mirror alone would be made
+        else:
+            # the entries the kept pieces hold, as choose_base passes them to the child
+            done = (DoneEntries(journal.path, name, journal.dropped)
+                    if journal is not None and journal.has_entries(name) else None)
+            ChangeRecorder(walk, previous, self.platform, not incremental, done).run(
+                counter, counter.archive)
         removed.add(walk)
         self.log.line(f"Selected: {walk.selected.text()}, in {walk.directories:,} "
                       f"director{'y' if walk.directories == 1 else 'ies'} (the listed ones "
@@ -7129,19 +7268,18 @@ class BackupPreview(BackupRun):
             self.log.line(f"Not backed up ({what}): {walk.absolute(special)}")
         for problem in walk.problems:
             self.log.line(f"WARNING: {problem}: a backup reports this as a FAILURE")
-        if incremental:
+        if name in self.done_sources:
+            self.log.line("Done: its completion indicator is in S3; the backup would only "
+                          "refresh its mirror.")
+        elif journal is not None:
+            self.log.line(f"The continued backup would archive {counter.archived.text()}; "
+                          f"{counter.held:,} file(s) are in its kept pieces.")
+        elif incremental:
             gone = (f"; {counter.gone:,} path(s) gone since the local catalogue"
                     if previous else "")
             self.log.line(f"An incremental backup would archive {counter.archived.text()}"
                           f"{gone}.")
-            bound = archive_bound(counter.archived.bytes, counter.entries, counter.name_bytes)
-            archived = counter.archived
-        else:
-            bound = archive_bound(walk.selected.bytes,
-                                  walk.selected.files + walk.directories, walk.name_bytes)
-            archived = walk.selected
-        volumes = -(-bound // self.settings.volume_size)
-        return SourcePreview(walk.selected, archived, bound, volumes)
+        return SourcePreview(walk.selected, counter.archived, counter.piece_bounds())
 
     def say_totals(self, sources):
         selected, archived = Counted(), Counted()
@@ -7150,14 +7288,18 @@ class BackupPreview(BackupRun):
                 total.files += part.files
                 total.bytes += part.bytes
         self.log.line(f"Selected: {selected.text()} in {len(sources)} source(s).")
-        if self.aws_asked and self.scope is Scope.INCREMENTAL:
+        if self.journal is not None:
+            self.log.line(f"The continued backup would archive {archived.text()}.")
+        elif self.aws_asked and self.scope is Scope.INCREMENTAL:
             self.log.line(f"An incremental backup would archive {archived.text()}.")
 
     def say_upload_and_cost(self, sources):
         """The upload (at most: compression is unknown before 7-Zip runs), the requests
         it takes, and what it and the month's objects cost in storage."""
         upload = sum(source.archive_bytes for source in sources)
-        volumes = sum(source.volumes for source in sources)
+        sizes = [size for source in sources
+                 for size in source.volume_sizes(self.settings.volume_size)]
+        volumes = len(sizes)
         if self.key_refused:
             self.log.line("Upload: nothing (the archive key is refused, see above).")
             return
@@ -7170,12 +7312,14 @@ class BackupPreview(BackupRun):
                       f"(AAM_VOLUME_SIZE): the files' bytes and ZIP's headers; {how}. And "
                       "for each source a catalogue and a completion indicator (STANDARD, "
                       "small).")
-        if not upload and self.scope is Scope.INCREMENTAL:
+        if self.continued:
+            self.log.line(f"(The kept pieces of the continued backup, "
+                          f"{format_bytes(self.continued['bytes'])}, are in S3 already: not "
+                          "counted here.)")
+        elif not upload and self.scope is Scope.INCREMENTAL:
             self.log.line("(No file changed: the backup would upload no volume, only the "
                           "catalogues and completion indicators.)")
-        requests = sum(upload_requests(size) for source in sources
-                       for size in volume_sizes(source.archive_bytes,
-                                                self.settings.volume_size))
+        requests = sum(upload_requests(size) for size in sizes)
         month = storage_cost(upload, volumes)
         minimum = month * DEEP_ARCHIVE_MINIMUM_DAYS / DAYS_A_MONTH
         self.log.line(f"Estimated cost (us-east-1 prices of {PRICES_TAKEN}: Deep Archive "

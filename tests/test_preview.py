@@ -16,6 +16,7 @@ import pytest
 import aam_auto_backup as aab
 from conftest import ACCESS_KEY_ID, SECRET, file_times_pass, ok, snapshot, write_file
 from local_aws import backup_policy
+from test_resume import SIZE, crash_at, env_through, noise, pieced_source, volume_puts
 
 PREVIEW = aab.PREVIEW_BACKUP
 
@@ -318,3 +319,93 @@ def test_the_upload_says_how_the_compression_level_bears_on_it(sandbox, level, h
     out = ok(sandbox.run(sandbox.backup_args(PREVIEW),
                          env=sandbox.env(AAM_COMPRESSION_LEVEL=level))).stdout
     assert how in out
+
+
+# -- a pending backup (its journal): continued or given up, as the backup decides --------
+
+def journal_file(sandbox):
+    """The pending backup's journal: its bytes and times, and whether SQLite left a
+    rollback journal beside it (a write would)."""
+    path = aab.journal_path(sandbox.state_dir, sandbox.bucket, sandbox.location)
+    st = os.stat(path)
+    with open(path, "rb") as handle:
+        return handle.read(), st.st_mtime_ns, os.path.exists(path + "-journal")
+
+
+def volume_bytes(sandbox, keys):
+    sizes = {o["Key"]: o["Size"] for o in sandbox.objects()}
+    return sum(sizes[key] for key in keys)
+
+
+def test_a_pending_backup_is_previewed_as_the_next_run_continues_it(sandbox, proxy):
+    """A backup killed after its second piece leaves a journal.  The preview says that the
+    next run continues it, with the pieces it keeps, and counts only what they do not hold;
+    it reads the journal without changing it and only lists the bucket.  The next run then
+    continues as told, in no more bytes and volumes."""
+    pieced_source(sandbox)
+    env = env_through(sandbox, proxy)
+    crash_at(sandbox, env, "piece-done:2")
+    (stamp,) = {aab.ObjectName.parse(key).full for key in volume_puts(proxy)}
+    kept = [key for key in volume_puts(proxy) if aab.ObjectName.parse(key).piece in (1, 2)]
+    journal, before = journal_file(sandbox), everything(sandbox)
+    proxy.reset_counters()
+
+    out = ok(sandbox.run(sandbox.backup_args(PREVIEW), env=env)).stdout
+    assert journal_file(sandbox) == journal and not journal[2]
+    assert everything(sandbox) == before
+    assert s3_requests(proxy) == ["LIST", "LIST"]            # no PUT, nothing but LIST
+    assert (f"Pending: a backup would continue the pending full backup "
+            f"{aab.describe_stamp(stamp)}: 2 piece(s) "
+            f"({aab.format_bytes(volume_bytes(sandbox, kept))}) already in S3, 0 source(s) "
+            "done; it would archive only what no kept piece holds.") in out
+    # pieces 1 and 2 hold the empty directory and file00..file03: the rest is archived
+    rest = 6 * SIZE + len(b"small notes\n")
+    assert (f"The continued backup would archive 7 file(s), {aab.exact_bytes(rest)}; 4 "
+            "file(s) are in its kept pieces.") in out
+    assert "are in S3 already: not counted here" in out
+
+    proxy.reset_counters()
+    result = ok(sandbox.run(sandbox.backup_args(), env=env))
+    assert (f"Backup scope: continuing the full backup {aab.describe_stamp(stamp)}"
+            in result.stdout and "2 piece(s)" in result.stdout)
+    sent = volume_puts(proxy)
+    assert sent and not set(sent) & set(kept)
+    assert rest < volume_bytes(sandbox, sent) <= upload_bound(out)
+    told = int(re.search(r"in at most (\d+) volume\(s\)", out)[1])
+    assert len(sent) <= told
+    assert not os.path.exists(aab.journal_path(sandbox.state_dir, sandbox.bucket,
+                                               sandbox.location))
+
+
+def test_a_pending_incremental_a_forced_full_gives_up_is_previewed_so(sandbox, proxy):
+    """Argument 21 asks for a full backup while an incremental is pending: the preview says
+    the backup gives it up and why, names its volumes as unused, and decides the full
+    backup; the journal stays as it was until the real run gives it up so."""
+    mount = pieced_source(sandbox, files=2)
+    env = env_through(sandbox, proxy)
+    ok(sandbox.run(sandbox.backup_args(), env=env))
+    file_times_pass()
+    for n in range(2, 10):
+        write_file(os.path.join(mount, "Documents", f"file{n:02d}.bin"), noise(n))
+    crash_at(sandbox, env, "piece-done:2")
+    (pending,) = {aab.ObjectName.parse(key).incremental for key in volume_puts(proxy)
+                  if aab.ObjectName.parse(key).incremental}
+    journal, before = journal_file(sandbox), everything(sandbox)
+    proxy.reset_counters()
+
+    forced = {"force_full": "yes"}
+    out = ok(sandbox.run(sandbox.backup_args(PREVIEW, forced), env=env)).stdout
+    assert journal_file(sandbox) == journal and everything(sandbox) == before
+    assert set(s3_requests(proxy)) == {"LIST"}
+    assert (f"Pending: a backup would give up the pending incremental backup "
+            f"{aab.describe_stamp(pending)}: argument 21 asks for a full backup, and it is "
+            "an incremental.") in out
+    assert "Backup scope: full (forced by argument 21)" in out
+    unused = [o for o in sandbox.objects() if (n := aab.ObjectName.parse(o["Key"]))
+              and n.incremental == pending and n.volume is not None]
+    assert unused and all(f"  {o['Key']} ({o['Size']:,} bytes)" in out for o in unused)
+
+    result = ok(sandbox.run(sandbox.backup_args(changes=forced), env=env))
+    assert "is not continued: argument 21 asks for a full backup, and it is an " \
+           "incremental" in result.stdout
+    assert "Backup scope: full (forced by argument 21)" in result.stdout

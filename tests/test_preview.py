@@ -409,3 +409,29 @@ def test_a_pending_incremental_a_forced_full_gives_up_is_previewed_so(sandbox, p
     assert "is not continued: argument 21 asks for a full backup, and it is an " \
            "incremental" in result.stdout
     assert "Backup scope: full (forced by argument 21)" in result.stdout
+
+
+def test_a_piece_the_backup_would_not_keep_is_counted_again(sandbox, proxy):
+    """A volume of the first kept piece has gone from the bucket: the backup forgets that
+    piece and archives its files again; so does the preview, without dropping it from the
+    journal, and the next run keeps one piece as told."""
+    pieced_source(sandbox)
+    env = env_through(sandbox, proxy)
+    crash_at(sandbox, env, "piece-done:2")
+    (lost,) = [key for key in volume_puts(proxy) if aab.ObjectName.parse(key).piece == 1
+               and key.endswith(".zip.001")]
+    sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=lost)
+    journal = journal_file(sandbox)
+
+    out = ok(sandbox.run(sandbox.backup_args(PREVIEW), env=env)).stdout
+    assert journal_file(sandbox) == journal
+    assert f"{lost} is missing from the bucket; its files are archived again." in out
+    assert "Pending: a backup would continue the pending full backup " in out
+    assert " 1 piece(s) (" in out
+    rest = 8 * SIZE + len(b"small notes\n")
+    assert (f"The continued backup would archive 9 file(s), {aab.exact_bytes(rest)}; 2 "
+            "file(s) are in its kept pieces.") in out
+
+    result = ok(sandbox.run(sandbox.backup_args(), env=env))
+    assert f"{lost} is missing from the bucket" in result.stdout
+    assert "1 piece(s)" in result.stdout

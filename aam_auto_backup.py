@@ -6029,17 +6029,22 @@ class BackupRun:
     def journal_path(self):
         return journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
 
+    journal_kind = Journal           # a preview's: JournalView (read-only)
+
     def pending_journal(self):
         """The journal of a backup an earlier run did not finish, or None."""
         path = self.journal_path()
         try:
-            return Journal.open(path)
+            return self.journal_kind.open(path)
         except JournalDamaged as problem:
-            self.log.line(f"Warning: {problem}: the backup it records cannot be continued; "
-                          "the journal is removed, and the volumes that backup left in S3 "
-                          "are named below as unused.")
-            remove_journal_files(path)
+            self.drop_damaged_journal(path, problem)
             return None
+
+    def drop_damaged_journal(self, path, problem):
+        self.log.line(f"Warning: {problem}: the backup it records cannot be continued; "
+                      "the journal is removed, and the volumes that backup left in S3 "
+                      "are named below as unused.")
+        remove_journal_files(path)
 
     def continue_pending(self, journal, sources):
         """Continue the pending backup when the rules allow (True), else abandon it."""
@@ -7190,15 +7195,12 @@ class BackupPreview(BackupRun):
         self.log.line(f"== {text}")
 
     # -- a pending backup: the backup's own decision, on its journal read-only -----
-    def pending_journal(self):
-        path = self.journal_path()
-        try:
-            return JournalView.open(path)
-        except JournalDamaged as problem:
-            self.log.line(f"Warning: {problem}: a backup could not continue the backup it "
-                          "records; it would remove the journal, decide as below, and name "
-                          "the volumes that backup left in S3 as unused.")
-            return None
+    journal_kind = JournalView
+
+    def drop_damaged_journal(self, path, problem):
+        self.log.line(f"Warning: {problem}: a backup could not continue the backup it "
+                      "records; it would remove the journal, decide as below, and name "
+                      "the volumes that backup left in S3 as unused.")
 
     def abandon(self, journal, reason):
         self.given_up = reason

@@ -16,7 +16,8 @@ import pytest
 import aam_auto_backup as aab
 from conftest import ACCESS_KEY_ID, SECRET, file_times_pass, ok, snapshot, write_file
 from local_aws import backup_policy
-from test_resume import SIZE, crash_at, env_through, noise, pieced_source, volume_puts
+from test_resume import SIZE, crash_at, env_through, pending_incremental, pieced_source, \
+    volume_puts
 
 PREVIEW = aab.PREVIEW_BACKUP
 
@@ -381,13 +382,7 @@ def test_a_pending_incremental_a_forced_full_gives_up_is_previewed_so(sandbox, p
     """Argument 21 asks for a full backup while an incremental is pending: the preview says
     the backup gives it up and why, names its volumes as unused, and decides the full
     backup; the journal stays as it was until the real run gives it up so."""
-    mount = pieced_source(sandbox, files=2)
-    env = env_through(sandbox, proxy)
-    ok(sandbox.run(sandbox.backup_args(), env=env))
-    file_times_pass()
-    for n in range(2, 10):
-        write_file(os.path.join(mount, "Documents", f"file{n:02d}.bin"), noise(n))
-    crash_at(sandbox, env, "piece-done:2")
+    _mount, env = pending_incremental(sandbox, proxy)
     (pending,) = {aab.ObjectName.parse(key).incremental for key in volume_puts(proxy)
                   if aab.ObjectName.parse(key).incremental}
     journal, before = journal_file(sandbox), everything(sandbox)

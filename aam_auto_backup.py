@@ -3521,10 +3521,39 @@ class JournalView(Journal):
         super().__init__(path, db)
         self.dropped = set()          # numbers of the done pieces a backup would drop
         self.given_up = False
+        self.copy_dir = None          # the rolled-back copy's temporary directory, if any
 
     @staticmethod
     def connect(path):
         return read_only_connection(path)
+
+    @classmethod
+    def open(cls, path):
+        """As Journal.open.  A journal whose last transaction was cut off (a kill or a power
+        cut while SQLite wrote: its rollback journal is beside it) cannot be read
+        read-only, since reading it means rolling it back, as the backup's first read
+        does: that is done on a copy in a temporary directory, removed on close."""
+        try:
+            return super().open(path)
+        except JournalDamaged as problem:
+            if not os.path.exists(path + "-journal"):
+                raise
+            return cls.rolled_back_copy(path, problem)
+
+    @classmethod
+    def rolled_back_copy(cls, path, problem):
+        import sqlite3
+        directory = tempfile.mkdtemp(prefix="aam-preview-")      # owner-only
+        copy = os.path.join(directory, os.path.basename(path))
+        try:
+            for suffix in ("", "-journal"):
+                shutil.copyfile(path + suffix, copy + suffix)
+            view = cls(copy, sqlite3.connect(copy))
+        except (OSError, sqlite3.Error, ValueError, TypeError):
+            shutil.rmtree(directory, ignore_errors=True)
+            raise problem from None
+        view.copy_dir = directory
+        return view
 
     def drop_piece(self, number, source):
         self.dropped.add(number)
@@ -3539,7 +3568,12 @@ class JournalView(Journal):
 
     def delete(self):
         self.given_up = True
-        self.db.close()
+        self.close()
+
+    def close(self):
+        super().close()
+        if self.copy_dir:
+            shutil.rmtree(self.copy_dir, ignore_errors=True)
 
 
 def read_only_connection(path):
@@ -7215,8 +7249,8 @@ class BackupPreview(BackupRun):
         what = (f"the pending {backup['scope']} backup "
                 f"{describe_stamp(parse_stamp(backup['stamp']))}")
         if self.listing is None:
-            self.log.line(f"Pending: {what} (journal {pending.path}); whether a backup "
-                          "would continue it is not told without the listing.")
+            self.log.line(f"Pending: {what}; whether a backup would continue it is not "
+                          "told without the listing.")
         elif self.given_up:
             self.log.line(f"Pending: a backup would give up {what}: {self.given_up}. It "
                           "would remove its journal and decide anew, as said here.")

@@ -9,7 +9,10 @@ its snapshot, file contents and times, is the same after a preview as before.
 
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -430,3 +433,47 @@ def test_a_piece_the_backup_would_not_keep_is_counted_again(sandbox, proxy):
     result = ok(sandbox.run(sandbox.backup_args(), env=env))
     assert f"{lost} is missing from the bucket" in result.stdout
     assert "1 piece(s)" in result.stdout
+
+
+def cut_off_transaction(path):
+    """A process killed (SIGKILL) while SQLite wrote the journal: the file holds part of a
+    transaction, and its rollback journal is beside it, as after a power cut."""
+    code = (
+        "import os, signal, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1])\n"
+        "db.execute('PRAGMA cache_size = 1')         # pages go to the file at once\n"
+        "db.execute('BEGIN')\n"
+        "db.execute(\"UPDATE piece SET state = 'failed'\")\n"
+        "db.executemany('INSERT INTO orphan VALUES (?, 0)',\n"
+        "               (('lost%06d' % n + 'x' * 400,) for n in range(5000)))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", code, path])
+    assert killed.returncode == -signal.SIGKILL
+    assert os.path.getsize(path + "-journal") > 0
+
+
+def test_a_journal_cut_off_mid_transaction_is_read_as_the_backup_rolls_it_back(sandbox,
+                                                                              proxy):
+    """A read-only connection cannot roll back a transaction that a kill cut off; the
+    preview reads a rolled-back copy, says what the backup will find after its own
+    rollback, and leaves the journal and its rollback journal as they were."""
+    pieced_source(sandbox)
+    env = env_through(sandbox, proxy)
+    crash_at(sandbox, env, "piece-done:2")
+    path = aab.journal_path(sandbox.state_dir, sandbox.bucket, sandbox.location)
+    cut_off_transaction(path)
+    files = {name: open(os.path.join(sandbox.state_dir, name), "rb").read()
+             for name in os.listdir(sandbox.state_dir)}
+    temporary = os.path.join(sandbox.root, "tmp")     # the preview's own temporary dir
+    os.mkdir(temporary)
+
+    out = ok(sandbox.run(sandbox.backup_args(PREVIEW), env=dict(env, TMPDIR=temporary))).stdout
+    assert {name: open(os.path.join(sandbox.state_dir, name), "rb").read()
+            for name in os.listdir(sandbox.state_dir)} == files
+    assert os.listdir(temporary) == []                               # the copy is gone
+    assert "Pending: a backup would continue the pending full backup " in out
+    assert " 2 piece(s) (" in out and "4 file(s) are in its kept pieces" in out
+
+    result = ok(sandbox.run(sandbox.backup_args(), env=env))
+    assert "Backup scope: continuing the full backup" in result.stdout
+    assert "2 piece(s)" in result.stdout

@@ -477,3 +477,20 @@ def test_a_journal_cut_off_mid_transaction_is_read_as_the_backup_rolls_it_back(s
     result = ok(sandbox.run(sandbox.backup_args(), env=env))
     assert "Backup scope: continuing the full backup" in result.stdout
     assert "2 piece(s)" in result.stdout
+
+
+def test_a_damaged_journal_is_left_as_it_is_and_the_backup_removes_it(sandbox, proxy):
+    sandbox.single_source({"a.txt": b"a"})
+    path = aab.journal_path(sandbox.state_dir, sandbox.bucket, sandbox.location)
+    os.makedirs(sandbox.state_dir, exist_ok=True)
+    write_file(path, b"not an SQLite file, whatever wrote it")
+    out = ok(preview(sandbox, proxy)).stdout
+    assert f"Warning: the journal {path} cannot be read (" in out
+    assert "a backup could not continue the backup it records; it would remove the " \
+           "journal" in out
+    assert "Backup scope: full (no complete full backup" in out
+    assert open(path, "rb").read() == b"not an SQLite file, whatever wrote it"
+    result = ok(sandbox.backup())
+    assert f"Warning: the journal {path} cannot be read (" in result.stdout
+    assert "the journal is removed" in result.stdout
+    assert not os.path.exists(path)

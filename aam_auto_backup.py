@@ -4066,7 +4066,7 @@ def describe_aws_error(problem, where="", credentials=""):
     if aws_error_code(problem) in DENIED_CODES:
         keys = f"the credentials of {credentials}" if credentials else "the credentials"
         permission = AWS_PERMISSIONS.get(operation, "it needs")
-        return (f"AWS refused {operation or 'the request'}{on}, access denied: {keys} "
+        return (f"AWS refused {operation or 'the request'}{on} (access denied): {keys} "
                 f"lack the permission {permission}")
     error = response["Error"]
     text = f"{error.get('Code', 'Error')}: {error.get('Message', '')}".strip()

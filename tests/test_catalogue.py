@@ -657,5 +657,5 @@ def test_a_missing_or_forbidden_bucket_is_named_by_its_argument_number(
     with aws.iam_enforced():
         forbidden = browse_bucket(sandbox, other, restore_keys)
     assert forbidden.returncode == 1
-    assert (f"on the bucket {other} (argument 3), access denied: the credentials of "
+    assert (f"on the bucket {other} (argument 3) (access denied): the credentials of "
             "arguments 5 and 6 lack the permission s3:ListBucket") in forbidden.stderr

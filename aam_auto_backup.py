@@ -25,6 +25,7 @@ The module reads top to bottom in the order the data flows:
     Aam_Auto_Backup          -> dispatch on the operation argument
 """
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -3615,6 +3616,7 @@ class RunLog:
             except FileExistsError:
                 counter += 1
         self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        self.progress = None        # BackupProgress: its line is cleared before each line
 
     def scrub(self, text):
         for secret in self.secrets:
@@ -3630,7 +3632,14 @@ class RunLog:
         self.handle.write(text + "\n")
         self.handle.flush()
         if terminal:
-            print(text, flush=True)
+            self.to_terminal(text)
+
+    def to_terminal(self, text):
+        """Print a line (scrubbed) on the terminal only, after clearing the progress line."""
+        with self.progress.lock if self.progress else contextlib.nullcontext():
+            if self.progress:
+                self.progress.clear()
+            print(self.scrub(text), flush=True)
 
     def append_output(self, path):
         """Copy a child's output file into the log, decoded without ever failing."""
@@ -3700,6 +3709,210 @@ class Progress:
         """Clear the in-place line, so that the next log line starts clean."""
         if self.terminal and self.shown:
             self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def format_duration(seconds):
+    """'m:ss', or 'h:mm:ss' from an hour on."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class RateWindow:
+    """Bytes per second over the last WINDOW seconds: an ETA from it moves smoothly,
+    not with each volume or pause of 7-Zip."""
+
+    WINDOW = 20.0
+    MINIMUM_SPAN = 1.0       # seconds of samples before a rate is given
+
+    def __init__(self):
+        self.samples = collections.deque()
+
+    def add(self, now, done):
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
+            self.samples.popleft()
+
+    def seconds_left(self, remaining):
+        """remaining / the rate, or None while the rate is not known (or nothing moves)."""
+        (first, before), (last, done) = self.samples[0], self.samples[-1]
+        if last - first < self.MINIMUM_SPAN or done <= before:
+            return None
+        return remaining * (last - first) / (done - before)
+
+
+@dataclasses.dataclass
+class SourceProgress:
+    """One source's numbers for the progress line (bytes); selected is None until the
+    child has walked the source."""
+
+    selected: typing.Optional[int] = None    # file content the child selected
+    archived: int = 0          # of it, what 7-Zip has read (measured as below)
+    ended: int = -1            # the child's 'ended' the last time it changed
+    ended_at: int = 0          # written, then
+    uploaded: int = 0          # volume bytes sent (s3transfer's callbacks)
+    upload_total: int = 0      # the volumes' bytes: the written ones, and an estimate
+    finished: bool = False     # every volume is up
+
+    def counts(self, what):
+        """(done, total, finished) of 'archive' or 'upload'."""
+        if what == "archive":
+            return self.archived, self.selected or 0, self.archived >= (self.selected or 0)
+        return self.uploaded, self.upload_total, self.finished
+
+
+class BackupProgress:
+    """The progress line of a backup run on a terminal: percent of the bytes and an
+    ETA for 7-Zip and for the upload, of the source in hand and of the run.
+
+    Only when standard error is a terminal: one line, rewritten in place with '\\r' at
+    most UPDATES_PER_SECOND times a second, on standard error, so that the lines the
+    run prints (standard output: what the log holds) stay as they are; each of those
+    first clears it (RunLog.to_terminal).  Elsewhere (a scheduler, a pipe, a file)
+    nothing is shown and nothing is measured.  No escape sequence: padding with
+    blanks clears a line on every terminal, the Windows console included.
+
+    The basis (docs/backup.md, Progress on a terminal):
+    - 7-Zip: the bytes of file content the child selected (the walk, before 7-Zip
+      starts) against those in the pieces 7-Zip has finished, plus, for the piece it
+      is on, the bytes it has written for it, at most that piece's content (ZIP
+      output is rarely larger than its input; compressible content is counted low
+      until its piece ends, never high).
+    - upload: the volume bytes sent against the bytes 7-Zip has written plus the
+      content not yet archived (content stands in for its archive: the worst case,
+      so the percent rather jumps forward than back).
+    - the run: the sums over its sources, shown once every source has been walked;
+      an ETA is the bytes left over the rate of the last RateWindow.WINDOW seconds.
+    Every percent shown is the highest so far (never backwards); 100 means done.
+    """
+
+    UPDATES_PER_SECOND = 4
+
+    def __init__(self, stream=None):
+        import threading
+        self.stream = stream or sys.stderr
+        self.terminal = self.stream.isatty()
+        self.lock = threading.RLock()     # s3transfer's threads report bytes too
+        self.sources, self.index = [], None
+        self.highest, self.rates = {}, {}
+        self.shown_at, self.shown_width = 0.0, 0
+        self.archive = None       # while 7-Zip runs: (work directory, bytes written())
+
+    @property
+    def current(self):
+        return None if self.index is None else self.sources[self.index - 1]
+
+    def start_source(self, index, count):
+        """Source index (from 1) of count is in hand from now on."""
+        with self.lock:
+            while len(self.sources) < count:
+                self.sources.append(SourceProgress())
+            self.index = index
+
+    def watch_archive(self, work_dir, written):
+        """The child of the source in hand runs 7-Zip: the line reads its progress
+        (ARCHIVE_PROGRESS in work_dir) each time it is shown; written() gives the
+        bytes 7-Zip has written for this source so far (uploaded or on disk)."""
+        with self.lock:
+            self.archive = (work_dir, written)
+
+    def archive_ended(self):
+        """The child has ended: a last look at what its 7-Zip did."""
+        with self.lock:
+            if self.archive:
+                self.look_at_archive()
+                self.archive = None
+
+    def look_at_archive(self):
+        work_dir, written = self.archive
+        report, written = read_archive_progress(work_dir), written()
+        if report is None:
+            return          # the child has not listed its pieces yet
+        source = self.current
+        if report["ended"] != source.ended:
+            source.ended, source.ended_at = report["ended"], written
+        in_piece = min(max(0, written - source.ended_at), report["current"])
+        source.selected = report["selected"]
+        source.archived = max(source.archived, report["ended"] + in_piece)
+        source.upload_total = written + source.selected - source.archived
+
+    def volume_bytes(self, amount):
+        """s3transfer's callback: amount more bytes of a volume sent (less on a retry)."""
+        with self.lock:
+            self.current.uploaded += amount
+            self.show()
+
+    def source_done(self):
+        """Every volume of the source in hand is up; also for a source with nothing to
+        archive or none archived by this run (its 7-Zip and upload are complete)."""
+        with self.lock:
+            source = self.current
+            source.selected = source.archived = source.selected or 0
+            source.upload_total, source.finished = source.uploaded, True
+            self.show(force=True)
+
+    def show(self, force=False):
+        """Rewrite the line, unless it was shown less than an update's time ago."""
+        now = time.monotonic()
+        if not self.terminal or (not force and
+                                 now - self.shown_at < 1 / self.UPDATES_PER_SECOND):
+            return
+        with self.lock:
+            if self.archive:
+                self.look_at_archive()
+            if self.current is None or self.current.selected is None:
+                return
+            self.shown_at = now
+            text = self.text(now)
+            width = self.terminal_width() - 1         # the last column would wrap the line
+            self.write("\r" + text[:width].ljust(min(self.shown_width, width)))
+            self.shown_width = min(len(text), width)
+
+    def text(self, now):
+        parts = [f"Source {self.index} of {len(self.sources)}: "
+                 + self.measures(self.index, [self.current], now)]
+        if len(self.sources) > 1:
+            walked = [s for s in self.sources if s.selected is not None]
+            parts.append("run: " + (self.measures(0, self.sources, now)
+                                    if len(walked) == len(self.sources) else
+                                    f"{len(walked)} of {len(self.sources)} sources walked"))
+        return " | ".join(parts)
+
+    def measures(self, key, sources, now):
+        """'7-Zip 45% ETA 0:12, upload 30% ETA 0:40' of these sources together."""
+        shown = []
+        for what, label in (("archive", "7-Zip"), ("upload", "upload")):
+            counts = [s.counts(what) for s in sources]
+            done, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            finished = all(c[2] for c in counts)
+            percent = 100 if finished else min(99, 100 * done // total if total else 0)
+            percent = self.highest[key, what] = max(self.highest.get((key, what), 0),
+                                                    percent)
+            rate = self.rates.setdefault((key, what), RateWindow())
+            rate.add(now, done)
+            left = None if finished else rate.seconds_left(max(0, total - done))
+            shown.append(f"{label} {percent}%"
+                         + (f" ETA {format_duration(left)}" if left is not None else ""))
+        return ", ".join(shown)
+
+    def terminal_width(self):
+        """Its columns; 80 when it does not say (0: a terminal not yet sized)."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (OSError, ValueError):
+            return 80
+
+    def clear(self):
+        """Blank the line, so that a line printed next starts clean."""
+        with self.lock:
+            if self.shown_width:
+                self.write("\r" + " " * self.shown_width + "\r")
+                self.shown_width = 0
+
+    def write(self, text):
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write(text)
             self.stream.flush()
 
 
@@ -3970,6 +4183,9 @@ CATALOGUE_WORK = "catalogue_work.tsv"        # child -> parent: the walk's catal
 SUPERSEDED_FILE = "superseded_pieces.json"
 ARCHIVE_DIR = "archives"       # archives/<n>/backup.zip.NNN, then archives/<n>.done
 DONE_SUFFIX = ".done"          # written by the child once a piece's 7-Zip has ended
+# child -> parent, for the progress line: bytes of file content selected, in the lists
+# whose 7-Zip has ended, and in the list it is on
+ARCHIVE_PROGRESS = "archive_progress.json"
 FINAL_VOLUME = re.compile(r"backup\.zip\.(\d{3,})")   # closed for good: see final_volumes
 ANY_VOLUME = re.compile(r"backup\.zip\.(\d{3,})((?:\.[0-9A-Fa-f]+)?\.tmp)?")
 WAITING_VOLUMES = 2       # finished volumes on disk awaiting upload before 7-Zip is paused
@@ -4645,13 +4861,14 @@ class PieceWriter:
     """Puts the entries to archive into pieces as the walk lists them, in catalogue
     order: pieces/<n>.lst, one 7-Zip list per piece, each of about piece_size bytes
     of file content at most (a larger file is a piece of its own).  Lists are
-    numbered from first (the parent's first free piece number)."""
+    numbered from first (the parent's first free piece number); sizes: {number:
+    bytes of file content}, in list order."""
 
     def __init__(self, directory, first, piece_size, platform):
         self.directory, self.piece_size, self.platform = directory, piece_size, platform
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.number, self.bytes, self.handle = first, 0, None
-        self.numbers = []
+        self.sizes = {}
 
     def add(self, walked):
         """List one entry; the number of the list it went into."""
@@ -4664,10 +4881,11 @@ class PieceWriter:
                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             self.handle = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
                                     newline="\n")
-            self.numbers.append(self.number)
+            self.sizes[self.number] = 0
         is_dir = stat.S_ISDIR(walked.st.st_mode)
         self.handle.write(list_file_entry(walked.path, is_dir, self.platform) + "\n")
         self.bytes += size
+        self.sizes[self.number] += size
         return self.number
 
     def close(self):
@@ -4685,9 +4903,11 @@ def archive_pieces(child, platform, settings, view_root, lists, parent):
     list's number on, one per 7-Zip run: a piece whose 7-Zip cannot read a file
     (a bad sector, EIO) is made again without it as the next piece, so that one
     unreadable file costs only itself.  False when 7-Zip failed otherwise (no
-    further piece is made)."""
-    number = lists[0] if lists else 0
-    for list_number in lists:
+    further piece is made).  lists: {list number: bytes of file content}."""
+    number = next(iter(lists), 0)
+    selected, ended = sum(lists.values()), 0
+    for list_number, content in lists.items():
+        write_archive_progress(child.work_dir, selected, ended, content)
         list_path = piece_list(os.path.join(child.work_dir, PIECES_DIR), list_number)
         while True:
             outcome = run_piece(child, platform, settings, view_root, number, list_path,
@@ -4710,6 +4930,8 @@ def archive_pieces(child, platform, settings, view_root, lists, parent):
                          "held nothing else."))
             if not left:
                 break
+        ended += content
+    write_archive_progress(child.work_dir, selected, ended, 0)
     return True
 
 
@@ -4779,9 +5001,32 @@ def drop_from_list(list_path, name, view_root, platform):
 
 
 def write_piece_done(work_dir, number, outcome):
-    """archives/<n>.done, whole or not at all (the parent may read it at any time)."""
-    path = os.path.join(work_dir, ARCHIVE_DIR, f"{number}{DONE_SUFFIX}")
-    _write_private_text(path + ".tmp", json.dumps(outcome))
+    """archives/<n>.done (the parent may read it at any time)."""
+    _write_whole(os.path.join(work_dir, ARCHIVE_DIR, f"{number}{DONE_SUFFIX}"),
+                 json.dumps(outcome))
+
+
+def write_archive_progress(work_dir, selected, ended, current):
+    """ARCHIVE_PROGRESS, for the parent's progress line: the bytes of file content in the
+    lists (selected), in those whose 7-Zip has ended, and in the one 7-Zip is on (0:
+    none).  Written as each list starts, once per piece: 7-Zip's own percent (-bsp1)
+    would have to be relayed to the parent at each update, while the parent measures
+    the bytes 7-Zip writes anyway (BackupProgress.archive_step)."""
+    _write_whole(os.path.join(work_dir, ARCHIVE_PROGRESS), json.dumps(
+        {"selected": selected, "ended": ended, "current": current}))
+
+
+def read_archive_progress(work_dir):
+    """What the child last wrote of ARCHIVE_PROGRESS, or None (not yet)."""
+    with contextlib.suppress(FileNotFoundError):
+        with open(os.path.join(work_dir, ARCHIVE_PROGRESS), encoding="utf-8") as handle:
+            return json.load(handle)
+    return None
+
+
+def _write_whole(path, text):
+    """Write a private file whole or not at all: the other process may read it any time."""
+    _write_private_text(path + ".tmp", text)
     os.replace(path + ".tmp", path)
 
 
@@ -4811,7 +5056,7 @@ def run_generated_script(child, platform, view_root, commands, parent, archive_r
 def record_selection(child, view_root, plan, platform, since):
     """Walk the mount once: the catalogue work file and, with AWS as a destination,
     the pieces' 7-Zip lists.  Returns the walk, the number of files to archive and
-    the lists' numbers.
+    {list number: bytes of file content}.
 
     The parent names the local state to compare with (CATALOGUE_BASE); without
     one, an incremental selects by the time rule alone.  For a continued backup it
@@ -4835,7 +5080,7 @@ def record_selection(child, view_root, plan, platform, since):
     if done:
         _write_private_text(os.path.join(work_dir, SUPERSEDED_FILE),
                             json.dumps(sorted(done.superseded)))
-    return walk, recorder.to_archive_count, pieces.numbers
+    return walk, recorder.to_archive_count, pieces.sizes
 
 
 def read_catalogue_base(work_dir):
@@ -5124,6 +5369,7 @@ class PieceUploader:
         self.error = None
         self.held_lines = []            # announced while the child ran; logged later
         self.live = False
+        self.on_bytes = None            # on a terminal: BackupProgress.volume_bytes
 
     def uploaded_bytes(self):
         return self.uploaded
@@ -5222,13 +5468,14 @@ class PieceUploader:
         size = os.path.getsize(path)
         digest = self.digest_and_index(path)
         self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
-        progress = Progress(f"Uploading volume {self.next_number:03d} of piece {self.piece}",
-                            size)
+        progress = None if self.on_bytes else Progress(
+            f"Uploading volume {self.next_number:03d} of piece {self.piece}", size)
         try:
-            self.uploads.upload(path, key, progress.add, kind="volume",
+            self.uploads.upload(path, key, self.on_bytes or progress.add, kind="volume",
                                 StorageClass=DEEP_ARCHIVE)
         finally:
-            progress.close()
+            if progress:
+                progress.close()
         self.records.append({"name": key, "size": size, "sha256": digest})
         self.uploaded += size
 
@@ -5237,7 +5484,7 @@ class PieceUploader:
         if self.live:
             self.log.line(text)
         else:
-            print(self.log.scrub(text), flush=True)
+            self.log.to_terminal(text)
             self.held_lines.append(text)
 
     def start_log_section(self):
@@ -5639,12 +5886,15 @@ class BackupRun:
         self.state_verdicts = {}     # local state path -> why it cannot be used (None: it can)
         self.digest_key = None       # of the local states (state_key)
         self.keycheck_to_write = None  # (KeyCheck, why): the chain's, before the first upload
+        self.progress = BackupProgress()   # the terminal's progress line
 
     # -- the whole run -------------------------------------------------------
     def execute(self):
         self.log = open_run_log(self.args, self.platform)
         if self.log is None:
             return EXIT_FAILURE
+        if self.progress.terminal:
+            self.log.progress = self.progress
         self.warn_about_a_short_key()
         try:
             lock = self.acquire_lock()
@@ -6265,6 +6515,7 @@ class BackupRun:
     def back_up_source(self, index, source, plan, run_sources):
         """Run the child for one mount and upload its archive (SourceStopped: no more)."""
         name = self.platform.source_name(source.mount)
+        self.progress.start_source(index, len(plan.sources))
         self.log.section(SECTION_CHILD_OUTPUT)
         self.log.line(f"Source {index} of {len(plan.sources)}: {source.mount}")
         if self.early and self.early.source is not source:
@@ -6304,6 +6555,7 @@ class BackupRun:
         """A source of the continued backup whose pieces are all in S3 already: its
         mirror is made as every run makes it, then its catalogue and indicator go up
         unless they are there."""
+        self.progress.source_done()
         if self.local:
             self.prepare_child(source, name, archive=False)
             lines, status = self.run_child(source, None, archive=False)
@@ -6340,7 +6592,8 @@ class BackupRun:
         try:
             write_source_plan(os.path.join(self.work_dir, PLAN_FILE), source, view_root,
                               self.platform)
-            for leftover in (OUTPUT_FILE, GATE_FILE, CATALOGUE_BASE, SUPERSEDED_FILE):
+            for leftover in (OUTPUT_FILE, GATE_FILE, CATALOGUE_BASE, SUPERSEDED_FILE,
+                             ARCHIVE_PROGRESS):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.work_dir, leftover))
             # what a refused early child's 7-Zip wrote (never uploaded), or the source
@@ -6398,17 +6651,18 @@ class BackupRun:
                                 "command output file reading error.")
 
     def while_child_runs(self, uploader):
-        """Upload finished volumes; on a terminal, show how much 7-Zip has written."""
+        """Upload finished volumes; on a terminal, show the progress line.  close: a last
+        look at 7-Zip's progress, once the child has ended."""
         if uploader is None:
             return None
-        progress = Progress("7-Zip archive written")
+        if self.progress.terminal:
+            self.progress.watch_archive(self.work_dir, lambda: uploader.uploaded_bytes()
+                                        + directory_size(uploader.archive_dir))
 
         def step():
             uploader.poll()
-            written = uploader.uploaded_bytes() + directory_size(uploader.archive_dir)
-            if written and progress.terminal:
-                progress.set(written)
-        step.close = progress.close
+            self.progress.show()
+        step.close = self.progress.archive_ended
         return step
 
     def run_child_process(self, argv, output, while_running=None):
@@ -6624,6 +6878,8 @@ class BackupRun:
             self.log, ledger, catalogue.first_piece, self.settings.volume_size,
             self.write_keycheck)
         ledger.announce = uploader.announce
+        if self.progress.terminal:
+            uploader.on_bytes = self.progress.volume_bytes
         self.uploaders.append(uploader)
         return uploader
 
@@ -6652,6 +6908,7 @@ class BackupRun:
         uploader.start_log_section()
         try:
             uploader.finish()
+            self.progress.source_done()
             recorded = self.write_catalogue(catalogue, run_sources)
             self.put_catalogue_and_indicator(catalogue, recorded)
         except aws_errors() + (OSError, AamError) + journal_errors() as problem:

@@ -3792,7 +3792,7 @@ class BackupProgress:
     def __init__(self, stream=None):
         import threading
         self.stream = stream or sys.stderr
-        self.terminal = self.stream.isatty()
+        self.terminal = self.stream is not None and self.stream.isatty()   # None: pythonw
         self.lock = threading.RLock()     # s3transfer's threads report bytes too
         self.sources, self.index = [], None
         self.highest, self.rates = {}, {}

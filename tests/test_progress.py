@@ -123,3 +123,11 @@ def test_without_a_terminal_nothing_is_added(sandbox):
     printed = result.stdout.splitlines()
     assert printed and all(line in log_lines for line in printed), [
         line for line in printed if line not in log_lines]
+
+
+def test_the_documented_line_is_the_line_shown():
+    """docs/backup.md's example of the line has the form the terminal test reads."""
+    page = open(os.path.join(os.path.dirname(PROGRAM), "docs", "backup.md"),
+                encoding="utf-8").read()
+    examples = [line for line in page.splitlines() if line.startswith("Source ")]
+    assert examples and all(PROGRESS.fullmatch(line) for line in examples)

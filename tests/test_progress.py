@@ -6,17 +6,11 @@ pass, a real moto server over HTTP.  The terminal's bytes are read until the pro
 closes it (EOF), then taken apart at each carriage return and line end.
 """
 
-import fcntl
 import os
-import pty
 import random
 import re
-import struct
-import subprocess
-import sys
-import termios
 
-from conftest import PROGRAM, ok
+from conftest import PROGRAM, ok, run_on_terminal
 
 COLUMNS = 250               # wide enough for the whole line of two sources
 FILES, FILE_SIZE = 12, 500_000
@@ -44,27 +38,6 @@ def two_sources(sandbox):
     return mounts
 
 
-def run_on_terminal(sandbox, args, env):
-    """Run the program with standard output and error on a pseudo-terminal; (its exit
-    status, everything it wrote there)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, COLUMNS, 0, 0))
-    process = subprocess.Popen([sys.executable, PROGRAM] + list(args), env=env,
-                               stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
-    os.close(slave)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:         # EIO: the program has closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(master)
-    return process.wait(), seen.decode("utf-8", errors="replace")
-
-
 def segments(terminal_text):
     """What the terminal showed between carriage returns and line ends, without the
     blanks that pad a shorter line over a longer one (empty ones left out)."""
@@ -83,8 +56,7 @@ def assert_rises_to_100(percents, what):
 
 def test_a_terminal_shows_percent_and_eta_per_source_and_run(sandbox):
     two_sources(sandbox)
-    status, shown = run_on_terminal(sandbox, sandbox.backup_args(),
-                                    sandbox.env(**SETTINGS))
+    status, shown = run_on_terminal(sandbox.backup_args(), sandbox.env(**SETTINGS), COLUMNS)
     log = open(sandbox.log_files()[-1], encoding="utf-8").read()
     assert status == 0, shown
     lines = progress_lines(shown)

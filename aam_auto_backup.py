@@ -3773,7 +3773,7 @@ class BackupProgress:
     nothing is shown and nothing is measured.  No escape sequence: padding with
     blanks clears a line on every terminal, the Windows console included.
 
-    The basis (docs/backup.md, Progress on a terminal):
+    The basis (docs/backup.md, Progress):
     - 7-Zip: the bytes of file content the child selected (the walk, before 7-Zip
       starts) against those in the pieces 7-Zip has finished, plus, for the piece it
       is on, the bytes it has written for it, at most that piece's content (ZIP
@@ -3825,6 +3825,8 @@ class BackupProgress:
                 self.archive = None
 
     def look_at_archive(self):
+        """The 7-Zip numbers of the source in hand, from the child's ARCHIVE_PROGRESS
+        and the bytes 7-Zip has written since the list it is on began."""
         work_dir, written = self.archive
         report, written = read_archive_progress(work_dir), written()
         if report is None:
@@ -5009,9 +5011,11 @@ def write_piece_done(work_dir, number, outcome):
 def write_archive_progress(work_dir, selected, ended, current):
     """ARCHIVE_PROGRESS, for the parent's progress line: the bytes of file content in the
     lists (selected), in those whose 7-Zip has ended, and in the one 7-Zip is on (0:
-    none).  Written as each list starts, once per piece: 7-Zip's own percent (-bsp1)
-    would have to be relayed to the parent at each update, while the parent measures
-    the bytes 7-Zip writes anyway (BackupProgress.archive_step)."""
+    none).  Written as each list starts, once per piece.  Not 7-Zip's own percent
+    (-bsp1, which costs it no CPU worth measuring): it goes to the script's output,
+    which reaches the parent only once the child has ended, so each update would need
+    a channel of its own; the parent measures the bytes 7-Zip writes anyway
+    (BackupProgress.look_at_archive)."""
     _write_whole(os.path.join(work_dir, ARCHIVE_PROGRESS), json.dumps(
         {"selected": selected, "ended": ended, "current": current}))
 

@@ -7478,7 +7478,7 @@ def plan_lines(plan, days, tier, days_argument=RESTORE_ARGS.number("days")):
              "docs/restore.md):"]
     for name in ("Bulk", "Standard"):
         per_gb, per_thousand = RETRIEVAL_PRICES[name]
-        chosen = "  <- this one (AAM_RESTORE_TIER)" if name == tier else ""
+        chosen = "  <- this restore (AAM_RESTORE_TIER)" if name == tier else ""
         lines.append(f"  {name:8s} {format_dollars(retrieval_cost(name, size, len(volumes))):>16s}"
                      f"  (${per_gb}/GB + ${per_thousand:.3f} per 1,000 requests, "
                      f"{EXPECTED_WAIT[name]}){chosen}")

@@ -104,7 +104,7 @@ def test_the_drill_thaws_a_few_volumes_waits_for_them_then_passes(
     assert planned[-1] == max(volumes)                  # the central directory's volume
     # the estimate comes before the request
     assert "Estimated retrieval cost" in first.stdout
-    assert re.search(r"^  Bulk .*<- this one \(AAM_RESTORE_TIER\)$", first.stdout, re.M)
+    assert re.search(r"^  Bulk .*<- this restore \(AAM_RESTORE_TIER\)$", first.stdout, re.M)
     assert "run drill-aws-backups again later" in first.stderr
     pending = health(sandbox)["drill_pending"]
     assert pending["volumes"] == planned and pending["backup"] == full_stamp(sandbox)

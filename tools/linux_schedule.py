@@ -113,15 +113,7 @@ def drill_service_text(options, settings_file, secrets_file, drill_secrets_file)
     command = " ".join(_systemd_quote(a) for a in [
         options.python, PROGRAM, aab.DRILL_OPERATION, "--settings", settings_file])
     return "\n".join([
-        "[Unit]",
-        "Description=AAM Auto Backup: monthly restore drill",
-        "Wants=network-online.target",
-        "After=network-online.target",
-        "",
-        "[Service]",
-        "Type=oneshot",
-        f"Environment={_systemd_quote('AWS_REGION=' + options.region)}",
-        f"EnvironmentFile={secrets_file}",
+        *service_head("monthly restore drill", options, secrets_file),
         f"EnvironmentFile={drill_secrets_file}",
         f"ExecStart={command}",
         # 7: the thaw is requested or still in progress; the next run finishes the drill
@@ -168,6 +160,20 @@ def backup_argv(options, settings_file):
     return [options.python, PROGRAM, aab.REGULAR_BACKUP, "--settings", settings_file]
 
 
+def service_head(what, options, secrets_file):
+    """A job's unit and service lines up to its own: a oneshot run once online, in the
+    region of the bucket and the SES sender (tools/aws_setup.py's), with the secrets."""
+    return ["[Unit]",
+            f"Description=AAM Auto Backup: {what}",
+            "Wants=network-online.target",
+            "After=network-online.target",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            f"Environment={_systemd_quote('AWS_REGION=' + options.region)}",
+            f"EnvironmentFile={secrets_file}"]
+
+
 def service_text(options, settings_file, secrets_file):
     command = " ".join(_systemd_quote(a) for a in backup_argv(options, settings_file))
     limit = ([f"Environment=AAM_UPLOAD_LIMIT={options.upload_limit}"]
@@ -180,16 +186,7 @@ def service_text(options, settings_file, secrets_file):
             f"TimeoutStopSec={STOP_GRACE_MINUTES}min",
         ]
     return "\n".join([
-        "[Unit]",
-        "Description=AAM Auto Backup: daily regular backup",
-        "Wants=network-online.target",
-        "After=network-online.target",
-        "",
-        "[Service]",
-        "Type=oneshot",
-        # the region of the bucket and the SES sender (tools/aws_setup.py's)
-        f"Environment={_systemd_quote('AWS_REGION=' + options.region)}",
-        f"EnvironmentFile={secrets_file}",
+        *service_head("daily regular backup", options, secrets_file),
         *limit,
         f"ExecStart={command}",
         # a stop's SIGTERM goes to the program alone, which stops its child pass and

@@ -7833,6 +7833,25 @@ def list_file_can_hold(name):
                 or "\n" in name or "\r" in name)
 
 
+def seven_zip_extract_argv(first_volume, into, platform=None, list_path=None, names=()):
+    """The one 7-Zip extract command line: everything of the archive whose first volume
+    is given into the directory, overwriting (-aoa: an incremental's version replaces
+    the one before), links as links (-snld20: also those pointing outside the tree, as
+    the source had them); or, with list_path, exactly the names (written there)."""
+    argv = ["x", first_volume, f"-o{os.path.abspath(into)}", "-aoa", "-y", "-snld20",
+            "-bd", "-sccUTF-8"]
+    if list_path is None:
+        return argv
+    return argv + exact_names_switches(list_path, names, platform)
+
+
+def exact_names_switches(list_path, names, platform):
+    """7-Zip's switches for exactly these names (written to the list file list_path)."""
+    unlisted = write_name_list(list_path, names, platform.sep)
+    # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
+    return ["-spd", "-ssc", platform.list_charset_switch, "@" + list_path, "--"] + unlisted
+
+
 def write_name_list(path, names, sep):
     """A 7-Zip list file of exact names (with -spd); the names a list file cannot hold
     are returned, for 7-Zip's command line."""
@@ -7930,14 +7949,9 @@ class SourceExtraction:
         """7-Zip 'x' of one archive: everything, or exactly the names (no wildcards)."""
         os.makedirs(into, exist_ok=True)
         first = self.restoration.openable_first_volume(archive)
-        argv = ["x", first, f"-o{os.path.abspath(into)}", "-aoa", "-y", "-snld20", "-bd",
-                "-sccUTF-8"]
-        if names is not None:
-            list_path = os.path.join(self.restoration.downloads, "extract_list.txt")
-            unlisted = write_name_list(list_path, names, self.platform.sep)
-            # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
-            argv += ["-spd", "-ssc", self.platform.list_charset_switch, "@" + list_path, "--"]
-            argv += unlisted
+        list_path = (None if names is None
+                     else os.path.join(self.restoration.downloads, "extract_list.txt"))
+        argv = seven_zip_extract_argv(first, into, self.platform, list_path, names)
         self.restoration.out.line(f"Extracting {self.restoration.archive_name(archive)}")
         self.restoration.seven_zip(argv, archive)
 
@@ -8456,28 +8470,11 @@ class Restoration:
     def fetch_catalogue(self, archive):
         """Download (STANDARD: no thaw), verify and decrypt one archive's catalogue."""
         directory = archive_directory(self.downloads, archive.backup, archive.number)
-        zip_path = os.path.join(directory, CATALOGUE_ZIP)
         text_path = os.path.join(directory, CATALOGUE_FILE)
-        if os.path.exists(text_path):
-            return text_path
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        described = archive.catalogue
-        volume = RestoreVolume(described["name"], described["size"], described["sha256"],
-                               zip_path)
-        if not file_matches(zip_path, volume):
-            with s3_call(self.args.bucket, volume.key, self.credentials, "catalogue"):
-                download_volume(self.s3, self.args.bucket, volume, "catalogue")
-        unpacked = os.path.join(directory, "unpacking")
-        code, output = run_seven_zip(self.settings, self.platform,
-                                     ["x", zip_path, f"-o{unpacked}", "-y", "-bd",
-                                      "-sccUTF-8"], self.args.key)
-        failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
-                                    self.args.table.number("key"))
-        if failure:
-            raise failure
-        self.catalogues_opened += 1
-        os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
-        shutil.rmtree(unpacked)
+        if not os.path.exists(text_path):
+            fetch_catalogue(self.s3, self.args, self.platform, self.settings,
+                            archive.catalogue, directory, self.credentials)
+            self.catalogues_opened += 1
         return text_path
 
     # -- thaw ----------------------------------------------------------------------
@@ -8566,6 +8563,7 @@ class Restoration:
                 f"{archive.number} ({archive.source}){piece}")
 
     def seven_zip(self, argv, archive):
+        """7-Zip on one archive; its output (also in the log), or the error it reports."""
         code, output = run_seven_zip(self.settings, self.platform, argv, self.args.key)
         for line in output.splitlines():
             self.out.line(line, terminal=False)
@@ -8573,6 +8571,7 @@ class Restoration:
                                     self.args.table.number("key"))
         if failure:
             raise failure
+        return output
 
     def openable_first_volume(self, archive):
         """The first volume to give 7-Zip: the downloaded one when every volume is here,
@@ -8692,19 +8691,15 @@ class Restoration:
         """7-Zip x of one archive over the staging directory; the names this computer
         cannot create are left out (7-Zip would write them changed, over other files).
         Returns them, with the reason."""
-        argv = ["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}", "-aoa", "-y",
-                "-snld20", "-bd", "-sccUTF-8"]
         skipped = names_to_skip(names, self.platform, seen) if self.platform.refuses_names \
             else {}
         if not skipped:
-            self.seven_zip(argv, archive)
+            self.seven_zip(seven_zip_extract_argv(archive.volumes[0].path, staging), archive)
             return []
         wanted = [n for n in names if n.rstrip("/") not in skipped]
         list_path = os.path.join(self.downloads, "extract_list.txt")
-        unlisted = write_name_list(list_path, wanted, self.platform.sep)
-        # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
-        self.seven_zip(argv + ["-spd", "-ssc", self.platform.list_charset_switch,
-                               "@" + list_path, "--"] + unlisted, archive)
+        self.seven_zip(seven_zip_extract_argv(archive.volumes[0].path, staging, self.platform,
+                                              list_path, wanted), archive)
         for name in wanted:                 # directories whose content was all left out
             if name.endswith("/"):
                 os.makedirs(self.platform.long_path(
@@ -9067,21 +9062,35 @@ def same_version(earlier, later):
             and later.location in (earlier.location, UNKNOWN))
 
 
+def fetch_catalogue(s3, args, platform, settings, described, directory, credentials):
+    """Download (STANDARD: no thaw), verify and decrypt the catalogue described (an
+    indicator's entry) into directory; its text file's path.  A download already
+    there and matching is used as is."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    zip_path = os.path.join(directory, CATALOGUE_ZIP)
+    volume = RestoreVolume(described["name"], described["size"], described["sha256"],
+                           zip_path)
+    if not file_matches(zip_path, volume):
+        with s3_call(args.bucket, volume.key, credentials, "catalogue"):
+            download_volume(s3, args.bucket, volume, "catalogue")
+    unpacked = os.path.join(directory, "unpacking")
+    code, output = run_seven_zip(settings, platform,
+                                 seven_zip_extract_argv(zip_path, unpacked), args.key)
+    failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
+                                args.table.number("key"))
+    if failure:
+        raise failure
+    text_path = os.path.join(directory, CATALOGUE_FILE)
+    os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
+    shutil.rmtree(unpacked)
+    return text_path
+
+
 def fetch_browse_catalogue(s3, args, platform, settings, described, work):
     """A catalogue decrypted into the browse's temporary directory."""
     directory = os.path.join(work, hashlib.sha256(described["name"].encode()).hexdigest()[:16])
-    os.makedirs(directory)
-    path = os.path.join(directory, CATALOGUE_ZIP)
-    volume = RestoreVolume(described["name"], described["size"], described["sha256"], path)
-    with s3_call(args.bucket, volume.key, BROWSE_CREDENTIALS, "catalogue"):
-        download_volume(s3, args.bucket, volume, "catalogue")
-    code, output = run_seven_zip(settings, platform, ["x", path, f"-o{directory}", "-y",
-                                                      "-bd", "-sccUTF-8"], args.key)
-    failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
-                                BROWSE_ARGS.number("key"))
-    if failure:
-        raise failure
-    return CatalogueFile(os.path.join(directory, CATALOGUE_FILE))
+    return CatalogueFile(fetch_catalogue(s3, args, platform, settings, described, directory,
+                                         BROWSE_CREDENTIALS))
 
 
 # -- the five operations -------------------------------------------------------------
@@ -9518,13 +9527,16 @@ class Drill(Restoration):
         self.download_available(statuses)          # each checked against the indicator
         archive, files = self.choice.archive, self.choice.files
         first = self.openable_first_volume(archive)
-        names = self.name_switches([entry.path for entry in files])
+        names = [entry.path for entry in files]
+        list_path = os.path.join(self.downloads, "drill_list.txt")
         self.out.line(f"Testing {len(files)} file(s) of {self.archive_name(archive)}")
-        output = self.drill_seven_zip(["t", first, "-bd", "-sccUTF-8"] + names, archive)
+        output = self.seven_zip(["t", first, "-bd", "-sccUTF-8"]
+                                + exact_names_switches(list_path, names, self.platform),
+                                archive)
         self.check_test_output(output, files, archive)
         extracted = os.path.join(self.downloads, EXTRACT_DIR)
-        self.drill_seven_zip(["x", first, f"-o{extracted}", "-y", "-bd", "-sccUTF-8"]
-                             + names, archive)
+        self.seven_zip(seven_zip_extract_argv(first, extracted, self.platform, list_path,
+                                              names), archive)
         problems = [problem for entry in files
                     for problem in extracted_problems(extracted, entry)]
         if problems:
@@ -9534,21 +9546,6 @@ class Drill(Restoration):
         self.out.line(f"Restore drill PASSED: {len(files)} file(s) of the "
                       f"{describe_backup(self.set.full, None)} tested and extracted with the "
                       f"key, as the catalogue describes them (recorded in {self.health.path}).")
-
-    def name_switches(self, names):
-        """7-Zip's switches for exactly these names (no wildcards; letter case counts)."""
-        list_path = os.path.join(self.downloads, "drill_list.txt")
-        unlisted = write_name_list(list_path, names, self.platform.sep)
-        return ["-spd", "-ssc", self.platform.list_charset_switch, "@" + list_path,
-                "--"] + unlisted
-
-    def drill_seven_zip(self, argv, archive):
-        code, output = run_seven_zip(self.settings, self.platform, argv, self.args.key)
-        failure = seven_zip_failure(code, output, self.archive_name(archive),
-                                    self.args.table.number("key"))
-        if failure:
-            raise failure
-        return output
 
     def check_test_output(self, output, files, archive):
         """7-Zip's own account of the test: no error, every file, every byte (an exit

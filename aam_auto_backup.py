@@ -8235,7 +8235,7 @@ def build_restore_set(location, listing, full, chosen, full_manifests, downloads
     return RestoreSet(location, full, [i for i, _m in chosen], sources, archives, indicators)
 
 
-def keycheck_verdict(key, checks, full):
+def keycheck_verdict(key, checks, full, table=RESTORE_ARGS):
     """(The key check of the chain of full that key matches, or None; why the key is
     wrong, or None).  A chain without key checks (made before they existed) gives
     (None, None): its catalogues try the key."""
@@ -8244,7 +8244,7 @@ def keycheck_verdict(key, checks, full):
             return check.key, None
     if not checks:
         return None, None
-    return None, (f"The decryption key ({RESTORE_ARGS.ref('key')}) is wrong: it is not the "
+    return None, (f"The decryption key ({table.ref('key')}) is wrong: it is not the "
                   f"key the backups of the full backup {describe_stamp(full)} were made with "
                   f"(their key check {checks[0].key}, and their catalogue does not open with it). "
                   "Nothing was thawed.")
@@ -10259,7 +10259,7 @@ def file_volumes(archive, place, central):
     """The volume numbers 7-Zip reads to test the file at place (parse_location) of a
     piece: its own, and the central directory's (openable_volumes)."""
     first, last = place[2], place[3]
-    tally = Tally(volumes={archive.key: set(range(first, last + 1))})
+    tally = RestoreTotals(volumes={archive.key: set(range(first, last + 1))})
     return openable_volumes(tally, {archive.key: archive}, central)[archive.key]
 
 
@@ -10386,9 +10386,8 @@ class Drill(Restoration):
     def open_backup(self, listing, full, manifests):
         """The full backup's set (volumes listed at their size) and its catalogues,
         opened with the key (a wrong one stops here, before any thaw)."""
-        number_of_key = self.args.table.number("key")
         keycheck, self.keycheck_problem = keycheck_verdict(
-            self.args.key, listing.keychecks.get(full, []), full, number_of_key)
+            self.args.key, listing.keychecks.get(full, []), full, self.args.table)
         self.set = build_restore_set(self.args.location, listing, full, [], manifests,
                                      self.downloads)
         self.set.keycheck = keycheck
@@ -10424,7 +10423,7 @@ class Drill(Restoration):
                            "indicator disagree.")
         volumes = [v for v in archive.volumes if v.number in numbers]
         self.choice = DrillChoice(archive, volumes, files)
-        self.plan = RestorePlan(volumes, Tally(), Tally(), [], [])
+        self.plan = RestorePlan(volumes, RestoreTotals(), RestoreTotals(), [], [])
 
     def source_path(self, archive):
         return {number: path for number, _s, path in self.set.sources}[archive.number]

@@ -9452,6 +9452,9 @@ class BackupCheck:
                       f"{describe_stamp(points[-1])}")
 
     def report_result(self):
+        if not self.checked:
+            self.problem(f"no complete backup of location {self.args.location}: nothing "
+                         "can be restored from the bucket yet")
         fulls = sum(1 for _full, incremental in self.checked if incremental is None)
         self.out.line(f"Checked {len(self.checked)} complete backup(s) ({fulls} full, "
                       f"{len(self.checked) - fulls} incremental): "

@@ -108,6 +108,7 @@ TABLE_HEADINGS = {   # a heading of docs/reference.md -> the operation whose tab
     "regular-backup and incremental-only-backup": "regular-backup",
     "Restoration": "one-step-aws-data-restoration",
     "browse-aws-backups": "browse-aws-backups",
+    "check-aws-backups": "check-aws-backups",
     "The child pass": "ShadowSpawn",
 }
 

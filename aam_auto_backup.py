@@ -9111,12 +9111,22 @@ class BackupCheck:
         self.not_checked = []     # what a set without a catalogue leaves unknown
         self.unused = []          # (key, size): volumes of complete sets no indicator names
         self.checked = []         # (full, incremental or None) of each complete set
+        self.read = {}            # (full, incremental) -> {source: manifest} read
+        self.gone = set()         # full backups the bucket's expiry rule removed
         self.s3 = self.listing = None
         self.objects = []
 
     def problem(self, text):
         self.problems.append(text)
         self.out.line(f"PROBLEM: {text}")
+
+    def object_problem(self, error):
+        """An object that cannot be read is a problem of that object; keys that may not
+        read it stop the check (every object would fail alike)."""
+        if error.__context__ is not None and \
+                aws_error_code(error.__context__) in DENIED_CODES:
+            raise error
+        self.problem(str(error))
 
     @contextlib.contextmanager
     def s3_call(self, key=None, kind="object"):
@@ -9186,6 +9196,8 @@ class BackupCheck:
     # -- one chain: a full backup and its incrementals ------------------------------
     def check_chain(self, full, backups, work):
         """Check every complete set of one chain; {(full, incremental): manifests}."""
+        if self.expired(full, backups):
+            return {}
         complete, key_refused = {}, self.check_key(full)
         for incremental, _objects in backups:
             manifests = self.complete_manifests(full, incremental)
@@ -9216,6 +9228,20 @@ class BackupCheck:
                                     "catalogue nor a key check (made by version 1.0.0)")
         return complete
 
+    def expired(self, full, backups):
+        """The full backup is gone, every object of it, and it is older than Deep
+        Archive's minimum: the bucket's expiry rule (docs/aws-setup.md) removed it before
+        its incrementals, which no restore can use now.  Said, not a problem."""
+        if backups[0][0] is None or (utc_now() - full).days <= DEEP_ARCHIVE_MINIMUM_DAYS:
+            return False
+        size = sum(listed.size for _i, objects in backups for listed in objects)
+        self.out.line(f"gone    full backup {describe_stamp(full)}: removed by the bucket's "
+                      f"expiry rule; what is left of its chain ({len(backups)} incremental "
+                      f"backup(s), {size:,} bytes) is of no use to a restore and goes the "
+                      "same way")
+        self.gone.add(full)
+        return True
+
     def check_key(self, full):
         """Whether the chain's key check refuses the key (a problem, said once: its
         catalogues are then not opened); True: refused."""
@@ -9232,13 +9258,13 @@ class BackupCheck:
         """{source: manifest} of a complete set, else None (an indicator that cannot be
         read is a problem, and its source counts as without one)."""
         present = self.listing.indicators.get((full, incremental), {})
-        manifests = {}
+        manifests = self.read[(full, incremental)] = {}
         for source, stored in sorted(present.items()):
             try:
                 manifests[source] = read_manifest(self.s3, self.args.bucket, stored.name.key,
                                                   self.credentials)
             except AamError as problem:
-                self.problem(str(problem))
+                self.object_problem(problem)
         declared = {tuple(manifest["sources"]) for manifest in manifests.values()}
         if len(declared) > 1:
             self.problem(f"the completion indicators of the {describe_backup(full, incremental)} "
@@ -9300,7 +9326,7 @@ class BackupCheck:
             if not key_refused:
                 self.open_catalogue(described, manifest, directory)
         except AamError as problem:
-            self.problem(str(problem))
+            self.object_problem(problem)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -9331,7 +9357,7 @@ class BackupCheck:
         found = False
         for full, backups in chains:
             for incremental, objects in backups:
-                if (full, incremental) in complete:
+                if (full, incremental) in complete or full in self.gone:
                     continue
                 if not found:
                     self.out.line("")
@@ -9351,12 +9377,6 @@ class BackupCheck:
         if pending == (full, incremental):
             self.out.line("    pending: the next backup continues it (this computer's "
                           "journal records it)")
-        elif incremental is None and not self.listing.indicators.get((full, None)) \
-                and not any(v for (f, i, _s), v in self.listing.volumes.items()
-                            if (f, i) == (full, None)) and \
-                (utc_now() - full).days > DEEP_ARCHIVE_MINIMUM_DAYS:
-            self.out.line("    its full backup is gone (removed by the bucket's expiry "
-                          "rule): what is left of the chain is of no use")
         elif newest is None or made > newest:
             self.problem(f"the {describe_backup(full, incremental)} is not complete, is newer "
                          "than every complete backup, and no journal on this computer "
@@ -9367,13 +9387,9 @@ class BackupCheck:
 
     def sources_without_indicator(self, full, incremental):
         """The sources the set's readable indicators name and that have none."""
-        present = self.listing.indicators.get((full, incremental), {})
-        declared = set()
-        for stored in present.values():
-            with contextlib.suppress(AamError):
-                declared.update(read_manifest(self.s3, self.args.bucket, stored.name.key,
-                                              self.credentials)["sources"])
-        return sorted(declared - set(present))
+        declared = {source for manifest in self.read.get((full, incremental), {}).values()
+                    for source in manifest["sources"]}
+        return sorted(declared - set(self.listing.indicators.get((full, incremental), {})))
 
     def pending_backup(self):
         """(full, incremental or None) of the backup this computer's journal records, or

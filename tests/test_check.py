@@ -3,6 +3,7 @@ against the local endpoint: a good chain passes reading only STANDARD objects; a
 missing or resized, a catalogue damaged, an indicator missing, a wrong key and sets made
 by 1.0.0 and 1.1.0 are told apart, each problem naming its object."""
 
+import datetime as dt
 import json
 import os
 import random
@@ -20,10 +21,10 @@ def noise(stream, size):
     return random.Random(stream).randbytes(size)
 
 
-def check(sandbox, key=KEY, env=None):
+def check(sandbox, key=KEY, env=None, keys=(ACCESS_KEY_ID, SECRET)):
     return sandbox.run(aab.CHECK_ARGS.argv(
         operation=aab.CHECK_OPERATION, key=key, bucket=sandbox.bucket,
-        location=sandbox.location, access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET),
+        location=sandbox.location, access_key_id=keys[0], secret_access_key=keys[1]),
         env=env)
 
 
@@ -265,3 +266,35 @@ def test_a_catalogue_that_describes_other_pieces_than_its_indicator_is_named(
     out = failed(check(sandbox))
     assert f"{catalogue.key}: its pieces (number, volumes, central directory volume)" in out
     assert "The check found 1 problem(s)" in out
+
+
+def test_the_backup_keys_stop_the_check_naming_the_missing_permission(sandbox, aws):
+    chain(sandbox, incrementals=0)
+    backup_keys, restore_keys = sandbox.user_keys()
+    with aws.iam_enforced():
+        refused = check(sandbox, keys=backup_keys)
+        allowed = check(sandbox, keys=restore_keys)
+    assert refused.returncode == 1
+    assert refused.stderr.count("lack the permission s3:GetObject") == 1, refused.stderr
+    assert "credentials of argument 5 and argument 6" in refused.stderr
+    assert "PROBLEM" not in refused.stdout and backup_keys[1] not in refused.stderr
+    assert "passed" in ok(allowed).stdout
+
+
+def test_a_chain_whose_full_the_expiry_rule_removed_is_said_and_is_no_problem(sandbox):
+    mount = sandbox.single_source({"notes.txt": b"notes\n"})
+    old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=200)).replace(day=10)
+    ok(sandbox.backup(env=sandbox.env(AAM_TEST_NOW=aab.format_arg_stamp(old))))
+    write_file(os.path.join(mount, "notes.txt"), b"changed\n")
+    ok(sandbox.backup({"auto_force_full": "no"}, env=sandbox.env(     # the instruction
+        AAM_TEST_NOW=aab.format_arg_stamp(old + dt.timedelta(days=1)))))  # file is newer
+    ok(sandbox.backup())                                    # this month's full backup
+    (gone,) = {n.full for n in names(sandbox) if n.incremental}
+    for name in names(sandbox, full=gone, incremental=None):
+        sandbox.s3().delete_object(Bucket=sandbox.bucket, Key=name.key)
+
+    out = ok(check(sandbox)).stdout
+    assert f"gone    full backup {aab.describe_stamp(gone)}: removed by the bucket's expiry " \
+           "rule; what is left of its chain (1 incremental backup(s)" in out
+    assert "Checked 1 complete backup(s) (1 full, 0 incremental): passed" in out
+    assert "Incomplete" not in out

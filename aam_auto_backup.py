@@ -9243,11 +9243,20 @@ class BackupCheck:
         return True
 
     def check_key(self, full):
-        """Whether the chain's key check refuses the key (a problem, said once: its
-        catalogues are then not opened); True: refused."""
+        """Whether the chain's key check refuses the key (said once: its catalogues are
+        then not opened); True: refused.  A problem, unless a later chain's key check is
+        of the key: the key was changed on purpose since (docs/security.md), and what
+        the chain holds could not be checked with this one."""
         checks = self.listing.keychecks.get(full, [])
         if not checks or any(check.matches(self.args.key) for check in checks):
             return False
+        if any(later > full and any(check.matches(self.args.key) for check in found)
+               for later, found in self.listing.keychecks.items()):
+            self.not_checked.append(
+                f"the catalogues of the backups of the full backup {describe_stamp(full)}: "
+                f"made with the key before it was changed (their key check {checks[0].key}); "
+                "check them with that key")
+            return True
         self.problem(f"{checks[0].key}: the key ({self.args.ref('key')}) is not the key "
                      f"the backups of the full backup {describe_stamp(full)} were made "
                      "with; a restore of them needs their key (their catalogues were not "

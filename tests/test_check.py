@@ -298,3 +298,20 @@ def test_a_chain_whose_full_the_expiry_rule_removed_is_said_and_is_no_problem(sa
            "rule; what is left of its chain (1 incremental backup(s)" in out
     assert "Checked 1 complete backup(s) (1 full, 0 incremental): passed" in out
     assert "Incomplete" not in out
+
+
+def test_after_a_key_change_the_older_chains_are_said_to_need_the_old_key(sandbox):
+    new_key = "A new key, changed on purpose 2027"
+    chain(sandbox, incrementals=1)
+    ok(sandbox.backup({"force_full": "yes", "key": new_key}))
+    old_check, new_check = sandbox.keychecks()
+
+    result = ok(check(sandbox, key=new_key))
+    assert "Checked 3 complete backup(s) (2 full, 1 incremental): passed" in result.stdout
+    assert (f"the catalogues of the backups of the full backup "
+            f"{aab.describe_stamp(old_check.full)}: made with the key before it was changed "
+            f"(their key check {old_check.key}); check them with that key") in result.stdout
+    # the old key checks the old chain, and names the new one as of another key
+    out = failed(check(sandbox, key=KEY))
+    assert f"{new_check.key}: the key (argument 2) is not the key" in out
+    assert "The check found 1 problem(s)" in out

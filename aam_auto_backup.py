@@ -9143,6 +9143,16 @@ class BackupCheck:
 
     def run(self):
         check_seven_zip(self.settings)
+        try:
+            return self.check()
+        except aws_errors() as problem:          # s3_call let it pass: not the objects'
+            if not is_transient(problem):
+                raise
+            raise AamError(f"AWS S3 could not be reached ({describe_aws_error(problem)}) after "
+                           "retries; the check was not finished and not recorded: run it "
+                           "again.") from None
+
+    def check(self):
         session = aws_session(self.args.access_key_id, self.args.secret_access_key)
         self.s3 = aws_client(session, "s3", self.settings.region)
         self.list_location()
@@ -9287,8 +9297,7 @@ class BackupCheck:
         """An incremental holds the changes since a complete backup of its chain."""
         for source, manifest in sorted(manifests.items()):
             since = manifest.get("changed_since")
-            base = None if since == format_stamp(full) else since
-            if since is None or (full, base and parse_stamp(base)) not in complete:
+            if since not in {format_stamp(i or f) for f, i in complete}:
                 indicator = ObjectName(self.args.location, full, incremental, True, source).key
                 self.problem(f"{indicator}: it holds the changes since {since}, which is not "
                              "a complete backup in the bucket: files changed before it "

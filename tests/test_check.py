@@ -315,3 +315,15 @@ def test_after_a_key_change_the_older_chains_are_said_to_need_the_old_key(sandbo
     out = failed(check(sandbox, key=KEY))
     assert f"{new_check.key}: the key (argument 2) is not the key" in out
     assert "The check found 1 problem(s)" in out
+
+
+def test_an_s3_outage_stops_the_check_unrecorded_never_blaming_an_object(sandbox, proxy):
+    chain(sandbox, incrementals=0)
+    sandbox.endpoint_url = proxy.endpoint_url
+    proxy.fail_after(1, status=503, services={"s3"})          # the LIST, then nothing
+    out = failed(check(sandbox))
+    assert "AWS S3 could not be reached" in out and "run it again" in out
+    assert "PROBLEM" not in out
+    assert not os.path.exists(os.path.join(sandbox.state_dir, f"{sandbox.location}-"
+                              f"{aab.location_digest(sandbox.bucket, sandbox.location)}"
+                              ".health.json"))

@@ -9455,7 +9455,7 @@ class BackupCheck:
         go) and the monthly cost; {YYYYMM: (objects, bytes)}."""
         months = {}
         for listed in self.objects:
-            month = object_month(listed.key, self.args.location)
+            month = object_month(listed.key)
             counts = months.setdefault(month, [0, 0, 0, 0])  # objects, bytes, archived: n, bytes
             counts[0] += 1
             counts[1] += listed.size
@@ -9516,7 +9516,7 @@ class BackupCheck:
                           f"({problem.strerror or problem}).")
 
 
-def object_month(key, location):
+def object_month(key):
     """'YYYYMM' of an object of the location: its full backup's month (a key check's
     too), or 'other' for a name this program did not write."""
     name = ObjectName.parse(key) or KeyCheck.parse(key)

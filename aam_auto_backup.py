@@ -21,7 +21,7 @@ The module reads top to bottom in the order the data flows:
     child run                -> the per-mount pass: mirror, 7-Zip, validation
     upload                   -> volumes as DEEP_ARCHIVE, then the indicator
     backup operations        -> regular-backup, incremental-only-backup
-    restore operations       -> one-step and multi-step restoration, browse
+    restore operations       -> one-step and multi-step restoration, browse, check
     restore drill            -> a few volumes of the latest full backup, end to end
     Aam_Auto_Backup          -> dispatch on the operation argument
 """
@@ -1362,6 +1362,7 @@ DOWNLOAD_STEP = "download-to-local-computer-from-aws-s3"
 EXTRACT_STEP = "decompress-all-downloaded-backup-files"
 RESTORE_OPERATIONS = (ONE_STEP_RESTORE, THAW_STEP, STATUS_STEP, DOWNLOAD_STEP, EXTRACT_STEP)
 BROWSE_OPERATION = "browse-aws-backups"
+CHECK_OPERATION = "check-aws-backups"
 DRILL_OPERATION = "drill-aws-backups"
 USER_AGENT = "user"
 CHILD_AGENT = "ShadowSpawn"
@@ -2255,6 +2256,17 @@ BROWSE_ARGS = ArgTable(
         example="/home/ann/Documents/report.docx"),
 )
 
+# Browse's arguments 2 to 6, in its order: a browse's command line becomes a check's
+# by its first word (and without what to find).
+CHECK_ARGS = ArgTable(
+    CHECK_OPERATION,
+    dataclasses.replace(OPERATION_ROW, check=_choice(CHECK_OPERATION)),
+    dataclasses.replace(DECRYPTION_KEY, meaning=DECRYPTION_KEY.meaning + ": it opens "
+                        "every catalogue, and is compared with each chain's key check"),
+    BUCKET, LOCATION,
+    _restore_user(ACCESS_KEY_ID), _restore_user(SECRET_ACCESS_KEY),
+)
+
 # The restore drill: the browse's arguments, without a selection (the drill chooses
 # what to test), and how long the thawed copies stay.
 DRILL_ARGS = ArgTable(
@@ -2272,7 +2284,7 @@ DRILL_ARGS = ArgTable(
 )
 
 OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS, BROWSE_OPERATION: BROWSE_ARGS,
-                    DRILL_OPERATION: DRILL_ARGS,
+                    CHECK_OPERATION: CHECK_ARGS, DRILL_OPERATION: DRILL_ARGS,
                     **{op: BACKUP_ARGS for op in BACKUP_TABLE_OPERATIONS},
                     **{op: RESTORE_ARGS for op in RESTORE_OPERATIONS}}
 
@@ -2290,6 +2302,8 @@ OPERATION_SUMMARIES = {
     DOWNLOAD_STEP: "restore, step 3: download what is thawed",
     EXTRACT_STEP: "restore, step 4: decrypt and extract",
     BROWSE_OPERATION: "list the backups, and the versions of chosen files (no thaw)",
+    CHECK_OPERATION: "check every backup set of the location without a thaw (volumes, "
+                     "catalogues, the key), with the storage per month and its cost",
     DRILL_OPERATION: "restore drill: thaw, download and test a few volumes of the latest "
                      "full backup (run again to finish it once thawed)",
 }
@@ -2306,7 +2320,7 @@ def usage_text(operation):
              "operations:"]
     lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
               for op in BACKUP_TABLE_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,
-                                                                        DRILL_OPERATION)]
+                                                                        CHECK_OPERATION, DRILL_OPERATION)]
     lines.append("Run 'aam_auto_backup.py <operation> --help' to see its settings; "
                  "docs/reference.md has the details.")
     return "\n".join(lines)
@@ -2401,6 +2415,12 @@ def parse_browse_args(argv):
         except ValueError as problem:
             raise args.error("key", f"{problem} (it decrypts the catalogues that are "
                              "searched)")
+    check_key_pair(args)
+    return args
+
+
+def parse_check_args(argv):
+    args = CHECK_ARGS.parse(argv, CHECK_OPERATION)
     check_key_pair(args)
     return args
 
@@ -10008,7 +10028,13 @@ def fetch_catalogue(s3, args, platform, settings, described, directory):
     """Download (STANDARD: no thaw), verify and decrypt the catalogue described (an
     indicator's entry) into directory; its text file's path.  A download already
     there and matching is used as is.  Messages name the arguments of args' table
-    (a restore's or a browse's)."""
+    (a restore's, a browse's, a check's)."""
+    zip_path = download_catalogue(s3, args, described, directory)
+    return decrypt_catalogue(settings, platform, args, described, zip_path, directory)
+
+
+def download_catalogue(s3, args, described, directory):
+    """The catalogue's ZIP in directory, its size and SHA-256 the indicator's."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     zip_path = os.path.join(directory, CATALOGUE_ZIP)
     volume = RestoreVolume(described["name"], described["size"], described["sha256"],
@@ -10016,6 +10042,11 @@ def fetch_catalogue(s3, args, platform, settings, described, directory):
     if not file_matches(zip_path, volume):
         with s3_call(args.bucket, volume.key, args.table, "catalogue"):
             download_volume(s3, args.bucket, volume, "catalogue")
+    return zip_path
+
+
+def decrypt_catalogue(settings, platform, args, described, zip_path, directory):
+    """The catalogue's text file, decrypted with args.key (WrongKey: another key)."""
     unpacked = os.path.join(directory, "unpacking")
     code, output = run_seven_zip(settings, platform,
                                  seven_zip_extract_argv(zip_path, unpacked), args.key)
@@ -10033,6 +10064,471 @@ def fetch_browse_catalogue(s3, args, platform, settings, described, work):
     """A catalogue decrypted into the browse's temporary directory."""
     directory = os.path.join(work, hashlib.sha256(described["name"].encode()).hexdigest()[:16])
     return CatalogueFile(fetch_catalogue(s3, args, platform, settings, described, directory))
+
+
+# -- check: every set of the location verified without a thaw ------------------------
+
+HEALTH_DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"     # the health record's dates (UTC)
+
+
+class CheckFailed(AamError):
+    """check-aws-backups found problems; each was printed naming its object(s)."""
+
+
+@dataclasses.dataclass
+class ListedObject:
+    key: str
+    size: int
+    storage_class: str
+
+    @property
+    def archived(self):
+        return self.storage_class in ARCHIVED_CLASSES
+
+
+class BackupCheck:
+    """check-aws-backups: one LIST of the location, then every complete set verified
+    with GETs of STANDARD objects only (indicators, catalogues), never a thaw and
+    never a GET of a volume: each volume present at its indicator's size; each
+    catalogue's SHA-256 and that it opens with the key; the catalogue's pieces and
+    volumes those of the indicator; each incremental's base a complete backup; each
+    chain's key check the key's.  Incomplete sets and unused volumes are listed with
+    their bytes, the storage per month with its cost; the result goes to the health
+    record.  A set made by 1.0.0 (no catalogue) is checked at its volumes' sizes, and
+    what could not be checked is said."""
+
+    def __init__(self, args, platform, settings):
+        self.args, self.platform, self.settings = args, platform, settings
+        self.out = TerminalOutput(args.secrets)
+        self.problems = []        # each names its object(s)
+        self.not_checked = []     # what a set without a catalogue leaves unknown
+        self.unused = []          # (key, size): volumes of complete sets no indicator names
+        self.checked = []         # (full, incremental or None) of each complete set
+        self.read = {}            # (full, incremental) -> {source: manifest} read
+        self.gone = set()         # full backups the bucket's expiry rule removed
+        self.s3 = self.listing = None
+        self.objects = []
+
+    def problem(self, text):
+        self.problems.append(text)
+        self.out.line(f"PROBLEM: {text}")
+
+    def object_problem(self, error):
+        """An object that cannot be read is a problem of that object; keys that may not
+        read it stop the check (every object would fail alike)."""
+        if error.__context__ is not None and \
+                aws_error_code(error.__context__) in DENIED_CODES:
+            raise error
+        self.problem(str(error))
+
+    def s3_call(self, key=None, kind="object"):
+        """s3_call naming this operation's arguments (the bucket, the keys)."""
+        return s3_call(self.args.bucket, key, self.args.table, kind)
+
+    def run(self):
+        check_seven_zip(self.settings)
+        try:
+            return self.check()
+        except aws_errors() as problem:          # s3_call let it pass: not the objects'
+            if not is_transient(problem):
+                raise
+            raise AamError(f"AWS S3 could not be reached ({describe_aws_error(problem)}) after "
+                           "retries; the check was not finished and not recorded: run it "
+                           "again.") from None
+
+    def check(self):
+        session = aws_session(self.args.access_key_id, self.args.secret_access_key)
+        self.s3 = aws_client(session, "s3", self.settings.region)
+        self.list_location()
+        chains = self.sets_by_chain()
+        if not chains:
+            raise NoBackupSet(f"No backup of location {self.args.location} in bucket "
+                              f"{self.args.bucket}.")
+        with tempfile.TemporaryDirectory(prefix="aam-check-") as work:
+            complete = {}
+            for full, backups in chains:
+                complete.update(self.check_chain(full, backups, work))
+        self.report_incomplete(chains, complete)
+        self.report_unused()
+        self.report_unknown()
+        storage = self.storage_lines()
+        self.report_range()
+        self.report_result()
+        self.record(storage)
+        if self.problems:
+            raise CheckFailed(f"The check found {len(self.problems)} problem(s):\n  "
+                              + "\n  ".join(self.problems))
+        return EXIT_OK
+
+    # -- what is in the bucket ------------------------------------------------------
+    def list_location(self):
+        """Every object whose name starts with '<location>_' (one LIST, paged)."""
+        prefix = f"{self.args.location}_"
+        self.listing = BucketListing()
+        with self.s3_call():
+            pages = self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.args.bucket, Prefix=prefix)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    listed = ListedObject(item["Key"], item.get("Size", 0),
+                                          item.get("StorageClass", "STANDARD"))
+                    self.objects.append(listed)
+                    self.listing.add(listed.key, listed.size)
+
+    def sets_by_chain(self):
+        """[(full, [(incremental or None, [listed objects])])], oldest first: every backup
+        with an object in the bucket, each full with the incrementals that name it."""
+        backups = {}
+        for listed in self.objects:
+            name = ObjectName.parse(listed.key)
+            if name is not None:
+                backups.setdefault(name.full, {}).setdefault(name.incremental,
+                                                             []).append(listed)
+        return [(full, sorted(found.items(), key=lambda pair: pair[0] or full))
+                for full, found in sorted(backups.items())]
+
+    # -- one chain: a full backup and its incrementals ------------------------------
+    def check_chain(self, full, backups, work):
+        """Check every complete set of one chain; {(full, incremental): manifests}."""
+        if self.expired(full, backups):
+            return {}
+        complete, key_refused = {}, self.check_key(full)
+        for incremental, _objects in backups:
+            manifests = self.complete_manifests(full, incremental)
+            if manifests is None:
+                continue
+            before = len(self.problems)
+            complete[(full, incremental)] = manifests
+            self.checked.append((full, incremental))
+            if incremental is not None:
+                self.check_base(full, incremental, manifests, complete)
+            named = set()
+            for source, manifest in sorted(manifests.items()):
+                named.update(self.check_volumes(full, incremental, manifest))
+                self.check_catalogue(full, incremental, manifest, key_refused, work)
+            self.unused += [(stored.name.key, stored.size)
+                            for (f, i, _s), volumes in self.listing.volumes.items()
+                            if (f, i) == (full, incremental) for stored in volumes
+                            if stored.name.key not in named]
+            volumes = [v for manifest in manifests.values() for v in manifest["volumes"]]
+            self.out.line(f"{'ok' if len(self.problems) == before else 'DAMAGED':8s}"
+                          f"{describe_backup(full, incremental)}: {len(manifests)} "
+                          f"source(s), {len(volumes)} volume(s), "
+                          f"{sum(v['size'] for v in volumes):,} bytes")
+        if not any(m.get("catalogue") for ms in complete.values() for m in ms.values()) \
+                and complete and not self.listing.keychecks.get(full):
+            self.not_checked.append(f"the key of the backups of the full backup "
+                                    f"{describe_stamp(full)}: they have neither a "
+                                    "catalogue nor a key check (made by version 1.0.0)")
+        return complete
+
+    def expired(self, full, backups):
+        """The full backup is gone, every object of it, and it is older than Deep
+        Archive's minimum: the bucket's expiry rule (docs/aws-setup.md) removed it before
+        its incrementals, which no restore can use now.  Said, not a problem."""
+        if backups[0][0] is None or (utc_now() - full).days <= DEEP_ARCHIVE_MINIMUM_DAYS:
+            return False
+        size = sum(listed.size for _i, objects in backups for listed in objects)
+        self.out.line(f"gone    full backup {describe_stamp(full)}: removed by the bucket's "
+                      f"expiry rule; what is left of its chain ({len(backups)} incremental "
+                      f"backup(s), {size:,} bytes) is of no use to a restore and goes the "
+                      "same way")
+        self.gone.add(full)
+        return True
+
+    def check_key(self, full):
+        """Whether the chain's key check refuses the key (said once: its catalogues are
+        then not opened); True: refused.  A problem, unless a later chain's key check is
+        of the key: the key was changed on purpose since (docs/security.md), and what
+        the chain holds could not be checked with this one."""
+        checks = self.listing.keychecks.get(full, [])
+        if not checks or any(check.matches(self.args.key) for check in checks):
+            return False
+        if any(later > full and any(check.matches(self.args.key) for check in found)
+               for later, found in self.listing.keychecks.items()):
+            self.not_checked.append(
+                f"the catalogues of the backups of the full backup {describe_stamp(full)}: "
+                f"made with the key before it was changed (their key check {checks[0].key}); "
+                "check them with that key")
+            return True
+        self.problem(f"{checks[0].key}: the key ({self.args.ref('key')}) is not the key "
+                     f"the backups of the full backup {describe_stamp(full)} were made "
+                     "with; a restore of them needs their key (their catalogues were not "
+                     "opened)")
+        return True
+
+    def complete_manifests(self, full, incremental):
+        """{source: manifest} of a complete set, else None (an indicator that cannot be
+        read is a problem, and its source counts as without one)."""
+        present = self.listing.indicators.get((full, incremental), {})
+        manifests = self.read[(full, incremental)] = {}
+        for source, stored in sorted(present.items()):
+            try:
+                manifests[source] = read_manifest(self.s3, self.args.bucket, stored.name.key,
+                                                  self.args.table)
+            except AamError as problem:
+                self.object_problem(problem)
+        declared = {tuple(manifest["sources"]) for manifest in manifests.values()}
+        if len(declared) > 1:
+            self.problem(f"the completion indicators of the {describe_backup(full, incremental)} "
+                         f"name different sources: {', '.join(sorted(manifests))}")
+            return None
+        if not declared or any(source not in manifests for source in declared.pop()):
+            return None
+        return manifests
+
+    def check_base(self, full, incremental, manifests, complete):
+        """An incremental holds the changes since a complete backup of its chain."""
+        for source, manifest in sorted(manifests.items()):
+            since = manifest.get("changed_since")
+            if since not in {format_stamp(i or f) for f, i in complete}:
+                indicator = ObjectName(self.args.location, full, incremental, True, source).key
+                self.problem(f"{indicator}: it holds the changes since {since}, which is not "
+                             "a complete backup in the bucket: files changed before it "
+                             "cannot be restored as of this backup")
+                return
+
+    def check_volumes(self, full, incremental, manifest):
+        """Each volume the indicator names is in the bucket at its size; the names."""
+        pieces = manifest_pieces(manifest)
+        in_pieces = [entry["name"] for _number, entries in pieces for entry in entries]
+        indicator = ObjectName(self.args.location, full, incremental, True,
+                               manifest["source"]).key
+        if in_pieces != [entry["name"] for entry in manifest["volumes"]]:
+            self.problem(f"{indicator}: its pieces do not name the volumes its volume list "
+                         "does")
+        for piece, entries in pieces:
+            _volumes, problems = volumes_of(manifest, self.listing, full, incremental,
+                                            lambda _key: None, piece, entries)
+            for text in problems:
+                self.problem(f"{text} (named by {indicator})")
+        return set(in_pieces)
+
+    # -- the catalogue ----------------------------------------------------------
+    def check_catalogue(self, full, incremental, manifest, key_refused, work):
+        """GET the catalogue (STANDARD), check its SHA-256, open it with the key, and
+        compare what it says of the backup with the indicator."""
+        described, problems = catalogue_of(manifest, self.listing, full, incremental)
+        what = f"{manifest['source_path']} in the {describe_backup(full, incremental)}"
+        if described is None:
+            self.not_checked.append(f"the contents of {what}: no catalogue (made by version "
+                                    "1.0.0); its volumes are present at their sizes")
+            return
+        for text in problems:
+            self.problem(f"{text} (the catalogue of {what})")
+        if problems:
+            return
+        directory = os.path.join(work, hashlib.sha256(
+            described["name"].encode()).hexdigest()[:16])
+        try:
+            zip_path = download_catalogue(self.s3, self.args, described, directory)
+            if not key_refused:
+                self.open_catalogue(described, manifest, zip_path, directory)
+        except AamError as problem:
+            self.object_problem(problem)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def open_catalogue(self, described, manifest, zip_path, directory):
+        try:
+            text_path = decrypt_catalogue(self.settings, self.platform, self.args, described,
+                                          zip_path, directory)
+        except WrongKey:
+            raise AamError(f"{described['name']}: the catalogue does not open with the key "
+                           f"({self.args.ref('key')})") from None
+        try:
+            catalogue = CatalogueFile(text_path)
+            entries = sum(1 for _entry in catalogue)
+        except (OSError, ValueError) as problem:
+            raise AamError(f"{described['name']}: the catalogue cannot be read ({problem})")
+        for difference in catalogue_differences(catalogue, entries, described, manifest):
+            self.problem(f"{described['name']}: {difference}")
+
+    # -- what is not a complete set ---------------------------------------------
+    def report_incomplete(self, chains, complete):
+        """Each backup with objects but not complete: its bytes, and whether the pending
+        backup of this computer's journal continues it."""
+        pending = self.pending_backup()
+        newest = max((incremental or full for full, incremental in complete), default=None)
+        found = False
+        for full, backups in chains:
+            for incremental, objects in backups:
+                if (full, incremental) in complete or full in self.gone:
+                    continue
+                if not found:
+                    self.out.line("")
+                    self.out.line("Incomplete backups (no restore uses them):")
+                    found = True
+                self.describe_incomplete(full, incremental, objects, pending, newest)
+
+    def describe_incomplete(self, full, incremental, objects, pending, newest):
+        made = incremental or full
+        size = sum(listed.size for listed in objects)
+        missing = self.sources_without_indicator(full, incremental)
+        self.out.line(f"  the {describe_backup(full, incremental)}: {len(objects)} object(s), "
+                      f"{size:,} bytes" + (f"; no completion indicator for "
+                                           f"{', '.join(missing)}" if missing else ""))
+        for listed in sorted(objects, key=lambda o: o.key):
+            self.out.line(f"    {listed.key} ({listed.size:,} bytes)")
+        if pending == (full, incremental):
+            self.out.line("    pending: the next backup continues it (this computer's "
+                          "journal records it)")
+        elif newest is None or made > newest:
+            self.problem(f"the {describe_backup(full, incremental)} is not complete, is newer "
+                         "than every complete backup, and no journal on this computer "
+                         "continues it: the latest backups did not finish (objects above)")
+        else:
+            self.out.line("    given up (no journal on this computer records it): its "
+                          "objects stay unused until removed")
+
+    def sources_without_indicator(self, full, incremental):
+        """The sources the set's readable indicators name and that have none."""
+        declared = {source for manifest in self.read.get((full, incremental), {}).values()
+                    for source in manifest["sources"]}
+        return sorted(declared - set(self.listing.indicators.get((full, incremental), {})))
+
+    def pending_backup(self):
+        """(full, incremental or None) of the backup this computer's journal records, or
+        None; read only (a backup running now may be writing it)."""
+        import sqlite3
+        import pathlib
+        path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+        if not os.path.exists(path):
+            return None
+        try:
+            journal = Journal(path, sqlite3.connect(
+                pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=ro", uri=True))
+        except (sqlite3.Error, ValueError, TypeError, JournalDamaged):
+            return None
+        try:
+            backup = journal.backup
+            full = parse_stamp(backup["full"])
+            return full, (None if backup["scope"] == Scope.FULL.word
+                          else parse_stamp(backup["stamp"]))
+        finally:
+            journal.close()
+
+    def report_unused(self):
+        if not self.unused:
+            return
+        size = sum(size for _key, size in self.unused)
+        self.out.line("")
+        self.out.line(f"Unused volumes of complete backups (of a piece that was lost; no "
+                      f"restore reads them): {len(self.unused)} volume(s), {size:,} bytes:")
+        for key, size in sorted(self.unused):
+            self.out.line(f"  {key} ({size:,} bytes)")
+
+    def report_unknown(self):
+        """Objects under the location's prefix that this program did not name."""
+        unknown = [listed for listed in self.objects if ObjectName.parse(listed.key) is None
+                   and KeyCheck.parse(listed.key) is None]
+        if unknown:
+            self.out.line("")
+            self.out.line(f"Objects not written by {PROGRAM_NAME} (not checked): "
+                          + ", ".join(listed.key for listed in unknown))
+
+    # -- storage, restore points, the result ------------------------------------
+    def storage_lines(self):
+        """Print the storage per UTC month (of the full backup, as the names' prefixes
+        go) and the monthly cost; {YYYYMM: (objects, bytes)}."""
+        months = {}
+        for listed in self.objects:
+            month = object_month(listed.key)
+            counts = months.setdefault(month, [0, 0, 0, 0])  # objects, bytes, archived: n, bytes
+            counts[0] += 1
+            counts[1] += listed.size
+            if listed.archived:
+                counts[2] += 1
+                counts[3] += listed.size
+        self.out.line("")
+        self.out.line(f"Storage (by the month of each full backup; estimated monthly cost at "
+                      f"us-east-1 prices of {PRICES_TAKEN}: Deep Archive "
+                      f"${STORAGE_PRICES[DEEP_ARCHIVE]}, STANDARD "
+                      f"${STORAGE_PRICES['STANDARD']} per GB-month):")
+        self.out.line(f"  {'month':8s} {'objects':>8s} {'bytes':>17s} {'per month':>18s}")
+        total = [0, 0, 0.0]
+        for month, (objects, size, archived, archived_size) in sorted(months.items()):
+            cost = storage_cost(archived_size, archived, size - archived_size)
+            total = [total[0] + objects, total[1] + size, total[2] + cost]
+            self.out.line(f"  {month:8s} {objects:>8,} {size:>17,} {format_dollars(cost):>18s}")
+        self.out.line(f"  {'total':8s} {total[0]:>8,} {total[1]:>17,} "
+                      f"{format_dollars(total[2]):>18s}")
+        return {month: counts[:2] for month, counts in months.items()}
+
+    def report_range(self):
+        if not self.checked:
+            self.out.line("Restore points: none (no complete backup)")
+            return
+        points = sorted(incremental or full for full, incremental in self.checked)
+        self.out.line(f"Restore points: {len(points)}, from {describe_stamp(points[0])} to "
+                      f"{describe_stamp(points[-1])}")
+
+    def report_result(self):
+        if not self.checked:
+            self.problem(f"no complete backup of location {self.args.location}: nothing "
+                         "can be restored from the bucket yet")
+        fulls = sum(1 for _full, incremental in self.checked if incremental is None)
+        self.out.line(f"Checked {len(self.checked)} complete backup(s) ({fulls} full, "
+                      f"{len(self.checked) - fulls} incremental): "
+                      + (f"{len(self.problems)} problem(s)" if self.problems else "passed"))
+        if self.not_checked:
+            self.out.line("Not checked:")
+            for text in self.not_checked:
+                self.out.line(f"  {text}")
+
+    def record(self, storage):
+        """The result and the storage per month go to the health record (check lists
+        every month, so the months it did not find are no longer stored)."""
+        date = utc_now().strftime(HEALTH_DATE_FORMAT)
+        record = HealthRecord(self.settings.state_dir, self.args.bucket, self.args.location)
+        try:
+            record.update("check", {"date": date,
+                                    "result": "failed" if self.problems else "passed",
+                                    "problems": len(self.problems), "sets": len(self.checked),
+                                    "not_checked": self.not_checked})
+            record.update("storage", {month: {"objects": objects, "bytes": size,
+                                              "listed": date}
+                                      for month, (objects, size) in storage.items()})
+        except OSError as problem:
+            self.out.line(f"Warning: the health record {record.path} cannot be written "
+                          f"({problem.strerror or problem}).")
+
+
+def object_month(key):
+    """'YYYYMM' of an object of the location: its full backup's month (a key check's
+    too), or 'other' for a name this program did not write."""
+    name = ObjectName.parse(key) or KeyCheck.parse(key)
+    if name is not None:
+        return f"{name.full:%Y%m}"
+    return "other"
+
+
+def catalogue_differences(catalogue, entries, described, manifest):
+    """What a catalogue says of its backup that differs from its indicator."""
+    header = catalogue.header
+    expected = {"source": manifest["source"], "full_backup": manifest.get("full_backup"),
+                "backup": manifest.get("backup"), "kind": described.get("kind"),
+                "base": described.get("base")}
+    found = [f"its header says {field} {header.get(field)!r}, the indicator {value!r}"
+             for field, value in expected.items()
+             if value is not None and header.get(field) != value]
+    if described.get("entries") is not None and entries != described["entries"]:
+        found.append(f"it holds {entries:,} entries, the indicator says {described['entries']:,}")
+    if catalogue.version == 1:
+        archive = header.get("archive") or {}
+        said, held = archive.get("volumes", 0), len(manifest["volumes"])
+        if said != held:
+            found.append(f"it says its archive has {said} volume(s), the indicator names "
+                         f"{held}")
+        return found
+    said = [(piece["number"], piece["volumes"], piece["central_directory_volume"])
+            for piece in header.get("pieces", [])]
+    held = [(piece["number"], len(piece["volumes"]), piece["central_directory_volume"])
+            for piece in manifest.get("pieces", [])]
+    if said != held:
+        found.append(f"its pieces (number, volumes, central directory volume) {said} are "
+                     f"not the indicator's {held}")
+    return found
 
 
 # -- the five operations -------------------------------------------------------------
@@ -10601,6 +11097,10 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
                 args = parse_browse_args(argv)
                 settings = self.settings()
                 return self.with_signals(lambda: browse(args, self.platform, settings))
+            if operation == CHECK_OPERATION:
+                args = parse_check_args(argv)
+                settings = self.settings()
+                return self.with_signals(BackupCheck(args, self.platform, settings).run)
             if operation == DRILL_OPERATION:
                 args = parse_drill_args(argv)
                 settings = self.settings()

@@ -109,6 +109,7 @@ TABLE_HEADINGS = {   # a heading of docs/reference.md -> the operation whose tab
     "Restoration": "one-step-aws-data-restoration",
     "browse-aws-backups": "browse-aws-backups",
     "drill-aws-backups": "drill-aws-backups",
+    "check-aws-backups": "check-aws-backups",
     "The child pass": "ShadowSpawn",
 }
 

@@ -4897,6 +4897,7 @@ class RunUploads:
         # submit() may be called from s3transfer's threads (PieceUploader): once close()
         # has begun, nothing new starts, so that a cancel ends every upload there is.
         self.lock, self.closing = threading.Lock(), False
+        self.futures = []          # of the uploads begun, those not known to have ended
 
     def submit(self, source, key, subscribers=(), **extra_args):
         """Start uploading a file (a path or a binary file object) as key, multipart
@@ -4905,8 +4906,10 @@ class RunUploads:
         with self.lock:
             if self.closing:
                 raise RuntimeError(f"the uploads of this run have ended; {key} was not begun")
-            return self.manager.upload(source, self.bucket, key, extra_args,
-                                       list(subscribers) or None)
+            future = self.manager.upload(source, self.bucket, key, extra_args,
+                                         list(subscribers) or None)
+            self.futures = [f for f in self.futures if not f.done()] + [future]
+            return future
 
     def unreported_bytes(self, size):
         """At most how many of an upload's bytes its subscribers have not heard of, all
@@ -4944,7 +4947,12 @@ class RunUploads:
         end them (s3transfer aborts their multipart uploads)."""
         with self.lock:
             self.closing = True
-        self.manager.shutdown(cancel=cancel, cancel_msg="the backup run was interrupted")
+        if cancel:
+            # each future itself: TransferManager.shutdown(cancel=True) passes its
+            # arguments on in the wrong order (s3transfer 0.17) and fails
+            for future in self.futures:
+                future.cancel()
+        self.manager.shutdown()
 
 
 def sha256_of(path):

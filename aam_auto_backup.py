@@ -5264,15 +5264,19 @@ class PieceUploader:
                 os.remove(upload.path)
             self.end_pieces()
 
+    def wait_for_change(self, timeout):
+        """Wait until an upload has sent its last byte or ended, or timeout seconds."""
+        self.changed.wait(timeout)
+        self.changed.clear()
+
     def drain(self):
         """poll until every final volume there is has gone up (or failed)."""
         while True:
-            self.changed.clear()
             self.poll()
             with self.lock:
                 if not self.queue:
                     return
-            self.changed.wait(UPLOAD_POLL_SECONDS)
+            self.wait_for_change(UPLOAD_POLL_SECONDS)
 
     # -- the link: one volume sending, the one before awaiting S3's answer -----------
     def link_changed(self):
@@ -5376,13 +5380,16 @@ class PieceUploader:
         self.end_pieces()
 
     def take(self, upload):
+        """An upload that ended: its volume recorded (or the error kept), and deleted."""
         upload.progress.close()
+        uploaded = False
         try:
             if upload.failure is not None:
                 raise upload.failure
             self.uploads.result(upload.future, upload.key, "volume")
             self.uploaded_records.setdefault(upload.piece, []).append(upload.record())
             self.uploaded += upload.size
+            uploaded = True
         except Interrupted:
             raise
         except FileNotFoundError:
@@ -5391,7 +5398,8 @@ class PieceUploader:
             self.error = self.error or problem
         with contextlib.suppress(OSError):
             os.remove(upload.path)
-        checkpoint("volume-uploaded")
+        if uploaded:
+            checkpoint("volume-uploaded")
 
     def end_pieces(self):
         """End, in order, each piece whose 7-Zip has ended and whose volumes are up."""
@@ -6627,7 +6635,7 @@ class BackupRun:
             written = uploader.uploaded_bytes() + directory_size(uploader.archive_dir)
             if written and progress.terminal:
                 progress.set(written)
-        step.close = progress.close
+        step.close, step.wait = progress.close, uploader.wait_for_change
         return step
 
     def run_child_process(self, argv, output, while_running=None):
@@ -6647,11 +6655,16 @@ class BackupRun:
     def wait_child_process(self, process, while_running=None):
         try:
             while True:
-                try:
-                    status = process.wait(UPLOAD_POLL_SECONDS if while_running else None)
+                if while_running is None:
+                    status = process.wait()
                     break
-                except subprocess.TimeoutExpired:
-                    while_running()
+                status = process.poll()
+                if status is not None:
+                    break
+                # at once when an upload ends: its volume is deleted (7-Zip may go on) and
+                # a piece whose last volume it was is recorded without delay
+                while_running.wait(UPLOAD_POLL_SECONDS)
+                while_running()
         except BaseException:
             if while_running:
                 while_running.close()

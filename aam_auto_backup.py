@@ -25,6 +25,7 @@ The module reads top to bottom in the order the data flows:
     Aam_Auto_Backup          -> dispatch on the operation argument
 """
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -1274,6 +1275,10 @@ def month_prefixes(location, now, months=MONTHS_SCANNED):
 REGULAR_BACKUP = "regular-backup"
 INCREMENTAL_ONLY_BACKUP = "incremental-only-backup"
 BACKUP_OPERATIONS = (REGULAR_BACKUP, INCREMENTAL_ONLY_BACKUP)
+# What a regular-backup with the same arguments would do, told without doing it: it takes
+# the backup's table, so that a scheduled command line or settings file is tried as it is.
+PREVIEW_BACKUP = "preview-backup"
+BACKUP_TABLE_OPERATIONS = BACKUP_OPERATIONS + (PREVIEW_BACKUP,)
 ONE_STEP_RESTORE = "one-step-aws-data-restoration"
 THAW_STEP = "restore-to-aws-s3-from-aws-s3-glacier-deep-archive"
 STATUS_STEP = "check-aws-s3-restoration-status"
@@ -2069,10 +2074,11 @@ class Arguments:
 
 
 BACKUP_ARGS = ArgTable(
-    "regular-backup|incremental-only-backup",
-    dataclasses.replace(OPERATION_ROW, check=_choice(*BACKUP_OPERATIONS),
-                        meaning="regular-backup (daily, scheduled) or "
-                                "incremental-only-backup (by hand)"),
+    "|".join(BACKUP_TABLE_OPERATIONS),
+    dataclasses.replace(OPERATION_ROW, check=_choice(*BACKUP_TABLE_OPERATIONS),
+                        meaning="regular-backup (daily, scheduled), "
+                                "incremental-only-backup (by hand), or preview-backup "
+                                "(what regular-backup would do, doing nothing)"),
     Arg("agent", "execution agent", _choice(USER_AGENT),
         meaning="the execution agent: user (the child pass is started with another)",
         named_default=USER_AGENT),
@@ -2165,7 +2171,7 @@ BROWSE_ARGS = ArgTable(
 )
 
 OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS, BROWSE_OPERATION: BROWSE_ARGS,
-                    **{op: BACKUP_ARGS for op in BACKUP_OPERATIONS},
+                    **{op: BACKUP_ARGS for op in BACKUP_TABLE_OPERATIONS},
                     **{op: RESTORE_ARGS for op in RESTORE_OPERATIONS}}
 
 
@@ -2173,6 +2179,8 @@ OPERATION_SUMMARIES = {
     REGULAR_BACKUP: "the daily backup: the mirror, and a full or incremental backup to "
                     "S3 Glacier Deep Archive",
     INCREMENTAL_ONLY_BACKUP: "a quick incremental backup by hand (never a full one)",
+    PREVIEW_BACKUP: "what regular-backup would do with the same settings, doing "
+                    "nothing (it only lists S3)",
     ONE_STEP_RESTORE: "restore from Deep Archive in one command (thaw, wait, download, "
                       "extract)",
     THAW_STEP: "restore, step 1: plan and request the thaw",
@@ -2193,7 +2201,7 @@ def usage_text(operation):
              "values as \"\")",
              "operations:"]
     lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
-              for op in BACKUP_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
+              for op in BACKUP_TABLE_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
     lines.append("Run 'aam_auto_backup.py <operation> --help' to see its settings; "
                  "docs/reference.md has the details.")
     return "\n".join(lines)
@@ -2498,6 +2506,7 @@ class BackupPlan:
     sources: list                 # SourcePlan, in mount order
     notes: list                   # lines for the log (ignored, covered, excluded)
     listed: list                  # the existing directories to back up
+    instructions: object = None   # the Instructions it was made from (their line numbers)
 
 
 def _relative(path, mount, platform):
@@ -2547,7 +2556,7 @@ def plan_backup(instructions, platform, extra_excluded=()):
         excluded_file_paths=relative_to(mount, file_paths),
         dir_patterns=dir_patterns, file_patterns=file_patterns)
         for mount in compute_mounts(covered, platform)]
-    return BackupPlan(sources, notes, covered)
+    return BackupPlan(sources, notes, covered, instructions)
 
 
 def existing_listed(instructions, platform, notes):
@@ -3370,9 +3379,14 @@ class Journal:
         if not os.path.exists(path):
             return None
         try:
-            return cls(path, sqlite3.connect(path))
+            return cls(path, cls.connect(path))
         except (sqlite3.Error, ValueError, TypeError) as problem:
             raise JournalDamaged(f"the journal {path} cannot be read ({problem})")
+
+    @staticmethod
+    def connect(path):
+        import sqlite3
+        return sqlite3.connect(path)
 
     def new_attempt(self):
         with self.db:
@@ -3496,6 +3510,80 @@ class Journal:
         self.db.close()
 
 
+class JournalView(Journal):
+    """The pending backup's journal opened read-only, for a preview: the backup's own
+    decision code (continue_pending, abandon, keep_done_pieces) runs on it unchanged, and
+    what it would write is kept here instead: the pieces it would drop, whether it would
+    give the backup up.  SQLite refuses any write on the connection (mode=ro), so a
+    preview cannot change the journal even by mistake."""
+
+    def __init__(self, path, db):
+        super().__init__(path, db)
+        self.dropped = set()          # numbers of the done pieces a backup would drop
+        self.given_up = False
+        self.copy_dir = None          # the rolled-back copy's temporary directory, if any
+
+    @staticmethod
+    def connect(path):
+        return read_only_connection(path)
+
+    @classmethod
+    def open(cls, path):
+        """As Journal.open.  A journal whose last transaction was cut off (a kill or a power
+        cut while SQLite wrote: its rollback journal is beside it) cannot be read
+        read-only, since reading it means rolling it back, as the backup's first read
+        does: that is done on a copy in a temporary directory, removed on close."""
+        try:
+            return super().open(path)
+        except JournalDamaged as problem:
+            if not os.path.exists(path + "-journal"):
+                raise
+            return cls.rolled_back_copy(path, problem)
+
+    @classmethod
+    def rolled_back_copy(cls, path, problem):
+        import sqlite3
+        directory = tempfile.mkdtemp(prefix="aam-preview-")      # owner-only
+        copy = os.path.join(directory, os.path.basename(path))
+        try:
+            for suffix in ("", "-journal"):
+                shutil.copyfile(path + suffix, copy + suffix)
+            view = cls(copy, sqlite3.connect(copy))
+        except (OSError, sqlite3.Error, ValueError, TypeError):
+            shutil.rmtree(directory, ignore_errors=True)
+            raise problem from None
+        view.copy_dir = directory
+        return view
+
+    def drop_piece(self, number, source):
+        self.dropped.add(number)
+
+    def forget_catalogue(self, name):
+        pass                          # a backup makes the source's catalogue again
+
+    def new_orphans(self, orphans):
+        """The (name, size) of orphans a backup would name now (not named before)."""
+        return [(name, size) for name, size in orphans if self.db.execute(
+            "SELECT 1 FROM orphan WHERE name = ?", (name,)).fetchone() is None]
+
+    def delete(self):
+        self.given_up = True
+        self.close()
+
+    def close(self):
+        super().close()
+        if self.copy_dir:
+            shutil.rmtree(self.copy_dir, ignore_errors=True)
+
+
+def read_only_connection(path):
+    """An SQLite connection that cannot write the file (nor make a -journal beside it)."""
+    import pathlib
+    import sqlite3
+    uri = pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+    return sqlite3.connect(uri, uri=True)
+
+
 def journal_errors():
     """The exceptions of SQLite (the journal's file is damaged, the disk is full)."""
     import sqlite3
@@ -3519,18 +3607,18 @@ class DoneEntries:
     is superseded: a restore must not extract it whole (docs/restore.md).
     """
 
-    def __init__(self, journal_file, source):
-        import sqlite3
-        import pathlib
-        uri = pathlib.Path(os.path.abspath(journal_file)).as_uri() + "?mode=ro"
-        self.db = sqlite3.connect(uri, uri=True)
+    def __init__(self, journal_file, source, dropped=()):
+        self.db = read_only_connection(journal_file)
         self.rows = self.db.execute("SELECT key, piece, line FROM entry WHERE source = ? "
                                     "ORDER BY key", (source,))
+        self.dropped = set(dropped)   # a preview's: pieces a backup would drop (JournalView)
         self.pending = self.next_row()
         self.superseded = set()
 
     def next_row(self):
         row = self.rows.fetchone()
+        while row is not None and row[1] in self.dropped:
+            row = self.rows.fetchone()
         return None if row is None else (row[0].decode("utf-8", "surrogatepass"),
                                          row[1], row[2])
 
@@ -3643,6 +3731,32 @@ class RunLog:
     def close(self):
         if not self.handle.closed:
             self.handle.close()
+
+
+class TerminalOutput:
+    """The multi-step operations write no log (the original design's choice), nor do browse
+    and the preview: terminal only.
+
+    Same interface as RunLog; tool output (terminal=False) is not shown.
+    """
+
+    path = None
+
+    def __init__(self, secrets):
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len,
+                              reverse=True)
+
+    scrub = RunLog.scrub
+
+    def section(self, heading):
+        pass
+
+    def line(self, text="", terminal=True):
+        if terminal:
+            print(self.scrub(str(text)), flush=True)
+
+    def close(self):
+        pass
 
 
 def format_bytes(count):
@@ -4668,8 +4782,8 @@ class PieceWriter:
 
     def add(self, walked):
         """List one entry; the number of the list it went into."""
-        size = 0 if stat.S_ISDIR(walked.st.st_mode) else walked.st.st_size
-        if self.handle is not None and self.bytes + size > self.piece_size:
+        size = content_size(walked.st)
+        if self.handle is not None and starts_a_piece(self.bytes, size, self.piece_size):
             self.handle.close()
             self.handle, self.number, self.bytes = None, self.number + 1, 0
         if self.handle is None:
@@ -4686,6 +4800,18 @@ class PieceWriter:
     def close(self):
         if self.handle is not None:
             self.handle.close()
+
+
+def content_size(st):
+    """The bytes of file content an entry puts into a piece (a directory: none)."""
+    return 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+
+
+def starts_a_piece(piece_bytes, size, piece_size):
+    """Whether an entry of size bytes begins a new piece after the open one, which holds
+    piece_bytes: a piece holds about piece_size bytes of file content at most (a larger
+    file is a piece of its own)."""
+    return piece_bytes + size > piece_size
 
 
 def piece_list(directory, number):
@@ -5636,6 +5762,19 @@ class SourceCatalogue:
         entries of this source, the journal; base_note says which state, for the log.
         verify=False: the early child's guess, not read through yet (check_early_child
         does before it may go on)."""
+        self.find_base(verify)
+        run = self.run
+        journal = run.journal
+        self.first_piece = journal.next_piece() if journal else 1
+        reuse = journal is not None and journal.has_entries(self.name)
+        _write_private_text(self.path(CATALOGUE_BASE), json.dumps({
+            "state": self.base, "first_piece": self.first_piece,
+            "piece_size": run.settings.piece_size,
+            "journal": journal.path if reuse else None, "source": self.name}))
+
+    def find_base(self, verify=True):
+        """Find the local state to compare with, and say which (base, base_note); only
+        reads (a preview uses it too)."""
         run = self.run
         if run.scope is Scope.INCREMENTAL:
             self.base, problem = run.local_state_to_compare(self, verify)
@@ -5650,13 +5789,6 @@ class SourceCatalogue:
                     f"latest complete backup {describe_stamp(run.since)} cannot be used: "
                     f"{why}. Files are selected by their times alone, and this backup's "
                     "catalogue lists the whole tree.")
-        journal = run.journal
-        self.first_piece = journal.next_piece() if journal else 1
-        reuse = journal is not None and journal.has_entries(self.name)
-        _write_private_text(self.path(CATALOGUE_BASE), json.dumps({
-            "state": self.base, "first_piece": self.first_piece,
-            "piece_size": run.settings.piece_size,
-            "journal": journal.path if reuse else None, "source": self.name}))
 
     def header(self, pieces):
         run = self.run
@@ -5841,6 +5973,7 @@ class BackupRun:
         self.latest_full = None      # latest complete sets, for log and report
         self.latest_incremental = None
         self.session = self.s3 = None
+        self.listing = None          # BucketListing of what query_s3 listed
         self.uploads = None          # RunUploads: every upload of the run, one rate limit
         self.work_dir = None
         self.work_dir_made = False
@@ -5918,6 +6051,9 @@ class BackupRun:
                 self.open_journal_for(plan)
             if self.local or self.aws:          # else S3 failed for an AWS-only run: reported
                 try:
+                    if self.aws:
+                        self.uploads = RunUploads(self.s3, self.args.bucket,
+                                                  transfer_config(self.settings.upload_limit))
                     self.create_work_dir()
                     self.back_up_sources(plan)
                 except SourceStopped as stopped:
@@ -5948,9 +6084,13 @@ class BackupRun:
         self.log.section(SECTION_START)
         self.log.line(f"Backup started {describe_stamp(self.start)} "
                       f"({local_time_text(self.start)})")
-        self.work_dir = os.path.join(self.settings.temp_root,
-                                     f"{self.args.location}{format_stamp(self.start)}")
+        self.work_dir = self.work_dir_path()
         self.remove_leftovers()
+
+    def work_dir_path(self):
+        """This run's work directory: made when first needed; the plan excludes it."""
+        return os.path.join(self.settings.temp_root,
+                            f"{self.args.location}{format_stamp(self.start)}")
 
     def plan_and_decide(self):
         """The instruction file's plan, and (with AWS) the full/incremental decision."""
@@ -6094,8 +6234,6 @@ class BackupRun:
         try:
             self.session = aws_session(self.args.access_key_id, self.args.secret_access_key)
             self.s3 = aws_client(self.session, "s3", self.settings.region)
-            self.uploads = RunUploads(self.s3, self.args.bucket,
-                                      transfer_config(self.settings.upload_limit))
             self.listing = self.list_bucket(sources, pending)
         except aws_errors() as problem:
             cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
@@ -6149,17 +6287,25 @@ class BackupRun:
         self.aws = False
 
     # -- the pending backup: continue it, or abandon it ---------------------
+    def journal_path(self):
+        return journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+
+    journal_kind = Journal           # a preview's: JournalView (read-only)
+
     def pending_journal(self):
         """The journal of a backup an earlier run did not finish, or None."""
-        path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+        path = self.journal_path()
         try:
-            return Journal.open(path)
+            return self.journal_kind.open(path)
         except JournalDamaged as problem:
-            self.log.line(f"Warning: {problem}: the backup it records cannot be continued; "
-                          "the journal is removed, and the volumes that backup left in S3 "
-                          "are named below as unused.")
-            remove_journal_files(path)
+            self.drop_damaged_journal(path, problem)
             return None
+
+    def drop_damaged_journal(self, path, problem):
+        self.log.line(f"Warning: {problem}: the backup it records cannot be continued; "
+                      "the journal is removed, and the volumes that backup left in S3 "
+                      "are named below as unused.")
+        remove_journal_files(path)
 
     def continue_pending(self, journal, sources):
         """Continue the pending backup when the rules allow (True), else abandon it."""
@@ -6309,7 +6455,7 @@ class BackupRun:
                               for s in plan.sources],
                   "piece_size": self.settings.piece_size,
                   "volume_size": self.settings.volume_size}
-        path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+        path = self.journal_path()
         try:
             self.journal = Journal.create(path, backup)
         except (OSError, AamError) + journal_errors() as problem:
@@ -6326,12 +6472,13 @@ class BackupRun:
         changed = self.instruction_file_changed()
         if self.regular:
             if self.args.force_full:
-                reason = "forced by argument 21"
+                reason = f"forced by argument {BACKUP_ARGS.number('force_full')}"
             elif full is None:
                 reason = f"no complete full backup of the {len(sources)} current sources {where}"
             elif self.args.auto_force_full and changed > full:
                 reason = (f"the instruction file changed ({describe_stamp(changed)}) after "
-                          "the latest complete full backup (argument 22)")
+                          "the latest complete full backup (argument "
+                          f"{BACKUP_ARGS.number('auto_force_full')})")
             else:
                 reason = None
             if reason:
@@ -6346,7 +6493,8 @@ class BackupRun:
             if self.args.auto_force_full and changed > full:
                 raise Refused(f"The instruction file changed ({describe_stamp(changed)}) "
                               "after the latest complete full backup, so a full backup is "
-                              "required (argument 22); run a regular backup instead.")
+                              f"required (argument {BACKUP_ARGS.number('auto_force_full')}); "
+                              "run a regular backup instead.")
         self.scope, self.base_full = Scope.INCREMENTAL, full
         self.since = self.latest_incremental or full
         self.log.line(f"Backup scope: incremental, based on the full backup "
@@ -7022,6 +7170,447 @@ class BackupRun:
                           "because the report was not sent.")
 
 
+# -- preview-backup: what a regular-backup would do, told without doing it -------------
+
+EXAMPLES_SHOWN = 3       # paths shown of what each exclusion removed
+# What a ZIP entry adds to its bytes with AES-256 (7-Zip, measured: about 160 bytes and its
+# path twice, in its local and its central header; Zip64 fields for a big file): 256 and
+# the path twice bound it.  Data that does not compress is stored as it is (-mx1 gives
+# -mx0's size on random bytes), so no file's bytes grow.
+ZIP_ENTRY_BYTES = 256
+ZIP_END_BYTES = 1024     # the end of the central directory, its Zip64 records included
+
+
+class PreviewOutput(TerminalOutput):
+    """The preview's one output, the terminal (it writes no log file, as browse does not):
+    everything the backup's steps say, the lines a backup writes to its log alone too."""
+
+    def line(self, text="", terminal=True):
+        super().line(text)
+
+
+class Counted:
+    """Files (a symbolic link counts as one, as in a backup's file count) and bytes."""
+
+    def __init__(self):
+        self.files = self.bytes = 0
+
+    def add(self, st):
+        self.files += 1
+        self.bytes += st.st_size
+
+    def text(self):
+        return f"{self.files:,} file(s), {exact_bytes(self.bytes)}"
+
+
+def exact_bytes(count):
+    """'950 B', or '1.2 MB (1,234,567 bytes)': short, and exact."""
+    short = format_bytes(count)
+    return short if count < 1000 else f"{short} ({count:,} bytes)"
+
+
+class CountingWalk(TreeWalk):
+    """The selection's walk, counting what it selects: the files and their bytes, the
+    directories (a full backup's archive holds them too), and the paths' length."""
+
+    def __init__(self, root, plan, platform, since=None):
+        super().__init__(root, plan, platform, since)
+        self.selected, self.directories, self.name_bytes = Counted(), 0, 0
+
+    def __iter__(self):
+        for walked in super().__iter__():
+            if stat.S_ISDIR(walked.st.st_mode):
+                self.directories += 1
+            else:
+                self.selected.add(walked.st)
+            self.name_bytes += len(walked.path.encode("utf-8", "surrogateescape"))
+            yield walked
+
+
+class ChangeCounter:
+    """ChangeRecorder's work file and list callback in a preview: nothing is written.  It
+    counts what the backup would archive, cut into pieces as PieceWriter cuts them, the
+    entries it would record as gone, and those a kept piece of a continued backup holds."""
+
+    def __init__(self, piece_size):
+        self.piece_size = piece_size
+        self.archived, self.gone, self.held = Counted(), 0, 0
+        self.pieces = []            # [content bytes, entries, name bytes] of each piece
+
+    def archive(self, walked):
+        size = content_size(walked.st)
+        if not stat.S_ISDIR(walked.st.st_mode):
+            self.archived.add(walked.st)
+        if not self.pieces or starts_a_piece(self.pieces[-1][0], size, self.piece_size):
+            self.pieces.append([0, 0, 0])
+        piece = self.pieces[-1]
+        piece[0] += size
+        piece[1] += 1
+        piece[2] += len(walked.path.encode("utf-8", "surrogateescape"))
+
+    def write(self, flag, entry):
+        """A new or changed entry's line: counted by archive() if it is archived."""
+
+    def write_line(self, flag, line):
+        gone = line.startswith(DELETED + "\t")
+        self.gone += flag == CHANGED and gone
+        self.held += flag == CHANGED and not gone      # as a kept piece holds it
+
+    def piece_bounds(self):
+        """At most the bytes of each piece's archive."""
+        return [archive_bound(*piece) for piece in self.pieces]
+
+
+def at_most(dollars):
+    """An upper bound of a cost: 'at most $1.23', or 'less than $0.01'."""
+    text = format_dollars(dollars)
+    return text if not dollars or text.startswith("less") else f"at most {text}"
+
+
+def archive_bound(content, entries, name_bytes):
+    """At most the bytes of a ZIP archive of entries holding content bytes in all, their
+    paths name_bytes long in all (compression can only make it smaller)."""
+    if not entries:
+        return 0
+    return content + entries * ZIP_ENTRY_BYTES + 2 * name_bytes + ZIP_END_BYTES
+
+
+class ExclusionTally:
+    """What one exclusion (an instruction-file line; None: the program's own, the mirror
+    directory inside a source) removed from the walks: the entries it met, what they held,
+    and the first few of them."""
+
+    def __init__(self, exclusion, is_dir, platform):
+        self.exclusion, self.is_dir, self.platform = exclusion, is_dir, platform
+        self.removed, self.content, self.examples = 0, Counted(), []
+        self.name = None if exclusion is None or exclusion.is_path else wildcard_regex(
+            exclusion.text, platform.case_insensitive)
+
+    def matches(self, path, is_dir):
+        """It excludes path when the walk meets it."""
+        if self.exclusion is None or is_dir != self.is_dir:
+            return False
+        if self.name is not None:
+            return bool(self.name.fullmatch(self.platform.split(path)[-1]))
+        return self.platform.comparable(path) == self.platform.comparable(self.exclusion.text)
+
+    def takes_out(self, listed):
+        """It takes a listed directory out of the plan (not_excluded: the exclusion wins),
+        the listed directory being it or inside it."""
+        return self.matches(listed, True) or (
+            self.is_dir and self.name is None
+            and _relative(listed, self.exclusion.text, self.platform) is not None)
+
+    def add(self, path, note=""):
+        self.removed += 1
+        if len(self.examples) < EXAMPLES_SHOWN:
+            self.examples.append(path + note)
+        if not self.is_dir:
+            with contextlib.suppress(OSError):
+                self.content.add(os.lstat(self.platform.long_path(path)))
+            return
+        # the whole tree below it, as the selection's walk sees a tree
+        for walked in TreeWalk(path, SourcePlan(path, [""], [], [], [], []), self.platform):
+            if not stat.S_ISDIR(walked.st.st_mode):
+                self.content.add(walked.st)
+
+    def lines(self):
+        """What it removed, then the first few of those paths."""
+        platform = self.platform
+        if self.exclusion is None:
+            what = "the local mirror directory, inside a source (excluded by the program)"
+        else:
+            what = f"line {self.exclusion.line}, {self.exclusion.text}" + (
+                platform.sep if self.is_dir else "")
+        if not self.removed:
+            gone = self.exclusion.is_path and not os.path.lexists(
+                platform.long_path(self.exclusion.text))
+            return [f"{what}: nothing" + (" (it does not exist)" if gone else "")]
+        kind = ("directory" if self.removed == 1 else "directories") if self.is_dir else \
+            "file(s)"
+        held = f", holding {self.content.text()}" if self.is_dir else \
+            f", {exact_bytes(self.content.bytes)}"
+        return ([f"{what}: {self.removed:,} {kind}{held}"]
+                + [f"    {path}" for path in self.examples]
+                + ([f"    ... and {self.removed - len(self.examples):,} more"]
+                   if self.removed > len(self.examples) else []))
+
+
+class RemovedByExclusions:
+    """What each exclusion removed from the selection's walks (TreeWalk.excluded), by
+    instruction-file line; an entry that two lines exclude counts under the earlier."""
+
+    def __init__(self, instructions, platform):
+        self.platform = platform
+        self.tallies = [ExclusionTally(exclusion, is_dir, platform)
+                        for is_dir, exclusions in ((True, instructions.excluded_dirs),
+                                                   (False, instructions.excluded_files))
+                        for exclusion in exclusions]
+        self.own = ExclusionTally(None, True, platform)
+        self.counted = set()        # each removed path once (a listed one, then met)
+        for path, number in instructions.backup_dirs:
+            tally = next((t for t in self.tallies if t.takes_out(path)), None)
+            if tally and os.path.isdir(platform.long_path(path)):
+                self.count(tally, path, f" (listed on line {number})")
+
+    def add(self, walk):
+        for rel, is_dir in walk.excluded:
+            path = walk.absolute(rel)
+            self.count(next((t for t in self.tallies if t.matches(path, is_dir)), self.own),
+                       path)
+
+    def count(self, tally, path, note=""):
+        key = self.platform.comparable(path)
+        if key not in self.counted:
+            self.counted.add(key)
+            tally.add(path, note)
+
+    def lines(self):
+        tallies = sorted(self.tallies, key=lambda t: t.exclusion.line)
+        return [line for tally in tallies + ([self.own] if self.own.removed else [])
+                for line in tally.lines()]
+
+
+@dataclasses.dataclass
+class SourcePreview:
+    """One source's part of the preview: what is selected, what would be archived (at
+    most the bytes of each piece's archive)."""
+
+    selected: Counted
+    archived: Counted
+    piece_bytes: list
+
+    @property
+    def archive_bytes(self):
+        return sum(self.piece_bytes)
+
+    def volume_sizes(self, volume_size):
+        """The sizes of the volumes at most: each piece is split into volumes of its own."""
+        return [size for piece in self.piece_bytes
+                for size in volume_sizes(piece, volume_size)]
+
+
+class BackupPreview(BackupRun):
+    """preview-backup: what a regular-backup with the same arguments would do now, told
+    without doing it.
+
+    It takes the backup's own steps up to the point where a backup starts to write: the
+    plan (read_plan, log_plan), the listing, the decision (query_s3: continue or give up
+    a pending backup, on its journal opened read-only (JournalView); else full or
+    incremental) and the key check, the local state that change detection compares with
+    (SourceCatalogue.find_base); then it walks each source as the child does (TreeWalk,
+    ChangeRecorder, with the kept pieces' entries of a continued backup) and counts
+    instead of archiving.  It writes nothing: no lock (so it may run beside a backup),
+    no log file (the terminal only), no work directory, no local state, no journal, no
+    S3 object; S3 is read by LIST alone, with the backup keys.  Its exit
+    code is what the backup's decision would end with: 9 for a key its chain's key check
+    refuses, 1 when S3 cannot be listed (it says what it could not tell), 3 for an
+    instruction file that cannot be used.
+    """
+
+    def __init__(self, args, platform, settings, program_path=None):
+        super().__init__(args, platform, settings, program_path)
+        self.regular = True            # what it previews is a regular-backup
+        self.given_up = None           # why a backup would give the pending backup up
+
+    def execute(self):
+        try:
+            return self.preview()
+        finally:
+            if self.journal:
+                self.journal.close()
+
+    def preview(self):
+        self.log = PreviewOutput(self.args.secrets)
+        self.start = utc_now()
+        # Never made; the plan excludes it from a source, as a backup's plan does.
+        self.work_dir = self.work_dir_path()
+        self.log.line(f"{PREVIEW_BACKUP}: what regular-backup would do now with these "
+                      "settings. Nothing is mirrored, archived, uploaded or written (no "
+                      "lock, log file, work directory, local state or journal)"
+                      + ("; S3 is only listed." if self.aws else "."))
+        self.warn_about_a_short_key()
+        plan, problem = self.read_plan()
+        self.heading("Sources: the mount directories, and what the instruction file "
+                     "selects in each")
+        self.log_plan(plan)
+        if problem:
+            raise problem
+        if self.aws:
+            self.heading(f"The decision, from the listing of s3://{self.args.bucket} for "
+                         f"location {self.args.location} (the backup keys, LIST only)")
+            pending = self.pending_journal()
+            self.query_s3(plan, pending)
+            self.say_pending(pending)
+            if self.keycheck_to_write:
+                self.log.line("Key check: the backup would write one right before its first "
+                              f"upload ({self.keycheck_to_write[1]}).")
+        removed = RemovedByExclusions(plan.instructions, self.platform)
+        sources = [self.preview_source(index, source, len(plan.sources), removed)
+                   for index, source in enumerate(plan.sources, 1)]
+        self.heading("Exclusions: what each one removed from the selection")
+        for line in removed.lines() or ["(the instruction file excludes nothing)"]:
+            self.log.line(line)
+        self.heading("In all")
+        self.say_totals(sources)
+        if self.aws_asked:
+            self.say_upload_and_cost(sources)
+        return self.exit_code()
+
+    def heading(self, text):
+        self.log.line()
+        self.log.line(f"== {text}")
+
+    # -- a pending backup: the backup's own decision, on its journal read-only -----
+    journal_kind = JournalView
+
+    def drop_damaged_journal(self, path, problem):
+        self.log.line(f"Warning: {problem}: a backup could not continue the backup it "
+                      "records; it would remove the journal, decide as below, and name "
+                      "the volumes that backup left in S3 as unused.")
+
+    def abandon(self, journal, reason):
+        self.given_up = reason
+        super().abandon(journal, reason)
+
+    def say_pending(self, pending):
+        """What a backup would do with the pending backup, in one line (the decision's
+        lines above say it in detail)."""
+        if pending is None:
+            return
+        backup = pending.backup
+        what = (f"the pending {backup['scope']} backup "
+                f"{describe_stamp(parse_stamp(backup['stamp']))}")
+        if self.listing is None:
+            self.log.line(f"Pending: {what}; whether a backup would continue it is not "
+                          "told without the listing.")
+        elif self.given_up:
+            self.log.line(f"Pending: a backup would give up {what}: {self.given_up}. It "
+                          "would remove its journal and decide anew, as said here.")
+        else:
+            self.log.line(f"Pending: a backup would continue {what}: "
+                          f"{self.continued['pieces']} piece(s) "
+                          f"({format_bytes(self.continued['bytes'])}) already in S3, "
+                          f"{len(self.done_sources)} source(s) done; it would archive only "
+                          "what no kept piece holds.")
+
+    def skip_aws(self, reason):
+        super().skip_aws(reason)
+        if not self.key_refused:
+            self.log.line("Not told without the listing: whether the backup would be full or "
+                          "incremental, whether the archive key matches its chain's key "
+                          "check, and what the month holds in S3. The upload below is what a "
+                          "full backup would archive (an incremental, less).")
+
+    def preview_source(self, index, source, count, removed):
+        """Walk one source as the child would, counting; say what it selects and what
+        would be archived."""
+        name = self.platform.source_name(source.mount)
+        incremental = self.scope is Scope.INCREMENTAL
+        self.heading(f"Source {index} of {count}: {source.mount} (S3 name {name})")
+        if self.local:
+            mirror = self.platform.mirror_directory(self.args.mirror_root, source.mount)
+            self.log.line(f"Mirror directory: {mirror}")
+        previous = None
+        if incremental and name not in self.done_sources:
+            catalogue = SourceCatalogue(self, source, name)
+            catalogue.find_base()
+            self.log.line(catalogue.base_note)
+            previous = catalogue.base
+        walk = CountingWalk(source.mount, source, self.platform,
+                            self.since if incremental else None)
+        counter = ChangeCounter(self.settings.piece_size)
+        journal = self.journal
+        if name in self.done_sources:
+            collections.deque(walk, maxlen=0)   # counted; its mirror alone would be made
+        else:
+            # the entries the kept pieces hold, as choose_base passes them to the child
+            done = (DoneEntries(journal.path, name, journal.dropped)
+                    if journal is not None and journal.has_entries(name) else None)
+            ChangeRecorder(walk, previous, self.platform, not incremental, done).run(
+                counter, counter.archive)
+        removed.add(walk)
+        self.log.line(f"Selected: {walk.selected.text()}, in {walk.directories:,} "
+                      f"director{'y' if walk.directories == 1 else 'ies'} (the listed ones "
+                      "and those below them)")
+        for special, what in walk.specials:
+            self.log.line(f"Not backed up ({what}): {walk.absolute(special)}")
+        for problem in walk.problems:
+            self.log.line(f"WARNING: {problem}: a backup reports this as a FAILURE")
+        if name in self.done_sources:
+            self.log.line("Done: its completion indicator is in S3; the backup would only "
+                          "refresh its mirror.")
+        elif journal is not None:
+            self.log.line(f"The continued backup would archive {counter.archived.text()}; "
+                          f"{counter.held:,} file(s) are in its kept pieces.")
+        elif incremental:
+            gone = (f"; {counter.gone:,} path(s) gone since the local catalogue"
+                    if previous else "")
+            self.log.line(f"An incremental backup would archive {counter.archived.text()}"
+                          f"{gone}.")
+        return SourcePreview(walk.selected, counter.archived, counter.piece_bounds())
+
+    def say_totals(self, sources):
+        selected, archived = Counted(), Counted()
+        for source in sources:
+            for total, part in ((selected, source.selected), (archived, source.archived)):
+                total.files += part.files
+                total.bytes += part.bytes
+        self.log.line(f"Selected: {selected.text()} in {len(sources)} source(s).")
+        if self.journal is not None:
+            self.log.line(f"The continued backup would archive {archived.text()}.")
+        elif self.aws_asked and self.scope is Scope.INCREMENTAL:
+            self.log.line(f"An incremental backup would archive {archived.text()}.")
+
+    def say_upload_and_cost(self, sources):
+        """The upload (at most: compression is unknown before 7-Zip runs), the requests
+        it takes, and what it and the month's objects cost in storage."""
+        upload = sum(source.archive_bytes for source in sources)
+        sizes = [size for source in sources
+                 for size in source.volume_sizes(self.settings.volume_size)]
+        volumes = len(sizes)
+        if self.key_refused:
+            self.log.line("Upload: nothing (the archive key is refused, see above).")
+            return
+        level = self.settings.compression_level
+        how = ("stored as they are (compression level 0, AAM_COMPRESSION_LEVEL)" if not level
+               else f"compression level {level} (AAM_COMPRESSION_LEVEL) makes it smaller as "
+               "far as the files compress")
+        self.log.line(f"Upload: at most {exact_bytes(upload)} in at most "
+                      f"{volumes} volume(s) of up to {self.settings.volume_size:,} bytes "
+                      f"(AAM_VOLUME_SIZE): the files' bytes and ZIP's headers; {how}. And "
+                      "for each source a catalogue and a completion indicator (STANDARD, "
+                      "small).")
+        if self.continued:
+            self.log.line(f"(The kept pieces of the continued backup, "
+                          f"{format_bytes(self.continued['bytes'])}, are in S3 already: not "
+                          "counted here.)")
+        elif not upload and self.scope is Scope.INCREMENTAL:
+            self.log.line("(No file changed: the backup would upload no volume, only the "
+                          "catalogues and completion indicators.)")
+        requests = sum(upload_requests(size) for size in sizes)
+        month = storage_cost(upload, volumes)
+        minimum = month * DEEP_ARCHIVE_MINIMUM_DAYS / DAYS_A_MONTH
+        self.log.line(f"Estimated cost (us-east-1 prices of {PRICES_TAKEN}: Deep Archive "
+                      f"${STORAGE_PRICES[DEEP_ARCHIVE]} per GB-month; docs/backup.md):")
+        self.log.line(f"  this backup's volumes: {at_most(month)} a month, billed for "
+                      f"{DEEP_ARCHIVE_MINIMUM_DAYS} days at least (Deep Archive's minimum): "
+                      f"{at_most(minimum)} for those")
+        put = requests / 1000 * PUT_PRICES[DEEP_ARCHIVE]
+        self.log.line(f"  its upload: at most {requests:,} PUT request(s) (the volumes' "
+                      f"multipart parts): {at_most(put)}, once")
+        if self.listing is None:
+            return
+        stored = StoredBytes.of(self.listing)
+        month_text = f"{self.start:%Y-%m}"
+        self.log.line(f"  stored in {month_text} (this month's listing): {stored.volumes} "
+                      f"volume(s), {exact_bytes(stored.volume_bytes)}, and {stored.others} "
+                      f"STANDARD object(s), {exact_bytes(stored.other_bytes)}: "
+                      f"{format_dollars(stored.cost())} a month; with this backup "
+                      f"{format_dollars(stored.cost() + month)} (earlier months are not "
+                      "listed, and are billed too)")
+
+
 # ============================================================================
 # Restore operations (docs/restore.md)
 # ============================================================================
@@ -7034,6 +7623,57 @@ RETRIEVAL_PRICES = {"Bulk": (0.0025, 0.025), "Standard": (0.02, 0.10)}
 TRANSFER_OUT_PER_GB = 0.09
 EXPECTED_WAIT = {"Bulk": "within 48 hours", "Standard": "within 12 hours"}
 GB = 1024 ** 3                    # AWS bills a GB as 2^30 bytes
+# Storage and upload prices recorded the same way and day (docs/backup.md lists them):
+# dollars per GB-month (the first 50 TB a month), and per 1,000 PUT requests (each part of
+# a multipart upload is one).  Volumes are DEEP_ARCHIVE; catalogues, completion
+# indicators and key checks STANDARD.  Deep Archive bills 40 KB more for each object it
+# holds: 32 KB at its own price and 8 KB at STANDARD's.
+STORAGE_PRICES = {DEEP_ARCHIVE: 0.00099, "STANDARD": 0.023}
+PUT_PRICES = {DEEP_ARCHIVE: 0.05, "STANDARD": 0.005}
+ARCHIVED_OBJECT_EXTRA = {DEEP_ARCHIVE: 32 * 1024, "STANDARD": 8 * 1024}
+
+
+def storage_cost(archived_bytes, archived_objects, standard_bytes=0):
+    """Dollars a month for Deep Archive objects and STANDARD bytes (prices above)."""
+    archived = archived_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA[DEEP_ARCHIVE]
+    standard = standard_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA["STANDARD"]
+    return (archived * STORAGE_PRICES[DEEP_ARCHIVE] + standard * STORAGE_PRICES["STANDARD"]) / GB
+
+
+def upload_requests(size):
+    """The PUT requests an upload of size bytes takes (RunUploads' multipart rule)."""
+    config = transfer_config()
+    if size < config.multipart_threshold:
+        return 1
+    return -(-size // config.multipart_chunksize) + 2      # the parts, begin and end
+
+
+def volume_sizes(archive_bytes, volume_size):
+    """The sizes of the volumes an archive of archive_bytes is split into."""
+    whole, rest = divmod(archive_bytes, volume_size)
+    return [volume_size] * whole + ([rest] if rest else [])
+
+
+@dataclasses.dataclass
+class StoredBytes:
+    """The backup objects of a listing: volumes (DEEP_ARCHIVE) and the rest (STANDARD)."""
+
+    volumes: int
+    volume_bytes: int
+    others: int
+    other_bytes: int
+
+    @classmethod
+    def of(cls, listing):
+        volumes = [v for stored in listing.volumes.values() for v in stored]
+        others = list(listing.catalogues.values()) + [
+            o for by_source in listing.indicators.values() for o in by_source.values()]
+        return cls(len(volumes), sum(v.size for v in volumes), len(others),
+                   sum(o.size for o in others))
+
+    def cost(self):
+        return storage_cost(self.volume_bytes, self.volumes, self.other_bytes)
+
 
 RESTORE_STATE_FILE = ".aam-restore-state.json"
 RESTORE_STATE_FORMAT = "aam-auto-backup-restore-state"
@@ -7107,31 +7747,6 @@ def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS, kind="object"):
         if is_transient(problem):
             raise
         raise restore_aws_error(problem, bucket, key, credentials, kind) from None
-
-
-class TerminalOutput:
-    """The multi-step operations write no log (the original design's choice): terminal only.
-
-    Same interface as RunLog; tool output (terminal=False) is not shown.
-    """
-
-    path = None
-
-    def __init__(self, secrets):
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len,
-                              reverse=True)
-
-    scrub = RunLog.scrub
-
-    def section(self, heading):
-        pass
-
-    def line(self, text="", terminal=True):
-        if terminal:
-            print(self.scrub(str(text)), flush=True)
-
-    def close(self):
-        pass
 
 
 # -- what to restore: the restore point and the selection --------------------------
@@ -7987,6 +8602,21 @@ def list_file_can_hold(name):
                 or "\n" in name or "\r" in name)
 
 
+def seven_zip_extract_argv(first_volume, into, platform=None, list_path=None, names=()):
+    """The one 7-Zip extract command line: everything of the archive whose first volume
+    is given into the directory, overwriting (-aoa: an incremental's version replaces
+    the one before), links as links (-snld20: also those pointing outside the tree, as
+    the source had them); or, with list_path, exactly the names (written there)."""
+    argv = ["x", first_volume, f"-o{os.path.abspath(into)}", "-aoa", "-y", "-snld20",
+            "-bd", "-sccUTF-8"]
+    if list_path is None:
+        return argv
+    unlisted = write_name_list(list_path, names, platform.sep)
+    # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
+    return argv + ["-spd", "-ssc", platform.list_charset_switch, "@" + list_path,
+                   "--"] + unlisted
+
+
 def write_name_list(path, names, sep):
     """A 7-Zip list file of exact names (with -spd); the names a list file cannot hold
     are returned, for 7-Zip's command line."""
@@ -8084,14 +8714,9 @@ class SourceExtraction:
         """7-Zip 'x' of one archive: everything, or exactly the names (no wildcards)."""
         os.makedirs(into, exist_ok=True)
         first = self.restoration.openable_first_volume(archive)
-        argv = ["x", first, f"-o{os.path.abspath(into)}", "-aoa", "-y", "-snld20", "-bd",
-                "-sccUTF-8"]
-        if names is not None:
-            list_path = os.path.join(self.restoration.downloads, "extract_list.txt")
-            unlisted = write_name_list(list_path, names, self.platform.sep)
-            # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
-            argv += ["-spd", "-ssc", self.platform.list_charset_switch, "@" + list_path, "--"]
-            argv += unlisted
+        list_path = (None if names is None
+                     else os.path.join(self.restoration.downloads, "extract_list.txt"))
+        argv = seven_zip_extract_argv(first, into, self.platform, list_path, names)
         self.restoration.out.line(f"Extracting {self.restoration.archive_name(archive)}")
         self.restoration.seven_zip(argv, archive)
 
@@ -8608,27 +9233,11 @@ class Restoration:
     def fetch_catalogue(self, archive):
         """Download (STANDARD: no thaw), verify and decrypt one archive's catalogue."""
         directory = archive_directory(self.downloads, archive.backup, archive.number)
-        zip_path = os.path.join(directory, CATALOGUE_ZIP)
         text_path = os.path.join(directory, CATALOGUE_FILE)
-        if os.path.exists(text_path):
-            return text_path
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        described = archive.catalogue
-        volume = RestoreVolume(described["name"], described["size"], described["sha256"],
-                               zip_path)
-        if not file_matches(zip_path, volume):
-            with s3_call(self.args.bucket, volume.key, kind="catalogue"):
-                download_volume(self.s3, self.args.bucket, volume, "catalogue")
-        unpacked = os.path.join(directory, "unpacking")
-        code, output = run_seven_zip(self.settings, self.platform,
-                                     ["x", zip_path, f"-o{unpacked}", "-y", "-bd",
-                                      "-sccUTF-8"], self.args.key)
-        failure = seven_zip_failure(code, output, f"the catalogue {described['name']}")
-        if failure:
-            raise failure
-        self.catalogues_opened += 1
-        os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
-        shutil.rmtree(unpacked)
+        if not os.path.exists(text_path):
+            fetch_catalogue(self.s3, self.args, self.platform, self.settings,
+                            archive.catalogue, directory, RESTORE_CREDENTIALS)
+            self.catalogues_opened += 1
         return text_path
 
     # -- thaw ----------------------------------------------------------------------
@@ -8841,19 +9450,15 @@ class Restoration:
         """7-Zip x of one archive over the staging directory; the names this computer
         cannot create are left out (7-Zip would write them changed, over other files).
         Returns them, with the reason."""
-        argv = ["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}", "-aoa", "-y",
-                "-snld20", "-bd", "-sccUTF-8"]
         skipped = names_to_skip(names, self.platform, seen) if self.platform.refuses_names \
             else {}
         if not skipped:
-            self.seven_zip(argv, archive)
+            self.seven_zip(seven_zip_extract_argv(archive.volumes[0].path, staging), archive)
             return []
         wanted = [n for n in names if n.rstrip("/") not in skipped]
         list_path = os.path.join(self.downloads, "extract_list.txt")
-        unlisted = write_name_list(list_path, wanted, self.platform.sep)
-        # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
-        self.seven_zip(argv + ["-spd", "-ssc", self.platform.list_charset_switch,
-                               "@" + list_path, "--"] + unlisted, archive)
+        self.seven_zip(seven_zip_extract_argv(archive.volumes[0].path, staging, self.platform,
+                                              list_path, wanted), archive)
         for name in wanted:                 # directories whose content was all left out
             if name.endswith("/"):
                 os.makedirs(self.platform.long_path(
@@ -9030,6 +9635,7 @@ def volumes_in(restore_set, numbers):
 # -- browse: the backups in the bucket, and the versions of chosen files ------------
 
 DEEP_ARCHIVE_MINIMUM_DAYS = 180     # Deep Archive bills every object for 180 days at least
+DAYS_A_MONTH = 365.25 / 12
 
 
 def browse(args, platform, settings):
@@ -9207,21 +9813,35 @@ def same_version(earlier, later):
             and later.location in (earlier.location, UNKNOWN))
 
 
+def fetch_catalogue(s3, args, platform, settings, described, directory, credentials):
+    """Download (STANDARD: no thaw), verify and decrypt the catalogue described (an
+    indicator's entry) into directory; its text file's path.  A download already
+    there and matching is used as is."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    zip_path = os.path.join(directory, CATALOGUE_ZIP)
+    volume = RestoreVolume(described["name"], described["size"], described["sha256"],
+                           zip_path)
+    if not file_matches(zip_path, volume):
+        with s3_call(args.bucket, volume.key, credentials, "catalogue"):
+            download_volume(s3, args.bucket, volume, "catalogue")
+    unpacked = os.path.join(directory, "unpacking")
+    code, output = run_seven_zip(settings, platform,
+                                 seven_zip_extract_argv(zip_path, unpacked), args.key)
+    failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
+                                args.table.number("key"))
+    if failure:
+        raise failure
+    text_path = os.path.join(directory, CATALOGUE_FILE)
+    os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
+    shutil.rmtree(unpacked)
+    return text_path
+
+
 def fetch_browse_catalogue(s3, args, platform, settings, described, work):
     """A catalogue decrypted into the browse's temporary directory."""
     directory = os.path.join(work, hashlib.sha256(described["name"].encode()).hexdigest()[:16])
-    os.makedirs(directory)
-    path = os.path.join(directory, CATALOGUE_ZIP)
-    volume = RestoreVolume(described["name"], described["size"], described["sha256"], path)
-    with s3_call(args.bucket, volume.key, BROWSE_CREDENTIALS, "catalogue"):
-        download_volume(s3, args.bucket, volume, "catalogue")
-    code, output = run_seven_zip(settings, platform, ["x", path, f"-o{directory}", "-y",
-                                                      "-bd", "-sccUTF-8"], args.key)
-    failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
-                                BROWSE_ARGS.number("key"))
-    if failure:
-        raise failure
-    return CatalogueFile(os.path.join(directory, CATALOGUE_FILE))
+    return CatalogueFile(fetch_catalogue(s3, args, platform, settings, described, directory,
+                                         BROWSE_CREDENTIALS))
 
 
 # -- the five operations -------------------------------------------------------------
@@ -9444,6 +10064,10 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
                 args = parse_backup_args(argv)
                 return self.with_signals(BackupRun(args, self.platform, self.settings(),
                                                    self.program_path).execute)
+            if operation == PREVIEW_BACKUP:
+                args = parse_backup_args(argv)
+                return self.with_signals(BackupPreview(args, self.platform, self.settings(),
+                                                       self.program_path).execute)
             if operation in RESTORE_OPERATIONS:
                 args = parse_restore_args(argv)
                 settings = self.settings()

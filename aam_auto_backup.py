@@ -4095,10 +4095,10 @@ ANY_VOLUME = re.compile(r"backup\.zip\.(\d{3,})((?:\.[0-9A-Fa-f]+)?\.tmp)?")
 # barely faster than the link, and would add a volume to the temporary disk, which stays
 # bounded by two finished volumes besides those 7-Zip is writing.
 WAITING_VOLUMES = 2
-# Volume uploads in flight: one sending, and the one before it awaiting S3's answer (a
-# round trip the link would otherwise idle through, after every volume).  Never two
-# sending: an interruption then loses what it did with one at a time, the piece in
-# progress.
+# Volume uploads in flight: one sending, and the one before it (of the same piece) awaiting
+# S3's answer (a round trip the link would otherwise idle through, after every volume).
+# Never two sending: an interruption then loses what it did with one at a time, the piece
+# in progress.
 UPLOADS_IN_FLIGHT = 2
 WORK_MARKER = ".aam_auto_backup_work"
 # parent and child -> a later run: "<pid> <start>" of each process group they start
@@ -5323,10 +5323,11 @@ class PieceUploader:
     ready: it is begun as soon as the one before has sent its last byte, by the
     s3transfer thread that sent it, so that the link does not idle while S3 answers
     the one before, nor while a volume is hashed or a piece's journal entry is
-    committed (poll, after the piece's last volume is up).  So at most
+    committed (poll, once the piece's last volume is up).  So at most
     UPLOADS_IN_FLIGHT are in flight, and only one of them sending: an interruption
     loses no more than with one at a time (the piece in progress), and the bandwidth
-    limit of RunUploads caps them together.  Each volume is deleted once uploaded,
+    limit of RunUploads caps them together.  A piece's first volume waits for S3's
+    answer to the piece before (begin_ready).  Each volume is deleted once uploaded,
     so the disk holds a few volumes, not the whole archive (the child pauses 7-Zip
     while WAITING_VOLUMES finished ones wait).  The ledger hears of each piece:
     started (before its first volume goes up), done (once its last is up, with its
@@ -5412,13 +5413,20 @@ class PieceUploader:
 
     def begin_ready(self):
         """Begin the ready volume's upload if the link is free: no upload is sending,
-        and fewer than UPLOADS_IN_FLIGHT await S3's answer."""
+        fewer than UPLOADS_IN_FLIGHT await S3's answer, and none of them is of another
+        piece."""
         with self.lock:
             upload = self.ready
             if upload is None or self.error is not None:
                 return
             running = [u for u in self.queue if u.future is not None and not u.ended]
             if len(running) >= UPLOADS_IN_FLIGHT or not all(u.all_sent() for u in running):
+                return
+            if any(u.piece != upload.piece for u in running):
+                # A piece's first volume waits for S3's answer to the last of the piece
+                # before (not for that piece's journal commit, made while it goes up):
+                # sent during that answer, its bytes would be lost along with the piece
+                # before, should the run be cut off before the commit.
                 return
             self.ready = None
             try:

@@ -307,6 +307,39 @@ def test_the_next_volume_goes_up_while_s3_has_yet_to_answer_the_one_before(aws, 
     assert os.listdir(archives) == []
 
 
+def test_a_pieces_first_volume_waits_for_s3s_answer_to_the_piece_before(aws, proxy,
+                                                                        tmp_path):
+    """Across pieces the next volume waits for S3's answer: piece 1 is recorded as soon as
+    its last volume is up, so a cut then loses no byte of piece 2 along with it."""
+    volume_size = 4 * aam.PROGRESS_STEP
+    aws.create_bucket("pipeline-pieces")
+    s3 = aam.new_objects_only(aws.client("s3", endpoint_url=proxy.endpoint_url))
+    archives = tmp_path / "archives"
+    for number in (1, 2):
+        (archives / str(number)).mkdir(parents=True)
+        zip_volumes(archives / str(number),
+                    {f"{number}.bin": random.Random(number).randbytes(volume_size // 2)},
+                    volume_size)
+        piece_done(archives, number, volumes=1)
+    ledger = ListLedger()
+    uploads = aam.RunUploads(s3, "pipeline-pieces", aam.transfer_config())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda piece, n: f"p{piece}.{n:03d}",
+                                 ListLog(), ledger, 1, volume_size)
+    proxy.hold_answers(kinds={"PutObject"})
+    uploader.poll()
+    assert proxy.wait_for(lambda c: c["held"] >= 1, 120)
+    uploader.poll()                 # piece 2's volume is ready, not begun
+    assert [(u.key, u.future is None) for u in uploader.queue] == [("p1.001", False),
+                                                                    ("p2.001", True)]
+    assert proxy.counters()["by_kind"] == {"PutObject": 1}
+    proxy.release_answers()
+    assert [p["number"] for p in uploader.finish()] == [1, 2]
+    uploads.close()
+    assert [r["key"] for r in proxy.requests()] == ["p1.001", "p2.001"]
+    assert [h[:2] for h in ledger.heard] == [("started", 1), ("started", 2), ("done", 1),
+                                             ("done", 2)]
+
+
 def test_uploader_refuses_fewer_volumes_than_7zip_reported(aws, tmp_path):
     aws.create_bucket("pipeline-count")
     archives = tmp_path / "archives"

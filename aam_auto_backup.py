@@ -5463,7 +5463,8 @@ class PieceUploader:
             with contextlib.suppress(OSError):
                 os.remove(path)
             return
-        try:
+        size = None
+        with self.volume_errors():
             if number == 1:
                 self.ledger.started(piece)
                 self.indexes[piece] = ZipIndex(self.index_path(piece), self.volume_size)
@@ -5471,14 +5472,9 @@ class PieceUploader:
             said = self.before_upload() if self.before_upload else None
             if said:
                 self.announce(said)
-            size = os.path.getsize(path)
             digest = self.digest_and_index(piece, path)
-        except Interrupted:
-            raise
-        except FileNotFoundError:
-            return      # 7-Zip failed and removed its volumes: the piece's .done says so
-        except Exception as problem:     # noqa: BLE001 - reported by finish()
-            self.error = self.error or problem
+            size = os.path.getsize(path)
+        if size is None:
             with contextlib.suppress(OSError):
                 os.remove(path)
             return
@@ -5517,23 +5513,29 @@ class PieceUploader:
         """An upload that ended: its volume recorded (or the error kept), and deleted."""
         upload.progress.close()
         uploaded = False
-        try:
+        with self.volume_errors():
             if upload.failure is not None:
                 raise upload.failure
             self.uploads.result(upload.future, upload.key, "volume")
             self.uploaded_records.setdefault(upload.piece, []).append(upload.record())
             self.uploaded += upload.size
             uploaded = True
-        except Interrupted:
-            raise
-        except FileNotFoundError:
-            pass    # 7-Zip failed and removed its volumes: the piece's .done says so
-        except Exception as problem:     # noqa: BLE001 - reported by finish()
-            self.error = self.error or problem
         with contextlib.suppress(OSError):
             os.remove(upload.path)
         if uploaded:
             checkpoint("volume-uploaded")
+
+    @contextlib.contextmanager
+    def volume_errors(self):
+        """An error while reading or uploading a volume is kept for finish() (Ctrl-C and
+        SIGTERM pass); a volume 7-Zip removed is none: it failed, and the piece's .done
+        says so."""
+        try:
+            yield
+        except FileNotFoundError:
+            pass
+        except Exception as problem:     # noqa: BLE001 - reported by finish()
+            self.error = self.error or problem
 
     def end_pieces(self):
         """End, in order, each piece whose 7-Zip has ended and whose volumes are up."""

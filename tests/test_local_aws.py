@@ -683,7 +683,7 @@ def test_reset_counters(fresh_aws, fresh_proxy):
     assert counters == {
         "requests": 0, "by_method": {}, "by_kind": {}, "bytes_received": 0,
         "bytes_sent": 0, "bytes_received_by_kind": {},
-        "injected_failures": 0, "stalled": 0}
+        "injected_failures": 0, "stalled": 0, "held": 0}
 
 
 @pytest.mark.parametrize("method, path, headers, kind", [

@@ -22,6 +22,7 @@ The module reads top to bottom in the order the data flows:
     upload                   -> volumes as DEEP_ARCHIVE, then the indicator
     backup operations        -> regular-backup, incremental-only-backup
     restore operations       -> one-step and multi-step restoration, browse
+    restore drill            -> a few volumes of the latest full backup, end to end
     Aam_Auto_Backup          -> dispatch on the operation argument
 """
 
@@ -1286,6 +1287,7 @@ DOWNLOAD_STEP = "download-to-local-computer-from-aws-s3"
 EXTRACT_STEP = "decompress-all-downloaded-backup-files"
 RESTORE_OPERATIONS = (ONE_STEP_RESTORE, THAW_STEP, STATUS_STEP, DOWNLOAD_STEP, EXTRACT_STEP)
 BROWSE_OPERATION = "browse-aws-backups"
+DRILL_OPERATION = "drill-aws-backups"
 USER_AGENT = "user"
 CHILD_AGENT = "ShadowSpawn"
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -2170,7 +2172,24 @@ BROWSE_ARGS = ArgTable(
         example="/home/ann/Documents/report.docx"),
 )
 
+# The restore drill: the browse's arguments, without a selection (the drill chooses
+# what to test), and how long the thawed copies stay.
+DRILL_ARGS = ArgTable(
+    DRILL_OPERATION,
+    dataclasses.replace(OPERATION_ROW, check=_choice(DRILL_OPERATION)),
+    DECRYPTION_KEY, BUCKET, LOCATION,
+    _restore_user(ACCESS_KEY_ID), _restore_user(SECRET_ACCESS_KEY),
+    # A Bulk thaw is done within 48 hours; three days of thawed copies let the run after
+    # it (the scheduled one three days later, docs/scheduling.md) find them, for a few
+    # cents' worth of storage at most.
+    Arg("days", "restoration period (days)", _integer(1, 36500), optional=True,
+        default="3",
+        meaning="days the thawed copies stay readable in S3: the run that finishes the "
+                "drill must come within them once the thaw is done", example="3"),
+)
+
 OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS, BROWSE_OPERATION: BROWSE_ARGS,
+                    DRILL_OPERATION: DRILL_ARGS,
                     **{op: BACKUP_ARGS for op in BACKUP_TABLE_OPERATIONS},
                     **{op: RESTORE_ARGS for op in RESTORE_OPERATIONS}}
 
@@ -2188,6 +2207,8 @@ OPERATION_SUMMARIES = {
     DOWNLOAD_STEP: "restore, step 3: download what is thawed",
     EXTRACT_STEP: "restore, step 4: decrypt and extract",
     BROWSE_OPERATION: "list the backups, and the versions of chosen files (no thaw)",
+    DRILL_OPERATION: "restore drill: thaw, download and test a few volumes of the latest "
+                     "full backup (run again to finish it once thawed)",
 }
 
 
@@ -2201,7 +2222,8 @@ def usage_text(operation):
              "values as \"\")",
              "operations:"]
     lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
-              for op in BACKUP_TABLE_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
+              for op in BACKUP_TABLE_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,
+                                                                        DRILL_OPERATION)]
     lines.append("Run 'aam_auto_backup.py <operation> --help' to see its settings; "
                  "docs/reference.md has the details.")
     return "\n".join(lines)
@@ -2296,6 +2318,12 @@ def parse_browse_args(argv):
         except ValueError as problem:
             raise args.error("key", f"{problem} (it decrypts the catalogues that are "
                              "searched)")
+    check_key_pair(args)
+    return args
+
+
+def parse_drill_args(argv):
+    args = DRILL_ARGS.parse(argv, DRILL_OPERATION)
     check_key_pair(args)
     return args
 
@@ -3326,15 +3354,59 @@ class JournalDamaged(AamError):
 
 def journal_path(state_dir, bucket, location):
     """The journal of a bucket and location (a digest, as the local states' names)."""
-    digest = hashlib.sha256(f"{bucket}\0{location}".encode(
-        "utf-8", "surrogateescape")).hexdigest()[:24]
-    return os.path.join(state_dir, f"{location}-{digest}.pending.sqlite")
+    return os.path.join(state_dir,
+                        f"{location}-{location_digest(bucket, location)}.pending.sqlite")
 
 
 def journal_key(key):
     """A catalogue key as the journal stores it: its UTF-8 bytes (the lone surrogates
     of POSIX names not in UTF-8 passed through), which sort as the keys do."""
     return key.encode("utf-8", "surrogatepass")
+
+
+def location_digest(bucket, location):
+    """The digest in the names of a bucket and location's local files (local states,
+    journal, health record): two buckets backing up one location keep apart."""
+    return hashlib.sha256(f"{bucket}\0{location}".encode(
+        "utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+class HealthRecord:
+    """What this computer knows of a location's backups between runs: the last check,
+    the last drill (and a pending one), and the bytes stored per UTC month.  One
+    owner-only JSON file in the state directory, written whole through a temporary
+    file and os.replace, so that a crash leaves the old record or the new one.  Its
+    content is advisory (it fills the report's health block and lets a drill continue):
+    a damaged record is read as empty, never trusted for a backup decision."""
+
+    def __init__(self, state_dir, bucket, location):
+        self.path = os.path.join(
+            state_dir, f"{location}-{location_digest(bucket, location)}.health.json")
+        self.data = self._read()
+
+    def _read(self):
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, section):
+        return self.data.get(section)
+
+    def update(self, section, value):
+        """Set one section (None removes it) and write the record; the file is read
+        again first so that another operation's section written meanwhile stays."""
+        self.data = self._read()
+        if value is None:
+            self.data.pop(section, None)
+        else:
+            self.data[section] = value
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        temporary = self.path + ".tmp"
+        _write_private_text(temporary, json.dumps(self.data, indent=1, sort_keys=True))
+        os.replace(temporary, self.path)
 
 
 class Journal:
@@ -3703,6 +3775,7 @@ class RunLog:
             except FileExistsError:
                 counter += 1
         self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        self.progress = None        # BackupProgress: its line is cleared before each line
 
     def scrub(self, text):
         for secret in self.secrets:
@@ -3718,7 +3791,14 @@ class RunLog:
         self.handle.write(text + "\n")
         self.handle.flush()
         if terminal:
-            print(text, flush=True)
+            self.to_terminal(text)
+
+    def to_terminal(self, text):
+        """Print a line (scrubbed) on the terminal only, after clearing the progress line."""
+        with self.progress.lock if self.progress else contextlib.nullcontext():
+            if self.progress:
+                self.progress.clear()
+            print(self.scrub(text), flush=True)
 
     def append_output(self, path):
         """Copy a child's output file into the log, decoded without ever failing."""
@@ -3814,6 +3894,212 @@ class Progress:
         """Clear the in-place line, so that the next log line starts clean."""
         if self.terminal and self.shown:
             self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def format_duration(seconds):
+    """'m:ss', or 'h:mm:ss' from an hour on."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class RateWindow:
+    """Bytes per second over the last WINDOW seconds: an ETA from it moves smoothly,
+    not with each volume or pause of 7-Zip."""
+
+    WINDOW = 20.0
+    MINIMUM_SPAN = 1.0       # seconds of samples before a rate is given
+
+    def __init__(self):
+        self.samples = collections.deque()
+
+    def add(self, now, done):
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
+            self.samples.popleft()
+
+    def seconds_left(self, remaining):
+        """remaining / the rate, or None while the rate is not known (or nothing moves)."""
+        (first, before), (last, done) = self.samples[0], self.samples[-1]
+        if last - first < self.MINIMUM_SPAN or done <= before:
+            return None
+        return remaining * (last - first) / (done - before)
+
+
+@dataclasses.dataclass
+class SourceProgress:
+    """One source's numbers for the progress line (bytes); selected is None until the
+    child has walked the source."""
+
+    selected: typing.Optional[int] = None    # file content the child selected
+    archived: int = 0          # of it, what 7-Zip has read (measured as below)
+    ended: int = -1            # the child's 'ended' the last time it changed
+    ended_at: int = 0          # written, then
+    uploaded: int = 0          # volume bytes sent (s3transfer's callbacks)
+    upload_total: int = 0      # the volumes' bytes: the written ones, and an estimate
+    finished: bool = False     # every volume is up
+
+    def counts(self, what):
+        """(done, total, finished) of 'archive' or 'upload'."""
+        if what == "archive":
+            return self.archived, self.selected or 0, self.archived >= (self.selected or 0)
+        return self.uploaded, self.upload_total, self.finished
+
+
+class BackupProgress:
+    """The progress line of a backup run on a terminal: percent of the bytes and an
+    ETA for 7-Zip and for the upload, of the source in hand and of the run.
+
+    Only when standard error is a terminal: one line, rewritten in place with '\\r' at
+    most UPDATES_PER_SECOND times a second, on standard error, so that the lines the
+    run prints (standard output: what the log holds) stay as they are; each of those
+    first clears it (RunLog.to_terminal).  Elsewhere (a scheduler, a pipe, a file)
+    nothing is shown and nothing is measured.  No escape sequence: padding with
+    blanks clears a line on every terminal, the Windows console included.
+
+    The basis (docs/backup.md, Progress):
+    - 7-Zip: the bytes of file content the child selected (the walk, before 7-Zip
+      starts) against those in the pieces 7-Zip has finished, plus, for the piece it
+      is on, the bytes it has written for it, at most that piece's content (ZIP
+      output is rarely larger than its input; compressible content is counted low
+      until its piece ends, never high).
+    - upload: the volume bytes sent against the bytes 7-Zip has written plus the
+      content not yet archived (content stands in for its archive: the worst case,
+      so the percent rather jumps forward than back).
+    - the run: the sums over its sources, shown once every source has been walked;
+      an ETA is the bytes left over the rate of the last RateWindow.WINDOW seconds.
+    Every percent shown is the highest so far (never backwards); 100 means done.
+    """
+
+    UPDATES_PER_SECOND = 4
+
+    def __init__(self, stream=None):
+        import threading
+        self.stream = stream or sys.stderr
+        self.terminal = self.stream is not None and self.stream.isatty()   # None: pythonw
+        self.lock = threading.RLock()     # s3transfer's threads report bytes too
+        self.sources, self.index = [], None
+        self.highest, self.rates = {}, {}
+        self.shown_at, self.shown_width = 0.0, 0
+        self.archive = None       # while 7-Zip runs: (work directory, bytes written())
+
+    @property
+    def current(self):
+        return None if self.index is None else self.sources[self.index - 1]
+
+    def start_source(self, index, count):
+        """Source index (from 1) of count is in hand from now on."""
+        with self.lock:
+            while len(self.sources) < count:
+                self.sources.append(SourceProgress())
+            self.index = index
+
+    def watch_archive(self, work_dir, written):
+        """The child of the source in hand runs 7-Zip: the line reads its progress
+        (ARCHIVE_PROGRESS in work_dir) each time it is shown; written() gives the
+        bytes 7-Zip has written for this source so far (uploaded or on disk)."""
+        with self.lock:
+            self.archive = (work_dir, written)
+
+    def archive_ended(self):
+        """The child has ended: a last look at what its 7-Zip did."""
+        with self.lock:
+            if self.archive:
+                self.look_at_archive()
+                self.archive = None
+
+    def look_at_archive(self):
+        """The 7-Zip numbers of the source in hand, from the child's ARCHIVE_PROGRESS
+        and the bytes 7-Zip has written since the list it is on began."""
+        work_dir, written = self.archive
+        report, written = read_archive_progress(work_dir), written()
+        if report is None:
+            return          # the child has not listed its pieces yet
+        source = self.current
+        if report["ended"] != source.ended:
+            source.ended, source.ended_at = report["ended"], written
+        in_piece = min(max(0, written - source.ended_at), report["current"])
+        source.selected = report["selected"]
+        source.archived = max(source.archived, report["ended"] + in_piece)
+        source.upload_total = written + source.selected - source.archived
+
+    def volume_bytes(self, amount):
+        """s3transfer's callback: amount more bytes of a volume sent (less on a retry)."""
+        with self.lock:
+            self.current.uploaded += amount
+            self.show()
+
+    def source_done(self):
+        """Every volume of the source in hand is up; also for a source with nothing to
+        archive or none archived by this run (its 7-Zip and upload are complete)."""
+        with self.lock:
+            source = self.current
+            source.selected = source.archived = source.selected or 0
+            source.upload_total, source.finished = source.uploaded, True
+            self.show(force=True)
+
+    def show(self, force=False):
+        """Rewrite the line, unless it was shown less than an update's time ago."""
+        now = time.monotonic()
+        if not self.terminal or (not force and
+                                 now - self.shown_at < 1 / self.UPDATES_PER_SECOND):
+            return
+        with self.lock:
+            if self.archive:
+                self.look_at_archive()
+            if self.current is None or self.current.selected is None:
+                return
+            self.shown_at = now
+            text = self.text(now)
+            width = self.terminal_width() - 1         # the last column would wrap the line
+            self.write("\r" + text[:width].ljust(min(self.shown_width, width)))
+            self.shown_width = min(len(text), width)
+
+    def text(self, now):
+        parts = [f"Source {self.index} of {len(self.sources)}: "
+                 + self.measures(self.index, [self.current], now)]
+        if len(self.sources) > 1:
+            walked = [s for s in self.sources if s.selected is not None]
+            parts.append("run: " + (self.measures(0, self.sources, now)
+                                    if len(walked) == len(self.sources) else
+                                    f"{len(walked)} of {len(self.sources)} sources walked"))
+        return " | ".join(parts)
+
+    def measures(self, key, sources, now):
+        """'7-Zip 45% ETA 0:12, upload 30% ETA 0:40' of these sources together."""
+        shown = []
+        for what, label in (("archive", "7-Zip"), ("upload", "upload")):
+            counts = [s.counts(what) for s in sources]
+            done, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            finished = all(c[2] for c in counts)
+            percent = 100 if finished else min(99, 100 * done // total if total else 0)
+            percent = self.highest[key, what] = max(self.highest.get((key, what), 0),
+                                                    percent)
+            rate = self.rates.setdefault((key, what), RateWindow())
+            rate.add(now, done)
+            left = None if finished else rate.seconds_left(max(0, total - done))
+            shown.append(f"{label} {percent}%"
+                         + (f" ETA {format_duration(left)}" if left is not None else ""))
+        return ", ".join(shown)
+
+    def terminal_width(self):
+        """Its columns; 80 when it does not say (0: a terminal not yet sized)."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (OSError, ValueError):
+            return 80
+
+    def clear(self):
+        """Blank the line, so that a line printed next starts clean."""
+        with self.lock:
+            if self.shown_width:
+                self.write("\r" + " " * self.shown_width + "\r")
+                self.shown_width = 0
+
+    def write(self, text):
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write(text)
             self.stream.flush()
 
 
@@ -4084,6 +4370,9 @@ CATALOGUE_WORK = "catalogue_work.tsv"        # child -> parent: the walk's catal
 SUPERSEDED_FILE = "superseded_pieces.json"
 ARCHIVE_DIR = "archives"       # archives/<n>/backup.zip.NNN, then archives/<n>.done
 DONE_SUFFIX = ".done"          # written by the child once a piece's 7-Zip has ended
+# child -> parent, for the progress line: bytes of file content selected, in the lists
+# whose 7-Zip has ended, and in the list it is on
+ARCHIVE_PROGRESS = "archive_progress.json"
 FINAL_VOLUME = re.compile(r"backup\.zip\.(\d{3,})")   # closed for good: see final_volumes
 ANY_VOLUME = re.compile(r"backup\.zip\.(\d{3,})((?:\.[0-9A-Fa-f]+)?\.tmp)?")
 # Finished volumes on disk awaiting upload before 7-Zip is paused.  Two: the one going up
@@ -4772,13 +5061,14 @@ class PieceWriter:
     """Puts the entries to archive into pieces as the walk lists them, in catalogue
     order: pieces/<n>.lst, one 7-Zip list per piece, each of about piece_size bytes
     of file content at most (a larger file is a piece of its own).  Lists are
-    numbered from first (the parent's first free piece number)."""
+    numbered from first (the parent's first free piece number); sizes: {number:
+    bytes of file content}, in list order."""
 
     def __init__(self, directory, first, piece_size, platform):
         self.directory, self.piece_size, self.platform = directory, piece_size, platform
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.number, self.bytes, self.handle = first, 0, None
-        self.numbers = []
+        self.sizes = {}
 
     def add(self, walked):
         """List one entry; the number of the list it went into."""
@@ -4791,10 +5081,11 @@ class PieceWriter:
                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             self.handle = os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
                                     newline="\n")
-            self.numbers.append(self.number)
+            self.sizes[self.number] = 0
         is_dir = stat.S_ISDIR(walked.st.st_mode)
         self.handle.write(list_file_entry(walked.path, is_dir, self.platform) + "\n")
         self.bytes += size
+        self.sizes[self.number] += size
         return self.number
 
     def close(self):
@@ -4824,9 +5115,11 @@ def archive_pieces(child, platform, settings, view_root, lists, parent):
     list's number on, one per 7-Zip run: a piece whose 7-Zip cannot read a file
     (a bad sector, EIO) is made again without it as the next piece, so that one
     unreadable file costs only itself.  False when 7-Zip failed otherwise (no
-    further piece is made)."""
-    number = lists[0] if lists else 0
-    for list_number in lists:
+    further piece is made).  lists: {list number: bytes of file content}."""
+    number = next(iter(lists), 0)
+    selected, ended = sum(lists.values()), 0
+    for list_number, content in lists.items():
+        write_archive_progress(child.work_dir, selected, ended, content)
         list_path = piece_list(os.path.join(child.work_dir, PIECES_DIR), list_number)
         while True:
             outcome = run_piece(child, platform, settings, view_root, number, list_path,
@@ -4849,6 +5142,8 @@ def archive_pieces(child, platform, settings, view_root, lists, parent):
                          "held nothing else."))
             if not left:
                 break
+        ended += content
+    write_archive_progress(child.work_dir, selected, ended, 0)
     return True
 
 
@@ -4918,9 +5213,34 @@ def drop_from_list(list_path, name, view_root, platform):
 
 
 def write_piece_done(work_dir, number, outcome):
-    """archives/<n>.done, whole or not at all (the parent may read it at any time)."""
-    path = os.path.join(work_dir, ARCHIVE_DIR, f"{number}{DONE_SUFFIX}")
-    _write_private_text(path + ".tmp", json.dumps(outcome))
+    """archives/<n>.done (the parent may read it at any time)."""
+    _write_whole(os.path.join(work_dir, ARCHIVE_DIR, f"{number}{DONE_SUFFIX}"),
+                 json.dumps(outcome))
+
+
+def write_archive_progress(work_dir, selected, ended, current):
+    """ARCHIVE_PROGRESS, for the parent's progress line: the bytes of file content in the
+    lists (selected), in those whose 7-Zip has ended, and in the one 7-Zip is on (0:
+    none).  Written as each list starts, once per piece.  Not 7-Zip's own percent
+    (-bsp1, which costs it no CPU worth measuring): it goes to the script's output,
+    which reaches the parent only once the child has ended, so each update would need
+    a channel of its own; the parent measures the bytes 7-Zip writes anyway
+    (BackupProgress.look_at_archive)."""
+    _write_whole(os.path.join(work_dir, ARCHIVE_PROGRESS), json.dumps(
+        {"selected": selected, "ended": ended, "current": current}))
+
+
+def read_archive_progress(work_dir):
+    """What the child last wrote of ARCHIVE_PROGRESS, or None (not yet)."""
+    with contextlib.suppress(FileNotFoundError):
+        with open(os.path.join(work_dir, ARCHIVE_PROGRESS), encoding="utf-8") as handle:
+            return json.load(handle)
+    return None
+
+
+def _write_whole(path, text):
+    """Write a private file whole or not at all: the other process may read it any time."""
+    _write_private_text(path + ".tmp", text)
     os.replace(path + ".tmp", path)
 
 
@@ -4950,7 +5270,7 @@ def run_generated_script(child, platform, view_root, commands, parent, archive_r
 def record_selection(child, view_root, plan, platform, since):
     """Walk the mount once: the catalogue work file and, with AWS as a destination,
     the pieces' 7-Zip lists.  Returns the walk, the number of files to archive and
-    the lists' numbers.
+    {list number: bytes of file content}.
 
     The parent names the local state to compare with (CATALOGUE_BASE); without
     one, an incremental selects by the time rule alone.  For a continued backup it
@@ -4974,7 +5294,7 @@ def record_selection(child, view_root, plan, platform, since):
     if done:
         _write_private_text(os.path.join(work_dir, SUPERSEDED_FILE),
                             json.dumps(sorted(done.superseded)))
-    return walk, recorder.to_archive_count, pieces.numbers
+    return walk, recorder.to_archive_count, pieces.sizes
 
 
 def read_catalogue_base(work_dir):
@@ -5277,12 +5597,16 @@ class VolumeUpload:
     piece's index, then handed to the link; an s3transfer subscriber of its own upload
     (the bytes read into the request so far, its end)."""
 
-    def __init__(self, piece, number, path, key, size, digest, unreported, on_change):
+    def __init__(self, piece, number, path, key, size, digest, unreported, on_change,
+                 on_bytes=None):
         import threading
         self.piece, self.number, self.path, self.key = piece, number, path, key
         self.size, self.digest, self.on_change = size, digest, on_change
         self.unreported = unreported    # RunUploads.unreported_bytes(size)
-        self.progress = Progress(f"Uploading volume {number:03d} of piece {piece}", size)
+        # on_bytes: the run's progress line (a terminal); else a line of this volume's own
+        self.progress = None if on_bytes else Progress(
+            f"Uploading volume {number:03d} of piece {piece}", size)
+        self.on_bytes = on_bytes or self.progress.add
         self.future = self.failure = None
         self.sent, self.ended = 0, False
         self.lock = threading.Lock()
@@ -5299,7 +5623,7 @@ class VolumeUpload:
         # retry's negative amount lowers the sum
         with self.lock:
             self.sent += bytes_transferred
-        self.progress.add(bytes_transferred)
+        self.on_bytes(bytes_transferred)
         if self.all_sent() and not self.ended:
             self.on_change()
 
@@ -5359,6 +5683,7 @@ class PieceUploader:
         self.error = None
         self.held_lines = []            # announced while the child ran; logged later
         self.live = False
+        self.on_bytes = None            # on a terminal: BackupProgress.volume_bytes
 
     @property
     def records(self):
@@ -5386,7 +5711,8 @@ class PieceUploader:
             if upload is not None:
                 self.queue.remove(upload)
         if upload is not None:
-            upload.progress.close()
+            if upload.progress:
+                upload.progress.close()
             with contextlib.suppress(OSError):
                 os.remove(upload.path)
             self.end_pieces()
@@ -5481,7 +5807,8 @@ class PieceUploader:
         key = self.key_for(piece, number)
         self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
         upload = VolumeUpload(piece, number, path, key, size, digest,
-                              self.uploads.unreported_bytes(size), self.link_changed)
+                              self.uploads.unreported_bytes(size), self.link_changed,
+                              self.on_bytes)
         with self.lock:
             self.queue.append(upload)
             self.ready = upload
@@ -5511,7 +5838,8 @@ class PieceUploader:
 
     def take(self, upload):
         """An upload that ended: its volume recorded (or the error kept), and deleted."""
-        upload.progress.close()
+        if upload.progress:
+            upload.progress.close()
         uploaded = False
         with self.volume_errors():
             if upload.failure is not None:
@@ -5596,7 +5924,7 @@ class PieceUploader:
         if self.live:
             self.log.line(text)
         else:
-            print(self.log.scrub(text), flush=True)
+            self.log.to_terminal(text)
             self.held_lines.append(text)
 
     def start_log_section(self):
@@ -6005,12 +6333,15 @@ class BackupRun:
         self.state_verdicts = {}     # local state path -> why it cannot be used (None: it can)
         self.digest_key = None       # of the local states (state_key)
         self.keycheck_to_write = None  # (KeyCheck, why): the chain's, before the first upload
+        self.progress = BackupProgress()   # the terminal's progress line
 
     # -- the whole run -------------------------------------------------------
     def execute(self):
         self.log = open_run_log(self.args, self.platform)
         if self.log is None:
             return EXIT_FAILURE
+        if self.progress.terminal:
+            self.log.progress = self.progress
         self.warn_about_a_short_key()
         try:
             lock = self.acquire_lock()
@@ -6650,6 +6981,7 @@ class BackupRun:
     def back_up_source(self, index, source, plan, run_sources):
         """Run the child for one mount and upload its archive (SourceStopped: no more)."""
         name = self.platform.source_name(source.mount)
+        self.progress.start_source(index, len(plan.sources))
         self.log.section(SECTION_CHILD_OUTPUT)
         self.log.line(f"Source {index} of {len(plan.sources)}: {source.mount}")
         if self.early and self.early.source is not source:
@@ -6689,6 +7021,7 @@ class BackupRun:
         """A source of the continued backup whose pieces are all in S3 already: its
         mirror is made as every run makes it, then its catalogue and indicator go up
         unless they are there."""
+        self.progress.source_done()
         if self.local:
             self.prepare_child(source, name, archive=False)
             lines, status = self.run_child(source, None, archive=False)
@@ -6725,7 +7058,8 @@ class BackupRun:
         try:
             write_source_plan(os.path.join(self.work_dir, PLAN_FILE), source, view_root,
                               self.platform)
-            for leftover in (OUTPUT_FILE, GATE_FILE, CATALOGUE_BASE, SUPERSEDED_FILE):
+            for leftover in (OUTPUT_FILE, GATE_FILE, CATALOGUE_BASE, SUPERSEDED_FILE,
+                             ARCHIVE_PROGRESS):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.work_dir, leftover))
             # what a refused early child's 7-Zip wrote (never uploaded), or the source
@@ -6783,17 +7117,18 @@ class BackupRun:
                                 "command output file reading error.")
 
     def while_child_runs(self, uploader):
-        """Upload finished volumes; on a terminal, show how much 7-Zip has written."""
+        """Upload finished volumes; on a terminal, show the progress line.  close: a last
+        look at 7-Zip's progress, once the child has ended."""
         if uploader is None:
             return None
-        progress = Progress("7-Zip archive written")
+        if self.progress.terminal:
+            self.progress.watch_archive(self.work_dir, lambda: uploader.uploaded_bytes()
+                                        + directory_size(uploader.archive_dir))
 
         def step():
             uploader.poll()
-            written = uploader.uploaded_bytes() + directory_size(uploader.archive_dir)
-            if written and progress.terminal:
-                progress.set(written)
-        step.close, step.wait = progress.close, uploader.wait_for_change
+            self.progress.show()
+        step.close, step.wait = self.progress.archive_ended, uploader.wait_for_change
         return step
 
     def run_child_process(self, argv, output, while_running=None):
@@ -7014,6 +7349,8 @@ class BackupRun:
             self.log, ledger, catalogue.first_piece, self.settings.volume_size,
             self.write_keycheck)
         ledger.announce = uploader.announce
+        if self.progress.terminal:
+            uploader.on_bytes = self.progress.volume_bytes
         self.uploaders.append(uploader)
         return uploader
 
@@ -7043,6 +7380,7 @@ class BackupRun:
         uploader.start_log_section()
         try:
             uploader.finish()
+            self.progress.source_done()
             recorded = self.write_catalogue(catalogue, run_sources)
             self.put_catalogue_and_indicator(catalogue, recorded)
         except aws_errors() + (OSError, AamError) + journal_errors() as problem:
@@ -7955,15 +8293,7 @@ def find_restore_set(s3, bucket, listing, out, point=None):
 
     Returns (full, full manifests, [(incremental, manifests)], oldest first).
     """
-    for full in listing.fulls():
-        if point is not None and full > point:
-            continue
-        manifests, reason = complete_backup(s3, bucket, listing, full, None)
-        if manifests:
-            break
-        out.line(f"Skipped the {describe_backup(full, None)}: it is incomplete ({reason}).")
-    else:
-        raise NoBackupSet("No complete full backup to restore from.")
+    full, manifests = latest_complete_full(s3, bucket, listing, out, point)
     chosen = []
     for incremental in sorted({incr for (f, incr) in listing.indicators
                                if f == full and incr is not None}):
@@ -7976,6 +8306,20 @@ def find_restore_set(s3, bucket, listing, out, point=None):
             out.line(f"Skipped the {describe_backup(full, incremental)}: it is incomplete "
                      f"({reason}).")
     return full, manifests, chosen
+
+
+def latest_complete_full(s3, bucket, listing, out, point=None,
+                         credentials=RESTORE_CREDENTIALS):
+    """(The latest complete full backup at or before point (None: the latest), its
+    manifests by source); each incomplete one passed over is said."""
+    for full in listing.fulls():
+        if point is not None and full > point:
+            continue
+        manifests, reason = complete_backup(s3, bucket, listing, full, None, credentials)
+        if manifests:
+            return full, manifests
+        out.line(f"Skipped the {describe_backup(full, None)}: it is incomplete ({reason}).")
+    raise NoBackupSet("No complete full backup to restore from.")
 
 
 def archive_directory(downloads, backup, number, piece=LEGACY_PIECE):
@@ -8247,11 +8591,12 @@ def retrieval_cost(tier, size, requests):
     return size / GB * per_gb + requests / 1000 * per_thousand
 
 
-def plan_lines(plan, days, tier):
+def plan_lines(plan, days, tier, days_argument=RESTORE_ARGS.number("days")):
     volumes = plan.volumes
     size = sum(v.size for v in volumes)
     lines = [f"Restore plan: {len(volumes)} volume(s), {size:,} bytes "
-             f"({size / GB:.3f} GB), thawed for {days} day(s) (argument 7) with the "
+             f"({size / GB:.3f} GB), thawed for {days} day(s) (argument {days_argument}) "
+             "with the "
              f"{tier} tier: expected wait {EXPECTED_WAIT[tier]}.",
              f"Estimated retrieval cost (us-east-1 prices of {PRICES_TAKEN}, "
              "docs/restore.md):"]
@@ -8487,7 +8832,7 @@ def parse_restore_header(head):
     return IN_PROGRESS if 'ongoing-request="true"' in restore else AVAILABLE
 
 
-def request_thaw(s3, bucket, key, days, tier):
+def request_thaw(s3, bucket, key, days, tier, credentials=RESTORE_CREDENTIALS):
     """Ask S3 to thaw one volume; an answer that it is under way or done is fine."""
     try:
         answer = s3.restore_object(Bucket=bucket, Key=key, RestoreRequest={
@@ -8497,7 +8842,7 @@ def request_thaw(s3, bucket, key, days, tier):
             return IN_PROGRESS
         if is_transient(problem):
             raise
-        raise restore_aws_error(problem, bucket, key, kind="volume") from None
+        raise restore_aws_error(problem, bucket, key, credentials, "volume") from None
     # 202: a new thaw started; 200: the object was thawed already.
     status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return AVAILABLE if status == 200 else IN_PROGRESS
@@ -8621,10 +8966,14 @@ def seven_zip_extract_argv(first_volume, into, platform=None, list_path=None, na
             "-bd", "-sccUTF-8"]
     if list_path is None:
         return argv
+    return argv + exact_names_switches(list_path, names, platform)
+
+
+def exact_names_switches(list_path, names, platform):
+    """7-Zip's switches for exactly these names (written to the list file list_path)."""
     unlisted = write_name_list(list_path, names, platform.sep)
     # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
-    return argv + ["-spd", "-ssc", platform.list_charset_switch, "@" + list_path,
-                   "--"] + unlisted
+    return ["-spd", "-ssc", platform.list_charset_switch, "@" + list_path, "--"] + unlisted
 
 
 def write_name_list(path, names, sep):
@@ -9026,6 +9375,8 @@ def names_to_skip(names, platform, seen):
 class Restoration:
     """The state of one restoration into one destination directory."""
 
+    credentials = RESTORE_CREDENTIALS      # the arguments a refused request names
+
     def __init__(self, args, platform, settings, out):
         self.args, self.platform, self.settings, self.out = args, platform, settings, out
         self.destination = args.destination
@@ -9246,7 +9597,7 @@ class Restoration:
         text_path = os.path.join(directory, CATALOGUE_FILE)
         if not os.path.exists(text_path):
             fetch_catalogue(self.s3, self.args, self.platform, self.settings,
-                            archive.catalogue, directory, RESTORE_CREDENTIALS)
+                            archive.catalogue, directory, self.credentials)
             self.catalogues_opened += 1
         return text_path
 
@@ -9261,7 +9612,7 @@ class Restoration:
             if self.is_downloaded(volume):
                 found[volume.key] = DOWNLOADED
                 continue
-            with s3_call(self.args.bucket, volume.key, kind="volume"):
+            with s3_call(self.args.bucket, volume.key, self.credentials, "volume"):
                 head = self.s3.head_object(Bucket=self.args.bucket, Key=volume.key)
             found[volume.key] = parse_restore_header(head)
         return found
@@ -9272,7 +9623,8 @@ class Restoration:
         for volume in self.plan.volumes:
             if statuses[volume.key] == NOT_REQUESTED:
                 statuses[volume.key] = request_thaw(self.s3, self.args.bucket, volume.key,
-                                                    self.args.days, self.settings.restore_tier)
+                                                    self.args.days, self.settings.restore_tier,
+                                                    self.credentials)
                 self.out.line(f"Thaw requested ({self.settings.restore_tier}, "
                               f"{self.args.days} days): {volume.key}", terminal=False)
                 asked += 1
@@ -9299,7 +9651,7 @@ class Restoration:
             if statuses[volume.key] != AVAILABLE:
                 continue
             self.out.line(f"Downloading {volume.key} ({volume.size:,} bytes)")
-            with s3_call(self.args.bucket, volume.key, kind="volume"):
+            with s3_call(self.args.bucket, volume.key, self.credentials, "volume"):
                 download_volume(self.s3, self.args.bucket, volume)
             self.verified.add(volume.key)
             statuses[volume.key] = DOWNLOADED
@@ -9335,12 +9687,15 @@ class Restoration:
                 f"{archive.number} ({archive.source}){piece}")
 
     def seven_zip(self, argv, archive):
+        """7-Zip on one archive; its output (also in the log), or the error it reports."""
         code, output = run_seven_zip(self.settings, self.platform, argv, self.args.key)
         for line in output.splitlines():
             self.out.line(line, terminal=False)
-        failure = seven_zip_failure(code, output, self.archive_name(archive))
+        failure = seven_zip_failure(code, output, self.archive_name(archive),
+                                    self.args.table.number("key"))
         if failure:
             raise failure
+        return output
 
     def openable_first_volume(self, archive):
         """The first volume to give 7-Zip: the downloaded one when every volume is here,
@@ -9536,13 +9891,10 @@ def plan_source(restoration, number, path, chosen, whole, superseded):
     central = {}
     for archive, catalogue in zip(archives, catalogues):
         stamp = format_stamp(archive.backup)
-        if catalogue.header.get("archive"):       # version 1: the legacy piece
-            central[(stamp, number, LEGACY_PIECE)] = \
-                catalogue.header["archive"]["central_directory_volume"]
-        for piece in catalogue.header.get("pieces") or []:
-            central[(stamp, number, piece["number"])] = piece["central_directory_volume"]
-            if piece.get("superseded"):
-                superseded.add((stamp, number, piece["number"]))
+        central.update(central_directory_volumes(catalogue, stamp, number))
+        superseded.update((stamp, number, piece["number"])
+                          for piece in catalogue.header.get("pieces") or []
+                          if piece.get("superseded"))
     selection = restoration.selection
     match = selection.matcher(path, catalogues[0].header.get("platform", "posix"))
     writer = StateWriter(restoration, number, {"kind": LISTING, "source_path": path,
@@ -9563,6 +9915,18 @@ def plan_source(restoration, number, path, chosen, whole, superseded):
             parents.met(entry, chosen_one)
     finally:
         writer.close()
+    return central
+
+
+def central_directory_volumes(catalogue, stamp, number):
+    """{(backup stamp, source number, piece): the volume where its central directory
+    starts} of one backup's catalogue of source number (version 1: the legacy piece)."""
+    central = {}
+    if catalogue.header.get("archive"):
+        central[(stamp, number, LEGACY_PIECE)] = \
+            catalogue.header["archive"]["central_directory_volume"]
+    for piece in catalogue.header.get("pieces") or []:
+        central[(stamp, number, piece["number"])] = piece["central_directory_volume"]
     return central
 
 
@@ -10044,6 +10408,343 @@ def report_restore_failure(problem, out):
 
 
 # ============================================================================
+# Restore drill (docs/restore.md, Restore drill)
+# ============================================================================
+
+# The drill proves the latest full backup restorable end to end for cents: it thaws
+# the few volumes of one piece that let 7-Zip test whole files (the piece's central
+# directory and the files' own volumes), downloads them, checks them against the
+# indicator, tests and extracts the files with the key, and compares them with the
+# catalogue.  A thaw takes hours: the run that requests it records a pending drill in
+# the health record and exits 7; a later run finds it and finishes.
+DRILL = "drill"                    # the health record's sections (HealthRecord)
+DRILL_PENDING = "drill_pending"
+DRILL_FILES_RECORDED = 20          # the paths of tested files the health record keeps
+TEST_OK = "Everything is Ok"       # 7-Zip's line after a test that found no error
+
+
+def health_time(moment):
+    """A date in the health record: UTC, ISO 8601, to the second."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass
+class DrillChoice:
+    """What a drill thaws and tests: some volumes of one piece, and every file whose
+    bytes lie within them (the piece's central directory is in them too)."""
+
+    archive: RestoreArchive
+    volumes: list          # RestoreVolume, in piece order
+    files: list            # the catalogue entries tested, in catalogue order
+
+
+def file_volumes(archive, place, central):
+    """The volume numbers 7-Zip reads to test the file at place (parse_location) of a
+    piece: its own, and the central directory's (openable_volumes)."""
+    first, last = place[2], place[3]
+    tally = Tally(volumes={archive.key: set(range(first, last + 1))})
+    return openable_volumes(tally, {archive.key: archive}, central)[archive.key]
+
+
+def cheapest_test(restore_set, catalogues, tier):
+    """(archive, volume numbers) whose thaw costs the least of those that let 7-Zip test
+    a whole file (with content) of the full backup; None when no file has content."""
+    stamp = format_stamp(restore_set.full)
+    archives = {a.key: a for a in restore_set.archives if a.volumes}
+    best, seen = None, set()
+    for number, catalogue in catalogues:
+        central = central_directory_volumes(catalogue, stamp, number)
+        for entry in catalogue:
+            place = parse_location(entry.location)
+            if entry.kind != FILE or not entry.size or not place or place[0] != stamp:
+                continue
+            key = (stamp, number, place[1])
+            if key not in archives or (key, place) in seen:
+                continue
+            seen.add((key, place))
+            numbers = file_volumes(archives[key], place, central)
+            volumes = [v for v in archives[key].volumes if v.number in numbers]
+            size = sum(v.size for v in volumes)
+            rank = (retrieval_cost(tier, size, len(volumes)), size)
+            if best is None or rank < best[0]:
+                best = (rank, archives[key], numbers)
+    return best and best[1:]
+
+
+def files_within(catalogue, archive, numbers):
+    """The files of the catalogue whose bytes lie in those volumes of the archive."""
+    stamp = format_stamp(archive.backup)
+    found = []
+    for entry in catalogue:
+        place = parse_location(entry.location)
+        if (entry.kind == FILE and place and (place[0], place[1]) == (stamp, archive.piece)
+                and set(range(place[2], place[3] + 1)) <= numbers):
+            found.append(entry)
+    return found
+
+
+class Drill(Restoration):
+    """drill-aws-backups: the restore's thaw, download, verification and 7-Zip on the
+    chosen volumes, in a temporary directory (work) that is gone after the run."""
+
+    def __init__(self, args, platform, settings, out, work):
+        args.destination, args.restore_point, args.selection = work, None, []
+        super().__init__(args, platform, settings, out)
+        self.credentials = (f"arguments {args.table.number('access_key_id')} and "
+                            f"{args.table.number('secret_access_key')}")
+        self.health = HealthRecord(settings.state_dir, args.bucket, args.location)
+        self.catalogues = []       # [(source number, CatalogueFile)] of the full backup
+        self.choice = None
+
+    # -- which backup, which volumes ---------------------------------------------------
+    def run(self):
+        """Request the thaw (NotReady), or finish the drill it requested: EXIT_OK."""
+        args = self.args
+        self.connect()
+        prefixes = month_prefixes(args.location, utc_now()) + [keycheck_prefix(args.location)]
+        with s3_call(args.bucket, credentials=self.credentials):
+            listing = BucketListing.load(self.s3, args.bucket, prefixes)
+        pending = self.health.get(DRILL_PENDING)
+        if pending and not self.continue_pending(pending, listing):
+            pending = None
+        if not pending:
+            try:
+                full, manifests = latest_complete_full(self.s3, args.bucket, listing, self.out,
+                                                       credentials=self.credentials)
+            except NoBackupSet:
+                raise NoBackupSet(f"No complete full backup of location {args.location} in "
+                                  f"bucket {args.bucket} in the months {prefixes[5][-6:]} to "
+                                  f"{prefixes[0][-6:]} (UTC): nothing can be restored.") from None
+            self.open_backup(listing, full, manifests)
+            self.choose()
+        self.report_choice(pending)
+        statuses = self.statuses()
+        asked = self.request_thaws(statuses)
+        self.out.line(self.progress_line(statuses))
+        if any(state in (IN_PROGRESS, NOT_REQUESTED) for state in statuses.values()):
+            self.record_pending(pending, asked)
+            tier = self.settings.restore_tier
+            raise NotReady(f"The drill waits for the thaw ({tier}: {EXPECTED_WAIT[tier]} of "
+                           "the request); run drill-aws-backups again later to finish it. "
+                           f"The thawed copies stay {args.days} day(s) (argument "
+                           f"{args.table.number('days')}) once ready.")
+        self.finish(statuses)
+        return EXIT_OK
+
+    def continue_pending(self, pending, listing):
+        """Take up the pending drill: True; False when its backup is gone (said)."""
+        try:
+            full, names = parse_stamp(pending["backup"]), list(pending["volumes"])
+        except (KeyError, TypeError, ValueError):
+            self.out.line(f"The pending drill in {self.health.path} cannot be read; a new "
+                          "drill begins.")
+            return False
+        manifests, reason = (None, "no completion indicator is listed")
+        if (full, None) in listing.indicators:
+            manifests, reason = complete_backup(self.s3, self.args.bucket, listing, full,
+                                                None, self.credentials)
+        if not manifests:
+            self.out.line(f"The full backup {describe_stamp(full)} of the drill pending since "
+                          f"{pending.get('requested')} is no longer a complete set in the "
+                          f"bucket ({reason}; the lifecycle rule deletes backups after 180 "
+                          "days): that drill is given up, and a new one begins on the latest "
+                          "complete full backup.")
+            self.health.update(DRILL_PENDING, None)
+            return False
+        newer = [f for f in listing.fulls() if f > full]
+        self.out.line(f"Continuing the drill pending since {pending.get('requested')}." + (
+            f" (A newer full backup, {describe_stamp(newer[0])}, exists: this drill is "
+            "finished first, its thaw is paid for; the next drill takes the newer one.)"
+            if newer else ""))
+        self.open_backup(listing, full, manifests)
+        by_name = {v.key: archive for archive in self.set.archives for v in archive.volumes}
+        unknown = [name for name in names if name not in by_name]
+        if unknown or len({by_name[name].key for name in names}) != 1:
+            raise AamError(f"The pending drill's volume {(unknown or names)[0]} is not a "
+                           "volume of one piece of the full backup "
+                           f"{describe_stamp(full)} in its completion indicators; the "
+                           "backup set is damaged.")
+        archive = by_name[names[0]]
+        self.choose_in(archive, {v.number for v in archive.volumes if v.key in names})
+        return True
+
+    def open_backup(self, listing, full, manifests):
+        """The full backup's set (volumes listed at their size) and its catalogues,
+        opened with the key (a wrong one stops here, before any thaw)."""
+        number_of_key = self.args.table.number("key")
+        keycheck, self.keycheck_problem = keycheck_verdict(
+            self.args.key, listing.keychecks.get(full, []), full, number_of_key)
+        self.set = build_restore_set(self.args.location, listing, full, [], manifests,
+                                     self.downloads)
+        self.set.keycheck = keycheck
+        for number, _source, _path in self.set.sources:
+            archive = self.set.catalogue_archives(number)[0]
+            if not archive.catalogue:
+                continue                  # made by version 1.0.0: nothing says where what is
+            try:
+                path = self.fetch_catalogue(archive)
+            except WrongKey:
+                if self.keycheck_problem and not self.catalogues_opened:
+                    raise WrongKey(self.keycheck_problem) from None
+                raise
+            self.catalogues.append((number, CatalogueFile(path)))
+        if not self.catalogues:
+            raise AamError(f"The full backup {describe_stamp(full)} has no catalogue (made by "
+                           "version 1.0.0): the drill cannot tell which volumes hold a whole "
+                           "file; a restore (docs/restore.md) tests it whole.")
+
+    def choose(self):
+        found = cheapest_test(self.set, self.catalogues, self.settings.restore_tier)
+        if found is None:
+            raise AamError(f"The full backup {describe_stamp(self.set.full)} holds no file "
+                           "with content in an archive: there is nothing to test.")
+        self.choose_in(*found)
+
+    def choose_in(self, archive, numbers):
+        catalogue = dict(self.catalogues).get(archive.number)
+        files = files_within(catalogue, archive, numbers) if catalogue else []
+        if not files:
+            raise AamError(f"No whole file of {self.archive_name(archive)} lies in the "
+                           "volumes the drill chose; the catalogue and the completion "
+                           "indicator disagree.")
+        volumes = [v for v in archive.volumes if v.number in numbers]
+        self.choice = DrillChoice(archive, volumes, files)
+        self.plan = RestorePlan(volumes, Tally(), Tally(), [], [])
+
+    def source_path(self, archive):
+        return {number: path for number, _s, path in self.set.sources}[archive.number]
+
+    def tested_paths(self):
+        """The original paths of the files tested (as the health record keeps them)."""
+        source = self.source_path(self.choice.archive)
+        sep = platform_of_path(source).sep
+        return [source.rstrip(sep) + sep + entry.path.replace("/", sep)
+                for entry in self.choice.files]
+
+    def report_choice(self, pending):
+        choice, out = self.choice, self.out
+        paths = self.tested_paths()
+        out.line(f"Restore drill of location {self.args.location}: the "
+                 f"{describe_backup(self.set.full, None)}"
+                 + ("." if pending else ", the latest complete one."))
+        out.line(f"Chosen: {len(choice.volumes)} of the {len(choice.archive.volumes)} "
+                 f"volume(s) of piece {choice.archive.piece} of "
+                 f"{self.source_path(choice.archive)}: its central directory and "
+                 f"{len(paths)} whole file(s), e.g. {paths[0]}")
+        for line in plan_lines(self.plan, self.args.days, self.settings.restore_tier,
+                               self.args.table.number("days")):
+            out.line(line)
+        for volume in choice.volumes:
+            out.line(f"  {volume.key}  ({volume.size:,} bytes)")
+
+    def record_pending(self, pending, asked):
+        """The drill_pending section: what the next run needs to finish this drill."""
+        requested = pending["requested"] if pending and not asked else health_time(utc_now())
+        self.health.update(DRILL_PENDING, {
+            "requested": requested, "tier": self.settings.restore_tier,
+            "days": self.args.days, "backup": format_stamp(self.set.full),
+            "volumes": [v.key for v in self.choice.volumes],
+            "files": self.tested_paths()[:DRILL_FILES_RECORDED]})
+
+    # -- once thawed: download, test, extract, compare ---------------------------------
+    def finish(self, statuses):
+        self.out.section(SECTION_DOWNLOAD)
+        self.download_available(statuses)          # each checked against the indicator
+        archive, files = self.choice.archive, self.choice.files
+        first = self.openable_first_volume(archive)
+        names = [entry.path for entry in files]
+        list_path = os.path.join(self.downloads, "drill_list.txt")
+        self.out.line(f"Testing {len(files)} file(s) of {self.archive_name(archive)}")
+        output = self.seven_zip(["t", first, "-bd", "-sccUTF-8"]
+                                + exact_names_switches(list_path, names, self.platform),
+                                archive)
+        self.check_test_output(output, files, archive)
+        extracted = os.path.join(self.downloads, EXTRACT_DIR)
+        self.seven_zip(seven_zip_extract_argv(first, extracted, self.platform, list_path,
+                                              names), archive)
+        problems = [problem for entry in files
+                    for problem in extracted_problems(extracted, entry)]
+        if problems:
+            raise AamError(f"{len(problems)} file(s) of {self.archive_name(archive)} extracted "
+                           "by the drill differ from the catalogue: " + "; ".join(problems[:5]))
+        self.record(None)
+        self.out.line(f"Restore drill PASSED: {len(files)} file(s) of the "
+                      f"{describe_backup(self.set.full, None)} tested and extracted with the "
+                      f"key, as the catalogue describes them (recorded in {self.health.path}).")
+
+    def check_test_output(self, output, files, archive):
+        """7-Zip's own account of the test: no error, every file, every byte (an exit
+        code 0 alone would also pass a list that matched nothing)."""
+        counted = re.search(r"^Files: (\d+)\s*$", output, re.M)
+        size = re.search(r"^Size: +(\d+)\s*$", output, re.M)
+        count = int(counted[1]) if counted else 1 if size else 0
+        expected = sum(entry.size for entry in files)
+        if TEST_OK not in output or count != len(files) or not size \
+                or int(size[1]) != expected:
+            raise AamError(f"7-Zip's test of {self.archive_name(archive)} did not confirm "
+                           f"the {len(files)} file(s) of {expected:,} bytes the catalogue "
+                           f"places in the volumes thawed: it tested {count} file(s), "
+                           f"{int(size[1]) if size else 0:,} bytes"
+                           + ("" if TEST_OK in output else ", with errors"))
+
+    def record(self, problem):
+        """The finished drill's result in the health record; the pending one goes."""
+        self.health.update(DRILL, {
+            "date": health_time(utc_now()),
+            "result": "failed" if problem else "passed",
+            "backup": format_stamp(self.set.full) if self.set else None,
+            "files": self.tested_paths()[:DRILL_FILES_RECORDED] if self.choice else [],
+            "files_tested": len(self.choice.files) if self.choice else 0,
+            "volumes": [v.key for v in self.choice.volumes] if self.choice else [],
+            "problem": self.out.scrub(str(problem)) if problem else None})
+        self.health.update(DRILL_PENDING, None)
+
+
+def extracted_problems(root, entry):
+    """How a file the drill extracted differs from its catalogue line (size, time)."""
+    path = os.path.join(root, entry.path.replace("/", os.sep))
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [f"{entry.path}: 7-Zip did not extract it"]
+    problems = []
+    if st.st_size != entry.size:
+        problems.append(f"{entry.path}: {st.st_size:,} bytes, the catalogue says "
+                        f"{entry.size:,}")
+    if abs(st.st_mtime_ns - entry.mtime) > MTIME_TOLERANCE * 1e9:
+        problems.append(f"{entry.path}: modified {_iso(st.st_mtime)}, the catalogue says "
+                        f"{_iso(entry.mtime / 1e9)}")
+    return problems
+
+
+def drill(args, platform, settings):
+    """drill-aws-backups: start a restore drill, or finish the pending one."""
+    out = TerminalOutput(args.secrets)
+    check_seven_zip(settings)
+    os.makedirs(settings.temp_root, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="aam-drill-", dir=settings.temp_root) as work:
+        run = Drill(args, platform, settings, out, work)
+        try:
+            return run.run()
+        except NotReady:
+            raise
+        except AamError as problem:
+            run.record(problem)
+            out.line(f"Restore drill FAILED (recorded in {run.health.path}).")
+            raise
+        except Exception as problem:     # noqa: BLE001 - not the backup's fault: not recorded
+            if is_transient(problem):
+                raise AamError(f"AWS S3 cannot be reached or failed "
+                               f"({describe_aws_error(problem)}); run drill-aws-backups "
+                               "again (a pending drill is kept).") from None
+            if isinstance(problem, OSError):
+                raise AamError(f"{problem.strerror or problem}: {problem.filename or ''} "
+                               f"(the drill's temporary directory is in {settings.temp_root}, "
+                               "AAM_TEMP_ROOT); a pending drill is kept.") from None
+            raise
+
+
+# ============================================================================
 # Aam_Auto_Backup: dispatch on the operation argument
 # ============================================================================
 
@@ -10086,6 +10787,10 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
                 args = parse_browse_args(argv)
                 settings = self.settings()
                 return self.with_signals(lambda: browse(args, self.platform, settings))
+            if operation == DRILL_OPERATION:
+                args = parse_drill_args(argv)
+                settings = self.settings()
+                return self.with_signals(lambda: drill(args, self.platform, settings))
             raise UsageError(f"unknown operation {operation!r}" if operation
                              else "no operation given")
         except HelpRequested as request:

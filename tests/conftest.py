@@ -2,14 +2,18 @@
 
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import os
+import pty
 import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import uuid
@@ -413,6 +417,28 @@ def read_terminal_until(fd, text, timeout=60):
             break
         seen += chunk
     return seen.decode(errors="replace")
+
+
+def run_on_terminal(args, env, columns=80):
+    """Run the program with standard output and error on a pseudo-terminal of that many
+    columns, standard input empty; (its exit status, all it wrote there), read until
+    it closed the terminal."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    process = subprocess.Popen([sys.executable, PROGRAM] + list(args), env=env,
+                               stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:         # EIO: the program has closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    return process.wait(), seen.decode("utf-8", errors="replace")
 
 
 def numbered_directories(destination, tree):

@@ -108,6 +108,7 @@ TABLE_HEADINGS = {   # a heading of docs/reference.md -> the operation whose tab
     "regular-backup, incremental-only-backup and preview-backup": "regular-backup",
     "Restoration": "one-step-aws-data-restoration",
     "browse-aws-backups": "browse-aws-backups",
+    "drill-aws-backups": "drill-aws-backups",
     "The child pass": "ShadowSpawn",
 }
 

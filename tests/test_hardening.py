@@ -1,7 +1,6 @@
 """Least privilege, secret hygiene, hostile inputs."""
 
 import os
-import pty
 import re
 import stat
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 import aam_auto_backup as aab
 from conftest import (ACCESS_KEY_ID, KEY, PROGRAM, SECRET, extract, file_times_pass, mirrored,
-                      snapshot)
+                      run_on_terminal, snapshot)
 from local_aws import backup_policy
 from sample_tree import read_tree
 
@@ -460,26 +459,17 @@ def test_progress_is_plain_lines_when_not_a_terminal(sandbox):
 
 
 def test_progress_is_rewritten_in_place_on_a_terminal(sandbox):
+    """One file larger than a volume: its piece's volumes go up while 7-Zip writes it."""
     big_source(sandbox)
-    master, slave = pty.openpty()
-    process = subprocess.Popen([sys.executable, PROGRAM] + sandbox.backup_args(
+    status, text = run_on_terminal(sandbox.backup_args(
         changes={"send_email": "False", "destinations": "AWS", "mirror_root": ""}),
-        env=sandbox.env(AAM_VOLUME_SIZE="8000000"),
-        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
-    os.close(slave)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(master)
-    assert process.wait(timeout=300) == 0, seen.decode(errors="replace")
-    text = seen.decode(errors="replace")
-    assert "\r7-Zip archive written: " in text
-    assert "\rUploading volume 0" in text and "% of " in text and "/s\x1b[K" in text
+        sandbox.env(AAM_VOLUME_SIZE="8000000"))
+    assert status == 0, text
+    shown = re.findall(r"\rSource 1 of 1: 7-Zip (\d+)%.*?, upload (\d+)%", text)
+    for column in (0, 1):
+        percents = [int(numbers[column]) for numbers in shown]
+        assert percents == sorted(percents) and percents[-1] == 100, percents
+    assert len(set(shown)) > 3 and "\x1b[" not in text      # no escape sequence: blanks
+    assert "Uploading volume" not in text     # the line replaces each volume's own
     log = open(sandbox.log_files()[0], encoding="utf-8").read()
     assert "\x1b[" not in log and "\r" not in log

@@ -203,6 +203,9 @@ class ListLog:
     def line(self, text="", terminal=True):
         self.lines.append(text)
 
+    def to_terminal(self, text):
+        pass
+
 
 class ListLedger:
     """What PieceUploader tells its ledger (the journal, in a backup), as a list."""

@@ -323,7 +323,7 @@ def test_golden_seven_zip_list_files(machine, tmp_path):
         child.work_dir = str(tmp_path / f"work{number}")
         os.mkdir(child.work_dir)
         _walk, _selected, lists = aab.record_selection(child, "q:\\", plan, machine, None)
-        assert lists == [1]
+        assert list(lists) == [1]
         assert read(os.path.join(child.work_dir, aab.PIECES_DIR, "1.lst")).decode("utf-8") \
             == GOLDEN_LISTS[source.mount]
 

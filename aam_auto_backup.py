@@ -4473,7 +4473,20 @@ DONE_SUFFIX = ".done"          # written by the child once a piece's 7-Zip has e
 ARCHIVE_PROGRESS = "archive_progress.json"
 FINAL_VOLUME = re.compile(r"backup\.zip\.(\d{3,})")   # closed for good: see final_volumes
 ANY_VOLUME = re.compile(r"backup\.zip\.(\d{3,})((?:\.[0-9A-Fa-f]+)?\.tmp)?")
-WAITING_VOLUMES = 2       # finished volumes on disk awaiting upload before 7-Zip is paused
+# Finished volumes on disk awaiting upload before 7-Zip is paused.  Two: the one going up
+# and the next, read for its SHA-256 and index and ready to follow its last byte.  The
+# parent begins that next one while S3 has yet to answer the one before
+# (UPLOADS_IN_FLIGHT), so for that moment both on disk are in flight and 7-Zip stays
+# paused until the earlier one is deleted; it then has the whole upload of a volume to
+# write the next before the link could idle.  A third would only matter when 7-Zip is
+# barely faster than the link, and would add a volume to the temporary disk, which stays
+# bounded by two finished volumes besides those 7-Zip is writing.
+WAITING_VOLUMES = 2
+# Volume uploads in flight: one sending, and the one before it (of the same piece) awaiting
+# S3's answer (a round trip the link would otherwise idle through, after every volume).
+# Never two sending: an interruption then loses what it did with one at a time, the piece
+# in progress.
+UPLOADS_IN_FLIGHT = 2
 WORK_MARKER = ".aam_auto_backup_work"
 # parent and child -> a later run: "<pid> <start>" of each process group they start
 PROCESS_GROUPS = "process_groups.txt"
@@ -5393,6 +5406,7 @@ INDICATOR_FORMAT = "aam-auto-backup-indicator"
 # 2: the archive is in pieces ("pieces"); readers accept 1 and 2
 INDICATOR_VERSION = 2
 UPLOAD_POLL_SECONDS = 0.1   # how often the parent looks for finished volumes
+PROGRESS_STEP = 256 * 1024  # s3transfer's AggregatedProgressCallback threshold
 
 
 def transfer_config(upload_limit=None):
@@ -5412,20 +5426,41 @@ class RunUploads:
     the limit).  Nothing is written over an existing object (new_objects_only)."""
 
     def __init__(self, s3, bucket, config):
+        import threading
         from s3transfer.manager import TransferManager
-        self.bucket = bucket
+        self.bucket, self.config = bucket, config
         self.manager = TransferManager(s3, config)       # config: transfer_config(...)
+        # submit() may be called from s3transfer's threads (PieceUploader): once close()
+        # has begun, nothing new starts, so that a cancel ends every upload there is.
+        self.lock, self.closing = threading.Lock(), False
+        self.futures = []          # of the uploads begun, those not known to have ended
 
-    def upload(self, source, key, progress=None, kind="object", **extra_args):
-        """Upload a file (a path or a binary file object) as key, multipart above the
-        threshold; progress is called with each number of bytes sent.  kind (volume,
-        catalogue, completion indicator, key check) names it in a failure."""
-        from boto3.s3.transfer import ProgressCallbackInvoker
-        subscribers = [ProgressCallbackInvoker(progress)] if progress else None
+    def submit(self, source, key, subscribers=(), **extra_args):
+        """Start uploading a file (a path or a binary file object) as key, multipart
+        above the threshold; its s3transfer future.  subscribers: s3transfer
+        subscribers (on_progress with each number of bytes read into the request, on_done)."""
+        with self.lock:
+            if self.closing:
+                raise RuntimeError(f"the uploads of this run have ended; {key} was not begun")
+            future = self.manager.upload(source, self.bucket, key, extra_args,
+                                         list(subscribers) or None)
+            self.futures = [f for f in self.futures if not f.done()] + [future]
+            return future
+
+    def unreported_bytes(self, size):
+        """At most how many of an upload's bytes its subscribers have not heard of, all
+        the others sent: s3transfer tells a request body's progress in steps of
+        PROGRESS_STEP, the rest only once S3 has answered; one body below the multipart
+        threshold, up to max_concurrency parts at once above it."""
+        bodies = 1 if size < self.config.multipart_threshold else self.config.max_concurrency
+        return PROGRESS_STEP * bodies
+
+    def result(self, future, key, kind="object"):
+        """Wait for an upload begun by submit; kind (volume, catalogue, completion
+        indicator, key check) names it in a failure."""
         with upload_named(self.bucket, key, kind):
-            future = self.manager.upload(source, self.bucket, key, extra_args, subscribers)
             try:
-                future.result()
+                return future.result()
             except BaseException:
                 # Ctrl-C or SIGTERM too: end the transfer, and wait while s3transfer
                 # aborts its multipart upload (parts left behind would be billed).
@@ -5434,7 +5469,25 @@ class RunUploads:
                     future.result()
                 raise
 
-    def close(self):
+    def upload(self, source, key, progress=None, kind="object", **extra_args):
+        """Upload a file (a path or a binary file object) as key, and wait for it;
+        progress is called with each number of bytes sent."""
+        from boto3.s3.transfer import ProgressCallbackInvoker
+        subscribers = [ProgressCallbackInvoker(progress)] if progress else []
+        with upload_named(self.bucket, key, kind):
+            future = self.submit(source, key, subscribers, **extra_args)
+        return self.result(future, key, kind)
+
+    def close(self, cancel=False):
+        """Wait for the uploads still running, or with cancel (the run is interrupted)
+        end them (s3transfer aborts their multipart uploads)."""
+        with self.lock:
+            self.closing = True
+        if cancel:
+            # each future itself: TransferManager.shutdown(cancel=True) passes its
+            # arguments on in the wrong order (s3transfer 0.17) and fails
+            for future in self.futures:
+                future.cancel()
         self.manager.shutdown()
 
 
@@ -5629,32 +5682,92 @@ class ZipIndex:
         self.db.close()
 
 
+class VolumeUpload:
+    """One volume on its way up (PieceUploader): read once for its SHA-256 and the
+    piece's index, then handed to the link; an s3transfer subscriber of its own upload
+    (the bytes read into the request so far, its end)."""
+
+    def __init__(self, piece, number, path, key, size, digest, unreported, on_change,
+                 on_bytes=None):
+        import threading
+        self.piece, self.number, self.path, self.key = piece, number, path, key
+        self.size, self.digest, self.on_change = size, digest, on_change
+        self.unreported = unreported    # RunUploads.unreported_bytes(size)
+        # on_bytes: the run's progress line (a terminal); else a line of this volume's own
+        self.progress = None if on_bytes else Progress(
+            f"Uploading volume {number:03d} of piece {piece}", size)
+        self.on_bytes = on_bytes or self.progress.add
+        self.future = self.failure = None
+        self.sent, self.ended = 0, False
+        self.lock = threading.Lock()
+
+    def all_sent(self):
+        """Every byte read into the request (but those s3transfer tells only later)."""
+        return self.sent >= self.size - self.unreported
+
+    def on_queued(self, **_kwargs):
+        pass
+
+    def on_progress(self, bytes_transferred, **_kwargs):
+        # from s3transfer's threads (the parts of a multipart upload, each its own); a
+        # retry's negative amount lowers the sum
+        with self.lock:
+            self.sent += bytes_transferred
+        self.on_bytes(bytes_transferred)
+        if self.all_sent() and not self.ended:
+            self.on_change()
+
+    def on_done(self, **_kwargs):
+        self.ended = True
+        self.on_change()
+
+    def record(self):
+        return {"name": self.key, "size": self.size, "sha256": self.digest}
+
+
 class PieceUploader:
     """Uploads 7-Zip's volumes while 7-Zip writes the next ones (pipelined upload),
     piece after piece.
 
     The child writes piece n's volumes into archives/<n>/ and, once its 7-Zip has
     ended, archives/<n>.done.  poll() is called every UPLOAD_POLL_SECONDS while the
-    child runs: each final volume goes up in order (the pieces in number order, a
-    piece's volumes in number order) and is deleted once uploaded, so the disk
-    holds a few volumes, not the whole archive (the child pauses 7-Zip while
-    WAITING_VOLUMES finished ones wait).  The ledger hears of each piece: started
-    (before its first volume goes up), done (after its last, with its archive
-    index) or failed.  After an upload error the remaining volumes are deleted
-    unread, so 7-Zip is never left paused; the error is raised by finish(), and
-    no indicator is written.
+    child runs; it never waits for the network.  Each final volume, in order (the
+    pieces in number order, a piece's volumes in number order), is read once for its
+    SHA-256 and the piece's index while the volume before it goes up, and then waits
+    ready: it is begun as soon as the one before has sent its last byte, by the
+    s3transfer thread that sent it, so that the link does not idle while S3 answers
+    the one before, nor while a volume is hashed or a piece's journal entry is
+    committed (poll, once the piece's last volume is up).  So at most
+    UPLOADS_IN_FLIGHT are in flight, and only one of them sending: an interruption
+    loses no more than with one at a time (the piece in progress), and the bandwidth
+    limit of RunUploads caps them together.  A piece's first volume waits for S3's
+    answer to the piece before (begin_ready).  Each volume is deleted once uploaded,
+    so the disk holds a few volumes, not the whole archive (the child pauses 7-Zip
+    while WAITING_VOLUMES finished ones wait).  The ledger hears of each piece:
+    started (before its first volume goes up), done (once its last is up, with its
+    archive index; pieces end in number order) or failed.  The next piece may be
+    started before the one before is done.  After an upload error the remaining
+    volumes are deleted unread, so 7-Zip is never left paused; the error is raised
+    by finish(), and no indicator is written.
     """
 
     def __init__(self, uploads, work_dir, key_for, log, ledger, first_piece, volume_size,
                  before_upload=None):
+        import threading
         self.uploads, self.work_dir = uploads, work_dir     # uploads: RunUploads
         self.archive_dir = os.path.join(work_dir, ARCHIVE_DIR)
         self.before_upload = before_upload   # called before each upload (the key check)
         self.key_for = key_for          # (piece, volume number) -> S3 key
         self.log, self.ledger, self.volume_size = log, ledger, volume_size
-        self.piece, self.next_number = first_piece, 1
-        self.records = []               # the volumes of this piece uploaded so far
-        self.index = None               # this piece's ZipIndex, from its first volume on
+        self.piece = first_piece        # the first piece not ended yet
+        self.cursor = (first_piece, 1)  # the next volume to read and hand to the link
+        self.outcomes = {}              # piece -> what the child wrote once its 7-Zip ended
+        self.indexes, self.offsets = {}, {}  # piece -> its ZipIndex, the bytes fed to it
+        self.uploaded_records = {}      # piece -> the records of its volumes uploaded
+        self.queue = []                 # VolumeUploads handed to the link, not taken back
+        self.ready = None               # the one of them not begun yet
+        self.lock = threading.RLock()   # queue and ready: s3transfer's threads begin uploads
+        self.changed = threading.Event()  # an upload sent its last byte, or ended
         self.pieces = []                # the pieces done: {number, volumes, central...}
         self.uploaded = 0               # bytes uploaded by this run, every piece
         self.error = None
@@ -5662,113 +5775,239 @@ class PieceUploader:
         self.live = False
         self.on_bytes = None            # on a terminal: BackupProgress.volume_bytes
 
+    @property
+    def records(self):
+        """The volumes uploaded of the pieces begun and not ended (lost if the run ends)."""
+        return [r for piece in sorted(self.uploaded_records)
+                for r in self.uploaded_records[piece]]
+
     def uploaded_bytes(self):
         return self.uploaded
 
     def poll(self):
-        """Upload (or, after an error, discard) every final volume next in order, and
-        hand each piece its 7-Zip has ended to the ledger."""
+        """Take back the uploads that ended, hand the next final volume to the link (or,
+        after an error, discard it) and end each piece whose 7-Zip has ended and whose
+        volumes are all up."""
+        self.take_ended()
+        self.hand_over_next()
+        self.take_ended()
+        if self.error is not None:
+            self.discard_ready()
+
+    def discard_ready(self):
+        """After an error nothing more is begun: the volume waiting ready is deleted."""
+        with self.lock:
+            upload, self.ready = self.ready, None
+            if upload is not None:
+                self.queue.remove(upload)
+        if upload is not None:
+            if upload.progress:
+                upload.progress.close()
+            with contextlib.suppress(OSError):
+                os.remove(upload.path)
+            self.end_pieces()
+
+    def wait_for_change(self, timeout):
+        """Wait until an upload has sent its last byte or ended, or timeout seconds."""
+        self.changed.wait(timeout)
+        self.changed.clear()
+
+    def drain(self):
+        """poll until every final volume there is has gone up (or failed)."""
         while True:
-            directory = os.path.join(self.archive_dir, str(self.piece))
-            self.upload_final(directory)
-            done = read_piece_done(self.archive_dir, self.piece)
-            if done is None:
+            self.poll()
+            with self.lock:
+                if not self.queue:
+                    return
+            self.wait_for_change(UPLOAD_POLL_SECONDS)
+
+    # -- the link: one volume sending, the one before awaiting S3's answer -----------
+    def link_changed(self):
+        """From s3transfer's threads: an upload sent its last byte, or ended."""
+        self.changed.set()
+        self.begin_ready()
+
+    def begin_ready(self):
+        """Begin the ready volume's upload if the link is free: no upload is sending,
+        fewer than UPLOADS_IN_FLIGHT await S3's answer, and none of them is of another
+        piece."""
+        with self.lock:
+            upload = self.ready
+            if upload is None or self.error is not None:
                 return
-            self.upload_final(directory)    # 7-Zip has ended: what is left is final
-            self.end_piece(directory, done)
-
-    def upload_final(self, directory):
-        volumes = final_volumes(directory)
-        while self.next_number in volumes:
-            path = volumes.pop(self.next_number)
+            running = [u for u in self.queue if u.future is not None and not u.ended]
+            if len(running) >= UPLOADS_IN_FLIGHT or not all(u.all_sent() for u in running):
+                return
+            if any(u.piece != upload.piece for u in running):
+                # A piece's first volume waits for S3's answer to the last of the piece
+                # before (not for that piece's journal commit, made while it goes up):
+                # sent during that answer, its bytes would be lost along with the piece
+                # before, should the run be cut off before the commit.
+                return
+            self.ready = None
             try:
-                if self.error is None:
-                    if self.next_number == 1:
-                        self.ledger.started(self.piece)
-                        self.index = ZipIndex(self.index_path(), self.volume_size)
-                    self.upload(path, self.key_for(self.piece, self.next_number))
+                upload.future = self.uploads.submit(upload.path, upload.key, [upload],
+                                                    StorageClass=DEEP_ARCHIVE)
+            except Exception as problem:     # noqa: BLE001 - taken back by take_ended
+                upload.failure, upload.ended = problem, True
+                self.changed.set()
+
+    # -- volumes in order --------------------------------------------------------------
+    def hand_over_next(self):
+        """Read the final volumes next in order until one waits ready for the link
+        (after an error: delete them), moving on to the next piece once a piece's 7-Zip
+        has ended and its volumes are all handed over."""
+        while self.ready is None:
+            piece, number = self.cursor
+            directory = os.path.join(self.archive_dir, str(piece))
+            path = final_volumes(directory).get(number)
+            if path is None:
+                if piece not in self.outcomes:
+                    done = read_piece_done(self.archive_dir, piece)
+                    if done is None:
+                        return
+                    self.outcomes[piece] = done
+                    continue            # 7-Zip has ended: what is left is final
+                self.cursor = (piece + 1, 1)
+                self.end_pieces()
+                continue
+            self.cursor = (piece, number + 1)
+            self.hand_over(piece, number, path)
+
+    def hand_over(self, piece, number, path):
+        if self.error is not None:
+            with contextlib.suppress(OSError):
                 os.remove(path)
-                checkpoint("volume-uploaded")
-            except Interrupted:
-                raise
-            except FileNotFoundError:
-                pass    # 7-Zip failed and removed its volumes: the piece's .done says so
-            except Exception as problem:     # noqa: BLE001 - reported by finish()
-                self.error = self.error or problem
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            self.next_number += 1
+            return
+        size = None
+        with self.volume_errors():
+            if number == 1:
+                self.ledger.started(piece)
+                self.indexes[piece] = ZipIndex(self.index_path(piece), self.volume_size)
+                self.offsets[piece] = 0
+            said = self.before_upload() if self.before_upload else None
+            if said:
+                self.announce(said)
+            digest = self.digest_and_index(piece, path)
+            size = os.path.getsize(path)
+        if size is None:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            return
+        key = self.key_for(piece, number)
+        self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
+        upload = VolumeUpload(piece, number, path, key, size, digest,
+                              self.uploads.unreported_bytes(size), self.link_changed,
+                              self.on_bytes)
+        with self.lock:
+            self.queue.append(upload)
+            self.ready = upload
+        self.begin_ready()
 
-    def index_path(self):
-        return os.path.join(self.work_dir, f"archive_index_{self.piece}.sqlite")
+    def digest_and_index(self, piece, path):
+        """The volume's SHA-256, read once; its bytes also go to the piece's index."""
+        digest = hashlib.sha256()
+        index, offset = self.indexes[piece], self.offsets[piece]
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(MIB), b""):
+                digest.update(block)
+                index.feed(block, offset)
+                offset += len(block)
+        self.offsets[piece] = offset
+        return digest.hexdigest()
 
-    def end_piece(self, directory, done):
-        """Piece self.piece's 7-Zip has ended and its volumes are up: done or failed."""
+    def take_ended(self):
+        """The uploads that ended, in order: recorded (or the error kept), deleted."""
+        while True:
+            with self.lock:
+                if not self.queue or not self.queue[0].ended:
+                    break
+                upload = self.queue.pop(0)
+            self.take(upload)
+        self.end_pieces()
+
+    def take(self, upload):
+        """An upload that ended: its volume recorded (or the error kept), and deleted."""
+        if upload.progress:
+            upload.progress.close()
+        uploaded = False
+        with self.volume_errors():
+            if upload.failure is not None:
+                raise upload.failure
+            self.uploads.result(upload.future, upload.key, "volume")
+            self.uploaded_records.setdefault(upload.piece, []).append(upload.record())
+            self.uploaded += upload.size
+            uploaded = True
+        with contextlib.suppress(OSError):
+            os.remove(upload.path)
+        if uploaded:
+            checkpoint("volume-uploaded")
+
+    @contextlib.contextmanager
+    def volume_errors(self):
+        """An error while reading or uploading a volume is kept for finish() (Ctrl-C and
+        SIGTERM pass); a volume 7-Zip removed is none: it failed, and the piece's .done
+        says so."""
+        try:
+            yield
+        except FileNotFoundError:
+            pass
+        except Exception as problem:     # noqa: BLE001 - reported by finish()
+            self.error = self.error or problem
+
+    def end_pieces(self):
+        """End, in order, each piece whose 7-Zip has ended and whose volumes are up."""
+        while self.cursor[0] > self.piece:
+            with self.lock:
+                if any(upload.piece == self.piece for upload in self.queue):
+                    return
+            self.end_piece(self.piece, self.outcomes.pop(self.piece))
+            self.piece += 1
+
+    def index_path(self, piece):
+        return os.path.join(self.work_dir, f"archive_index_{piece}.sqlite")
+
+    def end_piece(self, piece, done):
+        """The piece's 7-Zip has ended and its volumes are up: done or failed."""
+        directory = os.path.join(self.archive_dir, str(piece))
+        records = self.uploaded_records.pop(piece, [])
+        index = self.indexes.pop(piece, None)
+        self.offsets.pop(piece, None)
         try:
             if self.error is None and done["succeeded"]:
-                self.check_volumes(directory, done["volumes"])
-                central = self.index.finish(sum(r["size"] for r in self.records))
-                self.ledger.done(self.piece, self.records, central, self.index, done)
-                self.pieces.append({"number": self.piece, "volumes": self.records,
+                self.check_volumes(piece, directory, done["volumes"], records)
+                central = index.finish(sum(r["size"] for r in records))
+                self.ledger.done(piece, records, central, index, done)
+                self.pieces.append({"number": piece, "volumes": records,
                                     "volume_size": self.volume_size,
                                     "central_directory_volume": central})
                 checkpoint("piece-done")
             elif not done["succeeded"]:
-                self.ledger.failed(self.piece, self.records, done)
+                self.ledger.failed(piece, records, done)
         except Interrupted:
             raise
         except Exception as problem:     # noqa: BLE001 - reported by finish()
             self.error = self.error or problem
-        if self.index is not None:
-            self.index.close()
-        for leftover in (self.index_path(), os.path.join(
-                self.archive_dir, f"{self.piece}{DONE_SUFFIX}")):
+        if index is not None:
+            index.close()
+        for leftover in (self.index_path(piece), os.path.join(
+                self.archive_dir, f"{piece}{DONE_SUFFIX}")):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(leftover)
         shutil.rmtree(directory, ignore_errors=True)
-        self.piece, self.next_number, self.records, self.index = self.piece + 1, 1, [], None
 
-    def check_volumes(self, directory, reported_count):
+    def check_volumes(self, piece, directory, reported_count, records):
         """The volumes uploaded are exactly 7-Zip's, each of the volume size but the last."""
-        uploaded = len(self.records)
+        uploaded = len(records)
         leftovers = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
         expected = uploaded if reported_count is None else reported_count
         if leftovers or uploaded != expected or not uploaded:
             raise VolumeCountMismatch(
-                f"7-Zip reported {reported_count} volume(s) of piece {self.piece}, "
+                f"7-Zip reported {reported_count} volume(s) of piece {piece}, "
                 f"{uploaded} were uploaded"
                 + (f", and {', '.join(leftovers)} remained" if leftovers else ""))
-        if any(r["size"] != self.volume_size for r in self.records[:-1]):
+        if any(r["size"] != self.volume_size for r in records[:-1]):
             raise ZipIndexError("7-Zip's volumes are not all of the volume size")
-
-    def digest_and_index(self, path):
-        """The volume's SHA-256, read once; its bytes also go to the piece's index."""
-        digest = hashlib.sha256()
-        offset = sum(record["size"] for record in self.records)
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(MIB), b""):
-                digest.update(block)
-                self.index.feed(block, offset)
-                offset += len(block)
-        return digest.hexdigest()
-
-    def upload(self, path, key):
-        said = self.before_upload() if self.before_upload else None
-        if said:
-            self.announce(said)
-        size = os.path.getsize(path)
-        digest = self.digest_and_index(path)
-        self.announce(f"Uploading {key} ({size:,} bytes, DEEP_ARCHIVE)")
-        progress = None if self.on_bytes else Progress(
-            f"Uploading volume {self.next_number:03d} of piece {self.piece}", size)
-        try:
-            self.uploads.upload(path, key, self.on_bytes or progress.add, kind="volume",
-                                StorageClass=DEEP_ARCHIVE)
-        finally:
-            if progress:
-                progress.close()
-        self.records.append({"name": key, "size": size, "sha256": digest})
-        self.uploaded += size
 
     def announce(self, text):
         """Live on the terminal; in the log under the upload section (its order)."""
@@ -5786,7 +6025,7 @@ class PieceUploader:
 
     def finish(self):
         """Upload what is left; the pieces done (an upload error is raised here)."""
-        self.poll()
+        self.drain()
         if self.error is not None:
             raise self.error
         leftovers = sorted(os.listdir(self.archive_dir)) if os.path.isdir(
@@ -6250,6 +6489,10 @@ class BackupRun:
                     self.back_up_sources(plan)
                 except SourceStopped as stopped:
                     self.record_stop(stopped)
+        except BaseException:
+            if self.uploads:     # interrupted: the volumes in flight are of no use now
+                self.uploads.close(cancel=True)
+            raise
         finally:
             self.stop_early_child()
             if self.uploads:
@@ -6976,7 +7219,7 @@ class BackupRun:
         def step():
             uploader.poll()
             self.progress.show()
-        step.close = self.progress.archive_ended
+        step.close, step.wait = self.progress.archive_ended, uploader.wait_for_change
         return step
 
     def run_child_process(self, argv, output, while_running=None):
@@ -6995,11 +7238,16 @@ class BackupRun:
     def wait_child_process(self, process, while_running=None):
         try:
             while True:
-                try:
-                    status = process.wait(UPLOAD_POLL_SECONDS if while_running else None)
+                if while_running is None:
+                    status = process.wait()
                     break
-                except subprocess.TimeoutExpired:
-                    while_running()
+                status = process.poll()
+                if status is not None:
+                    break
+                # at once when an upload ends: its volume is deleted (7-Zip may go on) and
+                # a piece whose last volume it was is recorded without delay
+                while_running.wait(UPLOAD_POLL_SECONDS)
+                while_running()
         except BaseException:
             if while_running:
                 while_running.close()
@@ -7208,8 +7456,9 @@ class BackupRun:
             f"The {len(done)} piece(s) of this source finished before the failure "
             f"({format_bytes(sum(v['size'] for p in done for v in p['volumes']))}) are "
             "recorded in the journal: the next run continues this backup from there"
-            + (f"; the {len(uploader.records)} volume(s) of piece {uploader.piece} it had "
-               "begun are named then, as unused." if uploader.records else "."))
+            + (f"; the {len(uploader.records)} volume(s) of piece(s) "
+               f"{', '.join(map(str, sorted(uploader.uploaded_records)))} it had begun are "
+               "named then, as unused." if uploader.records else "."))
 
     def upload_source(self, source, name, catalogue, run_sources, uploader):
         """Volumes first (most went up while 7-Zip ran), then the catalogue, and the

@@ -258,10 +258,10 @@ def test_uploader_takes_final_volumes_in_order_piece_after_piece(aws, tmp_path):
     uploader.poll()
     assert ledger.heard == []
     (first / "backup.zip.001.tmp").rename(first / "backup.zip.001")
-    uploader.poll()                 # both volumes go up; piece 1 is not ended yet
+    uploader.drain()                # both volumes go up; piece 1 is not ended yet
     assert ledger.heard == [("started", 1)] and sorted(os.listdir(first)) == []
     piece_done(archives, 1, volumes=2)
-    uploader.poll()                 # piece 1 is done; piece 2's volume goes up too
+    uploader.drain()                # piece 1 is done; piece 2's volume goes up too
     assert ledger.heard[1] == ("done", 1, ["p1.001", "p1.002"])
     assert ledger.heard[2:] == [("started", 2)]
     piece_done(archives, 2)
@@ -271,6 +271,76 @@ def test_uploader_takes_final_volumes_in_order_piece_after_piece(aws, tmp_path):
     stored = s3.head_object(Bucket="pipeline-unit", Key="p2.001")
     assert stored["StorageClass"] == "DEEP_ARCHIVE"
     assert os.listdir(archives) == []
+
+
+def test_the_next_volume_goes_up_while_s3_has_yet_to_answer_the_one_before(aws, proxy,
+                                                                          tmp_path):
+    """The link does not idle through S3's answer: once a volume's last byte is sent, the
+    next is begun, before S3 has answered; never more than UPLOADS_IN_FLIGHT at once, and
+    the piece is done only once all its volumes are up."""
+    volume_size = 4 * aam.PROGRESS_STEP      # s3transfer tells progress in these steps
+    aws.create_bucket("pipeline-overlap")
+    s3 = aam.new_objects_only(aws.client("s3", endpoint_url=proxy.endpoint_url))
+    archives = tmp_path / "archives"
+    (archives / "1").mkdir(parents=True)
+    names = zip_volumes(archives / "1", {"a.bin": random.Random(3).randbytes(
+        (aam.UPLOADS_IN_FLIGHT + 1) * volume_size - 4096)}, volume_size)
+    assert len(names) == aam.UPLOADS_IN_FLIGHT + 1
+    piece_done(archives, 1, volumes=len(names))
+    ledger = ListLedger()
+    uploads = aam.RunUploads(s3, "pipeline-overlap", aam.transfer_config())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda piece, n: f"p{piece}.{n:03d}",
+                                 ListLog(), ledger, 1, volume_size)
+    proxy.hold_answers(kinds={"PutObject"})   # S3 has the volumes, but does not answer
+    uploader.poll()
+    assert proxy.wait_for(lambda c: c["held"] >= 1, 120)
+    # the first volume's bytes are all sent: the second goes up, though S3 has not
+    # answered the first
+    assert proxy.wait_for(lambda c: c["held"] >= aam.UPLOADS_IN_FLIGHT, 120), \
+        "the next volume waited for S3's answer to the one before"
+    assert [r["key"] for r in proxy.requests()] == ["p1.001", "p1.002"]
+    uploader.poll()                 # the third is ready, but two are in flight
+    assert proxy.counters()["by_kind"] == {"PutObject": aam.UPLOADS_IN_FLIGHT}
+    assert ledger.heard == [("started", 1)] and "backup.zip.001" in os.listdir(archives / "1")
+    proxy.release_answers()
+    assert [p["number"] for p in uploader.finish()] == [1]
+    uploads.close()
+    assert ledger.heard == [("started", 1), ("done", 1, ["p1.001", "p1.002", "p1.003"])]
+    assert [r["key"] for r in proxy.requests()] == ["p1.001", "p1.002", "p1.003"]
+    assert os.listdir(archives) == []
+
+
+def test_a_pieces_first_volume_waits_for_s3s_answer_to_the_piece_before(aws, proxy,
+                                                                        tmp_path):
+    """Across pieces the next volume waits for S3's answer: piece 1 is recorded as soon as
+    its last volume is up, so a cut then loses no byte of piece 2 along with it."""
+    volume_size = 4 * aam.PROGRESS_STEP
+    aws.create_bucket("pipeline-pieces")
+    s3 = aam.new_objects_only(aws.client("s3", endpoint_url=proxy.endpoint_url))
+    archives = tmp_path / "archives"
+    for number in (1, 2):
+        (archives / str(number)).mkdir(parents=True)
+        zip_volumes(archives / str(number),
+                    {f"{number}.bin": random.Random(number).randbytes(volume_size // 2)},
+                    volume_size)
+        piece_done(archives, number, volumes=1)
+    ledger = ListLedger()
+    uploads = aam.RunUploads(s3, "pipeline-pieces", aam.transfer_config())
+    uploader = aam.PieceUploader(uploads, str(tmp_path), lambda piece, n: f"p{piece}.{n:03d}",
+                                 ListLog(), ledger, 1, volume_size)
+    proxy.hold_answers(kinds={"PutObject"})
+    uploader.poll()
+    assert proxy.wait_for(lambda c: c["held"] >= 1, 120)
+    uploader.poll()                 # piece 2's volume is ready, not begun
+    assert [(u.key, u.future is None) for u in uploader.queue] == [("p1.001", False),
+                                                                    ("p2.001", True)]
+    assert proxy.counters()["by_kind"] == {"PutObject": 1}
+    proxy.release_answers()
+    assert [p["number"] for p in uploader.finish()] == [1, 2]
+    uploads.close()
+    assert [r["key"] for r in proxy.requests()] == ["p1.001", "p2.001"]
+    assert [h[:2] for h in ledger.heard] == [("started", 1), ("started", 2), ("done", 1),
+                                             ("done", 2)]
 
 
 def test_uploader_refuses_fewer_volumes_than_7zip_reported(aws, tmp_path):

@@ -769,6 +769,9 @@ class FaultProxy:
         self._counted = threading.Condition(self._lock)   # notified at each count
         self._responding = threading.Event()
         self._responding.set()
+        self._answering = threading.Event()     # cleared by hold_answers
+        self._answering.set()
+        self._hold_kinds = None
         self._stall_services = None
         self._fail_after = None
         self._fail_status = 500
@@ -814,6 +817,7 @@ class FaultProxy:
     def close(self):
         self._responding.set()  # let stalled handlers finish and drop out
         self._released.set()
+        self._answering.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -841,6 +845,22 @@ class FaultProxy:
     def resume(self):
         """Answer again; requests stalled meanwhile are dropped unanswered."""
         self._responding.set()
+
+    def hold_answers(self, kinds=None):
+        """Forward requests (of these kinds, e.g. {"PutObject"}) whole, body and all, but
+        hold back the endpoint's answer until release_answers(): an S3 slow to answer,
+        for tests of what a client does once it has sent a request's last byte."""
+        with self._lock:
+            self._hold_kinds = _service_set(kinds)
+            self._answering.clear()
+
+    def release_answers(self):
+        """Relay the answers held back, and the later ones at once."""
+        self._answering.set()
+
+    def _should_hold(self, kind):
+        with self._lock:
+            return not self._answering.is_set() and _in_services(kind, self._hold_kinds)
 
     def delay_requests(self, seconds, kinds=None):
         """Hold each request (of these kinds, e.g. {"PutObject"}) `seconds`
@@ -914,6 +934,7 @@ class FaultProxy:
             self._delay = 0.0
         self.release_requests()
         self.resume()
+        self.release_answers()
 
     def _delay_for(self, kind):
         with self._lock:
@@ -962,7 +983,8 @@ class FaultProxy:
     def counters(self):
         """A snapshot: requests, by_method, by_kind, bytes_received (request
         bodies as sent on the wire, counted as they arrive), bytes_sent (response
-        bodies), bytes_received_by_kind, injected_failures, stalled, held; and
+        bodies), bytes_received_by_kind, injected_failures, stalled, held (requests
+        held by hold_requests, or answers held back by hold_answers); and
         open_connections, the client connections open now (not a count: reset_counters
         leaves it)."""
         with self._lock:
@@ -1121,6 +1143,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             for chunk in self._body_chunks(kind):
                 upstream.send(chunk)
             response = upstream.getresponse()
+            if self.proxy._should_hold(kind):
+                self.proxy._count("_held")
+                self.proxy._answering.wait()
             sent = self._relay_response(response)
             self.proxy._count_bytes(kind, sent=sent)
         finally:

@@ -16,7 +16,7 @@ The module reads top to bottom in the order the data flows:
     instruction file         -> parsing, mount directories, exclusions
     selection                -> which files of a mount are backed up (the walk)
     catalogue                -> each backup's record of its sources; the local state
-    log and report           -> the dated log file and the SES e-mail
+    log and report           -> the dated log file, the SES e-mail, the health block
     bucket listing           -> what complete backup sets the bucket holds
     child run                -> the per-mount pass: mirror, 7-Zip, validation
     upload                   -> volumes as DEEP_ARCHIVE, then the indicator

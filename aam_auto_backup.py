@@ -3879,12 +3879,14 @@ def drill_overdue(drill, now):
 def describe_storage(location, storage, now):
     """The bytes stored for the location, from the health record's months, and the
     estimated monthly cost; None when no month is recorded."""
-    months = {month: figures for month, figures in (storage or {}).items()
-              if isinstance(figures, dict)}
+    months = {month: figures for month, figures in (
+        storage.items() if isinstance(storage, dict) else ())
+        if isinstance(figures, dict) and isinstance(figures.get("bytes"), int)
+        and isinstance(figures.get("objects"), int)}         # a damaged month is passed over
     if not months:
         return None
-    size = sum(int(figures.get("bytes") or 0) for figures in months.values())
-    objects = sum(int(figures.get("objects") or 0) for figures in months.values())
+    size = sum(figures["bytes"] for figures in months.values())
+    objects = sum(figures["objects"] for figures in months.values())
     listed = sorted(str(figures.get("listed")) for figures in months.values())
     cost = size / GB * DEEP_ARCHIVE_PRICE_PER_GB_MONTH
     cost_text = f"about ${cost:,.2f}" if cost >= 0.01 else "under $0.01"
@@ -6941,9 +6943,9 @@ class BackupRun:
         """End the log with the health block (the e-mail ends with it too)."""
         try:
             self.health = self.health_lines()
-        except OSError as problem:     # the state directory: the block is advisory
+        except Exception as problem:     # noqa: BLE001 - advisory: never fails a backup
             self.health = [f"Health of the backups of {self.args.location}: the health "
-                           f"record cannot be used ({problem})."]
+                           f"record cannot be used ({type(problem).__name__}: {problem})."]
         self.log.section(SECTION_HEALTH)
         for line in self.health:
             self.log.line(line)
@@ -6973,7 +6975,8 @@ class BackupRun:
         lines += describe_drill(record.get("drill"), record.get("drill_pending"))
         if full is None or (full.year, full.month) != (now.year, now.month):
             lines.append(f"WARNING: no complete full backup of this month ({now:%Y-%m}, UTC) "
-                         "is known: the latest is older; the next regular-backup makes one.")
+                         "is known" + ("" if full is None else ": the latest is older")
+                         + "; the next regular-backup makes one.")
         if drill_overdue(record.get("drill"), now):
             lines.append(f"WARNING: no restore drill has passed in the last {DRILL_DUE_DAYS} "
                          "days: run drill-aws-backups (README, Is my backup good?).")
@@ -7018,8 +7021,10 @@ class BackupRun:
             if months:
                 storage = record.get("storage")
                 storage = dict(storage) if isinstance(storage, dict) else {}
-                storage.update({month: {"objects": objects, "bytes": size, "listed": now}
-                                for month, (objects, size) in months.items()})
+                for month, (objects, size) in months.items():
+                    storage[month] = {"objects": objects, "bytes": size, "listed": now}
+                    if not objects:                  # listed empty: nothing stored there
+                        del storage[month]
                 record.update("storage", storage)
         if self.latest_full is not None:
             record.update("backups", {"full": format_stamp(self.latest_full),

@@ -153,13 +153,20 @@ def test_the_warnings_appear_when_due_and_not_otherwise(sandbox, proxy):
         assert ("WARNING: no restore drill has passed" in block) is warned, block
         assert f"WARNING: no complete full backup of this month ({now:%Y-%m}, UTC)" in block
         assert "0 day(s) old" not in block
+        assert f" of 1 month(s) ({last_month:%Y%m} to {last_month:%Y%m}; " in block
     assert "Last drill: " + drills[-1][0]["date"] + ", passed" in block
     assert "3 complete incremental(s) since" in block
 
-    # a damaged record is read as empty, never an error
+    # a damaged record is read as empty, a damaged section passed over, never an error
     write_file(record_path(sandbox), b"{not json")
     ok(sandbox.run(incremental_only))
     assert "Last drill: never on this computer" in health_block(latest_log(sandbox))
+    write_record(sandbox, drill="yesterday", check=[1], storage={"200001": {"bytes": "x"}})
+    ok(sandbox.run(incremental_only))
+    block = health_block(latest_log(sandbox))
+    assert "Last drill: never on this computer" in block
+    assert "Last check: never on this computer" in block
+    assert f" of 1 month(s) ({last_month:%Y%m} to {last_month:%Y%m}; " in block
 
 
 def test_an_interrupted_backup_reports_failure_and_is_continued(sandbox, proxy, tmp_path):

@@ -3876,7 +3876,7 @@ def drill_overdue(drill, now):
     return date is None or now - date > dt.timedelta(days=DRILL_DUE_DAYS)
 
 
-def describe_storage(location, storage, now):
+def describe_storage(location, storage):
     """The bytes stored for the location, from the health record's months, and the
     estimated monthly cost; None when no month is recorded."""
     months = {month: figures for month, figures in (
@@ -3915,8 +3915,9 @@ def aws_client(session, service, region, hurried=False):
     """Every client gets an explicit region; the endpoint comes from AWS_ENDPOINT_URL.
 
     An S3 client never replaces an object (new_objects_only).  hurried: one attempt
-    of a few seconds (HURRIED_TIMEOUT), for a run being stopped: systemd kills a
-    service 90 s after its stop signal, and a report must not hold up a shutdown."""
+    of a few seconds (HURRIED_TIMEOUT), for a run being stopped: a scheduler kills it
+    some time after its stop signal (systemd's TimeoutStopSec, timeout's --kill-after),
+    and a shutdown waits for it."""
     from botocore.config import Config
     # An upload's body is not hashed once more to sign it: its CRC32 checksum header
     # (botocore's default) and the manifest's SHA-256 protect it, as AWS over HTTPS
@@ -5935,10 +5936,14 @@ class BackupRun:
                       f"{self.journal.path}." if self.journal else "."))
         self.log.line(f"ERROR: {message}")
         self.failures.append(message)
+        if self.journal:
+            after = "the next run continues the backup from what is in S3 (above)."
+        elif self.uploads and self.uploads.stored:       # the journal goes once complete
+            after = "the backup was complete before it."
+        else:
+            after = "nothing was uploaded; the next run makes the backup."
         self.report_notes.append(
-            f"This run was interrupted ({why}) at {local_time_text(utc_now())}; "
-            + ("the next run continues the backup from what is in S3 (above)."
-               if self.journal else "nothing was uploaded; the next run makes the backup."))
+            f"This run was interrupted ({why}) at {local_time_text(utc_now())}; {after}")
         try:
             self.log_summary()
             if self.regular:
@@ -6969,7 +6974,7 @@ class BackupRun:
                          "complete incremental(s) since"
                          + (f" (as last seen {latest['noted']})" if "noted" in latest
                             else "") + ".")
-        stored = describe_storage(self.args.location, record.get("storage"), now)
+        stored = describe_storage(self.args.location, record.get("storage"))
         lines.append(stored or f"Stored for {self.args.location}: not known yet.")
         lines.append(describe_check(record.get("check")))
         lines += describe_drill(record.get("drill"), record.get("drill_pending"))

@@ -8040,6 +8040,21 @@ def list_file_can_hold(name):
                 or "\n" in name or "\r" in name)
 
 
+def seven_zip_extract_argv(first_volume, into, platform=None, list_path=None, names=()):
+    """The one 7-Zip extract command line: everything of the archive whose first volume
+    is given into the directory, overwriting (-aoa: an incremental's version replaces
+    the one before), links as links (-snld20: also those pointing outside the tree, as
+    the source had them); or, with list_path, exactly the names (written there)."""
+    argv = ["x", first_volume, f"-o{os.path.abspath(into)}", "-aoa", "-y", "-snld20",
+            "-bd", "-sccUTF-8"]
+    if list_path is None:
+        return argv
+    unlisted = write_name_list(list_path, names, platform.sep)
+    # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
+    return argv + ["-spd", "-ssc", platform.list_charset_switch, "@" + list_path,
+                   "--"] + unlisted
+
+
 def write_name_list(path, names, sep):
     """A 7-Zip list file of exact names (with -spd); the names a list file cannot hold
     are returned, for 7-Zip's command line."""
@@ -8137,14 +8152,9 @@ class SourceExtraction:
         """7-Zip 'x' of one archive: everything, or exactly the names (no wildcards)."""
         os.makedirs(into, exist_ok=True)
         first = self.restoration.openable_first_volume(archive)
-        argv = ["x", first, f"-o{os.path.abspath(into)}", "-aoa", "-y", "-snld20", "-bd",
-                "-sccUTF-8"]
-        if names is not None:
-            list_path = os.path.join(self.restoration.downloads, "extract_list.txt")
-            unlisted = write_name_list(list_path, names, self.platform.sep)
-            # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
-            argv += ["-spd", "-ssc", self.platform.list_charset_switch, "@" + list_path, "--"]
-            argv += unlisted
+        list_path = (None if names is None
+                     else os.path.join(self.restoration.downloads, "extract_list.txt"))
+        argv = seven_zip_extract_argv(first, into, self.platform, list_path, names)
         self.restoration.out.line(f"Extracting {self.restoration.archive_name(archive)}")
         self.restoration.seven_zip(argv, archive)
 
@@ -8661,27 +8671,11 @@ class Restoration:
     def fetch_catalogue(self, archive):
         """Download (STANDARD: no thaw), verify and decrypt one archive's catalogue."""
         directory = archive_directory(self.downloads, archive.backup, archive.number)
-        zip_path = os.path.join(directory, CATALOGUE_ZIP)
         text_path = os.path.join(directory, CATALOGUE_FILE)
-        if os.path.exists(text_path):
-            return text_path
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        described = archive.catalogue
-        volume = RestoreVolume(described["name"], described["size"], described["sha256"],
-                               zip_path)
-        if not file_matches(zip_path, volume):
-            with s3_call(self.args.bucket, volume.key, kind="catalogue"):
-                download_volume(self.s3, self.args.bucket, volume, "catalogue")
-        unpacked = os.path.join(directory, "unpacking")
-        code, output = run_seven_zip(self.settings, self.platform,
-                                     ["x", zip_path, f"-o{unpacked}", "-y", "-bd",
-                                      "-sccUTF-8"], self.args.key)
-        failure = seven_zip_failure(code, output, f"the catalogue {described['name']}")
-        if failure:
-            raise failure
-        self.catalogues_opened += 1
-        os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
-        shutil.rmtree(unpacked)
+        if not os.path.exists(text_path):
+            fetch_catalogue(self.s3, self.args, self.platform, self.settings,
+                            archive.catalogue, directory, RESTORE_CREDENTIALS)
+            self.catalogues_opened += 1
         return text_path
 
     # -- thaw ----------------------------------------------------------------------
@@ -8894,19 +8888,15 @@ class Restoration:
         """7-Zip x of one archive over the staging directory; the names this computer
         cannot create are left out (7-Zip would write them changed, over other files).
         Returns them, with the reason."""
-        argv = ["x", archive.volumes[0].path, f"-o{os.path.abspath(staging)}", "-aoa", "-y",
-                "-snld20", "-bd", "-sccUTF-8"]
         skipped = names_to_skip(names, self.platform, seen) if self.platform.refuses_names \
             else {}
         if not skipped:
-            self.seven_zip(argv, archive)
+            self.seven_zip(seven_zip_extract_argv(archive.volumes[0].path, staging), archive)
             return []
         wanted = [n for n in names if n.rstrip("/") not in skipped]
         list_path = os.path.join(self.downloads, "extract_list.txt")
-        unlisted = write_name_list(list_path, wanted, self.platform.sep)
-        # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
-        self.seven_zip(argv + ["-spd", "-ssc", self.platform.list_charset_switch,
-                               "@" + list_path, "--"] + unlisted, archive)
+        self.seven_zip(seven_zip_extract_argv(archive.volumes[0].path, staging, self.platform,
+                                              list_path, wanted), archive)
         for name in wanted:                 # directories whose content was all left out
             if name.endswith("/"):
                 os.makedirs(self.platform.long_path(
@@ -9260,21 +9250,35 @@ def same_version(earlier, later):
             and later.location in (earlier.location, UNKNOWN))
 
 
+def fetch_catalogue(s3, args, platform, settings, described, directory, credentials):
+    """Download (STANDARD: no thaw), verify and decrypt the catalogue described (an
+    indicator's entry) into directory; its text file's path.  A download already
+    there and matching is used as is."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    zip_path = os.path.join(directory, CATALOGUE_ZIP)
+    volume = RestoreVolume(described["name"], described["size"], described["sha256"],
+                           zip_path)
+    if not file_matches(zip_path, volume):
+        with s3_call(args.bucket, volume.key, credentials, "catalogue"):
+            download_volume(s3, args.bucket, volume, "catalogue")
+    unpacked = os.path.join(directory, "unpacking")
+    code, output = run_seven_zip(settings, platform,
+                                 seven_zip_extract_argv(zip_path, unpacked), args.key)
+    failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
+                                args.table.number("key"))
+    if failure:
+        raise failure
+    text_path = os.path.join(directory, CATALOGUE_FILE)
+    os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
+    shutil.rmtree(unpacked)
+    return text_path
+
+
 def fetch_browse_catalogue(s3, args, platform, settings, described, work):
     """A catalogue decrypted into the browse's temporary directory."""
     directory = os.path.join(work, hashlib.sha256(described["name"].encode()).hexdigest()[:16])
-    os.makedirs(directory)
-    path = os.path.join(directory, CATALOGUE_ZIP)
-    volume = RestoreVolume(described["name"], described["size"], described["sha256"], path)
-    with s3_call(args.bucket, volume.key, BROWSE_CREDENTIALS, "catalogue"):
-        download_volume(s3, args.bucket, volume, "catalogue")
-    code, output = run_seven_zip(settings, platform, ["x", path, f"-o{directory}", "-y",
-                                                      "-bd", "-sccUTF-8"], args.key)
-    failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
-                                BROWSE_ARGS.number("key"))
-    if failure:
-        raise failure
-    return CatalogueFile(os.path.join(directory, CATALOGUE_FILE))
+    return CatalogueFile(fetch_catalogue(s3, args, platform, settings, described, directory,
+                                         BROWSE_CREDENTIALS))
 
 
 # -- the five operations -------------------------------------------------------------

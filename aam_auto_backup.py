@@ -22,9 +22,11 @@ The module reads top to bottom in the order the data flows:
     upload                   -> volumes as DEEP_ARCHIVE, then the indicator
     backup operations        -> regular-backup, incremental-only-backup
     restore operations       -> one-step and multi-step restoration, browse
+    restore drill            -> a few volumes of the latest full backup, end to end
     Aam_Auto_Backup          -> dispatch on the operation argument
 """
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -1275,6 +1277,10 @@ def month_prefixes(location, now, months=MONTHS_SCANNED):
 REGULAR_BACKUP = "regular-backup"
 INCREMENTAL_ONLY_BACKUP = "incremental-only-backup"
 BACKUP_OPERATIONS = (REGULAR_BACKUP, INCREMENTAL_ONLY_BACKUP)
+# What a regular-backup with the same arguments would do, told without doing it: it takes
+# the backup's table, so that a scheduled command line or settings file is tried as it is.
+PREVIEW_BACKUP = "preview-backup"
+BACKUP_TABLE_OPERATIONS = BACKUP_OPERATIONS + (PREVIEW_BACKUP,)
 ONE_STEP_RESTORE = "one-step-aws-data-restoration"
 THAW_STEP = "restore-to-aws-s3-from-aws-s3-glacier-deep-archive"
 STATUS_STEP = "check-aws-s3-restoration-status"
@@ -1282,6 +1288,7 @@ DOWNLOAD_STEP = "download-to-local-computer-from-aws-s3"
 EXTRACT_STEP = "decompress-all-downloaded-backup-files"
 RESTORE_OPERATIONS = (ONE_STEP_RESTORE, THAW_STEP, STATUS_STEP, DOWNLOAD_STEP, EXTRACT_STEP)
 BROWSE_OPERATION = "browse-aws-backups"
+DRILL_OPERATION = "drill-aws-backups"
 USER_AGENT = "user"
 CHILD_AGENT = "ShadowSpawn"
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -2070,10 +2077,11 @@ class Arguments:
 
 
 BACKUP_ARGS = ArgTable(
-    "regular-backup|incremental-only-backup",
-    dataclasses.replace(OPERATION_ROW, check=_choice(*BACKUP_OPERATIONS),
-                        meaning="regular-backup (daily, scheduled) or "
-                                "incremental-only-backup (by hand)"),
+    "|".join(BACKUP_TABLE_OPERATIONS),
+    dataclasses.replace(OPERATION_ROW, check=_choice(*BACKUP_TABLE_OPERATIONS),
+                        meaning="regular-backup (daily, scheduled), "
+                                "incremental-only-backup (by hand), or preview-backup "
+                                "(what regular-backup would do, doing nothing)"),
     Arg("agent", "execution agent", _choice(USER_AGENT),
         meaning="the execution agent: user (the child pass is started with another)",
         named_default=USER_AGENT),
@@ -2165,8 +2173,25 @@ BROWSE_ARGS = ArgTable(
         example="/home/ann/Documents/report.docx"),
 )
 
+# The restore drill: the browse's arguments, without a selection (the drill chooses
+# what to test), and how long the thawed copies stay.
+DRILL_ARGS = ArgTable(
+    DRILL_OPERATION,
+    dataclasses.replace(OPERATION_ROW, check=_choice(DRILL_OPERATION)),
+    DECRYPTION_KEY, BUCKET, LOCATION,
+    _restore_user(ACCESS_KEY_ID), _restore_user(SECRET_ACCESS_KEY),
+    # A Bulk thaw is done within 48 hours; three days of thawed copies let the run after
+    # it (the scheduled one three days later, docs/scheduling.md) find them, for a few
+    # cents' worth of storage at most.
+    Arg("days", "restoration period (days)", _integer(1, 36500), optional=True,
+        default="3",
+        meaning="days the thawed copies stay readable in S3: the run that finishes the "
+                "drill must come within them once the thaw is done", example="3"),
+)
+
 OPERATION_TABLES = {CHILD_AGENT: CHILD_ARGS, BROWSE_OPERATION: BROWSE_ARGS,
-                    **{op: BACKUP_ARGS for op in BACKUP_OPERATIONS},
+                    DRILL_OPERATION: DRILL_ARGS,
+                    **{op: BACKUP_ARGS for op in BACKUP_TABLE_OPERATIONS},
                     **{op: RESTORE_ARGS for op in RESTORE_OPERATIONS}}
 
 
@@ -2174,6 +2199,8 @@ OPERATION_SUMMARIES = {
     REGULAR_BACKUP: "the daily backup: the mirror, and a full or incremental backup to "
                     "S3 Glacier Deep Archive",
     INCREMENTAL_ONLY_BACKUP: "a quick incremental backup by hand (never a full one)",
+    PREVIEW_BACKUP: "what regular-backup would do with the same settings, doing "
+                    "nothing (it only lists S3)",
     ONE_STEP_RESTORE: "restore from Deep Archive in one command (thaw, wait, download, "
                       "extract)",
     THAW_STEP: "restore, step 1: plan and request the thaw",
@@ -2181,6 +2208,8 @@ OPERATION_SUMMARIES = {
     DOWNLOAD_STEP: "restore, step 3: download what is thawed",
     EXTRACT_STEP: "restore, step 4: decrypt and extract",
     BROWSE_OPERATION: "list the backups, and the versions of chosen files (no thaw)",
+    DRILL_OPERATION: "restore drill: thaw, download and test a few volumes of the latest "
+                     "full backup (run again to finish it once thawed)",
 }
 
 
@@ -2194,7 +2223,8 @@ def usage_text(operation):
              "values as \"\")",
              "operations:"]
     lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
-              for op in BACKUP_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,)]
+              for op in BACKUP_TABLE_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,
+                                                                        DRILL_OPERATION)]
     lines.append("Run 'aam_auto_backup.py <operation> --help' to see its settings; "
                  "docs/reference.md has the details.")
     return "\n".join(lines)
@@ -2289,6 +2319,12 @@ def parse_browse_args(argv):
         except ValueError as problem:
             raise args.error("key", f"{problem} (it decrypts the catalogues that are "
                              "searched)")
+    check_key_pair(args)
+    return args
+
+
+def parse_drill_args(argv):
+    args = DRILL_ARGS.parse(argv, DRILL_OPERATION)
     check_key_pair(args)
     return args
 
@@ -2499,6 +2535,7 @@ class BackupPlan:
     sources: list                 # SourcePlan, in mount order
     notes: list                   # lines for the log (ignored, covered, excluded)
     listed: list                  # the existing directories to back up
+    instructions: object = None   # the Instructions it was made from (their line numbers)
 
 
 def _relative(path, mount, platform):
@@ -2548,7 +2585,7 @@ def plan_backup(instructions, platform, extra_excluded=()):
         excluded_file_paths=relative_to(mount, file_paths),
         dir_patterns=dir_patterns, file_patterns=file_patterns)
         for mount in compute_mounts(covered, platform)]
-    return BackupPlan(sources, notes, covered)
+    return BackupPlan(sources, notes, covered, instructions)
 
 
 def existing_listed(instructions, platform, notes):
@@ -3415,9 +3452,14 @@ class Journal:
         if not os.path.exists(path):
             return None
         try:
-            return cls(path, sqlite3.connect(path))
+            return cls(path, cls.connect(path))
         except (sqlite3.Error, ValueError, TypeError) as problem:
             raise JournalDamaged(f"the journal {path} cannot be read ({problem})")
+
+    @staticmethod
+    def connect(path):
+        import sqlite3
+        return sqlite3.connect(path)
 
     def new_attempt(self):
         with self.db:
@@ -3541,6 +3583,80 @@ class Journal:
         self.db.close()
 
 
+class JournalView(Journal):
+    """The pending backup's journal opened read-only, for a preview: the backup's own
+    decision code (continue_pending, abandon, keep_done_pieces) runs on it unchanged, and
+    what it would write is kept here instead: the pieces it would drop, whether it would
+    give the backup up.  SQLite refuses any write on the connection (mode=ro), so a
+    preview cannot change the journal even by mistake."""
+
+    def __init__(self, path, db):
+        super().__init__(path, db)
+        self.dropped = set()          # numbers of the done pieces a backup would drop
+        self.given_up = False
+        self.copy_dir = None          # the rolled-back copy's temporary directory, if any
+
+    @staticmethod
+    def connect(path):
+        return read_only_connection(path)
+
+    @classmethod
+    def open(cls, path):
+        """As Journal.open.  A journal whose last transaction was cut off (a kill or a power
+        cut while SQLite wrote: its rollback journal is beside it) cannot be read
+        read-only, since reading it means rolling it back, as the backup's first read
+        does: that is done on a copy in a temporary directory, removed on close."""
+        try:
+            return super().open(path)
+        except JournalDamaged as problem:
+            if not os.path.exists(path + "-journal"):
+                raise
+            return cls.rolled_back_copy(path, problem)
+
+    @classmethod
+    def rolled_back_copy(cls, path, problem):
+        import sqlite3
+        directory = tempfile.mkdtemp(prefix="aam-preview-")      # owner-only
+        copy = os.path.join(directory, os.path.basename(path))
+        try:
+            for suffix in ("", "-journal"):
+                shutil.copyfile(path + suffix, copy + suffix)
+            view = cls(copy, sqlite3.connect(copy))
+        except (OSError, sqlite3.Error, ValueError, TypeError):
+            shutil.rmtree(directory, ignore_errors=True)
+            raise problem from None
+        view.copy_dir = directory
+        return view
+
+    def drop_piece(self, number, source):
+        self.dropped.add(number)
+
+    def forget_catalogue(self, name):
+        pass                          # a backup makes the source's catalogue again
+
+    def new_orphans(self, orphans):
+        """The (name, size) of orphans a backup would name now (not named before)."""
+        return [(name, size) for name, size in orphans if self.db.execute(
+            "SELECT 1 FROM orphan WHERE name = ?", (name,)).fetchone() is None]
+
+    def delete(self):
+        self.given_up = True
+        self.close()
+
+    def close(self):
+        super().close()
+        if self.copy_dir:
+            shutil.rmtree(self.copy_dir, ignore_errors=True)
+
+
+def read_only_connection(path):
+    """An SQLite connection that cannot write the file (nor make a -journal beside it)."""
+    import pathlib
+    import sqlite3
+    uri = pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+    return sqlite3.connect(uri, uri=True)
+
+
 def journal_errors():
     """The exceptions of SQLite (the journal's file is damaged, the disk is full)."""
     import sqlite3
@@ -3564,18 +3680,18 @@ class DoneEntries:
     is superseded: a restore must not extract it whole (docs/restore.md).
     """
 
-    def __init__(self, journal_file, source):
-        import sqlite3
-        import pathlib
-        uri = pathlib.Path(os.path.abspath(journal_file)).as_uri() + "?mode=ro"
-        self.db = sqlite3.connect(uri, uri=True)
+    def __init__(self, journal_file, source, dropped=()):
+        self.db = read_only_connection(journal_file)
         self.rows = self.db.execute("SELECT key, piece, line FROM entry WHERE source = ? "
                                     "ORDER BY key", (source,))
+        self.dropped = set(dropped)   # a preview's: pieces a backup would drop (JournalView)
         self.pending = self.next_row()
         self.superseded = set()
 
     def next_row(self):
         row = self.rows.fetchone()
+        while row is not None and row[1] in self.dropped:
+            row = self.rows.fetchone()
         return None if row is None else (row[0].decode("utf-8", "surrogatepass"),
                                          row[1], row[2])
 
@@ -3689,6 +3805,32 @@ class RunLog:
     def close(self):
         if not self.handle.closed:
             self.handle.close()
+
+
+class TerminalOutput:
+    """The multi-step operations write no log (the original design's choice), nor do browse
+    and the preview: terminal only.
+
+    Same interface as RunLog; tool output (terminal=False) is not shown.
+    """
+
+    path = None
+
+    def __init__(self, secrets):
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len,
+                              reverse=True)
+
+    scrub = RunLog.scrub
+
+    def section(self, heading):
+        pass
+
+    def line(self, text="", terminal=True):
+        if terminal:
+            print(self.scrub(str(text)), flush=True)
+
+    def close(self):
+        pass
 
 
 def format_bytes(count):
@@ -3857,9 +3999,9 @@ def describe_drill(drill, pending):
     if not isinstance(drill, dict):
         lines.append("Last drill: never on this computer (drill-aws-backups).")
     else:
-        files = drill.get("files") or []
+        tested = drill.get("files_tested", len(drill.get("files") or []))
         text = (f"Last drill: {drill.get('date')}, {drill.get('result')} (backup "
-                f"{drill.get('backup')}, {len(files)} file(s) tested)")
+                f"{drill.get('backup')}, {tested} file(s) tested)")
         lines.append(text + (f": {drill['problem']}." if drill.get("problem") else "."))
     if isinstance(pending, dict):
         lines.append(f"A drill is pending: the thaw of {len(pending.get('volumes') or [])} "
@@ -3888,14 +4030,14 @@ def describe_storage(location, storage):
     size = sum(figures["bytes"] for figures in months.values())
     objects = sum(figures["objects"] for figures in months.values())
     listed = sorted(str(figures.get("listed")) for figures in months.values())
-    cost = size / GB * DEEP_ARCHIVE_PRICE_PER_GB_MONTH
+    cost = storage_cost(size, objects)      # every object as a volume: an upper bound
     cost_text = f"about ${cost:,.2f}" if cost >= 0.01 else "under $0.01"
     when = (f"listed {listed[0][:10]}" if listed[0][:10] == listed[-1][:10]
             else f"listed from {listed[0][:10]} to {listed[-1][:10]}")
     return (f"Stored for {location}: {format_bytes(size)} ({size:,} bytes) in {objects:,} "
             f"object(s) of {len(months)} month(s) ({min(months)} to {max(months)}; "
-            f"{when}); {cost_text} a month at the Deep Archive price "
-            f"(${DEEP_ARCHIVE_PRICE_PER_GB_MONTH} per GB-month, us-east-1, "
+            f"{when}); {cost_text} a month at Deep Archive prices "
+            f"(${STORAGE_PRICES[DEEP_ARCHIVE]} per GB-month and 40 KB an object, us-east-1, "
             f"{PRICES_TAKEN}).")
 
 
@@ -4808,8 +4950,8 @@ class PieceWriter:
 
     def add(self, walked):
         """List one entry; the number of the list it went into."""
-        size = 0 if stat.S_ISDIR(walked.st.st_mode) else walked.st.st_size
-        if self.handle is not None and self.bytes + size > self.piece_size:
+        size = content_size(walked.st)
+        if self.handle is not None and starts_a_piece(self.bytes, size, self.piece_size):
             self.handle.close()
             self.handle, self.number, self.bytes = None, self.number + 1, 0
         if self.handle is None:
@@ -4826,6 +4968,18 @@ class PieceWriter:
     def close(self):
         if self.handle is not None:
             self.handle.close()
+
+
+def content_size(st):
+    """The bytes of file content an entry puts into a piece (a directory: none)."""
+    return 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+
+
+def starts_a_piece(piece_bytes, size, piece_size):
+    """Whether an entry of size bytes begins a new piece after the open one, which holds
+    piece_bytes: a piece holds about piece_size bytes of file content at most (a larger
+    file is a piece of its own)."""
+    return piece_bytes + size > piece_size
 
 
 def piece_list(directory, number):
@@ -5568,6 +5722,19 @@ class SourceCatalogue:
         entries of this source, the journal; base_note says which state, for the log.
         verify=False: the early child's guess, not read through yet (check_early_child
         does before it may go on)."""
+        self.find_base(verify)
+        run = self.run
+        journal = run.journal
+        self.first_piece = journal.next_piece() if journal else 1
+        reuse = journal is not None and journal.has_entries(self.name)
+        _write_private_text(self.path(CATALOGUE_BASE), json.dumps({
+            "state": self.base, "first_piece": self.first_piece,
+            "piece_size": run.settings.piece_size,
+            "journal": journal.path if reuse else None, "source": self.name}))
+
+    def find_base(self, verify=True):
+        """Find the local state to compare with, and say which (base, base_note); only
+        reads (a preview uses it too)."""
         run = self.run
         if run.scope is Scope.INCREMENTAL:
             self.base, problem = run.local_state_to_compare(self, verify)
@@ -5582,13 +5749,6 @@ class SourceCatalogue:
                     f"latest complete backup {describe_stamp(run.since)} cannot be used: "
                     f"{why}. Files are selected by their times alone, and this backup's "
                     "catalogue lists the whole tree.")
-        journal = run.journal
-        self.first_piece = journal.next_piece() if journal else 1
-        reuse = journal is not None and journal.has_entries(self.name)
-        _write_private_text(self.path(CATALOGUE_BASE), json.dumps({
-            "state": self.base, "first_piece": self.first_piece,
-            "piece_size": run.settings.piece_size,
-            "journal": journal.path if reuse else None, "source": self.name}))
 
     def header(self, pieces):
         run = self.run
@@ -5773,6 +5933,7 @@ class BackupRun:
         self.latest_full = None      # latest complete sets, for log and report
         self.latest_incremental = None
         self.session = self.s3 = None
+        self.listing = None          # BucketListing of what query_s3 listed
         self.uploads = None          # RunUploads: every upload of the run, one rate limit
         self.work_dir = None
         self.work_dir_made = False
@@ -5856,6 +6017,9 @@ class BackupRun:
                 self.open_journal_for(plan)
             if self.local or self.aws:          # else S3 failed for an AWS-only run: reported
                 try:
+                    if self.aws:
+                        self.uploads = RunUploads(self.s3, self.args.bucket,
+                                                  transfer_config(self.settings.upload_limit))
                     self.create_work_dir()
                     self.back_up_sources(plan)
                 except SourceStopped as stopped:
@@ -5883,9 +6047,13 @@ class BackupRun:
         self.log.section(SECTION_START)
         self.log.line(f"Backup started {describe_stamp(self.start)} "
                       f"({local_time_text(self.start)})")
-        self.work_dir = os.path.join(self.settings.temp_root,
-                                     f"{self.args.location}{format_stamp(self.start)}")
+        self.work_dir = self.work_dir_path()
         self.remove_leftovers()
+
+    def work_dir_path(self):
+        """This run's work directory: made when first needed; the plan excludes it."""
+        return os.path.join(self.settings.temp_root,
+                            f"{self.args.location}{format_stamp(self.start)}")
 
     def plan_and_decide(self):
         """The instruction file's plan, and (with AWS) the full/incremental decision."""
@@ -6053,8 +6221,6 @@ class BackupRun:
         try:
             self.session = aws_session(self.args.access_key_id, self.args.secret_access_key)
             self.s3 = aws_client(self.session, "s3", self.settings.region)
-            self.uploads = RunUploads(self.s3, self.args.bucket,
-                                      transfer_config(self.settings.upload_limit))
             self.listing = self.list_bucket(sources, pending)
         except aws_errors() as problem:
             cause = describe_aws_error(problem, credentials=BACKUP_CREDENTIALS)
@@ -6108,17 +6274,25 @@ class BackupRun:
         self.aws = False
 
     # -- the pending backup: continue it, or abandon it ---------------------
+    def journal_path(self):
+        return journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+
+    journal_kind = Journal           # a preview's: JournalView (read-only)
+
     def pending_journal(self):
         """The journal of a backup an earlier run did not finish, or None."""
-        path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+        path = self.journal_path()
         try:
-            return Journal.open(path)
+            return self.journal_kind.open(path)
         except JournalDamaged as problem:
-            self.log.line(f"Warning: {problem}: the backup it records cannot be continued; "
-                          "the journal is removed, and the volumes that backup left in S3 "
-                          "are named below as unused.")
-            remove_journal_files(path)
+            self.drop_damaged_journal(path, problem)
             return None
+
+    def drop_damaged_journal(self, path, problem):
+        self.log.line(f"Warning: {problem}: the backup it records cannot be continued; "
+                      "the journal is removed, and the volumes that backup left in S3 "
+                      "are named below as unused.")
+        remove_journal_files(path)
 
     def continue_pending(self, journal, sources):
         """Continue the pending backup when the rules allow (True), else abandon it."""
@@ -6268,7 +6442,7 @@ class BackupRun:
                               for s in plan.sources],
                   "piece_size": self.settings.piece_size,
                   "volume_size": self.settings.volume_size}
-        path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
+        path = self.journal_path()
         try:
             self.journal = Journal.create(path, backup)
         except (OSError, AamError) + journal_errors() as problem:
@@ -6285,12 +6459,13 @@ class BackupRun:
         changed = self.instruction_file_changed()
         if self.regular:
             if self.args.force_full:
-                reason = "forced by argument 21"
+                reason = f"forced by argument {BACKUP_ARGS.number('force_full')}"
             elif full is None:
                 reason = f"no complete full backup of the {len(sources)} current sources {where}"
             elif self.args.auto_force_full and changed > full:
                 reason = (f"the instruction file changed ({describe_stamp(changed)}) after "
-                          "the latest complete full backup (argument 22)")
+                          "the latest complete full backup (argument "
+                          f"{BACKUP_ARGS.number('auto_force_full')})")
             else:
                 reason = None
             if reason:
@@ -6305,7 +6480,8 @@ class BackupRun:
             if self.args.auto_force_full and changed > full:
                 raise Refused(f"The instruction file changed ({describe_stamp(changed)}) "
                               "after the latest complete full backup, so a full backup is "
-                              "required (argument 22); run a regular backup instead.")
+                              f"required (argument {BACKUP_ARGS.number('auto_force_full')}); "
+                              "run a regular backup instead.")
         self.scope, self.base_full = Scope.INCREMENTAL, full
         self.since = self.latest_incremental or full
         self.log.line(f"Backup scope: incremental, based on the full backup "
@@ -7072,6 +7248,447 @@ class BackupRun:
                           "because the report was not sent.")
 
 
+# -- preview-backup: what a regular-backup would do, told without doing it -------------
+
+EXAMPLES_SHOWN = 3       # paths shown of what each exclusion removed
+# What a ZIP entry adds to its bytes with AES-256 (7-Zip, measured: about 160 bytes and its
+# path twice, in its local and its central header; Zip64 fields for a big file): 256 and
+# the path twice bound it.  Data that does not compress is stored as it is (-mx1 gives
+# -mx0's size on random bytes), so no file's bytes grow.
+ZIP_ENTRY_BYTES = 256
+ZIP_END_BYTES = 1024     # the end of the central directory, its Zip64 records included
+
+
+class PreviewOutput(TerminalOutput):
+    """The preview's one output, the terminal (it writes no log file, as browse does not):
+    everything the backup's steps say, the lines a backup writes to its log alone too."""
+
+    def line(self, text="", terminal=True):
+        super().line(text)
+
+
+class Counted:
+    """Files (a symbolic link counts as one, as in a backup's file count) and bytes."""
+
+    def __init__(self):
+        self.files = self.bytes = 0
+
+    def add(self, st):
+        self.files += 1
+        self.bytes += st.st_size
+
+    def text(self):
+        return f"{self.files:,} file(s), {exact_bytes(self.bytes)}"
+
+
+def exact_bytes(count):
+    """'950 B', or '1.2 MB (1,234,567 bytes)': short, and exact."""
+    short = format_bytes(count)
+    return short if count < 1000 else f"{short} ({count:,} bytes)"
+
+
+class CountingWalk(TreeWalk):
+    """The selection's walk, counting what it selects: the files and their bytes, the
+    directories (a full backup's archive holds them too), and the paths' length."""
+
+    def __init__(self, root, plan, platform, since=None):
+        super().__init__(root, plan, platform, since)
+        self.selected, self.directories, self.name_bytes = Counted(), 0, 0
+
+    def __iter__(self):
+        for walked in super().__iter__():
+            if stat.S_ISDIR(walked.st.st_mode):
+                self.directories += 1
+            else:
+                self.selected.add(walked.st)
+            self.name_bytes += len(walked.path.encode("utf-8", "surrogateescape"))
+            yield walked
+
+
+class ChangeCounter:
+    """ChangeRecorder's work file and list callback in a preview: nothing is written.  It
+    counts what the backup would archive, cut into pieces as PieceWriter cuts them, the
+    entries it would record as gone, and those a kept piece of a continued backup holds."""
+
+    def __init__(self, piece_size):
+        self.piece_size = piece_size
+        self.archived, self.gone, self.held = Counted(), 0, 0
+        self.pieces = []            # [content bytes, entries, name bytes] of each piece
+
+    def archive(self, walked):
+        size = content_size(walked.st)
+        if not stat.S_ISDIR(walked.st.st_mode):
+            self.archived.add(walked.st)
+        if not self.pieces or starts_a_piece(self.pieces[-1][0], size, self.piece_size):
+            self.pieces.append([0, 0, 0])
+        piece = self.pieces[-1]
+        piece[0] += size
+        piece[1] += 1
+        piece[2] += len(walked.path.encode("utf-8", "surrogateescape"))
+
+    def write(self, flag, entry):
+        """A new or changed entry's line: counted by archive() if it is archived."""
+
+    def write_line(self, flag, line):
+        gone = line.startswith(DELETED + "\t")
+        self.gone += flag == CHANGED and gone
+        self.held += flag == CHANGED and not gone      # as a kept piece holds it
+
+    def piece_bounds(self):
+        """At most the bytes of each piece's archive."""
+        return [archive_bound(*piece) for piece in self.pieces]
+
+
+def at_most(dollars):
+    """An upper bound of a cost: 'at most $1.23', or 'less than $0.01'."""
+    text = format_dollars(dollars)
+    return text if not dollars or text.startswith("less") else f"at most {text}"
+
+
+def archive_bound(content, entries, name_bytes):
+    """At most the bytes of a ZIP archive of entries holding content bytes in all, their
+    paths name_bytes long in all (compression can only make it smaller)."""
+    if not entries:
+        return 0
+    return content + entries * ZIP_ENTRY_BYTES + 2 * name_bytes + ZIP_END_BYTES
+
+
+class ExclusionTally:
+    """What one exclusion (an instruction-file line; None: the program's own, the mirror
+    directory inside a source) removed from the walks: the entries it met, what they held,
+    and the first few of them."""
+
+    def __init__(self, exclusion, is_dir, platform):
+        self.exclusion, self.is_dir, self.platform = exclusion, is_dir, platform
+        self.removed, self.content, self.examples = 0, Counted(), []
+        self.name = None if exclusion is None or exclusion.is_path else wildcard_regex(
+            exclusion.text, platform.case_insensitive)
+
+    def matches(self, path, is_dir):
+        """It excludes path when the walk meets it."""
+        if self.exclusion is None or is_dir != self.is_dir:
+            return False
+        if self.name is not None:
+            return bool(self.name.fullmatch(self.platform.split(path)[-1]))
+        return self.platform.comparable(path) == self.platform.comparable(self.exclusion.text)
+
+    def takes_out(self, listed):
+        """It takes a listed directory out of the plan (not_excluded: the exclusion wins),
+        the listed directory being it or inside it."""
+        return self.matches(listed, True) or (
+            self.is_dir and self.name is None
+            and _relative(listed, self.exclusion.text, self.platform) is not None)
+
+    def add(self, path, note=""):
+        self.removed += 1
+        if len(self.examples) < EXAMPLES_SHOWN:
+            self.examples.append(path + note)
+        if not self.is_dir:
+            with contextlib.suppress(OSError):
+                self.content.add(os.lstat(self.platform.long_path(path)))
+            return
+        # the whole tree below it, as the selection's walk sees a tree
+        for walked in TreeWalk(path, SourcePlan(path, [""], [], [], [], []), self.platform):
+            if not stat.S_ISDIR(walked.st.st_mode):
+                self.content.add(walked.st)
+
+    def lines(self):
+        """What it removed, then the first few of those paths."""
+        platform = self.platform
+        if self.exclusion is None:
+            what = "the local mirror directory, inside a source (excluded by the program)"
+        else:
+            what = f"line {self.exclusion.line}, {self.exclusion.text}" + (
+                platform.sep if self.is_dir else "")
+        if not self.removed:
+            gone = self.exclusion.is_path and not os.path.lexists(
+                platform.long_path(self.exclusion.text))
+            return [f"{what}: nothing" + (" (it does not exist)" if gone else "")]
+        kind = ("directory" if self.removed == 1 else "directories") if self.is_dir else \
+            "file(s)"
+        held = f", holding {self.content.text()}" if self.is_dir else \
+            f", {exact_bytes(self.content.bytes)}"
+        return ([f"{what}: {self.removed:,} {kind}{held}"]
+                + [f"    {path}" for path in self.examples]
+                + ([f"    ... and {self.removed - len(self.examples):,} more"]
+                   if self.removed > len(self.examples) else []))
+
+
+class RemovedByExclusions:
+    """What each exclusion removed from the selection's walks (TreeWalk.excluded), by
+    instruction-file line; an entry that two lines exclude counts under the earlier."""
+
+    def __init__(self, instructions, platform):
+        self.platform = platform
+        self.tallies = [ExclusionTally(exclusion, is_dir, platform)
+                        for is_dir, exclusions in ((True, instructions.excluded_dirs),
+                                                   (False, instructions.excluded_files))
+                        for exclusion in exclusions]
+        self.own = ExclusionTally(None, True, platform)
+        self.counted = set()        # each removed path once (a listed one, then met)
+        for path, number in instructions.backup_dirs:
+            tally = next((t for t in self.tallies if t.takes_out(path)), None)
+            if tally and os.path.isdir(platform.long_path(path)):
+                self.count(tally, path, f" (listed on line {number})")
+
+    def add(self, walk):
+        for rel, is_dir in walk.excluded:
+            path = walk.absolute(rel)
+            self.count(next((t for t in self.tallies if t.matches(path, is_dir)), self.own),
+                       path)
+
+    def count(self, tally, path, note=""):
+        key = self.platform.comparable(path)
+        if key not in self.counted:
+            self.counted.add(key)
+            tally.add(path, note)
+
+    def lines(self):
+        tallies = sorted(self.tallies, key=lambda t: t.exclusion.line)
+        return [line for tally in tallies + ([self.own] if self.own.removed else [])
+                for line in tally.lines()]
+
+
+@dataclasses.dataclass
+class SourcePreview:
+    """One source's part of the preview: what is selected, what would be archived (at
+    most the bytes of each piece's archive)."""
+
+    selected: Counted
+    archived: Counted
+    piece_bytes: list
+
+    @property
+    def archive_bytes(self):
+        return sum(self.piece_bytes)
+
+    def volume_sizes(self, volume_size):
+        """The sizes of the volumes at most: each piece is split into volumes of its own."""
+        return [size for piece in self.piece_bytes
+                for size in volume_sizes(piece, volume_size)]
+
+
+class BackupPreview(BackupRun):
+    """preview-backup: what a regular-backup with the same arguments would do now, told
+    without doing it.
+
+    It takes the backup's own steps up to the point where a backup starts to write: the
+    plan (read_plan, log_plan), the listing, the decision (query_s3: continue or give up
+    a pending backup, on its journal opened read-only (JournalView); else full or
+    incremental) and the key check, the local state that change detection compares with
+    (SourceCatalogue.find_base); then it walks each source as the child does (TreeWalk,
+    ChangeRecorder, with the kept pieces' entries of a continued backup) and counts
+    instead of archiving.  It writes nothing: no lock (so it may run beside a backup),
+    no log file (the terminal only), no work directory, no local state, no journal, no
+    S3 object; S3 is read by LIST alone, with the backup keys.  Its exit
+    code is what the backup's decision would end with: 9 for a key its chain's key check
+    refuses, 1 when S3 cannot be listed (it says what it could not tell), 3 for an
+    instruction file that cannot be used.
+    """
+
+    def __init__(self, args, platform, settings, program_path=None):
+        super().__init__(args, platform, settings, program_path)
+        self.regular = True            # what it previews is a regular-backup
+        self.given_up = None           # why a backup would give the pending backup up
+
+    def execute(self):
+        try:
+            return self.preview()
+        finally:
+            if self.journal:
+                self.journal.close()
+
+    def preview(self):
+        self.log = PreviewOutput(self.args.secrets)
+        self.start = utc_now()
+        # Never made; the plan excludes it from a source, as a backup's plan does.
+        self.work_dir = self.work_dir_path()
+        self.log.line(f"{PREVIEW_BACKUP}: what regular-backup would do now with these "
+                      "settings. Nothing is mirrored, archived, uploaded or written (no "
+                      "lock, log file, work directory, local state or journal)"
+                      + ("; S3 is only listed." if self.aws else "."))
+        self.warn_about_a_short_key()
+        plan, problem = self.read_plan()
+        self.heading("Sources: the mount directories, and what the instruction file "
+                     "selects in each")
+        self.log_plan(plan)
+        if problem:
+            raise problem
+        if self.aws:
+            self.heading(f"The decision, from the listing of s3://{self.args.bucket} for "
+                         f"location {self.args.location} (the backup keys, LIST only)")
+            pending = self.pending_journal()
+            self.query_s3(plan, pending)
+            self.say_pending(pending)
+            if self.keycheck_to_write:
+                self.log.line("Key check: the backup would write one right before its first "
+                              f"upload ({self.keycheck_to_write[1]}).")
+        removed = RemovedByExclusions(plan.instructions, self.platform)
+        sources = [self.preview_source(index, source, len(plan.sources), removed)
+                   for index, source in enumerate(plan.sources, 1)]
+        self.heading("Exclusions: what each one removed from the selection")
+        for line in removed.lines() or ["(the instruction file excludes nothing)"]:
+            self.log.line(line)
+        self.heading("In all")
+        self.say_totals(sources)
+        if self.aws_asked:
+            self.say_upload_and_cost(sources)
+        return self.exit_code()
+
+    def heading(self, text):
+        self.log.line()
+        self.log.line(f"== {text}")
+
+    # -- a pending backup: the backup's own decision, on its journal read-only -----
+    journal_kind = JournalView
+
+    def drop_damaged_journal(self, path, problem):
+        self.log.line(f"Warning: {problem}: a backup could not continue the backup it "
+                      "records; it would remove the journal, decide as below, and name "
+                      "the volumes that backup left in S3 as unused.")
+
+    def abandon(self, journal, reason):
+        self.given_up = reason
+        super().abandon(journal, reason)
+
+    def say_pending(self, pending):
+        """What a backup would do with the pending backup, in one line (the decision's
+        lines above say it in detail)."""
+        if pending is None:
+            return
+        backup = pending.backup
+        what = (f"the pending {backup['scope']} backup "
+                f"{describe_stamp(parse_stamp(backup['stamp']))}")
+        if self.listing is None:
+            self.log.line(f"Pending: {what}; whether a backup would continue it is not "
+                          "told without the listing.")
+        elif self.given_up:
+            self.log.line(f"Pending: a backup would give up {what}: {self.given_up}. It "
+                          "would remove its journal and decide anew, as said here.")
+        else:
+            self.log.line(f"Pending: a backup would continue {what}: "
+                          f"{self.continued['pieces']} piece(s) "
+                          f"({format_bytes(self.continued['bytes'])}) already in S3, "
+                          f"{len(self.done_sources)} source(s) done; it would archive only "
+                          "what no kept piece holds.")
+
+    def skip_aws(self, reason):
+        super().skip_aws(reason)
+        if not self.key_refused:
+            self.log.line("Not told without the listing: whether the backup would be full or "
+                          "incremental, whether the archive key matches its chain's key "
+                          "check, and what the month holds in S3. The upload below is what a "
+                          "full backup would archive (an incremental, less).")
+
+    def preview_source(self, index, source, count, removed):
+        """Walk one source as the child would, counting; say what it selects and what
+        would be archived."""
+        name = self.platform.source_name(source.mount)
+        incremental = self.scope is Scope.INCREMENTAL
+        self.heading(f"Source {index} of {count}: {source.mount} (S3 name {name})")
+        if self.local:
+            mirror = self.platform.mirror_directory(self.args.mirror_root, source.mount)
+            self.log.line(f"Mirror directory: {mirror}")
+        previous = None
+        if incremental and name not in self.done_sources:
+            catalogue = SourceCatalogue(self, source, name)
+            catalogue.find_base()
+            self.log.line(catalogue.base_note)
+            previous = catalogue.base
+        walk = CountingWalk(source.mount, source, self.platform,
+                            self.since if incremental else None)
+        counter = ChangeCounter(self.settings.piece_size)
+        journal = self.journal
+        if name in self.done_sources:
+            collections.deque(walk, maxlen=0)   # counted; its mirror alone would be made
+        else:
+            # the entries the kept pieces hold, as choose_base passes them to the child
+            done = (DoneEntries(journal.path, name, journal.dropped)
+                    if journal is not None and journal.has_entries(name) else None)
+            ChangeRecorder(walk, previous, self.platform, not incremental, done).run(
+                counter, counter.archive)
+        removed.add(walk)
+        self.log.line(f"Selected: {walk.selected.text()}, in {walk.directories:,} "
+                      f"director{'y' if walk.directories == 1 else 'ies'} (the listed ones "
+                      "and those below them)")
+        for special, what in walk.specials:
+            self.log.line(f"Not backed up ({what}): {walk.absolute(special)}")
+        for problem in walk.problems:
+            self.log.line(f"WARNING: {problem}: a backup reports this as a FAILURE")
+        if name in self.done_sources:
+            self.log.line("Done: its completion indicator is in S3; the backup would only "
+                          "refresh its mirror.")
+        elif journal is not None:
+            self.log.line(f"The continued backup would archive {counter.archived.text()}; "
+                          f"{counter.held:,} file(s) are in its kept pieces.")
+        elif incremental:
+            gone = (f"; {counter.gone:,} path(s) gone since the local catalogue"
+                    if previous else "")
+            self.log.line(f"An incremental backup would archive {counter.archived.text()}"
+                          f"{gone}.")
+        return SourcePreview(walk.selected, counter.archived, counter.piece_bounds())
+
+    def say_totals(self, sources):
+        selected, archived = Counted(), Counted()
+        for source in sources:
+            for total, part in ((selected, source.selected), (archived, source.archived)):
+                total.files += part.files
+                total.bytes += part.bytes
+        self.log.line(f"Selected: {selected.text()} in {len(sources)} source(s).")
+        if self.journal is not None:
+            self.log.line(f"The continued backup would archive {archived.text()}.")
+        elif self.aws_asked and self.scope is Scope.INCREMENTAL:
+            self.log.line(f"An incremental backup would archive {archived.text()}.")
+
+    def say_upload_and_cost(self, sources):
+        """The upload (at most: compression is unknown before 7-Zip runs), the requests
+        it takes, and what it and the month's objects cost in storage."""
+        upload = sum(source.archive_bytes for source in sources)
+        sizes = [size for source in sources
+                 for size in source.volume_sizes(self.settings.volume_size)]
+        volumes = len(sizes)
+        if self.key_refused:
+            self.log.line("Upload: nothing (the archive key is refused, see above).")
+            return
+        level = self.settings.compression_level
+        how = ("stored as they are (compression level 0, AAM_COMPRESSION_LEVEL)" if not level
+               else f"compression level {level} (AAM_COMPRESSION_LEVEL) makes it smaller as "
+               "far as the files compress")
+        self.log.line(f"Upload: at most {exact_bytes(upload)} in at most "
+                      f"{volumes} volume(s) of up to {self.settings.volume_size:,} bytes "
+                      f"(AAM_VOLUME_SIZE): the files' bytes and ZIP's headers; {how}. And "
+                      "for each source a catalogue and a completion indicator (STANDARD, "
+                      "small).")
+        if self.continued:
+            self.log.line(f"(The kept pieces of the continued backup, "
+                          f"{format_bytes(self.continued['bytes'])}, are in S3 already: not "
+                          "counted here.)")
+        elif not upload and self.scope is Scope.INCREMENTAL:
+            self.log.line("(No file changed: the backup would upload no volume, only the "
+                          "catalogues and completion indicators.)")
+        requests = sum(upload_requests(size) for size in sizes)
+        month = storage_cost(upload, volumes)
+        minimum = month * DEEP_ARCHIVE_MINIMUM_DAYS / DAYS_A_MONTH
+        self.log.line(f"Estimated cost (us-east-1 prices of {PRICES_TAKEN}: Deep Archive "
+                      f"${STORAGE_PRICES[DEEP_ARCHIVE]} per GB-month; docs/backup.md):")
+        self.log.line(f"  this backup's volumes: {at_most(month)} a month, billed for "
+                      f"{DEEP_ARCHIVE_MINIMUM_DAYS} days at least (Deep Archive's minimum): "
+                      f"{at_most(minimum)} for those")
+        put = requests / 1000 * PUT_PRICES[DEEP_ARCHIVE]
+        self.log.line(f"  its upload: at most {requests:,} PUT request(s) (the volumes' "
+                      f"multipart parts): {at_most(put)}, once")
+        if self.listing is None:
+            return
+        stored = StoredBytes.of(self.listing)
+        month_text = f"{self.start:%Y-%m}"
+        self.log.line(f"  stored in {month_text} (this month's listing): {stored.volumes} "
+                      f"volume(s), {exact_bytes(stored.volume_bytes)}, and {stored.others} "
+                      f"STANDARD object(s), {exact_bytes(stored.other_bytes)}: "
+                      f"{format_dollars(stored.cost())} a month; with this backup "
+                      f"{format_dollars(stored.cost() + month)} (earlier months are not "
+                      "listed, and are billed too)")
+
+
 # ============================================================================
 # Restore operations (docs/restore.md)
 # ============================================================================
@@ -7081,12 +7698,60 @@ class BackupRun:
 # GB retrieved and per 1,000 restore requests.  Only used for the estimate.
 PRICES_TAKEN = "2020-10-05"
 RETRIEVAL_PRICES = {"Bulk": (0.0025, 0.025), "Standard": (0.02, 0.10)}
-# Deep Archive storage, dollars per GB-month, us-east-1, from the same page and date
-# (unchanged since the storage class began in 2019): the health block's cost estimate.
-DEEP_ARCHIVE_PRICE_PER_GB_MONTH = 0.00099
 TRANSFER_OUT_PER_GB = 0.09
 EXPECTED_WAIT = {"Bulk": "within 48 hours", "Standard": "within 12 hours"}
 GB = 1024 ** 3                    # AWS bills a GB as 2^30 bytes
+# Storage and upload prices recorded the same way and day (docs/backup.md lists them):
+# dollars per GB-month (the first 50 TB a month), and per 1,000 PUT requests (each part of
+# a multipart upload is one).  Volumes are DEEP_ARCHIVE; catalogues, completion
+# indicators and key checks STANDARD.  Deep Archive bills 40 KB more for each object it
+# holds: 32 KB at its own price and 8 KB at STANDARD's.
+STORAGE_PRICES = {DEEP_ARCHIVE: 0.00099, "STANDARD": 0.023}
+PUT_PRICES = {DEEP_ARCHIVE: 0.05, "STANDARD": 0.005}
+ARCHIVED_OBJECT_EXTRA = {DEEP_ARCHIVE: 32 * 1024, "STANDARD": 8 * 1024}
+
+
+def storage_cost(archived_bytes, archived_objects, standard_bytes=0):
+    """Dollars a month for Deep Archive objects and STANDARD bytes (prices above)."""
+    archived = archived_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA[DEEP_ARCHIVE]
+    standard = standard_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA["STANDARD"]
+    return (archived * STORAGE_PRICES[DEEP_ARCHIVE] + standard * STORAGE_PRICES["STANDARD"]) / GB
+
+
+def upload_requests(size):
+    """The PUT requests an upload of size bytes takes (RunUploads' multipart rule)."""
+    config = transfer_config()
+    if size < config.multipart_threshold:
+        return 1
+    return -(-size // config.multipart_chunksize) + 2      # the parts, begin and end
+
+
+def volume_sizes(archive_bytes, volume_size):
+    """The sizes of the volumes an archive of archive_bytes is split into."""
+    whole, rest = divmod(archive_bytes, volume_size)
+    return [volume_size] * whole + ([rest] if rest else [])
+
+
+@dataclasses.dataclass
+class StoredBytes:
+    """The backup objects of a listing: volumes (DEEP_ARCHIVE) and the rest (STANDARD)."""
+
+    volumes: int
+    volume_bytes: int
+    others: int
+    other_bytes: int
+
+    @classmethod
+    def of(cls, listing):
+        volumes = [v for stored in listing.volumes.values() for v in stored]
+        others = list(listing.catalogues.values()) + [
+            o for by_source in listing.indicators.values() for o in by_source.values()]
+        return cls(len(volumes), sum(v.size for v in volumes), len(others),
+                   sum(o.size for o in others))
+
+    def cost(self):
+        return storage_cost(self.volume_bytes, self.volumes, self.other_bytes)
+
 
 RESTORE_STATE_FILE = ".aam-restore-state.json"
 RESTORE_STATE_FORMAT = "aam-auto-backup-restore-state"
@@ -7160,31 +7825,6 @@ def s3_call(bucket, key=None, credentials=RESTORE_CREDENTIALS, kind="object"):
         if is_transient(problem):
             raise
         raise restore_aws_error(problem, bucket, key, credentials, kind) from None
-
-
-class TerminalOutput:
-    """The multi-step operations write no log (the original design's choice): terminal only.
-
-    Same interface as RunLog; tool output (terminal=False) is not shown.
-    """
-
-    path = None
-
-    def __init__(self, secrets):
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len,
-                              reverse=True)
-
-    scrub = RunLog.scrub
-
-    def section(self, heading):
-        pass
-
-    def line(self, text="", terminal=True):
-        if terminal:
-            print(self.scrub(str(text)), flush=True)
-
-    def close(self):
-        pass
 
 
 # -- what to restore: the restore point and the selection --------------------------
@@ -7383,15 +8023,7 @@ def find_restore_set(s3, bucket, listing, out, point=None):
 
     Returns (full, full manifests, [(incremental, manifests)], oldest first).
     """
-    for full in listing.fulls():
-        if point is not None and full > point:
-            continue
-        manifests, reason = complete_backup(s3, bucket, listing, full, None)
-        if manifests:
-            break
-        out.line(f"Skipped the {describe_backup(full, None)}: it is incomplete ({reason}).")
-    else:
-        raise NoBackupSet("No complete full backup to restore from.")
+    full, manifests = latest_complete_full(s3, bucket, listing, out, point)
     chosen = []
     for incremental in sorted({incr for (f, incr) in listing.indicators
                                if f == full and incr is not None}):
@@ -7404,6 +8036,20 @@ def find_restore_set(s3, bucket, listing, out, point=None):
             out.line(f"Skipped the {describe_backup(full, incremental)}: it is incomplete "
                      f"({reason}).")
     return full, manifests, chosen
+
+
+def latest_complete_full(s3, bucket, listing, out, point=None,
+                         credentials=RESTORE_CREDENTIALS):
+    """(The latest complete full backup at or before point (None: the latest), its
+    manifests by source); each incomplete one passed over is said."""
+    for full in listing.fulls():
+        if point is not None and full > point:
+            continue
+        manifests, reason = complete_backup(s3, bucket, listing, full, None, credentials)
+        if manifests:
+            return full, manifests
+        out.line(f"Skipped the {describe_backup(full, None)}: it is incomplete ({reason}).")
+    raise NoBackupSet("No complete full backup to restore from.")
 
 
 def archive_directory(downloads, backup, number, piece=LEGACY_PIECE):
@@ -7675,11 +8321,12 @@ def retrieval_cost(tier, size, requests):
     return size / GB * per_gb + requests / 1000 * per_thousand
 
 
-def plan_lines(plan, days, tier):
+def plan_lines(plan, days, tier, days_argument=RESTORE_ARGS.number("days")):
     volumes = plan.volumes
     size = sum(v.size for v in volumes)
     lines = [f"Restore plan: {len(volumes)} volume(s), {size:,} bytes "
-             f"({size / GB:.3f} GB), thawed for {days} day(s) (argument 7) with the "
+             f"({size / GB:.3f} GB), thawed for {days} day(s) (argument {days_argument}) "
+             "with the "
              f"{tier} tier: expected wait {EXPECTED_WAIT[tier]}.",
              f"Estimated retrieval cost (us-east-1 prices of {PRICES_TAKEN}, "
              "docs/restore.md):"]
@@ -7915,7 +8562,7 @@ def parse_restore_header(head):
     return IN_PROGRESS if 'ongoing-request="true"' in restore else AVAILABLE
 
 
-def request_thaw(s3, bucket, key, days, tier):
+def request_thaw(s3, bucket, key, days, tier, credentials=RESTORE_CREDENTIALS):
     """Ask S3 to thaw one volume; an answer that it is under way or done is fine."""
     try:
         answer = s3.restore_object(Bucket=bucket, Key=key, RestoreRequest={
@@ -7925,7 +8572,7 @@ def request_thaw(s3, bucket, key, days, tier):
             return IN_PROGRESS
         if is_transient(problem):
             raise
-        raise restore_aws_error(problem, bucket, key, kind="volume") from None
+        raise restore_aws_error(problem, bucket, key, credentials, "volume") from None
     # 202: a new thaw started; 200: the object was thawed already.
     status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return AVAILABLE if status == 200 else IN_PROGRESS
@@ -8049,10 +8696,14 @@ def seven_zip_extract_argv(first_volume, into, platform=None, list_path=None, na
             "-bd", "-sccUTF-8"]
     if list_path is None:
         return argv
+    return argv + exact_names_switches(list_path, names, platform)
+
+
+def exact_names_switches(list_path, names, platform):
+    """7-Zip's switches for exactly these names (written to the list file list_path)."""
     unlisted = write_name_list(list_path, names, platform.sep)
     # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
-    return argv + ["-spd", "-ssc", platform.list_charset_switch, "@" + list_path,
-                   "--"] + unlisted
+    return ["-spd", "-ssc", platform.list_charset_switch, "@" + list_path, "--"] + unlisted
 
 
 def write_name_list(path, names, sep):
@@ -8454,6 +9105,8 @@ def names_to_skip(names, platform, seen):
 class Restoration:
     """The state of one restoration into one destination directory."""
 
+    credentials = RESTORE_CREDENTIALS      # the arguments a refused request names
+
     def __init__(self, args, platform, settings, out):
         self.args, self.platform, self.settings, self.out = args, platform, settings, out
         self.destination = args.destination
@@ -8674,7 +9327,7 @@ class Restoration:
         text_path = os.path.join(directory, CATALOGUE_FILE)
         if not os.path.exists(text_path):
             fetch_catalogue(self.s3, self.args, self.platform, self.settings,
-                            archive.catalogue, directory, RESTORE_CREDENTIALS)
+                            archive.catalogue, directory, self.credentials)
             self.catalogues_opened += 1
         return text_path
 
@@ -8689,7 +9342,7 @@ class Restoration:
             if self.is_downloaded(volume):
                 found[volume.key] = DOWNLOADED
                 continue
-            with s3_call(self.args.bucket, volume.key, kind="volume"):
+            with s3_call(self.args.bucket, volume.key, self.credentials, "volume"):
                 head = self.s3.head_object(Bucket=self.args.bucket, Key=volume.key)
             found[volume.key] = parse_restore_header(head)
         return found
@@ -8700,7 +9353,8 @@ class Restoration:
         for volume in self.plan.volumes:
             if statuses[volume.key] == NOT_REQUESTED:
                 statuses[volume.key] = request_thaw(self.s3, self.args.bucket, volume.key,
-                                                    self.args.days, self.settings.restore_tier)
+                                                    self.args.days, self.settings.restore_tier,
+                                                    self.credentials)
                 self.out.line(f"Thaw requested ({self.settings.restore_tier}, "
                               f"{self.args.days} days): {volume.key}", terminal=False)
                 asked += 1
@@ -8727,7 +9381,7 @@ class Restoration:
             if statuses[volume.key] != AVAILABLE:
                 continue
             self.out.line(f"Downloading {volume.key} ({volume.size:,} bytes)")
-            with s3_call(self.args.bucket, volume.key, kind="volume"):
+            with s3_call(self.args.bucket, volume.key, self.credentials, "volume"):
                 download_volume(self.s3, self.args.bucket, volume)
             self.verified.add(volume.key)
             statuses[volume.key] = DOWNLOADED
@@ -8763,12 +9417,15 @@ class Restoration:
                 f"{archive.number} ({archive.source}){piece}")
 
     def seven_zip(self, argv, archive):
+        """7-Zip on one archive; its output (also in the log), or the error it reports."""
         code, output = run_seven_zip(self.settings, self.platform, argv, self.args.key)
         for line in output.splitlines():
             self.out.line(line, terminal=False)
-        failure = seven_zip_failure(code, output, self.archive_name(archive))
+        failure = seven_zip_failure(code, output, self.archive_name(archive),
+                                    self.args.table.number("key"))
         if failure:
             raise failure
+        return output
 
     def openable_first_volume(self, archive):
         """The first volume to give 7-Zip: the downloaded one when every volume is here,
@@ -8964,13 +9621,10 @@ def plan_source(restoration, number, path, chosen, whole, superseded):
     central = {}
     for archive, catalogue in zip(archives, catalogues):
         stamp = format_stamp(archive.backup)
-        if catalogue.header.get("archive"):       # version 1: the legacy piece
-            central[(stamp, number, LEGACY_PIECE)] = \
-                catalogue.header["archive"]["central_directory_volume"]
-        for piece in catalogue.header.get("pieces") or []:
-            central[(stamp, number, piece["number"])] = piece["central_directory_volume"]
-            if piece.get("superseded"):
-                superseded.add((stamp, number, piece["number"]))
+        central.update(central_directory_volumes(catalogue, stamp, number))
+        superseded.update((stamp, number, piece["number"])
+                          for piece in catalogue.header.get("pieces") or []
+                          if piece.get("superseded"))
     selection = restoration.selection
     match = selection.matcher(path, catalogues[0].header.get("platform", "posix"))
     writer = StateWriter(restoration, number, {"kind": LISTING, "source_path": path,
@@ -8991,6 +9645,18 @@ def plan_source(restoration, number, path, chosen, whole, superseded):
             parents.met(entry, chosen_one)
     finally:
         writer.close()
+    return central
+
+
+def central_directory_volumes(catalogue, stamp, number):
+    """{(backup stamp, source number, piece): the volume where its central directory
+    starts} of one backup's catalogue of source number (version 1: the legacy piece)."""
+    central = {}
+    if catalogue.header.get("archive"):
+        central[(stamp, number, LEGACY_PIECE)] = \
+            catalogue.header["archive"]["central_directory_volume"]
+    for piece in catalogue.header.get("pieces") or []:
+        central[(stamp, number, piece["number"])] = piece["central_directory_volume"]
     return central
 
 
@@ -9073,6 +9739,7 @@ def volumes_in(restore_set, numbers):
 # -- browse: the backups in the bucket, and the versions of chosen files ------------
 
 DEEP_ARCHIVE_MINIMUM_DAYS = 180     # Deep Archive bills every object for 180 days at least
+DAYS_A_MONTH = 365.25 / 12
 
 
 def browse(args, platform, settings):
@@ -9471,6 +10138,343 @@ def report_restore_failure(problem, out):
 
 
 # ============================================================================
+# Restore drill (docs/restore.md, Restore drill)
+# ============================================================================
+
+# The drill proves the latest full backup restorable end to end for cents: it thaws
+# the few volumes of one piece that let 7-Zip test whole files (the piece's central
+# directory and the files' own volumes), downloads them, checks them against the
+# indicator, tests and extracts the files with the key, and compares them with the
+# catalogue.  A thaw takes hours: the run that requests it records a pending drill in
+# the health record and exits 7; a later run finds it and finishes.
+DRILL = "drill"                    # the health record's sections (HealthRecord)
+DRILL_PENDING = "drill_pending"
+DRILL_FILES_RECORDED = 20          # the paths of tested files the health record keeps
+TEST_OK = "Everything is Ok"       # 7-Zip's line after a test that found no error
+
+
+def health_time(moment):
+    """A date in the health record: UTC, ISO 8601, to the second."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass
+class DrillChoice:
+    """What a drill thaws and tests: some volumes of one piece, and every file whose
+    bytes lie within them (the piece's central directory is in them too)."""
+
+    archive: RestoreArchive
+    volumes: list          # RestoreVolume, in piece order
+    files: list            # the catalogue entries tested, in catalogue order
+
+
+def file_volumes(archive, place, central):
+    """The volume numbers 7-Zip reads to test the file at place (parse_location) of a
+    piece: its own, and the central directory's (openable_volumes)."""
+    first, last = place[2], place[3]
+    tally = Tally(volumes={archive.key: set(range(first, last + 1))})
+    return openable_volumes(tally, {archive.key: archive}, central)[archive.key]
+
+
+def cheapest_test(restore_set, catalogues, tier):
+    """(archive, volume numbers) whose thaw costs the least of those that let 7-Zip test
+    a whole file (with content) of the full backup; None when no file has content."""
+    stamp = format_stamp(restore_set.full)
+    archives = {a.key: a for a in restore_set.archives if a.volumes}
+    best, seen = None, set()
+    for number, catalogue in catalogues:
+        central = central_directory_volumes(catalogue, stamp, number)
+        for entry in catalogue:
+            place = parse_location(entry.location)
+            if entry.kind != FILE or not entry.size or not place or place[0] != stamp:
+                continue
+            key = (stamp, number, place[1])
+            if key not in archives or (key, place) in seen:
+                continue
+            seen.add((key, place))
+            numbers = file_volumes(archives[key], place, central)
+            volumes = [v for v in archives[key].volumes if v.number in numbers]
+            size = sum(v.size for v in volumes)
+            rank = (retrieval_cost(tier, size, len(volumes)), size)
+            if best is None or rank < best[0]:
+                best = (rank, archives[key], numbers)
+    return best and best[1:]
+
+
+def files_within(catalogue, archive, numbers):
+    """The files of the catalogue whose bytes lie in those volumes of the archive."""
+    stamp = format_stamp(archive.backup)
+    found = []
+    for entry in catalogue:
+        place = parse_location(entry.location)
+        if (entry.kind == FILE and place and (place[0], place[1]) == (stamp, archive.piece)
+                and set(range(place[2], place[3] + 1)) <= numbers):
+            found.append(entry)
+    return found
+
+
+class Drill(Restoration):
+    """drill-aws-backups: the restore's thaw, download, verification and 7-Zip on the
+    chosen volumes, in a temporary directory (work) that is gone after the run."""
+
+    def __init__(self, args, platform, settings, out, work):
+        args.destination, args.restore_point, args.selection = work, None, []
+        super().__init__(args, platform, settings, out)
+        self.credentials = (f"arguments {args.table.number('access_key_id')} and "
+                            f"{args.table.number('secret_access_key')}")
+        self.health = HealthRecord(settings.state_dir, args.bucket, args.location)
+        self.catalogues = []       # [(source number, CatalogueFile)] of the full backup
+        self.choice = None
+
+    # -- which backup, which volumes ---------------------------------------------------
+    def run(self):
+        """Request the thaw (NotReady), or finish the drill it requested: EXIT_OK."""
+        args = self.args
+        self.connect()
+        prefixes = month_prefixes(args.location, utc_now()) + [keycheck_prefix(args.location)]
+        with s3_call(args.bucket, credentials=self.credentials):
+            listing = BucketListing.load(self.s3, args.bucket, prefixes)
+        pending = self.health.get(DRILL_PENDING)
+        if pending and not self.continue_pending(pending, listing):
+            pending = None
+        if not pending:
+            try:
+                full, manifests = latest_complete_full(self.s3, args.bucket, listing, self.out,
+                                                       credentials=self.credentials)
+            except NoBackupSet:
+                raise NoBackupSet(f"No complete full backup of location {args.location} in "
+                                  f"bucket {args.bucket} in the months {prefixes[5][-6:]} to "
+                                  f"{prefixes[0][-6:]} (UTC): nothing can be restored.") from None
+            self.open_backup(listing, full, manifests)
+            self.choose()
+        self.report_choice(pending)
+        statuses = self.statuses()
+        asked = self.request_thaws(statuses)
+        self.out.line(self.progress_line(statuses))
+        if any(state in (IN_PROGRESS, NOT_REQUESTED) for state in statuses.values()):
+            self.record_pending(pending, asked)
+            tier = self.settings.restore_tier
+            raise NotReady(f"The drill waits for the thaw ({tier}: {EXPECTED_WAIT[tier]} of "
+                           "the request); run drill-aws-backups again later to finish it. "
+                           f"The thawed copies stay {args.days} day(s) (argument "
+                           f"{args.table.number('days')}) once ready.")
+        self.finish(statuses)
+        return EXIT_OK
+
+    def continue_pending(self, pending, listing):
+        """Take up the pending drill: True; False when its backup is gone (said)."""
+        try:
+            full, names = parse_stamp(pending["backup"]), list(pending["volumes"])
+        except (KeyError, TypeError, ValueError):
+            self.out.line(f"The pending drill in {self.health.path} cannot be read; a new "
+                          "drill begins.")
+            return False
+        manifests, reason = (None, "no completion indicator is listed")
+        if (full, None) in listing.indicators:
+            manifests, reason = complete_backup(self.s3, self.args.bucket, listing, full,
+                                                None, self.credentials)
+        if not manifests:
+            self.out.line(f"The full backup {describe_stamp(full)} of the drill pending since "
+                          f"{pending.get('requested')} is no longer a complete set in the "
+                          f"bucket ({reason}; the lifecycle rule deletes backups after 180 "
+                          "days): that drill is given up, and a new one begins on the latest "
+                          "complete full backup.")
+            self.health.update(DRILL_PENDING, None)
+            return False
+        newer = [f for f in listing.fulls() if f > full]
+        self.out.line(f"Continuing the drill pending since {pending.get('requested')}." + (
+            f" (A newer full backup, {describe_stamp(newer[0])}, exists: this drill is "
+            "finished first, its thaw is paid for; the next drill takes the newer one.)"
+            if newer else ""))
+        self.open_backup(listing, full, manifests)
+        by_name = {v.key: archive for archive in self.set.archives for v in archive.volumes}
+        unknown = [name for name in names if name not in by_name]
+        if unknown or len({by_name[name].key for name in names}) != 1:
+            raise AamError(f"The pending drill's volume {(unknown or names)[0]} is not a "
+                           "volume of one piece of the full backup "
+                           f"{describe_stamp(full)} in its completion indicators; the "
+                           "backup set is damaged.")
+        archive = by_name[names[0]]
+        self.choose_in(archive, {v.number for v in archive.volumes if v.key in names})
+        return True
+
+    def open_backup(self, listing, full, manifests):
+        """The full backup's set (volumes listed at their size) and its catalogues,
+        opened with the key (a wrong one stops here, before any thaw)."""
+        number_of_key = self.args.table.number("key")
+        keycheck, self.keycheck_problem = keycheck_verdict(
+            self.args.key, listing.keychecks.get(full, []), full, number_of_key)
+        self.set = build_restore_set(self.args.location, listing, full, [], manifests,
+                                     self.downloads)
+        self.set.keycheck = keycheck
+        for number, _source, _path in self.set.sources:
+            archive = self.set.catalogue_archives(number)[0]
+            if not archive.catalogue:
+                continue                  # made by version 1.0.0: nothing says where what is
+            try:
+                path = self.fetch_catalogue(archive)
+            except WrongKey:
+                if self.keycheck_problem and not self.catalogues_opened:
+                    raise WrongKey(self.keycheck_problem) from None
+                raise
+            self.catalogues.append((number, CatalogueFile(path)))
+        if not self.catalogues:
+            raise AamError(f"The full backup {describe_stamp(full)} has no catalogue (made by "
+                           "version 1.0.0): the drill cannot tell which volumes hold a whole "
+                           "file; a restore (docs/restore.md) tests it whole.")
+
+    def choose(self):
+        found = cheapest_test(self.set, self.catalogues, self.settings.restore_tier)
+        if found is None:
+            raise AamError(f"The full backup {describe_stamp(self.set.full)} holds no file "
+                           "with content in an archive: there is nothing to test.")
+        self.choose_in(*found)
+
+    def choose_in(self, archive, numbers):
+        catalogue = dict(self.catalogues).get(archive.number)
+        files = files_within(catalogue, archive, numbers) if catalogue else []
+        if not files:
+            raise AamError(f"No whole file of {self.archive_name(archive)} lies in the "
+                           "volumes the drill chose; the catalogue and the completion "
+                           "indicator disagree.")
+        volumes = [v for v in archive.volumes if v.number in numbers]
+        self.choice = DrillChoice(archive, volumes, files)
+        self.plan = RestorePlan(volumes, Tally(), Tally(), [], [])
+
+    def source_path(self, archive):
+        return {number: path for number, _s, path in self.set.sources}[archive.number]
+
+    def tested_paths(self):
+        """The original paths of the files tested (as the health record keeps them)."""
+        source = self.source_path(self.choice.archive)
+        sep = platform_of_path(source).sep
+        return [source.rstrip(sep) + sep + entry.path.replace("/", sep)
+                for entry in self.choice.files]
+
+    def report_choice(self, pending):
+        choice, out = self.choice, self.out
+        paths = self.tested_paths()
+        out.line(f"Restore drill of location {self.args.location}: the "
+                 f"{describe_backup(self.set.full, None)}"
+                 + ("." if pending else ", the latest complete one."))
+        out.line(f"Chosen: {len(choice.volumes)} of the {len(choice.archive.volumes)} "
+                 f"volume(s) of piece {choice.archive.piece} of "
+                 f"{self.source_path(choice.archive)}: its central directory and "
+                 f"{len(paths)} whole file(s), e.g. {paths[0]}")
+        for line in plan_lines(self.plan, self.args.days, self.settings.restore_tier,
+                               self.args.table.number("days")):
+            out.line(line)
+        for volume in choice.volumes:
+            out.line(f"  {volume.key}  ({volume.size:,} bytes)")
+
+    def record_pending(self, pending, asked):
+        """The drill_pending section: what the next run needs to finish this drill."""
+        requested = pending["requested"] if pending and not asked else health_time(utc_now())
+        self.health.update(DRILL_PENDING, {
+            "requested": requested, "tier": self.settings.restore_tier,
+            "days": self.args.days, "backup": format_stamp(self.set.full),
+            "volumes": [v.key for v in self.choice.volumes],
+            "files": self.tested_paths()[:DRILL_FILES_RECORDED]})
+
+    # -- once thawed: download, test, extract, compare ---------------------------------
+    def finish(self, statuses):
+        self.out.section(SECTION_DOWNLOAD)
+        self.download_available(statuses)          # each checked against the indicator
+        archive, files = self.choice.archive, self.choice.files
+        first = self.openable_first_volume(archive)
+        names = [entry.path for entry in files]
+        list_path = os.path.join(self.downloads, "drill_list.txt")
+        self.out.line(f"Testing {len(files)} file(s) of {self.archive_name(archive)}")
+        output = self.seven_zip(["t", first, "-bd", "-sccUTF-8"]
+                                + exact_names_switches(list_path, names, self.platform),
+                                archive)
+        self.check_test_output(output, files, archive)
+        extracted = os.path.join(self.downloads, EXTRACT_DIR)
+        self.seven_zip(seven_zip_extract_argv(first, extracted, self.platform, list_path,
+                                              names), archive)
+        problems = [problem for entry in files
+                    for problem in extracted_problems(extracted, entry)]
+        if problems:
+            raise AamError(f"{len(problems)} file(s) of {self.archive_name(archive)} extracted "
+                           "by the drill differ from the catalogue: " + "; ".join(problems[:5]))
+        self.record(None)
+        self.out.line(f"Restore drill PASSED: {len(files)} file(s) of the "
+                      f"{describe_backup(self.set.full, None)} tested and extracted with the "
+                      f"key, as the catalogue describes them (recorded in {self.health.path}).")
+
+    def check_test_output(self, output, files, archive):
+        """7-Zip's own account of the test: no error, every file, every byte (an exit
+        code 0 alone would also pass a list that matched nothing)."""
+        counted = re.search(r"^Files: (\d+)\s*$", output, re.M)
+        size = re.search(r"^Size: +(\d+)\s*$", output, re.M)
+        count = int(counted[1]) if counted else 1 if size else 0
+        expected = sum(entry.size for entry in files)
+        if TEST_OK not in output or count != len(files) or not size \
+                or int(size[1]) != expected:
+            raise AamError(f"7-Zip's test of {self.archive_name(archive)} did not confirm "
+                           f"the {len(files)} file(s) of {expected:,} bytes the catalogue "
+                           f"places in the volumes thawed: it tested {count} file(s), "
+                           f"{int(size[1]) if size else 0:,} bytes"
+                           + ("" if TEST_OK in output else ", with errors"))
+
+    def record(self, problem):
+        """The finished drill's result in the health record; the pending one goes."""
+        self.health.update(DRILL, {
+            "date": health_time(utc_now()),
+            "result": "failed" if problem else "passed",
+            "backup": format_stamp(self.set.full) if self.set else None,
+            "files": self.tested_paths()[:DRILL_FILES_RECORDED] if self.choice else [],
+            "files_tested": len(self.choice.files) if self.choice else 0,
+            "volumes": [v.key for v in self.choice.volumes] if self.choice else [],
+            "problem": self.out.scrub(str(problem)) if problem else None})
+        self.health.update(DRILL_PENDING, None)
+
+
+def extracted_problems(root, entry):
+    """How a file the drill extracted differs from its catalogue line (size, time)."""
+    path = os.path.join(root, entry.path.replace("/", os.sep))
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [f"{entry.path}: 7-Zip did not extract it"]
+    problems = []
+    if st.st_size != entry.size:
+        problems.append(f"{entry.path}: {st.st_size:,} bytes, the catalogue says "
+                        f"{entry.size:,}")
+    if abs(st.st_mtime_ns - entry.mtime) > MTIME_TOLERANCE * 1e9:
+        problems.append(f"{entry.path}: modified {_iso(st.st_mtime)}, the catalogue says "
+                        f"{_iso(entry.mtime / 1e9)}")
+    return problems
+
+
+def drill(args, platform, settings):
+    """drill-aws-backups: start a restore drill, or finish the pending one."""
+    out = TerminalOutput(args.secrets)
+    check_seven_zip(settings)
+    os.makedirs(settings.temp_root, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="aam-drill-", dir=settings.temp_root) as work:
+        run = Drill(args, platform, settings, out, work)
+        try:
+            return run.run()
+        except NotReady:
+            raise
+        except AamError as problem:
+            run.record(problem)
+            out.line(f"Restore drill FAILED (recorded in {run.health.path}).")
+            raise
+        except Exception as problem:     # noqa: BLE001 - not the backup's fault: not recorded
+            if is_transient(problem):
+                raise AamError(f"AWS S3 cannot be reached or failed "
+                               f"({describe_aws_error(problem)}); run drill-aws-backups "
+                               "again (a pending drill is kept).") from None
+            if isinstance(problem, OSError):
+                raise AamError(f"{problem.strerror or problem}: {problem.filename or ''} "
+                               f"(the drill's temporary directory is in {settings.temp_root}, "
+                               "AAM_TEMP_ROOT); a pending drill is kept.") from None
+            raise
+
+
+# ============================================================================
 # Aam_Auto_Backup: dispatch on the operation argument
 # ============================================================================
 
@@ -9501,6 +10505,10 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
                 args = parse_backup_args(argv)
                 return self.with_signals(BackupRun(args, self.platform, self.settings(),
                                                    self.program_path).execute)
+            if operation == PREVIEW_BACKUP:
+                args = parse_backup_args(argv)
+                return self.with_signals(BackupPreview(args, self.platform, self.settings(),
+                                                       self.program_path).execute)
             if operation in RESTORE_OPERATIONS:
                 args = parse_restore_args(argv)
                 settings = self.settings()
@@ -9509,6 +10517,10 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
                 args = parse_browse_args(argv)
                 settings = self.settings()
                 return self.with_signals(lambda: browse(args, self.platform, settings))
+            if operation == DRILL_OPERATION:
+                args = parse_drill_args(argv)
+                settings = self.settings()
+                return self.with_signals(lambda: drill(args, self.platform, settings))
             raise UsageError(f"unknown operation {operation!r}" if operation
                              else "no operation given")
         except HelpRequested as request:

@@ -158,7 +158,7 @@ def test_no_email_when_reports_are_off(sandbox):
 
 
 @pytest.mark.parametrize("operation", aab.BACKUP_OPERATIONS + aab.RESTORE_OPERATIONS
-                         + (aab.CHILD_AGENT,))
+                         + (aab.CHILD_AGENT, aab.DRILL_OPERATION))
 def test_the_usage_text_is_the_argument_table(sandbox, operation):
     """Parser and usage text come from one table: each line is the table's, in order."""
     table = aab.OPERATION_TABLES[operation]
@@ -178,7 +178,8 @@ def test_the_usage_text_is_the_argument_table(sandbox, operation):
 def test_help_prints_the_overview_and_version_the_version(sandbox):
     helped = sandbox.run(["--help"])
     assert helped.returncode == 0 and "error:" not in helped.stdout + helped.stderr
-    for operation in aab.BACKUP_OPERATIONS + aab.RESTORE_OPERATIONS + (aab.BROWSE_OPERATION,):
+    for operation in aab.BACKUP_OPERATIONS + aab.RESTORE_OPERATIONS + (aab.BROWSE_OPERATION,
+                                                                       aab.DRILL_OPERATION):
         assert f"  {operation} (" in helped.stdout
     version = sandbox.run(["--version"])
     assert version.returncode == 0 and version.stdout == f"AAM Auto Backup {aab.VERSION}\n"

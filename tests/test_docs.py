@@ -105,9 +105,10 @@ def test_the_readme_lists_every_docs_page_and_every_page_links_back():
 
 REFERENCE = os.path.join(REPO, "docs", "reference.md")
 TABLE_HEADINGS = {   # a heading of docs/reference.md -> the operation whose table it has
-    "regular-backup and incremental-only-backup": "regular-backup",
+    "regular-backup, incremental-only-backup and preview-backup": "regular-backup",
     "Restoration": "one-step-aws-data-restoration",
     "browse-aws-backups": "browse-aws-backups",
+    "drill-aws-backups": "drill-aws-backups",
     "The child pass": "ShadowSpawn",
 }
 

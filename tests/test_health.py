@@ -93,8 +93,8 @@ def test_the_report_ends_with_the_health_block_of_the_run(sandbox, proxy):
     total = sum(o["Size"] for o in stored)
     assert (f"Stored for {sandbox.location}: {aab.format_bytes(total)} ({total:,} bytes) in "
             f"{len(stored):,} object(s) of 1 month(s) ({month} to {month}; ") in block
-    assert re.search(r"(about \$\d+\.\d\d|under \$0\.01) a month at the Deep Archive "
-                     r"price", block)
+    assert re.search(r"(about \$\d+\.\d\d|under \$0\.01) a month at Deep Archive "
+                     r"prices", block)
     assert (f"Last check: {check['date']}, passed (3 set(s) checked, 0 problem(s))."
             in block)
     assert (f"Last drill: {drill['date']}, passed (backup {drill['backup']}, 1 file(s) "

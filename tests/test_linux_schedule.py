@@ -225,3 +225,60 @@ def test_the_stop_time_ends_a_run_as_ctrl_c_does_and_the_next_run_completes(
     assert again.returncode == 0, again.stdout + again.stderr
     assert any("_yes_" in item["Key"] for item in sandbox.objects())
 
+
+
+def test_the_monthly_drill_runs_with_the_restore_keys_read_by_it_alone(sandbox, tmp_path):
+    sandbox.sample()
+    typed = (f"{KEY}\n{KEY}\n{ACCESS_KEY_ID}\n{ACCESS_KEY_ID}\n{SECRET}\n{SECRET}\n"
+             "restore-id\nrestore-id\nrestore-secret\nrestore-secret\n")
+    config, units, printed = make_schedule(sandbox, tmp_path, typed, extra=("--drill",))
+    timer = (units / "aam-auto-backup-drill.timer").read_text()
+    assert "OnCalendar=*-*-01,04 03:00:00" in timer and "Persistent=true" in timer
+    service = (units / "aam-auto-backup-drill.service").read_text().splitlines()
+    assert "SuccessExitStatus=7" in service           # a thaw under way is no failure
+    assert f"EnvironmentFile={config / 'drill-secrets.env'}" in service
+    exec_start = next(l for l in service if l.startswith("ExecStart="))
+    assert shlex.split(exec_start[len("ExecStart="):])[2:] == [
+        "drill-aws-backups", "--settings", str(config / "drill.settings")]
+    drill_secrets = config / "drill-secrets.env"
+    assert os.stat(drill_secrets).st_mode & 0o777 == 0o600
+    assert drill_secrets.read_text() == ("AAM_RESTORE_ACCESS_KEY_ID='restore-id'\n"
+                                         "AAM_RESTORE_SECRET_ACCESS_KEY='restore-secret'\n")
+    assert "restore" not in (config / "secrets.env").read_text()   # not the backup's
+    assert "restore" not in (units / "aam-auto-backup.service").read_text()
+    settings = (config / "drill.settings").read_text().splitlines()
+    assert "access-key-id = env:AAM_RESTORE_ACCESS_KEY_ID" in settings
+    assert "key = env:AAM_ENCRYPTION_KEY" in settings
+    assert "restore-secret" not in printed and KEY not in printed
+    assert "0 3 1,4 * * " in printed and "aam-auto-backup-daily.sh drill-aws-backups" in printed
+    if shutil.which("systemd-analyze"):
+        check = subprocess.run(["systemd-analyze", "verify",
+                                str(units / "aam-auto-backup-drill.timer")],
+                               capture_output=True)
+        assert b"error" not in check.stderr.lower()
+    # the cron line's command: the first run requests the thaw (7), the next finishes
+    wrapper = str(config / "aam-auto-backup-daily.sh")
+    backup = subprocess.run([wrapper, "regular-backup", "--send-email", "False"],
+                            env=sandbox.env(), capture_output=True, text=True, timeout=300)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    requested = subprocess.run([wrapper, "drill-aws-backups"], env=sandbox.env(),
+                               capture_output=True, text=True, timeout=300)
+    assert requested.returncode == 7, requested.stdout + requested.stderr
+    finished = subprocess.run([wrapper, "drill-aws-backups"], env=sandbox.env(),
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "Restore drill PASSED" in finished.stdout
+
+
+def test_dry_run_shows_the_drill_and_writes_nothing(sandbox, tmp_path):
+    result = subprocess.run(schedule_args(sandbox, tmp_path, "--write-secrets", "--dry-run",
+                                          "--drill"),
+                            input="", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for name in ("drill.settings", "aam-auto-backup-drill.service",
+                 "aam-auto-backup-drill.timer", "drill-secrets.env"):
+        assert f"/{name} (mode " in result.stdout
+    assert "OnCalendar=*-*-01,04 03:00:00" in result.stdout
+    assert "AAM_RESTORE_ACCESS_KEY_ID (asked)" in result.stdout
+    assert "systemctl --user enable --now aam-auto-backup-drill.timer" in result.stdout
+    assert not (tmp_path / "config").exists() and not (tmp_path / "units").exists()

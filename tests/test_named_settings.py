@@ -208,7 +208,7 @@ def test_every_example_in_the_help_parses(tmp_path, monkeypatch):
                         ("AAM_RESTORE_SECRET_ACCESS_KEY", "secret")):
         monkeypatch.setenv(name, value)
     parsers = {aab.BACKUP_ARGS: aab.parse_backup_args, aab.RESTORE_ARGS: aab.parse_restore_args,
-               aab.BROWSE_ARGS: aab.parse_browse_args}
+               aab.BROWSE_ARGS: aab.parse_browse_args, aab.DRILL_ARGS: aab.parse_drill_args}
     for operation in NAMED_OPERATIONS:
         table = aab.OPERATION_TABLES[operation]
         argv = table.example_argv(operation)

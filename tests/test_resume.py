@@ -344,7 +344,9 @@ def test_a_full_begun_in_one_month_is_finished_in_the_next_and_keeps_its_month(
     assert_restores_exactly(sandbox, tmp_path, mount)
 
 
-def test_a_pending_incremental_is_given_up_for_a_forced_full(sandbox, proxy, tmp_path):
+def pending_incremental(sandbox, proxy):
+    """A full backup of two files, then eight more, and an incremental of them killed
+    after its second piece: it is pending.  Returns the source and the environment."""
     mount = pieced_source(sandbox, files=2)
     env = env_through(sandbox, proxy)
     ok(sandbox.run(sandbox.backup_args(), env=env))
@@ -352,6 +354,11 @@ def test_a_pending_incremental_is_given_up_for_a_forced_full(sandbox, proxy, tmp
     for n in range(2, 10):
         write_file(os.path.join(mount, "Documents", f"file{n:02d}.bin"), noise(n))
     crash_at(sandbox, env, "piece-done:2")
+    return mount, env
+
+
+def test_a_pending_incremental_is_given_up_for_a_forced_full(sandbox, proxy, tmp_path):
+    mount, env = pending_incremental(sandbox, proxy)
     lost = [k for k in volume_puts(proxy) if "_0_0.0_" not in k and sandbox_has(sandbox, k)]
     forced = ok(sandbox.run(sandbox.backup_args(changes={"force_full": "yes"}), env=env))
     assert "is not continued: argument 21 asks for a full backup" in forced.stdout

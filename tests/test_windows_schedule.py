@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
+import aam_auto_backup as aab
 import windows_schedule as ws
 
 PROGRAM_DIR = "C:\\Users\\Allen\\Documents\\AAM Auto Backup"
@@ -255,3 +256,44 @@ def test_the_command_line_refuses_a_wrong_stop_time_or_limit(tmp_path, option, v
         ws.main(COMMAND_LINE + ["--output", str(tmp_path), option, value])
     assert stopped.value.code == 2
     assert not os.listdir(tmp_path)
+
+
+def test_the_drill_task_runs_the_drill_on_the_1st_and_the_4th_with_the_restore_keys():
+    settings = example_settings()
+    xml = ws.drill_task_xml(settings, dt.date(2021, 3, 29))
+    task = ElementTree.fromstring(xml.split("\n", 1)[1])
+    ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+    trigger = task.find("t:Triggers/t:CalendarTrigger", ns)
+    assert trigger.find("t:StartBoundary", ns).text == "2021-03-29T03:00:00"
+    days = [d.text for d in trigger.findall("t:ScheduleByMonth/t:DaysOfMonth/t:Day", ns)]
+    assert days == ["1", "4"]
+    assert len(trigger.find("t:ScheduleByMonth/t:Months", ns)) == 12
+    assert task.find("t:Settings/t:StartWhenAvailable", ns).text == "true"   # missed: later
+    assert task.find("t:Principals/t:Principal/t:LogonType", ns).text == "Password"
+    arguments = task.find("t:Actions/t:Exec/t:Arguments", ns).text
+    words = re.findall(r'"([^"]*)"|(\S+)', arguments)
+    argv = [quoted or bare for quoted, bare in words][1:]   # after the program's path
+    parsed = aab.DRILL_ARGS.parse(
+        [w.replace("env:", "") if w.startswith("env:") else w for w in argv],
+        aab.DRILL_OPERATION)
+    assert (parsed.bucket, parsed.location, parsed.days) == ("aam-data-backup",
+                                                            "main-work-computer", 3)
+    assert argv[1:] == ["env:AAM_BACKUP_ENCRYPTION_KEY", "aam-data-backup",
+                        "main-work-computer", "env:AAM_RESTORE_ACCESS_KEY_ID",
+                        "env:AAM_RESTORE_SECRET_ACCESS_KEY"]
+    # the daily task is the original one still
+    assert ws.task_xml(settings, dt.date(2021, 3, 29)) == EXPECTED_TASK_XML
+
+
+def test_dry_run_with_the_drill_prints_its_task_and_command(tmp_path, capsys):
+    output = tmp_path / "out"
+    assert ws.main(COMMAND_LINE + ["--output", str(output), "--dry-run", "--drill"]) == 0
+    printed = capsys.readouterr().out
+    assert "Monthly AAM Auto Backup restore drill.xml" in printed
+    assert "<Day>1</Day><Day>4</Day>" in printed and " drill-aws-backups " in printed
+    assert 'schtasks /Create /TN "Monthly AAM Auto Backup restore drill" /XML' in printed
+    assert "AAM_RESTORE_ACCESS_KEY_ID and AAM_RESTORE_SECRET_ACCESS_KEY" in printed
+    assert not output.exists()
+    assert ws.main(COMMAND_LINE + ["--output", str(output), "--drill"]) == 0
+    written = (output / "Monthly AAM Auto Backup restore drill.xml").read_bytes()
+    assert written.startswith(b"\xff\xfe") and "drill-aws-backups" in written.decode("utf-16")

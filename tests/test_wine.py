@@ -296,6 +296,37 @@ def test_the_windows_child_archives_exactly_the_selection_and_linux_restores_it(
     assert f"1\t{mount}\trestored" in (linux_destination / "restore-map.txt").read_text()
 
 
+def test_a_windows_preview_counts_as_the_windows_walk_selects(sandbox, wine, tmp_path):
+    """preview-backup as a Windows process: paths and name patterns compared without
+    regard to letter case (a path and a pattern written in other cases still exclude and
+    are counted by their line), and nothing written."""
+    mount, _instructions = windows_source(tmp_path, wine)
+    instructions = tmp_path / "instructions-other-case.txt"
+    instructions.write_text("\r\n".join([
+        f"{mount}\\Documents\\", f"{mount}\\Pictures\\2024\\", "",
+        f"{mount.lower()}\\DOCUMENTS\\Private\\", "-*\\", "", "~wrl*.TMP", ""]),
+        encoding="utf-8")
+    before = [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path) for n in dirs + files]
+    result = run_windows(wine, windows_backup_args(sandbox, wine, windows_path(instructions),
+                                                   {"operation": aab.PREVIEW_BACKUP}),
+                         windows_env(sandbox, PYTHONIOENCODING="utf-8"))
+    out = ok(result).stdout
+    assert [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path)
+            for n in dirs + files] == before
+    assert not sandbox.objects()
+    size = sum(len(data) for data in SOURCE_FILES.values())
+    assert f"Selected: {len(SOURCE_FILES)} file(s), {aab.exact_bytes(size)} in 1 source(s)." \
+        in out
+    assert "Backup scope: full (no complete full backup of the 1 current sources" in out
+    private = len(EXCLUDED_FILES["Documents/private/plan.txt"])
+    assert (f"line 4, {mount.lower()}\\DOCUMENTS\\Private\\: 1 directory, holding 1 file(s), "
+            f"{private} B\r\n    {mount}\\Documents\\private\r\n") in out
+    assert (f"line 5, -*\\: 1 directory, holding 1 file(s), "
+            f"{len(EXCLUDED_FILES['Documents/-audio/song.mp3'])} B") in out
+    assert (f"line 7, ~wrl*.TMP: 1 file(s), {len(EXCLUDED_FILES['Documents/~WRL1234.tmp'])} B"
+            f"\r\n    {mount}\\Documents\\~WRL1234.tmp") in out
+
+
 def test_a_windows_backup_cut_off_by_an_outage_is_continued_by_the_next_run(
         sandbox, wine, proxy, tmp_path):
     """The journal under Windows: the next run reads what the done pieces hold (the child

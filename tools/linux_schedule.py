@@ -12,7 +12,7 @@ the values come from an owner-only environment file.
         --log-dir ~/aam-logs --mirror /media/usb/backup --bucket aam-data-backup \\
         --location my-laptop --sender backup@example.com --recipient me@example.com \\
         --keys-file ~/aam-keys.env --write-secrets [--region R] [--dry-run] \\
-        [--upload-limit 20Mbit] [--stop-after 6.5]
+        [--upload-limit 20Mbit] [--stop-after 6.5] [--drill]
 
 writes, in --config-dir (~/.config/aam-auto-backup), `backup.settings` and the
 wrapper script `aam-auto-backup-daily.sh` (used by cron), and in --unit-dir
@@ -25,7 +25,11 @@ wrapper script `aam-auto-backup-daily.sh` (used by cron), and in --unit-dir
 commands that enable the timer, and the equivalent crontab line.  --upload-limit
 gives the job AAM_UPLOAD_LIMIT; --stop-after stops a run still going after that
 many hours with SIGTERM, as Ctrl-C stops it (docs/scheduling.md, "Keeping backups
-to the night").
+to the night").  --drill adds the monthly restore drill: `drill.settings`, and
+`aam-auto-backup-drill.service` and `.timer` (the 1st and the 4th of each month: the
+first run requests the thaw, the second finishes the drill); it runs with the restore
+user's keys, which --write-secrets then writes to `drill-secrets.env` (mode 0600,
+read by the drill alone; docs/scheduling.md, "A monthly restore drill").
 """
 
 import argparse
@@ -51,6 +55,17 @@ SETTINGS_FILE = "backup.settings"
 SECRET_VARIABLES = ("AAM_ENCRYPTION_KEY",) + KEY_VARIABLES["backup"]
 SECRET_PROMPTS = ("Archive encryption key", "AWS access key ID of the backup user",
                   "AWS secret access key of the backup user")
+DRILL_UNIT = f"{UNIT}-drill"
+DRILL_SETTINGS_FILE = "drill.settings"
+DRILL_SECRETS_FILE = "drill-secrets.env"
+DRILL_VARIABLES = KEY_VARIABLES["restore"]
+DRILL_PROMPTS = ("AWS access key ID of the restore user",
+                 "AWS secret access key of the restore user")
+# The drill's two runs a month: the first requests the thaw (Bulk: done within 48
+# hours), the second, three days later, finds it done and finishes; the program's
+# default restoration period (3 days) keeps the thawed copies until then.
+DRILL_DAYS_OF_MONTH = (1, 4)
+DRILL_TIME = "03:00"
 # After the SIGTERM of --stop-after, the time the program gets to abort its multipart
 # upload and remove its work directory before it is killed.
 STOP_GRACE_MINUTES = 5
@@ -76,6 +91,62 @@ def backup_settings(options):
     return [(arg.name, values[arg.field]) for arg in aab.BACKUP_ARGS if arg.field in values]
 
 
+def drill_settings(options):
+    """The drill's settings by name, in the table's order: the archive key and the
+    restore user's keys as env:NAME."""
+    values = dict(key="env:" + SECRET_VARIABLES[0], bucket=options.bucket,
+                  location=options.location, access_key_id="env:" + DRILL_VARIABLES[0],
+                  secret_access_key="env:" + DRILL_VARIABLES[1])
+    return [(arg.name, values[arg.field]) for arg in aab.DRILL_ARGS if arg.field in values]
+
+
+def drill_settings_text(options):
+    lines = ["# AAM Auto Backup: the monthly restore drill's settings (written by",
+             "# tools/linux_schedule.py; 'aam_auto_backup.py drill-aws-backups --help' says",
+             "# what each is).  Secrets are env:NAME: the archive key's value is in",
+             f"# secrets.env, the restore user's keys' in {DRILL_SECRETS_FILE}."]
+    lines += [f"{name} = {_settings_quote(value)}" for name, value in drill_settings(options)]
+    return "\n".join(lines) + "\n"
+
+
+def drill_service_text(options, settings_file, secrets_file, drill_secrets_file):
+    command = " ".join(_systemd_quote(a) for a in [
+        options.python, PROGRAM, aab.DRILL_OPERATION, "--settings", settings_file])
+    return "\n".join([
+        *service_head("monthly restore drill", options, secrets_file),
+        f"EnvironmentFile={drill_secrets_file}",
+        f"ExecStart={command}",
+        # 7: the thaw is requested or still in progress; the next run finishes the drill
+        f"SuccessExitStatus={aab.EXIT_NOT_READY}",
+        "Nice=10",
+        "",
+    ])
+
+
+def drill_timer_text():
+    days = ",".join(f"{day:02d}" for day in DRILL_DAYS_OF_MONTH)
+    return "\n".join([
+        "[Unit]",
+        f"Description=AAM Auto Backup: restore drill on days {days} of each month",
+        "",
+        "[Timer]",
+        f"OnCalendar=*-*-{days} {DRILL_TIME}:00",
+        "Persistent=true",
+        f"Unit={DRILL_UNIT}.service",
+        "",
+        "[Install]",
+        "WantedBy=timers.target",
+        "",
+    ])
+
+
+def drill_crontab_line(wrapper):
+    hour, minute = DRILL_TIME.split(":")
+    days = ",".join(str(day) for day in DRILL_DAYS_OF_MONTH)
+    return (f"{int(minute)} {int(hour)} {days} * * {shlex.quote(wrapper)} "
+            f"{aab.DRILL_OPERATION} >/dev/null 2>&1")
+
+
 def settings_text(options):
     lines = ["# AAM Auto Backup: the daily regular-backup's settings (written by",
              "# tools/linux_schedule.py; 'aam_auto_backup.py regular-backup --help' says what",
@@ -87,6 +158,20 @@ def settings_text(options):
 def backup_argv(options, settings_file):
     """The job's command line: the program's named form on the settings file."""
     return [options.python, PROGRAM, aab.REGULAR_BACKUP, "--settings", settings_file]
+
+
+def service_head(what, options, secrets_file):
+    """A job's unit and service lines up to its own: a oneshot run once online, in the
+    region of the bucket and the SES sender (tools/aws_setup.py's), with the secrets."""
+    return ["[Unit]",
+            f"Description=AAM Auto Backup: {what}",
+            "Wants=network-online.target",
+            "After=network-online.target",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            f"Environment={_systemd_quote('AWS_REGION=' + options.region)}",
+            f"EnvironmentFile={secrets_file}"]
 
 
 def service_text(options, settings_file, secrets_file):
@@ -101,16 +186,7 @@ def service_text(options, settings_file, secrets_file):
             f"TimeoutStopSec={STOP_GRACE_MINUTES}min",
         ]
     return "\n".join([
-        "[Unit]",
-        "Description=AAM Auto Backup: daily regular backup",
-        "Wants=network-online.target",
-        "After=network-online.target",
-        "",
-        "[Service]",
-        "Type=oneshot",
-        # the region of the bucket and the SES sender (tools/aws_setup.py's)
-        f"Environment={_systemd_quote('AWS_REGION=' + options.region)}",
-        f"EnvironmentFile={secrets_file}",
+        *service_head("daily regular backup", options, secrets_file),
         *limit,
         f"ExecStart={command}",
         # a stop's SIGTERM goes to the program alone, which stops its child pass and
@@ -141,7 +217,7 @@ def timer_text():
     ])
 
 
-def wrapper_text(options, settings_file, secrets_file):
+def wrapper_text(options, settings_file, secrets_file, drill_files=None):
     """The cron job's script; by hand it also runs another operation on the same settings,
     secrets and region: '<script> incremental-only-backup', '<script> regular-backup
     --force-full yes'."""
@@ -154,6 +230,18 @@ def wrapper_text(options, settings_file, secrets_file):
     program = " ".join(shlex.quote(a) for a in program)
     limit = ([f"AAM_UPLOAD_LIMIT={options.upload_limit}", "export AAM_UPLOAD_LIMIT"]
              if options.upload_limit else [])
+    settings = shlex.quote(settings_file)
+    drill = []
+    if drill_files:
+        # the drill: its own settings, and the restore user's keys, read by it alone
+        drill_settings_file, drill_secrets_file = drill_files
+        drill = [f'if [ "$operation" = {aab.DRILL_OPERATION} ]; then',
+                 f"  settings={shlex.quote(drill_settings_file)}",
+                 "  set -a",
+                 f"  . {shlex.quote(drill_secrets_file)}",
+                 "  set +a",
+                 "fi"]
+        settings = '"$settings"'
     return "\n".join([
         "#!/bin/sh",
         "# AAM Auto Backup daily job (for cron); the secrets come from an owner-only file.",
@@ -166,7 +254,8 @@ def wrapper_text(options, settings_file, secrets_file):
         "set +a",
         f"operation=${{1:-{aab.REGULAR_BACKUP}}}",
         "[ $# -gt 0 ] && shift",
-        f'exec {program} "$operation" --settings {shlex.quote(settings_file)} "$@"',
+        *([f"settings={shlex.quote(settings_file)}"] + drill if drill else []),
+        f'exec {program} "$operation" --settings {settings} "$@"',
         "",
     ])
 
@@ -175,9 +264,9 @@ def crontab_line(wrapper):
     return f"30 0 * * * {shlex.quote(wrapper)} >/dev/null 2>&1"
 
 
-def secrets_text(values):
+def secrets_text(values, names=SECRET_VARIABLES):
     return "".join(f"{name}={_env_file_quote(value)}\n"
-                   for name, value in zip(SECRET_VARIABLES, values))
+                   for name, value in zip(names, values))
 
 
 def _settings_quote(value):
@@ -196,11 +285,16 @@ def _env_file_quote(value):
     return "'" + value.replace("'", "'\\''") + "'"
 
 
-def ask_secrets(options):
-    """The three secrets: the backup user's keys from --keys-file when it has them."""
+def ask_drill_secrets(options):
+    """The restore user's keys for the drill: from --keys-file when it has them."""
+    return ask_values(options, DRILL_VARIABLES, DRILL_PROMPTS)
+
+
+def ask_values(options, names, prompts):
+    """Each secret from --keys-file when it holds it, else typed twice."""
     known = read_keys_file(options.keys_file) if options.keys_file else {}
     values = []
-    for name, prompt in zip(SECRET_VARIABLES, SECRET_PROMPTS):
+    for name, prompt in zip(names, prompts):
         if known.get(name):
             print(f"{prompt}: from {options.keys_file}")
             values.append(known[name])
@@ -210,6 +304,12 @@ def ask_secrets(options):
                                                                           file=sys.stderr)))
             except ValueError as problem:
                 raise ScheduleError(f"{problem}; nothing was written")
+    return values
+
+
+def ask_secrets(options):
+    """The three secrets: the backup user's keys from --keys-file when it has them."""
+    values = ask_values(options, SECRET_VARIABLES, SECRET_PROMPTS)
     key_problem = None
     try:
         aab._key(values[0])
@@ -265,6 +365,9 @@ def parse_options(argv):
     parser.add_argument("--stop-after", type=option_types.hours_as_minutes, metavar="HOURS",
                         help="stop a run still going after HOURS (e.g. 6 or 6.5) with "
                              "SIGTERM, as Ctrl-C does: keeps backups to the night")
+    parser.add_argument("--drill", action="store_true",
+                        help="also the monthly restore drill (drill-aws-backups, with the "
+                             "restore user's keys) on the 1st and the 4th")
     options = parser.parse_args(argv)
     if options.recipient and not options.sender:
         parser.error("--recipient needs --sender (the SES-verified sender address)")
@@ -287,19 +390,20 @@ def parse_options(argv):
     return options
 
 
-def check_settings(text):
+def check_settings(text, name=SETTINGS_FILE, operation=aab.REGULAR_BACKUP,
+                   parse=aab.parse_backup_args):
     """The settings as the program will read them: a value it would refuse is refused
     now, before anything is written or asked for."""
-    for name in SECRET_VARIABLES:
-        os.environ.setdefault(name, "a placeholder to check the settings with")
+    for variable in SECRET_VARIABLES + DRILL_VARIABLES:
+        os.environ.setdefault(variable, "a placeholder to check the settings with")
     with tempfile.TemporaryDirectory(prefix="aam-schedule-") as directory:
-        path = os.path.join(directory, SETTINGS_FILE)
+        path = os.path.join(directory, name)
         write_file(path, text, 0o600)
         try:
-            aab.parse_backup_args([aab.REGULAR_BACKUP, "--settings", path])
+            parse([operation, "--settings", path])
         except aab.UsageError as problem:
             raise ScheduleError(f"the program would refuse these settings: "
-                                f"{str(problem).replace(path, SETTINGS_FILE)}")
+                                f"{str(problem).replace(path, name)}")
 
 
 def files_to_write(options):
@@ -307,13 +411,26 @@ def files_to_write(options):
     settings_file = os.path.join(options.config_dir, SETTINGS_FILE)
     secrets_file = os.path.join(options.config_dir, "secrets.env")
     wrapper = os.path.join(options.config_dir, f"{UNIT}-daily.sh")
-    return settings_file, secrets_file, wrapper, [
+    drill_settings_file = os.path.join(options.config_dir, DRILL_SETTINGS_FILE)
+    drill_secrets_file = os.path.join(options.config_dir, DRILL_SECRETS_FILE)
+    drill_files = (drill_settings_file, drill_secrets_file) if options.drill else None
+    files = [
         (settings_file, settings_text(options), 0o600),
         (os.path.join(options.unit_dir, f"{UNIT}.service"),
          service_text(options, settings_file, secrets_file), 0o644),
         (os.path.join(options.unit_dir, f"{UNIT}.timer"), timer_text(), 0o644),
-        (wrapper, wrapper_text(options, settings_file, secrets_file), 0o700),
+        (wrapper, wrapper_text(options, settings_file, secrets_file, drill_files), 0o700),
     ]
+    if options.drill:
+        files += [
+            (drill_settings_file, drill_settings_text(options), 0o600),
+            (os.path.join(options.unit_dir, f"{DRILL_UNIT}.service"),
+             drill_service_text(options, drill_settings_file, secrets_file,
+                                drill_secrets_file), 0o644),
+            (os.path.join(options.unit_dir, f"{DRILL_UNIT}.timer"), drill_timer_text(),
+             0o644),
+        ]
+    return settings_file, secrets_file, wrapper, files
 
 
 def main(argv=None):
@@ -321,6 +438,9 @@ def main(argv=None):
     settings_file, secrets_file, wrapper, files = files_to_write(options)
     try:
         check_settings(files[0][1])
+        if options.drill:
+            check_settings(files[4][1], DRILL_SETTINGS_FILE, aab.DRILL_OPERATION,
+                           aab.parse_drill_args)
         if options.dry_run:
             show(files, secrets_file, options)
         else:
@@ -332,8 +452,15 @@ def main(argv=None):
     print(f"{verb} the daily timer (and let it run while you are logged out):")
     print(f"  systemctl --user daemon-reload && systemctl --user enable --now {UNIT}.timer")
     print(f"  loginctl enable-linger {getpass.getuser()}")
-    print("Or, with cron instead of systemd, add this line with 'crontab -e':")
+    if options.drill:
+        print(f"{verb} the monthly restore drill's timer:")
+        print(f"  systemctl --user enable --now {DRILL_UNIT}.timer")
+    print("Or, with cron instead of systemd, add this line with 'crontab -e':"
+          if not options.drill else
+          "Or, with cron instead of systemd, add these lines with 'crontab -e':")
     print(f"  {crontab_line(wrapper)}")
+    if options.drill:
+        print(f"  {drill_crontab_line(wrapper)}")
     return 0
 
 
@@ -346,15 +473,26 @@ def show(files, secrets_file, options):
         sources = [f"{name} ({'from ' + options.keys_file if known.get(name) else 'asked'})"
                    for name in SECRET_VARIABLES]
         print(f"\n--- {secrets_file} (mode 0600): {', '.join(sources)}; never shown")
+        if options.drill:
+            drill_sources = [f"{name} ("
+                             f"{'from ' + options.keys_file if known.get(name) else 'asked'})"
+                             for name in DRILL_VARIABLES]
+            print(f"\n--- {os.path.join(options.config_dir, DRILL_SECRETS_FILE)} (mode "
+                  f"0600): {', '.join(drill_sources)}; never shown")
     print()
 
 
 def write_all(files, settings_file, secrets_file, options):
     secrets = ask_secrets(options) if options.write_secrets else None
+    drill_secrets = (ask_drill_secrets(options) if options.write_secrets and options.drill
+                     else None)
     os.makedirs(options.config_dir, mode=0o700, exist_ok=True)
     os.makedirs(options.unit_dir, exist_ok=True)
     if secrets is not None:
         write_file(secrets_file, secrets_text(secrets), 0o600)
+    if drill_secrets is not None:
+        write_file(os.path.join(options.config_dir, DRILL_SECRETS_FILE),
+                   secrets_text(drill_secrets, DRILL_VARIABLES), 0o600)
     for path, text, mode in files:
         write_file(path, text, mode)
     print(f"Wrote {settings_file} (the job's settings; edit it to change them),")
@@ -367,6 +505,11 @@ def write_all(files, settings_file, secrets_file, options):
     if options.stop_after:
         print(f"A run still going after {options.stop_after / 60:g} hours is stopped "
               "(SIGTERM, as Ctrl-C).")
+    if options.drill:
+        print(f"The restore drill: {files[4][0]}, {DRILL_UNIT}.service and "
+              f"{DRILL_UNIT}.timer; the restore user's keys are read from "
+              f"{os.path.join(options.config_dir, DRILL_SECRETS_FILE)} (mode 0600) by the "
+              "drill alone.")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ environment variable that `setx AWS_REGION <region>` sets (printed, and run with
 --register).  --upload-limit RATE sets AAM_UPLOAD_LIMIT the same way.
 --stop-after HOURS sets the task's "Stop the task if it runs longer than"
 (default 72 hours; docs/scheduling.md, "Keeping backups to the night").
+--drill also writes `Monthly AAM Auto Backup restore drill.xml`: drill-aws-backups
+on the 1st and the 4th of each month at 03:00 (the first run requests the thaw, the
+second finishes the drill), with the archive key as the backup's and the restore
+user's keys as env:AAM_RESTORE_ACCESS_KEY_ID and env:AAM_RESTORE_SECRET_ACCESS_KEY
+(docs/scheduling.md, "A monthly restore drill").
 
     python tools\\windows_schedule.py --python C:\\...\\python.exe --log-dir ... (see --help)
 """
@@ -50,6 +55,15 @@ from ask import ask_twice  # noqa: E402
 
 TASK_NAME = "Daily AAM Auto Backup"
 TASK_TIME = "00:30:00"                   # 12:30 am local time: the computer is on, unused
+DRILL_TASK_NAME = "Monthly AAM Auto Backup restore drill"
+DRILL_TIME = "03:00:00"
+# The drill's two runs a month: the first requests the thaw (Bulk: done within 48
+# hours), the second, three days later, finds it done and finishes; the program's
+# default restoration period (3 days) keeps the thawed copies until then.
+DRILL_DAYS_OF_MONTH = (1, 4)
+DRILL_KEY_VARIABLES = ("AAM_RESTORE_ACCESS_KEY_ID", "AAM_RESTORE_SECRET_ACCESS_KEY")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December")
 BATCH_DIRECTORY = "backup batch files"
 REGULAR_BAT = "Regular backup.bat"
 INCREMENTAL_BAT = "Incremental-only backup.bat"
@@ -119,7 +133,16 @@ def backup_arguments(settings, operation):
         secret_access_key=s.secret_access_key, force_full="no", auto_force_full="yes")
 
 
-def argument_words(arguments):
+def drill_arguments(settings):
+    """The drill's positional arguments: the backup's archive key, the restore user's
+    keys (env:NAME), the restoration period left at its default."""
+    return aab.DRILL_ARGS.argv(
+        operation=aab.DRILL_OPERATION, key=settings.key, bucket=settings.bucket,
+        location=settings.location, access_key_id="env:" + DRILL_KEY_VARIABLES[0],
+        secret_access_key="env:" + DRILL_KEY_VARIABLES[1])
+
+
+def argument_words(arguments, bare=BARE_POSITIONS):
     """The arguments as the original batch files wrote them: a few bare, the rest in
     double quotes."""
     words = []
@@ -127,7 +150,7 @@ def argument_words(arguments):
         if '"' in value:
             raise SettingsError(f"argument {position} contains a double quote, which a "
                                 "Windows command line cannot pass here; use env:NAME")
-        words.append(value if position in BARE_POSITIONS else WINDOWS.quote(value))
+        words.append(value if position in bare else WINDOWS.quote(value))
     return " ".join(words)
 
 
@@ -156,30 +179,60 @@ def task_arguments(settings):
             + argument_words(backup_arguments(settings, aab.REGULAR_BACKUP)))
 
 
-def task_xml(settings, start_date):
+def drill_task_arguments(settings):
+    return (WINDOWS.quote(settings.program) + " "
+            + argument_words(drill_arguments(settings), bare={1}))
+
+
+DAILY_SCHEDULE = """      <ScheduleByDay>
+        <DaysInterval>1</DaysInterval>
+      </ScheduleByDay>"""
+
+
+def drill_schedule():
+    days = "".join(f"<Day>{day}</Day>" for day in DRILL_DAYS_OF_MONTH)
+    months = "".join(f"<{month} />" for month in MONTHS)
+    return (f"      <ScheduleByMonth>\n        <DaysOfMonth>{days}</DaysOfMonth>\n"
+            f"        <Months>{months}</Months>\n      </ScheduleByMonth>")
+
+
+def drill_task_xml(settings, start_date):
+    """The drill's task: as the daily one, but on the 1st and the 4th at 03:00, run at
+    the next start when missed, stopped after a day."""
+    return task_xml(settings, start_date, "AAM Auto Backup: monthly restore drill "
+                    "(the first run requests the thaw, the second finishes it).",
+                    DRILL_TIME, drill_schedule(), drill_task_arguments(settings),
+                    start_when_available=True, stop_after=24 * 60)
+
+
+def task_xml(settings, start_date, description=None, time=TASK_TIME,
+             schedule=DAILY_SCHEDULE, arguments=None, start_when_available=False,
+             stop_after=None):
     """The Task Scheduler definition (schema 1.2, Windows Vista and later).
 
     General: run whether the user is logged on or not (password stored), with
     highest privileges, not hidden.  Trigger: daily at 00:30.  Action: python.exe
     in double quotes, the arguments, "Start in" the program directory without
     quotes.  Conditions: all unchecked.  Settings: the defaults (runs on demand),
-    stopped after settings.stop_after minutes (72 hours unless chosen).
+    stopped after settings.stop_after minutes (72 hours unless chosen).  The
+    other parameters make another job of it (drill_task_xml).
     """
-    start = f"{start_date.isoformat()}T{TASK_TIME}"
-    hours, minutes = divmod(settings.stop_after, 60)
+    description = description or ("AAM Auto Backup: daily regular backup (force full no, "
+                                  "auto yes).")
+    arguments = arguments or task_arguments(settings)
+    start = f"{start_date.isoformat()}T{time}"
+    hours, minutes = divmod(stop_after or settings.stop_after, 60)
     limit = "PT" + (f"{hours}H" if hours else "") + (f"{minutes}M" if minutes else "")
     return f"""<?xml version="1.0" encoding="UTF-16"?>
 <Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">
   <RegistrationInfo>
-    <Description>AAM Auto Backup: daily regular backup (force full no, auto yes).</Description>
+    <Description>{escape(description)}</Description>
   </RegistrationInfo>
   <Triggers>
     <CalendarTrigger>
       <StartBoundary>{start}</StartBoundary>
       <Enabled>true</Enabled>
-      <ScheduleByDay>
-        <DaysInterval>1</DaysInterval>
-      </ScheduleByDay>
+{schedule}
     </CalendarTrigger>
   </Triggers>
   <Principals>
@@ -194,7 +247,7 @@ def task_xml(settings, start_date):
     <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>
     <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>
     <AllowHardTerminate>true</AllowHardTerminate>
-    <StartWhenAvailable>false</StartWhenAvailable>
+    <StartWhenAvailable>{str(start_when_available).lower()}</StartWhenAvailable>
     <RunOnlyIfNetworkAvailable>false</RunOnlyIfNetworkAvailable>
     <IdleSettings>
       <StopOnIdleEnd>false</StopOnIdleEnd>
@@ -211,7 +264,7 @@ def task_xml(settings, start_date):
   <Actions Context="Author">
     <Exec>
       <Command>{escape(WINDOWS.quote(settings.python))}</Command>
-      <Arguments>{escape(task_arguments(settings))}</Arguments>
+      <Arguments>{escape(arguments)}</Arguments>
       <WorkingDirectory>{escape(settings.program_dir)}</WorkingDirectory>
     </Exec>
   </Actions>
@@ -219,21 +272,21 @@ def task_xml(settings, start_date):
 """
 
 
-def schtasks_argv(settings, xml_path):
+def schtasks_argv(settings, xml_path, name=TASK_NAME):
     """Register (or replace, /F) the task; /RP * asks for the Windows password."""
-    return ["schtasks", "/Create", "/TN", TASK_NAME, "/XML", xml_path,
+    return ["schtasks", "/Create", "/TN", name, "/XML", xml_path,
             "/RU", settings.user, "/RP", "*", "/F"]
 
 
-def schtasks_command(settings, xml_path):
+def schtasks_command(settings, xml_path, name=TASK_NAME):
     """schtasks_argv as one line to paste into an administrator terminal."""
     plain = {"schtasks", "/Create", "/TN", "/XML", "/RU", "/RP", "*", "/F"}
     return " ".join(word if word in plain else WINDOWS.quote(word)
-                    for word in schtasks_argv(settings, xml_path))
+                    for word in schtasks_argv(settings, xml_path, name))
 
 
-def files_to_write(settings, output_dir, start_date):
-    """[(path, bytes)]: the task XML and the two batch files."""
+def files_to_write(settings, output_dir, start_date, drill=False):
+    """[(path, bytes)]: the task XML, the two batch files, and the drill's task XML."""
     batch_dir = os.path.join(output_dir, BATCH_DIRECTORY)
     # schtasks reads task XML as UTF-16 with a byte-order mark.
     files = [(os.path.join(output_dir, TASK_NAME + ".xml"),
@@ -242,12 +295,16 @@ def files_to_write(settings, output_dir, start_date):
                             (INCREMENTAL_BAT, "incremental-only-backup")):
         files.append((os.path.join(batch_dir, name),
                       batch_file_text(settings, operation).encode("utf-8")))
+    if drill:
+        files.append((os.path.join(output_dir, DRILL_TASK_NAME + ".xml"),
+                      drill_task_xml(settings, start_date).replace("\n", "\r\n")
+                      .encode("utf-16")))
     return files
 
 
-def write_files(settings, output_dir, start_date):
+def write_files(settings, output_dir, start_date, drill=False):
     """Write the task XML and the two batch files; return their paths."""
-    files = files_to_write(settings, output_dir, start_date)
+    files = files_to_write(settings, output_dir, start_date, drill)
     os.makedirs(os.path.join(output_dir, BATCH_DIRECTORY), exist_ok=True)
     for path, data in files:
         aab._write_private_bytes(path, data)
@@ -316,6 +373,9 @@ def parse_command_line(argv):
         "--upload-limit) now (Windows, administrator)")
     add("--dry-run", action="store_true", help="print the files and the commands; write, "
         "ask and run nothing")
+    add("--drill", action="store_true", help="also the monthly restore drill's task "
+        "(drill-aws-backups on the 1st and the 4th, with the restore user's keys as "
+        "env:AAM_RESTORE_ACCESS_KEY_ID and env:AAM_RESTORE_SECRET_ACCESS_KEY)")
     return parser.parse_args(argv)
 
 
@@ -349,7 +409,7 @@ def main(argv=None):
     try:
         settings = settings_from(options)
         files = files_to_write(settings, options.output or settings.program_dir,
-                               dt.date.today())
+                               dt.date.today(), options.drill)
     except (SettingsError, ValueError) as problem:
         print(f"error: {problem}; nothing was written", file=sys.stderr)
         return 2
@@ -359,7 +419,8 @@ def main(argv=None):
             text = data.decode("utf-16" if path.endswith(".xml") else "utf-8")
             print(f"\n--- {path}\n{text.replace(chr(13), '')}", end="")
     else:
-        write_files(settings, options.output or settings.program_dir, dt.date.today())
+        write_files(settings, options.output or settings.program_dir, dt.date.today(),
+                    options.drill)
         for path, _data in files:
             print(f"Wrote {path}")
     if settings.inline_secrets and not options.dry_run:
@@ -367,17 +428,27 @@ def main(argv=None):
               "once the task is registered.")
     setx = setx_argvs(settings)
     commands = [schtasks_command(settings, files[0][0])] + [" ".join(argv) for argv in setx]
+    if options.drill:
+        commands.append(schtasks_command(settings, files[-1][0], DRILL_TASK_NAME))
     print("\nRegister the daily task from an administrator terminal "
           "(schtasks asks for your Windows password)"
           + (f" and make {' and '.join(user_environment(settings))} yours" if setx else "")
+          + (", and the monthly restore drill's task" if options.drill else "")
           + ":\n\n" + "".join(f"    {command}\n" for command in commands))
+    if options.drill:
+        print("The drill runs with the restore user's keys: make "
+              f"{' and '.join(DRILL_KEY_VARIABLES)} your user environment variables "
+              "(docs/scheduling.md, A monthly restore drill).")
     if options.register:
         if os.name != "nt":
             print("error: --register needs Windows (schtasks)", file=sys.stderr)
             return 2
         if any(subprocess.run(argv).returncode for argv in setx):
             return 1
-        return subprocess.run(schtasks_argv(settings, files[0][0])).returncode
+        code = subprocess.run(schtasks_argv(settings, files[0][0])).returncode
+        if code or not options.drill:
+            return code
+        return subprocess.run(schtasks_argv(settings, files[-1][0], DRILL_TASK_NAME)).returncode
     return 0
 
 

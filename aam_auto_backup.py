@@ -16,7 +16,7 @@ The module reads top to bottom in the order the data flows:
     instruction file         -> parsing, mount directories, exclusions
     selection                -> which files of a mount are backed up (the walk)
     catalogue                -> each backup's record of its sources; the local state
-    log and report           -> the dated log file and the SES e-mail
+    log and report           -> the dated log file, the SES e-mail, the health block
     bucket listing           -> what complete backup sets the bucket holds
     child run                -> the per-mount pass: mirror, 7-Zip, validation
     upload                   -> volumes as DEEP_ARCHIVE, then the indicator
@@ -93,6 +93,7 @@ DEFAULT_REGION = "us-east-1"
 MONTHS_SCANNED = 6          # the current UTC month and the previous five
 DEEP_ARCHIVE = "DEEP_ARCHIVE"
 GROUP_GRACE_SECONDS = 10    # a stopped script (7-Zip, rsync) ends within this, or is killed
+HURRIED_TIMEOUT = 5         # seconds: an interrupted run's e-mail report, one attempt
 
 
 class AamError(Exception):
@@ -3852,6 +3853,7 @@ SECTION_WORK_DIR_DELETE_ERROR = ("(if applicable) AWS S3 backup files directory 
                                  "error.")
 SECTION_EMAIL_ERROR = "(if applicable) email report sending error."
 SECTION_SUMMARY = "Summary."
+SECTION_HEALTH = "the health of this computer's AWS S3 backups."
 
 
 class RunLog:
@@ -4226,16 +4228,18 @@ def open_run_log(args, platform):
     return log
 
 
-def send_report(args, settings, session, log, failed, started, what, body):
-    """The SES report: '<SUCCESS|FAILURE>, <local date-time> <what>!' and a short body,
-    nothing else (no tool output, no paths, no secrets).  True when it was sent; a
-    failure is logged with the sender and the region (SES refuses a sender verified
-    in another region), and gives the run its own exit code (EXIT_REPORT_UNSENT)."""
+def send_report(args, settings, session, log, failed, started, what, body, hurried=False):
+    """The SES report: '<SUCCESS|FAILURE>, <local date-time> <what>!' and a short body
+    ending with the log file's path: no tool output, no secrets.  True when it was
+    sent; a failure is logged with the sender and the region (SES refuses a sender
+    verified in another region), and gives the run its own exit code
+    (EXIT_REPORT_UNSENT).  hurried: the run is being stopped (a scheduler's stop
+    time), so SES gets one short attempt (aws_client) rather than minutes of retries."""
     title = f"{'FAILURE' if failed else 'SUCCESS'}, {local_time_text(started)} {what}!"
-    text = "\n".join(body + ["For more info, refer to the local backup log."]) + "\n"
+    text = "\n".join(body + [f"For more info, refer to the local log: {log.path}"]) + "\n"
     try:
         session = session or aws_session(args.access_key_id, args.secret_access_key)
-        ses = aws_client(session, "ses", settings.ses_region)
+        ses = aws_client(session, "ses", settings.ses_region, hurried=hurried)
         ses.send_email(
             Source=email.utils.formataddr((args.sender_name, args.sender_address)),
             Destination={"ToAddresses": [args.recipient]},
@@ -4256,6 +4260,102 @@ def send_report(args, settings, session, log, failed, started, what, body):
         return False
 
 
+# -- the health block: what the report says of the location's backups -------------
+
+HEALTH_DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"      # the health record's dates (UTC)
+DRILL_DUE_DAYS = 90       # a report warns when no restore drill has passed for longer
+
+
+def format_health_date(moment):
+    return moment.astimezone(dt.timezone.utc).strftime(HEALTH_DATE_FORMAT)
+
+
+def parse_health_date(text):
+    """A health record's date, or None when it is not one (the record is advisory)."""
+    try:
+        return dt.datetime.strptime(str(text), HEALTH_DATE_FORMAT).replace(
+            tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+def parse_stamp_or_none(text):
+    """A backup stamp kept in the health record, or None when it is not one."""
+    try:
+        return parse_stamp(str(text))
+    except ValueError:
+        return None
+
+
+def month_of_key(location, key):
+    """'YYYYMM' of a backup object's name (its full backup's month), or None."""
+    match = re.match(re.escape(location) + r"_(\d{6})", key)
+    return match.group(1) if match else None
+
+
+def describe_check(check):
+    """The last check-aws-backups result in the health record, for the report."""
+    if not isinstance(check, dict):
+        return "Last check: never on this computer (check-aws-backups)."
+    text = f"Last check: {check.get('date')}, {check.get('result')}"
+    details = []
+    if "sets" in check:
+        details.append(f"{check['sets']} set(s) checked")
+    if "problems" in check:
+        details.append(f"{check['problems']} problem(s)")
+    if check.get("not_checked"):
+        details.append(f"{len(check['not_checked'])} thing(s) it could not check")
+    return text + (f" ({', '.join(details)})." if details else ".")
+
+
+def describe_drill(drill, pending):
+    """The last finished restore drill (and a pending one) in the health record."""
+    lines = []
+    if not isinstance(drill, dict):
+        lines.append("Last drill: never on this computer (drill-aws-backups).")
+    else:
+        tested = drill.get("files_tested", len(drill.get("files") or []))
+        text = (f"Last drill: {drill.get('date')}, {drill.get('result')} (backup "
+                f"{drill.get('backup')}, {tested} file(s) tested)")
+        lines.append(text + (f": {drill['problem']}." if drill.get("problem") else "."))
+    if isinstance(pending, dict):
+        lines.append(f"A drill is pending: the thaw of {len(pending.get('volumes') or [])} "
+                     f"volume(s) was requested {pending.get('requested')}; the next "
+                     "drill-aws-backups finishes it.")
+    return lines
+
+
+def drill_overdue(drill, now):
+    """True when no restore drill is known to have passed in DRILL_DUE_DAYS."""
+    if not isinstance(drill, dict) or drill.get("result") != "passed":
+        return True
+    date = parse_health_date(drill.get("date"))
+    return date is None or now - date > dt.timedelta(days=DRILL_DUE_DAYS)
+
+
+def describe_storage(location, storage):
+    """The bytes stored for the location, from the health record's months, and the
+    estimated monthly cost; None when no month is recorded."""
+    months = {month: figures for month, figures in (
+        storage.items() if isinstance(storage, dict) else ())
+        if isinstance(figures, dict) and isinstance(figures.get("bytes"), int)
+        and isinstance(figures.get("objects"), int)}         # a damaged month is passed over
+    if not months:
+        return None
+    size = sum(figures["bytes"] for figures in months.values())
+    objects = sum(figures["objects"] for figures in months.values())
+    listed = sorted(str(figures.get("listed")) for figures in months.values())
+    cost = storage_cost(size, objects)      # every object as a volume: an upper bound
+    cost_text = f"about ${cost:,.2f}" if cost >= 0.01 else "under $0.01"
+    when = (f"listed {listed[0][:10]}" if listed[0][:10] == listed[-1][:10]
+            else f"listed from {listed[0][:10]} to {listed[-1][:10]}")
+    return (f"Stored for {location}: {format_bytes(size)} ({size:,} bytes) in {objects:,} "
+            f"object(s) of {len(months)} month(s) ({min(months)} to {max(months)}; "
+            f"{when}); {cost_text} a month at Deep Archive prices "
+            f"(${STORAGE_PRICES[DEEP_ARCHIVE]} per GB-month and 40 KB an object, us-east-1, "
+            f"{PRICES_TAKEN}).")
+
+
 # ============================================================================
 # Bucket listing: what complete backup sets the bucket holds
 # ============================================================================
@@ -4268,16 +4368,21 @@ def aws_session(access_key_id, secret_access_key):
     return boto3.session.Session()
 
 
-def aws_client(session, service, region):
+def aws_client(session, service, region, hurried=False):
     """Every client gets an explicit region; the endpoint comes from AWS_ENDPOINT_URL.
 
-    An S3 client never replaces an object (new_objects_only)."""
+    An S3 client never replaces an object (new_objects_only).  hurried: one attempt
+    of a few seconds (HURRIED_TIMEOUT), for a run being stopped: a scheduler kills it
+    some time after its stop signal (systemd's TimeoutStopSec, timeout's --kill-after),
+    and a shutdown waits for it."""
     from botocore.config import Config
     # An upload's body is not hashed once more to sign it: its CRC32 checksum header
     # (botocore's default) and the manifest's SHA-256 protect it, as AWS over HTTPS
     # does anyway; on a plain-HTTP endpoint the extra pass only costs CPU.
-    config = Config(retries={"mode": "standard", "max_attempts": 4},
-                    connect_timeout=15, read_timeout=120,
+    retries = {"total_max_attempts": 1} if hurried else {"max_attempts": 4}
+    config = Config(retries={"mode": "standard", **retries},
+                    connect_timeout=HURRIED_TIMEOUT if hurried else 15,
+                    read_timeout=HURRIED_TIMEOUT if hurried else 120,
                     s3={"payload_signing_enabled": False})
     client = session.client(service, region_name=region, config=config)
     return new_objects_only(client) if service == "s3" else client
@@ -4393,6 +4498,7 @@ class BucketListing:
         self.volumes = {}        # (full, incremental, source) -> [StoredObject]
         self.catalogues = {}     # (full, incremental, source) -> StoredObject
         self.keychecks = {}      # full -> [KeyCheck]
+        self.prefixes = {}       # prefix listed -> [objects, bytes] (the health record)
 
     @classmethod
     def load(cls, s3, bucket, prefixes):
@@ -4402,9 +4508,12 @@ class BucketListing:
         return listing
 
     def load_prefix(self, s3, bucket, prefix):
+        totals = self.prefixes.setdefault(prefix, [0, 0])
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
                 self.add(item["Key"], item.get("Size", 0))
+                totals[0] += 1
+                totals[1] += item.get("Size", 0)
 
     def add(self, key, size):
         name = ObjectName.parse(key)
@@ -5434,6 +5543,7 @@ class RunUploads:
         # has begun, nothing new starts, so that a cancel ends every upload there is.
         self.lock, self.closing = threading.Lock(), False
         self.futures = []          # of the uploads begun, those not known to have ended
+        self.stored = []             # (key, bytes) of each object written (the report)
 
     def submit(self, source, key, subscribers=(), **extra_args):
         """Start uploading a file (a path or a binary file object) as key, multipart
@@ -5460,7 +5570,7 @@ class RunUploads:
         indicator, key check) names it in a failure."""
         with upload_named(self.bucket, key, kind):
             try:
-                return future.result()
+                answer = future.result()
             except BaseException:
                 # Ctrl-C or SIGTERM too: end the transfer, and wait while s3transfer
                 # aborts its multipart upload (parts left behind would be billed).
@@ -5468,6 +5578,8 @@ class RunUploads:
                 with contextlib.suppress(Exception):
                     future.result()
                 raise
+            self.stored.append((key, future.meta.size))
+            return answer
 
     def upload(self, source, key, progress=None, kind="object", **extra_args):
         """Upload a file (a path or a binary file object) as key, and wait for it;
@@ -6424,6 +6536,11 @@ class BackupRun:
         self.digest_key = None       # of the local states (state_key)
         self.keycheck_to_write = None  # (KeyCheck, why): the chain's, before the first upload
         self.progress = BackupProgress()   # the terminal's progress line
+        self.began = None            # time.monotonic() at the start (the run's duration)
+        self.run_sources = []        # the sources' names, once the plan is read
+        self.manifests = []          # the indicators this run wrote (the health block)
+        self.incrementals_since = 0  # complete incrementals of latest_full
+        self.health = []             # the health block, for the log and the e-mail
 
     # -- the whole run -------------------------------------------------------
     def execute(self):
@@ -6460,6 +6577,7 @@ class BackupRun:
         """An error that stops the run before any source: logged, reported, its code."""
         self.log.line(f"ERROR: {problem}")
         self.failures.append(str(problem))
+        self.log_health()
         if self.regular:
             self.send_report()
         if lock is None:
@@ -6512,6 +6630,7 @@ class BackupRun:
 
     def begin(self):
         self.start = backup_clock()
+        self.began = time.monotonic()
         self.log.section(SECTION_START)
         self.log.line(f"Backup started {describe_stamp(self.start)} "
                       f"({local_time_text(self.start)})")
@@ -6526,6 +6645,8 @@ class BackupRun:
     def plan_and_decide(self):
         """The instruction file's plan, and (with AWS) the full/incremental decision."""
         plan, instruction_problem = self.read_plan()
+        if plan is not None:
+            self.run_sources = [self.platform.source_name(s.mount) for s in plan.sources]
         if self.aws and plan is not None and instruction_problem is None:
             pending = self.pending_journal()
             if pending is None:
@@ -6546,8 +6667,10 @@ class BackupRun:
         if self.aws and self.completed_sources == len(plan.sources):
             if self.scope is Scope.FULL:
                 self.latest_full, self.latest_incremental = self.stamp, None
+                self.incrementals_since = 0
             else:
                 self.latest_incremental = self.stamp
+                self.incrementals_since += 1
             self.journal.delete()            # the backup is complete: nothing to continue
             self.journal = None
 
@@ -6559,10 +6682,30 @@ class BackupRun:
         self.failures.extend(stopped.causes or [str(stopped)])
 
     def interrupted(self, lock):
-        """Ctrl-C or SIGTERM: say so; the caller's cleanup still runs."""
-        self.log.line("ERROR: interrupted; the backup is not complete"
-                      + ("; the next run continues it from its journal "
-                         f"{self.journal.path}." if self.journal else "."))
+        """Ctrl-C or SIGTERM (a scheduler's stop time): say so in the log and, for a
+        regular backup, in a FAILURE report (sent in a hurry: the run is being
+        stopped); the caller's cleanup still runs."""
+        why = "Ctrl-C, or SIGTERM: a scheduler's stop time or a shutdown"
+        message = (f"interrupted ({why}); the backup is not complete"
+                   + ("; the next run continues it from its journal "
+                      f"{self.journal.path}." if self.journal else "."))
+        self.log.line(f"ERROR: {message}")
+        self.failures.append(message)
+        if self.journal:
+            after = "the next run continues the backup from what is in S3 (above)."
+        elif self.uploads and self.uploads.stored:       # the journal goes once complete
+            after = "the backup was complete before it."
+        else:
+            after = "nothing was uploaded; the next run makes the backup."
+        self.report_notes.append(
+            f"This run was interrupted ({why}) at {local_time_text(utc_now())}; {after}")
+        try:
+            self.log_summary()
+            if self.regular:
+                self.send_report(hurried=True)
+        except Exception as problem:     # noqa: BLE001 - the run is stopping: log, go on
+            self.log.line(f"ERROR: the interrupted run's report failed: "
+                          f"{type(problem).__name__}: {problem}")
         if lock is None:
             self.finish()
         return EXIT_INTERRUPTED
@@ -6677,7 +6820,7 @@ class BackupRun:
         month = (self.start.year, self.start.month)
         full = listing.latest_complete_full(sources, month if self.regular else None)
         incrementals = listing.complete_incrementals(full, sources) if full else []
-        self.latest_full = full
+        self.latest_full, self.incrementals_since = full, len(incrementals)
         self.latest_incremental = incrementals[-1] if incrementals else None
         where = (f"in {self.start:%Y-%m} (UTC)" if self.regular
                  else f"in the last {MONTHS_SCANNED} months")
@@ -7541,6 +7684,7 @@ class BackupRun:
         self.uploads.upload(io.BytesIO(recorded["indicator"]), indicator.key,
                             kind="completion indicator", ContentType="application/json")
         manifest = json.loads(recorded["indicator"])
+        self.manifests.append(manifest)
         self.log.line(f"Uploaded the completion indicator {indicator.key} "
                       f"({manifest['files']} files in {len(manifest['pieces'])} piece(s), "
                       f"{len(manifest['volumes'])} volume(s))")
@@ -7575,6 +7719,99 @@ class BackupRun:
                              "them all)")
         return lines
 
+    # -- the health block (docs/backup.md, The health block) -----------------
+    def log_health(self):
+        """End the log with the health block (the e-mail ends with it too)."""
+        try:
+            self.health = self.health_lines()
+        except Exception as problem:     # noqa: BLE001 - advisory: never fails a backup
+            self.health = [f"Health of the backups of {self.args.location}: the health "
+                           f"record cannot be used ({type(problem).__name__}: {problem})."]
+        self.log.section(SECTION_HEALTH)
+        for line in self.health:
+            self.log.line(line)
+
+    def health_lines(self):
+        now = self.start or utc_now()
+        lines = [f"Health of the backups of {self.args.location} (this computer's "
+                 "location):", self.run_line()]
+        if not self.aws_asked:
+            return lines
+        record = HealthRecord(self.settings.state_dir, self.args.bucket, self.args.location)
+        self.refresh_health_record(record)
+        latest = record.get("backups") if self.latest_full is None else {
+            "full": format_stamp(self.latest_full), "incrementals": self.incrementals_since}
+        full = parse_stamp_or_none(latest.get("full")) if isinstance(latest, dict) else None
+        if full is None:
+            lines.append("Latest complete full backup: none known on this computer.")
+        else:
+            lines.append(f"Latest complete full backup: {describe_stamp(full)}, "
+                         f"{(now - full).days} day(s) old; {latest.get('incrementals', 0)} "
+                         "complete incremental(s) since"
+                         + (f" (as last seen {latest['noted']})" if "noted" in latest
+                            else "") + ".")
+        stored = describe_storage(self.args.location, record.get("storage"))
+        lines.append(stored or f"Stored for {self.args.location}: not known yet.")
+        lines.append(describe_check(record.get("check")))
+        lines += describe_drill(record.get("drill"), record.get("drill_pending"))
+        if full is None or (full.year, full.month) != (now.year, now.month):
+            lines.append(f"WARNING: no complete full backup of this month ({now:%Y-%m}, UTC) "
+                         "is known" + ("" if full is None else ": the latest is older")
+                         + "; the next regular-backup makes one.")
+        if drill_overdue(record.get("drill"), now):
+            lines.append(f"WARNING: no restore drill has passed in the last {DRILL_DUE_DAYS} "
+                         "days: run drill-aws-backups (README, Is my backup good?).")
+        return lines
+
+    def run_line(self):
+        """What this run did: sources, files, bytes, volumes, pieces, duration."""
+        took = dt.timedelta(seconds=round(time.monotonic() - self.began)) if self.began \
+            else dt.timedelta(0)
+        sources = (f"{len(self.run_sources)} source(s) ({', '.join(self.run_sources)})"
+                   if self.run_sources else "no source")
+        if not (self.aws_asked and self.scope and self.stamp):
+            return f"This run: {sources}; {took}."
+        volumes = [v for manifest in self.manifests for v in manifest["volumes"]]
+        size = sum(v["size"] for v in volumes)
+        uploaded = sum(size or 0 for _key, size in (self.uploads.stored if self.uploads
+                                                     else []))
+        completed = (f"completed {len(self.manifests)} source(s): "
+                     f"{sum(m['files'] for m in self.manifests):,} file(s), "
+                     f"{format_bytes(size)} ({size:,} bytes) in {len(volumes)} volume(s) of "
+                     f"{sum(len(m['pieces']) for m in self.manifests)} piece(s)"
+                     if self.manifests else "completed no source")
+        return (f"This run: {self.scope.word} backup {describe_stamp(self.stamp)} of "
+                f"{sources}; {completed}; uploaded {format_bytes(uploaded)}; took {took}.")
+
+    def refresh_health_record(self, record):
+        """The months this run listed, with what it wrote into them since, and the
+        latest complete full backup it knows, into the health record (no LIST of its
+        own: the LIST budget is the run's listing)."""
+        now = format_health_date(utc_now())
+        if self.listing is not None:
+            months = {}
+            for prefix, (objects, size) in self.listing.prefixes.items():
+                month = month_of_key(self.args.location, prefix)
+                if month and prefix == f"{self.args.location}_{month}":
+                    months[month] = [objects, size]
+            for key, size in self.uploads.stored if self.uploads else []:
+                month = month_of_key(self.args.location, key)
+                if month in months:
+                    months[month][0] += 1
+                    months[month][1] += size or 0
+            if months:
+                storage = record.get("storage")
+                storage = dict(storage) if isinstance(storage, dict) else {}
+                for month, (objects, size) in months.items():
+                    storage[month] = {"objects": objects, "bytes": size, "listed": now}
+                    if not objects:                  # listed empty: nothing stored there
+                        del storage[month]
+                record.update("storage", storage)
+        if self.latest_full is not None:
+            record.update("backups", {"full": format_stamp(self.latest_full),
+                                      "incrementals": self.incrementals_since,
+                                      "noted": now})
+
     def log_summary(self):
         self.log.section(SECTION_SUMMARY)
         for line in self.progress_lines():
@@ -7585,8 +7822,9 @@ class BackupRun:
                 self.log.line(f"  - {failure}")
         else:
             self.log.line("SUCCESS: everything asked for was done.")
+        self.log_health()
 
-    def send_report(self):
+    def send_report(self, hurried=False):
         if not self.args.send_email:
             return
         scope = f"{self.scope.word} " if self.scope and self.aws_asked else ""
@@ -7599,8 +7837,10 @@ class BackupRun:
                         f"{describe_stamp(self.latest_incremental)}")
             body += self.progress_lines(REPORTED_ORPHANS)
         body += self.report_notes
+        body += [""] + self.health if self.health else []
         if send_report(self.args, self.settings, self.session, self.log,
-                       bool(self.failures), self.start or utc_now(), f"{scope}backup", body):
+                       bool(self.failures), self.start or utc_now(), f"{scope}backup", body,
+                       hurried):
             return
         self.report_unsent = True
         if not self.failures:

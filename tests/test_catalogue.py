@@ -144,7 +144,8 @@ def test_a_file_arriving_with_old_times_is_in_the_next_incremental(sandbox, tmp_
     windows = WindowsTimes(mount)
     plan = aab.SourcePlan(mount="q:\\", listed=[""], excluded_dir_paths=[],
                           excluded_file_paths=[], dir_patterns=[], file_patterns=[])
-    (state,) = [os.path.join(sandbox.state_dir, n) for n in os.listdir(sandbox.state_dir)]
+    (state,) = [os.path.join(sandbox.state_dir, n) for n in os.listdir(sandbox.state_dir)
+                if n.endswith(".tsv")]
     since = aab.utc_now()
     walk = aab.TreeWalk("q:\\", plan, windows, since)
     archived = []

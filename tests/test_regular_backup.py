@@ -206,7 +206,7 @@ def test_email_report_and_no_secret_anywhere(sandbox, tmp_path):
     assert "AAM Backup Report" in message["source"]
     body = message["body"]
     assert body.splitlines()[0] == "Backup destination types: local and AWS S3"
-    assert "For more info, refer to the local backup log." in body
+    assert f"For more info, refer to the local log: {sandbox.log_files()[-1]}" in body
     assert "7-Zip" not in body and "rsync" not in body and tree.first_mount not in body
 
     for secret in (KEY, SECRET, ACCESS_KEY_ID):

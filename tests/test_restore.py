@@ -154,7 +154,8 @@ def test_one_step_restores_full_and_incrementals_into_numbered_directories(
                         message["subject"])
     body = message["body"].splitlines()
     assert body[0] == f"Unique Backup-Set Prefix: {sandbox.location}"
-    assert body[-1] == "For more info, refer to the local backup log."
+    (log_path,) = [p for p in sandbox.log_files() if p.endswith(f"_{ONE_STEP}.log")]
+    assert body[-1] == f"For more info, refer to the local log: {log_path}"
     assert len(body) == 4 and body[2].count("UTC") == 2
 
     for secret in (KEY, SECRET, ACCESS_KEY_ID):

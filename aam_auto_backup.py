@@ -6603,6 +6603,10 @@ class BackupRun:
                     if self.aws:
                         self.uploads = RunUploads(self.s3, self.args.bucket,
                                                   transfer_config(self.settings.upload_limit))
+                        if self.settings.upload_limit:     # said once, before any upload
+                            self.log.line(f"Uploads are limited to "
+                                          f"{self.settings.upload_limit:,} bytes per second "
+                                          "in all (AAM_UPLOAD_LIMIT).")
                     self.create_work_dir()
                     self.back_up_sources(plan)
                 except SourceStopped as stopped:
@@ -7607,9 +7611,6 @@ class BackupRun:
         """Volumes first (most went up while 7-Zip ran), then the catalogue, and the
         indicator strictly after both."""
         self.log.section(SECTION_UPLOAD)
-        if self.settings.upload_limit:
-            self.log.line(f"Uploads are limited to {self.settings.upload_limit:,} bytes per "
-                          "second in all (AAM_UPLOAD_LIMIT).")
         uploader.start_log_section()
         try:
             uploader.finish()

@@ -324,6 +324,5 @@ def test_an_s3_outage_stops_the_check_unrecorded_never_blaming_an_object(sandbox
     out = failed(check(sandbox))
     assert "AWS S3 could not be reached" in out and "run it again" in out
     assert "PROBLEM" not in out
-    assert not os.path.exists(os.path.join(sandbox.state_dir, f"{sandbox.location}-"
-                              f"{aab.location_digest(sandbox.bucket, sandbox.location)}"
-                              ".health.json"))
+    record = aab.HealthRecord(sandbox.state_dir, sandbox.bucket, sandbox.location)
+    assert record.get("check") is None       # the backups' sections only

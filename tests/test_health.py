@@ -9,11 +9,13 @@ proxy.  The interrupted run is stopped by SIGTERM once the proxy has seen its se
 piece go up, as a scheduler's stop time would stop it.
 """
 
+import contextlib
 import datetime as dt
 import json
 import os
 import re
 import signal
+import sqlite3
 
 import aam_auto_backup as aab
 from conftest import KEY, SECRET, ok, snapshot, wait_for, write_file
@@ -169,6 +171,19 @@ def test_the_warnings_appear_when_due_and_not_otherwise(sandbox, proxy):
     assert f" of 1 month(s) ({last_month:%Y%m} to {last_month:%Y%m}; " in block
 
 
+def pieces_done(sandbox):
+    """The pieces the pending backup's journal records as done (read-only)."""
+    path = aab.journal_path(sandbox.state_dir, sandbox.bucket, sandbox.location)
+    if not os.path.exists(path):
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as journal:
+            return journal.execute("SELECT count(*) FROM piece WHERE state = ?",
+                                   (aab.PIECE_DONE,)).fetchone()[0]
+    except sqlite3.Error:           # being created, or locked by a write: not yet
+        return 0
+
+
 def test_an_interrupted_backup_reports_failure_and_is_continued(sandbox, proxy, tmp_path):
     mount = pieced_source(sandbox)
     env = env_through(sandbox, proxy)
@@ -183,7 +198,10 @@ def test_an_interrupted_backup_reports_failure_and_is_continued(sandbox, proxy, 
     proxy.reset_counters()
     emails_before = len(sandbox.emails())
     process = start_backup(sandbox, env)
-    wait_for(lambda: piece_seen(proxy, 2) or process.poll() is not None, 180)
+    # the journal has recorded a piece (its volumes all answered by S3), and the next
+    # piece is going up
+    wait_for(lambda: (pieces_done(sandbox) >= 1 and piece_seen(proxy, 2))
+             or process.poll() is not None, 180)
     process.send_signal(signal.SIGTERM)
     out = process.communicate(timeout=120)[0]
     assert process.returncode == aab.EXIT_INTERRUPTED, out

@@ -7,22 +7,30 @@ Glacier Deep Archive: a full backup each calendar month (UTC), incrementals in
 between.  It e-mails a report through AWS SES and restores everything from Deep
 Archive with one command.  See README.md for the command lines and docs/ for the details.
 
-The module reads top to bottom in the order the data flows:
+The module reads top to bottom in the order the data flows; one section for each
+outside tool (AWS, 7-Zip, the mirror tools), as bottle.py has one adapter per server:
 
     settings and errors      -> tunables (environment variables), exit codes
     platform layer           -> the only place where Windows and POSIX differ
     names and time stamps    -> S3 object names (docs/reference.md, What is stored where)
-    arguments                -> positional arguments of every operation (docs/reference.md)
+    arguments (two sections) -> values and shared rows; the tables, named form, usage
     instruction file         -> parsing, mount directories, exclusions
     selection                -> which files of a mount are backed up (the walk)
     catalogue                -> each backup's record of its sources; the local state
-    log and report           -> the dated log file, the SES e-mail, the health block
-    bucket listing           -> what complete backup sets the bucket holds
+    journal                  -> the backup in progress, so that the next run continues it
+    log, report, terminal    -> the dated log file, the SES e-mail, the health block,
+                                the progress line
+    AWS                      -> client, errors, prices, the run's uploads, the listing
+    7-Zip                    -> command lines, list files, the one extract command
+    mirror tools             -> rsync and Robocopy command lines and their limits
     child run                -> the per-mount pass: mirror, 7-Zip, validation
-    upload                   -> volumes as DEEP_ARCHIVE, then the indicator
-    backup operations        -> regular-backup, incremental-only-backup
-    restore operations       -> one-step and multi-step restoration, browse, check
-    restore drill            -> a few volumes of the latest full backup, end to end
+    upload                   -> volumes as DEEP_ARCHIVE, the catalogue, the indicator
+    backup (three sections)  -> the decision; each source's child and upload; the run
+                                (regular-backup, incremental-only-backup) and its report
+    preview                  -> what a regular-backup would do (preview-backup)
+    restore (four sections)  -> choosing the set; its state, thaw and download;
+                                extraction; the run (one-step and multi-step)
+    browse, check, drill     -> browse-aws-backups, check-aws-backups, drill-aws-backups
     Aam_Auto_Backup          -> dispatch on the operation argument
 """
 
@@ -60,6 +68,7 @@ import typing
 
 VERSION = "1.2.0"
 PROGRAM_NAME = "AAM Auto Backup"
+
 
 # ============================================================================
 # Settings and errors
@@ -1346,7 +1355,7 @@ def month_prefixes(location, now, months=MONTHS_SCANNED):
 
 
 # ============================================================================
-# Arguments (docs/reference.md, Arguments)
+# Arguments: operations, the values they take, the rows the tables share
 # ============================================================================
 
 REGULAR_BACKUP = "regular-backup"
@@ -1453,10 +1462,6 @@ def _executable(text):
     return path
 
 
-# A settings file refuses a relative path for these (see NamedForm).
-_path.takes_path = _optional_path.takes_path = _executable.takes_path = True
-
-
 def _destination_types(text):
     result = []
     for flag in (part.strip() for part in text.split("|")):
@@ -1466,9 +1471,6 @@ def _destination_types(text):
     if len(set(result)) != len(result):
         raise ValueError("names a destination type twice")
     return frozenset(result)
-
-
-_destination_types.text = lambda value: "|".join(sorted(value))
 
 
 def _drive_letter(text):
@@ -1502,9 +1504,6 @@ def _stamp_or_none(text):
         raise ValueError("must be 'YYYYMMDD HHMMSS.ffffff' or a single space")
 
 
-_stamp_or_none.text = lambda value: format_arg_stamp(value)
-
-
 def _stamp(text):
     value = _stamp_or_none(text)
     if value is None:
@@ -1512,17 +1511,11 @@ def _stamp(text):
     return value
 
 
-_stamp.text = _stamp_or_none.text
-
-
 def _scope(text):
     try:
         return Scope(text)
     except ValueError:
         raise ValueError("must be " + " or ".join(repr(s.value) for s in Scope))
-
-
-_scope.text = lambda value: value.value
 
 
 LATEST = "latest"
@@ -1549,9 +1542,6 @@ def _restore_point(text):
     raise ValueError("must be 'latest' (or \"\"), a UTC date-time such as "
                      "'20261115 143000', '2026-11-15 14:30' or '2026-11-15T14:30:00.5', "
                      "or a date such as '2026-11-15' (as of the end of that day)")
-
-
-_restore_point.text = lambda value: LATEST if value is None else format_arg_stamp(value)
 
 
 def _selection_item(text):
@@ -1717,6 +1707,29 @@ def _restore_user(row):
     return dataclasses.replace(row, meaning=row.meaning.replace("the AWS", "the restore "
                                                                 "user's AWS", 1),
                                example=RESTORE_KEYS[row.field])
+
+
+# ============================================================================
+# Arguments: the tables, the named form, the usage (docs/reference.md, Arguments)
+# ============================================================================
+
+# A settings file refuses a relative path for these (see NamedForm).
+_path.takes_path = _optional_path.takes_path = _executable.takes_path = True
+
+
+_destination_types.text = lambda value: "|".join(sorted(value))
+
+
+_stamp_or_none.text = lambda value: format_arg_stamp(value)
+
+
+_stamp.text = _stamp_or_none.text
+
+
+_scope.text = lambda value: value.value
+
+
+_restore_point.text = lambda value: LATEST if value is None else format_arg_stamp(value)
 
 
 class ArgTable:
@@ -3826,7 +3839,7 @@ class DoneEntries:
 
 
 # ============================================================================
-# Log and report
+# Log, report and the terminal
 # ============================================================================
 
 # The log's section headings, in the original program's order (docs/reference.md, What is
@@ -4357,7 +4370,7 @@ def describe_storage(location, storage):
 
 
 # ============================================================================
-# Bucket listing: what complete backup sets the bucket holds
+# AWS: the client, its errors, prices, uploads and the bucket listing
 # ============================================================================
 
 def aws_session(access_key_id, secret_access_key):
@@ -4484,6 +4497,208 @@ def describe_aws_error(problem, where="", credentials=""):
     return f"{operation} failed{on}, {text}" if operation else text
 
 
+def is_transient(problem):
+    """A network failure or an S3 server error (5xx): worth trying again later."""
+    import botocore.exceptions as errors
+    if isinstance(problem, (errors.ConnectionError, errors.HTTPClientError,
+                            errors.IncompleteReadError)):
+        return True
+    response = getattr(problem, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+
+
+def restore_aws_error(problem, bucket, key=None, table=None, kind="object"):
+    """An AamError for a failed S3 call of a restore or browse (table: its arguments,
+    RESTORE_ARGS when None), naming the object (by its kind) and a missing permission."""
+    table = table or RESTORE_ARGS
+    where = (f"the {kind} s3://{bucket}/{key}" if key
+             else f"the bucket {bucket} ({table.ref('bucket')})")
+    if aws_error_code(problem) in DENIED_CODES:
+        return AamError(
+            f"{describe_aws_error(problem, where, table.credentials_ref())}. A restore needs "
+            "s3:ListBucket, s3:GetObject and s3:RestoreObject on the bucket: use the "
+            "restore user's keys (docs/aws-setup.md); the backup user is write-only by "
+            "design.")
+    if aws_error_code(problem) in ("404", "NoSuchKey"):
+        return AamError(f"The {kind} s3://{bucket}/{key} does not exist (any more); the "
+                        "backup set is damaged.")
+    if aws_error_code(problem) == "NoSuchBucket":
+        return AamError(f"The bucket {bucket} ({table.ref('bucket')}) does not exist.")
+    return AamError(f"AWS S3 request on {where} failed: {describe_aws_error(problem)}")
+
+
+@contextlib.contextmanager
+def s3_call(bucket, key=None, table=None, kind="object"):
+    """Turn a refused or failed S3 call on the bucket, or on one object of that kind
+    (volume, catalogue, completion indicator), into a clear AamError naming it;
+    transient ones pass on."""
+    try:
+        yield
+    except AamError:
+        raise
+    except Exception as problem:     # noqa: BLE001 - boto3 raises many kinds
+        if is_transient(problem):
+            raise
+        raise restore_aws_error(problem, bucket, key, table, kind) from None
+
+# Deep Archive retrieval prices for us-east-1 as they were recorded
+# from aws.amazon.com/s3/pricing on 2020-10-05 (docs/restore.md lists them): dollars per
+# GB retrieved and per 1,000 restore requests.  Only used for the estimate.
+PRICES_TAKEN = "2020-10-05"
+RETRIEVAL_PRICES = {"Bulk": (0.0025, 0.025), "Standard": (0.02, 0.10)}
+TRANSFER_OUT_PER_GB = 0.09
+EXPECTED_WAIT = {"Bulk": "within 48 hours", "Standard": "within 12 hours"}
+GB = 1024 ** 3                    # AWS bills a GB as 2^30 bytes
+# Storage and upload prices recorded the same way and day (docs/backup.md lists them):
+# dollars per GB-month (the first 50 TB a month), and per 1,000 PUT requests (each part of
+# a multipart upload is one).  Volumes are DEEP_ARCHIVE; catalogues, completion
+# indicators and key checks STANDARD.  Deep Archive bills 40 KB more for each object it
+# holds: 32 KB at its own price and 8 KB at STANDARD's.
+STORAGE_PRICES = {DEEP_ARCHIVE: 0.00099, "STANDARD": 0.023}
+PUT_PRICES = {DEEP_ARCHIVE: 0.05, "STANDARD": 0.005}
+ARCHIVED_OBJECT_EXTRA = {DEEP_ARCHIVE: 32 * 1024, "STANDARD": 8 * 1024}
+
+
+def storage_cost(archived_bytes, archived_objects, standard_bytes=0):
+    """Dollars a month for Deep Archive objects and STANDARD bytes (prices above)."""
+    archived = archived_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA[DEEP_ARCHIVE]
+    standard = standard_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA["STANDARD"]
+    return (archived * STORAGE_PRICES[DEEP_ARCHIVE] + standard * STORAGE_PRICES["STANDARD"]) / GB
+
+
+def upload_requests(size):
+    """The PUT requests an upload of size bytes takes (RunUploads' multipart rule)."""
+    config = transfer_config()
+    if size < config.multipart_threshold:
+        return 1
+    return -(-size // config.multipart_chunksize) + 2      # the parts, begin and end
+
+
+def volume_sizes(archive_bytes, volume_size):
+    """The sizes of the volumes an archive of archive_bytes is split into."""
+    whole, rest = divmod(archive_bytes, volume_size)
+    return [volume_size] * whole + ([rest] if rest else [])
+
+
+@dataclasses.dataclass
+class StoredBytes:
+    """The backup objects of a listing: volumes (DEEP_ARCHIVE) and the rest (STANDARD)."""
+
+    volumes: int
+    volume_bytes: int
+    others: int
+    other_bytes: int
+
+    @classmethod
+    def of(cls, listing):
+        volumes = [v for stored in listing.volumes.values() for v in stored]
+        others = list(listing.catalogues.values()) + [
+            o for by_source in listing.indicators.values() for o in by_source.values()]
+        return cls(len(volumes), sum(v.size for v in volumes), len(others),
+                   sum(o.size for o in others))
+
+    def cost(self):
+        return storage_cost(self.volume_bytes, self.volumes, self.other_bytes)
+
+
+def format_dollars(amount):
+    return "less than $0.01" if 0 < amount < 0.005 else f"${amount:,.2f}"
+
+
+def retrieval_cost(tier, size, requests):
+    per_gb, per_thousand = RETRIEVAL_PRICES[tier]
+    return size / GB * per_gb + requests / 1000 * per_thousand
+
+MIB = 1024 * 1024
+UPLOAD_POLL_SECONDS = 0.1   # how often the parent looks for finished volumes
+PROGRESS_STEP = 256 * 1024  # s3transfer's AggregatedProgressCallback threshold
+
+
+def transfer_config(upload_limit=None):
+    """Multipart uploads with a few parallel parts; memory stays small.  upload_limit:
+    bytes per second for all uploads of the manager together (s3transfer's bandwidth
+    limiter, a leaky bucket the bodies of PutObject and UploadPart are read through)."""
+    from boto3.s3.transfer import TransferConfig
+    return TransferConfig(multipart_threshold=64 * MIB, multipart_chunksize=16 * MIB,
+                          max_concurrency=4, use_threads=True, max_bandwidth=upload_limit)
+
+
+class RunUploads:
+    """Every upload of one backup run (volumes, catalogues, indicators) goes through this
+    one s3transfer TransferManager, so that its one bandwidth limiter caps their sum at
+    AAM_UPLOAD_LIMIT: boto3's upload_file makes a manager, and so a limiter, per call.
+    The manager is s3transfer's own (boto3 may pick its CRT client instead, which ignores
+    the limit).  Nothing is written over an existing object (new_objects_only)."""
+
+    def __init__(self, s3, bucket, config):
+        import threading
+        from s3transfer.manager import TransferManager
+        self.bucket, self.config = bucket, config
+        self.manager = TransferManager(s3, config)       # config: transfer_config(...)
+        # submit() may be called from s3transfer's threads (PieceUploader): once close()
+        # has begun, nothing new starts, so that a cancel ends every upload there is.
+        self.lock, self.closing = threading.Lock(), False
+        self.futures = []          # of the uploads begun, those not known to have ended
+        self.stored = []             # (key, bytes) of each object written (the report)
+
+    def submit(self, source, key, subscribers=(), **extra_args):
+        """Start uploading a file (a path or a binary file object) as key, multipart
+        above the threshold; its s3transfer future.  subscribers: s3transfer
+        subscribers (on_progress with each number of bytes read into the request, on_done)."""
+        with self.lock:
+            if self.closing:
+                raise RuntimeError(f"the uploads of this run have ended; {key} was not begun")
+            future = self.manager.upload(source, self.bucket, key, extra_args,
+                                         list(subscribers) or None)
+            self.futures = [f for f in self.futures if not f.done()] + [future]
+            return future
+
+    def unreported_bytes(self, size):
+        """At most how many of an upload's bytes its subscribers have not heard of, all
+        the others sent: s3transfer tells a request body's progress in steps of
+        PROGRESS_STEP, the rest only once S3 has answered; one body below the multipart
+        threshold, up to max_concurrency parts at once above it."""
+        bodies = 1 if size < self.config.multipart_threshold else self.config.max_concurrency
+        return PROGRESS_STEP * bodies
+
+    def result(self, future, key, kind="object"):
+        """Wait for an upload begun by submit; kind (volume, catalogue, completion
+        indicator, key check) names it in a failure."""
+        with upload_named(self.bucket, key, kind):
+            try:
+                answer = future.result()
+            except BaseException:
+                # Ctrl-C or SIGTERM too: end the transfer, and wait while s3transfer
+                # aborts its multipart upload (parts left behind would be billed).
+                future.cancel()
+                with contextlib.suppress(Exception):
+                    future.result()
+                raise
+            self.stored.append((key, future.meta.size))
+            return answer
+
+    def upload(self, source, key, progress=None, kind="object", **extra_args):
+        """Upload a file (a path or a binary file object) as key, and wait for it;
+        progress is called with each number of bytes sent."""
+        from boto3.s3.transfer import ProgressCallbackInvoker
+        subscribers = [ProgressCallbackInvoker(progress)] if progress else []
+        with upload_named(self.bucket, key, kind):
+            future = self.submit(source, key, subscribers, **extra_args)
+        return self.result(future, key, kind)
+
+    def close(self, cancel=False):
+        """Wait for the uploads still running, or with cancel (the run is interrupted)
+        end them (s3transfer aborts their multipart uploads)."""
+        with self.lock:
+            self.closing = True
+        if cancel:
+            # each future itself: TransferManager.shutdown(cancel=True) passes its
+            # arguments on in the wrong order (s3transfer 0.17) and fails
+            for future in self.futures:
+                future.cancel()
+        self.manager.shutdown()
+
+
 @dataclasses.dataclass
 class StoredObject:
     name: ObjectName
@@ -4559,57 +4774,10 @@ class BucketListing:
 
 
 # ============================================================================
-# Child run: the per-mount pass (mirror, 7-Zip, validation)
+# 7-Zip: command lines, list files, limits, the one extract command, the ZIP index
 # ============================================================================
 
-PLAN_FILE = "shadow_copy_instruction.txt"
-OUTPUT_FILE = "shadow_copy_command_output.txt"
-PIECES_DIR = "pieces"            # pieces/<n>.lst: the 7-Zip list of the files of piece n
-MIRROR_RULES = "mirror_filter_rules.txt"
-# parent -> child: the state to compare with, the first free piece number, the piece
-# size, and for a continued backup the journal whose done pieces it reuses
-CATALOGUE_BASE = "catalogue_base.json"
-GATE_FILE = "child_gate.txt"   # parent -> a child started early: "wait", then "go"
-GATE_WAIT, GATE_GO = "wait", "go"
-GATE_POLL_SECONDS = 0.005
-CATALOGUE_WORK = "catalogue_work.tsv"        # child -> parent: the walk's catalogue lines
-# child -> parent: the earlier pieces that hold an entry this backup no longer uses
-SUPERSEDED_FILE = "superseded_pieces.json"
-ARCHIVE_DIR = "archives"       # archives/<n>/backup.zip.NNN, then archives/<n>.done
-DONE_SUFFIX = ".done"          # written by the child once a piece's 7-Zip has ended
-# child -> parent, for the progress line: bytes of file content selected, in the lists
-# whose 7-Zip has ended, and in the list it is on
-ARCHIVE_PROGRESS = "archive_progress.json"
-FINAL_VOLUME = re.compile(r"backup\.zip\.(\d{3,})")   # closed for good: see final_volumes
-ANY_VOLUME = re.compile(r"backup\.zip\.(\d{3,})((?:\.[0-9A-Fa-f]+)?\.tmp)?")
-# Finished volumes on disk awaiting upload before 7-Zip is paused.  Two: the one going up
-# and the next, read for its SHA-256 and index and ready to follow its last byte.  The
-# parent begins that next one while S3 has yet to answer the one before
-# (UPLOADS_IN_FLIGHT), so for that moment both on disk are in flight and 7-Zip stays
-# paused until the earlier one is deleted; it then has the whole upload of a volume to
-# write the next before the link could idle.  A third would only matter when 7-Zip is
-# barely faster than the link, and would add a volume to the temporary disk, which stays
-# bounded by two finished volumes besides those 7-Zip is writing.
-WAITING_VOLUMES = 2
-# Volume uploads in flight: one sending, and the one before it (of the same piece) awaiting
-# S3's answer (a round trip the link would otherwise idle through, after every volume).
-# Never two sending: an interruption then loses what it did with one at a time, the piece
-# in progress.
-UPLOADS_IN_FLIGHT = 2
-WORK_MARKER = ".aam_auto_backup_work"
-# parent and child -> a later run: "<pid> <start>" of each process group they start
-PROCESS_GROUPS = "process_groups.txt"
-CHILD_KEY_VARIABLE = "AAM_CHILD_ENCRYPTION_KEY"
-MTIME_TOLERANCE = 2.0     # seconds: FAT/exFAT USB drives store times to 2 s
 SEVEN_ZIP_ERROR_RE = re.compile(r"ERROR: .|errno=\d+ : ")   # 7-Zip's own error lines
-MESSAGES_QUOTED = 3       # a failed tool's own messages quoted in the summary (all in the log)
-REPORTED_ORPHANS = 20     # unused volumes named in the e-mail (all in the log)
-
-
-def child_say(text):
-    # Not flushed line by line (7-Zip prints one per file): run_child flushes at its
-    # end, and the parent reads the output only once the child has ended.
-    print(text)
 
 
 def seven_zip_add_argv(settings, archive_path, list_file, password_switch, platform):
@@ -4626,81 +4794,6 @@ def seven_zip_add_argv(settings, archive_path, list_file, password_switch, platf
             archive_path, "@" + list_file]
 
 
-# -- one exclusion compiler, printed for rsync, Robocopy and 7-Zip -------------------
-
-class Exclusions(typing.NamedTuple):
-    """The plan's exclusions in the form one tool can apply exactly (paths relative to
-    the mount, platform separators; (path, is_dir) pairs)."""
-
-    paths: list            # the instruction file's full paths
-    dir_patterns: list     # name patterns the tool applies as the selection does
-    file_patterns: list
-    walked: list           # paths the walk excluded by a pattern the tool would misapply
-
-
-class PatternLimits(typing.NamedTuple):
-    """When a tool would apply a name pattern differently from the selection:
-    (pattern, its regex, names of the directories leading to the listed ones, the
-    walk) -> True means 'use the exact paths the walk excluded instead'."""
-
-    directory: object
-    file: object
-
-
-def _matches_an_ancestor(_pattern, regex, ancestors, _walk):
-    return any(regex.fullmatch(name) for name in ancestors)
-
-
-# Robocopy drops a listed directory below a directory the pattern matches, and
-# takes a word starting with '-' for one of its switches.
-ROBOCOPY_LIMITS = PatternLimits(
-    lambda p, regex, ancestors, walk: p.startswith("-") or _matches_an_ancestor(
-        p, regex, ancestors, walk),
-    lambda p, regex, ancestors, walk: p.startswith("-"))
-# rsync's patterns are anchored below each listed directory: none is misapplied.
-RSYNC_LIMITS = PatternLimits(lambda *_args: False, lambda *_args: False)
-
-
-def compile_exclusions(plan, platform, limits, walk=None, root=None):
-    """The plan's exclusions for a tool with these limits.
-
-    walk: a finished TreeWalk of the mount (the child's own); when there is none
-    and one is needed, root is walked.
-    """
-    def walked():
-        nonlocal walk
-        if walk is None:
-            walk = TreeWalk(root, plan, platform)
-            walk.files()
-        return walk
-
-    ancestors = {part for listed in plan.listed if listed
-                 for part in listed.split(platform.sep)[:-1]}
-    patterns, exact = ([], []), ([], [])
-    for index, kind in enumerate((plan.dir_patterns, plan.file_patterns)):
-        unsafe = limits[index]
-        for pattern in kind:
-            regex = wildcard_regex(pattern, platform.case_insensitive)
-            if unsafe(pattern, regex, ancestors, walked):
-                exact[index].append(regex)
-            else:
-                patterns[index].append(pattern)
-    paths = [(rel, True) for rel in plan.excluded_dir_paths] + \
-        [(rel, False) for rel in plan.excluded_file_paths]
-    return Exclusions(paths, patterns[0], patterns[1],
-                      walked_exclusions(walked, exact, platform) if any(exact) else [])
-
-
-def walked_exclusions(walked, exact, platform):
-    """The paths the walk excluded whose name one of the exact patterns matches."""
-    found = []
-    for rel, is_dir in walked().excluded:
-        name = rel.rsplit(platform.sep, 1)[-1]
-        if any(regex.fullmatch(name) for regex in exact[0 if is_dir else 1]):
-            found.append((rel, is_dir))
-    return found
-
-
 def list_file_entry(relative, is_dir, platform):
     """One line of a 7-Zip list file naming exactly this path.
 
@@ -4714,6 +4807,256 @@ def list_file_entry(relative, is_dir, platform):
     if not is_dir and (line[-1:].isspace() or line[-1:] == '"'):
         line = line[:-1] + "?"
     return platform.list_file_line(line, is_dir)
+
+
+def archive_commands(platform, seven_zip_argv, key_variable):
+    """7-Zip with the key on its standard input, so that it is on no command line."""
+    command = platform.feed_secret(key_variable, platform.command_line(seven_zip_argv))
+    return [command] + platform.status_check("archive", SEVEN_ZIP_DONE)
+
+
+# -- 7-Zip ---------------------------------------------------------------------------
+
+def check_seven_zip(settings):
+    """Before any thaw: finding 7-Zip missing after a two-day wait would hurt."""
+    program = settings.seven_zip
+    found = program if os.path.isfile(program) else shutil.which(program)
+    if not found:
+        raise AamError(f"7-Zip ({program}) is not installed or not on PATH; install it (or "
+                       "set AAM_7ZIP) before restoring.")
+
+
+def run_seven_zip(settings, platform, argv, key, cwd=None, private=False):
+    """7-Zip with the key on stdin: no -p, so the key is on no command line.
+
+    private: what it writes is readable by its owner only (the catalogue).
+    """
+    env = dict(os.environ, LC_ALL="C.UTF-8")
+    options = platform.private_file_options() if private else {}
+    try:
+        result = subprocess.run([settings.seven_zip] + argv,
+                                input=(key + "\n").encode("utf-8"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd, **options)
+    except OSError as problem:
+        raise AamError(f"7-Zip ({settings.seven_zip}) cannot be started: {problem}")
+    return result.returncode, platform.decode_output(result.stdout)
+
+
+class WrongKey(AamError):
+    """7-Zip cannot open an archive or a catalogue with the key given."""
+
+
+def seven_zip_failure(code, output, archive_name, table=None):
+    """None when 7-Zip succeeded, else an AamError saying what went wrong."""
+    if code == 0:
+        return None
+    errors = [line.strip() for line in output.splitlines()
+              if line.startswith("ERROR") or "Unexpected end" in line]
+    if any(line.startswith("ERROR: Wrong password") for line in errors):
+        key = (table or RESTORE_ARGS).ref("key")
+        return WrongKey(f"The decryption key ({key}) is wrong: 7-Zip cannot open"
+                        f" {archive_name}. Nothing was extracted; what was "
+                        "downloaded is kept, so a re-run with the right key does not "
+                        "download it again.")
+    shown = "; ".join(errors[:5]) or f"exit code {code}"
+    return AamError(f"7-Zip failed on {archive_name} (exit code {code}): {shown}")
+
+
+def list_file_can_hold(name):
+    """7-Zip trims blanks at the ends of list-file lines and drops enclosing quotes
+    (measured), so such names go on its command line instead."""
+    return not (name != name.strip() or name[:1] == '"' or name[-1:] == '"'
+                or "\n" in name or "\r" in name)
+
+
+def seven_zip_extract_argv(first_volume, into, platform=None, list_path=None, names=()):
+    """The one 7-Zip extract command line: everything of the archive whose first volume
+    is given into the directory, overwriting (-aoa: an incremental's version replaces
+    the one before), links as links (-snld20: also those pointing outside the tree, as
+    the source had them); or, with list_path, exactly the names (written there)."""
+    argv = ["x", first_volume, f"-o{os.path.abspath(into)}", "-aoa", "-y", "-snld20",
+            "-bd", "-sccUTF-8"]
+    if list_path is None:
+        return argv
+    return argv + exact_names_switches(list_path, names, platform)
+
+
+def exact_names_switches(list_path, names, platform):
+    """7-Zip's switches for exactly these names (written to the list file list_path)."""
+    unlisted = write_name_list(list_path, names, platform.sep)
+    # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
+    return ["-spd", "-ssc", platform.list_charset_switch, "@" + list_path, "--"] + unlisted
+
+
+def write_name_list(path, names, sep):
+    """A 7-Zip list file of exact names (with -spd); the names a list file cannot hold
+    are returned, for 7-Zip's command line."""
+    unlisted = []
+    with open_private(path) as handle:
+        for name in names:
+            if list_file_can_hold(name):
+                handle.write(name.replace("/", sep) + "\n")
+            else:
+                unlisted.append(name.replace("/", sep))
+    return unlisted
+
+
+class ZipIndexError(AamError):
+    """7-Zip's archive is not laid out as the index expects: nothing is trusted."""
+
+
+class ZipIndex:
+    """Where each entry of one ZIP archive lies in its volumes, read while uploading.
+
+    7-Zip's volumes are a plain byte split of one ZIP file, and it writes every
+    local header with the entry's sizes (no data descriptors, measured), so the
+    headers can be followed from the first byte to the central directory as
+    the volumes go by, without keeping them.  The names are the stored bytes:
+    what the catalogue holds, with '/' between names.  Kept in an SQLite file
+    (memory stays flat however many files the archive holds).
+    """
+
+    LOCAL = b"PK\x03\x04"
+    CENTRAL = (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06")
+
+    def __init__(self, path, volume_size, on_entry=None):
+        import sqlite3
+        self.volume_size = volume_size
+        self.on_entry = on_entry        # instead of the table: called with every name
+        self.db = None
+        if on_entry is None:
+            open_private(path, "wb", exclusive=True).close()
+            self.db = sqlite3.connect(path)
+            self.db.execute("CREATE TABLE entry (name BLOB PRIMARY KEY, first INTEGER, "
+                            "last INTEGER, size INTEGER) WITHOUT ROWID")
+        self.rows = []                # entries read from the last block, not yet stored
+        self.buffer, self.buffer_start = b"", 0
+        self.next_header = 0          # offset of the next local header
+        self.central_directory = None
+        self.files = 0
+
+    def volume(self, offset):
+        return offset // self.volume_size + 1
+
+    def feed(self, data, offset):
+        """The bytes at offset of the whole archive (consecutive calls, in order)."""
+        end = offset + len(data)
+        if self.central_directory is not None or end <= self.next_header:
+            return                          # the data of an entry: nothing to read
+        if not self.buffer:
+            skip = max(0, self.next_header - offset)
+            self.buffer, self.buffer_start = data[skip:], offset + skip
+        else:
+            self.buffer += data
+        while self.read_header():
+            pass
+        if self.rows:       # one statement per block, not per entry: less CPU beside 7-Zip
+            self.db.executemany("INSERT OR REPLACE INTO entry VALUES (?, ?, ?, ?)",
+                                self.rows)
+            self.rows = []
+        drop = self.next_header - self.buffer_start
+        if drop >= len(self.buffer):
+            self.buffer, self.buffer_start = b"", self.next_header
+        elif drop > 0:
+            self.buffer, self.buffer_start = self.buffer[drop:], self.next_header
+
+    def read_header(self):
+        """Read one local header from the buffer; False when more bytes are needed."""
+        at = self.next_header - self.buffer_start
+        if at < 0 or self.central_directory is not None or len(self.buffer) < at + 4:
+            return False
+        signature = self.buffer[at:at + 4]
+        if signature in self.CENTRAL:
+            self.central_directory = self.next_header
+            return False
+        if signature != self.LOCAL:
+            raise ZipIndexError(f"no ZIP header at byte {self.next_header:,}")
+        if len(self.buffer) < at + 30:
+            return False
+        (flags, compressed, size, name_length, extra_length) = struct.unpack(
+            "<6xH10xIIHH", self.buffer[at:at + 30])
+        header_end = at + 30 + name_length + extra_length
+        if len(self.buffer) < header_end:
+            return False
+        if flags & 0x08:
+            raise ZipIndexError("an entry's sizes are not in its local header")
+        name = self.buffer[at + 30:at + 30 + name_length]
+        if 0xFFFFFFFF in (compressed, size):
+            size, compressed = self.zip64_sizes(self.buffer[at + 30 + name_length:header_end])
+        end = self.next_header + 30 + name_length + extra_length + compressed
+        if self.on_entry is not None:
+            self.on_entry(name)
+        elif not name.endswith(b"/"):
+            self.rows.append((name, self.volume(self.next_header), self.volume(end - 1),
+                              size))
+            self.files += 1
+        self.next_header = end
+        return True
+
+    @staticmethod
+    def zip64_sizes(extra):
+        """(uncompressed, compressed) sizes from a ZIP64 extra field (tag 1)."""
+        at = 0
+        while at + 4 <= len(extra):
+            tag, size = struct.unpack("<HH", extra[at:at + 4])
+            if tag == 1 and size >= 16:
+                return struct.unpack("<QQ", extra[at + 4:at + 20])
+            at += 4 + size
+        raise ZipIndexError("an entry over 4 GB has no ZIP64 sizes")
+
+    def finish(self, total_size):
+        """After the last volume: the archive must have ended in its central directory."""
+        self.db.commit()
+        if self.central_directory is None:
+            raise ZipIndexError(f"the central directory was not found in {total_size:,} "
+                                "bytes")
+        return self.volume(self.central_directory)
+
+    def locate(self, lines):
+        """(line, (first volume, last volume, size as archived) or None) for each work-file
+        line in turn.
+
+        One join in SQLite rather than a query per path: at a million files that
+        is seconds less.  The lines are kept in this owner-only file (not in a
+        temporary one of SQLite's own)."""
+        self.db.execute("CREATE TABLE wanted (seq INTEGER PRIMARY KEY, name BLOB, line TEXT)")
+        self.db.executemany("INSERT INTO wanted (name, line) VALUES (?, ?)",
+                            ((work_line_path(line).encode("utf-8", "surrogateescape"), line)
+                             for line in lines))
+        for line, first, last, size in self.db.execute(
+                "SELECT wanted.line, entry.first, entry.last, entry.size FROM wanted "
+                "LEFT JOIN entry ON entry.name = wanted.name ORDER BY wanted.seq"):
+            yield line, None if first is None else (first, last, size)
+
+    def close(self):
+        self.db.close()
+
+
+# ============================================================================
+# Mirror tools: rsync and Robocopy
+# ============================================================================
+
+class PatternLimits(typing.NamedTuple):
+    """When a tool would apply a name pattern differently from the selection:
+    (pattern, its regex, names of the directories leading to the listed ones, the
+    walk) -> True means 'use the exact paths the walk excluded instead'."""
+
+    directory: object
+    file: object
+
+
+def _matches_an_ancestor(_pattern, regex, ancestors, _walk):
+    return any(regex.fullmatch(name) for name in ancestors)
+# rsync's patterns are anchored below each listed directory: none is misapplied.
+RSYNC_LIMITS = PatternLimits(lambda *_args: False, lambda *_args: False)
+
+
+# Robocopy drops a listed directory below a directory the pattern matches, and
+# takes a word starting with '-' for one of its switches.
+ROBOCOPY_LIMITS = PatternLimits(
+    lambda p, regex, ancestors, walk: p.startswith("-") or _matches_an_ancestor(
+        p, regex, ancestors, walk),
+    lambda p, regex, ancestors, walk: p.startswith("-"))
 
 
 def rsync_pattern(parts):
@@ -4791,7 +5134,6 @@ def rsync_listed_rules(listed_dirs):
 # each file that is missing.
 RSYNC_DONE = (0, 23, 24)        # 23: some files could not be copied; 24: some vanished
 ROBOCOPY_DONE = tuple(range(8))  # below 8: files copied, extras, mismatches
-SEVEN_ZIP_DONE = (0, 1)          # 1: warnings (a file could not be read, or vanished)
 # Robocopy's default retries (1,000,000, 30 s apart) would hold the lock for months on
 # one unwritable destination file.
 ROBOCOPY_RETRIES = ("/r:2", "/w:5")
@@ -4870,6 +5212,112 @@ def robocopy_exclusions(platform, view_root, plan, walk=None):
     return unique_paths(dirs, platform), unique_paths(files, platform), problems
 
 
+# ============================================================================
+# Child run: the per-mount pass (mirror, 7-Zip, validation)
+# ============================================================================
+
+PLAN_FILE = "shadow_copy_instruction.txt"
+OUTPUT_FILE = "shadow_copy_command_output.txt"
+PIECES_DIR = "pieces"            # pieces/<n>.lst: the 7-Zip list of the files of piece n
+MIRROR_RULES = "mirror_filter_rules.txt"
+# parent -> child: the state to compare with, the first free piece number, the piece
+# size, and for a continued backup the journal whose done pieces it reuses
+CATALOGUE_BASE = "catalogue_base.json"
+GATE_FILE = "child_gate.txt"   # parent -> a child started early: "wait", then "go"
+GATE_WAIT, GATE_GO = "wait", "go"
+GATE_POLL_SECONDS = 0.005
+CATALOGUE_WORK = "catalogue_work.tsv"        # child -> parent: the walk's catalogue lines
+# child -> parent: the earlier pieces that hold an entry this backup no longer uses
+SUPERSEDED_FILE = "superseded_pieces.json"
+ARCHIVE_DIR = "archives"       # archives/<n>/backup.zip.NNN, then archives/<n>.done
+DONE_SUFFIX = ".done"          # written by the child once a piece's 7-Zip has ended
+# child -> parent, for the progress line: bytes of file content selected, in the lists
+# whose 7-Zip has ended, and in the list it is on
+ARCHIVE_PROGRESS = "archive_progress.json"
+FINAL_VOLUME = re.compile(r"backup\.zip\.(\d{3,})")   # closed for good: see final_volumes
+ANY_VOLUME = re.compile(r"backup\.zip\.(\d{3,})((?:\.[0-9A-Fa-f]+)?\.tmp)?")
+# Finished volumes on disk awaiting upload before 7-Zip is paused.  Two: the one going up
+# and the next, read for its SHA-256 and index and ready to follow its last byte.  The
+# parent begins that next one while S3 has yet to answer the one before
+# (UPLOADS_IN_FLIGHT), so for that moment both on disk are in flight and 7-Zip stays
+# paused until the earlier one is deleted; it then has the whole upload of a volume to
+# write the next before the link could idle.  A third would only matter when 7-Zip is
+# barely faster than the link, and would add a volume to the temporary disk, which stays
+# bounded by two finished volumes besides those 7-Zip is writing.
+WAITING_VOLUMES = 2
+# Volume uploads in flight: one sending, and the one before it (of the same piece) awaiting
+# S3's answer (a round trip the link would otherwise idle through, after every volume).
+# Never two sending: an interruption then loses what it did with one at a time, the piece
+# in progress.
+UPLOADS_IN_FLIGHT = 2
+WORK_MARKER = ".aam_auto_backup_work"
+# parent and child -> a later run: "<pid> <start>" of each process group they start
+PROCESS_GROUPS = "process_groups.txt"
+CHILD_KEY_VARIABLE = "AAM_CHILD_ENCRYPTION_KEY"
+MTIME_TOLERANCE = 2.0     # seconds: FAT/exFAT USB drives store times to 2 s
+MESSAGES_QUOTED = 3       # a failed tool's own messages quoted in the summary (all in the log)
+REPORTED_ORPHANS = 20     # unused volumes named in the e-mail (all in the log)
+
+
+def child_say(text):
+    # Not flushed line by line (7-Zip prints one per file): run_child flushes at its
+    # end, and the parent reads the output only once the child has ended.
+    print(text)
+
+
+# -- one exclusion compiler, printed for rsync, Robocopy and 7-Zip -------------------
+
+class Exclusions(typing.NamedTuple):
+    """The plan's exclusions in the form one tool can apply exactly (paths relative to
+    the mount, platform separators; (path, is_dir) pairs)."""
+
+    paths: list            # the instruction file's full paths
+    dir_patterns: list     # name patterns the tool applies as the selection does
+    file_patterns: list
+    walked: list           # paths the walk excluded by a pattern the tool would misapply
+
+
+def compile_exclusions(plan, platform, limits, walk=None, root=None):
+    """The plan's exclusions for a tool with these limits.
+
+    walk: a finished TreeWalk of the mount (the child's own); when there is none
+    and one is needed, root is walked.
+    """
+    def walked():
+        nonlocal walk
+        if walk is None:
+            walk = TreeWalk(root, plan, platform)
+            walk.files()
+        return walk
+
+    ancestors = {part for listed in plan.listed if listed
+                 for part in listed.split(platform.sep)[:-1]}
+    patterns, exact = ([], []), ([], [])
+    for index, kind in enumerate((plan.dir_patterns, plan.file_patterns)):
+        unsafe = limits[index]
+        for pattern in kind:
+            regex = wildcard_regex(pattern, platform.case_insensitive)
+            if unsafe(pattern, regex, ancestors, walked):
+                exact[index].append(regex)
+            else:
+                patterns[index].append(pattern)
+    paths = [(rel, True) for rel in plan.excluded_dir_paths] + \
+        [(rel, False) for rel in plan.excluded_file_paths]
+    return Exclusions(paths, patterns[0], patterns[1],
+                      walked_exclusions(walked, exact, platform) if any(exact) else [])
+
+
+def walked_exclusions(walked, exact, platform):
+    """The paths the walk excluded whose name one of the exact patterns matches."""
+    found = []
+    for rel, is_dir in walked().excluded:
+        name = rel.rsplit(platform.sep, 1)[-1]
+        if any(regex.fullmatch(name) for regex in exact[0 if is_dir else 1]):
+            found.append((rel, is_dir))
+    return found
+SEVEN_ZIP_DONE = (0, 1)          # 1: warnings (a file could not be read, or vanished)
+
+
 def unique_paths(paths, platform):
     """paths without repeats, compared as the file system does, first spelling kept."""
     seen, kept = set(), []
@@ -4914,12 +5362,6 @@ def scan_outside_listed(platform, view_root, plan):
                     dirs.append(rel)
         level = next_level
     return dirs, files, problems
-
-
-def archive_commands(platform, seven_zip_argv, key_variable):
-    """7-Zip with the key on its standard input, so that it is on no command line."""
-    command = platform.feed_secret(key_variable, platform.command_line(seven_zip_argv))
-    return [command] + platform.status_check("archive", SEVEN_ZIP_DONE)
 
 
 def validate_mirror(view_root, target, plan, platform, start, keep):
@@ -5510,97 +5952,9 @@ def read_catalogue_base(work_dir):
 # Upload: volumes as DEEP_ARCHIVE, then the catalogue and the indicator
 # ============================================================================
 
-MIB = 1024 * 1024
 INDICATOR_FORMAT = "aam-auto-backup-indicator"
 # 2: the archive is in pieces ("pieces"); readers accept 1 and 2
 INDICATOR_VERSION = 2
-UPLOAD_POLL_SECONDS = 0.1   # how often the parent looks for finished volumes
-PROGRESS_STEP = 256 * 1024  # s3transfer's AggregatedProgressCallback threshold
-
-
-def transfer_config(upload_limit=None):
-    """Multipart uploads with a few parallel parts; memory stays small.  upload_limit:
-    bytes per second for all uploads of the manager together (s3transfer's bandwidth
-    limiter, a leaky bucket the bodies of PutObject and UploadPart are read through)."""
-    from boto3.s3.transfer import TransferConfig
-    return TransferConfig(multipart_threshold=64 * MIB, multipart_chunksize=16 * MIB,
-                          max_concurrency=4, use_threads=True, max_bandwidth=upload_limit)
-
-
-class RunUploads:
-    """Every upload of one backup run (volumes, catalogues, indicators) goes through this
-    one s3transfer TransferManager, so that its one bandwidth limiter caps their sum at
-    AAM_UPLOAD_LIMIT: boto3's upload_file makes a manager, and so a limiter, per call.
-    The manager is s3transfer's own (boto3 may pick its CRT client instead, which ignores
-    the limit).  Nothing is written over an existing object (new_objects_only)."""
-
-    def __init__(self, s3, bucket, config):
-        import threading
-        from s3transfer.manager import TransferManager
-        self.bucket, self.config = bucket, config
-        self.manager = TransferManager(s3, config)       # config: transfer_config(...)
-        # submit() may be called from s3transfer's threads (PieceUploader): once close()
-        # has begun, nothing new starts, so that a cancel ends every upload there is.
-        self.lock, self.closing = threading.Lock(), False
-        self.futures = []          # of the uploads begun, those not known to have ended
-        self.stored = []             # (key, bytes) of each object written (the report)
-
-    def submit(self, source, key, subscribers=(), **extra_args):
-        """Start uploading a file (a path or a binary file object) as key, multipart
-        above the threshold; its s3transfer future.  subscribers: s3transfer
-        subscribers (on_progress with each number of bytes read into the request, on_done)."""
-        with self.lock:
-            if self.closing:
-                raise RuntimeError(f"the uploads of this run have ended; {key} was not begun")
-            future = self.manager.upload(source, self.bucket, key, extra_args,
-                                         list(subscribers) or None)
-            self.futures = [f for f in self.futures if not f.done()] + [future]
-            return future
-
-    def unreported_bytes(self, size):
-        """At most how many of an upload's bytes its subscribers have not heard of, all
-        the others sent: s3transfer tells a request body's progress in steps of
-        PROGRESS_STEP, the rest only once S3 has answered; one body below the multipart
-        threshold, up to max_concurrency parts at once above it."""
-        bodies = 1 if size < self.config.multipart_threshold else self.config.max_concurrency
-        return PROGRESS_STEP * bodies
-
-    def result(self, future, key, kind="object"):
-        """Wait for an upload begun by submit; kind (volume, catalogue, completion
-        indicator, key check) names it in a failure."""
-        with upload_named(self.bucket, key, kind):
-            try:
-                answer = future.result()
-            except BaseException:
-                # Ctrl-C or SIGTERM too: end the transfer, and wait while s3transfer
-                # aborts its multipart upload (parts left behind would be billed).
-                future.cancel()
-                with contextlib.suppress(Exception):
-                    future.result()
-                raise
-            self.stored.append((key, future.meta.size))
-            return answer
-
-    def upload(self, source, key, progress=None, kind="object", **extra_args):
-        """Upload a file (a path or a binary file object) as key, and wait for it;
-        progress is called with each number of bytes sent."""
-        from boto3.s3.transfer import ProgressCallbackInvoker
-        subscribers = [ProgressCallbackInvoker(progress)] if progress else []
-        with upload_named(self.bucket, key, kind):
-            future = self.submit(source, key, subscribers, **extra_args)
-        return self.result(future, key, kind)
-
-    def close(self, cancel=False):
-        """Wait for the uploads still running, or with cancel (the run is interrupted)
-        end them (s3transfer aborts their multipart uploads)."""
-        with self.lock:
-            self.closing = True
-        if cancel:
-            # each future itself: TransferManager.shutdown(cancel=True) passes its
-            # arguments on in the wrong order (s3transfer 0.17) and fails
-            for future in self.futures:
-                future.cancel()
-        self.manager.shutdown()
 
 
 def sha256_of(path):
@@ -5661,137 +6015,6 @@ def directory_size(path):
 
 class VolumeCountMismatch(AamError):
     """The volumes uploaded are not exactly the ones 7-Zip reported."""
-
-
-class ZipIndexError(AamError):
-    """7-Zip's archive is not laid out as the index expects: nothing is trusted."""
-
-
-class ZipIndex:
-    """Where each entry of one ZIP archive lies in its volumes, read while uploading.
-
-    7-Zip's volumes are a plain byte split of one ZIP file, and it writes every
-    local header with the entry's sizes (no data descriptors, measured), so the
-    headers can be followed from the first byte to the central directory as
-    the volumes go by, without keeping them.  The names are the stored bytes:
-    what the catalogue holds, with '/' between names.  Kept in an SQLite file
-    (memory stays flat however many files the archive holds).
-    """
-
-    LOCAL = b"PK\x03\x04"
-    CENTRAL = (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06")
-
-    def __init__(self, path, volume_size, on_entry=None):
-        import sqlite3
-        self.volume_size = volume_size
-        self.on_entry = on_entry        # instead of the table: called with every name
-        self.db = None
-        if on_entry is None:
-            open_private(path, "wb", exclusive=True).close()
-            self.db = sqlite3.connect(path)
-            self.db.execute("CREATE TABLE entry (name BLOB PRIMARY KEY, first INTEGER, "
-                            "last INTEGER, size INTEGER) WITHOUT ROWID")
-        self.rows = []                # entries read from the last block, not yet stored
-        self.buffer, self.buffer_start = b"", 0
-        self.next_header = 0          # offset of the next local header
-        self.central_directory = None
-        self.files = 0
-
-    def volume(self, offset):
-        return offset // self.volume_size + 1
-
-    def feed(self, data, offset):
-        """The bytes at offset of the whole archive (consecutive calls, in order)."""
-        end = offset + len(data)
-        if self.central_directory is not None or end <= self.next_header:
-            return                          # the data of an entry: nothing to read
-        if not self.buffer:
-            skip = max(0, self.next_header - offset)
-            self.buffer, self.buffer_start = data[skip:], offset + skip
-        else:
-            self.buffer += data
-        while self.read_header():
-            pass
-        if self.rows:       # one statement per block, not per entry: less CPU beside 7-Zip
-            self.db.executemany("INSERT OR REPLACE INTO entry VALUES (?, ?, ?, ?)",
-                                self.rows)
-            self.rows = []
-        drop = self.next_header - self.buffer_start
-        if drop >= len(self.buffer):
-            self.buffer, self.buffer_start = b"", self.next_header
-        elif drop > 0:
-            self.buffer, self.buffer_start = self.buffer[drop:], self.next_header
-
-    def read_header(self):
-        """Read one local header from the buffer; False when more bytes are needed."""
-        at = self.next_header - self.buffer_start
-        if at < 0 or self.central_directory is not None or len(self.buffer) < at + 4:
-            return False
-        signature = self.buffer[at:at + 4]
-        if signature in self.CENTRAL:
-            self.central_directory = self.next_header
-            return False
-        if signature != self.LOCAL:
-            raise ZipIndexError(f"no ZIP header at byte {self.next_header:,}")
-        if len(self.buffer) < at + 30:
-            return False
-        (flags, compressed, size, name_length, extra_length) = struct.unpack(
-            "<6xH10xIIHH", self.buffer[at:at + 30])
-        header_end = at + 30 + name_length + extra_length
-        if len(self.buffer) < header_end:
-            return False
-        if flags & 0x08:
-            raise ZipIndexError("an entry's sizes are not in its local header")
-        name = self.buffer[at + 30:at + 30 + name_length]
-        if 0xFFFFFFFF in (compressed, size):
-            size, compressed = self.zip64_sizes(self.buffer[at + 30 + name_length:header_end])
-        end = self.next_header + 30 + name_length + extra_length + compressed
-        if self.on_entry is not None:
-            self.on_entry(name)
-        elif not name.endswith(b"/"):
-            self.rows.append((name, self.volume(self.next_header), self.volume(end - 1),
-                              size))
-            self.files += 1
-        self.next_header = end
-        return True
-
-    @staticmethod
-    def zip64_sizes(extra):
-        """(uncompressed, compressed) sizes from a ZIP64 extra field (tag 1)."""
-        at = 0
-        while at + 4 <= len(extra):
-            tag, size = struct.unpack("<HH", extra[at:at + 4])
-            if tag == 1 and size >= 16:
-                return struct.unpack("<QQ", extra[at + 4:at + 20])
-            at += 4 + size
-        raise ZipIndexError("an entry over 4 GB has no ZIP64 sizes")
-
-    def finish(self, total_size):
-        """After the last volume: the archive must have ended in its central directory."""
-        self.db.commit()
-        if self.central_directory is None:
-            raise ZipIndexError(f"the central directory was not found in {total_size:,} "
-                                "bytes")
-        return self.volume(self.central_directory)
-
-    def locate(self, lines):
-        """(line, (first volume, last volume, size as archived) or None) for each work-file
-        line in turn.
-
-        One join in SQLite rather than a query per path: at a million files that
-        is seconds less.  The lines are kept in this owner-only file (not in a
-        temporary one of SQLite's own)."""
-        self.db.execute("CREATE TABLE wanted (seq INTEGER PRIMARY KEY, name BLOB, line TEXT)")
-        self.db.executemany("INSERT INTO wanted (name, line) VALUES (?, ?)",
-                            ((work_line_path(line).encode("utf-8", "surrogateescape"), line)
-                             for line in lines))
-        for line, first, last, size in self.db.execute(
-                "SELECT wanted.line, entry.first, entry.last, entry.size FROM wanted "
-                "LEFT JOIN entry ON entry.name = wanted.name ORDER BY wanted.seq"):
-            yield line, None if first is None else (first, last, size)
-
-    def close(self):
-        self.db.close()
 
 
 class VolumeUpload:
@@ -6480,329 +6703,14 @@ class PieceLedger:
 
 
 # ============================================================================
-# Backup operations: regular-backup and incremental-only-backup
+# Backup: what S3 holds, and what the run does (full, incremental, continued; the key check)
 # ============================================================================
 
-def is_interactive():
-    return sys.stdin is not None and sys.stdin.isatty()
-
-
-class EarlyChild(typing.NamedTuple):
-    """The first source's child, started before S3 answered (BackupRun.start_child_early)."""
-
-    source: object
-    argv: list
-    catalogue: object
-    process: object
-
-
-class BackupRun:
-    """The user-mode pass of one backup: lock, plan, S3 query, children, upload, report."""
-
-    def __init__(self, args, platform, settings, program_path):
-        self.args, self.platform, self.settings = args, platform, settings
-        self.program_path = program_path
-        self.regular = args.operation == REGULAR_BACKUP
-        self.local = "local" in args.destinations
-        self.aws = "AWS" in args.destinations      # False once S3 has failed
-        self.aws_asked = self.aws
-        self.failures = []
-        self.scope = None            # Scope, once decided
-        self.base_full = None        # the full backup an incremental builds on
-        self.since = None            # incremental: files changed at or after this
-        self.latest_full = None      # latest complete sets, for log and report
-        self.latest_incremental = None
-        self.session = self.s3 = None
-        self.listing = None          # BucketListing of what query_s3 listed
-        self.uploads = None          # RunUploads: every upload of the run, one rate limit
-        self.work_dir = None
-        self.work_dir_made = False
-        self.start = None            # this run's start (the log, the mirror's validation)
-        self.stamp = None            # the backup's time in object names (a continued
-        #                              backup keeps its first run's start)
-        self.log = None
-        self.completed_sources = 0
-        self.early = None            # EarlyChild: the first child, started before S3 answered
-        self.listing = None          # BucketListing of the months looked at
-        self.journal = None          # Journal of the backup this run makes or continues
-        self.continued = None        # what the journal already held, for the log and report
-        self.done_sources = set()    # sources whose indicator is in S3 already
-        self.orphans = []            # (name, size): volumes no backup uses, named this run
-        self.uploaders = []          # PieceUploader of each source (bytes uploaded)
-        self.key_refused = False     # the key differs from the chain's key check
-        self.report_notes = []       # lines the e-mail report must carry
-        self.report_unsent = False
-        self.state_verdicts = {}     # local state path -> why it cannot be used (None: it can)
-        self.digest_key = None       # of the local states (state_key)
-        self.keycheck_to_write = None  # (KeyCheck, why): the chain's, before the first upload
-        self.progress = BackupProgress()   # the terminal's progress line
-        self.began = None            # time.monotonic() at the start (the run's duration)
-        self.run_sources = []        # the sources' names, once the plan is read
-        self.manifests = []          # the indicators this run wrote (the health block)
-        self.incrementals_since = 0  # complete incrementals of latest_full
-        self.health = []             # the health block, for the log and the e-mail
-
-    # -- the whole run -------------------------------------------------------
-    def execute(self):
-        self.log = open_run_log(self.args, self.platform)
-        if self.log is None:
-            return EXIT_FAILURE
-        if self.progress.terminal:
-            self.log.progress = self.progress
-        self.warn_about_a_short_key()
-        try:
-            lock = self.acquire_lock()
-        except (KeyboardInterrupt, Interrupted):
-            return self.interrupted(None)
-        except LockTimeout as problem:
-            self.log.section(SECTION_LOCK_FAILURE)
-            return self.end_before_sources(problem, lock=None)
-        try:
-            return self.run()
-        except (KeyboardInterrupt, Interrupted):
-            return self.interrupted(lock)
-        except (NoBackupSet, Refused, InstructionError) as problem:
-            return self.end_before_sources(problem, lock)
-        except Exception as problem:     # noqa: BLE001 - logged, then re-raised
-            self.log.line(f"ERROR: unexpected {type(problem).__name__}: {problem}")
-            raise
-        finally:
-            self.remove_work_dir()
-            if self.journal:
-                self.journal.close()
-            lock.release()
-            self.finish()
-
-    def end_before_sources(self, problem, lock):
-        """An error that stops the run before any source: logged, reported, its code."""
-        self.log.line(f"ERROR: {problem}")
-        self.failures.append(str(problem))
-        self.log_health()
-        if self.regular:
-            self.send_report()
-        if lock is None:
-            self.finish()
-        return problem.exit_code
-
-    def warn_about_a_short_key(self):
-        if self.aws_asked and len(self.args.key) < STRONG_KEY_LENGTH:
-            self.log.line(f"WARNING: the archive key ({BACKUP_ARGS.ref('key')}) "
-                          f"is shorter than {STRONG_KEY_LENGTH} characters. ZIP's AES key "
-                          "derivation is weak (1,000 rounds of PBKDF2-SHA1), so anyone who "
-                          "obtains a volume can guess a short key offline: use "
-                          f"{STRONG_KEY_LENGTH} or more random characters (docs/security.md).")
-
-    def run(self):
-        self.begin()
-        try:
-            plan = self.plan_and_decide()
-            if self.aws:
-                self.open_journal_for(plan)
-            if self.local or self.aws:          # else S3 failed for an AWS-only run: reported
-                try:
-                    if self.aws:
-                        self.uploads = RunUploads(self.s3, self.args.bucket,
-                                                  transfer_config(self.settings.upload_limit))
-                        if self.settings.upload_limit:     # said once, before any upload
-                            self.log.line(f"Uploads are limited to "
-                                          f"{self.settings.upload_limit:,} bytes per second "
-                                          "in all (AAM_UPLOAD_LIMIT).")
-                    self.create_work_dir()
-                    self.back_up_sources(plan)
-                except SourceStopped as stopped:
-                    self.record_stop(stopped)
-        except BaseException:
-            if self.uploads:     # interrupted: the volumes in flight are of no use now
-                self.uploads.close(cancel=True)
-            raise
-        finally:
-            self.stop_early_child()
-            if self.uploads:
-                self.uploads.close()
-        self.log_summary()
-        if self.regular:
-            self.send_report()
-        return self.exit_code()
-
-    def exit_code(self):
-        """A failure's code wins over an unsent report (the log says both)."""
-        if self.key_refused:
-            return EXIT_WRONG_KEY
-        if self.failures:
-            return EXIT_FAILURE
-        return EXIT_REPORT_UNSENT if self.report_unsent else EXIT_OK
-
-    def begin(self):
-        self.start = backup_clock()
-        self.began = time.monotonic()
-        self.log.section(SECTION_START)
-        self.log.line(f"Backup started {describe_stamp(self.start)} "
-                      f"({local_time_text(self.start)})")
-        self.work_dir = self.work_dir_path()
-        self.remove_leftovers()
-
-    def work_dir_path(self):
-        """This run's work directory: made when first needed; the plan excludes it."""
-        return os.path.join(self.settings.temp_root,
-                            f"{self.args.location}{format_stamp(self.start)}")
-
-    def plan_and_decide(self):
-        """The instruction file's plan, and (with AWS) the full/incremental decision."""
-        plan, instruction_problem = self.read_plan()
-        if plan is not None:
-            self.run_sources = [self.platform.source_name(s.mount) for s in plan.sources]
-        if self.aws and plan is not None and instruction_problem is None:
-            pending = self.pending_journal()
-            if pending is None:
-                self.early = self.start_child_early(plan.sources[0])
-            self.query_s3(plan, pending)
-            self.check_early_child()
-        self.log_plan(plan)
-        if instruction_problem:
-            self.log.section(SECTION_INSTRUCTION_ERROR)
-            raise instruction_problem
-        return plan
-
-    def back_up_sources(self, plan):
-        run_sources = [self.platform.source_name(s.mount) for s in plan.sources]
-        for index, source in enumerate(plan.sources, 1):
-            self.back_up_source(index, source, plan, run_sources)
-            checkpoint("source-done")
-        if self.aws and self.completed_sources == len(plan.sources):
-            if self.scope is Scope.FULL:
-                self.latest_full, self.latest_incremental = self.stamp, None
-                self.incrementals_since = 0
-            else:
-                self.latest_incremental = self.stamp
-                self.incrementals_since += 1
-            self.journal.delete()            # the backup is complete: nothing to continue
-            self.journal = None
-
-    def record_stop(self, stopped):
-        """Log an error that ended the per-source loop; the run goes on to cleanup."""
-        if not stopped.causes:
-            self.log.section(stopped.section)
-        self.log.line(f"ERROR: {stopped}")
-        self.failures.extend(stopped.causes or [str(stopped)])
-
-    def interrupted(self, lock):
-        """Ctrl-C or SIGTERM (a scheduler's stop time): say so in the log and, for a
-        regular backup, in a FAILURE report (sent in a hurry: the run is being
-        stopped); the caller's cleanup still runs."""
-        why = "Ctrl-C, or SIGTERM: a scheduler's stop time or a shutdown"
-        message = (f"interrupted ({why}); the backup is not complete"
-                   + ("; the next run continues it from its journal "
-                      f"{self.journal.path}." if self.journal else "."))
-        self.log.line(f"ERROR: {message}")
-        self.failures.append(message)
-        if self.journal:
-            after = "the next run continues the backup from what is in S3 (above)."
-        elif self.uploads and self.uploads.stored:       # the journal goes once complete
-            after = "the backup was complete before it."
-        else:
-            after = "nothing was uploaded; the next run makes the backup."
-        self.report_notes.append(
-            f"This run was interrupted ({why}) at {local_time_text(utc_now())}; {after}")
-        try:
-            self.log_summary()
-            if self.regular:
-                self.send_report(hurried=True)
-        except Exception as problem:     # noqa: BLE001 - the run is stopping: log, go on
-            self.log.line(f"ERROR: the interrupted run's report failed: "
-                          f"{type(problem).__name__}: {problem}")
-        if lock is None:
-            self.finish()
-        return EXIT_INTERRUPTED
-
-    def finish(self):
-        if self.log:
-            self.log.line(f"Log file: {self.log.path}")
-            self.log.close()
-        if not self.regular and is_interactive():
-            with contextlib.suppress(EOFError):
-                input("Press Enter to close...")
-
-    # -- lock ------------------------------------------------------------
-    def acquire_lock(self):
-        path, poll, wait = self.settings.lock_file, self.args.lock_poll, self.args.lock_wait
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        deadline = time.monotonic() + wait
-        asked = False
-        while True:
-            # A kernel lock (flock/LockFileEx): a killed process never leaves it held.
-            lock = self.platform.try_lock(path)
-            if lock is not None:
-                return lock
-            if not self.regular and is_interactive() and not asked:
-                asked = True
-                answer = input("Another backup is running. Run this incremental-only "
-                               "backup when it has finished? [y/n] ")
-                if answer.strip().lower() not in ("y", "yes"):
-                    raise LockTimeout("Another backup is running; the user chose not to "
-                                      "wait for it.")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise LockTimeout(f"Another backup held the lock {path} for the whole "
-                                  f"wait of {wait} seconds ({BACKUP_ARGS.ref('lock_wait')}); "
-                                  "giving up.")
-            pause = min(poll, remaining)
-            self.log.line(f"Another backup is running (lock {path}); waiting "
-                          f"{pause:.0f} s before the next check, at most "
-                          f"{remaining:.0f} s more.")
-            time.sleep(pause)
-
-    # -- instruction file ------------------------------------------------
-    def read_plan(self):
-        """(BackupPlan or None, InstructionError or None); nothing is logged yet."""
-        try:
-            text = read_instruction_file(self.args.instruction_file)
-            instructions = parse_instructions(text, self.args.instruction_file,
-                                              self.platform)
-            own = [self.work_dir] + ([self.args.mirror_root] if self.local else [])
-            plan = plan_backup(instructions, self.platform, own)
-            if not plan.sources:
-                return plan, InstructionError(
-                    f"{self.args.instruction_file}: none of the directories to back up "
-                    "exists (see the ignored directories above)")
-            self.check_key_lengths(plan)
-            return plan, colliding_sources(plan, self.platform)
-        except InstructionError as problem:
-            return None, problem
-
-    def check_key_lengths(self, plan):
-        for source in plan.sources:
-            name = ObjectName(self.args.location, self.start, self.start, False,
-                              self.platform.source_name(source.mount), 999, piece=99999)
-            if len(name.key.encode("utf-8")) > 1024:
-                raise InstructionError(f"{source.mount}: the S3 object names for this "
-                                       "source would exceed 1024 bytes; back up a "
-                                       "shorter path")
-
-    def log_plan(self, plan):
-        self.log.section(SECTION_DIRECTORIES)
-        if plan is None:
-            self.log.line("(the instruction file could not be used)", terminal=False)
-            return
-        self.log.line(f"Instruction file: {self.args.instruction_file}", terminal=False)
-        for source in plan.sources:
-            self.log.line(f"Source (mount directory) {source.mount} -> "
-                          f"{self.platform.source_name(source.mount)}", terminal=False)
-            for listed in source.listed:
-                self.log.line(f"  back up: {listed or '(the whole directory)'}",
-                              terminal=False)
-            for rel in source.excluded_dir_paths:
-                self.log.line(f"  exclude directory: {rel}", terminal=False)
-            for rel in source.excluded_file_paths:
-                self.log.line(f"  exclude file: {rel}", terminal=False)
-        for source in plan.sources[:1]:
-            for pattern in source.dir_patterns:
-                self.log.line(f"Exclude directories named: {pattern}", terminal=False)
-            for pattern in source.file_patterns:
-                self.log.line(f"Exclude files named: {pattern}", terminal=False)
-        if plan.notes:
-            self.log.section(SECTION_IGNORED)
-            for note in plan.notes:
-                self.log.line(note, terminal=False)
+class BackupDecision:
+    """Part of BackupRun: what S3 holds and what this run does with it -- the
+    full/incremental decision, the pending backup continued or given up (the journal),
+    and the key check.  (BackupRun's parts share its attributes; each part is one
+    step of the data's way, in the order the run takes them.)"""
 
     # -- S3 query and the full/incremental decision ----------------------
     def query_s3(self, plan, pending=None):
@@ -6868,8 +6776,6 @@ class BackupRun:
     # -- the pending backup: continue it, or abandon it ---------------------
     def journal_path(self):
         return journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
-
-    journal_kind = Journal           # a preview's: JournalView (read-only)
 
     def pending_journal(self):
         """The journal of a backup an earlier run did not finish, or None."""
@@ -7163,6 +7069,15 @@ class BackupRun:
     def instruction_file_changed(self):
         st = os.stat(self.args.instruction_file)
         return dt.datetime.fromtimestamp(self.platform.changed_time(st), dt.timezone.utc)
+
+
+# ============================================================================
+# Backup: each source's child pass and upload
+# ============================================================================
+
+class BackupChildPass:
+    """Part of BackupRun: each source's child pass (mirror, 7-Zip, validation) in its
+    work directory, the first one started early, and its output checked."""
 
     # -- work directory --------------------------------------------------
     def create_work_dir(self):
@@ -7570,6 +7485,11 @@ class BackupRun:
             self.log.line(f"ERROR: {message}")
             self.failures.append(message)
 
+
+class BackupSourceUpload:
+    """Part of BackupRun: a source's volumes, catalogue and completion indicator put in
+    S3, and what stays for the next run when it fails."""
+
     def backup_times(self):
         """(full, incremental) date-times of this backup's S3 object names."""
         if self.scope is Scope.FULL:
@@ -7720,6 +7640,14 @@ class BackupRun:
                              "them all)")
         return lines
 
+
+# ============================================================================
+# Backup: the run, its summary and report (regular-backup, incremental-only-backup)
+# ============================================================================
+
+class BackupReport:
+    """Part of BackupRun: the summary, the health block and the e-mail report."""
+
     # -- the health block (docs/backup.md, The health block) -----------------
     def log_health(self):
         """End the log with the health block (the e-mail ends with it too)."""
@@ -7848,6 +7776,337 @@ class BackupRun:
             self.log.line(f"Everything else succeeded; the exit code is {EXIT_REPORT_UNSENT} "
                           "because the report was not sent.")
 
+def is_interactive():
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+class EarlyChild(typing.NamedTuple):
+    """The first source's child, started before S3 answered (BackupRun.start_child_early)."""
+
+    source: object
+    argv: list
+    catalogue: object
+    process: object
+
+
+class BackupRun(BackupDecision, BackupChildPass, BackupSourceUpload, BackupReport):
+    """The user-mode pass of one backup: lock, plan, S3 query, children, upload, report.
+
+    Its steps are written in parts, each in the section of its place in the data's way
+    (BackupDecision, BackupChildPass, BackupSourceUpload, BackupReport); they are one
+    object, so they share its attributes, all set in __init__ here."""
+
+    def __init__(self, args, platform, settings, program_path):
+        self.args, self.platform, self.settings = args, platform, settings
+        self.program_path = program_path
+        self.regular = args.operation == REGULAR_BACKUP
+        self.local = "local" in args.destinations
+        self.aws = "AWS" in args.destinations      # False once S3 has failed
+        self.aws_asked = self.aws
+        self.failures = []
+        self.scope = None            # Scope, once decided
+        self.base_full = None        # the full backup an incremental builds on
+        self.since = None            # incremental: files changed at or after this
+        self.latest_full = None      # latest complete sets, for log and report
+        self.latest_incremental = None
+        self.session = self.s3 = None
+        self.listing = None          # BucketListing of what query_s3 listed
+        self.uploads = None          # RunUploads: every upload of the run, one rate limit
+        self.work_dir = None
+        self.work_dir_made = False
+        self.start = None            # this run's start (the log, the mirror's validation)
+        self.stamp = None            # the backup's time in object names (a continued
+        #                              backup keeps its first run's start)
+        self.log = None
+        self.completed_sources = 0
+        self.early = None            # EarlyChild: the first child, started before S3 answered
+        self.listing = None          # BucketListing of the months looked at
+        self.journal = None          # Journal of the backup this run makes or continues
+        self.continued = None        # what the journal already held, for the log and report
+        self.done_sources = set()    # sources whose indicator is in S3 already
+        self.orphans = []            # (name, size): volumes no backup uses, named this run
+        self.uploaders = []          # PieceUploader of each source (bytes uploaded)
+        self.key_refused = False     # the key differs from the chain's key check
+        self.report_notes = []       # lines the e-mail report must carry
+        self.report_unsent = False
+        self.state_verdicts = {}     # local state path -> why it cannot be used (None: it can)
+        self.digest_key = None       # of the local states (state_key)
+        self.keycheck_to_write = None  # (KeyCheck, why): the chain's, before the first upload
+        self.progress = BackupProgress()   # the terminal's progress line
+        self.began = None            # time.monotonic() at the start (the run's duration)
+        self.run_sources = []        # the sources' names, once the plan is read
+        self.manifests = []          # the indicators this run wrote (the health block)
+        self.incrementals_since = 0  # complete incrementals of latest_full
+        self.health = []             # the health block, for the log and the e-mail
+
+    # -- the whole run -------------------------------------------------------
+    def execute(self):
+        self.log = open_run_log(self.args, self.platform)
+        if self.log is None:
+            return EXIT_FAILURE
+        if self.progress.terminal:
+            self.log.progress = self.progress
+        self.warn_about_a_short_key()
+        try:
+            lock = self.acquire_lock()
+        except (KeyboardInterrupt, Interrupted):
+            return self.interrupted(None)
+        except LockTimeout as problem:
+            self.log.section(SECTION_LOCK_FAILURE)
+            return self.end_before_sources(problem, lock=None)
+        try:
+            return self.run()
+        except (KeyboardInterrupt, Interrupted):
+            return self.interrupted(lock)
+        except (NoBackupSet, Refused, InstructionError) as problem:
+            return self.end_before_sources(problem, lock)
+        except Exception as problem:     # noqa: BLE001 - logged, then re-raised
+            self.log.line(f"ERROR: unexpected {type(problem).__name__}: {problem}")
+            raise
+        finally:
+            self.remove_work_dir()
+            if self.journal:
+                self.journal.close()
+            lock.release()
+            self.finish()
+
+    def end_before_sources(self, problem, lock):
+        """An error that stops the run before any source: logged, reported, its code."""
+        self.log.line(f"ERROR: {problem}")
+        self.failures.append(str(problem))
+        self.log_health()
+        if self.regular:
+            self.send_report()
+        if lock is None:
+            self.finish()
+        return problem.exit_code
+
+    def warn_about_a_short_key(self):
+        if self.aws_asked and len(self.args.key) < STRONG_KEY_LENGTH:
+            self.log.line(f"WARNING: the archive key ({BACKUP_ARGS.ref('key')}) "
+                          f"is shorter than {STRONG_KEY_LENGTH} characters. ZIP's AES key "
+                          "derivation is weak (1,000 rounds of PBKDF2-SHA1), so anyone who "
+                          "obtains a volume can guess a short key offline: use "
+                          f"{STRONG_KEY_LENGTH} or more random characters (docs/security.md).")
+
+    def run(self):
+        self.begin()
+        try:
+            plan = self.plan_and_decide()
+            if self.aws:
+                self.open_journal_for(plan)
+            if self.local or self.aws:          # else S3 failed for an AWS-only run: reported
+                try:
+                    if self.aws:
+                        self.uploads = RunUploads(self.s3, self.args.bucket,
+                                                  transfer_config(self.settings.upload_limit))
+                        if self.settings.upload_limit:     # said once, before any upload
+                            self.log.line(f"Uploads are limited to "
+                                          f"{self.settings.upload_limit:,} bytes per second "
+                                          "in all (AAM_UPLOAD_LIMIT).")
+                    self.create_work_dir()
+                    self.back_up_sources(plan)
+                except SourceStopped as stopped:
+                    self.record_stop(stopped)
+        except BaseException:
+            if self.uploads:     # interrupted: the volumes in flight are of no use now
+                self.uploads.close(cancel=True)
+            raise
+        finally:
+            self.stop_early_child()
+            if self.uploads:
+                self.uploads.close()
+        self.log_summary()
+        if self.regular:
+            self.send_report()
+        return self.exit_code()
+
+    def exit_code(self):
+        """A failure's code wins over an unsent report (the log says both)."""
+        if self.key_refused:
+            return EXIT_WRONG_KEY
+        if self.failures:
+            return EXIT_FAILURE
+        return EXIT_REPORT_UNSENT if self.report_unsent else EXIT_OK
+
+    def begin(self):
+        self.start = backup_clock()
+        self.began = time.monotonic()
+        self.log.section(SECTION_START)
+        self.log.line(f"Backup started {describe_stamp(self.start)} "
+                      f"({local_time_text(self.start)})")
+        self.work_dir = self.work_dir_path()
+        self.remove_leftovers()
+
+    def work_dir_path(self):
+        """This run's work directory: made when first needed; the plan excludes it."""
+        return os.path.join(self.settings.temp_root,
+                            f"{self.args.location}{format_stamp(self.start)}")
+
+    def plan_and_decide(self):
+        """The instruction file's plan, and (with AWS) the full/incremental decision."""
+        plan, instruction_problem = self.read_plan()
+        if plan is not None:
+            self.run_sources = [self.platform.source_name(s.mount) for s in plan.sources]
+        if self.aws and plan is not None and instruction_problem is None:
+            pending = self.pending_journal()
+            if pending is None:
+                self.early = self.start_child_early(plan.sources[0])
+            self.query_s3(plan, pending)
+            self.check_early_child()
+        self.log_plan(plan)
+        if instruction_problem:
+            self.log.section(SECTION_INSTRUCTION_ERROR)
+            raise instruction_problem
+        return plan
+
+    def back_up_sources(self, plan):
+        run_sources = [self.platform.source_name(s.mount) for s in plan.sources]
+        for index, source in enumerate(plan.sources, 1):
+            self.back_up_source(index, source, plan, run_sources)
+            checkpoint("source-done")
+        if self.aws and self.completed_sources == len(plan.sources):
+            if self.scope is Scope.FULL:
+                self.latest_full, self.latest_incremental = self.stamp, None
+                self.incrementals_since = 0
+            else:
+                self.latest_incremental = self.stamp
+                self.incrementals_since += 1
+            self.journal.delete()            # the backup is complete: nothing to continue
+            self.journal = None
+
+    def record_stop(self, stopped):
+        """Log an error that ended the per-source loop; the run goes on to cleanup."""
+        if not stopped.causes:
+            self.log.section(stopped.section)
+        self.log.line(f"ERROR: {stopped}")
+        self.failures.extend(stopped.causes or [str(stopped)])
+
+    def interrupted(self, lock):
+        """Ctrl-C or SIGTERM (a scheduler's stop time): say so in the log and, for a
+        regular backup, in a FAILURE report (sent in a hurry: the run is being
+        stopped); the caller's cleanup still runs."""
+        why = "Ctrl-C, or SIGTERM: a scheduler's stop time or a shutdown"
+        message = (f"interrupted ({why}); the backup is not complete"
+                   + ("; the next run continues it from its journal "
+                      f"{self.journal.path}." if self.journal else "."))
+        self.log.line(f"ERROR: {message}")
+        self.failures.append(message)
+        if self.journal:
+            after = "the next run continues the backup from what is in S3 (above)."
+        elif self.uploads and self.uploads.stored:       # the journal goes once complete
+            after = "the backup was complete before it."
+        else:
+            after = "nothing was uploaded; the next run makes the backup."
+        self.report_notes.append(
+            f"This run was interrupted ({why}) at {local_time_text(utc_now())}; {after}")
+        try:
+            self.log_summary()
+            if self.regular:
+                self.send_report(hurried=True)
+        except Exception as problem:     # noqa: BLE001 - the run is stopping: log, go on
+            self.log.line(f"ERROR: the interrupted run's report failed: "
+                          f"{type(problem).__name__}: {problem}")
+        if lock is None:
+            self.finish()
+        return EXIT_INTERRUPTED
+
+    def finish(self):
+        if self.log:
+            self.log.line(f"Log file: {self.log.path}")
+            self.log.close()
+        if not self.regular and is_interactive():
+            with contextlib.suppress(EOFError):
+                input("Press Enter to close...")
+
+    # -- lock ------------------------------------------------------------
+    def acquire_lock(self):
+        path, poll, wait = self.settings.lock_file, self.args.lock_poll, self.args.lock_wait
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        deadline = time.monotonic() + wait
+        asked = False
+        while True:
+            # A kernel lock (flock/LockFileEx): a killed process never leaves it held.
+            lock = self.platform.try_lock(path)
+            if lock is not None:
+                return lock
+            if not self.regular and is_interactive() and not asked:
+                asked = True
+                answer = input("Another backup is running. Run this incremental-only "
+                               "backup when it has finished? [y/n] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    raise LockTimeout("Another backup is running; the user chose not to "
+                                      "wait for it.")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeout(f"Another backup held the lock {path} for the whole "
+                                  f"wait of {wait} seconds ({BACKUP_ARGS.ref('lock_wait')}); "
+                                  "giving up.")
+            pause = min(poll, remaining)
+            self.log.line(f"Another backup is running (lock {path}); waiting "
+                          f"{pause:.0f} s before the next check, at most "
+                          f"{remaining:.0f} s more.")
+            time.sleep(pause)
+
+    # -- instruction file ------------------------------------------------
+    def read_plan(self):
+        """(BackupPlan or None, InstructionError or None); nothing is logged yet."""
+        try:
+            text = read_instruction_file(self.args.instruction_file)
+            instructions = parse_instructions(text, self.args.instruction_file,
+                                              self.platform)
+            own = [self.work_dir] + ([self.args.mirror_root] if self.local else [])
+            plan = plan_backup(instructions, self.platform, own)
+            if not plan.sources:
+                return plan, InstructionError(
+                    f"{self.args.instruction_file}: none of the directories to back up "
+                    "exists (see the ignored directories above)")
+            self.check_key_lengths(plan)
+            return plan, colliding_sources(plan, self.platform)
+        except InstructionError as problem:
+            return None, problem
+
+    def check_key_lengths(self, plan):
+        for source in plan.sources:
+            name = ObjectName(self.args.location, self.start, self.start, False,
+                              self.platform.source_name(source.mount), 999, piece=99999)
+            if len(name.key.encode("utf-8")) > 1024:
+                raise InstructionError(f"{source.mount}: the S3 object names for this "
+                                       "source would exceed 1024 bytes; back up a "
+                                       "shorter path")
+
+    def log_plan(self, plan):
+        self.log.section(SECTION_DIRECTORIES)
+        if plan is None:
+            self.log.line("(the instruction file could not be used)", terminal=False)
+            return
+        self.log.line(f"Instruction file: {self.args.instruction_file}", terminal=False)
+        for source in plan.sources:
+            self.log.line(f"Source (mount directory) {source.mount} -> "
+                          f"{self.platform.source_name(source.mount)}", terminal=False)
+            for listed in source.listed:
+                self.log.line(f"  back up: {listed or '(the whole directory)'}",
+                              terminal=False)
+            for rel in source.excluded_dir_paths:
+                self.log.line(f"  exclude directory: {rel}", terminal=False)
+            for rel in source.excluded_file_paths:
+                self.log.line(f"  exclude file: {rel}", terminal=False)
+        for source in plan.sources[:1]:
+            for pattern in source.dir_patterns:
+                self.log.line(f"Exclude directories named: {pattern}", terminal=False)
+            for pattern in source.file_patterns:
+                self.log.line(f"Exclude files named: {pattern}", terminal=False)
+        if plan.notes:
+            self.log.section(SECTION_IGNORED)
+            for note in plan.notes:
+                self.log.line(note, terminal=False)
+
+    journal_kind = Journal           # a preview's: JournalView (read-only)
+
+
+# ============================================================================
+# Preview (preview-backup: what a regular-backup would do)
+# ============================================================================
 
 # -- preview-backup: what a regular-backup would do, told without doing it -------------
 
@@ -8291,142 +8550,12 @@ class BackupPreview(BackupRun):
 
 
 # ============================================================================
-# Restore operations (docs/restore.md)
+# Restore: choosing the set
 # ============================================================================
 
-# Deep Archive retrieval prices for us-east-1 as they were recorded
-# from aws.amazon.com/s3/pricing on 2020-10-05 (docs/restore.md lists them): dollars per
-# GB retrieved and per 1,000 restore requests.  Only used for the estimate.
-PRICES_TAKEN = "2020-10-05"
-RETRIEVAL_PRICES = {"Bulk": (0.0025, 0.025), "Standard": (0.02, 0.10)}
-TRANSFER_OUT_PER_GB = 0.09
-EXPECTED_WAIT = {"Bulk": "within 48 hours", "Standard": "within 12 hours"}
-GB = 1024 ** 3                    # AWS bills a GB as 2^30 bytes
-# Storage and upload prices recorded the same way and day (docs/backup.md lists them):
-# dollars per GB-month (the first 50 TB a month), and per 1,000 PUT requests (each part of
-# a multipart upload is one).  Volumes are DEEP_ARCHIVE; catalogues, completion
-# indicators and key checks STANDARD.  Deep Archive bills 40 KB more for each object it
-# holds: 32 KB at its own price and 8 KB at STANDARD's.
-STORAGE_PRICES = {DEEP_ARCHIVE: 0.00099, "STANDARD": 0.023}
-PUT_PRICES = {DEEP_ARCHIVE: 0.05, "STANDARD": 0.005}
-ARCHIVED_OBJECT_EXTRA = {DEEP_ARCHIVE: 32 * 1024, "STANDARD": 8 * 1024}
+# -- the catalogues: the state at the restore point, and the volumes it needs ---------
 
-
-def storage_cost(archived_bytes, archived_objects, standard_bytes=0):
-    """Dollars a month for Deep Archive objects and STANDARD bytes (prices above)."""
-    archived = archived_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA[DEEP_ARCHIVE]
-    standard = standard_bytes + archived_objects * ARCHIVED_OBJECT_EXTRA["STANDARD"]
-    return (archived * STORAGE_PRICES[DEEP_ARCHIVE] + standard * STORAGE_PRICES["STANDARD"]) / GB
-
-
-def upload_requests(size):
-    """The PUT requests an upload of size bytes takes (RunUploads' multipart rule)."""
-    config = transfer_config()
-    if size < config.multipart_threshold:
-        return 1
-    return -(-size // config.multipart_chunksize) + 2      # the parts, begin and end
-
-
-def volume_sizes(archive_bytes, volume_size):
-    """The sizes of the volumes an archive of archive_bytes is split into."""
-    whole, rest = divmod(archive_bytes, volume_size)
-    return [volume_size] * whole + ([rest] if rest else [])
-
-
-@dataclasses.dataclass
-class StoredBytes:
-    """The backup objects of a listing: volumes (DEEP_ARCHIVE) and the rest (STANDARD)."""
-
-    volumes: int
-    volume_bytes: int
-    others: int
-    other_bytes: int
-
-    @classmethod
-    def of(cls, listing):
-        volumes = [v for stored in listing.volumes.values() for v in stored]
-        others = list(listing.catalogues.values()) + [
-            o for by_source in listing.indicators.values() for o in by_source.values()]
-        return cls(len(volumes), sum(v.size for v in volumes), len(others),
-                   sum(o.size for o in others))
-
-    def cost(self):
-        return storage_cost(self.volume_bytes, self.volumes, self.other_bytes)
-
-
-RESTORE_STATE_FILE = ".aam-restore-state.json"
-RESTORE_STATE_FORMAT = "aam-auto-backup-restore-state"
-RESTORE_LOCK_FILE = ".aam-restore.lock"
-RESTORE_MAP_FILE = "restore-map.txt"
-DOWNLOADS_DIR = "downloads"
-INCOMPLETE_SUFFIX = ".incomplete"
-PART_SUFFIX = ".part"
-ARCHIVED_CLASSES = ("DEEP_ARCHIVE", "GLACIER")
-
-# Thaw states of one volume, in the order a volume goes through them.
-NOT_REQUESTED = "not requested"
-IN_PROGRESS = "in progress"
-AVAILABLE = "available"
-DOWNLOADED = "downloaded"
-
-SECTION_RESTORE_START = "Data restoration starting time and date."
-SECTION_RESTORE_SET = "the AWS S3 backup objects used in the data restoration."
-SECTION_THAW = "AWS S3 Glacier Deep Archive restoration."
-SECTION_DOWNLOAD = "AWS S3 download."
-SECTION_EXTRACT = "decryption and decompression."
-SECTION_RESTORE_ERROR = "(if applicable) data restoration error."
-
-
-
-class NotReady(AamError):
-    """The thawed copies are not all there yet: run the step again later."""
-
-    exit_code = EXIT_NOT_READY
-
-
-def is_transient(problem):
-    """A network failure or an S3 server error (5xx): worth trying again later."""
-    import botocore.exceptions as errors
-    if isinstance(problem, (errors.ConnectionError, errors.HTTPClientError,
-                            errors.IncompleteReadError)):
-        return True
-    response = getattr(problem, "response", None) or {}
-    return response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
-
-
-def restore_aws_error(problem, bucket, key=None, table=None, kind="object"):
-    """An AamError for a failed S3 call of a restore or browse (table: its arguments,
-    RESTORE_ARGS when None), naming the object (by its kind) and a missing permission."""
-    table = table or RESTORE_ARGS
-    where = (f"the {kind} s3://{bucket}/{key}" if key
-             else f"the bucket {bucket} ({table.ref('bucket')})")
-    if aws_error_code(problem) in DENIED_CODES:
-        return AamError(
-            f"{describe_aws_error(problem, where, table.credentials_ref())}. A restore needs "
-            "s3:ListBucket, s3:GetObject and s3:RestoreObject on the bucket: use the "
-            "restore user's keys (docs/aws-setup.md); the backup user is write-only by "
-            "design.")
-    if aws_error_code(problem) in ("404", "NoSuchKey"):
-        return AamError(f"The {kind} s3://{bucket}/{key} does not exist (any more); the "
-                        "backup set is damaged.")
-    if aws_error_code(problem) == "NoSuchBucket":
-        return AamError(f"The bucket {bucket} ({table.ref('bucket')}) does not exist.")
-    return AamError(f"AWS S3 request on {where} failed: {describe_aws_error(problem)}")
-
-
-@contextlib.contextmanager
-def s3_call(bucket, key=None, table=None, kind="object"):
-    """Turn a refused or failed S3 call on the bucket, or on one object of that kind
-    (volume, catalogue, completion indicator), into a clear AamError naming it;
-    transient ones pass on."""
-    try:
-        yield
-    except AamError:
-        raise
-    except Exception as problem:     # noqa: BLE001 - boto3 raises many kinds
-        if is_transient(problem):
-            raise
-        raise restore_aws_error(problem, bucket, key, table, kind) from None
+RESTORE_STATES_DIR = "states"        # downloads/states/<n>.tsv: what source n restores
 
 
 # -- what to restore: the restore point and the selection --------------------------
@@ -8784,11 +8913,6 @@ def point_lines(restore_set, point):
             f"backup at or before it is the {chosen}."]
 
 
-# -- the catalogues: the state at the restore point, and the volumes it needs ---------
-
-RESTORE_STATES_DIR = "states"        # downloads/states/<n>.tsv: what source n restores
-
-
 class NothingSelected(AamError):
     exit_code = EXIT_NOTHING_SELECTED
 
@@ -8898,6 +9022,18 @@ def openable_volumes(tally, archives, central_directory):
     return chosen
 
 
+def central_directory_volumes(catalogue, stamp, number):
+    """{(backup stamp, source number, piece): the volume where its central directory
+    starts} of one backup's catalogue of source number (version 1: the legacy piece)."""
+    central = {}
+    if catalogue.header.get("archive"):
+        central[(stamp, number, LEGACY_PIECE)] = \
+            catalogue.header["archive"]["central_directory_volume"]
+    for piece in catalogue.header.get("pieces") or []:
+        central[(stamp, number, piece["number"])] = piece["central_directory_volume"]
+    return central
+
+
 # -- the plan printed before any thaw ------------------------------------------
 
 @dataclasses.dataclass
@@ -8912,15 +9048,6 @@ class RestorePlan:
     # archive keys of pieces holding entries their backup does not use (a backup
     # continued after changes): never extracted whole into place
     superseded: set = dataclasses.field(default_factory=set)
-
-
-def format_dollars(amount):
-    return "less than $0.01" if 0 < amount < 0.005 else f"${amount:,.2f}"
-
-
-def retrieval_cost(tier, size, requests):
-    per_gb, per_thousand = RETRIEVAL_PRICES[tier]
-    return size / GB * per_gb + requests / 1000 * per_thousand
 
 
 def plan_lines(plan, days, tier, days_ref=RESTORE_ARGS.ref("days")):
@@ -8998,6 +9125,108 @@ def backup_set_lines(restore_set, volumes):
     for volume in volumes:
         lines.append(f"  {volume.key}  ({volume.size:,} bytes)")
     return lines
+
+
+def make_plan(restoration):
+    """Reconstruct each source's state at the restore point (written to a state file,
+    the selection only) and choose the volumes it needs."""
+    restore_set, selection = restoration.set, restoration.selection
+    chosen, whole, central, superseded = RestoreTotals(), RestoreTotals(), {}, set()
+    for number, _source, path in restore_set.sources:
+        central.update(plan_source(restoration, number, path, chosen, whole, superseded))
+    for tally in (chosen, whole):
+        add_earlier_archives(tally, restore_set)
+    if selection and not chosen.entries:
+        raise NothingSelected(
+            f"Nothing in the backup as of {describe_stamp(restore_set.last_backup)} matches "
+            f"the selection ({' | '.join(selection.items)}); nothing was thawed.")
+    by_key = {a.key: a for a in restore_set.archives}
+    missing = sorted(set(whole.volumes) - set(by_key))
+    if missing:
+        raise AamError(f"The catalogue of the backup {missing[0][0]} of source "
+                       f"{missing[0][1]} names piece {missing[0][2]}, which its completion "
+                       "indicator does not list; the backup set is damaged.")
+    wanted = (openable_volumes(chosen, by_key, central) if selection
+              else complete_volumes(chosen, by_key))
+    everything = complete_volumes(whole, by_key)
+    return RestorePlan(volumes_in(restore_set, wanted), chosen, whole,
+                       volumes_in(restore_set, everything), selection.items, superseded)
+
+
+def add_earlier_archives(tally, restore_set):
+    """The archives before a source's first listing, whole, when a file to restore is
+    found by path in them: their names are unknown until they are thawed."""
+    for number in tally.earlier:
+        for archive in restore_set.archives_of(number)[:restore_set.exact_from(number)]:
+            if archive.volumes:
+                tally.volumes[archive.key] = {volume.number for volume in archive.volumes}
+
+
+def plan_source(restoration, number, path, chosen, whole, superseded):
+    """One source: its state at the restore point into its state file (the selected
+    entries, and the directories leading to them), counted into chosen and whole;
+    the pieces holding entries their backup does not use added to superseded.
+    Returns {(backup stamp, number, piece): the volume where its central directory
+    starts}.  Only the backups from the source's first listing on have catalogues to
+    read (RestoreSet.exact_from)."""
+    start = restoration.set.exact_from(number)
+    archives = restoration.set.catalogue_archives(number, start)
+    catalogues = [CatalogueFile(restoration.fetch_catalogue(a)) for a in archives]
+    check_catalogue_chain(catalogues, archives)
+    central = {}
+    for archive, catalogue in zip(archives, catalogues):
+        stamp = format_stamp(archive.backup)
+        central.update(central_directory_volumes(catalogue, stamp, number))
+        superseded.update((stamp, number, piece["number"])
+                          for piece in catalogue.header.get("pieces") or []
+                          if piece.get("superseded"))
+    selection = restoration.selection
+    match = selection.matcher(path, catalogues[0].header.get("platform", "posix"))
+    writer = StateWriter(restoration, number, {"kind": LISTING, "source_path": path,
+                                               "selection": selection.items})
+    parents = OpenDirectories()
+    names = NameChecker(restoration.platform) if restoration.platform.refuses_names \
+        else None
+    try:
+        for entry in reconstruct(catalogues, earlier_archives=start > 0):
+            whole.add(entry, number)
+            chosen_one = match(entry.path, entry.kind) and (
+                names is None or writer.creatable(entry, names))
+            if chosen_one:
+                for parent in parents.unwritten(entry.path):
+                    writer.write(parent)      # its times and permissions come back too
+                chosen.add(entry, number)
+                writer.write(entry)
+            parents.met(entry, chosen_one)
+    finally:
+        writer.close()
+    return central
+
+
+def volumes_in(restore_set, numbers):
+    """The set's volumes whose numbers are chosen, in set order."""
+    return [volume for archive in restore_set.archives for volume in archive.volumes
+            if volume.number in numbers.get(archive.key, ())]
+
+
+# ============================================================================
+# Restore: the state on disk, thaw and download
+# ============================================================================
+
+RESTORE_STATE_FILE = ".aam-restore-state.json"
+RESTORE_STATE_FORMAT = "aam-auto-backup-restore-state"
+RESTORE_LOCK_FILE = ".aam-restore.lock"
+RESTORE_MAP_FILE = "restore-map.txt"
+DOWNLOADS_DIR = "downloads"
+INCOMPLETE_SUFFIX = ".incomplete"
+PART_SUFFIX = ".part"
+ARCHIVED_CLASSES = ("DEEP_ARCHIVE", "GLACIER")
+
+# Thaw states of one volume, in the order a volume goes through them.
+NOT_REQUESTED = "not requested"
+IN_PROGRESS = "in progress"
+AVAILABLE = "available"
+DOWNLOADED = "downloaded"
 
 
 def set_to_json(restore_set):
@@ -9236,91 +9465,45 @@ def download_volume(s3, bucket, volume, kind="volume"):
                    "is damaged. Nothing was extracted.")
 
 
-# -- 7-Zip ---------------------------------------------------------------------------
-
-def check_seven_zip(settings):
-    """Before any thaw: finding 7-Zip missing after a two-day wait would hurt."""
-    program = settings.seven_zip
-    found = program if os.path.isfile(program) else shutil.which(program)
-    if not found:
-        raise AamError(f"7-Zip ({program}) is not installed or not on PATH; install it (or "
-                       "set AAM_7ZIP) before restoring.")
+def fetch_catalogue(s3, args, platform, settings, described, directory):
+    """Download (STANDARD: no thaw), verify and decrypt the catalogue described (an
+    indicator's entry) into directory; its text file's path.  A download already
+    there and matching is used as is.  Messages name the arguments of args' table
+    (a restore's, a browse's, a check's)."""
+    zip_path = download_catalogue(s3, args, described, directory)
+    return decrypt_catalogue(settings, platform, args, described, zip_path, directory)
 
 
-def run_seven_zip(settings, platform, argv, key, cwd=None, private=False):
-    """7-Zip with the key on stdin: no -p, so the key is on no command line.
-
-    private: what it writes is readable by its owner only (the catalogue).
-    """
-    env = dict(os.environ, LC_ALL="C.UTF-8")
-    options = platform.private_file_options() if private else {}
-    try:
-        result = subprocess.run([settings.seven_zip] + argv,
-                                input=(key + "\n").encode("utf-8"), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env, cwd=cwd, **options)
-    except OSError as problem:
-        raise AamError(f"7-Zip ({settings.seven_zip}) cannot be started: {problem}")
-    return result.returncode, platform.decode_output(result.stdout)
+def download_catalogue(s3, args, described, directory):
+    """The catalogue's ZIP in directory, its size and SHA-256 the indicator's."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    zip_path = os.path.join(directory, CATALOGUE_ZIP)
+    volume = RestoreVolume(described["name"], described["size"], described["sha256"],
+                           zip_path)
+    if not file_matches(zip_path, volume):
+        with s3_call(args.bucket, volume.key, args.table, "catalogue"):
+            download_volume(s3, args.bucket, volume, "catalogue")
+    return zip_path
 
 
-class WrongKey(AamError):
-    """7-Zip cannot open an archive or a catalogue with the key given."""
+def decrypt_catalogue(settings, platform, args, described, zip_path, directory):
+    """The catalogue's text file, decrypted with args.key (WrongKey: another key)."""
+    unpacked = os.path.join(directory, "unpacking")
+    code, output = run_seven_zip(settings, platform,
+                                 seven_zip_extract_argv(zip_path, unpacked), args.key)
+    failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
+                                args.table)
+    if failure:
+        raise failure
+    text_path = os.path.join(directory, CATALOGUE_FILE)
+    os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
+    shutil.rmtree(unpacked)
+    return text_path
 
 
-def seven_zip_failure(code, output, archive_name, table=None):
-    """None when 7-Zip succeeded, else an AamError saying what went wrong."""
-    if code == 0:
-        return None
-    errors = [line.strip() for line in output.splitlines()
-              if line.startswith("ERROR") or "Unexpected end" in line]
-    if any(line.startswith("ERROR: Wrong password") for line in errors):
-        key = (table or RESTORE_ARGS).ref("key")
-        return WrongKey(f"The decryption key ({key}) is wrong: 7-Zip cannot open"
-                        f" {archive_name}. Nothing was extracted; what was "
-                        "downloaded is kept, so a re-run with the right key does not "
-                        "download it again.")
-    shown = "; ".join(errors[:5]) or f"exit code {code}"
-    return AamError(f"7-Zip failed on {archive_name} (exit code {code}): {shown}")
-
-
-def list_file_can_hold(name):
-    """7-Zip trims blanks at the ends of list-file lines and drops enclosing quotes
-    (measured), so such names go on its command line instead."""
-    return not (name != name.strip() or name[:1] == '"' or name[-1:] == '"'
-                or "\n" in name or "\r" in name)
-
-
-def seven_zip_extract_argv(first_volume, into, platform=None, list_path=None, names=()):
-    """The one 7-Zip extract command line: everything of the archive whose first volume
-    is given into the directory, overwriting (-aoa: an incremental's version replaces
-    the one before), links as links (-snld20: also those pointing outside the tree, as
-    the source had them); or, with list_path, exactly the names (written there)."""
-    argv = ["x", first_volume, f"-o{os.path.abspath(into)}", "-aoa", "-y", "-snld20",
-            "-bd", "-sccUTF-8"]
-    if list_path is None:
-        return argv
-    return argv + exact_names_switches(list_path, names, platform)
-
-
-def exact_names_switches(list_path, names, platform):
-    """7-Zip's switches for exactly these names (written to the list file list_path)."""
-    unlisted = write_name_list(list_path, names, platform.sep)
-    # -spd: no wildcards; -ssc: letter case counts (Windows 7-Zip ignores it)
-    return ["-spd", "-ssc", platform.list_charset_switch, "@" + list_path, "--"] + unlisted
-
-
-def write_name_list(path, names, sep):
-    """A 7-Zip list file of exact names (with -spd); the names a list file cannot hold
-    are returned, for 7-Zip's command line."""
-    unlisted = []
-    with open_private(path) as handle:
-        for name in names:
-            if list_file_can_hold(name):
-                handle.write(name.replace("/", sep) + "\n")
-            else:
-                unlisted.append(name.replace("/", sep))
-    return unlisted
-
+# ============================================================================
+# Restore: extraction
+# ============================================================================
 
 # -- extraction: exactly the state at the restore point ----------------------------
 
@@ -9691,6 +9874,94 @@ def names_to_skip(names, platform, seen):
         if reason:
             skipped[path] = reason
     return skipped
+
+
+class StateWriter:
+    """A source's state to restore, and beside it, for each archive, the files whose
+    content it holds (so that each archive's extraction reads only its own list)."""
+
+    def __init__(self, restoration, number, header):
+        self.restoration, self.number, self.header = restoration, number, header
+        path = restoration.state_path(number)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.state = CatalogueWriter(path, header)
+        self.by_archive = {}
+        self.refused = None         # the paths this computer cannot create, once there is one
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(restoration.refused_path(number))
+
+    def creatable(self, entry, names):
+        """False (and noted) when this computer cannot create the entry's path."""
+        reason = names.refusal(entry.path)
+        if reason is None:
+            return True
+        if entry.kind == DIRECTORY:
+            names.refuse(entry.path)
+        if self.refused is None:
+            self.refused = open_private(self.restoration.refused_path(self.number),
+                                        newline=None)
+        self.refused.write(f"{escape_field(entry.path)}\t{reason}\n")
+        return False
+
+    def write(self, entry):
+        self.state.write(entry)
+        place = parse_location(entry.location)
+        if entry.kind == FILE and place:
+            stamp, piece = place[:2]
+            if (stamp, piece) not in self.by_archive:
+                self.by_archive[(stamp, piece)] = CatalogueWriter(
+                    self.restoration.state_path(self.number, stamp, piece), self.header)
+            self.by_archive[(stamp, piece)].write(entry)
+
+    def close(self):
+        for writer in [self.state, self.refused] + list(self.by_archive.values()):
+            if writer:
+                writer.close()
+
+
+class OpenDirectories:
+    """The directories on the way to the current catalogue line (lines come depth
+    first), so that a selected entry's parent directories are restored with it."""
+
+    def __init__(self):
+        self.stack = []        # [entry, written?]
+
+    def met(self, entry, written):
+        self.leave(entry.path)
+        if entry.kind == DIRECTORY:
+            self.stack.append([entry, written])
+
+    def leave(self, path):
+        """Forget the directories that are not above path."""
+        while self.stack and not path.startswith(self.stack[-1][0].path + "/"):
+            self.stack.pop()
+
+    def unwritten(self, path):
+        """The not yet written directories above path, outermost first."""
+        self.leave(path)
+        for item in self.stack:
+            if not item[1]:
+                item[1] = True
+                yield item[0]
+
+
+# ============================================================================
+# Restore: the run (one-step and multi-step restoration)
+# ============================================================================
+
+SECTION_RESTORE_START = "Data restoration starting time and date."
+SECTION_RESTORE_SET = "the AWS S3 backup objects used in the data restoration."
+SECTION_THAW = "AWS S3 Glacier Deep Archive restoration."
+SECTION_DOWNLOAD = "AWS S3 download."
+SECTION_EXTRACT = "decryption and decompression."
+SECTION_RESTORE_ERROR = "(if applicable) data restoration error."
+
+
+
+class NotReady(AamError):
+    """The thawed copies are not all there yet: run the step again later."""
+
+    exit_code = EXIT_NOT_READY
 
 
 # -- one restoration --------------------------------------------------------------
@@ -10170,168 +10441,198 @@ class Restoration:
             self.out.line(f"Removed the downloaded archives ({self.downloads}).")
 
 
-def make_plan(restoration):
-    """Reconstruct each source's state at the restore point (written to a state file,
-    the selection only) and choose the volumes it needs."""
-    restore_set, selection = restoration.set, restoration.selection
-    chosen, whole, central, superseded = RestoreTotals(), RestoreTotals(), {}, set()
-    for number, _source, path in restore_set.sources:
-        central.update(plan_source(restoration, number, path, chosen, whole, superseded))
-    for tally in (chosen, whole):
-        add_earlier_archives(tally, restore_set)
-    if selection and not chosen.entries:
-        raise NothingSelected(
-            f"Nothing in the backup as of {describe_stamp(restore_set.last_backup)} matches "
-            f"the selection ({' | '.join(selection.items)}); nothing was thawed.")
-    by_key = {a.key: a for a in restore_set.archives}
-    missing = sorted(set(whole.volumes) - set(by_key))
-    if missing:
-        raise AamError(f"The catalogue of the backup {missing[0][0]} of source "
-                       f"{missing[0][1]} names piece {missing[0][2]}, which its completion "
-                       "indicator does not list; the backup set is damaged.")
-    wanted = (openable_volumes(chosen, by_key, central) if selection
-              else complete_volumes(chosen, by_key))
-    everything = complete_volumes(whole, by_key)
-    return RestorePlan(volumes_in(restore_set, wanted), chosen, whole,
-                       volumes_in(restore_set, everything), selection.items, superseded)
+# -- the five operations -------------------------------------------------------------
+
+def restore_to_s3(restoration):
+    """restore-to-aws-s3-from-aws-s3-glacier-deep-archive: plan, then thaw requests."""
+    out = restoration.out
+    for line in plan_lines(restoration.plan, restoration.args.days,
+                           restoration.settings.restore_tier):
+        out.line(line)
+    restoration.warn_about_space()
+    out.section(SECTION_THAW)
+    statuses = restoration.statuses()
+    asked = restoration.request_thaws(statuses)
+    earlier = len(statuses) - asked
+    out.line(f"{asked} thaw request(s) made" + (
+        f"; {earlier} volume(s) were requested, thawed or downloaded before." if earlier
+        else "."))
+    return statuses
 
 
-def add_earlier_archives(tally, restore_set):
-    """The archives before a source's first listing, whole, when a file to restore is
-    found by path in them: their names are unknown until they are thawed."""
-    for number in tally.earlier:
-        for archive in restore_set.archives_of(number)[:restore_set.exact_from(number)]:
-            if archive.volumes:
-                tally.volumes[archive.key] = {volume.number for volume in archive.volumes}
+def check_status(restoration):
+    """check-aws-s3-restoration-status: one look, no change."""
+    statuses = restoration.statuses()
+    restoration.out.line(restoration.progress_line(statuses))
+    if NOT_REQUESTED in statuses.values():
+        raise AamError("Some volumes have no thaw request (or their thawed copy expired): "
+                       "run restore-to-aws-s3-from-aws-s3-glacier-deep-archive.")
+    if IN_PROGRESS in statuses.values():
+        raise NotReady("The thaw is still in progress; check again later "
+                       f"({EXPECTED_WAIT[restoration.settings.restore_tier]} of the request).")
+    restoration.out.line("Every volume is thawed (or downloaded): run "
+                         "download-to-local-computer-from-aws-s3.")
+    return statuses
 
 
-def plan_source(restoration, number, path, chosen, whole, superseded):
-    """One source: its state at the restore point into its state file (the selected
-    entries, and the directories leading to them), counted into chosen and whole;
-    the pieces holding entries their backup does not use added to superseded.
-    Returns {(backup stamp, number, piece): the volume where its central directory
-    starts}.  Only the backups from the source's first listing on have catalogues to
-    read (RestoreSet.exact_from)."""
-    start = restoration.set.exact_from(number)
-    archives = restoration.set.catalogue_archives(number, start)
-    catalogues = [CatalogueFile(restoration.fetch_catalogue(a)) for a in archives]
-    check_catalogue_chain(catalogues, archives)
-    central = {}
-    for archive, catalogue in zip(archives, catalogues):
-        stamp = format_stamp(archive.backup)
-        central.update(central_directory_volumes(catalogue, stamp, number))
-        superseded.update((stamp, number, piece["number"])
-                          for piece in catalogue.header.get("pieces") or []
-                          if piece.get("superseded"))
-    selection = restoration.selection
-    match = selection.matcher(path, catalogues[0].header.get("platform", "posix"))
-    writer = StateWriter(restoration, number, {"kind": LISTING, "source_path": path,
-                                               "selection": selection.items})
-    parents = OpenDirectories()
-    names = NameChecker(restoration.platform) if restoration.platform.refuses_names \
-        else None
+def download(restoration):
+    """download-to-local-computer-from-aws-s3: every thawed volume not on disk yet."""
+    restoration.out.section(SECTION_DOWNLOAD)
+    statuses = restoration.statuses()
+    restoration.download_available(statuses)
+    restoration.out.line(restoration.progress_line(statuses))
+    if not restoration.all_downloaded(statuses):
+        raise NotReady("Not every volume is thawed yet, so not every one was downloaded: "
+                       "run check-aws-s3-restoration-status, then this step again.")
+    restoration.out.line(f"Every volume is downloaded into {restoration.downloads}.")
+
+
+def wait_and_download(restoration):
+    """One-step: check before the first sleep, download what is thawed, repeat.
+
+    A network or S3 server error while waiting is reported and tried again
+    at the next check: a restore waits for up to two days.
+    """
+    out, poll = restoration.out, restoration.settings.restore_poll_seconds
+    restore_to_s3(restoration)
+    out.section(SECTION_DOWNLOAD)
+    while True:
+        try:
+            statuses = restoration.statuses()
+            restoration.request_thaws(statuses)         # a thawed copy that expired
+            restoration.download_available(statuses)
+            if restoration.all_downloaded(statuses):
+                return
+            out.line(restoration.progress_line(statuses))
+        except Exception as problem:     # noqa: BLE001 - only transient errors are retried
+            if isinstance(problem, AamError) or not is_transient(problem):
+                raise
+            out.line(f"AWS S3 cannot be reached or failed ({describe_aws_error(problem)}); "
+                     "trying again at the next check.")
+        wake = dt.datetime.now() + dt.timedelta(seconds=poll)
+        out.line(f"Next check in {poll} s, at {wake:%Y-%m-%d %H:%M:%S} "
+                 "(AAM_RESTORE_POLL_SECONDS). Ctrl-C is safe: run the same command again "
+                 "to continue.")
+        time.sleep(poll)
+
+
+def run_one_step(restoration):
+    if restoration.already_finished():
+        return
+    check_seven_zip(restoration.settings)
+    open_restoration(restoration)
+    restoration.report_set()
+    wait_and_download(restoration)
+    restoration.extract()
+    restoration.remove_downloads()
+
+
+def open_restoration(restoration):
+    """The set, the destination's state, then the catalogues and the plan."""
+    restoration.load_set()
+    restoration.claim_destination()
+    restoration.prepare()
+
+
+def run_multi_step(restoration, operation):
+    if restoration.already_finished():
+        return
+    open_restoration(restoration)
+    if operation == THAW_STEP:
+        restoration.report_set()
+        statuses = restore_to_s3(restoration)
+        restoration.out.line(restoration.progress_line(statuses))
+    elif operation == STATUS_STEP:
+        check_status(restoration)
+    elif operation == DOWNLOAD_STEP:
+        download(restoration)
+    else:
+        check_seven_zip(restoration.settings)
+        restoration.extract()
+
+
+def restore_email(args, restoration, failed, start, out):
+    """The restoration's report: which set was used.  True when it was sent."""
+    restore_set = restoration.set or (restoration.state and
+                                      restoration.state.restore_set(restoration.downloads))
+    if restore_set:
+        full = describe_stamp(restore_set.full)
+        incrementals = ", ".join(describe_stamp(i) for i in restore_set.incrementals)
+    else:
+        full, incrementals = "none", ""
+    body = [f"Unique Backup-Set Prefix: {args.location}", f"Full backup used: {full}",
+            f"Incremental backups used: {incrementals or 'none'}"]
+    return send_report(args, restoration.settings, restoration.session, out, failed, start,
+                       "data restoration", body)
+
+
+def failure_text(problem):
+    """What to tell the user about an error that is not an AamError."""
+    again = "run the same command again to continue"
+    if is_transient(problem):     # (botocore's timeouts are OSErrors too)
+        return f"AWS S3 cannot be reached or failed ({describe_aws_error(problem)}); {again}."
+    if isinstance(problem, OSError):
+        return (f"{problem.strerror or problem}: {problem.filename or ''} (the destination "
+                f"disk?); once that is fixed, {again}.")
+    return f"unexpected {type(problem).__name__}: {problem}"
+
+
+def run_restore(args, platform, settings):
+    """The five restore operations; only one-step writes a log and sends e-mail."""
+    one_step = args.operation == ONE_STEP_RESTORE
+    start = utc_now()
+    out = open_run_log(args, platform) if one_step else TerminalOutput(args.secrets)
+    if out is None:
+        return EXIT_FAILURE
+    out.section(SECTION_RESTORE_START)
+    out.line(f"{args.operation} started {local_time_text(start)} "
+             f"({describe_stamp(start)}); destination {args.destination}")
+    restoration = Restoration(args, platform, settings, out)
     try:
-        for entry in reconstruct(catalogues, earlier_archives=start > 0):
-            whole.add(entry, number)
-            chosen_one = match(entry.path, entry.kind) and (
-                names is None or writer.creatable(entry, names))
-            if chosen_one:
-                for parent in parents.unwritten(entry.path):
-                    writer.write(parent)      # its times and permissions come back too
-                chosen.add(entry, number)
-                writer.write(entry)
-            parents.met(entry, chosen_one)
+        restoration.open()
+        if one_step:
+            run_one_step(restoration)
+        else:
+            run_multi_step(restoration, args.operation)
+        code = EXIT_OK
+    except BaseException as problem:     # noqa: BLE001 - reported, so that one-step mails
+        code = report_restore_failure(problem, out)
     finally:
-        writer.close()
-    return central
+        restoration.close()
+    if one_step:
+        out.section(SECTION_SUMMARY)
+        out.line("SUCCESS: the data is restored." if code == EXIT_OK
+                 else "FAILURE: the data is not (completely) restored; see above.")
+        if args.send_email and not restore_email(args, restoration, code != EXIT_OK, start,
+                                                 out) and code == EXIT_OK:
+            code = EXIT_REPORT_UNSENT
+            out.line(f"The data is restored; the exit code is {EXIT_REPORT_UNSENT} because "
+                     "the report was not sent.")
+        out.line(f"Log file: {out.path}")
+        out.close()
+    return code
 
 
-def central_directory_volumes(catalogue, stamp, number):
-    """{(backup stamp, source number, piece): the volume where its central directory
-    starts} of one backup's catalogue of source number (version 1: the legacy piece)."""
-    central = {}
-    if catalogue.header.get("archive"):
-        central[(stamp, number, LEGACY_PIECE)] = \
-            catalogue.header["archive"]["central_directory_volume"]
-    for piece in catalogue.header.get("pieces") or []:
-        central[(stamp, number, piece["number"])] = piece["central_directory_volume"]
-    return central
+def report_restore_failure(problem, out):
+    """Say what stopped a restore; its exit code (SystemExit and the like pass on)."""
+    if isinstance(problem, (KeyboardInterrupt, Interrupted)):
+        problem = Interrupted("Interrupted. Nothing finished is lost: run the same command "
+                              "again to continue.")
+    elif not isinstance(problem, Exception):
+        raise problem
+    out.section(SECTION_RESTORE_ERROR)
+    if isinstance(problem, (AamError, Interrupted)):
+        out.line(f"ERROR: {problem}")
+        return problem.exit_code
+    out.line(f"ERROR: {failure_text(problem)}")
+    if not (is_transient(problem) or isinstance(problem, OSError)):
+        out.line(traceback.format_exc(), terminal=False)
+    return EXIT_FAILURE
 
 
-class StateWriter:
-    """A source's state to restore, and beside it, for each archive, the files whose
-    content it holds (so that each archive's extraction reads only its own list)."""
-
-    def __init__(self, restoration, number, header):
-        self.restoration, self.number, self.header = restoration, number, header
-        path = restoration.state_path(number)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        self.state = CatalogueWriter(path, header)
-        self.by_archive = {}
-        self.refused = None         # the paths this computer cannot create, once there is one
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(restoration.refused_path(number))
-
-    def creatable(self, entry, names):
-        """False (and noted) when this computer cannot create the entry's path."""
-        reason = names.refusal(entry.path)
-        if reason is None:
-            return True
-        if entry.kind == DIRECTORY:
-            names.refuse(entry.path)
-        if self.refused is None:
-            self.refused = open_private(self.restoration.refused_path(self.number),
-                                        newline=None)
-        self.refused.write(f"{escape_field(entry.path)}\t{reason}\n")
-        return False
-
-    def write(self, entry):
-        self.state.write(entry)
-        place = parse_location(entry.location)
-        if entry.kind == FILE and place:
-            stamp, piece = place[:2]
-            if (stamp, piece) not in self.by_archive:
-                self.by_archive[(stamp, piece)] = CatalogueWriter(
-                    self.restoration.state_path(self.number, stamp, piece), self.header)
-            self.by_archive[(stamp, piece)].write(entry)
-
-    def close(self):
-        for writer in [self.state, self.refused] + list(self.by_archive.values()):
-            if writer:
-                writer.close()
-
-
-class OpenDirectories:
-    """The directories on the way to the current catalogue line (lines come depth
-    first), so that a selected entry's parent directories are restored with it."""
-
-    def __init__(self):
-        self.stack = []        # [entry, written?]
-
-    def met(self, entry, written):
-        self.leave(entry.path)
-        if entry.kind == DIRECTORY:
-            self.stack.append([entry, written])
-
-    def leave(self, path):
-        """Forget the directories that are not above path."""
-        while self.stack and not path.startswith(self.stack[-1][0].path + "/"):
-            self.stack.pop()
-
-    def unwritten(self, path):
-        """The not yet written directories above path, outermost first."""
-        self.leave(path)
-        for item in self.stack:
-            if not item[1]:
-                item[1] = True
-                yield item[0]
-
-
-def volumes_in(restore_set, numbers):
-    """The set's volumes whose numbers are chosen, in set order."""
-    return [volume for archive in restore_set.archives for volume in archive.volumes
-            if volume.number in numbers.get(archive.key, ())]
-
+# ============================================================================
+# Browse (docs/restore.md, browse-aws-backups)
+# ============================================================================
 
 # -- browse: the backups in the bucket, and the versions of chosen files ------------
 
@@ -10514,47 +10815,15 @@ def same_version(earlier, later):
             and later.location in (earlier.location, UNKNOWN))
 
 
-def fetch_catalogue(s3, args, platform, settings, described, directory):
-    """Download (STANDARD: no thaw), verify and decrypt the catalogue described (an
-    indicator's entry) into directory; its text file's path.  A download already
-    there and matching is used as is.  Messages name the arguments of args' table
-    (a restore's, a browse's, a check's)."""
-    zip_path = download_catalogue(s3, args, described, directory)
-    return decrypt_catalogue(settings, platform, args, described, zip_path, directory)
-
-
-def download_catalogue(s3, args, described, directory):
-    """The catalogue's ZIP in directory, its size and SHA-256 the indicator's."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    zip_path = os.path.join(directory, CATALOGUE_ZIP)
-    volume = RestoreVolume(described["name"], described["size"], described["sha256"],
-                           zip_path)
-    if not file_matches(zip_path, volume):
-        with s3_call(args.bucket, volume.key, args.table, "catalogue"):
-            download_volume(s3, args.bucket, volume, "catalogue")
-    return zip_path
-
-
-def decrypt_catalogue(settings, platform, args, described, zip_path, directory):
-    """The catalogue's text file, decrypted with args.key (WrongKey: another key)."""
-    unpacked = os.path.join(directory, "unpacking")
-    code, output = run_seven_zip(settings, platform,
-                                 seven_zip_extract_argv(zip_path, unpacked), args.key)
-    failure = seven_zip_failure(code, output, f"the catalogue {described['name']}",
-                                args.table)
-    if failure:
-        raise failure
-    text_path = os.path.join(directory, CATALOGUE_FILE)
-    os.replace(os.path.join(unpacked, CATALOGUE_FILE), text_path)
-    shutil.rmtree(unpacked)
-    return text_path
-
-
 def fetch_browse_catalogue(s3, args, platform, settings, described, work):
     """A catalogue decrypted into the browse's temporary directory."""
     directory = os.path.join(work, hashlib.sha256(described["name"].encode()).hexdigest()[:16])
     return CatalogueFile(fetch_catalogue(s3, args, platform, settings, described, directory))
 
+
+# ============================================================================
+# Check without thaw (docs/restore.md, check-aws-backups)
+# ============================================================================
 
 # -- check: every set of the location verified without a thaw ------------------------
 
@@ -11019,195 +11288,6 @@ def catalogue_differences(catalogue, entries, described, manifest):
         found.append(f"its pieces (number, volumes, central directory volume) {said} are "
                      f"not the indicator's {held}")
     return found
-
-
-# -- the five operations -------------------------------------------------------------
-
-def restore_to_s3(restoration):
-    """restore-to-aws-s3-from-aws-s3-glacier-deep-archive: plan, then thaw requests."""
-    out = restoration.out
-    for line in plan_lines(restoration.plan, restoration.args.days,
-                           restoration.settings.restore_tier):
-        out.line(line)
-    restoration.warn_about_space()
-    out.section(SECTION_THAW)
-    statuses = restoration.statuses()
-    asked = restoration.request_thaws(statuses)
-    earlier = len(statuses) - asked
-    out.line(f"{asked} thaw request(s) made" + (
-        f"; {earlier} volume(s) were requested, thawed or downloaded before." if earlier
-        else "."))
-    return statuses
-
-
-def check_status(restoration):
-    """check-aws-s3-restoration-status: one look, no change."""
-    statuses = restoration.statuses()
-    restoration.out.line(restoration.progress_line(statuses))
-    if NOT_REQUESTED in statuses.values():
-        raise AamError("Some volumes have no thaw request (or their thawed copy expired): "
-                       "run restore-to-aws-s3-from-aws-s3-glacier-deep-archive.")
-    if IN_PROGRESS in statuses.values():
-        raise NotReady("The thaw is still in progress; check again later "
-                       f"({EXPECTED_WAIT[restoration.settings.restore_tier]} of the request).")
-    restoration.out.line("Every volume is thawed (or downloaded): run "
-                         "download-to-local-computer-from-aws-s3.")
-    return statuses
-
-
-def download(restoration):
-    """download-to-local-computer-from-aws-s3: every thawed volume not on disk yet."""
-    restoration.out.section(SECTION_DOWNLOAD)
-    statuses = restoration.statuses()
-    restoration.download_available(statuses)
-    restoration.out.line(restoration.progress_line(statuses))
-    if not restoration.all_downloaded(statuses):
-        raise NotReady("Not every volume is thawed yet, so not every one was downloaded: "
-                       "run check-aws-s3-restoration-status, then this step again.")
-    restoration.out.line(f"Every volume is downloaded into {restoration.downloads}.")
-
-
-def wait_and_download(restoration):
-    """One-step: check before the first sleep, download what is thawed, repeat.
-
-    A network or S3 server error while waiting is reported and tried again
-    at the next check: a restore waits for up to two days.
-    """
-    out, poll = restoration.out, restoration.settings.restore_poll_seconds
-    restore_to_s3(restoration)
-    out.section(SECTION_DOWNLOAD)
-    while True:
-        try:
-            statuses = restoration.statuses()
-            restoration.request_thaws(statuses)         # a thawed copy that expired
-            restoration.download_available(statuses)
-            if restoration.all_downloaded(statuses):
-                return
-            out.line(restoration.progress_line(statuses))
-        except Exception as problem:     # noqa: BLE001 - only transient errors are retried
-            if isinstance(problem, AamError) or not is_transient(problem):
-                raise
-            out.line(f"AWS S3 cannot be reached or failed ({describe_aws_error(problem)}); "
-                     "trying again at the next check.")
-        wake = dt.datetime.now() + dt.timedelta(seconds=poll)
-        out.line(f"Next check in {poll} s, at {wake:%Y-%m-%d %H:%M:%S} "
-                 "(AAM_RESTORE_POLL_SECONDS). Ctrl-C is safe: run the same command again "
-                 "to continue.")
-        time.sleep(poll)
-
-
-def run_one_step(restoration):
-    if restoration.already_finished():
-        return
-    check_seven_zip(restoration.settings)
-    open_restoration(restoration)
-    restoration.report_set()
-    wait_and_download(restoration)
-    restoration.extract()
-    restoration.remove_downloads()
-
-
-def open_restoration(restoration):
-    """The set, the destination's state, then the catalogues and the plan."""
-    restoration.load_set()
-    restoration.claim_destination()
-    restoration.prepare()
-
-
-def run_multi_step(restoration, operation):
-    if restoration.already_finished():
-        return
-    open_restoration(restoration)
-    if operation == THAW_STEP:
-        restoration.report_set()
-        statuses = restore_to_s3(restoration)
-        restoration.out.line(restoration.progress_line(statuses))
-    elif operation == STATUS_STEP:
-        check_status(restoration)
-    elif operation == DOWNLOAD_STEP:
-        download(restoration)
-    else:
-        check_seven_zip(restoration.settings)
-        restoration.extract()
-
-
-def restore_email(args, restoration, failed, start, out):
-    """The restoration's report: which set was used.  True when it was sent."""
-    restore_set = restoration.set or (restoration.state and
-                                      restoration.state.restore_set(restoration.downloads))
-    if restore_set:
-        full = describe_stamp(restore_set.full)
-        incrementals = ", ".join(describe_stamp(i) for i in restore_set.incrementals)
-    else:
-        full, incrementals = "none", ""
-    body = [f"Unique Backup-Set Prefix: {args.location}", f"Full backup used: {full}",
-            f"Incremental backups used: {incrementals or 'none'}"]
-    return send_report(args, restoration.settings, restoration.session, out, failed, start,
-                       "data restoration", body)
-
-
-def failure_text(problem):
-    """What to tell the user about an error that is not an AamError."""
-    again = "run the same command again to continue"
-    if is_transient(problem):     # (botocore's timeouts are OSErrors too)
-        return f"AWS S3 cannot be reached or failed ({describe_aws_error(problem)}); {again}."
-    if isinstance(problem, OSError):
-        return (f"{problem.strerror or problem}: {problem.filename or ''} (the destination "
-                f"disk?); once that is fixed, {again}.")
-    return f"unexpected {type(problem).__name__}: {problem}"
-
-
-def run_restore(args, platform, settings):
-    """The five restore operations; only one-step writes a log and sends e-mail."""
-    one_step = args.operation == ONE_STEP_RESTORE
-    start = utc_now()
-    out = open_run_log(args, platform) if one_step else TerminalOutput(args.secrets)
-    if out is None:
-        return EXIT_FAILURE
-    out.section(SECTION_RESTORE_START)
-    out.line(f"{args.operation} started {local_time_text(start)} "
-             f"({describe_stamp(start)}); destination {args.destination}")
-    restoration = Restoration(args, platform, settings, out)
-    try:
-        restoration.open()
-        if one_step:
-            run_one_step(restoration)
-        else:
-            run_multi_step(restoration, args.operation)
-        code = EXIT_OK
-    except BaseException as problem:     # noqa: BLE001 - reported, so that one-step mails
-        code = report_restore_failure(problem, out)
-    finally:
-        restoration.close()
-    if one_step:
-        out.section(SECTION_SUMMARY)
-        out.line("SUCCESS: the data is restored." if code == EXIT_OK
-                 else "FAILURE: the data is not (completely) restored; see above.")
-        if args.send_email and not restore_email(args, restoration, code != EXIT_OK, start,
-                                                 out) and code == EXIT_OK:
-            code = EXIT_REPORT_UNSENT
-            out.line(f"The data is restored; the exit code is {EXIT_REPORT_UNSENT} because "
-                     "the report was not sent.")
-        out.line(f"Log file: {out.path}")
-        out.close()
-    return code
-
-
-def report_restore_failure(problem, out):
-    """Say what stopped a restore; its exit code (SystemExit and the like pass on)."""
-    if isinstance(problem, (KeyboardInterrupt, Interrupted)):
-        problem = Interrupted("Interrupted. Nothing finished is lost: run the same command "
-                              "again to continue.")
-    elif not isinstance(problem, Exception):
-        raise problem
-    out.section(SECTION_RESTORE_ERROR)
-    if isinstance(problem, (AamError, Interrupted)):
-        out.line(f"ERROR: {problem}")
-        return problem.exit_code
-    out.line(f"ERROR: {failure_text(problem)}")
-    if not (is_transient(problem) or isinstance(problem, OSError)):
-        out.line(traceback.format_exc(), terminal=False)
-    return EXIT_FAILURE
 
 
 # ============================================================================

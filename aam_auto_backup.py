@@ -1041,7 +1041,7 @@ class WindowsPlatform(Platform):
         shadow_spawn = ntpath.join(ntpath.dirname(script), self.shadow_spawn_name)
         operation, agent = child_args[:2]
         words = [self.quote(shadow_spawn), self.quote(mount),
-                 f"{(drive_letter or 'q').lower()}:", self.quote(python),
+                 f"{(drive_letter or UNUSED_DRIVE_LETTER).lower()}:", self.quote(python),
                  self.quote("-X"), self.quote("utf8"), self.quote(script), operation, agent]
         words += [self.quote(arg) for arg in child_args[2:]]
         return " ".join(words)
@@ -1634,6 +1634,11 @@ def _email_on_with_recipient(given):
 
 def _running_python(_given):
     return sys.executable
+
+
+# The child pass takes a drive letter positionally (its 1.0.0 command line); where the
+# user gave none (Linux, macOS: no shadow copy) it gets this one, which nothing reads.
+UNUSED_DRIVE_LETTER = "q"
 
 
 def _platform_drive_letter(_given):
@@ -7234,7 +7239,8 @@ class BackupChildPass:
         child = child_arguments(
             operation=args.operation, agent=CHILD_AGENT, latest_full=self.latest_full,
             latest_incremental=self.since if incremental else None,
-            start=self.start, mount=source.mount, drive_letter=args.drive_letter or "q",
+            start=self.start, mount=source.mount,
+            drive_letter=args.drive_letter or UNUSED_DRIVE_LETTER,
             destinations=destinations, mirror_root=args.mirror_root,
             keep=args.keep, key="env:" + CHILD_KEY_VARIABLE, location=args.location,
             work_dir=self.work_dir, force_full=not incremental,

@@ -2338,8 +2338,8 @@ def usage_text(operation):
              "values as \"\")",
              "operations:"]
     lines += [f"  {op}  ({OPERATION_TABLES[op].count_text()})"
-              for op in BACKUP_TABLE_OPERATIONS + RESTORE_OPERATIONS + (BROWSE_OPERATION,
-                                                                        CHECK_OPERATION, DRILL_OPERATION)]
+              for op in BACKUP_TABLE_OPERATIONS + RESTORE_OPERATIONS
+              + (BROWSE_OPERATION, CHECK_OPERATION, DRILL_OPERATION)]
     lines.append("Run 'aam_auto_backup.py <operation> --help' to see its settings; "
                  "docs/reference.md has the details.")
     return "\n".join(lines)

@@ -345,7 +345,20 @@ class Sandbox:
         """Wait until the processes a killed run left behind have ended: its child
         notices that its parent is gone (it looks every second) and stops 7-Zip."""
         wait_for(lambda: not self.processes(), timeout,
-                 lambda: f"processes of a killed run still run: {self.processes()}")
+                 lambda: "processes of a killed run still run: " + "; ".join(
+                     describe_process(pid) for pid in self.processes()))
+
+
+def describe_process(pid):
+    """pid, state (R, S, T: stopped, Z), parent and command line, read from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} state {fields[0]} parent {fields[1]}: {command[:160]}"
 
 
 def write_file(path, data):

@@ -356,9 +356,16 @@ def describe_process(pid):
             fields = handle.read().rsplit(")", 1)[1].split()
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
+            signals = " ".join(line.split()[0] + line.split()[1] for line in handle
+                               if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigCgt")))
+        threads = ",".join(
+            open(f"/proc/{pid}/task/{task}/wchan", encoding="utf-8").read() or "-"
+            for task in sorted(os.listdir(f"/proc/{pid}/task")))
     except OSError:
         return f"{pid} (gone)"
-    return f"{pid} state {fields[0]} parent {fields[1]}: {command[:160]}"
+    return (f"{pid} state {fields[0]} parent {fields[1]} ({signals}; threads waiting in "
+            f"{threads}): {command[:160]}")
 
 
 def write_file(path, data):

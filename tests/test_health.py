@@ -46,7 +46,10 @@ def health_block(text):
 
 
 def latest_log(sandbox):
-    return open(sandbox.log_files()[-1], encoding="utf-8").read()
+    """The log of the last run: the one written last (two runs in one second have names
+    that sort by their operation, not by their time)."""
+    newest = max(sandbox.log_files(), key=lambda path: os.stat(path).st_mtime_ns)
+    return open(newest, encoding="utf-8").read()
 
 
 def month_objects(sandbox, month):

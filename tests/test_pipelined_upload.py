@@ -132,20 +132,26 @@ def test_volumes_upload_while_7zip_writes_and_the_disk_holds_a_few(sandbox, prox
 
 KILLING_7ZIP = """#!{python}
 # Runs the real 7-Zip and stops it (SIGTERM) once the parent has uploaded and
-# deleted the first volume: 7-Zip then deletes its volumes and exits 255.
+# deleted the first volume: 7-Zip then deletes its volumes and exits 255.  The
+# event is read from the directory as it stands, not from a sequence of looks: a
+# later volume exists (so the first was finished) and the first is gone.  The
+# directory is looked at until then (inotify is not in Python's standard library).
 import os, signal, subprocess, sys, time
 archive = next(a for a in sys.argv[1:] if a.endswith("backup.zip"))
 directory = os.path.dirname(archive)
 process = subprocess.Popen([{seven_zip!r}] + sys.argv[1:])
-seen_first = False
+
+def first_volume_uploaded(names):
+    later = any(n.startswith("backup.zip.") and n[11:14].isdigit() and int(n[11:14]) > 1
+                for n in names)
+    return later and "backup.zip.001" not in names
+
 while process.poll() is None:
-    names = os.listdir(directory)
-    seen_first = seen_first or "backup.zip.001" in names
-    if seen_first and "backup.zip.001" not in names:
+    if first_volume_uploaded(os.listdir(directory)):
         process.send_signal(signal.SIGTERM)
         open({marker!r}, "w").close()
         break
-    time.sleep(0.005)
+    time.sleep(0.005)   # the interval between looks, not a wait for the event
 sys.exit(process.wait())
 """
 

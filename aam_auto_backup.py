@@ -10833,8 +10833,6 @@ def fetch_browse_catalogue(s3, args, platform, settings, described, work):
 
 # -- check: every set of the location verified without a thaw ------------------------
 
-HEALTH_DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"     # the health record's dates (UTC)
-
 
 class CheckFailed(AamError):
     """check-aws-backups found problems; each was printed naming its object(s)."""
@@ -11155,15 +11153,12 @@ class BackupCheck:
     def pending_backup(self):
         """(full, incremental or None) of the backup this computer's journal records, or
         None; read only (a backup running now may be writing it)."""
-        import sqlite3
-        import pathlib
         path = journal_path(self.settings.state_dir, self.args.bucket, self.args.location)
         if not os.path.exists(path):
             return None
         try:
-            journal = Journal(path, sqlite3.connect(
-                pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=ro", uri=True))
-        except (sqlite3.Error, ValueError, TypeError, JournalDamaged):
+            journal = Journal(path, read_only_connection(path))
+        except journal_errors() + (ValueError, TypeError, JournalDamaged):
             return None
         try:
             backup = journal.backup
@@ -11244,7 +11239,7 @@ class BackupCheck:
     def record(self, storage):
         """The result and the storage per month go to the health record (check lists
         every month, so the months it did not find are no longer stored)."""
-        date = utc_now().strftime(HEALTH_DATE_FORMAT)
+        date = format_health_date(utc_now())
         record = HealthRecord(self.settings.state_dir, self.args.bucket, self.args.location)
         try:
             record.update("check", {"date": date,
@@ -11310,11 +11305,6 @@ DRILL = "drill"                    # the health record's sections (HealthRecord)
 DRILL_PENDING = "drill_pending"
 DRILL_FILES_RECORDED = 20          # the paths of tested files the health record keeps
 TEST_OK = "Everything is Ok"       # 7-Zip's line after a test that found no error
-
-
-def health_time(moment):
-    """A date in the health record: UTC, ISO 8601, to the second."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclasses.dataclass
@@ -11525,7 +11515,7 @@ class Drill(Restoration):
 
     def record_pending(self, pending, asked):
         """The drill_pending section: what the next run needs to finish this drill."""
-        requested = pending["requested"] if pending and not asked else health_time(utc_now())
+        requested = pending["requested"] if pending and not asked else format_health_date(utc_now())
         self.health.update(DRILL_PENDING, {
             "requested": requested, "tier": self.settings.restore_tier,
             "days": self.args.days, "backup": format_stamp(self.set.full),
@@ -11576,7 +11566,7 @@ class Drill(Restoration):
     def record(self, problem):
         """The finished drill's result in the health record; the pending one goes."""
         self.health.update(DRILL, {
-            "date": health_time(utc_now()),
+            "date": format_health_date(utc_now()),
             "result": "failed" if problem else "passed",
             "backup": format_stamp(self.set.full) if self.set else None,
             "files": self.tested_paths()[:DRILL_FILES_RECORDED] if self.choice else [],

@@ -4727,10 +4727,14 @@ class BucketListing:
             listing.load_prefix(s3, bucket, prefix)
         return listing
 
-    def load_prefix(self, s3, bucket, prefix):
+    def load_prefix(self, s3, bucket, prefix, each_item=None):
+        """Add the objects under prefix (one LIST a 1,000); each_item, when given, is
+        called with each listed item as S3 gives it (its storage class, say)."""
         totals = self.prefixes.setdefault(prefix, [0, 0])
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
+                if each_item is not None:
+                    each_item(item)
                 self.add(item["Key"], item.get("Size", 0))
                 totals[0] += 1
                 totals[1] += item.get("Size", 0)
@@ -10926,17 +10930,12 @@ class BackupCheck:
     # -- what is in the bucket ------------------------------------------------------
     def list_location(self):
         """Every object whose name starts with '<location>_' (one LIST, paged)."""
-        prefix = f"{self.args.location}_"
         self.listing = BucketListing()
         with self.s3_call():
-            pages = self.s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.args.bucket, Prefix=prefix)
-            for page in pages:
-                for item in page.get("Contents", []):
-                    listed = ListedObject(item["Key"], item.get("Size", 0),
-                                          item.get("StorageClass", "STANDARD"))
-                    self.objects.append(listed)
-                    self.listing.add(listed.key, listed.size)
+            self.listing.load_prefix(
+                self.s3, self.args.bucket, f"{self.args.location}_",
+                lambda item: self.objects.append(ListedObject(
+                    item["Key"], item.get("Size", 0), item.get("StorageClass", "STANDARD"))))
 
     def sets_by_chain(self):
         """[(full, [(incremental or None, [listed objects])])], oldest first: every backup

@@ -153,6 +153,37 @@ class Interrupted(BaseException):
     exit_code = EXIT_INTERRUPTED
 
 
+class HeldInterruptions:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt and Interrupted in the main thread
+    between any two of its steps, except inside held(): there they take effect at its
+    end.  A step that must be made whole holds them: a piece whose volumes are all up
+    is recorded in the journal whole, or the next run sends it again."""
+
+    def __init__(self):
+        self.depth, self.pending = 0, None
+
+    @contextlib.contextmanager
+    def held(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            pending, self.pending = self.pending, None
+            raise pending
+
+    def raise_or_hold(self, problem):
+        """From a signal handler."""
+        if self.depth:
+            self.pending = self.pending or problem
+            return
+        raise problem
+
+
+INTERRUPTIONS = HeldInterruptions()
+
+
 _checkpoint_passes = {}
 
 
@@ -1352,6 +1383,13 @@ def month_prefixes(location, now, months=MONTHS_SCANNED):
         prefixes.append(f"{location}_{year:04d}{month:02d}")
         year, month = (year, month - 1) if month > 1 else (year - 1, 12)
     return prefixes
+
+
+def listed_month(location, key):
+    """'YYYYMM' of the month prefix (month_prefixes) a key or prefix is listed under, or
+    None (a key check's: it has a prefix of its own; object_month gives its month)."""
+    match = re.match(re.escape(location) + r"_(\d{6})", key)
+    return match.group(1) if match else None
 
 
 # ============================================================================
@@ -4305,12 +4343,6 @@ def parse_stamp_or_none(text):
         return None
 
 
-def month_of_key(location, key):
-    """'YYYYMM' of a backup object's name (its full backup's month), or None."""
-    match = re.match(re.escape(location) + r"_(\d{6})", key)
-    return match.group(1) if match else None
-
-
 def describe_check(check):
     """The last check-aws-backups result in the health record, for the report."""
     if not isinstance(check, dict):
@@ -5492,12 +5524,17 @@ class VolumeThrottle:
     def __init__(self, process, archive_dir, platform):
         self.process, self.archive_dir, self.platform = process, archive_dir, platform
         self.paused = False
+        self.halted = False     # the group is being stopped: never paused again
+
+    def halt(self):
+        """From a signal handler or another thread: a plain flag, no lock."""
+        self.halted = True
 
     def run(self, done):
         if not self.platform.can_pause_group:
             return
         while not done.wait(self.INTERVAL):
-            pause = self.should_pause()
+            pause = not self.halted and self.should_pause()
             if pause != self.paused:
                 self.set_paused(pause)
         self.release()
@@ -5528,21 +5565,27 @@ def run_script(argv, env, on_line, platform, work_dir, parent, archive_dir=None)
     """
     import threading
     process = throttle = None
-    output_ended = False
-    done = threading.Event()
+    output_ended = stopping = False
+    done = threading.Event()      # set by this thread's own steps only (see on_sigterm)
 
-    def stop(*_ignored):
-        done.set()
-        if process is None:
-            return
+    def end_group():
+        if throttle:
+            throttle.halt()
         platform.stop_group(process)
         if not output_ended:
             # A refused early child's 7-Zip must be gone before the next child starts.
             platform.wait_group_gone(process)
 
     def on_sigterm(*_ignored):
-        stop()
+        # A handler runs in this thread between two of its steps, perhaps inside
+        # done.set() or done.wait(), whose lock is not reentrant: it takes no lock (a
+        # SIGTERM there once hung the child and its threads for good).
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
         if process is not None:
+            end_group()
             sys.exit(EXIT_INTERRUPTED)
         # else the script is being started: it is stopped as soon as it is (below)
 
@@ -5556,12 +5599,12 @@ def run_script(argv, env, on_line, platform, work_dir, parent, archive_dir=None)
         record_group(work_dir, started.pid, platform)
         throttle = VolumeThrottle(started, archive_dir, platform) if archive_dir else None
         process = started
-        if done.is_set():
-            stop()
+        if stopping:
+            end_group()
             sys.exit(EXIT_INTERRUPTED)
         if throttle:
             threading.Thread(target=throttle.run, args=(done,), daemon=True).start()
-        threading.Thread(target=stop_when_orphaned, args=(parent, done, stop),
+        threading.Thread(target=stop_when_orphaned, args=(parent, done, end_group),
                          daemon=True).start()
         for raw in process.stdout:
             on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
@@ -5882,26 +5925,49 @@ def write_archive_progress(work_dir, selected, ended, current):
 
 def read_archive_progress(work_dir):
     """What the child last wrote of ARCHIVE_PROGRESS, or None (not yet)."""
-    with contextlib.suppress(FileNotFoundError):
-        with open(os.path.join(work_dir, ARCHIVE_PROGRESS), encoding="utf-8") as handle:
-            return json.load(handle)
+    return _read_whole_json(os.path.join(work_dir, ARCHIVE_PROGRESS))
+
+
+# Windows refuses, for a moment, to open a file that the other process is renaming
+# into place (its handle holds DELETE access, which Python's open does not share), and
+# to replace a file the other process has open: a sharing violation, PermissionError.
+# Both sides of these files retry for up to about a second; elsewhere a PermissionError
+# is real and is raised after the same wait.
+SHARED_FILE_RETRIES = 50
+SHARED_FILE_RETRY_SECONDS = 0.02
+
+
+def _retry_shared(action):
+    for attempt in range(SHARED_FILE_RETRIES):
+        try:
+            return action()
+        except PermissionError:
+            if attempt == SHARED_FILE_RETRIES - 1:
+                raise
+            time.sleep(SHARED_FILE_RETRY_SECONDS)
     return None
 
 
 def _write_whole(path, text):
     """Write a private file whole or not at all: the other process may read it any time."""
     _write_private_text(path + ".tmp", text)
-    os.replace(path + ".tmp", path)
+    _retry_shared(lambda: os.replace(path + ".tmp", path))
+
+
+def _read_whole_json(path):
+    """What the other process wrote whole to path (_write_whole), or None (not yet)."""
+    def read():
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    try:
+        return _retry_shared(read)
+    except FileNotFoundError:
+        return None
 
 
 def read_piece_done(archive_root, number):
     """What the child wrote of piece number once its 7-Zip ended, or None (not yet)."""
-    try:
-        with open(os.path.join(archive_root, f"{number}{DONE_SUFFIX}"),
-                  encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        return None
+    return _read_whole_json(os.path.join(archive_root, f"{number}{DONE_SUFFIX}"))
 
 
 def run_generated_script(child, platform, view_root, commands, parent, archive_root=None,
@@ -6118,6 +6184,7 @@ class PieceUploader:
         self.held_lines = []            # announced while the child ran; logged later
         self.live = False
         self.on_bytes = None            # on a terminal: BackupProgress.volume_bytes
+        self.stopping = False           # interrupted: no upload is begun any more
 
     @property
     def records(self):
@@ -6177,7 +6244,7 @@ class PieceUploader:
         piece."""
         with self.lock:
             upload = self.ready
-            if upload is None or self.error is not None:
+            if upload is None or self.error is not None or self.stopping:
                 return
             running = [u for u in self.queue if u.future is not None and not u.ended]
             if len(running) >= UPLOADS_IN_FLIGHT or not all(u.all_sent() for u in running):
@@ -6305,8 +6372,9 @@ class PieceUploader:
             with self.lock:
                 if any(upload.piece == self.piece for upload in self.queue):
                     return
-            self.end_piece(self.piece, self.outcomes.pop(self.piece))
-            self.piece += 1
+            with INTERRUPTIONS.held():
+                self.end_piece(self.piece, self.outcomes.pop(self.piece))
+                self.piece += 1
 
     def index_path(self, piece):
         return os.path.join(self.work_dir, f"archive_index_{piece}.sqlite")
@@ -6366,6 +6434,23 @@ class PieceUploader:
         for text in self.held_lines:
             self.log.line(text, terminal=False)
         self.held_lines = []
+
+    def keep_what_is_up(self):
+        """The run is interrupted (Ctrl-C, SIGTERM) and its child ended: the pieces whose
+        volumes S3 has all answered are recorded in the journal, as they would have
+        been a moment later, so that the next run does not send them again; nothing
+        more is begun."""
+        with self.lock:
+            self.stopping = True
+        self.take_ended()
+
+    def close_indexes(self):
+        """The indexes of the pieces not ended (after a failure): closed, so that the
+        work directory can be deleted (Windows keeps an open file)."""
+        for index in self.indexes.values():
+            with contextlib.suppress(Exception):
+                index.close()
+        self.indexes = {}
 
     def finish(self):
         """Upload what is left; the pieces done (an upload error is raised here)."""
@@ -7104,6 +7189,8 @@ class BackupChildPass:
     def remove_work_dir(self):
         if not self.work_dir or not os.path.exists(self.work_dir):
             return
+        for uploader in self.uploaders:
+            uploader.close_indexes()
         try:
             shutil.rmtree(self.work_dir)
         except OSError as problem:
@@ -7730,11 +7817,11 @@ class BackupReport:
         if self.listing is not None:
             months = {}
             for prefix, (objects, size) in self.listing.prefixes.items():
-                month = month_of_key(self.args.location, prefix)
+                month = listed_month(self.args.location, prefix)
                 if month and prefix == f"{self.args.location}_{month}":
                     months[month] = [objects, size]
             for key, size in self.uploads.stored if self.uploads else []:
-                month = month_of_key(self.args.location, key)
+                month = listed_month(self.args.location, key)
                 if month in months:
                     months[month][0] += 1
                     months[month][1] += size or 0
@@ -7920,7 +8007,14 @@ class BackupRun(BackupDecision, BackupChildPass, BackupSourceUpload, BackupRepor
                     self.record_stop(stopped)
         except BaseException:
             if self.uploads:     # interrupted: the volumes in flight are of no use now
-                self.uploads.close(cancel=True)
+                try:
+                    for uploader in self.uploaders:
+                        # not kept, a piece's volumes are named as unused by the next run
+                        with contextlib.suppress(Exception):
+                            uploader.keep_what_is_up()
+                        uploader.start_log_section()     # what went up, in the log too
+                finally:
+                    self.uploads.close(cancel=True)
             raise
         finally:
             self.stop_early_child()
@@ -11255,7 +11349,8 @@ class BackupCheck:
 
 def object_month(key):
     """'YYYYMM' of an object of the location: its full backup's month (a key check's
-    too), or 'other' for a name this program did not write."""
+    too, though it is listed under a prefix of its own: listed_month), or 'other' for
+    a name this program did not write."""
     name = ObjectName.parse(key) or KeyCheck.parse(key)
     if name is not None:
         return f"{name.full:%Y%m}"
@@ -11694,15 +11789,23 @@ class Aam_Auto_Backup:  # noqa: N801 - the name the user asked for
     def with_signals(function):
         """SIGTERM (a scheduler stopping us) unwinds like Ctrl-C: cleanup still runs."""
         def interrupt(*_ignored):
-            raise Interrupted("interrupted by a signal")
-        previous = signal.signal(signal.SIGTERM, interrupt)
+            INTERRUPTIONS.raise_or_hold(Interrupted("interrupted by a signal"))
+
+        def ctrl_c(*_ignored):
+            INTERRUPTIONS.raise_or_hold(KeyboardInterrupt())
+        handlers = {signal.SIGTERM: interrupt}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            handlers[signal.SIGINT] = ctrl_c      # (not where Ctrl-C is ignored: nohup, &)
+        previous = {number: signal.signal(number, handler)
+                    for number, handler in handlers.items()}
         try:
             return function()
         except (KeyboardInterrupt, Interrupted):
             print("Interrupted.", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def main(argv=None):

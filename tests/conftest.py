@@ -365,7 +365,17 @@ def describe_process(pid):
     except OSError:
         return f"{pid} (gone)"
     return (f"{pid} state {fields[0]} parent {fields[1]} ({signals}; threads waiting in "
-            f"{threads}): {command[:160]}")
+            f"{threads}): {command[:160]}{native_stacks(pid)}")
+
+
+def native_stacks(pid):
+    """Where each thread of a hung process waits, as gdb sees it (when there is a gdb)."""
+    if not shutil.which("gdb"):
+        return ""
+    found = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 25"],
+                           capture_output=True, text=True, errors="replace", check=False)
+    return "\n" + "\n".join(line for line in found.stdout.splitlines()
+                             if line.startswith(("#", "Thread")))
 
 
 def write_file(path, data):

@@ -242,8 +242,11 @@ def test_sigterm_stops_the_backup_and_the_next_run_continues_it(sandbox, proxy, 
     assert process.returncode == aab.EXIT_INTERRUPTED, out
     assert "the next run continues it from its journal" in out
     sandbox.wait_until_no_process_runs()
+    interrupted_log = open(sandbox.log_files()[-1], encoding="utf-8").read()
     result, first, second = continue_backup(sandbox, proxy, env)
     assert "continuing the full backup" in result.stdout
+    # what went up before the signal is in the interrupted run's log
+    assert all(f"Uploading {key} (" in interrupted_log for key in first)
     kept = assert_nothing_went_up_twice(sandbox, first, second)
     assert_unused_volumes_named(sandbox, kept, result)
     assert_restores_exactly(sandbox, tmp_path, mount)

@@ -8,6 +8,7 @@ Windows' in a few constructs) stays pinned by tests/test_windows_commands.py;
 docs/development.md, "Windows under Wine", lists both.
 """
 
+import json
 import os
 import subprocess
 
@@ -355,3 +356,77 @@ def test_a_windows_backup_cut_off_by_an_outage_is_continued_by_the_next_run(
     ok(sandbox.run(one_step_args(sandbox, str(linux_destination), sandbox.logs),
                    env=sandbox.restore_env()))
     assert read_tree(linux_destination / "1") == {**SOURCE_FILES, "Documents/empty-dir": None}
+
+
+SHARED_FILE_SCRIPT = r'''
+import ctypes, json, os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import aam_auto_backup as aab
+
+path = sys.argv[2]
+kernel32 = ctypes.windll.kernel32
+kernel32.CreateFileW.restype = ctypes.c_void_p
+GENERIC_READ, DELETE, SHARE_ALL, OPEN_EXISTING = 0x80000000, 0x00010000, 7, 3
+refused = threading.Event()
+real_sleep = time.sleep
+
+
+def sleep(seconds):          # the shared-file retry waits: it was refused once
+    refused.set()
+    real_sleep(seconds)
+
+
+time.sleep = sleep
+outcome = {}
+
+
+def attempt(name, action, *args):
+    try:
+        outcome[name] = action(*args)
+    except OSError as problem:
+        outcome[name] = repr(problem)
+    finally:
+        refused.set()          # ended without waiting: nothing to wait for
+
+# The reader: the other process holds the file as a rename into place does (DELETE).
+aab._write_whole(path, json.dumps({"piece": 3}))
+handle = kernel32.CreateFileW(path, GENERIC_READ | DELETE, SHARE_ALL, None, OPEN_EXISTING,
+                              0, None)
+try:
+    open(path).close()
+    outcome["plain_open"] = "allowed"
+except PermissionError:
+    outcome["plain_open"] = "refused"
+reader = threading.Thread(target=attempt, args=("read", aab._read_whole_json, path))
+reader.start()
+refused.wait()
+kernel32.CloseHandle(ctypes.c_void_p(handle))
+reader.join()
+
+# The writer: the other process has the file open (a reader, with Python's open).
+refused.clear()
+holder = open(path)
+writer = threading.Thread(target=attempt,
+                          args=("write", aab._write_whole, path, json.dumps({"piece": 4})))
+writer.start()
+refused.wait()
+holder.close()
+writer.join()
+outcome["written"] = aab._read_whole_json(path)
+print(json.dumps(outcome))
+'''
+
+
+def test_files_the_two_passes_share_are_read_and_replaced_through_windows_sharing(
+        wine, tmp_path):
+    """Windows refuses for a moment to open a file the other pass is renaming into place,
+    or to replace a file the other pass has open (the parent once failed a backup on a
+    piece's .done file this way): both sides wait for the other to let go."""
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED_FILE_SCRIPT)
+    result = wine.run(wine.python(windows_path(str(script)), windows_path(wine.program_dir),
+                                  windows_path(str(tmp_path / "3.done"))))
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcome = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    assert outcome == {"plain_open": "refused", "read": {"piece": 3}, "write": None,
+                       "written": {"piece": 4}}

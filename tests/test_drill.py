@@ -189,6 +189,38 @@ def test_a_pending_drill_whose_backup_is_gone_is_given_up_for_the_latest_full(
     assert all(old not in key for key in thawed)
 
 
+def test_a_pending_drill_is_finished_on_its_backup_though_a_newer_full_exists(
+        sandbox, proxy, slow_thaw):
+    """Its thaw is paid for: the pending drill finishes on the backup it chose, and says
+    that a newer full exists; the drill after it takes the newer full."""
+    backed_up(sandbox)
+    slow_thaw(1)
+    first, _thawed, _read = run_drill(sandbox, proxy)
+    assert first.returncode == aab.EXIT_NOT_READY, first.stdout + first.stderr
+    old = health(sandbox)["drill_pending"]
+    ok(sandbox.backup({"send_email": "False", "force_full": "yes"}, env=env(sandbox)))
+    newer = max({aab.format_stamp(n.full) for n in sandbox.object_names()})
+    assert newer != old["backup"]
+
+    said = f"A newer full backup, {aab.describe_stamp(aab.parse_stamp(newer))}, exists"
+    waiting, thawed, _read = run_drill(sandbox, proxy)     # the thaw is still in progress
+    assert waiting.returncode == aab.EXIT_NOT_READY, waiting.stdout + waiting.stderr
+    assert thawed == [] and said in waiting.stdout
+    assert health(sandbox)["drill_pending"] == old
+
+    second, thawed, read = run_drill(sandbox, proxy)
+    ok(second)
+    assert thawed == [] and "Restore drill PASSED" in second.stdout and said in second.stdout
+    assert sorted(r["key"] for r in read if r["key"] in old["volumes"]) == \
+        sorted(old["volumes"])
+    assert health(sandbox)["drill"]["backup"] == old["backup"]
+
+    third, thawed, _read = run_drill(sandbox, proxy)
+    assert third.returncode == aab.EXIT_NOT_READY, third.stdout + third.stderr
+    assert thawed and all(newer in key for key in thawed)
+    assert health(sandbox)["drill_pending"]["backup"] == newer
+
+
 def test_the_drill_takes_its_arguments_like_the_other_operations(sandbox):
     result = sandbox.run([DRILL, "--help"])
     ok(result)

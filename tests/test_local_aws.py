@@ -90,6 +90,16 @@ def test_server_runs_as_child_process_and_stops():
     assert not LocalAws._answers(local.port)
 
 
+def test_a_server_is_never_taken_for_another_sessions_on_the_same_port():
+    """Two test sessions given one free port: the second server cannot bind it, and
+    must not take the first one's answers for its own (it would lose it when the first
+    session ends)."""
+    with LocalAws() as first:
+        with pytest.raises(RuntimeError, match="did not start"):
+            LocalAws(port=first.port).start()
+        assert first.client("s3").list_buckets()["Buckets"] == []
+
+
 def test_clients_ignore_the_users_aws_configuration(fresh_aws, tmp_path,
                                                     monkeypatch):
     config = tmp_path / "config"

@@ -396,7 +396,7 @@ class LocalAws:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 return False
-            if self._answers(port):
+            if self._answers(port) and self._listens(port):
                 return True
             time.sleep(0.1)
         self._kill()
@@ -420,6 +420,25 @@ class LocalAws:
                 handle.write(str(self._niceness))
         except OSError:
             pass            # no autogroup scheduling in this kernel: nice is enough
+
+    def _listens(self, port):
+        """Whether the server that answered on port is ours: another one (a second test
+        session's, given the same free port) may answer before ours has failed to bind
+        it, and would be stopped under us.  Read from /proc where there is one."""
+        if not os.path.isdir("/proc/self/fd"):
+            return True
+        wanted = f"0100007F:{port:04X}"
+        inodes = set()
+        with contextlib.suppress(OSError), open("/proc/net/tcp", encoding="ascii") as table:
+            for line in table.readlines()[1:]:
+                fields = line.split()
+                if fields[1] == wanted and fields[3] == "0A":       # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+        fd_dir = f"/proc/{self._process.pid}/fd"
+        with contextlib.suppress(OSError):
+            return any(os.readlink(os.path.join(fd_dir, fd)) in inodes
+                       for fd in os.listdir(fd_dir))
+        return False
 
     @staticmethod
     def _answers(port):

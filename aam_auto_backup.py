@@ -7791,8 +7791,7 @@ class BackupReport:
 
     def run_line(self):
         """What this run did: sources, files, bytes, volumes, pieces, duration."""
-        took = dt.timedelta(seconds=round(time.monotonic() - self.began)) if self.began \
-            else dt.timedelta(0)
+        took = format_duration(time.monotonic() - self.began if self.began else 0)
         sources = (f"{len(self.run_sources)} source(s) ({', '.join(self.run_sources)})"
                    if self.run_sources else "no source")
         if not (self.aws_asked and self.scope and self.stamp):

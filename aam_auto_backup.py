@@ -189,13 +189,15 @@ _checkpoint_passes = {}
 
 def checkpoint(name):
     """Crash tests: AAM_TEST_CRASH_AT=<name>[:<n>] kills this process (SIGKILL) the
-    n-th time it passes checkpoint <name>, to prove that a crash there loses nothing."""
+    n-th time it passes checkpoint <name>, to prove that a crash there loses nothing;
+    with AAM_TEST_CRASH_SIGNAL=SIGTERM it sends that instead (a scheduler's stop)."""
     spec = os.environ.get("AAM_TEST_CRASH_AT")
     if not spec or spec.partition(":")[0] != name:
         return
     _checkpoint_passes[name] = _checkpoint_passes.get(name, 0) + 1
     if _checkpoint_passes[name] == int(spec.partition(":")[2] or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("AAM_TEST_CRASH_SIGNAL",
+                                                             "SIGKILL")))
 
 
 def backup_clock():
@@ -6385,6 +6387,7 @@ class PieceUploader:
         records = self.uploaded_records.pop(piece, [])
         index = self.indexes.pop(piece, None)
         self.offsets.pop(piece, None)
+        checkpoint("piece-ending")
         try:
             if self.error is None and done["succeeded"]:
                 self.check_volumes(piece, directory, done["volumes"], records)

@@ -191,3 +191,51 @@ def test_the_next_run_ends_exactly_what_an_earlier_run_left_stopped(sandbox, pro
     finally:
         decoy.kill()
         decoy.wait()
+
+
+SIGTERM_INSIDE_DONE_SET = r'''
+import os, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+import aam_auto_backup as aab
+
+
+class SignalledInsideSet(threading.Event):
+    """The SIGTERM arrives while this thread holds the event's lock, inside set()."""
+
+    def set(self):
+        with self._cond:
+            os.kill(os.getpid(), signal.SIGTERM)
+            self._flag = True
+            self._cond.notify_all()
+
+
+made = []
+plain_event = threading.Event
+
+
+def event():
+    """The first event made from here on is the run's own (run_script's); the threads'
+    internal ones stay plain."""
+    made.append(plain_event() if made else SignalledInsideSet())
+    return made[-1]
+
+
+threading.Event = event
+sys.exit(aab.run_script(["sh", "-c", "echo the script ran"], dict(os.environ), print,
+                        aab.PosixPlatform(), sys.argv[2], os.getppid()))
+'''
+
+
+def test_a_sigterm_inside_the_child_passs_own_steps_ends_it_and_hangs_nothing(tmp_path):
+    """A signal handler runs between two steps of the child's main thread, perhaps while
+    that thread holds a lock (here the run's event, as it ends the script): the handler
+    takes no lock, so the child ends (exit 130) instead of hanging for good, as it once
+    did with every thread waiting in futex."""
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGTERM_INSIDE_DONE_SET)
+    # the timeout only keeps a regression from hanging the suite: the run takes < 1 s
+    result = subprocess.run([sys.executable, str(script), aab.__file__.rsplit(os.sep, 1)[0],
+                             str(tmp_path)], capture_output=True, text=True,
+                            timeout=GONE_TIMEOUT)
+    assert "the script ran" in result.stdout
+    assert result.returncode == aab.EXIT_INTERRUPTED, result.stdout + result.stderr

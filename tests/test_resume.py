@@ -252,6 +252,23 @@ def test_sigterm_stops_the_backup_and_the_next_run_continues_it(sandbox, proxy, 
     assert_restores_exactly(sandbox, tmp_path, mount)
 
 
+def test_a_sigterm_while_a_piece_is_being_recorded_keeps_that_piece(sandbox, proxy,
+                                                                   tmp_path):
+    """The signal comes as piece 1, all of whose volumes are up, is about to be recorded
+    in the journal: the record is made whole first, so the next run sends nothing of it."""
+    mount = pieced_source(sandbox)
+    env = env_through(sandbox, proxy)
+    stopped = sandbox.run(sandbox.backup_args(), env=dict(
+        env, AAM_TEST_CRASH_AT="piece-ending:1", AAM_TEST_CRASH_SIGNAL="SIGTERM"))
+    assert stopped.returncode == aab.EXIT_INTERRUPTED, stopped.stdout + stopped.stderr
+    sandbox.wait_until_no_process_runs()
+    result, first, second = continue_backup(sandbox, proxy, env)
+    assert "continuing the full backup" in result.stdout
+    kept = assert_nothing_went_up_twice(sandbox, first, second)
+    assert {key for key in first if "_piece0001_" in key} <= kept
+    assert_restores_exactly(sandbox, tmp_path, mount)
+
+
 def test_an_upload_outage_longer_than_the_retries_is_continued_later(
         sandbox, proxy, tmp_path):
     mount = pieced_source(sandbox)

@@ -134,12 +134,18 @@ KILLING_7ZIP = """#!{python}
 # Runs the real 7-Zip and stops it (SIGTERM) once the parent has uploaded and
 # deleted the first volume: 7-Zip then deletes its volumes and exits 255.  The
 # event is read from the directory as it stands, not from a sequence of looks: a
-# later volume exists (so the first was finished) and the first is gone.  The
-# directory is looked at until then (inotify is not in Python's standard library).
-import os, signal, subprocess, sys, time
+# later volume exists (so the first was finished) and the first is gone.  It is
+# looked at again on each change of the directory (inotify, through libc) or when
+# 7-Zip ends (a pidfd), never after a time.
+import ctypes, os, select, signal, subprocess, sys
 archive = next(a for a in sys.argv[1:] if a.endswith("backup.zip"))
 directory = os.path.dirname(archive)
+libc = ctypes.CDLL(None, use_errno=True)
+changes = libc.inotify_init()
+IN_CREATE, IN_DELETE, IN_MOVED_TO = 0x100, 0x200, 0x80
+libc.inotify_add_watch(changes, directory.encode(), IN_CREATE | IN_DELETE | IN_MOVED_TO)
 process = subprocess.Popen([{seven_zip!r}] + sys.argv[1:])
+ended = os.pidfd_open(process.pid)
 
 def first_volume_uploaded(names):
     later = any(n.startswith("backup.zip.") and n[11:14].isdigit() and int(n[11:14]) > 1
@@ -151,7 +157,9 @@ while process.poll() is None:
         process.send_signal(signal.SIGTERM)
         open({marker!r}, "w").close()
         break
-    time.sleep(0.005)   # the interval between looks, not a wait for the event
+    ready, _, _ = select.select([changes, ended], [], [])
+    if changes in ready:
+        os.read(changes, 65536)          # the events themselves: the listing says it all
 sys.exit(process.wait())
 """
 

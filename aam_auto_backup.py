@@ -5947,7 +5947,6 @@ def _retry_shared(action):
             if attempt == SHARED_FILE_RETRIES - 1:
                 raise
             time.sleep(SHARED_FILE_RETRY_SECONDS)
-    return None
 
 
 def _write_whole(path, text):
@@ -6148,14 +6147,14 @@ class PieceUploader:
     SHA-256 and the piece's index while the volume before it goes up, and then waits
     ready: it is begun as soon as the one before has sent its last byte, by the
     s3transfer thread that sent it, so that the link does not idle while S3 answers
-    the one before, nor while a volume is hashed or a piece's journal entry is
-    committed (poll, once the piece's last volume is up).  So at most
-    UPLOADS_IN_FLIGHT are in flight, and only one of them sending: an interruption
-    loses no more than with one at a time (the piece in progress), and the bandwidth
-    limit of RunUploads caps them together.  A piece's first volume waits for S3's
-    answer to the piece before (begin_ready).  Each volume is deleted once uploaded,
-    so the disk holds a few volumes, not the whole archive (the child pauses 7-Zip
-    while WAITING_VOLUMES finished ones wait).  The ledger hears of each piece:
+    the one before, nor while a volume is hashed.  So at most UPLOADS_IN_FLIGHT are in
+    flight, and only one of them sending: an interruption loses no more than with one
+    at a time (the piece in progress), and the bandwidth limit of RunUploads caps them
+    together.  A piece's first volume waits until the piece before is recorded in the
+    journal (begin_ready; end_pieces, once S3 has answered its last volume): the link
+    idles for that answer and the record, once a piece.  Each volume is deleted once
+    uploaded, so the disk holds a few volumes, not the whole archive (the child pauses
+    7-Zip while WAITING_VOLUMES finished ones wait).  The ledger hears of each piece:
     started (before its first volume goes up), done (once its last is up, with its
     archive index; pieces end in number order) or failed.  The next piece may be
     started before the one before is done.  After an upload error the remaining
@@ -6242,8 +6241,8 @@ class PieceUploader:
 
     def begin_ready(self):
         """Begin the ready volume's upload if the link is free: no upload is sending,
-        fewer than UPLOADS_IN_FLIGHT await S3's answer, and none of them is of another
-        piece."""
+        fewer than UPLOADS_IN_FLIGHT await S3's answer, and every piece before the
+        volume's is recorded."""
         with self.lock:
             upload = self.ready
             if upload is None or self.error is not None or self.stopping:
@@ -6251,11 +6250,11 @@ class PieceUploader:
             running = [u for u in self.queue if u.future is not None and not u.ended]
             if len(running) >= UPLOADS_IN_FLIGHT or not all(u.all_sent() for u in running):
                 return
-            if any(u.piece != upload.piece for u in running):
-                # A piece's first volume waits for S3's answer to the last of the piece
-                # before (not for that piece's journal commit, made while it goes up):
-                # sent during that answer, its bytes would be lost along with the piece
-                # before, should the run be cut off before the commit.
+            if upload.piece != self.piece:
+                # A piece's first volume waits until the piece before is recorded in the
+                # journal (S3 has answered its last volume, and end_pieces begins this
+                # one once it is): sent before the record, its bytes and the whole
+                # piece before would be lost, should the run be cut off in between.
                 return
             self.ready = None
             try:
@@ -6377,6 +6376,7 @@ class PieceUploader:
             with INTERRUPTIONS.held():
                 self.end_piece(self.piece, self.outcomes.pop(self.piece))
                 self.piece += 1
+            self.begin_ready()        # the next piece's first volume, if it waits ready
 
     def index_path(self, piece):
         return os.path.join(self.work_dir, f"archive_index_{piece}.sqlite")
@@ -8010,11 +8010,7 @@ class BackupRun(BackupDecision, BackupChildPass, BackupSourceUpload, BackupRepor
         except BaseException:
             if self.uploads:     # interrupted: the volumes in flight are of no use now
                 try:
-                    for uploader in self.uploaders:
-                        # not kept, a piece's volumes are named as unused by the next run
-                        with contextlib.suppress(Exception):
-                            uploader.keep_what_is_up()
-                        uploader.start_log_section()     # what went up, in the log too
+                    self.keep_what_went_up()
                 finally:
                     self.uploads.close(cancel=True)
             raise
@@ -8026,6 +8022,14 @@ class BackupRun(BackupDecision, BackupChildPass, BackupSourceUpload, BackupRepor
         if self.regular:
             self.send_report()
         return self.exit_code()
+
+    def keep_what_went_up(self):
+        """Interrupted: each source's pieces S3 has answered are recorded (one not kept
+        has its volumes named as unused by the next run), and what went up is logged."""
+        for uploader in self.uploaders:
+            with contextlib.suppress(Exception):
+                uploader.keep_what_is_up()
+            uploader.start_log_section()
 
     def exit_code(self):
         """A failure's code wins over an unsent report (the log says both)."""
